@@ -1,0 +1,34 @@
+"""Array modules per device: NumPy on ``cpu``, CuPy on ``cuda`` (imported only when asked for)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flowsys.errors import FlowsysError
+
+DEVICES = ("cpu", "cuda")
+
+
+def array_module(device: str):
+    """The ``xp`` kernels run against on ``device``."""
+    if device == "cpu":
+        return np
+    if device == "cuda":
+        try:
+            import cupy  # noqa: PLC0415 - optional dependency
+        except ImportError:
+            raise FlowsysError("device 'cuda' needs CuPy: pip install 'flowsys[cuda]' on a machine with a GPU") from None
+        return cupy
+    raise FlowsysError(f"unknown device {device!r}; expected one of {DEVICES}")
+
+
+def module_of(array):
+    return np if isinstance(array, (np.ndarray, np.generic)) else array_module("cuda")
+
+
+def device_of(array) -> str:
+    return "cpu" if isinstance(array, (np.ndarray, np.generic)) else "cuda"
+
+
+def to_numpy(array) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) else array.get()

@@ -1,0 +1,34 @@
+"""The errors flowsys raises. Each message names the op, the shapes (and SBPs) and the fix.
+
+Every class also derives from the matching builtin, so ``except ValueError`` keeps working for
+users who expect NumPy's or PyTorch's exception types.
+"""
+
+from __future__ import annotations
+
+
+class FlowsysError(Exception):
+    """Base class of every error flowsys raises on purpose."""
+
+
+class ShapeError(FlowsysError, ValueError):
+    """Operand shapes that do not fit the op (matmul inner sizes, broadcasting, axes)."""
+
+
+class DTypeError(FlowsysError, TypeError):
+    """An operand of a dtype the op does not take (e.g. float class targets)."""
+
+
+class GradError(FlowsysError, RuntimeError):
+    """Autograd misuse: backward() on a non-scalar without a gradient, on a tensor without grad."""
+
+
+class StateDictError(FlowsysError, RuntimeError):
+    """A state dict that does not match the module: missing, unexpected or wrongly shaped keys."""
+
+
+class ConfigError(FlowsysError, ValueError):
+    """A configuration that cannot run (unknown keys, sequence longer than block_size, ...)."""
+
+
+__all__ = ["FlowsysError", "ShapeError", "DTypeError", "GradError", "StateDictError", "ConfigError"]

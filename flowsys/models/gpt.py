@@ -1,0 +1,178 @@
+"""GPT-2 in the shape of nanoGPT: same modules, parameter names, initialisation and forward.
+
+A state dict of nanoGPT's ``GPT`` (or of GPT-2 converted to nanoGPT names) loads as is.
+
+>>> import flowsys as fs
+>>> cfg = fs.models.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=8)
+>>> model = fs.models.GPT(cfg)
+>>> logits, loss = model(fs.zeros((2, 16), dtype=fs.int64), fs.zeros((2, 16), dtype=fs.int64))
+>>> logits.shape, loss.shape
+((2, 16, 64), ())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from flowsys import functions as fsf
+from flowsys import nn
+from flowsys.autograd import no_grad
+from flowsys.errors import ConfigError
+from flowsys.nn import functional as F
+from flowsys.tensor import Tensor
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"GPTConfig: {name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        """Build from a flat dict; unknown keys are an error naming the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"GPTConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        hs = c // self.n_head
+        q, k, v = fsf.split(self.c_attn(x), 3, axis=2)
+        q, k, v = (z.reshape(b, t, self.n_head, hs).transpose(0, 2, 1, 3) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True, training=self.training)
+        y = y.transpose(0, 2, 1, 3).reshape(b, t, c)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer["wte"].weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) and the mean cross entropy against ``targets`` (ignore_index -1).
+
+        Without targets only the last position's logits are computed (B, 1, vocab), as nanoGPT.
+        """
+        if not isinstance(idx, Tensor):
+            idx = fsf.tensor(np.asarray(idx, dtype=np.int64))
+        b, t = idx.shape
+        if t > self.config.block_size:
+            raise ConfigError(f"GPT: cannot forward a sequence of length {t}, block size is only {self.config.block_size}")
+        tr = self.transformer
+        pos = fsf.arange(t)
+        x = tr["drop"](tr["wte"](idx) + tr["wpe"](pos))
+        for block in tr["h"]:
+            x = block(x)
+        x = tr["ln_f"](x)
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]), None
+        if not isinstance(targets, Tensor):
+            targets = fsf.tensor(np.asarray(targets, dtype=np.int64))
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(logits, targets, ignore_index=-1)
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
+        """AdamW with weight decay on matrices and embeddings only (nanoGPT's grouping)."""
+        from flowsys.optim import AdamW  # noqa: PLC0415
+
+        params = [p for _, p in self.named_parameters()]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        return AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                     lr=learning_rate, betas=betas)
+
+    @no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T), feeding each one back in."""
+        tokens = np.asarray(idx.numpy() if isinstance(idx, Tensor) else idx, dtype=np.int64)
+        rng = fsf.generator()
+        for _ in range(max_new_tokens):
+            context = tokens[:, -self.config.block_size:]
+            logits, _ = self(fsf.tensor(context))
+            logits = logits.numpy()[:, -1, :].astype(np.float64) / max(temperature, 1e-8)
+            if top_k is not None:
+                kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
+                logits = np.where(logits < kth, -np.inf, logits)
+            probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probs /= probs.sum(axis=-1, keepdims=True)
+            nxt = np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)[:, None]
+            tokens = np.concatenate([tokens, nxt], axis=1)
+        return fsf.tensor(tokens)

@@ -1,0 +1,115 @@
+"""Functional neural-network ops with PyTorch's names and arguments (class axis last).
+
+>>> import flowsys as fs
+>>> import flowsys.nn.functional as F
+>>> F.softmax(fs.tensor([0., 0.]), axis=-1).numpy().tolist()
+[0.5, 0.5]
+"""
+
+from __future__ import annotations
+
+import math
+
+from flowsys.errors import FlowsysError
+from flowsys.functions import next_seed, take, tensor
+from flowsys.tensor import Tensor, apply
+
+
+def relu(x: Tensor) -> Tensor:
+    return apply("relu", x)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, exact (erf) or with ``approximate='tanh'`` (GPT-2's)."""
+    return apply("gelu", x, approximate=approximate)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return apply("softmax", x, axis=axis)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return apply("log_softmax", x, axis=axis)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Softmax cross entropy of ``logits`` (..., C) against integer ``targets`` (...).
+
+    Targets equal to ``ignore_index`` contribute nothing; ``'mean'`` divides by the number of the
+    others (PyTorch's semantics). Unlike PyTorch the class axis is the last one, so (B, T, C)
+    logits take (B, T) targets directly.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise FlowsysError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(targets, Tensor):
+        targets = tensor(targets)
+    losses = apply("cross_entropy", logits, targets, ignore_index=ignore_index)
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    count = (targets != ignore_index).sum().astype(logits.dtype)
+    return total / count
+
+
+def nll_loss(log_probs: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean negative log-likelihood of ``targets`` under ``log_probs`` (..., C)."""
+    return cross_entropy(log_probs, targets, ignore_index)
+
+
+def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """Normalise over the trailing ``normalized_shape`` axes, then scale and shift."""
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[-len(normalized_shape):]) != normalized_shape:
+        raise FlowsysError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
+    y = apply("layer_norm", x, n_axes=len(normalized_shape), eps=float(eps))
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero elements with probability ``p`` and scale the rest by 1/(1-p); identity when not training."""
+    if not training or p == 0.0:
+        return x
+    return apply("dropout", x, p=float(p), seed=next_seed())
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` with PyTorch's (out_features, in_features) weight."""
+    y = x @ weight.T
+    return y + bias if bias is not None else y
+
+
+def embedding(indices: Tensor, weight: Tensor) -> Tensor:
+    return take(weight, indices, axis=0)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 training: bool = True) -> Tensor:
+    """softmax(q kᵀ · scale + mask) v over (..., seq, head_dim) tensors, as PyTorch's.
+
+    Without a mask or dropout this is one fused op; otherwise it is composed of registered ops.
+    ``attn_mask`` is a bool tensor (True = attend) or an additive float tensor.
+    """
+    if attn_mask is None and (dropout_p == 0.0 or not training):
+        return apply("scaled_dot_product_attention", q, k, v, is_causal=is_causal, scale=scale)
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    att = (q @ k.swapaxes(-1, -2)) * s
+    if is_causal:
+        tq, tk = att.shape[-2:]
+        causal = tensor([[j <= i for j in range(tk)] for i in range(tq)])
+        att = apply("where", causal, att, tensor(-math.inf, dtype=att.dtype))
+    if attn_mask is not None:
+        if attn_mask.dtype.kind == "b":
+            att = apply("where", attn_mask, att, tensor(-math.inf, dtype=att.dtype))
+        else:
+            att = att + attn_mask
+    att = softmax(att, axis=-1)
+    att = dropout(att, dropout_p, training)
+    return att @ v

@@ -1,0 +1,233 @@
+"""``Module`` and ``Parameter``: torch-style containers whose state dicts load PyTorch's.
+
+>>> from flowsys import nn
+>>> m = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+>>> [k for k in m.state_dict()]
+['0.weight', '0.bias', '2.weight', '2.bias']
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+from flowsys.errors import StateDictError
+from flowsys.tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A tensor that is a module's learnable state (requires grad by default)."""
+
+    __slots__ = ()
+
+    def __init__(self, data, requires_grad: bool = True):
+        array = data._data if isinstance(data, Tensor) else np.asarray(data, dtype=np.float32)
+        super().__init__(array, requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _to_numpy(value) -> np.ndarray:
+    if isinstance(value, Tensor):
+        return value.numpy()
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class Module:
+    training: bool
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_non_persistent", set())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # ------------------------------------------------------------------------ registration
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}: call super().__init__() before assigning {name!r}")
+        for table in (self._parameters, self._buffers, self._modules):
+            table.pop(name, None)
+        if isinstance(value, Parameter):
+            self.__dict__.pop(name, None)
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self.__dict__.pop(name, None)
+            self._modules[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        for table in ("_parameters", "_buffers", "_modules"):
+            if table in d and name in d[table]:
+                return d[table][name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __delattr__(self, name: str) -> None:
+        for table in (self._parameters, self._buffers, self._modules):
+            if name in table:
+                del table[name]
+                return
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        """Non-learnable state (e.g. running statistics) that moves and saves with the module."""
+        self._buffers[name] = tensor
+        if not persistent:
+            self._non_persistent.add(name)
+
+    def add_module(self, name: str, module: Module | None) -> None:
+        self._modules[name] = module
+
+    # --------------------------------------------------------------------------- traversal
+    def named_modules(self, prefix: str = "", memo: set | None = None) -> Iterator[tuple[str, Module]]:
+        memo = set() if memo is None else memo
+        if id(self) in memo:
+            return
+        memo.add(id(self))
+        yield prefix, self
+        for name, m in self._modules.items():
+            if m is not None:
+                yield from m.named_modules(f"{prefix}.{name}" if prefix else name, memo)
+
+    def modules(self) -> Iterator[Module]:
+        return (m for _, m in self.named_modules())
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        return ((n, m) for n, m in self._modules.items() if m is not None)
+
+    def children(self) -> Iterator[Module]:
+        return (m for _, m in self.named_children())
+
+    def named_parameters(self, prefix: str = "", remove_duplicate: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """Parameters by dotted name; a tied parameter appears once, under its first name."""
+        seen: set[int] = set()
+        for mod_name, m in self.named_modules(prefix):
+            for name, p in m._parameters.items():
+                if p is None or (remove_duplicate and id(p) in seen):
+                    continue
+                seen.add(id(p))
+                yield (f"{mod_name}.{name}" if mod_name else name), p
+
+    def parameters(self) -> Iterator[Parameter]:
+        return (p for _, p in self.named_parameters())
+
+    def named_buffers(self) -> Iterator[tuple[str, Tensor]]:
+        for mod_name, m in self.named_modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    yield (f"{mod_name}.{name}" if mod_name else name), b
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    # ------------------------------------------------------------------------- state dict
+    def state_dict(self) -> OrderedDict[str, Tensor]:
+        """Name -> tensor (sharing memory), PyTorch's names; tied weights appear under each name."""
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for mod_name, m in self.named_modules():
+            pre = f"{mod_name}." if mod_name else ""
+            for name, p in m._parameters.items():
+                if p is not None:
+                    out[pre + name] = p.detach()
+            for name, b in m._buffers.items():
+                if b is not None and name not in m._non_persistent:
+                    out[pre + name] = b.detach()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
+        """Copy values (flowsys, NumPy or PyTorch tensors) into this module's state.
+
+        With ``strict``, missing, unexpected and wrongly shaped keys are all reported in one
+        :class:`StateDictError` and nothing is changed.
+        """
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        arrays, mismatched = {}, []
+        for k, target in own.items():
+            if k in state_dict:
+                a = _to_numpy(state_dict[k])
+                if tuple(a.shape) != tuple(target.shape):
+                    mismatched.append(f"{k}: checkpoint {tuple(a.shape)} vs model {tuple(target.shape)}")
+                else:
+                    arrays[k] = a
+        problems = []
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if mismatched:
+            problems.append("wrong shapes: " + "; ".join(mismatched))
+        if problems:
+            raise StateDictError(
+                f"load_state_dict into {type(self).__name__}: " + " | ".join(problems)
+                + " (check the model config matches the checkpoint, or pass strict=False to skip missing/unexpected keys)")
+        for k, a in arrays.items():
+            own[k].copy_(a.astype(own[k].dtype, copy=False))
+        return IncompatibleKeys(missing, unexpected)
+
+    # --------------------------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> Module:
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
+
+    def apply(self, fn) -> Module:
+        for m in list(self.modules())[::-1]:
+            fn(m)
+        return self
+
+    def to(self, device: str) -> Module:
+        """Move parameters and buffers to ``device`` in place (tied parameters stay tied)."""
+        from flowsys.device import array_module, to_numpy  # noqa: PLC0415
+
+        xp = array_module(device)
+        moved: dict[int, Any] = {}
+        for m in self.modules():
+            for table in (m._parameters, m._buffers):
+                for t in table.values():
+                    if t is not None and id(t) not in moved:
+                        moved[id(t)] = t._data = xp.asarray(to_numpy(t._data)) if device != "cpu" else to_numpy(t._data)
+        return self
+
+    # ---------------------------------------------------------------------------------- call
+    def forward(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} defines no forward()")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"({name}): " + repr(m).replace("\n", "\n  ") for name, m in self.named_children()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not lines:
+            return head + ")"
+        return head + "\n  " + "\n  ".join(lines) + "\n)"

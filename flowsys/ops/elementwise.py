@@ -1,0 +1,237 @@
+"""Elementwise ops (NumPy broadcasting): arithmetic, transcendental, comparisons, activations.
+
+Constants inside kernels are Python floats, never NumPy float64 scalars, so float32 stays float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flowsys.errors import DTypeError
+from flowsys.ops import sbp_rules as R
+from flowsys.ops.registry import Spec, broadcast_shapes, register, result_dtype, sum_to_shape
+
+B, P = R.B, R.P
+
+
+def _binary(op):
+    def infer(x: Spec, y: Spec) -> Spec:
+        return Spec(broadcast_shapes(op, x, y), result_dtype(x, y))
+
+    return infer
+
+
+def _compare(op):
+    def infer(x: Spec, y: Spec) -> Spec:
+        return Spec(broadcast_shapes(op, x, y), np.dtype(bool))
+
+    return infer
+
+
+def _float_unary(op):
+    def infer(x: Spec) -> Spec:
+        if x.dtype.kind not in "fc":
+            raise DTypeError(f"{op}: takes a floating-point tensor, got {x}; cast it with x.astype(fs.float32)")
+        return x
+
+    return infer
+
+
+def _same(x: Spec) -> Spec:
+    return x
+
+
+def _pointwise_rows(*partial):
+    return lambda specs, attrs: R.pointwise(specs, partial)
+
+
+_no_partial = _pointwise_rows()
+
+# --------------------------------------------------------------------------------- arithmetic
+
+
+@register("add", infer=_binary("add"), sbp=_pointwise_rows(((P, P), "the sum of partial sums is a partial sum of the sum")),
+          grad=lambda b, g, out, x, y: [sum_to_shape(b, g, x.shape), sum_to_shape(b, g, y.shape)])
+def add(xp, x, y):
+    return xp.add(x, y)
+
+
+@register("sub", infer=_binary("sub"), sbp=_pointwise_rows(((P, P), "the difference of partial sums is a partial sum")),
+          grad=lambda b, g, out, x, y: [sum_to_shape(b, g, x.shape),
+                                        sum_to_shape(b, b.neg(g), y.shape) if b.needs[1] else None])
+def sub(xp, x, y):
+    return xp.subtract(x, y)
+
+
+@register("mul", infer=_binary("mul"),
+          sbp=_pointwise_rows(((P, B), "mul is linear in its first operand"), ((B, P), "mul is linear in its second operand")),
+          grad=lambda b, g, out, x, y: [sum_to_shape(b, b.mul(g, y), x.shape) if b.needs[0] else None,
+                                        sum_to_shape(b, b.mul(g, x), y.shape) if b.needs[1] else None])
+def mul(xp, x, y):
+    return xp.multiply(x, y)
+
+
+@register("div", infer=_binary("div"), sbp=_pointwise_rows(((P, B), "dividing by a replicated value is linear")),
+          grad=lambda b, g, out, x, y: [sum_to_shape(b, b.div(g, y), x.shape) if b.needs[0] else None,
+                                        sum_to_shape(b, b.neg(b.mul(g, b.div(out, y))), y.shape) if b.needs[1] else None])
+def div(xp, x, y):
+    return xp.true_divide(x, y)
+
+
+@register("neg", infer=_same, sbp=_pointwise_rows(((P,), "neg is linear")),
+          grad=lambda b, g, out, x: [b.neg(g)])
+def neg(xp, x):
+    return xp.negative(x)
+
+
+def _pow_grad(b, g, out, x, y):
+    gx = gy = None
+    if b.needs[0]:
+        gx = sum_to_shape(b, b.mul(g, b.mul(y, b.pow(x, b.sub(y, 1.0)))), x.shape)
+    if b.needs[1]:
+        gy = sum_to_shape(b, b.mul(g, b.mul(out, b.log(x))), y.shape)
+    return [gx, gy]
+
+
+@register("pow", infer=_binary("pow"), sbp=_no_partial, grad=_pow_grad)
+def pow_(xp, x, y):
+    return xp.power(x, y)
+
+
+@register("exp", infer=_float_unary("exp"), sbp=_no_partial, grad=lambda b, g, out, x: [b.mul(g, out)])
+def exp(xp, x):
+    return xp.exp(x)
+
+
+@register("log", infer=_float_unary("log"), sbp=_no_partial, grad=lambda b, g, out, x: [b.div(g, x)])
+def log(xp, x):
+    return xp.log(x)
+
+
+@register("sqrt", infer=_float_unary("sqrt"), sbp=_no_partial,
+          grad=lambda b, g, out, x: [b.div(b.mul(g, 0.5), out)])
+def sqrt(xp, x):
+    return xp.sqrt(x)
+
+
+@register("tanh", infer=_float_unary("tanh"), sbp=_no_partial,
+          grad=lambda b, g, out, x: [b.mul(g, b.sub(1.0, b.mul(out, out)))])
+def tanh(xp, x):
+    return xp.tanh(x)
+
+
+def _maximum_grad(b, g, out, x, y):
+    # Ties split the gradient in half, as PyTorch does.
+    share = b.add(b.astype(b.gt(x, y), dtype=g.dtype), b.mul(b.astype(b.eq(x, y), dtype=g.dtype), 0.5))
+    gx = sum_to_shape(b, b.mul(g, share), x.shape) if b.needs[0] else None
+    gy = sum_to_shape(b, b.sub(g, b.mul(g, share)), y.shape) if b.needs[1] else None
+    return [gx, gy]
+
+
+@register("maximum", infer=_binary("maximum"), sbp=_no_partial, grad=_maximum_grad)
+def maximum(xp, x, y):
+    return xp.maximum(x, y)
+
+
+def _where_infer(c: Spec, x: Spec, y: Spec) -> Spec:
+    if c.dtype != np.bool_:
+        raise DTypeError(f"where: the condition must be bool, got {c}; compare first, e.g. fs.where(x > 0, x, y)")
+    return Spec(broadcast_shapes("where", c, x, y), result_dtype(x, y))
+
+
+@register("where", infer=_where_infer,
+          sbp=_pointwise_rows(((B, P, P), "selecting with a replicated mask is linear in the selected values")),
+          grad=lambda b, g, out, c, x, y: [
+              None,
+              sum_to_shape(b, b.where(c, g, 0.0), x.shape) if b.needs[1] else None,
+              sum_to_shape(b, b.where(c, 0.0, g), y.shape) if b.needs[2] else None])
+def where(xp, c, x, y):
+    return xp.where(c, x, y)
+
+
+def _astype_infer(x: Spec, *, dtype) -> Spec:
+    return Spec(x.shape, np.dtype(dtype))
+
+
+def _astype_rows(specs, attrs):
+    float_to_float = specs[0].dtype.kind == "f" and np.dtype(attrs["dtype"]).kind == "f"
+    partial = [((P,), "a float cast commutes with the sum (up to rounding)")] if float_to_float else []
+    return R.pointwise(specs, partial)
+
+
+@register("astype", infer=_astype_infer, sbp=_astype_rows,
+          grad=lambda b, g, out, x, *, dtype: [b.astype(g, dtype=x.dtype) if x.dtype.kind == "f" else None])
+def astype(xp, x, *, dtype):
+    return x.astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------- comparisons
+# Not differentiable: their outputs are bool.
+
+for _name, _fn in [("eq", "equal"), ("ne", "not_equal"), ("lt", "less"), ("le", "less_equal"),
+                   ("gt", "greater"), ("ge", "greater_equal")]:
+    register(_name, infer=_compare(_name), sbp=_no_partial)(
+        (lambda f: lambda xp, x, y: getattr(xp, f)(x, y))(_fn))
+
+
+@register("logical_not", infer=lambda x: Spec(x.shape, np.dtype(bool)), sbp=_no_partial)
+def logical_not(xp, x):
+    return xp.logical_not(x)
+
+
+# --------------------------------------------------------------------------------- activations
+
+
+@register("relu", infer=_same, sbp=_no_partial,
+          grad=lambda b, g, out, x: [b.where(b.gt(x, 0.0), g, 0.0)])
+def relu(xp, x):
+    return xp.maximum(x, 0)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def erf(xp, x):
+    """erf, exact for float64 (math.erf) and to ~1e-7 for float32 (Abramowitz-Stegun 7.1.26)."""
+    if x.dtype == np.float64 and xp is np:
+        return np.vectorize(math.erf, otypes=[np.float64])(x)
+    if xp is not np:
+        import cupyx.scipy.special  # noqa: PLC0415 - only on a GPU worker
+
+        return cupyx.scipy.special.erf(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return np.sign(x) * (1.0 - poly * np.exp(-a * a))
+
+
+def _gelu_infer(x: Spec, *, approximate: str = "none") -> Spec:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _float_unary("gelu")(x)
+
+
+@register("gelu", infer=_gelu_infer, sbp=_no_partial,
+          grad=lambda b, g, out, x, *, approximate="none": [b.gelu_grad(x, g, approximate=approximate)])
+def gelu(xp, x, *, approximate="none"):
+    if approximate == "tanh":
+        inner = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+        return 0.5 * x * (1.0 + inner)
+    return 0.5 * x * (1.0 + erf(xp, x * _INV_SQRT_2))
+
+
+@register("gelu_grad", infer=lambda x, g, *, approximate="none": Spec(x.shape, result_dtype(x, g)),
+          sbp=_pointwise_rows(((B, P), "the gradient is linear in the incoming gradient")))
+def gelu_grad(xp, x, g, *, approximate="none"):
+    if approximate == "tanh":
+        x2 = x * x
+        inner = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x2 * x))
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x2)
+        return g * (0.5 * (1.0 + inner) + 0.5 * x * (1.0 - inner * inner) * d_inner)
+    cdf = 0.5 * (1.0 + erf(xp, x * _INV_SQRT_2))
+    pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    return g * (cdf + x * pdf)

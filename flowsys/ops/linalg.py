@@ -1,0 +1,80 @@
+"""matmul with NumPy semantics (1-D operands, broadcast batch axes); SBP rows from its einsum."""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+from flowsys.errors import ShapeError
+from flowsys.ops import sbp_rules as R
+from flowsys.ops.registry import Spec, register, result_dtype, sum_to_shape
+
+
+def _matmul_shape(a: Spec, b: Spec) -> tuple[int, ...]:
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError(f"matmul: operands must have at least 1 dimension, got {a.shape} @ {b.shape}; use * for scalars")
+    k_a = a.shape[-1]
+    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if k_a != k_b:
+        raise ShapeError(
+            f"matmul: shapes {a.shape} @ {b.shape} do not align: the last axis of the left operand ({k_a}) "
+            f"must equal the {'only' if b.ndim == 1 else 'second-to-last'} axis of the right operand ({k_b})"
+        )
+    try:
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ShapeError(f"matmul: batch axes of {a.shape} @ {b.shape} do not broadcast") from None
+    m = a.shape[-2:-1] if a.ndim >= 2 else ()
+    n = b.shape[-1:] if b.ndim >= 2 else ()
+    return tuple(batch) + tuple(m) + tuple(n)
+
+
+def matmul_subscripts(a: Spec, b: Spec) -> tuple[str, str, str]:
+    """The einsum of a NumPy matmul of these operands, e.g. ``("xmk", "kn", "xmn")``."""
+    nb = max(a.ndim - 2, b.ndim - 2, 0)
+    batch = string.ascii_lowercase[:nb].translate(str.maketrans("kmn", "uvw"))
+    a_sub = (batch[nb - (a.ndim - 2):] + "mk") if a.ndim >= 2 else "k"
+    b_sub = (batch[nb - (b.ndim - 2):] + "kn") if b.ndim >= 2 else "k"
+    out = batch + ("m" if a.ndim >= 2 else "") + ("n" if b.ndim >= 2 else "")
+    return a_sub, b_sub, out
+
+
+def _matmul_rows(specs, attrs):
+    a_sub, b_sub, out = matmul_subscripts(*specs)
+    return R.einsum((a_sub, b_sub), out, specs)
+
+
+def _swap_last(b, x):
+    n = len(x.shape)
+    return b.transpose(x, axes=tuple(range(n - 2)) + (n - 1, n - 2))
+
+
+def _matmul_grad(b, g, out, x, y):
+    xs, ys = tuple(x.shape), tuple(y.shape)
+    gx = gy = None
+    if len(xs) >= 2 and len(ys) == 2:
+        # The common Linear case: fold the batch axes into rows so each gradient is one GEMM.
+        if b.needs[0]:
+            gx = b.matmul(g, b.transpose(y))
+        if b.needs[1]:
+            x2 = b.reshape(x, shape=(-1, xs[-1]))
+            gy = b.matmul(b.transpose(x2), b.reshape(g, shape=(-1, ys[-1])))
+        return [gx, gy]
+    x2 = x if len(xs) > 1 else b.reshape(x, shape=(1,) + xs)
+    y2 = y if len(ys) > 1 else b.reshape(y, shape=ys + (1,))
+    out2 = _matmul_shape(Spec(tuple(x2.shape), x.dtype), Spec(tuple(y2.shape), y.dtype))
+    g2 = b.reshape(g, shape=out2)
+    if b.needs[0]:
+        gx = b.reshape(sum_to_shape(b, b.matmul(g2, _swap_last(b, y2)), tuple(x2.shape)), shape=xs)
+    if b.needs[1]:
+        gy = b.reshape(sum_to_shape(b, b.matmul(_swap_last(b, x2), g2), tuple(y2.shape)), shape=ys)
+    return [gx, gy]
+
+
+@register("matmul", infer=lambda a, b: Spec(_matmul_shape(a, b), result_dtype(a, b)), sbp=_matmul_rows, grad=_matmul_grad)
+def matmul(xp, a, b):
+    if b.ndim == 2 and a.ndim > 2:
+        # One large GEMM instead of a batch of small ones.
+        return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[-1],))
+    return xp.matmul(a, b)

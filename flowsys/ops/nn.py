@@ -1,0 +1,278 @@
+"""Neural-network ops: softmax family, cross entropy, layer norm, dropout, attention.
+
+Each has a fused kernel; its gradient is another registered op (``*_grad``) or a composition of
+registered ops, so graph mode differentiates these exactly as eager autograd does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flowsys.errors import DTypeError, FlowsysError, ShapeError
+from flowsys.ops import sbp_rules as R
+from flowsys.ops.registry import Spec, normalize_axis, register, result_dtype, sum_to_shape
+
+B, P, S = R.B, R.P, R.S
+
+
+def _float_same(op):
+    def infer(x: Spec, **attrs) -> Spec:
+        if x.dtype.kind != "f":
+            raise DTypeError(f"{op}: takes a floating-point tensor, got {x}")
+        if "axis" in attrs:
+            normalize_axis(op, attrs["axis"], x.ndim)
+        return x
+
+    return infer
+
+
+def _along_axis_rows(*partial):
+    """Rows of an op that works along ``axis``: any other axis may be split."""
+    return lambda specs, attrs: R.pointwise(specs, partial, skip_axes=(attrs.get("axis", -1),))
+
+
+# ------------------------------------------------------------------------------------- softmax
+
+
+@register("softmax", infer=_float_same("softmax"), sbp=_along_axis_rows(),
+          grad=lambda b, g, out, x, *, axis=-1: [b.softmax_grad(out, g, axis=axis)])
+def softmax(xp, x, *, axis=-1):
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+@register("softmax_grad", infer=lambda y, g, *, axis=-1: Spec(y.shape, result_dtype(y, g)),
+          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")))
+def softmax_grad(xp, y, g, *, axis=-1):
+    gy = g * y
+    return gy - y * gy.sum(axis=axis, keepdims=True)
+
+
+@register("log_softmax", infer=_float_same("log_softmax"), sbp=_along_axis_rows(),
+          grad=lambda b, g, out, x, *, axis=-1: [b.log_softmax_grad(out, g, axis=axis)])
+def log_softmax(xp, x, *, axis=-1):
+    shifted = x - x.max(axis=axis, keepdims=True)
+    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
+
+
+@register("log_softmax_grad", infer=lambda y, g, *, axis=-1: Spec(y.shape, result_dtype(y, g)),
+          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")))
+def log_softmax_grad(xp, y, g, *, axis=-1):
+    return g - xp.exp(y) * g.sum(axis=axis, keepdims=True)
+
+
+# ------------------------------------------------------------------------------- cross entropy
+
+
+def _ce_infer(logits: Spec, targets: Spec, *, ignore_index=-100) -> Spec:
+    if logits.dtype.kind != "f":
+        raise DTypeError(f"cross_entropy: logits must be floating point, got {logits}")
+    if targets.dtype.kind not in "iu":
+        raise DTypeError(f"cross_entropy: targets must be integer class indices, got {targets}; "
+                         f"use .astype(fs.int64)")
+    if logits.shape[:-1] != targets.shape:
+        raise ShapeError(
+            f"cross_entropy: logits {logits.shape} and targets {targets.shape} do not match; logits are "
+            f"(..., classes) and targets (...), e.g. logits (N, C) with targets (N,)")
+    return Spec(targets.shape, logits.dtype)
+
+
+def _ce_rows(specs, attrs):
+    logits, targets = specs
+    rows = [R.SbpRow((S(i), S(i)), (S(i),), "each row's loss needs only that row") for i in range(targets.ndim)]
+    return rows + [R.replicated(2)]
+
+
+def _check_targets(xp, t, n_classes, ignore_index):
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if bool(bad.any()):
+        raise FlowsysError(
+            f"cross_entropy: target {int(t[bad].reshape(-1)[0])} is out of range for {n_classes} classes "
+            f"(and is not ignore_index={ignore_index})")
+
+
+@register("cross_entropy", infer=_ce_infer, sbp=_ce_rows,
+          grad=lambda b, g, out, logits, t, *, ignore_index=-100: [
+              b.cross_entropy_grad(logits, t, g, ignore_index=ignore_index), None])
+def cross_entropy(xp, logits, targets, *, ignore_index=-100):
+    """Per-row negative log-likelihood of the target class; rows with ``ignore_index`` give 0."""
+    n_classes = logits.shape[-1]
+    x = logits.reshape(-1, n_classes)
+    t = targets.reshape(-1)
+    _check_targets(xp, t, n_classes, ignore_index)
+    valid = t != ignore_index
+    m = x.max(axis=-1)
+    lse = xp.log(xp.exp(x - m[:, None]).sum(axis=-1)) + m
+    picked = x[xp.arange(x.shape[0]), xp.where(valid, t, 0)]
+    return xp.where(valid, lse - picked, 0).astype(logits.dtype, copy=False).reshape(targets.shape)
+
+
+def _ce_grad_rows(specs, attrs):
+    logits, targets, g = specs
+    rows = [R.SbpRow((S(i), S(i), S(i)), (S(i),), "each row's gradient needs only that row") for i in range(targets.ndim)]
+    return rows + [R.replicated(3), R.SbpRow((B, B, P), (P,), "linear in the incoming gradient")]
+
+
+@register("cross_entropy_grad", infer=lambda logits, t, g, *, ignore_index=-100: logits, sbp=_ce_grad_rows)
+def cross_entropy_grad(xp, logits, targets, g, *, ignore_index=-100):
+    n_classes = logits.shape[-1]
+    x = logits.reshape(-1, n_classes)
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    p = xp.exp(x - x.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    rows = xp.arange(x.shape[0])
+    p[rows, xp.where(valid, t, 0)] -= 1.0
+    p *= xp.where(valid, g.reshape(-1), 0).astype(p.dtype, copy=False)[:, None]
+    return p.reshape(logits.shape)
+
+
+# ---------------------------------------------------------------------------------- layer norm
+
+
+def _ln_axes(ndim, n_axes):
+    return tuple(range(ndim - n_axes, ndim))
+
+
+def _ln_infer(x: Spec, *, n_axes=1, eps=1e-5) -> Spec:
+    if x.dtype.kind != "f":
+        raise DTypeError(f"layer_norm: takes a floating-point tensor, got {x}")
+    if not 1 <= n_axes <= x.ndim:
+        raise ShapeError(f"layer_norm: cannot normalise the last {n_axes} axes of a tensor of shape {x.shape}")
+    return x
+
+
+def _ln_rows(specs, attrs, *partial):
+    n = attrs.get("n_axes", 1)
+    return R.pointwise(specs, partial, skip_axes=range(specs[0].ndim - n, specs[0].ndim))
+
+
+def _ln_stats(xp, x, n_axes, eps):
+    axes = _ln_axes(x.ndim, n_axes)
+    xc = x - x.mean(axis=axes, keepdims=True)
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=axes, keepdims=True) + eps)
+    return xc, rstd, axes
+
+
+@register("layer_norm", infer=_ln_infer, sbp=_ln_rows,
+          grad=lambda b, g, out, x, *, n_axes=1, eps=1e-5: [b.layer_norm_grad(x, g, n_axes=n_axes, eps=eps)])
+def layer_norm(xp, x, *, n_axes=1, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) over the last ``n_axes`` axes (the affine part is separate)."""
+    xc, rstd, _ = _ln_stats(xp, x, n_axes, eps)
+    xc *= rstd
+    return xc
+
+
+@register("layer_norm_grad", infer=lambda x, g, *, n_axes=1, eps=1e-5: Spec(x.shape, result_dtype(x, g)),
+          sbp=lambda specs, attrs: _ln_rows(specs, attrs, ((B, P), "linear in the incoming gradient")))
+def layer_norm_grad(xp, x, g, *, n_axes=1, eps=1e-5):
+    xc, rstd, axes = _ln_stats(xp, x, n_axes, eps)
+    y = xc * rstd
+    dx = g - g.mean(axis=axes, keepdims=True)
+    dx -= y * (g * y).mean(axis=axes, keepdims=True)
+    dx *= rstd
+    return dx
+
+
+# ------------------------------------------------------------------------------------- dropout
+
+
+def uniform(xp, seed: int, shape) -> np.ndarray:
+    """Counter-based uniform [0, 1) floats: element i depends only on (seed, i), so any shard of a
+    logical tensor can regenerate its own part of the mask (splitmix64 of the flat index)."""
+    n = math.prod(shape)
+    z = xp.arange(n, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return ((z >> np.uint64(40)).astype(np.float32) * (1.0 / (1 << 24))).reshape(shape)
+
+
+def _dropout_infer(x: Spec, *, p, seed) -> Spec:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    return _float_same("dropout")(x)
+
+
+@register("dropout", infer=_dropout_infer,
+          sbp=lambda specs, attrs: R.pointwise(specs, [((P,), "with a fixed mask, dropout is linear")]),
+          grad=lambda b, g, out, x, *, p, seed: [b.dropout(g, p=p, seed=seed)])
+def dropout(xp, x, *, p, seed):
+    """Zero each element with probability ``p`` (mask from ``seed``), scale the rest by 1/(1-p)."""
+    if p >= 1.0:
+        return xp.zeros_like(x)
+    keep = uniform(xp, seed, x.shape) >= p
+    return xp.where(keep, x * (1.0 / (1.0 - p)), 0).astype(x.dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------------- attention
+
+
+def _sdpa_infer(q: Spec, k: Spec, v: Spec, *, is_causal=False, scale=None) -> Spec:
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
+        raise ShapeError(f"scaled_dot_product_attention: q, k, v need (..., seq, dim), got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ShapeError(
+            f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit: q and k need the "
+            f"same last axis, k and v the same sequence length")
+    try:
+        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ShapeError(f"scaled_dot_product_attention: batch axes of {q.shape}, {k.shape}, {v.shape} do not broadcast") from None
+    return Spec(tuple(batch) + (q.shape[-2], v.shape[-1]), result_dtype(q, k, v))
+
+
+def _sdpa_rows(specs, attrs):
+    q, k, v = specs
+    nb = q.ndim - 2
+    rows = [R.SbpRow((S(i), S(i), S(i)), (S(i),), "batch and head axes are independent") for i in range(nb)]
+    rows.append(R.SbpRow((S(nb), B, B), (S(nb),), "each query attends over all keys on its own"))
+    return rows + [R.replicated(3)]
+
+
+def _scale(q_dim, scale):
+    return float(scale) if scale is not None else 1.0 / math.sqrt(q_dim)
+
+
+def _probs(xp, q, k, is_causal, scale):
+    att = q @ xp.swapaxes(k, -1, -2)
+    att *= scale
+    if is_causal:
+        tq, tk = att.shape[-2:]
+        att[..., xp.triu(xp.ones((tq, tk), dtype=bool), k=1)] = -xp.inf
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    return att
+
+
+@register("sdpa_probs", infer=lambda q, k, *, is_causal=False, scale=None: Spec(q.shape[:-1] + (k.shape[-2],), result_dtype(q, k)),
+          sbp=lambda specs, attrs: _sdpa_rows(specs + (specs[1],), attrs))
+def sdpa_probs(xp, q, k, *, is_causal=False, scale=None):
+    """softmax(q k^T * scale) with the causal mask: the attention weights."""
+    return _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale))
+
+
+def _swap(b, x):
+    n = len(x.shape)
+    return b.transpose(x, axes=tuple(range(n - 2)) + (n - 1, n - 2))
+
+
+def _sdpa_grad(b, g, out, q, k, v, *, is_causal=False, scale=None):
+    s = _scale(q.shape[-1], scale)
+    p = b.sdpa_probs(q, k, is_causal=is_causal, scale=s)
+    gv = sum_to_shape(b, b.matmul(_swap(b, p), g), tuple(v.shape)) if b.needs[2] else None
+    ds = b.mul(b.softmax_grad(p, b.matmul(g, _swap(b, v)), axis=-1), s)
+    gq = sum_to_shape(b, b.matmul(ds, k), tuple(q.shape)) if b.needs[0] else None
+    gk = sum_to_shape(b, b.matmul(_swap(b, ds), q), tuple(k.shape)) if b.needs[1] else None
+    return [gq, gk, gv]
+
+
+@register("scaled_dot_product_attention", infer=_sdpa_infer, sbp=_sdpa_rows, grad=_sdpa_grad)
+def scaled_dot_product_attention(xp, q, k, v, *, is_causal=False, scale=None):
+    """softmax(q k^T * scale [+ causal mask]) v, with PyTorch's top-left aligned causal mask."""
+    return _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale)) @ v

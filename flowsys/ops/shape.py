@@ -1,0 +1,269 @@
+"""Ops that move data without arithmetic: reshape, transpose, indexing, concatenate/split, take."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flowsys.errors import DTypeError, ShapeError
+from flowsys.ops import sbp_rules as R
+from flowsys.ops.registry import Spec, normalize_axis, register
+
+B, P, S = R.B, R.P, R.S
+
+
+def _linear_rows(n_in=1):
+    """Rows for a data-movement op whose axes do not map simply: B and P only."""
+    return lambda specs, attrs: [R.replicated(n_in), R.SbpRow((P,) * n_in, (P,), "moving data is linear")]
+
+
+# ------------------------------------------------------------------------------------ reshape
+
+
+def _resolve_shape(x: Spec, shape) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+    size = math.prod(x.shape)
+    if shape.count(-1) > 1:
+        raise ShapeError(f"reshape: only one dimension may be -1, got {shape}")
+    if -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        if known == 0 or size % known:
+            raise ShapeError(f"reshape: cannot reshape a tensor of shape {x.shape} (size {size}) into {shape}")
+        shape = tuple(size // known if d == -1 else d for d in shape)
+    if math.prod(shape) != size:
+        raise ShapeError(f"reshape: cannot reshape a tensor of shape {x.shape} (size {size}) into {shape}")
+    return shape
+
+
+def _reshape_rows(specs, attrs):
+    """A split axis survives a reshape when it maps one-to-one onto an output axis: same size and
+    the same number of elements before it (so every shard is a contiguous block of that axis)."""
+    x = specs[0]
+    out = _resolve_shape(x, attrs["shape"])
+    rows = []
+    for i, d in enumerate(x.shape):
+        before = math.prod(x.shape[:i])
+        for j, e in enumerate(out):
+            if e == d and math.prod(out[:j]) == before:
+                rows.append(R.SbpRow((S(i),), (S(j),), "the split axis is kept whole by the reshape"))
+                break
+    return rows + _linear_rows()(specs, attrs)
+
+
+@register("reshape", infer=lambda x, *, shape: Spec(_resolve_shape(x, shape), x.dtype), sbp=_reshape_rows,
+          grad=lambda b, g, out, x, *, shape: [b.reshape(g, shape=tuple(x.shape))])
+def reshape(xp, x, *, shape):
+    return xp.reshape(x, shape)
+
+
+# ---------------------------------------------------------------------------------- transpose
+
+
+def _perm(x: Spec, axes) -> tuple[int, ...]:
+    if axes is None:
+        return tuple(range(x.ndim))[::-1]
+    axes = tuple(normalize_axis("transpose", int(a), x.ndim) for a in axes)
+    if sorted(axes) != list(range(x.ndim)):
+        raise ShapeError(f"transpose: axes {axes} are not a permutation of the {x.ndim} axes of shape {x.shape}")
+    return axes
+
+
+def _transpose_rows(specs, attrs):
+    x = specs[0]
+    perm = _perm(x, attrs.get("axes"))
+    rows = [R.SbpRow((S(p),), (S(j),), "transpose moves the split axis along") for j, p in enumerate(perm)]
+    return rows + _linear_rows()(specs, attrs)
+
+
+@register("transpose", infer=lambda x, *, axes=None: Spec(tuple(x.shape[p] for p in _perm(x, axes)), x.dtype),
+          sbp=_transpose_rows,
+          grad=lambda b, g, out, x, *, axes=None: [b.transpose(g, axes=tuple(np.argsort(_perm(x, axes)).tolist()))])
+def transpose(xp, x, *, axes=None):
+    return xp.transpose(x, axes)
+
+
+# ----------------------------------------------------------------------------------- indexing
+
+
+def _getitem_infer(x: Spec, *, index) -> Spec:
+    try:
+        shape = np.broadcast_to(np.empty((), x.dtype), x.shape)[index].shape
+    except IndexError as e:
+        raise ShapeError(f"getitem: index {index!r} does not fit a tensor of shape {x.shape}: {e}") from None
+    return Spec(tuple(shape), x.dtype)
+
+
+def _getitem_grad(b, g, out, x, *, index):
+    return [b.getitem_grad(g, index=index, shape=tuple(x.shape))]
+
+
+@register("getitem", infer=_getitem_infer, sbp=_linear_rows(), grad=_getitem_grad)
+def getitem(xp, x, *, index):
+    return x[index]
+
+
+def _is_advanced(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(not isinstance(i, (slice, int, np.integer, type(None), type(Ellipsis))) for i in items)
+
+
+@register("getitem_grad", infer=lambda g, *, index, shape: Spec(tuple(shape), g.dtype), sbp=_linear_rows(),
+          grad=lambda b, gg, out, g, *, index, shape: [b.getitem(gg, index=index)])
+def getitem_grad(xp, g, *, index, shape):
+    """Scatter ``g`` into zeros of ``shape`` at ``index``, adding where indices repeat."""
+    z = xp.zeros(shape, dtype=g.dtype)
+    if _is_advanced(index):
+        xp.add.at(z, index, g)
+    else:
+        z[index] = g
+    return z
+
+
+# --------------------------------------------------------------------------- concatenate / split
+
+
+def _concat_infer(*xs: Spec, axis=0) -> Spec:
+    if not xs:
+        raise ShapeError("concatenate: needs at least one tensor")
+    ax = normalize_axis("concatenate", axis, xs[0].ndim)
+    for s in xs[1:]:
+        if s.ndim != xs[0].ndim or any(a != c for i, (a, c) in enumerate(zip(s.shape, xs[0].shape)) if i != ax):
+            shapes = ", ".join(str(t.shape) for t in xs)
+            raise ShapeError(f"concatenate: shapes {shapes} differ outside axis {axis}; only the concatenation axis may differ")
+    shape = list(xs[0].shape)
+    shape[ax] = sum(s.shape[ax] for s in xs)
+    return Spec(tuple(shape), np.result_type(*(s.dtype for s in xs)))
+
+
+def _concat_rows(specs, attrs):
+    ax = normalize_axis("concatenate", attrs.get("axis", 0), specs[0].ndim)
+    n = len(specs)
+    rows = [R.SbpRow((S(i),) * n, (S(i),), "concatenating along another axis keeps this one split")
+            for i in range(specs[0].ndim) if i != ax]
+    return rows + _linear_rows(n)(specs, attrs)
+
+
+def _concat_grad(b, g, out, *xs, axis=0):
+    ax = normalize_axis("concatenate", axis, len(g.shape))
+    bounds = np.cumsum([x.shape[ax] for x in xs])[:-1].tolist()
+    return list(b.split(g, indices_or_sections=bounds, axis=ax))
+
+
+@register("concatenate", infer=_concat_infer, sbp=_concat_rows, grad=_concat_grad)
+def concatenate(xp, *xs, axis=0):
+    return xp.concatenate(xs, axis=axis)
+
+
+def _split_bounds(x: Spec, indices_or_sections, axis) -> list[int]:
+    n = x.shape[axis]
+    if isinstance(indices_or_sections, (int, np.integer)):
+        k = int(indices_or_sections)
+        if k <= 0 or n % k:
+            raise ShapeError(f"split: axis {axis} of shape {x.shape} does not divide into {k} equal sections; "
+                             f"pass explicit indices instead")
+        return [n // k * i for i in range(1, k)]
+    return [int(i) for i in indices_or_sections]
+
+
+def _split_infer(x: Spec, *, indices_or_sections, axis=0):
+    ax = normalize_axis("split", axis, x.ndim)
+    edges = [0, *(min(max(i, 0), x.shape[ax]) for i in _split_bounds(x, indices_or_sections, ax)), x.shape[ax]]
+    outs = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        shape = list(x.shape)
+        shape[ax] = max(hi - lo, 0)
+        outs.append(Spec(tuple(shape), x.dtype))
+    return tuple(outs)
+
+
+def _split_rows(specs, attrs):
+    x = specs[0]
+    ax = normalize_axis("split", attrs.get("axis", 0), x.ndim)
+    k = len(_split_infer(x, indices_or_sections=attrs["indices_or_sections"], axis=ax))
+    rows = [R.SbpRow((S(i),), (S(i),) * k, "splitting along another axis keeps this one split")
+            for i in range(x.ndim) if i != ax]
+    return rows + [R.replicated(1, k), R.SbpRow((P,), (P,) * k, "moving data is linear")]
+
+
+def _split_grad(b, gs, outs, x, *, indices_or_sections, axis=0):
+    parts = [g if g is not None else b.zeros_like(o) for g, o in zip(gs, outs)]
+    return [b.concatenate(*parts, axis=axis)]
+
+
+@register("split", infer=_split_infer, sbp=_split_rows, grad=_split_grad, multi_output=True)
+def split(xp, x, *, indices_or_sections, axis=0):
+    return tuple(xp.split(x, indices_or_sections, axis=axis))
+
+
+@register("zeros_like", infer=lambda x: x, sbp=lambda specs, attrs: R.pointwise(specs, [((P,), "zero is a partial sum of zeros")]))
+def zeros_like(xp, x):
+    return xp.zeros_like(x)
+
+
+# ---------------------------------------------------------------------------------------- take
+
+
+def _take_infer(a: Spec, idx: Spec, *, axis=0) -> Spec:
+    if idx.dtype.kind not in "iu":
+        raise DTypeError(f"take: indices must be integers, got {idx}; cast them with .astype(fs.int64)")
+    ax = normalize_axis("take", axis, a.ndim)
+    return Spec(a.shape[:ax] + idx.shape + a.shape[ax + 1:], a.dtype)
+
+
+def _take_rows(specs, attrs):
+    a, idx = specs
+    ax = normalize_axis("take", attrs.get("axis", 0), a.ndim)
+    rows = []
+    for i in range(a.ndim):
+        if i != ax:
+            j = i if i < ax else i + idx.ndim - 1
+            rows.append(R.SbpRow((S(i), B), (S(j),), "gathering along another axis keeps this one split"))
+    for i in range(idx.ndim):
+        rows.append(R.SbpRow((B, S(i)), (S(ax + i),), "each rank gathers the rows for its share of the indices"))
+    rows.append(R.replicated(2))
+    rows.append(R.SbpRow((P, B), (P,), "gathering rows is linear in the table"))
+    # S(axis) x B -> P would need out-of-range indices to read zeros: that is the boxing of a
+    # vocabulary-parallel embedding, left to a dedicated op rather than this row table.
+    return rows
+
+
+@register("take", infer=_take_infer, sbp=_take_rows,
+          grad=lambda b, g, out, a, idx, *, axis=0: [b.take_grad(g, idx, axis=axis, shape=tuple(a.shape)), None])
+def take(xp, a, idx, *, axis=0):
+    return xp.take(a, idx, axis=axis)
+
+
+def _take_grad_rows(specs, attrs):
+    g, idx = specs
+    ax = normalize_axis("take_grad", attrs.get("axis", 0), len(attrs["shape"]))
+    rows = []
+    for i in range(len(attrs["shape"])):
+        if i != ax:
+            j = i if i < ax else i + idx.ndim - 1
+            rows.append(R.SbpRow((S(j), B), (S(i),), "scattering along another axis keeps this one split"))
+    for i in range(idx.ndim):
+        rows.append(R.SbpRow((S(ax + i), S(i)), (P,), "each rank scatters its share; the total is the sum"))
+    return rows + [R.replicated(2), R.SbpRow((P, B), (P,), "scatter-add is linear in the gradient")]
+
+
+@register("take_grad", infer=lambda g, idx, *, axis=0, shape: Spec(tuple(shape), g.dtype), sbp=_take_grad_rows,
+          grad=lambda b, gg, out, g, idx, *, axis=0, shape: [b.take(gg, idx, axis=axis), None])
+def take_grad(xp, g, idx, *, axis=0, shape):
+    """Adjoint of take: add each gathered slice of ``g`` back at its index (repeats accumulate)."""
+    ax = axis % len(shape)
+    z = xp.zeros(shape, dtype=g.dtype)
+    zm = xp.moveaxis(z, ax, 0)
+    flat_idx = idx.reshape(-1)
+    flat_idx = xp.where(flat_idx < 0, flat_idx + zm.shape[0], flat_idx)
+    gm = xp.moveaxis(g, list(range(ax, ax + idx.ndim)), list(range(idx.ndim))).reshape((flat_idx.size,) + zm.shape[1:])
+    if zm.ndim == 2 and xp is np:
+        # Sort-and-segment-sum: much faster than np.add.at for embedding-sized scatters.
+        order = np.argsort(flat_idx, kind="stable")
+        sorted_idx = flat_idx[order]
+        starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]]) if sorted_idx.size else sorted_idx
+        if sorted_idx.size:
+            zm[sorted_idx[starts]] = np.add.reduceat(gm[order], starts, axis=0)
+    else:
+        xp.add.at(zm, flat_idx, gm)
+    return z

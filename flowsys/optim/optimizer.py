@@ -1,0 +1,121 @@
+"""Optimizers with PyTorch's update rules, updating parameter arrays in place.
+
+>>> import flowsys as fs
+>>> from flowsys import optim
+>>> w = fs.nn.Parameter(fs.ones(2))
+>>> opt = optim.SGD([w], lr=0.5)
+>>> (w * w).sum().backward(); opt.step()
+>>> w.numpy().tolist()
+[0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from flowsys.errors import ConfigError
+from flowsys.tensor import Tensor
+
+
+class Optimizer:
+    """Parameter groups (dicts with ``params`` and hyper-parameters) and per-parameter state."""
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any]):
+        params = list(params)
+        if not params:
+            raise ConfigError(f"{type(self).__name__}: got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.defaults = dict(defaults)
+        self.param_groups: list[dict[str, Any]] = []
+        for g in groups:
+            unknown = set(g) - set(defaults) - {"params"}
+            if unknown:
+                raise ConfigError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)} in a parameter group")
+            self.param_groups.append({**self.defaults, **g, "params": list(g["params"])})
+        self.state: dict[int, dict[str, Any]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p._data, p.grad._data, self.state.setdefault(id(p), {}), group)
+
+    def _update(self, p, g, state: dict, group: dict) -> None:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} defines no update rule")
+
+
+class SGD(Optimizer):
+    """SGD with momentum, dampening, Nesterov and (coupled) weight decay, as ``torch.optim.SGD``."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False):
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ConfigError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def _update(self, p, g, state, group):
+        if group["weight_decay"]:
+            g = g + group["weight_decay"] * p
+        mu = group["momentum"]
+        if mu:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= mu
+                buf += (1.0 - group["dampening"]) * g
+            g = g + mu * buf if group["nesterov"] else buf
+        p -= group["lr"] * g
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay, step for step as ``torch.optim.AdamW``."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ConfigError(f"AdamW: betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _update(self, p, g, state, group):
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = p * 0
+            state["exp_avg_sq"] = p * 0
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        lr, t = group["lr"], state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        p *= 1.0 - lr * group["weight_decay"]
+        m *= beta1
+        m += (1.0 - beta1) * g
+        v *= beta2
+        v += (1.0 - beta2) * (g * g)
+        bias1 = 1.0 - beta1 ** t
+        bias2 = 1.0 - beta2 ** t
+        denom = (v ** 0.5) * (1.0 / math.sqrt(bias2))
+        denom += group["eps"]
+        p -= (lr / bias1) * (m / denom)
+
+
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, eps: float = 1e-6) -> float:
+    """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm before."""
+    grads = [p.grad._data for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = math.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in grads))
+    scale = max_norm / (total + eps)
+    if scale < 1.0:
+        for g in grads:
+            g *= scale
+    return total

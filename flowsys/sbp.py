@@ -1,0 +1,61 @@
+"""SBP values: how a logical tensor is laid out over one axis of a device mesh.
+
+``S(i)`` splits tensor axis ``i`` across the mesh axis, ``B`` broadcasts (every rank holds the
+whole value) and ``P`` is a partial sum (the logical value is the sum over ranks). These are
+tiny frozen values with the print forms used in logs, errors and ``explain()``.
+
+This module is shared vocabulary: it imports nothing else of flowsys.
+
+>>> split(1), broadcast, partial_sum
+(S(1), B, P)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    axis: int
+
+    def __repr__(self) -> str:
+        return f"S({self.axis})"
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    def __repr__(self) -> str:
+        return "B"
+
+
+@dataclass(frozen=True, slots=True)
+class PartialSum:
+    def __repr__(self) -> str:
+        return "P"
+
+
+SbpValue = Split | Broadcast | PartialSum
+
+broadcast = Broadcast()
+partial_sum = PartialSum()
+
+
+def split(axis: int) -> Split:
+    """``S(axis)``: the logical tensor is cut along ``axis``, one piece per rank."""
+    return Split(int(axis))
+
+
+def parse(text: str) -> SbpValue:
+    """Inverse of ``repr``: ``parse("S(0)") == split(0)``."""
+    text = text.strip()
+    if text == "B":
+        return broadcast
+    if text == "P":
+        return partial_sum
+    if text.startswith("S(") and text.endswith(")"):
+        return split(int(text[2:-1]))
+    raise ValueError(f"not an SBP value: {text!r} (expected S(i), B or P)")
+
+
+__all__ = ["Split", "Broadcast", "PartialSum", "SbpValue", "split", "broadcast", "partial_sum", "parse"]

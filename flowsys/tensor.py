@@ -1,0 +1,492 @@
+"""The tensor: an array on a device plus the tape that reverse-mode autograd walks.
+
+Every operation goes through :func:`apply`, which validates with the op's inference rule, runs
+its kernel and, when grad mode is on and an input requires grad, records a :class:`Node`.
+``backward()`` walks the nodes in reverse topological order and calls each op's gradient rule
+with a builder that applies registered ops to tensors (the same rules graph mode uses on IR).
+
+>>> import flowsys as fs
+>>> x = fs.tensor([[1., 2.], [3., 4.]], requires_grad=True)
+>>> (x * x).sum().backward()
+>>> x.grad.numpy().tolist()
+[[2.0, 4.0], [6.0, 8.0]]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from flowsys import device as _device
+from flowsys.autograd import is_grad_enabled, no_grad
+from flowsys.errors import DTypeError, FlowsysError, GradError
+from flowsys.ops import OPS, OpDef, Spec
+
+float32 = np.dtype(np.float32)
+float64 = np.dtype(np.float64)
+int64 = np.dtype(np.int64)
+int32 = np.dtype(np.int32)
+bool_ = np.dtype(np.bool_)
+DEFAULT_FLOAT = float32
+
+
+class Node:
+    """One recorded op application: what backward needs to run the op's gradient rule."""
+
+    __slots__ = ("op", "inputs", "attrs", "out_data")
+
+    def __init__(self, op: OpDef, inputs: tuple[Tensor, ...], attrs: dict, out_data: tuple):
+        self.op, self.inputs, self.attrs, self.out_data = op, inputs, attrs, out_data
+
+
+class Tensor:
+    __slots__ = ("_data", "requires_grad", "grad", "_node", "_index", "__weakref__")
+    __array_priority__ = 1000  # numpy_array * tensor defers to Tensor.__rmul__
+
+    def __init__(self, data, requires_grad: bool = False):
+        self._data = data
+        self.grad: Tensor | None = None
+        self._node: Node | None = None
+        self._index = 0
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    # ------------------------------------------------------------------ properties and conversion
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._data.ndim
+
+    @property
+    def size(self) -> int:
+        return self._data.size
+
+    @property
+    def device(self) -> str:
+        return _device.device_of(self._data)
+
+    @property
+    def xp(self):
+        return _device.module_of(self._data)
+
+    @property
+    def data(self) -> Tensor:
+        return self.detach()
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None
+
+    @property
+    def T(self) -> Tensor:
+        return self.transpose()
+
+    def numpy(self) -> np.ndarray:
+        """The value as a NumPy array (a copy for GPU tensors, shared memory for CPU ones)."""
+        return _device.to_numpy(self._data)
+
+    def item(self):
+        if self.size != 1:
+            raise FlowsysError(f"item: only a one-element tensor converts to a Python scalar, got shape {self.shape}")
+        return self._data.reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a.astype(dtype) if dtype is not None else a
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __bool__(self) -> bool:
+        return bool(self.item())
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __index__(self) -> int:
+        if self.dtype.kind not in "iu":
+            raise TypeError(f"only integer tensors can be used as an index, got {self.dtype}")
+        return int(self.item())
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=20, prefix="tensor(")
+        extra = "" if self.dtype == DEFAULT_FLOAT else f", dtype={self.dtype.name}"
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = "" if self.device == "cpu" else f", device='{self.device}'"
+        return f"tensor({body}{extra}{dev}{grad})"
+
+    # ------------------------------------------------------------------------------- autograd
+    def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        if requires_grad and self.dtype.kind != "f":
+            raise GradError(f"only floating-point tensors can require gradients, got dtype {self.dtype}")
+        if not requires_grad and self._node is not None:
+            raise GradError("requires_grad_(False) on a non-leaf tensor; use .detach() instead")
+        self.requires_grad = bool(requires_grad)
+        return self
+
+    def detach(self) -> Tensor:
+        """A tensor sharing this value, cut from the tape."""
+        return Tensor(self._data)
+
+    def backward(self, gradient: Tensor | None = None) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (``gradient`` for non-scalars)."""
+        if not self.requires_grad:
+            raise GradError(
+                f"backward: this tensor (shape {self.shape}) does not require grad: no input of the "
+                f"computation had requires_grad=True, or it ran under fs.no_grad()")
+        if gradient is None:
+            if self.size != 1:
+                raise GradError(
+                    f"backward: the output has shape {self.shape}, not a single element; pass "
+                    f"gradient= of that shape (or reduce it first, e.g. loss.sum().backward())")
+            seed = self.xp.ones(self.shape, dtype=self.dtype)
+        else:
+            seed = _as_array(gradient, self)
+            if seed.shape != self.shape:
+                raise GradError(f"backward: gradient has shape {seed.shape} but the output has shape {self.shape}")
+        run_backward(self, seed)
+
+    # ---------------------------------------------------------------------------- arithmetic
+    def __add__(self, o):
+        return apply("add", self, _operand(o, self))
+
+    def __radd__(self, o):
+        return apply("add", _operand(o, self), self)
+
+    def __sub__(self, o):
+        return apply("sub", self, _operand(o, self))
+
+    def __rsub__(self, o):
+        return apply("sub", _operand(o, self), self)
+
+    def __mul__(self, o):
+        return apply("mul", self, _operand(o, self))
+
+    def __rmul__(self, o):
+        return apply("mul", _operand(o, self), self)
+
+    def __truediv__(self, o):
+        return apply("div", *_float_pair(self, _operand(o, self)))
+
+    def __rtruediv__(self, o):
+        return apply("div", *_float_pair(_operand(o, self), self))
+
+    def __pow__(self, o):
+        return apply("pow", self, _operand(o, self))
+
+    def __rpow__(self, o):
+        return apply("pow", _operand(o, self), self)
+
+    def __neg__(self):
+        return apply("neg", self)
+
+    def __matmul__(self, o):
+        return apply("matmul", self, _operand(o, self))
+
+    def __rmatmul__(self, o):
+        return apply("matmul", _operand(o, self), self)
+
+    def __eq__(self, o):  # type: ignore[override]
+        return apply("eq", self, _operand(o, self))
+
+    def __ne__(self, o):  # type: ignore[override]
+        return apply("ne", self, _operand(o, self))
+
+    def __lt__(self, o):
+        return apply("lt", self, _operand(o, self))
+
+    def __le__(self, o):
+        return apply("le", self, _operand(o, self))
+
+    def __gt__(self, o):
+        return apply("gt", self, _operand(o, self))
+
+    def __ge__(self, o):
+        return apply("ge", self, _operand(o, self))
+
+    def __invert__(self):
+        if self.dtype != bool_:
+            raise DTypeError(f"~ takes a bool tensor, got {self.dtype}")
+        return apply("logical_not", self)
+
+    def __getitem__(self, index):
+        return apply("getitem", self, index=_normalize_index(index))
+
+    # ------------------------------------------------------------------------- NumPy methods
+    def exp(self):
+        return apply("exp", self)
+
+    def log(self):
+        return apply("log", self)
+
+    def sqrt(self):
+        return apply("sqrt", self)
+
+    def tanh(self):
+        return apply("tanh", self)
+
+    def relu(self):
+        return apply("relu", self)
+
+    def abs(self):
+        return apply("where", self >= 0, self, -self)
+
+    def sum(self, axis=None, keepdims: bool = False):
+        return apply("sum", self, axis=_axis_attr(axis), keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False):
+        # sum * (1/n), with n from the (logical) shape: exact under any split of the reduced axes.
+        x = self if self.dtype.kind == "f" else self.astype(DEFAULT_FLOAT)
+        axes = range(self.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
+        n = math.prod(self.shape[a] for a in axes)
+        return x.sum(axis, keepdims) * (1.0 / n if n else math.nan)
+
+    def var(self, axis=None, keepdims: bool = False, ddof: int = 0):
+        centred = self - self.mean(axis, keepdims=True)
+        axes = range(self.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
+        n = math.prod(self.shape[a] for a in axes)
+        return (centred * centred).sum(axis, keepdims) * (1.0 / max(n - ddof, 0) if n - ddof > 0 else math.nan)
+
+    def max(self, axis=None, keepdims: bool = False):
+        return apply("max", self, axis=_axis_attr(axis), keepdims=keepdims)
+
+    def min(self, axis=None, keepdims: bool = False):
+        return apply("min", self, axis=_axis_attr(axis), keepdims=keepdims)
+
+    def argmax(self, axis=None, keepdims: bool = False):
+        return apply("argmax", self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return apply("reshape", self, shape=tuple(int(d) for d in shape))
+
+    view = reshape
+
+    def flatten(self):
+        return self.reshape(-1)
+
+    def transpose(self, *axes):
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        return apply("transpose", self, axes=tuple(axes) if axes else None)
+
+    def swapaxes(self, a: int, b: int):
+        perm = list(range(self.ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+        return self.transpose(perm)
+
+    def expand_dims(self, axis: int):
+        axis = axis % (self.ndim + 1)
+        return self.reshape(self.shape[:axis] + (1,) + self.shape[axis:])
+
+    def squeeze(self, axis=None):
+        if axis is None:
+            return self.reshape(tuple(d for d in self.shape if d != 1))
+        axis %= self.ndim
+        if self.shape[axis] != 1:
+            raise FlowsysError(f"squeeze: axis {axis} of shape {self.shape} has size {self.shape[axis]}, not 1")
+        return self.reshape(self.shape[:axis] + self.shape[axis + 1:])
+
+    def astype(self, dtype):
+        dtype = np.dtype(dtype)
+        return self if dtype == self.dtype else apply("astype", self, dtype=dtype)
+
+    float = lambda self: self.astype(float32)  # noqa: E731
+    double = lambda self: self.astype(float64)  # noqa: E731
+    long = lambda self: self.astype(int64)  # noqa: E731
+
+    def to(self, device: str) -> Tensor:
+        """The same value on ``device`` ('cpu' or 'cuda'); a leaf stays a leaf."""
+        if device == self.device:
+            return self
+        xp = _device.array_module(device)
+        return Tensor(xp.asarray(self.numpy()) if device != "cpu" else self.numpy(), self.requires_grad)
+
+    # in-place helpers used by optimizers and init (no autograd)
+    def copy_(self, src) -> Tensor:
+        src = _as_array(src, self)
+        if src.shape != self.shape:
+            raise FlowsysError(f"copy_: source shape {src.shape} does not match {self.shape}")
+        self._data[...] = src
+        return self
+
+    def zero_(self) -> Tensor:
+        self._data[...] = 0
+        return self
+
+
+# ------------------------------------------------------------------------------------ apply
+
+
+def apply(name: str, *inputs: Tensor, **attrs) -> Any:
+    """Run registered op ``name`` on tensors: validate, run the kernel, record for autograd."""
+    op = OPS[name]
+    specs = tuple(Spec(t._data.shape, t._data.dtype) for t in inputs)
+    out_spec = op.infer(*specs, **attrs)
+    xp = _device.module_of(inputs[0]._data) if inputs else np
+    out = op.kernel(xp, *[t._data for t in inputs], **attrs)
+    record = op.grad is not None and is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if op.multi_output:
+        outs = tuple(Tensor(xp.asarray(o)) for o in out)
+    else:
+        outs = (Tensor(xp.asarray(out)),)
+        if out_spec.dtype != outs[0]._data.dtype:  # keep the inferred dtype (e.g. numpy scalars)
+            outs[0]._data = outs[0]._data.astype(out_spec.dtype)
+    if record:
+        node = Node(op, inputs, attrs, tuple(o._data for o in outs))
+        for i, o in enumerate(outs):
+            o._node, o._index, o.requires_grad = node, i, o._data.dtype.kind == "f"
+    return outs if op.multi_output else outs[0]
+
+
+class _Builder:
+    """What gradient rules call: ``b.mul(g, y)`` applies registered op ``mul`` to tensors."""
+
+    __slots__ = ("needs",)
+
+    def __init__(self, needs: tuple[bool, ...]):
+        self.needs = needs
+
+    def __getattr__(self, name: str):
+        if name not in OPS:
+            raise AttributeError(name)
+
+        def call(*args, **attrs):
+            like = next(a for a in args if isinstance(a, Tensor))
+            return apply(name, *(a if isinstance(a, Tensor) else _operand(a, like) for a in args), **attrs)
+
+        return call
+
+
+def _topo_nodes(root: Tensor) -> list[Node]:
+    order, seen = [], set()
+    stack = [(root._node, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        for t in node.inputs:
+            if t._node is not None and id(t._node) not in seen:
+                stack.append((t._node, False))
+    return order  # post-order: producers before consumers
+
+
+def run_backward(root: Tensor, seed) -> None:
+    if root._node is None:  # a leaf: its gradient is the seed itself
+        _accumulate_leaf(root, seed)
+        return
+    grads: dict[tuple[int, int], Any] = {(id(root._node), root._index): seed}
+    with no_grad():
+        for node in reversed(_topo_nodes(root)):
+            n_out = len(node.out_data)
+            gouts = [grads.pop((id(node), i), None) for i in range(n_out)]
+            if all(g is None for g in gouts):
+                continue
+            g_t = [Tensor(g) if g is not None else None for g in gouts]
+            outs = [Tensor(o) for o in node.out_data]
+            b = _Builder(tuple(t.requires_grad for t in node.inputs))
+            if node.op.multi_output:
+                in_grads = node.op.grad(b, tuple(g_t), tuple(outs), *node.inputs, **node.attrs)
+            else:
+                in_grads = node.op.grad(b, g_t[0], outs[0], *node.inputs, **node.attrs)
+            for t, g in zip(node.inputs, in_grads):
+                if g is None or not t.requires_grad:
+                    continue
+                if g.shape != t.shape:
+                    raise GradError(f"internal: gradient rule of {node.op.name} gave shape {g.shape} for an input of shape {t.shape}")
+                if t._node is None:
+                    _accumulate_leaf(t, g._data)
+                else:
+                    key = (id(t._node), t._index)
+                    prev = grads.get(key)
+                    grads[key] = g._data if prev is None else prev + g._data
+
+
+def _accumulate_leaf(t: Tensor, g) -> None:
+    if g.dtype != t.dtype:
+        g = g.astype(t.dtype)
+    if t.grad is None:
+        # Own, writable storage: later accumulation adds in place.
+        t.grad = Tensor(g.copy() if not (g.flags.writeable and g.flags.owndata) else g)
+    else:
+        t.grad._data += g
+
+
+# ------------------------------------------------------------------------ operand conversion
+
+
+def _as_array(value, like: Tensor):
+    xp = like.xp
+    if isinstance(value, Tensor):
+        return value._data
+    return xp.asarray(value, dtype=like.dtype)
+
+
+def _operand(value, like: Tensor) -> Tensor:
+    """Python scalars take the tensor's dtype (a float with an integer tensor gives float32), as
+    in NumPy 2 and PyTorch, so float32 math stays float32."""
+    if isinstance(value, Tensor):
+        return value
+    xp = like.xp
+    if isinstance(value, (bool, np.bool_)):
+        return Tensor(xp.asarray(value, dtype=bool_))
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return Tensor(xp.asarray(value, dtype=like.dtype if like.dtype != bool_ else int64))
+    if isinstance(value, (float, np.floating)):
+        return Tensor(xp.asarray(value, dtype=like.dtype if like.dtype.kind == "f" else DEFAULT_FLOAT))
+    arr = xp.asarray(value)
+    if arr.dtype == float64 and not isinstance(value, np.ndarray):
+        arr = arr.astype(DEFAULT_FLOAT)
+    return Tensor(arr)
+
+
+def _float_pair(x: Tensor, y: Tensor):
+    if x.dtype.kind != "f" and y.dtype.kind != "f":  # true division of integers gives floats
+        return x.astype(DEFAULT_FLOAT), y.astype(DEFAULT_FLOAT)
+    return x, y
+
+
+def _axis_attr(axis):
+    return tuple(axis) if isinstance(axis, list) else axis
+
+
+def _normalize_index(index):
+    """Tensors and lists inside an index become NumPy arrays (constants of the op)."""
+    items = index if isinstance(index, tuple) else (index,)
+    out = []
+    for i in items:
+        if isinstance(i, Tensor):
+            i = i.numpy()
+        elif isinstance(i, list):
+            i = np.asarray(i)
+        elif isinstance(i, np.integer):
+            i = int(i)
+        out.append(i)
+    return tuple(out) if isinstance(index, tuple) else out[0]
