@@ -6,12 +6,14 @@ registered ops, so graph mode differentiates these exactly as eager autograd doe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from flowsys.errors import DTypeError, FlowsysError, ShapeError
 from flowsys.ops import sbp_rules as R
+from flowsys.ops.chunked import map_rows
 from flowsys.ops.registry import Spec, normalize_axis, register, result_dtype, sum_to_shape
 
 B, P, S = R.B, R.P, R.S
@@ -105,10 +107,17 @@ def cross_entropy(xp, logits, targets, *, ignore_index=-100):
     t = targets.reshape(-1)
     _check_targets(xp, t, n_classes, ignore_index)
     valid = t != ignore_index
-    m = x.max(axis=-1)
-    lse = xp.log(xp.exp(x - m[:, None]).sum(axis=-1)) + m
-    picked = x[xp.arange(x.shape[0]), xp.where(valid, t, 0)]
+    safe_t = xp.where(valid, t, 0)
+    lse = map_rows(xp, lambda rows: _logsumexp_rows(xp, rows), x, dtype=x.dtype)
+    picked = x[xp.arange(x.shape[0]), safe_t]
     return xp.where(valid, lse - picked, 0).astype(logits.dtype, copy=False).reshape(targets.shape)
+
+
+def _logsumexp_rows(xp, x):
+    m = x.max(axis=-1)
+    e = x - m[:, None]
+    xp.exp(e, out=e)
+    return xp.log(e.sum(axis=-1)) + m
 
 
 def _ce_grad_rows(specs, attrs):
@@ -123,12 +132,18 @@ def cross_entropy_grad(xp, logits, targets, g, *, ignore_index=-100):
     x = logits.reshape(-1, n_classes)
     t = targets.reshape(-1)
     valid = t != ignore_index
-    p = xp.exp(x - x.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    rows = xp.arange(x.shape[0])
-    p[rows, xp.where(valid, t, 0)] -= 1.0
-    p *= xp.where(valid, g.reshape(-1), 0).astype(p.dtype, copy=False)[:, None]
-    return p.reshape(logits.shape)
+    scale = xp.where(valid, g.reshape(-1), 0).astype(x.dtype, copy=False)
+    return map_rows(xp, lambda xr, tr, sr: _ce_grad_block(xp, xr, tr, sr), x, xp.where(valid, t, 0),
+                    scale).reshape(logits.shape)
+
+
+def _ce_grad_block(xp, x, t, scale):
+    """(softmax(x) - onehot(t)) * scale for a block of rows."""
+    p = x - x.max(axis=-1, keepdims=True)
+    xp.exp(p, out=p)
+    p *= (scale / p.sum(axis=-1))[:, None]
+    p[xp.arange(x.shape[0]), t] -= scale
+    return p
 
 
 # ---------------------------------------------------------------------------------- layer norm
@@ -238,12 +253,24 @@ def _scale(q_dim, scale):
     return float(scale) if scale is not None else 1.0 / math.sqrt(q_dim)
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_bias_np(tq: int, tk: int, dtype: np.dtype) -> np.ndarray:
+    bias = np.triu(np.full((tq, tk), -np.inf, dtype=dtype), k=1)
+    bias.flags.writeable = False
+    return bias
+
+
+def _causal_bias(xp, tq, tk, dtype):
+    """0 where query i may attend key j (j <= i, top-left aligned as PyTorch), -inf elsewhere."""
+    bias = _causal_bias_np(tq, tk, np.dtype(dtype))
+    return bias if xp is np else xp.asarray(bias)
+
+
 def _probs(xp, q, k, is_causal, scale):
     att = q @ xp.swapaxes(k, -1, -2)
     att *= scale
     if is_causal:
-        tq, tk = att.shape[-2:]
-        att[..., xp.triu(xp.ones((tq, tk), dtype=bool), k=1)] = -xp.inf
+        att += _causal_bias(xp, *att.shape[-2:], att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)

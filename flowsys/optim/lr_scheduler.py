@@ -10,9 +10,9 @@ from flowsys.optim.optimizer import Optimizer
 
 def warmup_cosine(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup to ``base_lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
-    ``total_steps`` (nanoGPT's schedule); ``min_lr`` afterwards."""
+    ``total_steps`` (nanoGPT's ``get_lr``, step for step); ``min_lr`` afterwards."""
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * (step + 1) / (warmup_steps + 1)  # nanoGPT's: reaches base_lr at warmup_steps
     if step >= total_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -24,14 +24,14 @@ class WarmupCosine:
 
     >>> from flowsys import nn, optim
     >>> opt = optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
-    >>> sched = optim.WarmupCosine(opt, warmup_steps=2, total_steps=10)
+    >>> sched = optim.WarmupCosine(opt, warmup_steps=3, total_steps=10)
     >>> opt.param_groups[0]["lr"]
-    0.5
+    0.25
     """
 
     def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0):
-        if warmup_steps < 0 or total_steps < warmup_steps:
-            raise ConfigError(f"WarmupCosine: need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
+        if warmup_steps < 0 or total_steps < 0:
+            raise ConfigError(f"WarmupCosine: warmup_steps ({warmup_steps}) and total_steps ({total_steps}) must be >= 0")
         self.optimizer = optimizer
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from flowsys.device import module_of
 from flowsys.errors import ConfigError
 from flowsys.tensor import Tensor
 
@@ -90,26 +91,34 @@ class AdamW(Optimizer):
     def _update(self, p, g, state, group):
         if not state:
             state["step"] = 0
-            state["exp_avg"] = p * 0
-            state["exp_avg_sq"] = p * 0
+            state["exp_avg"] = module_of(p).zeros_like(p)
+            state["exp_avg_sq"] = module_of(p).zeros_like(p)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         lr, t = group["lr"], state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        xp = module_of(p)
         p *= 1.0 - lr * group["weight_decay"]
+        # In place with one temporary: the update is memory-bound, so passes and allocations count.
+        tmp = xp.multiply(g, 1.0 - beta1)
         m *= beta1
-        m += (1.0 - beta1) * g
+        m += tmp
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - beta2
         v *= beta2
-        v += (1.0 - beta2) * (g * g)
-        bias1 = 1.0 - beta1 ** t
-        bias2 = 1.0 - beta2 ** t
-        denom = (v ** 0.5) * (1.0 / math.sqrt(bias2))
-        denom += group["eps"]
-        p -= (lr / bias1) * (m / denom)
+        v += tmp
+        xp.sqrt(v, out=tmp)
+        tmp *= 1.0 / math.sqrt(1.0 - beta2 ** t)
+        tmp += group["eps"]
+        xp.divide(m, tmp, out=tmp)
+        tmp *= lr / (1.0 - beta1 ** t)
+        p -= tmp
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, eps: float = 1e-6) -> float:
     """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm before."""
+    if isinstance(parameters, Tensor):  # one tensor, as torch takes (iterating it would give its rows)
+        parameters = [parameters]
     grads = [p.grad._data for p in parameters if p.grad is not None]
     if not grads:
         return 0.0

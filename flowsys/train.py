@@ -1,0 +1,165 @@
+"""Config-driven GPT training: what ``flowsys train JOB.yaml`` runs.
+
+A job is a YAML mapping of flat, typed sections; unknown sections or keys are errors::
+
+    model: {vocab_size: 256, block_size: 64, n_layer: 2, n_head: 4, n_embd: 128}
+    optim: {lr: 3.0e-3, weight_decay: 0.1, betas: [0.9, 0.95], warmup_steps: 30, grad_clip: 1.0}
+    data:  {source: stdlib, max_bytes: 4194304, batch_size: 16, val_fraction: 0.1}
+    train: {steps: 300, seed: 0, eval_batches: 8, log_every: 25}
+
+Overrides on the command line use dotted keys: ``flowsys train job.yaml train.steps=50``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowsys.autograd import no_grad
+from flowsys.data import ByteDataset
+from flowsys.errors import ConfigError
+from flowsys.functions import manual_seed
+from flowsys.models import GPT, GPTConfig
+from flowsys.optim import WarmupCosine, clip_grad_norm_
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"
+    max_bytes: int = 4 << 20
+    batch_size: int = 16
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 300
+    seed: int = 0
+    eval_batches: int = 8
+    log_every: int = 25
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+
+
+_SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig}
+_LATER = {"parallel": "the distributed runtime", "checkpoint": "resharding checkpoints"}
+
+
+def _coerce(cls, key: str, value: Any) -> Any:
+    default = {f.name: f for f in dataclasses.fields(cls)}[key].default
+    if isinstance(default, tuple):
+        return tuple(float(v) for v in value)
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        return type(default)(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def job_from_dict(values: dict[str, Any], overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Build a :class:`JobConfig`; unknown sections and keys are a :class:`ConfigError`."""
+    merged: dict[str, dict[str, Any]] = {k: dict(v or {}) for k, v in (values or {}).items()}
+    for dotted, v in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted}={v!r}: use section.key=value, e.g. train.steps=50")
+        merged.setdefault(section, {})[key] = v
+    for section in merged:
+        if section in _LATER:
+            raise ConfigError(f"job section {section!r} needs {_LATER[section]}, which this version does not have yet")
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown job section {section!r}; known sections are {sorted(_SECTIONS)}")
+    built = {}
+    defaults = JobConfig()
+    for section, cls in _SECTIONS.items():
+        given = merged.get(section, {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ConfigError(f"job section {section!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        base = dataclasses.asdict(getattr(defaults, section))
+        base.update({k: _coerce(cls, k, v) for k, v in given.items()})
+        built[section] = cls(**base)
+    if built["data"].source != "stdlib":
+        raise ConfigError(f"data.source {built['data'].source!r} is not known; the built-in corpus is 'stdlib'")
+    return JobConfig(**built)
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    import yaml  # noqa: PLC0415 - only the CLI needs it
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"job file {path} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"job file {path}: expected a mapping of sections, got {type(values).__name__}")
+    return job_from_dict(values, overrides)
+
+
+@no_grad()
+def evaluate(model: GPT, data: ByteDataset, batch_size: int, block_size: int, batches: int) -> float:
+    model.eval()
+    rng = np.random.default_rng(1234)  # the same validation windows every time
+    losses = [model(*data.get_batch("val", batch_size, block_size, rng=rng))[1].item() for _ in range(batches)]
+    model.train()
+    return float(np.mean(losses))
+
+
+def run(job: JobConfig, log=print) -> dict[str, Any]:
+    """Train, evaluate, and return a summary (losses, validation loss, entropy, throughput)."""
+    manual_seed(job.train.seed)
+    data = ByteDataset.from_stdlib(job.data.max_bytes, job.data.val_fraction)
+    if job.model.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size {job.model.vocab_size} is smaller than the data's {data.vocab_size} byte tokens")
+    model = GPT(job.model)
+    o = job.optim
+    opt = model.configure_optimizers(o.weight_decay, o.lr, o.betas)
+    sched = WarmupCosine(opt, o.warmup_steps, job.train.steps, min_lr=o.lr * o.min_lr_ratio)
+    log(f"model: GPT, {model.num_parameters():,} parameters; data: {data}")
+    rng = np.random.default_rng(job.train.seed)
+    bs, t = job.data.batch_size, job.model.block_size
+    losses, t0 = [], time.perf_counter()
+    for step in range(1, job.train.steps + 1):
+        x, y = data.get_batch("train", bs, t, rng=rng)
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        if o.grad_clip > 0:
+            clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % job.train.log_every == 0 or step == job.train.steps:
+            rate = step * bs * t / (time.perf_counter() - t0)
+            log(f"step {step:>5}/{job.train.steps}  loss {losses[-1]:.4f}  {rate:,.0f} tok/s")
+    val = evaluate(model, data, bs, t, job.train.eval_batches)
+    summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
+               "unigram_entropy": data.unigram_entropy("val"),
+               "tokens_per_s": job.train.steps * bs * t / (time.perf_counter() - t0)}
+    log(json.dumps(summary))
+    return summary
