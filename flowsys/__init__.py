@@ -13,7 +13,9 @@ The public API is listed here explicitly; everything else is internal.
 from flowsys import ops as _ops  # noqa: F401  (registers every op)
 from flowsys import sbp
 from flowsys.autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
-from flowsys.errors import ConfigError, DTypeError, FlowsysError, GradError, ShapeError, StateDictError
+from flowsys.errors import (
+    ArgumentError, ConfigError, DTypeError, FlowsysError, GradError, IndexOutOfRange, ShapeError, StateDictError,
+)
 from flowsys.functions import (
     allclose, arange, argmax, asarray, astype, broadcast_to, concatenate, exp, expand_dims, full, log,
     manual_seed, matmul, max, maximum, mean, min, minimum, ones, ones_like, rand, randint, randn, reshape,
@@ -36,7 +38,8 @@ __all__ = [
     # autograd
     "no_grad", "enable_grad", "is_grad_enabled", "set_grad_enabled",
     # errors
-    "FlowsysError", "ShapeError", "DTypeError", "GradError", "StateDictError", "ConfigError",
+    "FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError",
+    "ConfigError",
     # subpackages
     "nn", "optim", "models", "data", "sbp",
 ]

@@ -19,6 +19,14 @@ class DTypeError(FlowsysError, TypeError):
     """An operand of a dtype the op does not take (e.g. float class targets)."""
 
 
+class ArgumentError(FlowsysError, ValueError):
+    """An argument value the op does not take (dropout p outside [0, 1], an unknown mode)."""
+
+
+class IndexOutOfRange(FlowsysError, IndexError):
+    """An index (gather index, class target) outside the axis it indexes."""
+
+
 class GradError(FlowsysError, RuntimeError):
     """Autograd misuse: backward() on a non-scalar without a gradient, on a tensor without grad."""
 
@@ -31,4 +39,4 @@ class ConfigError(FlowsysError, ValueError):
     """A configuration that cannot run (unknown keys, sequence longer than block_size, ...)."""
 
 
-__all__ = ["FlowsysError", "ShapeError", "DTypeError", "GradError", "StateDictError", "ConfigError"]
+__all__ = ["FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError", "ConfigError"]

@@ -161,7 +161,9 @@ def maximum(x, y) -> Tensor:
 
 
 def minimum(x, y) -> Tensor:
-    return -maximum(-_t(x), -_t(y))
+    # Convert a Python scalar against the other operand first, as maximum does, so it keeps that dtype.
+    x = _t(x, y if isinstance(y, Tensor) else None)
+    return -maximum(-x, -_t(y, x))
 
 
 def where(condition, x, y) -> Tensor:

@@ -21,8 +21,9 @@ import numpy as np
 
 from flowsys import device as _device
 from flowsys.autograd import is_grad_enabled, no_grad
-from flowsys.errors import DTypeError, FlowsysError, GradError
+from flowsys.errors import DTypeError, GradError, ShapeError
 from flowsys.ops import OPS, OpDef, Spec
+from flowsys.ops.registry import normalize_axis
 
 float32 = np.dtype(np.float32)
 float64 = np.dtype(np.float64)
@@ -97,7 +98,7 @@ class Tensor:
 
     def item(self):
         if self.size != 1:
-            raise FlowsysError(f"item: only a one-element tensor converts to a Python scalar, got shape {self.shape}")
+            raise ShapeError(f"item: only a one-element tensor converts to a Python scalar, got shape {self.shape}")
         return self._data.reshape(()).item()
 
     def tolist(self):
@@ -171,61 +172,61 @@ class Tensor:
 
     # ---------------------------------------------------------------------------- arithmetic
     def __add__(self, o):
-        return apply("add", self, _operand(o, self))
+        return apply("add", *_pair(self, o))
 
     def __radd__(self, o):
-        return apply("add", _operand(o, self), self)
+        return apply("add", *_pair(self, o)[::-1])
 
     def __sub__(self, o):
-        return apply("sub", self, _operand(o, self))
+        return apply("sub", *_pair(self, o))
 
     def __rsub__(self, o):
-        return apply("sub", _operand(o, self), self)
+        return apply("sub", *_pair(self, o)[::-1])
 
     def __mul__(self, o):
-        return apply("mul", self, _operand(o, self))
+        return apply("mul", *_pair(self, o))
 
     def __rmul__(self, o):
-        return apply("mul", _operand(o, self), self)
+        return apply("mul", *_pair(self, o)[::-1])
 
     def __truediv__(self, o):
-        return apply("div", *_float_pair(self, _operand(o, self)))
+        return apply("div", *_float_pair(*_pair(self, o)))
 
     def __rtruediv__(self, o):
-        return apply("div", *_float_pair(_operand(o, self), self))
+        return apply("div", *_float_pair(*_pair(self, o)[::-1]))
 
     def __pow__(self, o):
-        return apply("pow", self, _operand(o, self))
+        return apply("pow", *_pair(self, o))
 
     def __rpow__(self, o):
-        return apply("pow", _operand(o, self), self)
+        return apply("pow", *_pair(self, o)[::-1])
 
     def __neg__(self):
         return apply("neg", self)
 
     def __matmul__(self, o):
-        return apply("matmul", self, _operand(o, self))
+        return apply("matmul", *_pair(self, o))
 
     def __rmatmul__(self, o):
-        return apply("matmul", _operand(o, self), self)
+        return apply("matmul", *_pair(self, o)[::-1])
 
     def __eq__(self, o):  # type: ignore[override]
-        return apply("eq", self, _operand(o, self))
+        return apply("eq", *_pair(self, o))
 
     def __ne__(self, o):  # type: ignore[override]
-        return apply("ne", self, _operand(o, self))
+        return apply("ne", *_pair(self, o))
 
     def __lt__(self, o):
-        return apply("lt", self, _operand(o, self))
+        return apply("lt", *_pair(self, o))
 
     def __le__(self, o):
-        return apply("le", self, _operand(o, self))
+        return apply("le", *_pair(self, o))
 
     def __gt__(self, o):
-        return apply("gt", self, _operand(o, self))
+        return apply("gt", *_pair(self, o))
 
     def __ge__(self, o):
-        return apply("ge", self, _operand(o, self))
+        return apply("ge", *_pair(self, o))
 
     def __invert__(self):
         if self.dtype != bool_:
@@ -252,7 +253,8 @@ class Tensor:
         return apply("relu", self)
 
     def abs(self):
-        return apply("where", self >= 0, self, -self)
+        # maximum splits tied gradients in half, so d|x|/dx is 0 at 0, as in PyTorch.
+        return apply("maximum", self, -self)
 
     def sum(self, axis=None, keepdims: bool = False):
         return apply("sum", self, axis=_axis_attr(axis), keepdims=keepdims)
@@ -298,15 +300,17 @@ class Tensor:
         return self.transpose(perm)
 
     def expand_dims(self, axis: int):
-        axis = axis % (self.ndim + 1)
+        axis = normalize_axis("expand_dims", axis, self.ndim + 1)
         return self.reshape(self.shape[:axis] + (1,) + self.shape[axis:])
 
     def squeeze(self, axis=None):
         if axis is None:
             return self.reshape(tuple(d for d in self.shape if d != 1))
-        axis %= self.ndim
+        if self.ndim == 0:
+            raise ShapeError(f"squeeze: a 0-d tensor has no axis {axis}")
+        axis = normalize_axis("squeeze", axis, self.ndim)
         if self.shape[axis] != 1:
-            raise FlowsysError(f"squeeze: axis {axis} of shape {self.shape} has size {self.shape[axis]}, not 1")
+            raise ShapeError(f"squeeze: axis {axis} of shape {self.shape} has size {self.shape[axis]}, not 1")
         return self.reshape(self.shape[:axis] + self.shape[axis + 1:])
 
     def astype(self, dtype):
@@ -328,7 +332,7 @@ class Tensor:
     def copy_(self, src) -> Tensor:
         src = _as_array(src, self)
         if src.shape != self.shape:
-            raise FlowsysError(f"copy_: source shape {src.shape} does not match {self.shape}")
+            raise ShapeError(f"copy_: source shape {src.shape} does not match {self.shape}")
         self._data[...] = src
         return self
 
@@ -433,8 +437,9 @@ def _accumulate_leaf(t: Tensor, g) -> None:
     if g.dtype != t.dtype:
         g = g.astype(t.dtype)
     if t.grad is None:
-        # Own, writable storage: later accumulation adds in place.
-        t.grad = Tensor(g.copy() if not (g.flags.writeable and g.flags.owndata) else g)
+        # Always a copy: gradient rules pass arrays through (add hands the same one to both
+        # inputs, the caller's seed may be it), and later accumulation adds in place.
+        t.grad = Tensor(g.copy())
     else:
         t.grad._data += g
 
@@ -465,6 +470,14 @@ def _operand(value, like: Tensor) -> Tensor:
     if arr.dtype == float64 and not isinstance(value, np.ndarray):
         arr = arr.astype(DEFAULT_FLOAT)
     return Tensor(arr)
+
+
+def _pair(t: Tensor, value) -> tuple[Tensor, Tensor]:
+    """``t`` and ``value`` as operands of a binary op; a Python float with an integer or bool
+    tensor makes the tensor float32 first (PyTorch's rule: the result is float32, not float64)."""
+    if isinstance(value, (float, np.floating)) and t.dtype.kind in "biu":
+        t = t.astype(DEFAULT_FLOAT)
+    return t, _operand(value, t)
 
 
 def _float_pair(x: Tensor, y: Tensor):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from flowsys.errors import FlowsysError
+from flowsys.errors import ArgumentError, ShapeError
 from flowsys.functions import next_seed, take, tensor
 from flowsys.tensor import Tensor, apply
 
@@ -40,7 +40,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, red
     logits take (B, T) targets directly.
     """
     if reduction not in ("mean", "sum", "none"):
-        raise FlowsysError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        raise ArgumentError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(targets, Tensor):
         targets = tensor(targets)
     losses = apply("cross_entropy", logits, targets, ignore_index=ignore_index)
@@ -63,7 +63,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: 
     """Normalise over the trailing ``normalized_shape`` axes, then scale and shift."""
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if tuple(x.shape[-len(normalized_shape):]) != normalized_shape:
-        raise FlowsysError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
+        raise ShapeError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
     y = apply("layer_norm", x, n_axes=len(normalized_shape), eps=float(eps))
     if weight is not None:
         y = y * weight

@@ -7,6 +7,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from flowsys.errors import ConfigError
 from flowsys.nn import functional as F
 from flowsys.nn import init
 from flowsys.nn.module import Module, Parameter
@@ -83,7 +84,7 @@ class Dropout(Module):
     def __init__(self, p: float = 0.5):
         super().__init__()
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
+            raise ConfigError(f"Dropout: p must be in [0, 1], got {p}")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:

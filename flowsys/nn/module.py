@@ -57,6 +57,9 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}: call super().__init__() before assigning {name!r}")
+        if name in self._buffers and not isinstance(value, Parameter) and (value is None or isinstance(value, Tensor)):
+            self._buffers[name] = value  # assigning to a buffer updates it (e.g. running statistics), as torch
+            return
         for table in (self._parameters, self._buffers, self._modules):
             table.pop(name, None)
         if isinstance(value, Parameter):
@@ -84,8 +87,11 @@ class Module:
 
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
         """Non-learnable state (e.g. running statistics) that moves and saves with the module."""
+        self.__dict__.pop(name, None)
         self._buffers[name] = tensor
-        if not persistent:
+        if persistent:
+            self._non_persistent.discard(name)
+        else:
             self._non_persistent.add(name)
 
     def add_module(self, name: str, module: Module | None) -> None:

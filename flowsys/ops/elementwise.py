@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from flowsys.errors import DTypeError
+from flowsys.errors import ArgumentError, DTypeError
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_blocks
 from flowsys.ops.registry import Spec, broadcast_shapes, register, result_dtype, sum_to_shape
@@ -212,7 +212,7 @@ def erf(xp, x):
 
 def _gelu_infer(x: Spec, *, approximate: str = "none") -> Spec:
     if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        raise ArgumentError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return _float_unary("gelu")(x)
 
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from flowsys.errors import DTypeError, FlowsysError, ShapeError
+from flowsys.errors import ArgumentError, DTypeError, IndexOutOfRange, ShapeError
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_rows
 from flowsys.ops.registry import Spec, normalize_axis, register, result_dtype, sum_to_shape
@@ -92,7 +92,7 @@ def _ce_rows(specs, attrs):
 def _check_targets(xp, t, n_classes, ignore_index):
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
     if bool(bad.any()):
-        raise FlowsysError(
+        raise IndexOutOfRange(
             f"cross_entropy: target {int(t[bad].reshape(-1)[0])} is out of range for {n_classes} classes "
             f"(and is not ignore_index={ignore_index})")
 
@@ -209,12 +209,14 @@ def uniform(xp, seed: int, shape) -> np.ndarray:
 
 def _dropout_infer(x: Spec, *, p, seed) -> Spec:
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+        raise ArgumentError(f"dropout: p must be in [0, 1], got {p}")
     return _float_same("dropout")(x)
 
 
 @register("dropout", infer=_dropout_infer,
-          sbp=lambda specs, attrs: R.pointwise(specs, [((P,), "with a fixed mask, dropout is linear")]),
+          # Only B and P for now: a split S(i) row needs the kernel to draw its shard's part of the
+          # logical mask (a shard offset attribute), which comes with global tensors.
+          sbp=lambda specs, attrs: [R.replicated(1), R.SbpRow((P,), (P,), "with a fixed mask, dropout is linear")],
           grad=lambda b, g, out, x, *, p, seed: [b.dropout(g, p=p, seed=seed)])
 def dropout(xp, x, *, p, seed):
     """Zero each element with probability ``p`` (mask from ``seed``), scale the rest by 1/(1-p)."""
@@ -242,11 +244,23 @@ def _sdpa_infer(q: Spec, k: Spec, v: Spec, *, is_causal=False, scale=None) -> Sp
 
 
 def _sdpa_rows(specs, attrs):
-    q, k, v = specs
-    nb = q.ndim - 2
-    rows = [R.SbpRow((S(i), S(i), S(i)), (S(i),), "batch and head axes are independent") for i in range(nb)]
-    rows.append(R.SbpRow((S(nb), B, B), (S(nb),), "each query attends over all keys on its own"))
-    return rows + [R.replicated(3)]
+    """Batch/head axes split alike on every operand holding them (broadcast ones stay B); the
+    query axis may be split with keys and values whole, except under a causal mask, whose
+    diagonal depends on each query's global position."""
+    nb = max(s.ndim for s in specs) - 2
+    batch = np.broadcast_shapes(*(s.shape[:-2] for s in specs))
+    rows = []
+    for i in range(nb):
+        ins = []
+        for s in specs:
+            j = i - (nb - (s.ndim - 2))
+            ins.append(S(j) if j >= 0 and s.shape[j] == batch[i] else B)
+        rows.append(R.SbpRow(tuple(ins), (S(i),), "batch and head axes are independent"))
+    q = specs[0]
+    if not attrs.get("is_causal", False):
+        ins = (S(q.ndim - 2),) + (B,) * (len(specs) - 1)
+        rows.append(R.SbpRow(ins, (S(nb),), "each query attends over all keys on its own"))
+    return rows + [R.replicated(len(specs))]
 
 
 def _scale(q_dim, scale):
@@ -278,7 +292,7 @@ def _probs(xp, q, k, is_causal, scale):
 
 
 @register("sdpa_probs", infer=lambda q, k, *, is_causal=False, scale=None: Spec(q.shape[:-1] + (k.shape[-2],), result_dtype(q, k)),
-          sbp=lambda specs, attrs: _sdpa_rows(specs + (specs[1],), attrs))
+          sbp=_sdpa_rows)
 def sdpa_probs(xp, q, k, *, is_causal=False, scale=None):
     """softmax(q k^T * scale) with the causal mask: the attention weights."""
     return _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale))

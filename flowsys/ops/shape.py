@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from flowsys.errors import DTypeError, ShapeError
+from flowsys.errors import DTypeError, IndexOutOfRange, ShapeError
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.registry import Spec, normalize_axis, register
 
@@ -126,6 +126,8 @@ def getitem_grad(xp, g, *, index, shape):
 def _concat_infer(*xs: Spec, axis=0) -> Spec:
     if not xs:
         raise ShapeError("concatenate: needs at least one tensor")
+    if xs[0].ndim == 0:
+        raise ShapeError("concatenate: zero-dimensional tensors have no axis to join along; use fs.stack")
     ax = normalize_axis("concatenate", axis, xs[0].ndim)
     for s in xs[1:]:
         if s.ndim != xs[0].ndim or any(a != c for i, (a, c) in enumerate(zip(s.shape, xs[0].shape)) if i != ax):
@@ -166,11 +168,18 @@ def _split_bounds(x: Spec, indices_or_sections, axis) -> list[int]:
     return [int(i) for i in indices_or_sections]
 
 
+def _split_pieces(x: Spec, indices_or_sections, axis) -> list[tuple[int, int]]:
+    """Each piece's [start, stop) along ``axis``: np.split slices ``x[cut_i:cut_i+1]``, so indices
+    may be negative (from the end), past the end, or out of order (overlapping pieces)."""
+    n = x.shape[axis]
+    cuts = [0, *_split_bounds(x, indices_or_sections, axis), n]
+    return [slice(lo, hi).indices(n)[:2] for lo, hi in zip(cuts[:-1], cuts[1:])]
+
+
 def _split_infer(x: Spec, *, indices_or_sections, axis=0):
     ax = normalize_axis("split", axis, x.ndim)
-    edges = [0, *(min(max(i, 0), x.shape[ax]) for i in _split_bounds(x, indices_or_sections, ax)), x.shape[ax]]
     outs = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in _split_pieces(x, indices_or_sections, ax):
         shape = list(x.shape)
         shape[ax] = max(hi - lo, 0)
         outs.append(Spec(tuple(shape), x.dtype))
@@ -187,8 +196,19 @@ def _split_rows(specs, attrs):
 
 
 def _split_grad(b, gs, outs, x, *, indices_or_sections, axis=0):
-    parts = [g if g is not None else b.zeros_like(o) for g, o in zip(gs, outs)]
-    return [b.concatenate(*parts, axis=axis)]
+    ax = normalize_axis("split", axis, len(x.shape))
+    pieces = [(lo, max(lo, hi)) for lo, hi in _split_pieces(Spec(tuple(x.shape), x.dtype), indices_or_sections, ax)]
+    if all(hi == lo for (_, hi), (lo, _) in zip(pieces, pieces[1:])) and pieces[-1][1] == x.shape[ax]:
+        # The pieces tile the axis in order (the usual case): the gradient is their concatenation.
+        parts = [g if g is not None else b.zeros_like(o) for g, o in zip(gs, outs)]
+        return [b.concatenate(*parts, axis=axis)]
+    # Out-of-order indices give overlapping pieces: scatter each piece's gradient and add them up.
+    total = None
+    for g, (lo, hi) in zip(gs, pieces):
+        if g is not None:
+            part = b.getitem_grad(g, index=(slice(None),) * ax + (slice(lo, hi),), shape=tuple(x.shape))
+            total = part if total is None else b.add(total, part)
+    return [total]
 
 
 @register("split", infer=_split_infer, sbp=_split_rows, grad=_split_grad, multi_output=True)
@@ -231,6 +251,11 @@ def _take_rows(specs, attrs):
 @register("take", infer=_take_infer, sbp=_take_rows,
           grad=lambda b, g, out, a, idx, *, axis=0: [b.take_grad(g, idx, axis=axis, shape=tuple(a.shape)), None])
 def take(xp, a, idx, *, axis=0):
+    n = a.shape[axis]
+    if idx.size and (int(idx.max()) >= n or int(idx.min()) < -n):
+        bad = int(idx.max()) if int(idx.max()) >= n else int(idx.min())
+        raise IndexOutOfRange(f"take: index {bad} is out of range for axis {axis} of size {n} "
+                              f"(table shape {a.shape}); valid indices are -{n}..{n - 1}")
     return xp.take(a, idx, axis=axis)
 
 

@@ -1,0 +1,239 @@
+"""Every registered op against its own rules: SBP rows, shape/dtype inference, gradient.
+
+``CASES`` holds representative inputs and attributes for every op in ``flowsys.ops.OPS``; a new op
+must add its row here (``test_every_registered_op_has_cases`` fails until it does). Each case is
+run through the op's kernel and compared with its ``infer``, its SBP rows are checked for form,
+and every op with a gradient rule gets its rule checked against finite differences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+import flowsys as fs
+from flowsys.ops import OPS, SbpRow, Spec
+from flowsys.sbp import Broadcast, PartialSum, Split
+from flowsys.tensor import apply
+from helpers import Arg, check_grad_fd, make_inputs
+
+
+@dataclass(frozen=True)
+class Case:
+    """Inputs (as ``check_op`` takes them) and attributes for one application of an op."""
+
+    inputs: tuple
+    attrs: dict = field(default_factory=dict)
+    grad: bool = True  # check the gradient rule on this case (for ops that have one)
+
+
+IDS = np.array([[0, 4], [-1, 0]])  # repeated and negative indices
+TARGETS = np.array([0, 4, -100, 2])
+BOOL = Arg((2, 3), dtype=bool)
+DISTINCT = Arg((2, 3, 4), distinct=True)
+POS = Arg((2, 3), low=0.5, high=2.0)
+INT = Arg((2, 3), dtype=np.int32, low=-3, high=3)
+
+CASES: dict[str, list[Case]] = {
+    # elementwise
+    "add": [Case(((2, 3), (3,))), Case((INT, Arg((3,), dtype=np.int64)), grad=False)],
+    "sub": [Case(((2, 1), (1, 3)))],
+    "mul": [Case(((2, 3), (2, 1))), Case((INT, INT), grad=False)],
+    "div": [Case(((2, 3), Arg((3,), low=0.5, high=2.0)))],
+    "pow": [Case((POS, (3,)))],
+    "neg": [Case(((2, 3),)), Case((INT,), grad=False)],
+    "exp": [Case(((2, 3),))],
+    "log": [Case((POS,))],
+    "sqrt": [Case((POS,))],
+    "tanh": [Case(((2, 3),))],
+    "maximum": [Case((Arg((2, 3), distinct=True), Arg((3,), distinct=True, low=-1.9, high=1.7)))],
+    "where": [Case((BOOL, (2, 3), (3,))), Case((BOOL, INT, Arg((3,), dtype=np.int64)), grad=False)],
+    "astype": [Case(((2, 3),), {"dtype": np.dtype(np.float64)}), Case(((2, 3),), {"dtype": np.dtype(np.int32)}, grad=False),
+               Case((INT,), {"dtype": np.dtype(np.float32)}, grad=False)],
+    **{name: [Case(((2, 3), (3,))), Case((INT, Arg((3,), dtype=np.int32)))]
+       for name in ("eq", "ne", "lt", "le", "gt", "ge")},
+    "logical_not": [Case((BOOL,))],
+    "relu": [Case((Arg((3, 4), distinct=True),))],
+    "gelu": [Case(((3, 4),)), Case(((3, 4),), {"approximate": "tanh"})],
+    "gelu_grad": [Case(((3, 4), (3, 4))), Case(((3, 4), (3, 4)), {"approximate": "tanh"})],
+    # reductions
+    "sum": [Case(((2, 3, 4),)), Case(((2, 3, 4),), {"axis": (0, 2), "keepdims": True}),
+            Case(((2, 3, 4),), {"axis": -1}), Case((INT,), {"axis": 1}, grad=False)],
+    "max": [Case((DISTINCT,), {"axis": 1}), Case((DISTINCT,), {"axis": None, "keepdims": True}),
+            Case((INT,), {"axis": 0}, grad=False)],
+    "min": [Case((DISTINCT,), {"axis": (0, 2)}), Case((DISTINCT,))],
+    "argmax": [Case((DISTINCT,), {"axis": 1}), Case((DISTINCT,), {"axis": None, "keepdims": True}), Case((DISTINCT,))],
+    "broadcast_to": [Case(((3, 1),), {"shape": (2, 3, 4)}), Case(((),), {"shape": (2,)})],
+    # shape
+    "reshape": [Case(((2, 3, 4),), {"shape": (6, -1)}), Case(((1,),), {"shape": ()})],
+    "transpose": [Case(((2, 3, 4),), {"axes": (2, 0, 1)}), Case(((2, 3, 4),), {"axes": None})],
+    "getitem": [Case(((4, 5),), {"index": (slice(1, 3), np.array([0, 2, 2]))}),
+                Case(((4, 5),), {"index": (slice(None, None, -1), None, 1)}),
+                Case(((4, 5),), {"index": np.arange(20).reshape(4, 5) % 3 == 0})],
+    "getitem_grad": [Case(((2, 3),), {"index": (slice(1, 3), np.array([0, 2, 2])), "shape": (4, 5)}),
+                     Case(((4, 1),), {"index": (slice(None, None, -1), None, 1), "shape": (4, 5)})],
+    "concatenate": [Case(((2, 3), (4, 3)), {"axis": 0}), Case(((2, 3), (2, 1), (2, 2)), {"axis": -1}),
+                    Case((INT, (2, 3)), grad=False)],
+    "split": [Case(((6, 4),), {"indices_or_sections": 3}), Case(((4, 5),), {"indices_or_sections": (1, 4), "axis": 1}),
+              Case(((5, 2),), {"indices_or_sections": (-2,)}), Case(((6, 2),), {"indices_or_sections": (4, 2)})],
+    "zeros_like": [Case(((2, 3),))],
+    "take": [Case(((5, 3), IDS)), Case(((2, 5, 3), IDS), {"axis": 1}), Case(((4,), np.array(2)))],
+    "take_grad": [Case(((2, 2, 3), IDS), {"shape": (5, 3)}), Case(((2, 2, 2, 3), IDS), {"axis": 1, "shape": (2, 5, 3)})],
+    # linalg
+    "matmul": [Case(((2, 3, 4), (4, 5))), Case(((4,), (3, 4, 2))), Case(((2, 1, 2, 3), (3, 3, 2))),
+               Case(((3, 4), (4,)))],
+    # nn
+    "softmax": [Case(((3, 4),)), Case(((3, 4),), {"axis": 0})],
+    "softmax_grad": [Case(((3, 4), (3, 4)), {"axis": 0})],
+    "log_softmax": [Case(((3, 4),), {"axis": -1})],
+    "log_softmax_grad": [Case(((3, 4), (3, 4)))],
+    "cross_entropy": [Case(((4, 5), TARGETS)), Case(((2, 3, 5), np.array([[0, 1, 2], [4, 4, -1]])), {"ignore_index": -1})],
+    "cross_entropy_grad": [Case(((4, 5), TARGETS, (4,)))],
+    "layer_norm": [Case(((2, 3, 4),)), Case(((2, 3, 4),), {"n_axes": 2, "eps": 1e-3})],
+    "layer_norm_grad": [Case(((2, 3, 4), (2, 3, 4)), {"n_axes": 2})],
+    "dropout": [Case(((3, 4),), {"p": 0.3, "seed": 7}), Case(((3, 4),), {"p": 1.0, "seed": 1}, grad=False)],
+    "sdpa_probs": [Case(((2, 3, 4), (2, 5, 4)), {"is_causal": True})],
+    "scaled_dot_product_attention": [Case(((2, 3, 4), (2, 5, 4), (2, 5, 3)), {"is_causal": True, "scale": 0.3}),
+                                     Case(((2, 1, 3, 4), (2, 4, 4), (4, 2))),
+                                     Case(((2, 3, 4), (2, 5, 4), (2, 5, 3)))],
+}
+
+# Known bugs: (test, case id) -> reason. Each becomes a strict xfail, so a fix must remove its entry.
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
+
+
+def _cases(test: str) -> list:
+    params = []
+    for name, cases in CASES.items():
+        if name not in OPS:
+            continue
+        for i, case in enumerate(cases):
+            case_id = f"{name}-{i}"
+            bug = KNOWN_BUGS.get((test, case_id))
+            marks = [pytest.mark.xfail(reason=bug, strict=True)] if bug else []
+            params.append(pytest.param(name, case, id=case_id, marks=marks))
+    return params
+
+
+GRAD_OPS = sorted(name for name, op in OPS.items() if op.grad is not None)
+
+
+def _arrays(case: Case, dtype=None) -> list[np.ndarray]:
+    arrays, _ = make_inputs(case.inputs, np.random.default_rng(0), dtype=dtype)
+    return arrays
+
+
+def test_every_registered_op_has_cases():
+    missing = sorted(set(OPS) - set(CASES))
+    assert not missing, f"add representative inputs for {missing} to CASES in tests/test_registry.py"
+    stale = sorted(set(CASES) - set(OPS))
+    assert not stale, f"CASES lists ops that are not registered: {stale}"
+
+
+@pytest.mark.parametrize("name,case", _cases("infer"))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_infer_matches_the_kernel(name, case, dtype):
+    op = OPS[name]
+    arrays = _arrays(case, dtype)
+    copies = [a.copy() for a in arrays]
+    specs = tuple(Spec(a.shape, a.dtype) for a in arrays)
+    inferred = op.infer(*specs, **case.attrs)
+    out = op.kernel(np, *arrays, **case.attrs)
+    if op.multi_output:
+        assert isinstance(inferred, tuple) and len(out) == len(inferred)
+    else:
+        inferred, out = (inferred,), (out,)
+    for i, (spec, o) in enumerate(zip(inferred, out)):
+        o = np.asarray(o)
+        assert (o.shape, o.dtype) == (spec.shape, spec.dtype), f"{name} output {i}: kernel gives {o.dtype}{list(o.shape)}, infer says {spec}"
+    for a, c in zip(arrays, copies):
+        np.testing.assert_array_equal(a, c, err_msg=f"{name}'s kernel wrote into its input")
+
+
+@pytest.mark.parametrize("name,case", _cases("sbp"))
+def test_sbp_rows_are_well_formed(name, case):
+    op = OPS[name]
+    specs = tuple(Spec(a.shape, a.dtype) for a in _arrays(case))
+    out_specs = op.infer(*specs, **case.attrs)
+    out_specs = out_specs if op.multi_output else (out_specs,)
+    rows = op.sbp(specs, case.attrs)
+    assert rows, f"{name} has no SBP rows for {specs}"
+    for row in rows:
+        assert isinstance(row, SbpRow)
+        assert isinstance(row.reason, str) and row.reason.strip(), f"{name}: row {row!r} gives no reason"
+        assert len(row.ins) == len(specs) and len(row.outs) == len(out_specs), f"{name}: row {row!r} has the wrong arity"
+        for value, spec in zip(row.ins + row.outs, specs + out_specs):
+            assert isinstance(value, (Split, Broadcast, PartialSum))
+            if isinstance(value, Split):
+                assert 0 <= value.axis < spec.ndim, f"{name}: row {row!r} splits axis {value.axis} of {spec}"
+    replicated = [r for r in rows if all(isinstance(v, Broadcast) for v in r.ins + r.outs)]
+    assert replicated, f"{name}: no all-broadcast row (every op can run replicated)"
+    signatures = [(r.ins, r.outs) for r in rows]
+    assert len(signatures) == len(set(signatures)), f"{name}: repeated rows {rows}"
+
+
+# Ops whose attributes describe the logical tensor (a target shape, an index), so a shard cannot
+# run the kernel with the same attributes: not swept numerically.
+LOGICAL_ATTRS = {"reshape", "broadcast_to", "getitem", "getitem_grad", "take_grad"}
+
+
+def _shards(a: np.ndarray, value, n: int, rng) -> list[np.ndarray]:
+    if isinstance(value, Split):
+        return np.array_split(a, n, axis=value.axis)  # uneven when n does not divide the axis
+    if isinstance(value, Broadcast):
+        return [a] * n
+    assert a.dtype.kind in "fiu", f"P on a {a.dtype} input: a partial sum needs numbers"
+    parts = [(rng.standard_normal(a.shape) if a.dtype.kind == "f" else rng.integers(-5, 5, a.shape)).astype(a.dtype)
+             for _ in range(n - 1)]
+    return parts + [a - sum(parts)]  # random addends that sum to the value
+
+
+def _combine(locals_: list[np.ndarray], value) -> np.ndarray:
+    if isinstance(value, Split):
+        return np.concatenate(locals_, axis=value.axis)
+    if isinstance(value, Broadcast):
+        for other in locals_[1:]:
+            np.testing.assert_array_equal(other, locals_[0], err_msg="B output differs between ranks")
+        return locals_[0]
+    return sum(locals_)
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+@pytest.mark.parametrize("name,case", [p for p in _cases("sweep") if p.values[0] not in LOGICAL_ATTRS])
+def test_sbp_rows_hold_shard_by_shard(name, case, n_ranks):
+    """Shard the inputs as each row says over simulated ranks, run the kernel on every rank and
+    reassemble the outputs as the row says: the result must be the op's logical result."""
+    op = OPS[name]
+    arrays = _arrays(case, np.float64)
+    specs = tuple(Spec(a.shape, a.dtype) for a in arrays)
+    full = op.kernel(np, *arrays, **case.attrs)
+    full = full if op.multi_output else (full,)
+    rng = np.random.default_rng(1)
+    for row in op.sbp(specs, case.attrs):
+        sharded = [_shards(a, v, n_ranks, rng) for a, v in zip(arrays, row.ins)]
+        outs = [op.kernel(np, *(s[r] for s in sharded), **case.attrs) for r in range(n_ranks)]
+        outs = outs if op.multi_output else [(o,) for o in outs]
+        for i, (want, value) in enumerate(zip(full, row.outs)):
+            got = _combine([np.asarray(o[i]) for o in outs], value)
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9, err_msg=f"{name}: row {row!r}, output {i}")
+
+
+def test_every_gradient_rule_has_a_gradient_case():
+    assert GRAD_OPS, "no op registers a gradient rule"
+    without = [name for name in GRAD_OPS if not any(c.grad for c in CASES.get(name, []))]
+    assert not without, f"ops with a gradient rule but no gradient case in CASES: {without}"
+
+
+@pytest.mark.parametrize("name", GRAD_OPS)
+def test_gradient_rule_matches_finite_differences(name):
+    for case in (c for c in CASES[name] if c.grad):
+        def run(*xs, case=case):
+            out = apply(name, *xs, **case.attrs)
+            for o in out if OPS[name].multi_output else (out,):
+                # when recording, the output's node is this op's, so backward runs this op's rule
+                assert not fs.is_grad_enabled() or (o._node is not None and o._node.op.name == name)
+            return out
+
+        check_grad_fd(run, case.inputs)
