@@ -57,7 +57,7 @@ CASES: dict[str, list[Case]] = {
     "logical_not": [Case((BOOL,))],
     "relu": [Case((Arg((3, 4), distinct=True),))],
     "gelu": [Case(((3, 4),)), Case(((3, 4),), {"approximate": "tanh"})],
-    "gelu_grad": [Case(((3, 4), (3, 4))), Case(((3, 4), (3, 4)), {"approximate": "tanh"})],
+    "gelu_grad": [Case(((3, 4), (3, 4), (3, 4))), Case(((3, 4), (3, 4), (3, 4)), {"approximate": "tanh"})],
     # reductions
     "sum": [Case(((2, 3, 4),)), Case(((2, 3, 4),), {"axis": (0, 2), "keepdims": True}),
             Case(((2, 3, 4),), {"axis": -1}), Case((INT,), {"axis": 1}, grad=False)],

@@ -217,7 +217,7 @@ def _gelu_infer(x: Spec, *, approximate: str = "none") -> Spec:
 
 
 @register("gelu", infer=_gelu_infer, sbp=_no_partial,
-          grad=lambda b, g, out, x, *, approximate="none": [b.gelu_grad(x, g, approximate=approximate)])
+          grad=lambda b, g, out, x, *, approximate="none": [b.gelu_grad(x, out, g, approximate=approximate)])
 def gelu(xp, x, *, approximate="none"):
     return map_blocks(xp, lambda v: _gelu(xp, v, approximate), x)
 
@@ -228,17 +228,19 @@ def _gelu(xp, x, approximate):
     return 0.5 * x * (1.0 + erf(xp, x * _INV_SQRT_2))
 
 
-@register("gelu_grad", infer=lambda x, g, *, approximate="none": Spec(x.shape, result_dtype(x, g)),
-          sbp=_pointwise_rows(((B, P), "the gradient is linear in the incoming gradient")))
-def gelu_grad(xp, x, g, *, approximate="none"):
-    return map_blocks(xp, lambda v, w: _gelu_grad(xp, v, w, approximate), x, g)
+@register("gelu_grad", infer=lambda x, y, g, *, approximate="none": Spec(x.shape, result_dtype(x, g)),
+          sbp=_pointwise_rows(((B, B, P), "the gradient is linear in the incoming gradient")))
+def gelu_grad(xp, x, y, g, *, approximate="none"):
+    """g * d gelu(x)/dx, reusing the forward output ``y = x * cdf(x)``: cdf = y / x, so the
+    backward pass does not evaluate erf (or tanh) again."""
+    return map_blocks(xp, lambda v, o, w: _gelu_grad(xp, v, o, w, approximate), x, y, g)
 
 
-def _gelu_grad(xp, x, g, approximate):
+def _gelu_grad(xp, x, y, g, approximate):
+    zero = x == 0
+    cdf = xp.where(zero, 0.5, y / xp.where(zero, 1.0, x))  # 0.5 * (1 + tanh(u)) in the tanh form
     if approximate == "tanh":
-        x2 = x * x
-        inner = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x2 * x))
-        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x2)
-        return g * (0.5 * (1.0 + inner) + 0.5 * x * (1.0 - inner * inner) * d_inner)
-    cdf = 0.5 * (1.0 + erf(xp, x * _INV_SQRT_2))
+        inner = 2.0 * cdf - 1.0
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+        return g * (cdf + 0.5 * x * (1.0 - inner * inner) * d_inner)
     return g * (cdf + x * (_INV_SQRT_2PI * xp.exp(-0.5 * x * x)))
