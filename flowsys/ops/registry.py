@@ -103,10 +103,6 @@ def get_op(name: str) -> OpDef:
 # ----------------------------------------------------------------------------- helpers for rules
 
 
-def spec_of(shape, dtype) -> Spec:
-    return Spec(tuple(int(d) for d in shape), np.dtype(dtype))
-
-
 def broadcast_shapes(op: str, *specs: Spec) -> tuple[int, ...]:
     try:
         return tuple(np.broadcast_shapes(*(s.shape for s in specs)))
