@@ -149,10 +149,6 @@ def _ce_grad_block(xp, x, t, scale):
 # ---------------------------------------------------------------------------------- layer norm
 
 
-def _ln_axes(ndim, n_axes):
-    return tuple(range(ndim - n_axes, ndim))
-
-
 def _ln_infer(x: Spec, *, n_axes=1, eps=1e-5) -> Spec:
     if x.dtype.kind != "f":
         raise DTypeError(f"layer_norm: takes a floating-point tensor, got {x}")
@@ -167,10 +163,18 @@ def _ln_rows(specs, attrs, *partial):
 
 
 def _ln_stats(xp, x, n_axes, eps):
-    axes = _ln_axes(x.ndim, n_axes)
-    xc = x - x.mean(axis=axes, keepdims=True)
-    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=axes, keepdims=True) + eps)
-    return xc, rstd, axes
+    """Rows (the normalised axes flattened), the centred rows, 1/std per row as a column, and the
+    row-mean as a function: means are matrix-vector products, which BLAS does in one fast pass."""
+    n = math.prod(x.shape[x.ndim - n_axes:])
+    rows = x.reshape(-1, n)
+    w = xp.full(n, 1.0 / n, dtype=x.dtype)
+
+    def mean(a):
+        return (a @ w)[:, None]
+
+    xc = rows - mean(rows)
+    rstd = 1.0 / xp.sqrt(mean(xc * xc) + eps)
+    return xc, rstd, mean
 
 
 @register("layer_norm", infer=_ln_infer, sbp=_ln_rows,
@@ -179,18 +183,20 @@ def layer_norm(xp, x, *, n_axes=1, eps=1e-5):
     """(x - mean) / sqrt(var + eps) over the last ``n_axes`` axes (the affine part is separate)."""
     xc, rstd, _ = _ln_stats(xp, x, n_axes, eps)
     xc *= rstd
-    return xc
+    return xc.reshape(x.shape)
 
 
 @register("layer_norm_grad", infer=lambda x, g, *, n_axes=1, eps=1e-5: Spec(x.shape, result_dtype(x, g)),
           sbp=lambda specs, attrs: _ln_rows(specs, attrs, ((B, P), "linear in the incoming gradient")))
 def layer_norm_grad(xp, x, g, *, n_axes=1, eps=1e-5):
-    xc, rstd, axes = _ln_stats(xp, x, n_axes, eps)
-    y = xc * rstd
-    dx = g - g.mean(axis=axes, keepdims=True)
-    dx -= y * (g * y).mean(axis=axes, keepdims=True)
+    y, rstd, mean = _ln_stats(xp, x, n_axes, eps)
+    y *= rstd
+    g = g.reshape(y.shape)
+    dx = g - mean(g)
+    y *= mean(g * y)
+    dx -= y
     dx *= rstd
-    return dx
+    return dx.reshape(x.shape)
 
 
 # ------------------------------------------------------------------------------------- dropout

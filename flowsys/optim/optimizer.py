@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+import numpy as np
+
 from flowsys.device import module_of
 from flowsys.errors import ConfigError
 from flowsys.tensor import Tensor
@@ -98,21 +100,40 @@ class AdamW(Optimizer):
         lr, t = group["lr"], state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         xp = module_of(p)
-        p *= 1.0 - lr * group["weight_decay"]
-        # In place with one temporary: the update is memory-bound, so passes and allocations count.
-        tmp = xp.multiply(g, 1.0 - beta1)
-        m *= beta1
-        m += tmp
-        xp.multiply(g, g, out=tmp)
-        tmp *= 1.0 - beta2
-        v *= beta2
-        v += tmp
-        xp.sqrt(v, out=tmp)
-        tmp *= 1.0 / math.sqrt(1.0 - beta2 ** t)
-        tmp += group["eps"]
-        xp.divide(m, tmp, out=tmp)
-        tmp *= lr / (1.0 - beta1 ** t)
-        p -= tmp
+        decay = 1.0 - lr * group["weight_decay"]
+        c2 = 1.0 / math.sqrt(1.0 - beta2 ** t)
+        step = lr / (1.0 - beta1 ** t)
+        if xp is np and p.size > _BLOCK and all(a.flags.c_contiguous for a in (p, g, m, v)):
+            # Memory-bound: nine passes over cache-sized slices instead of over the whole array.
+            fp, fg, fm, fv = (a.reshape(-1) for a in (p, g, m, v))
+            tmp = np.empty(_BLOCK, dtype=p.dtype)
+            for s in range(0, fp.size, _BLOCK):
+                n = min(_BLOCK, fp.size - s)
+                _adamw_update(np, fp[s:s + n], fg[s:s + n], fm[s:s + n], fv[s:s + n], tmp[:n],
+                              decay, beta1, beta2, c2, group["eps"], step)
+        else:
+            _adamw_update(xp, p, g, m, v, xp.empty_like(p), decay, beta1, beta2, c2, group["eps"], step)
+
+
+_BLOCK = 1 << 15
+
+
+def _adamw_update(xp, p, g, m, v, tmp, decay, beta1, beta2, c2, eps, step):
+    """One AdamW step in place with one temporary (``tmp``)."""
+    p *= decay
+    xp.multiply(g, 1.0 - beta1, out=tmp)
+    m *= beta1
+    m += tmp
+    xp.multiply(g, g, out=tmp)
+    tmp *= 1.0 - beta2
+    v *= beta2
+    v += tmp
+    xp.sqrt(v, out=tmp)
+    tmp *= c2
+    tmp += eps
+    xp.divide(m, tmp, out=tmp)
+    tmp *= step
+    p -= tmp
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, eps: float = 1e-6) -> float:
