@@ -12,9 +12,11 @@ The public API is listed here explicitly; everything else is internal.
 
 from flowsys import ops as _ops  # noqa: F401  (registers every op)
 from flowsys import sbp
+from flowsys.placement import Placement, placement
 from flowsys.autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from flowsys.errors import (
-    ArgumentError, ConfigError, DTypeError, FlowsysError, GradError, IndexOutOfRange, ShapeError, StateDictError,
+    ArgumentError, CommunicationError, ConfigError, DTypeError, FlowsysError, GradError, IndexOutOfRange, PlacementError,
+    SbpError, ShapeError, StateDictError,
 )
 from flowsys.functions import (
     allclose, arange, argmax, asarray, astype, broadcast_to, concatenate, exp, expand_dims, full, log,
@@ -39,7 +41,9 @@ __all__ = [
     "no_grad", "enable_grad", "is_grad_enabled", "set_grad_enabled",
     # errors
     "FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError",
-    "ConfigError",
+    "ConfigError", "PlacementError", "SbpError", "CommunicationError",
+    # global tensors
+    "placement", "Placement",
     # subpackages
     "nn", "optim", "models", "data", "sbp",
 ]

@@ -23,7 +23,10 @@ def array_module(device: str):
 
 
 def module_of(array):
-    return np if isinstance(array, (np.ndarray, np.generic)) else array_module("cuda")
+    if isinstance(array, (np.ndarray, np.generic)):
+        return np
+    xp = getattr(array, "xp", None)  # a global value knows its placement's module
+    return xp if xp is not None else array_module("cuda")
 
 
 def device_of(array) -> str:

@@ -39,4 +39,17 @@ class ConfigError(FlowsysError, ValueError):
     """A configuration that cannot run (unknown keys, sequence longer than block_size, ...)."""
 
 
-__all__ = ["FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError", "ConfigError"]
+class PlacementError(FlowsysError, ValueError):
+    """A placement that cannot be: bad ranks, a rank outside it, tensors on different placements."""
+
+
+class SbpError(FlowsysError, ValueError):
+    """An SBP that does not fit the tensor or mesh: a split axis out of range, a wrong tuple length."""
+
+
+class CommunicationError(FlowsysError, RuntimeError):
+    """A transfer or collective that failed: a dead or missing peer (named by rank), a timeout."""
+
+
+__all__ = ["FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError", "ConfigError",
+           "PlacementError", "SbpError", "CommunicationError"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from flowsys import device as _device
-from flowsys.errors import FlowsysError
+from flowsys.errors import FlowsysError, PlacementError
+from flowsys.global_tensor import make_global
+from flowsys.sbp import broadcast
 from flowsys.tensor import DEFAULT_FLOAT, Tensor, _operand, apply, float64, int64
 
 # ------------------------------------------------------------------------------------- random
@@ -46,13 +48,20 @@ def _shape(shape) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def _place(array: np.ndarray, device: str, requires_grad: bool) -> Tensor:
+def _place(array: np.ndarray, device: str, requires_grad: bool, placement=None, sbp=None) -> Tensor:
+    """A leaf tensor holding ``array``: local on ``device``, or, given a ``placement``, global
+    with ``array`` as its logical value laid out as ``sbp`` (broadcast by default)."""
+    if placement is not None:
+        return Tensor(make_global(array, placement, broadcast if sbp is None else sbp), requires_grad)
+    if sbp is not None:
+        raise PlacementError("sbp= needs placement= too, e.g. fs.randn(8, 4, placement=fs.placement('cpu', [0, 1]), "
+                             "sbp=fs.sbp.split(0))")
     if device != "cpu":
         array = _device.array_module(device).asarray(array)
     return Tensor(array, requires_grad)
 
 
-def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
     """A tensor from (nested) Python data or an array; Python floats give float32.
 
     >>> tensor([[1., 2.], [3., 4.]]).dtype
@@ -65,7 +74,7 @@ def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu") -
     arr = np.array(data, dtype=dtype)
     if dtype is None and arr.dtype == float64 and not isinstance(data, np.ndarray):
         arr = arr.astype(DEFAULT_FLOAT)
-    return _place(arr, device, requires_grad)
+    return _place(arr, device, requires_grad, placement, sbp)
 
 
 def asarray(data, dtype=None, device: str = "cpu") -> Tensor:
@@ -77,20 +86,20 @@ def asarray(data, dtype=None, device: str = "cpu") -> Tensor:
     return tensor(data, dtype=dtype, device=device)
 
 
-def zeros(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
-    return _place(np.zeros(_shape(shape), _dtype(dtype)), device, requires_grad)
+def zeros(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
+    return _place(np.zeros(_shape(shape), _dtype(dtype)), device, requires_grad, placement, sbp)
 
 
-def ones(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
-    return _place(np.ones(_shape(shape), _dtype(dtype)), device, requires_grad)
+def ones(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
+    return _place(np.ones(_shape(shape), _dtype(dtype)), device, requires_grad, placement, sbp)
 
 
-def full(shape, fill_value, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+def full(shape, fill_value, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if dtype is None:
         dtype = int64 if isinstance(fill_value, int) and not isinstance(fill_value, bool) else (
             np.bool_ if isinstance(fill_value, bool) else DEFAULT_FLOAT)
-    return _place(np.full(shape, fill_value, _dtype(dtype)), device, requires_grad)
+    return _place(np.full(shape, fill_value, _dtype(dtype)), device, requires_grad, placement, sbp)
 
 
 def zeros_like(x: Tensor, dtype=None) -> Tensor:
@@ -101,28 +110,31 @@ def ones_like(x: Tensor, dtype=None) -> Tensor:
     return _place(np.ones(x.shape, _dtype(dtype, x.dtype)), x.device, False)
 
 
-def arange(start, stop=None, step=1, dtype=None, device: str = "cpu") -> Tensor:
+def arange(start, stop=None, step=1, dtype=None, device: str = "cpu", placement=None, sbp=None) -> Tensor:
     """Like ``np.arange``; integer arguments give int64."""
     if stop is None:
         start, stop = 0, start
     ints = all(isinstance(v, (int, np.integer)) for v in (start, stop, step))
-    return _place(np.arange(start, stop, step, dtype=_dtype(dtype, int64 if ints else DEFAULT_FLOAT)), device, False)
+    return _place(np.arange(start, stop, step, dtype=_dtype(dtype, int64 if ints else DEFAULT_FLOAT)), device, False,
+                  placement, sbp)
 
 
-def randn(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
-    """Standard normal samples from the global generator (see :func:`manual_seed`)."""
+def randn(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
+    """Standard normal samples from the global generator (see :func:`manual_seed`). With
+    ``placement=``/``sbp=`` the same logical samples, laid out as a global tensor."""
     dt = _dtype(dtype)
-    return _place(_rng.standard_normal(_shape(shape), dtype=np.float64).astype(dt), device, requires_grad)
+    return _place(_rng.standard_normal(_shape(shape), dtype=np.float64).astype(dt), device, requires_grad,
+                  placement, sbp)
 
 
-def rand(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+def rand(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
     dt = _dtype(dtype)
-    return _place(_rng.random(_shape(shape), dtype=np.float64).astype(dt), device, requires_grad)
+    return _place(_rng.random(_shape(shape), dtype=np.float64).astype(dt), device, requires_grad, placement, sbp)
 
 
-def randint(low: int, high: int, shape, device: str = "cpu") -> Tensor:
+def randint(low: int, high: int, shape, device: str = "cpu", placement=None, sbp=None) -> Tensor:
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    return _place(_rng.integers(low, high, size=shape, dtype=np.int64), device, False)
+    return _place(_rng.integers(low, high, size=shape, dtype=np.int64), device, False, placement, sbp)
 
 
 # ---------------------------------------------------------------------------------- array API

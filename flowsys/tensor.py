@@ -21,9 +21,14 @@ import numpy as np
 
 from flowsys import device as _device
 from flowsys.autograd import is_grad_enabled, no_grad
-from flowsys.errors import DTypeError, GradError, ShapeError
+from flowsys.errors import DTypeError, GradError, PlacementError, ShapeError
+from flowsys.global_tensor import GlobalValue, apply_global, check_rank, make_global
+from flowsys.layout import fmt as _fmt_sbp
+from flowsys.layout import normalize_sbp
 from flowsys.ops import OPS, OpDef, Spec
 from flowsys.ops.registry import normalize_axis
+from flowsys.placement import Placement
+from flowsys.sbp import broadcast as _B
 
 float32 = np.dtype(np.float32)
 float64 = np.dtype(np.float64)
@@ -74,11 +79,64 @@ class Tensor:
 
     @property
     def device(self) -> str:
+        if type(self._data) is GlobalValue:
+            return self._data.placement.type
         return _device.device_of(self._data)
 
     @property
     def xp(self):
+        if type(self._data) is GlobalValue:
+            return self._data.xp
         return _device.module_of(self._data)
+
+    # ------------------------------------------------------------------------- global tensors
+    @property
+    def is_global(self) -> bool:
+        return type(self._data) is GlobalValue
+
+    @property
+    def placement(self) -> Placement | None:
+        """The devices a global tensor lives on (None for a local tensor)."""
+        return self._data.placement if type(self._data) is GlobalValue else None
+
+    @property
+    def sbp(self) -> tuple | None:
+        """One SBP value per mesh axis of a global tensor (None for a local tensor)."""
+        return self._data.sbp if type(self._data) is GlobalValue else None
+
+    def to_global(self, placement: Placement | None = None, sbp=None) -> Tensor:
+        """This tensor laid out over ``placement`` as ``sbp`` says.
+
+        A local tensor is the logical value: it is distributed (``sbp`` defaults to broadcast).
+        A global tensor is converted by the boxing planner (same placement: collectives;
+        another placement: point-to-point moves); unset arguments keep their current value.
+        The conversion is differentiable: its gradient is the incoming one, converted back.
+        """
+        if type(self._data) is not GlobalValue:
+            if placement is None:
+                raise PlacementError(f"to_global: a local tensor of shape {self.shape} needs a placement, "
+                                     f"e.g. x.to_global(fs.placement('cpu', [0, 1]), fs.sbp.split(0))")
+            out = make_global(self._data, placement, _B if sbp is None else sbp)
+        else:
+            placement = self._data.placement if placement is None else placement
+            nd = self._data.sbp if sbp is None else normalize_sbp(sbp, placement, self.shape)
+            if sbp is None and placement.ndim != len(nd):
+                raise PlacementError(f"to_global: the new {placement!r} has {placement.ndim} mesh axes but the tensor's "
+                                     f"SBP {_fmt_sbp(nd)} has {len(nd)}; pass sbp= for the new mesh")
+            out = self._data.with_layout(placement, nd)
+            if out is self._data:
+                return self
+        t = Tensor(out)
+        if is_grad_enabled() and self.requires_grad:
+            t._node, t.requires_grad = Node(_TO_GLOBAL, (self,), {}, (out,)), True
+        return t
+
+    def to_local(self, rank: int) -> Tensor:
+        """Rank ``rank``'s shard of a global tensor, as a local tensor (not differentiable)."""
+        if type(self._data) is not GlobalValue:
+            raise PlacementError("to_local: this tensor is not global; .to_global(placement, sbp) makes one")
+        check_rank(self._data, rank)
+        return Tensor(self._data.local(rank))
 
     @property
     def data(self) -> Tensor:
@@ -93,13 +151,16 @@ class Tensor:
         return self.transpose()
 
     def numpy(self) -> np.ndarray:
-        """The value as a NumPy array (a copy for GPU tensors, shared memory for CPU ones)."""
+        """The value as a NumPy array (a copy for GPU tensors, shared memory for CPU ones); the
+        logical value of a global tensor (gathered on the driver)."""
+        if type(self._data) is GlobalValue:
+            return _device.to_numpy(self._data.logical())
         return _device.to_numpy(self._data)
 
     def item(self):
         if self.size != 1:
             raise ShapeError(f"item: only a one-element tensor converts to a Python scalar, got shape {self.shape}")
-        return self._data.reshape(()).item()
+        return self.numpy().reshape(()).item()
 
     def tolist(self):
         return self.numpy().tolist()
@@ -136,7 +197,10 @@ class Tensor:
         body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=20, prefix="tensor(")
         extra = "" if self.dtype == DEFAULT_FLOAT else f", dtype={self.dtype.name}"
         grad = ", requires_grad=True" if self.requires_grad else ""
-        dev = "" if self.device == "cpu" else f", device='{self.device}'"
+        if type(self._data) is GlobalValue:
+            dev = f", placement={self._data.placement!r}, sbp={_fmt_sbp(self._data.sbp)}"
+        else:
+            dev = "" if self.device == "cpu" else f", device='{self.device}'"
         return f"tensor({body}{extra}{dev}{grad})"
 
     # ------------------------------------------------------------------------------- autograd
@@ -165,9 +229,11 @@ class Tensor:
                     f"gradient= of that shape (or reduce it first, e.g. loss.sum().backward())")
             seed = self.xp.ones(self.shape, dtype=self.dtype)
         else:
-            seed = _as_array(gradient, self)
+            seed = gradient.numpy() if isinstance(gradient, Tensor) else self.xp.asarray(gradient, dtype=self.dtype)
             if seed.shape != self.shape:
                 raise GradError(f"backward: gradient has shape {seed.shape} but the output has shape {self.shape}")
+        if type(self._data) is GlobalValue:
+            seed = make_global(seed, self._data.placement, _B)
         run_backward(self, seed)
 
     # ---------------------------------------------------------------------------- arithmetic
@@ -325,11 +391,22 @@ class Tensor:
         """The same value on ``device`` ('cpu' or 'cuda'); a leaf stays a leaf."""
         if device == self.device:
             return self
+        if type(self._data) is GlobalValue:
+            raise PlacementError(f"to: a global tensor moves with .to_global(placement=...), not .to({device!r})")
         xp = _device.array_module(device)
         return Tensor(xp.asarray(self.numpy()) if device != "cpu" else self.numpy(), self.requires_grad)
 
     # in-place helpers used by optimizers and init (no autograd)
     def copy_(self, src) -> Tensor:
+        """Overwrite the value in place (a global tensor takes the logical value of ``src``)."""
+        if type(self._data) is GlobalValue:
+            v = self._data
+            src = src.numpy() if isinstance(src, Tensor) else np.asarray(src)
+            if tuple(src.shape) != v.shape:
+                raise ShapeError(f"copy_: source shape {tuple(src.shape)} does not match {v.shape}")
+            for shard, new in zip(v.shards, make_global(src.astype(v.dtype), v.placement, v.sbp).shards):
+                shard[...] = new
+            return self
         src = _as_array(src, self)
         if src.shape != self.shape:
             raise ShapeError(f"copy_: source shape {src.shape} does not match {self.shape}")
@@ -337,7 +414,8 @@ class Tensor:
         return self
 
     def zero_(self) -> Tensor:
-        self._data[...] = 0
+        for a in self._data.shards if type(self._data) is GlobalValue else (self._data,):
+            a[...] = 0
         return self
 
 
@@ -349,15 +427,22 @@ def apply(name: str, *inputs: Tensor, **attrs) -> Any:
     op = OPS[name]
     specs = tuple(Spec(t._data.shape, t._data.dtype) for t in inputs)
     out_spec = op.infer(*specs, **attrs)
+    record = op.grad is not None and is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if any(type(t._data) is GlobalValue for t in inputs):
+        outs = tuple(Tensor(v) for v in apply_global(op, [t._data for t in inputs], attrs, out_spec))
+        return _record(op, inputs, attrs, outs, record)
     xp = _device.module_of(inputs[0]._data) if inputs else np
     out = op.kernel(xp, *[t._data for t in inputs], **attrs)
-    record = op.grad is not None and is_grad_enabled() and any(t.requires_grad for t in inputs)
     if op.multi_output:
         outs = tuple(Tensor(xp.asarray(o)) for o in out)
     else:
         outs = (Tensor(xp.asarray(out)),)
         if out_spec.dtype != outs[0]._data.dtype:  # keep the inferred dtype (e.g. numpy scalars)
             outs[0]._data = outs[0]._data.astype(out_spec.dtype)
+    return _record(op, inputs, attrs, outs, record)
+
+
+def _record(op: OpDef, inputs, attrs, outs, record: bool):
     if record:
         node = Node(op, inputs, attrs, tuple(o._data for o in outs))
         for i, o in enumerate(outs):
@@ -430,10 +515,32 @@ def run_backward(root: Tensor, seed) -> None:
                 else:
                     key = (id(t._node), t._index)
                     prev = grads.get(key)
-                    grads[key] = g._data if prev is None else prev + g._data
+                    grads[key] = g._data if prev is None else _add(prev, g._data)
+
+
+def _add(a, b):
+    if type(a) is GlobalValue or type(b) is GlobalValue:
+        return apply("add", Tensor(a), Tensor(b))._data
+    return a + b
 
 
 def _accumulate_leaf(t: Tensor, g) -> None:
+    if type(t._data) is GlobalValue:
+        if type(g) is not GlobalValue:
+            g = make_global(g, t._data.placement, _B)
+        # The gradient takes the parameter's layout: for a replicated parameter used under a
+        # split batch this is the data-parallel all-reduce (P -> B).
+        g = g.with_layout(t._data.placement, t._data.sbp)
+        if g.dtype != t.dtype:
+            g = GlobalValue(g.placement, g.sbp, g.shape, t.dtype, [s.astype(t.dtype) for s in g.shards])
+        if t.grad is None:
+            t.grad = Tensor(g.copy())
+        else:
+            for acc, s in zip(t.grad._data.shards, g.shards):
+                acc += s
+        return
+    if type(g) is GlobalValue:  # a local tensor used beside global ones gets the logical gradient
+        g = g.logical()
     if g.dtype != t.dtype:
         g = g.astype(t.dtype)
     if t.grad is None:
@@ -442,6 +549,19 @@ def _accumulate_leaf(t: Tensor, g) -> None:
         t.grad = Tensor(g.copy())
     else:
         t.grad._data += g
+
+
+def _to_global_grad(b, g, out, x):
+    """The gradient of a layout change is the incoming gradient, in the input's world: the
+    logical value for a local input, the input's placement for a global one."""
+    if type(x._data) is not GlobalValue:
+        return [Tensor(g.numpy()) if type(g._data) is GlobalValue else g]
+    if type(g._data) is GlobalValue and g._data.placement != x._data.placement:
+        return [Tensor(g._data.with_layout(x._data.placement, x._data.sbp))]
+    return [g]
+
+
+_TO_GLOBAL = OpDef("to_global", kernel=None, infer=None, sbp=None, grad=_to_global_grad)
 
 
 # ------------------------------------------------------------------------ operand conversion

@@ -8,6 +8,7 @@ and every op with a gradient rule gets its rule checked against finite differenc
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,9 @@ import pytest
 import flowsys as fs
 from flowsys.ops import OPS, SbpRow, Spec
 from flowsys.sbp import Broadcast, PartialSum, Split
-from flowsys.tensor import apply
+from flowsys.layout import as_slices, shard_box
+from flowsys.global_tensor import GlobalValue, make_global, run_signature, signatures
+from flowsys.tensor import Tensor, apply
 from helpers import Arg, check_grad_fd, make_inputs
 
 
@@ -94,7 +97,7 @@ CASES: dict[str, list[Case]] = {
     "layer_norm": [Case(((2, 3, 4),)), Case(((2, 3, 4),), {"n_axes": 2, "eps": 1e-3})],
     "layer_norm_grad": [Case(((2, 3, 4), (2, 3, 4)), {"n_axes": 2})],
     "dropout": [Case(((3, 4),), {"p": 0.3, "seed": 7}), Case(((3, 4),), {"p": 1.0, "seed": 1}, grad=False)],
-    "sdpa_probs": [Case(((2, 3, 4), (2, 5, 4)), {"is_causal": True})],
+    "sdpa_probs": [Case(((2, 3, 4), (2, 5, 4)), {"is_causal": True}), Case(((2, 1, 3, 4), (2, 4, 4)))],
     "scaled_dot_product_attention": [Case(((2, 3, 4), (2, 5, 4), (2, 5, 3)), {"is_causal": True, "scale": 0.3}),
                                      Case(((2, 1, 3, 4), (2, 4, 4), (4, 2))),
                                      Case(((2, 3, 4), (2, 5, 4), (2, 5, 3)))],
@@ -174,50 +177,92 @@ def test_sbp_rows_are_well_formed(name, case):
     assert len(signatures) == len(set(signatures)), f"{name}: repeated rows {rows}"
 
 
-# Ops whose attributes describe the logical tensor (a target shape, an index), so a shard cannot
-# run the kernel with the same attributes: not swept numerically.
-LOGICAL_ATTRS = {"reshape", "broadcast_to", "getitem", "getitem_grad", "take_grad"}
+MESHES = {"2": [0, 1], "3": [0, 1, 2], "2x2": [[0, 1], [2, 3]]}
 
 
-def _shards(a: np.ndarray, value, n: int, rng) -> list[np.ndarray]:
-    if isinstance(value, Split):
-        return np.array_split(a, n, axis=value.axis)  # uneven when n does not divide the axis
-    if isinstance(value, Broadcast):
-        return [a] * n
-    assert a.dtype.kind in "fiu", f"P on a {a.dtype} input: a partial sum needs numbers"
-    parts = [(rng.standard_normal(a.shape) if a.dtype.kind == "f" else rng.integers(-5, 5, a.shape)).astype(a.dtype)
-             for _ in range(n - 1)]
-    return parts + [a - sum(parts)]  # random addends that sum to the value
+def _laid_out(a: np.ndarray, nd, placement, rng) -> GlobalValue:
+    """``a`` laid out as ``nd``; along P mesh axes the shards hold random addends of the value
+    (one addend per combination of P-axis coordinates, equal across B replicas)."""
+    p_axes = [k for k, v in enumerate(nd) if isinstance(v, PartialSum)]
+    combos = list(itertools.product(*(range(placement.mesh[k]) for k in p_axes)))
+    terms = {}
+    for c in combos[:-1]:
+        noise = rng.standard_normal(a.shape) if a.dtype.kind == "f" else rng.integers(-5, 5, a.shape)
+        terms[c] = noise.astype(a.dtype)
+    terms[combos[-1]] = a - sum(terms.values()) if terms else a.copy()
+    shards = []
+    for rank in placement.ranks:
+        coords = placement.coords(rank)
+        term = terms[tuple(coords[k] for k in p_axes)]
+        shards.append(term[as_slices(shard_box(a.shape, nd, placement.mesh, coords))].copy())
+    return GlobalValue(placement, nd, a.shape, a.dtype, shards)
 
 
-def _combine(locals_: list[np.ndarray], value) -> np.ndarray:
-    if isinstance(value, Split):
-        return np.concatenate(locals_, axis=value.axis)
-    if isinstance(value, Broadcast):
-        for other in locals_[1:]:
-            np.testing.assert_array_equal(other, locals_[0], err_msg="B output differs between ranks")
-        return locals_[0]
-    return sum(locals_)
-
-
-@pytest.mark.parametrize("n_ranks", [2, 3])
-@pytest.mark.parametrize("name,case", [p for p in _cases("sweep") if p.values[0] not in LOGICAL_ATTRS])
-def test_sbp_rows_hold_shard_by_shard(name, case, n_ranks):
-    """Shard the inputs as each row says over simulated ranks, run the kernel on every rank and
-    reassemble the outputs as the row says: the result must be the op's logical result."""
+@pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.parametrize("name,case", _cases("sweep"))
+def test_every_signature_holds_shard_by_shard(name, case, mesh):
+    """Lay the inputs out as each signature says (rows read across the mesh axes) on simulated
+    ranks, run the kernel on every rank's shards and gather: the result must be the op's
+    single-device result, and every non-partial output shard exactly the layout's shard."""
     op = OPS[name]
+    placement = fs.placement("cpu", MESHES[mesh])
     arrays = _arrays(case, np.float64)
     specs = tuple(Spec(a.shape, a.dtype) for a in arrays)
     full = op.kernel(np, *arrays, **case.attrs)
-    full = full if op.multi_output else (full,)
+    full = tuple(full) if op.multi_output else (full,)
+    out_specs = op.infer(*specs, **case.attrs)
+    out_specs = tuple(out_specs) if op.multi_output else (out_specs,)
+    sigs = signatures(op, specs, case.attrs, placement)
+    assert any(all(isinstance(v, Broadcast) for nd in s.ins for v in nd) for s in sigs), f"{name}: no replicated signature"
     rng = np.random.default_rng(1)
-    for row in op.sbp(specs, case.attrs):
-        sharded = [_shards(a, v, n_ranks, rng) for a, v in zip(arrays, row.ins)]
-        outs = [op.kernel(np, *(s[r] for s in sharded), **case.attrs) for r in range(n_ranks)]
-        outs = outs if op.multi_output else [(o,) for o in outs]
-        for i, (want, value) in enumerate(zip(full, row.outs)):
-            got = _combine([np.asarray(o[i]) for o in outs], value)
-            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9, err_msg=f"{name}: row {row!r}, output {i}")
+    for sig in sigs:
+        values = [_laid_out(a, nd, placement, rng) for a, nd in zip(arrays, sig.ins)]
+        outs = run_signature(op, values, case.attrs, sig, out_specs)
+        for i, (want, got) in enumerate(zip(full, outs)):
+            want = np.asarray(want)
+            msg = f"{name} on mesh {mesh}: signature {sig!r}, output {i}"
+            np.testing.assert_allclose(got.logical(), want, rtol=1e-9, atol=1e-9, err_msg=msg)
+            if not any(isinstance(v, PartialSum) for v in got.sbp):
+                for shard, expect in zip(got.shards, make_global(want, placement, got.sbp).shards):
+                    np.testing.assert_allclose(shard, expect, rtol=1e-9, atol=1e-9, err_msg=msg + " (a shard)")
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.parametrize("name,case", [p for p in _cases("sweep-grad") if OPS[p.values[0]].grad is not None
+                                       and p.values[1].grad])
+def test_gradients_through_global_tensors(name, case, mesh):
+    """Autograd through global inputs laid out as each signature's inputs gives the
+    single-device gradients (the gradients' own layouts are whatever the rules produce)."""
+    op = OPS[name]
+    placement = fs.placement("cpu", MESHES[mesh])
+    arrays = _arrays(case, np.float64)
+    specs = tuple(Spec(a.shape, a.dtype) for a in arrays)
+    rng = np.random.default_rng(2)
+
+    def loss_of(tensors):
+        out = apply(name, *tensors, **case.attrs)
+        outs = out if op.multi_output else (out,)
+        total = None
+        for j, o in enumerate(outs):
+            w = fs.tensor(np.random.default_rng(10 + j).standard_normal(o.shape))
+            term = (o * w).sum()
+            total = term if total is None else total + term
+        return total
+
+    local = [fs.tensor(a, requires_grad=a.dtype.kind == "f") for a in arrays]
+    loss_of(local).backward()
+    layouts = {sig.ins for sig in signatures(op, specs, case.attrs, placement)}
+    for ins in sorted(layouts, key=repr):
+        leaves = [Tensor(_laid_out(a, nd, placement, rng), requires_grad=a.dtype.kind == "f")
+                  for a, nd in zip(arrays, ins)]
+        loss = loss_of(leaves)
+        np.testing.assert_allclose(loss.numpy(), loss_of(local).numpy(), rtol=1e-9, atol=1e-9)
+        loss.backward()
+        for i, (lt, gt) in enumerate(zip(local, leaves)):
+            if lt.grad is not None:
+                assert gt.grad.sbp == gt.sbp, "a leaf gradient takes its tensor's layout"
+                np.testing.assert_allclose(gt.grad.numpy(), lt.grad.numpy(), rtol=1e-8, atol=1e-9,
+                                           err_msg=f"{name} on mesh {mesh}, inputs {ins}: gradient {i}")
 
 
 def test_every_gradient_rule_has_a_gradient_case():

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections import OrderedDict
 from typing import Any, Iterator, NamedTuple
 
@@ -28,6 +29,13 @@ class Parameter(Tensor):
 
     def __repr__(self) -> str:
         return "Parameter containing:\n" + super().__repr__()
+
+
+def _plan_sbp(plan: dict, name: str, default):
+    for pattern, value in plan.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    return default
 
 
 class IncompatibleKeys(NamedTuple):
@@ -222,6 +230,35 @@ class Module:
                 for t in table.values():
                     if t is not None and id(t) not in moved:
                         moved[id(t)] = t._data = xp.asarray(to_numpy(t._data)) if device != "cpu" else to_numpy(t._data)
+        return self
+
+    def to_global(self, placement, sbp=None) -> Module:
+        """Make every parameter and buffer a global tensor on ``placement``, in place.
+
+        ``sbp`` is one SBP (or N-D tuple) for all of them, or a plan: a dict from name patterns
+        (``fnmatch``-style, matched against ``named_parameters()`` names) to SBPs; the first
+        matching pattern wins and unmatched tensors are broadcast. Megatron-style tensor
+        parallelism on a GPT, for example::
+
+            model.to_global(P, {"*.c_attn.*": S(0), "*.mlp.c_fc.*": S(0),
+                                "*.c_proj.weight": S(1)})
+
+        Tied parameters stay tied; gradients are dropped (they had the old layout).
+        """
+        from flowsys.sbp import broadcast  # noqa: PLC0415
+
+        plan = sbp if isinstance(sbp, dict) else None
+        done: set[int] = set()
+        for m_name, m in self.named_modules(remove_duplicate=False):
+            for table in (m._parameters, m._buffers):
+                for name, t in table.items():
+                    if t is None or id(t) in done:
+                        continue
+                    done.add(id(t))
+                    full = f"{m_name}.{name}" if m_name else name
+                    want = _plan_sbp(plan, full, broadcast) if plan is not None else (broadcast if sbp is None else sbp)
+                    t._data = t.detach().to_global(placement, want)._data
+                    t.grad = None
         return self
 
     # ---------------------------------------------------------------------------------- call

@@ -202,33 +202,46 @@ def layer_norm_grad(xp, x, g, *, n_axes=1, eps=1e-5):
 # ------------------------------------------------------------------------------------- dropout
 
 
-def uniform(xp, seed: int, shape) -> np.ndarray:
+def uniform(xp, seed: int, shape, *, offset=None, logical_shape=None) -> np.ndarray:
     """Counter-based uniform [0, 1) floats: element i depends only on (seed, i), so any shard of a
-    logical tensor can regenerate its own part of the mask (splitmix64 of the flat index)."""
-    n = math.prod(shape)
-    z = xp.arange(n, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
+    logical tensor regenerates its own part of the mask (splitmix64 of the flat logical index).
+    ``offset`` and ``logical_shape`` place a shard of shape ``shape`` inside the logical tensor."""
+    if offset is None:
+        z = xp.arange(math.prod(shape), dtype=np.uint64)
+    else:  # the flat logical index of every element of the shard
+        strides = np.cumprod((1,) + tuple(logical_shape)[:0:-1])[::-1]
+        z = xp.zeros((), dtype=np.uint64)
+        for ax, (o, n) in enumerate(zip(offset, shape)):
+            idx = (xp.arange(n, dtype=np.uint64) + np.uint64(o)) * np.uint64(strides[ax])
+            z = z[..., None] + idx if ax else idx
+        z = z.reshape(-1) if len(shape) else z.reshape(1)
+    z = z + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
     return ((z >> np.uint64(40)).astype(np.float32) * (1.0 / (1 << 24))).reshape(shape)
 
 
-def _dropout_infer(x: Spec, *, p, seed) -> Spec:
+def _dropout_infer(x: Spec, *, p, seed, offset=None, logical_shape=None) -> Spec:
     if not 0.0 <= p <= 1.0:
         raise ArgumentError(f"dropout: p must be in [0, 1], got {p}")
     return _float_same("dropout")(x)
 
 
+def _dropout_lower(attrs, shard):
+    return {**attrs, "offset": shard.in_offsets[0], "logical_shape": shard.logical_outs[0].shape}
+
+
 @register("dropout", infer=_dropout_infer,
-          # Only B and P for now: a split S(i) row needs the kernel to draw its shard's part of the
-          # logical mask (a shard offset attribute), which comes with global tensors.
-          sbp=lambda specs, attrs: [R.replicated(1), R.SbpRow((P,), (P,), "with a fixed mask, dropout is linear")],
-          grad=lambda b, g, out, x, *, p, seed: [b.dropout(g, p=p, seed=seed)])
-def dropout(xp, x, *, p, seed):
+          sbp=lambda specs, attrs: R.pointwise(specs, [((P,), "with a fixed mask, dropout is linear")],
+                                               reason="the mask is a function of the logical index"),
+          grad=lambda b, g, out, x, *, p, seed, offset=None, logical_shape=None: [b.dropout(g, p=p, seed=seed)],
+          lower=_dropout_lower)
+def dropout(xp, x, *, p, seed, offset=None, logical_shape=None):
     """Zero each element with probability ``p`` (mask from ``seed``), scale the rest by 1/(1-p)."""
     if p >= 1.0:
         return xp.zeros_like(x)
-    keep = uniform(xp, seed, x.shape) >= p
+    keep = uniform(xp, seed, x.shape, offset=offset, logical_shape=logical_shape) >= p
     return xp.where(keep, x * (1.0 / (1.0 - p)), 0).astype(x.dtype, copy=False)
 
 
@@ -297,7 +310,12 @@ def _probs(xp, q, k, is_causal, scale):
     return att
 
 
-@register("sdpa_probs", infer=lambda q, k, *, is_causal=False, scale=None: Spec(q.shape[:-1] + (k.shape[-2],), result_dtype(q, k)),
+def _probs_infer(q: Spec, k: Spec, *, is_causal=False, scale=None) -> Spec:
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    return Spec(tuple(batch) + (q.shape[-2], k.shape[-2]), result_dtype(q, k))
+
+
+@register("sdpa_probs", infer=_probs_infer,
           sbp=_sdpa_rows)
 def sdpa_probs(xp, q, k, *, is_causal=False, scale=None):
     """softmax(q k^T * scale) with the causal mask: the attention weights."""

@@ -118,7 +118,7 @@ def _broadcast_to_rows(specs, attrs):
     return rows
 
 
-@register("broadcast_to", infer=_broadcast_to_infer, sbp=_broadcast_to_rows,
+@register("broadcast_to", infer=_broadcast_to_infer, sbp=_broadcast_to_rows, lower=R.local_shape_attr(),
           grad=lambda b, g, out, x, *, shape: [sum_to_shape(b, g, x.shape)])
 def broadcast_to(xp, x, *, shape):
     return xp.broadcast_to(x, shape)

@@ -7,7 +7,9 @@ Each op is registered once with
 - its **gradient**, written with other registered ops through a builder ``b`` (``b.mul(g, y)``),
   so that eager autograd and the graph compiler differentiate with the same rules;
 - its **SBP signature rows**: under which input SBPs running it shard by shard gives the right
-  logical result, each row with its one-line reason.
+  logical result, each row with its one-line reason;
+- for the few ops whose attributes describe the logical tensor (a target shape, a mask seed's
+  positions), a **lower** rule giving a shard's attributes from its local shapes and offsets.
 
 This module and the op families beside it are shared vocabulary: they import nothing of
 flowsys beyond ``flowsys.sbp`` and ``flowsys.errors``, so every layer may use them.
@@ -61,6 +63,22 @@ SbpRule = Callable[[tuple[Spec, ...], dict[str, Any]], list[SbpRow]]
 
 
 @dataclass(frozen=True, slots=True)
+class Shard:
+    """What a lower rule knows about one rank's part of an op application: the local specs of
+    its inputs and outputs, and where each sits in its logical tensor (start index per axis)."""
+
+    ins: tuple[Spec, ...]
+    outs: tuple[Spec, ...]
+    in_offsets: tuple[tuple[int, ...], ...]
+    out_offsets: tuple[tuple[int, ...], ...]
+    logical_outs: tuple[Spec, ...]
+
+
+# lower(attrs, shard) -> the attributes one rank runs the kernel with.
+LowerRule = Callable[[dict[str, Any], Shard], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class OpDef:
     name: str
     kernel: Callable[..., Any]
@@ -69,6 +87,7 @@ class OpDef:
     grad: GradRule | None = None
     multi_output: bool = False
     doc: str = field(default="", compare=False)
+    lower: LowerRule | None = None
 
 
 OPS: dict[str, OpDef] = {}
@@ -81,16 +100,22 @@ def register(
     sbp: SbpRule,
     grad: GradRule | None = None,
     multi_output: bool = False,
+    lower: LowerRule | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``kernel`` as op ``name`` with its rules (one registration per op)."""
 
     def deco(kernel: Callable[..., Any]) -> Callable[..., Any]:
         if name in OPS:
             raise FlowsysError(f"op {name!r} is registered twice; each op has one registration")
-        OPS[name] = OpDef(name, kernel, infer, sbp, grad, multi_output, kernel.__doc__ or "")
+        OPS[name] = OpDef(name, kernel, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower)
         return kernel
 
     return deco
+
+
+def local_shape_attr(name: str = "shape") -> LowerRule:
+    """Lower rule of ops with a target-shape attribute: a shard targets its own output shape."""
+    return lambda attrs, shard: {**attrs, name: shard.outs[0].shape}
 
 
 def get_op(name: str) -> OpDef:

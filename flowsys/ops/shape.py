@@ -8,7 +8,7 @@ import numpy as np
 
 from flowsys.errors import DTypeError, IndexOutOfRange, ShapeError
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.registry import Spec, normalize_axis, register
+from flowsys.ops.registry import Spec, local_shape_attr, normalize_axis, register
 
 B, P, S = R.B, R.P, R.S
 
@@ -52,6 +52,7 @@ def _reshape_rows(specs, attrs):
 
 
 @register("reshape", infer=lambda x, *, shape: Spec(_resolve_shape(x, shape), x.dtype), sbp=_reshape_rows,
+          lower=local_shape_attr(),
           grad=lambda b, g, out, x, *, shape: [b.reshape(g, shape=tuple(x.shape))])
 def reshape(xp, x, *, shape):
     return xp.reshape(x, shape)
@@ -273,6 +274,7 @@ def _take_grad_rows(specs, attrs):
 
 
 @register("take_grad", infer=lambda g, idx, *, axis=0, shape: Spec(tuple(shape), g.dtype), sbp=_take_grad_rows,
+          lower=local_shape_attr(),
           grad=lambda b, gg, out, g, idx, *, axis=0, shape: [b.take(gg, idx, axis=axis), None])
 def take_grad(xp, g, idx, *, axis=0, shape):
     """Adjoint of take: add each gathered slice of ``g`` back at its index (repeats accumulate)."""

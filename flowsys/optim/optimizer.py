@@ -18,6 +18,7 @@ import numpy as np
 
 from flowsys.device import module_of
 from flowsys.errors import ConfigError
+from flowsys.global_tensor import GlobalValue
 from flowsys.tensor import Tensor
 
 
@@ -49,8 +50,17 @@ class Optimizer:
     def step(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p._data, p.grad._data, self.state.setdefault(id(p), {}), group)
+                if p.grad is None:
+                    continue
+                state = self.state.setdefault(id(p), {})
+                if type(p._data) is GlobalValue:
+                    # Each rank updates its own shard with its shard of the gradient, which has
+                    # the parameter's layout (autograd boxes leaf gradients to it).
+                    grad = p.grad._data.with_layout(p._data.placement, p._data.sbp)
+                    for r, (shard, g) in enumerate(zip(p._data.shards, grad.shards)):
+                        self._update(shard, g, state.setdefault(r, {}), group)
+                else:
+                    self._update(p._data, p.grad._data, state, group)
 
     def _update(self, p, g, state: dict, group: dict) -> None:  # pragma: no cover - abstract
         raise TypeError(f"{type(self).__name__} defines no update rule")
@@ -140,12 +150,20 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, eps: float = 
     """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm before."""
     if isinstance(parameters, Tensor):  # one tensor, as torch takes (iterating it would give its rows)
         parameters = [parameters]
-    grads = [p.grad._data for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    total = math.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in grads))
+    total = math.sqrt(sum(_squared_norm(g) for g in grads))
     scale = max_norm / (total + eps)
     if scale < 1.0:
-        for g in grads:
-            g *= scale
+        for g in grads:  # scaling is linear: every shard of any layout scales alike
+            for a in g._data.shards if type(g._data) is GlobalValue else (g._data,):
+                a *= scale
     return total
+
+
+def _squared_norm(g: Tensor) -> float:
+    if type(g._data) is GlobalValue:
+        g64 = g.astype("float64")
+        return float((g64 * g64).sum().item())
+    return float((g._data.astype("float64") ** 2).sum())

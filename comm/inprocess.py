@@ -1,0 +1,123 @@
+"""The in-process transport: every rank lives in this process.
+
+Two ways to drive the same per-rank schedules of :mod:`comm.algorithms`:
+
+- :func:`run_group` steps every rank's schedule in one thread, in lock step. This is what the
+  single controller uses to simulate a collective over the shards it holds: deterministic,
+  no threads, and it counts the bytes each message carries.
+- :class:`InProcessHub` and :class:`InProcessCommunicator` give each rank a blocking
+  communicator with mailboxes, for ranks that run as threads (actors in the local backend);
+  a receive that waits too long fails with the peer's rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from comm.algorithms import Recv, Send
+from comm.base import CommError, Communicator
+
+
+def run_group(algorithm: Callable[..., Any], inputs: Sequence[Any], *args, **kwargs) -> tuple[list[Any], int]:
+    """Run ``algorithm(me, n, inputs[me], *args, **kwargs)`` for every rank of a group of
+    ``len(inputs)`` and return (each rank's result, total bytes sent).
+
+    Messages are copied when sent, as a real transport would, so no rank sees another's buffer.
+    """
+    n = len(inputs)
+    schedules = [algorithm(me, n, inputs[me], *args, **kwargs) for me in range(n)]
+    return drive(schedules)
+
+
+def drive(schedules: list) -> tuple[list[Any], int]:
+    """Step per-rank schedules (generators) until all return; raise on a deadlock."""
+    n = len(schedules)
+    mailbox: dict[tuple[int, int], deque] = {}
+    results: list[Any] = [None] * n
+    waiting: list[Any] = [None] * n  # the step each rank is blocked on (a Recv), or None when done
+    sent = 0
+
+    def advance(me: int, value: Any) -> None:
+        nonlocal sent
+        gen = schedules[me]
+        try:
+            step = gen.send(value)
+            while isinstance(step, Send):
+                data = np.array(step.array, copy=True)
+                sent += data.nbytes
+                mailbox.setdefault((me, step.peer), deque()).append(data)
+                step = gen.send(None)
+            waiting[me] = step
+        except StopIteration as stop:
+            results[me] = stop.value
+            waiting[me] = None
+
+    live = set()
+    for me in range(n):
+        advance(me, None)
+        if waiting[me] is not None:
+            live.add(me)
+    while live:
+        progress = False
+        for me in sorted(live):
+            step = waiting[me]
+            if not isinstance(step, Recv):
+                raise CommError(f"rank {me} yielded {step!r}; schedules yield Send or Recv steps")
+            box = mailbox.get((step.peer, me))
+            if box:
+                advance(me, box.popleft())
+                progress = True
+                if waiting[me] is None:
+                    live.discard(me)
+        if not progress:
+            blocked = ", ".join(f"rank {me} waits for rank {waiting[me].peer}" for me in sorted(live))
+            raise CommError(f"collective deadlock: {blocked}")
+    return results, sent
+
+
+class InProcessHub:
+    """Mailboxes shared by the ranks of one process (one FIFO per ordered pair of ranks)."""
+
+    def __init__(self, world_size: int, timeout: float = 60.0):
+        self.world_size = world_size
+        self.timeout = timeout
+        self._boxes: dict[tuple[int, int], deque] = {}
+        self._cv = threading.Condition()
+        self.bytes_sent = 0
+
+    def communicator(self, rank: int) -> InProcessCommunicator:
+        return InProcessCommunicator(self, rank)
+
+    def put(self, src: int, dst: int, array: np.ndarray) -> None:
+        with self._cv:
+            self._boxes.setdefault((src, dst), deque()).append(np.array(array, copy=True))
+            self.bytes_sent += array.nbytes
+            self._cv.notify_all()
+
+    def get(self, src: int, dst: int, timeout: float | None = None) -> np.ndarray:
+        timeout = self.timeout if timeout is None else timeout
+        with self._cv:
+            if not self._cv.wait_for(lambda: bool(self._boxes.get((src, dst))), timeout):
+                raise CommError(f"rank {dst}: no message from rank {src} within {timeout:g} s "
+                                f"(is rank {src} alive and in the same collective?)")
+            return self._boxes[(src, dst)].popleft()
+
+
+class InProcessCommunicator(Communicator):
+    """One rank's end of an :class:`InProcessHub` (use one thread per rank)."""
+
+    def __init__(self, hub: InProcessHub, rank: int):
+        super().__init__(rank, hub.world_size)
+        self.hub = hub
+
+    def send(self, array: np.ndarray, dst: int) -> None:
+        self._check_peer(dst)
+        self.hub.put(self.rank, dst, np.asarray(array))
+
+    def recv(self, src: int) -> np.ndarray:
+        self._check_peer(src)
+        return self.hub.get(src, self.rank)

@@ -1,0 +1,241 @@
+"""Global tensors in eager mode: a logical value laid out over a placement by an SBP.
+
+The driver is the single controller: a :class:`GlobalValue` holds every rank's shard as a
+separate array (this is also the single-node simulation users debug with). An op on global
+tensors picks a signature from the op's SBP rows (:func:`choose_signature`: the least boxing
+cost given the inputs' layouts), converts the inputs with the boxing planner, runs the kernel
+rank by rank on the local shards and returns global outputs laid out as the signature says.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from flowsys import boxing
+from flowsys import device as _device
+from flowsys.errors import FlowsysError, PlacementError, SbpError
+from flowsys.layout import NdSbp, assemble, distribute, fmt, local_shape, normalize_sbp, shard_box
+from flowsys.ops.registry import OpDef, SbpRow, Shard, Spec
+from flowsys.placement import Placement
+from flowsys.sbp import Broadcast, PartialSum, Split
+
+
+class GlobalValue:
+    """What a global tensor holds: its placement, N-D SBP, logical shape and dtype, and the
+    shards (one array per rank, in the placement's mesh order)."""
+
+    __slots__ = ("placement", "sbp", "shape", "dtype", "shards")
+
+    def __init__(self, placement: Placement, sbp: NdSbp, shape, dtype, shards: list):
+        self.placement, self.sbp = placement, tuple(sbp)
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.shards = shards
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def xp(self):
+        return _device.array_module(self.placement.type)
+
+    def local(self, rank: int):
+        return self.shards[self.placement.index(rank)]
+
+    def logical(self):
+        """The logical value (gathered on the driver): splits placed, partials summed."""
+        return assemble(self.xp, self.shards, self.placement, self.sbp, self.shape, self.dtype)
+
+    def copy(self) -> GlobalValue:
+        return GlobalValue(self.placement, self.sbp, self.shape, self.dtype, [s.copy() for s in self.shards])
+
+    def with_layout(self, placement: Placement, sbp: NdSbp) -> GlobalValue:
+        """This value converted to another layout through the boxing planner (self if equal)."""
+        if placement == self.placement and tuple(sbp) == self.sbp:
+            return self
+        p = boxing.plan(self.shape, self.dtype, self.placement, self.sbp, placement, tuple(sbp))
+        return GlobalValue(placement, sbp, self.shape, self.dtype, boxing.execute(p, self.shards, self.xp))
+
+    def __repr__(self) -> str:
+        return f"GlobalValue({self.dtype.name}{list(self.shape)}, {self.placement!r}, sbp={fmt(self.sbp)})"
+
+
+def make_global(array, placement: Placement, sbp, *, what: str = "to_global") -> GlobalValue:
+    """Lay the logical ``array`` out over ``placement`` as ``sbp`` says (copies for every rank)."""
+    nd = normalize_sbp(sbp, placement, array.shape, what=what)
+    xp = _device.array_module(placement.type)
+    array = xp.asarray(array)
+    return GlobalValue(placement, nd, array.shape, array.dtype, distribute(xp, array, placement, nd))
+
+
+# --------------------------------------------------------------------------- signature choice
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """The N-D signature an op runs under: one row per mesh axis, read across."""
+
+    rows: tuple[SbpRow, ...]
+    ins: tuple[NdSbp, ...]
+    outs: tuple[NdSbp, ...]
+    cost: int
+
+    def __repr__(self) -> str:
+        ins = ", ".join(map(fmt, self.ins))
+        outs = ", ".join(map(fmt, self.outs))
+        return f"({ins}) -> ({outs}), {self.cost} bytes of boxing"
+
+
+_choice_cache: dict[Any, Signature] = {}
+
+
+def _attrs_key(attrs: dict) -> Any:
+    key = tuple(sorted(attrs.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None  # e.g. an index holding an array: not cached
+    return key
+
+
+def choose_signature(op: OpDef, specs: Sequence[Spec], attrs: dict, layouts: Sequence[NdSbp],
+                     placement: Placement, out_sbp: Sequence[NdSbp] | None = None) -> Signature:
+    """Among the op's N-D signatures (its rows per mesh axis) that are valid for these shapes
+    on this mesh, the one whose input boxing moves the fewest bytes; ties go to the one that
+    changes the fewest inputs, then to the earlier row. ``out_sbp`` pins the outputs' SBPs."""
+    specs, layouts = tuple(specs), tuple(tuple(nd) for nd in layouts)
+    pinned = tuple(tuple(nd) for nd in out_sbp) if out_sbp is not None else None
+    akey = _attrs_key(attrs)
+    key = (op.name, specs, akey, layouts, placement, pinned) if akey is not None else None
+    if key is not None and key in _choice_cache:
+        return _choice_cache[key]
+    rows = op.sbp(specs, attrs)
+    out_specs = op.infer(*specs, **attrs)
+    out_specs = tuple(out_specs) if op.multi_output else (out_specs,)
+    ranked = []
+    for order, combo in enumerate(itertools.product(rows, repeat=placement.ndim)):
+        ins = tuple(tuple(r.ins[i] for r in combo) for i in range(len(specs)))
+        outs = tuple(tuple(r.outs[j] for r in combo) for j in range(len(out_specs)))
+        if pinned is not None and outs != pinned:
+            continue
+        if any(isinstance(v, PartialSum) and s.dtype.kind not in "fiuc" for s, nd in zip(specs, ins) for v in nd):
+            continue
+        cost = sum(boxing.estimate(s.shape, s.dtype, placement, have, placement, want)
+                   for s, have, want in zip(specs, layouts, ins))
+        changed = sum(have != want for have, want in zip(layouts, ins))
+        ranked.append((cost, changed, order, Signature(combo, ins, outs, cost)))
+    ranked.sort(key=lambda t: t[:3])
+    for *_, sig in ranked:
+        if _fits(op, specs, out_specs, attrs, sig, placement):
+            if key is not None:
+                _choice_cache[key] = sig
+            return sig
+    wanted = f" with outputs {', '.join(map(fmt, pinned))}" if pinned else ""
+    raise SbpError(
+        f"{op.name}: no signature{wanted} fits inputs {', '.join(f'{s}' for s in specs)} on mesh {placement.mesh}; "
+        f"its rows are {rows}. Lay the inputs out as one of these rows with .to_global(sbp=...)")
+
+
+def _shard_context(specs, out_specs, sig: Signature, placement: Placement, coords) -> Shard:
+    ins = tuple(Spec(local_shape(s.shape, nd, placement.mesh, coords), s.dtype) for s, nd in zip(specs, sig.ins))
+    outs = tuple(Spec(local_shape(o.shape, nd, placement.mesh, coords), o.dtype) for o, nd in zip(out_specs, sig.outs))
+    in_off = tuple(tuple(a for a, _ in shard_box(s.shape, nd, placement.mesh, coords)) for s, nd in zip(specs, sig.ins))
+    out_off = tuple(tuple(a for a, _ in shard_box(o.shape, nd, placement.mesh, coords)) for o, nd in zip(out_specs, sig.outs))
+    return Shard(ins, outs, in_off, out_off, tuple(out_specs))
+
+
+def _fits(op: OpDef, specs, out_specs, attrs, sig: Signature, placement: Placement) -> bool:
+    """Whether running the kernel on every rank's shard gives exactly the shards the output
+    SBPs describe (uneven splits can break a row: merging axes moves the cut points)."""
+    seen = set()
+    for rank in placement.ranks:
+        ctx = _shard_context(specs, out_specs, sig, placement, placement.coords(rank))
+        if (ctx.ins, ctx.outs, ctx.in_offsets) in seen:
+            continue
+        seen.add((ctx.ins, ctx.outs, ctx.in_offsets))
+        local_attrs = op.lower(attrs, ctx) if op.lower else attrs
+        try:
+            got = op.infer(*ctx.ins, **local_attrs)
+        except FlowsysError:
+            return False
+        got = tuple(got) if op.multi_output else (got,)
+        if tuple(g.shape for g in got) != tuple(o.shape for o in ctx.outs):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------- execution
+
+
+def common_placement(op_name: str, values: Sequence[Any]) -> Placement:
+    placements = {v.placement for v in values if isinstance(v, GlobalValue)}
+    if len(placements) > 1:
+        names = " and ".join(sorted(map(repr, placements)))
+        raise PlacementError(
+            f"{op_name}: inputs are on different placements, {names}; move one with "
+            f".to_global(placement=...) first (flowsys does not move data between placements implicitly)")
+    return placements.pop()
+
+
+def apply_global(op: OpDef, datas: Sequence[Any], attrs: dict, out_specs) -> list[GlobalValue]:
+    """Run ``op`` over global inputs (local ones count as broadcast constants)."""
+    placement = common_placement(op.name, datas)
+    values = [d if isinstance(d, GlobalValue) else make_global(d, placement, Broadcast()) for d in datas]
+    specs = tuple(Spec(v.shape, v.dtype) for v in values)
+    out_specs = tuple(out_specs) if op.multi_output else (out_specs,)
+    sig = choose_signature(op, specs, attrs, [v.sbp for v in values], placement)
+    return run_signature(op, values, attrs, sig, out_specs)
+
+
+def run_signature(op: OpDef, values: Sequence[GlobalValue], attrs: dict, sig: Signature, out_specs) -> list[GlobalValue]:
+    """Box the inputs to ``sig``'s layouts and run the kernel on every rank's shards."""
+    placement = values[0].placement
+    xp = _device.array_module(placement.type)
+    specs = tuple(Spec(v.shape, v.dtype) for v in values)
+    values = [v.with_layout(placement, nd) for v, nd in zip(values, sig.ins)]
+    per_rank = []
+    for r, rank in enumerate(placement.ranks):
+        local_attrs = attrs
+        if op.lower:
+            local_attrs = op.lower(attrs, _shard_context(specs, out_specs, sig, placement, placement.coords(rank)))
+        out = op.kernel(xp, *(v.shards[r] for v in values), **local_attrs)
+        per_rank.append(tuple(out) if op.multi_output else (out,))
+    outs = []
+    for j, (spec, nd) in enumerate(zip(out_specs, sig.outs)):
+        shards = [xp.asarray(o[j]) for o in per_rank]
+        shards = [s if s.dtype == spec.dtype else s.astype(spec.dtype) for s in shards]
+        outs.append(GlobalValue(placement, nd, spec.shape, spec.dtype, shards))
+    return outs
+
+
+def signatures(op: OpDef, specs: Sequence[Spec], attrs: dict, placement: Placement) -> list[Signature]:
+    """Every N-D signature of ``op`` for these inputs on ``placement``'s mesh that fits the
+    shapes (rows read across the mesh axes; uneven splits can rule some out)."""
+    out_specs = op.infer(*specs, **attrs)
+    out_specs = tuple(out_specs) if op.multi_output else (out_specs,)
+    found = []
+    for combo in itertools.product(op.sbp(tuple(specs), attrs), repeat=placement.ndim):
+        sig = Signature(combo, tuple(tuple(r.ins[i] for r in combo) for i in range(len(specs))),
+                        tuple(tuple(r.outs[j] for r in combo) for j in range(len(out_specs))), 0)
+        if _fits(op, tuple(specs), out_specs, attrs, sig, placement):
+            found.append(sig)
+    return found
+
+
+def check_rank(value: GlobalValue, rank: int) -> None:
+    if rank not in value.placement.ranks:
+        raise PlacementError(
+            f"to_local: rank {rank} is not in the tensor's {value.placement!r}; pick one of {list(value.placement.ranks)}")
+
+
+__all__ = ["GlobalValue", "Signature", "make_global", "choose_signature", "signatures", "apply_global", "run_signature",
+           "common_placement"]
