@@ -28,6 +28,7 @@ from flowsys.layout import normalize_sbp
 from flowsys.ops import OPS, OpDef, Spec
 from flowsys.ops.registry import normalize_axis
 from flowsys.placement import Placement
+from flowsys.sbp import PartialSum
 from flowsys.sbp import broadcast as _B
 
 float32 = np.dtype(np.float32)
@@ -552,13 +553,14 @@ def _accumulate_leaf(t: Tensor, g) -> None:
 
 
 def _to_global_grad(b, g, out, x):
-    """The gradient of a layout change is the incoming gradient, in the input's world: the
-    logical value for a local input, the input's placement for a global one."""
+    """The gradient of a layout change is the incoming gradient converted back to the input's
+    layout (as PyTorch's DTensor redistribute): the logical value for a local input; for a
+    partial-sum input, its replicated form (the gradient of a sum reaches every addend whole)."""
     if type(x._data) is not GlobalValue:
         return [Tensor(g.numpy()) if type(g._data) is GlobalValue else g]
-    if type(g._data) is GlobalValue and g._data.placement != x._data.placement:
-        return [Tensor(g._data.with_layout(x._data.placement, x._data.sbp))]
-    return [g]
+    want = tuple(_B if isinstance(v, PartialSum) else v for v in x._data.sbp)
+    gv = g._data if type(g._data) is GlobalValue else make_global(g._data, x._data.placement, _B)
+    return [Tensor(gv.with_layout(x._data.placement, want))]
 
 
 _TO_GLOBAL = OpDef("to_global", kernel=None, infer=None, sbp=None, grad=_to_global_grad)

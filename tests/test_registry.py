@@ -70,7 +70,8 @@ CASES: dict[str, list[Case]] = {
     "argmax": [Case((DISTINCT,), {"axis": 1}), Case((DISTINCT,), {"axis": None, "keepdims": True}), Case((DISTINCT,))],
     "broadcast_to": [Case(((3, 1),), {"shape": (2, 3, 4)}), Case(((),), {"shape": (2,)})],
     # shape
-    "reshape": [Case(((2, 3, 4),), {"shape": (6, -1)}), Case(((1,),), {"shape": ()})],
+    "reshape": [Case(((2, 3, 4),), {"shape": (6, -1)}), Case(((1,),), {"shape": ()}),
+                Case(((2, 6, 5),), {"shape": (2, 2, 3, 5)}), Case(((2, 4, 3, 5),), {"shape": (2, 12, 5)})],
     "transpose": [Case(((2, 3, 4),), {"axes": (2, 0, 1)}), Case(((2, 3, 4),), {"axes": None})],
     "getitem": [Case(((4, 5),), {"index": (slice(1, 3), np.array([0, 2, 2]))}),
                 Case(((4, 5),), {"index": (slice(None, None, -1), None, 1)}),

@@ -55,10 +55,34 @@ class GPTConfig:
         return cls(**values)
 
 
+class QKVProjection(nn.Module):
+    """nanoGPT's fused ``c_attn`` (its state dict holds weight (3C, C) and bias (3C,)), stored
+    as weight (3, C, C) and bias (3, C) so that splitting axis 1 gives every rank the query,
+    key and value rows of its own heads: Megatron's column-parallel attention, with no
+    communication, under ``S(1)`` (a plain ``S(0)`` of the (3C, C) matrix would hand one rank
+    all the queries and another the values)."""
+
+    def __init__(self, n_embd: int, bias: bool = True):
+        super().__init__()
+        c = n_embd
+        self.weight = nn.Parameter(np.zeros((3, c, c), dtype=np.float32), state_shape=(3 * c, c))
+        self.bias = nn.Parameter(np.zeros((3, c), dtype=np.float32), state_shape=(3 * c,)) if bias else None
+        self.n_embd = c
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.n_embd
+        ws = [w.reshape(c, c) for w in fsf.split(self.weight, 3, axis=0)]
+        bs = [b.reshape(c) for b in fsf.split(self.bias, 3, axis=0)] if self.bias is not None else [None] * 3
+        return tuple(F.linear(x, w, b) for w, b in zip(ws, bs))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.n_embd}, out_features={3 * self.n_embd}, bias={self.bias is not None}"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = QKVProjection(config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -67,7 +91,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
         hs = c // self.n_head
-        q, k, v = fsf.split(self.c_attn(x), 3, axis=2)
+        q, k, v = self.c_attn(x)
         q, k, v = (z.reshape(b, t, self.n_head, hs).transpose(0, 2, 1, 3) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True, training=self.training)
         y = y.transpose(0, 2, 1, 3).reshape(b, t, c)
@@ -119,7 +143,7 @@ class GPT(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, QKVProjection)):
             nn.init.normal_(module.weight, 0.0, 0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -148,6 +172,38 @@ class GPT(nn.Module):
             targets = fsf.tensor(np.asarray(targets, dtype=np.int64))
         logits = self.lm_head(x)
         return logits, F.cross_entropy(logits, targets, ignore_index=-1)
+
+    @staticmethod
+    def parallel_plan(placement, *, dp_axis: int | None = None, tp_axis: int | None = None) -> dict:
+        """A plan for :meth:`nn.Module.to_global`: data parallel along mesh axis ``dp_axis``
+        (the batch is split there, parameters replicated) and Megatron-style tensor parallel
+        along ``tp_axis`` (attention projections and ``c_fc`` column-split, both ``c_proj``
+        row-split, layer-norm inputs replicated: one all-reduce after attention and one after
+        the MLP, forward and backward). Works for a block or a whole GPT.
+
+        >>> import flowsys as fs
+        >>> plan = GPT.parallel_plan(fs.placement("cpu", [[0, 1], [2, 3]]), dp_axis=0, tp_axis=1)
+        >>> plan["*.mlp.c_fc.weight"], plan["*.ln_1"]
+        ((B, S(0)), (S(0), B))
+        """
+        from flowsys.sbp import broadcast, split  # noqa: PLC0415
+
+        n = placement.ndim
+        for name, axis in (("dp_axis", dp_axis), ("tp_axis", tp_axis)):
+            if axis is not None and not 0 <= axis < n:
+                raise ConfigError(f"GPT.parallel_plan: {name}={axis} is not an axis of the mesh {placement.mesh}")
+
+        def nd(dp, tp):
+            return tuple(dp if k == dp_axis else tp if k == tp_axis else broadcast for k in range(n))
+
+        b = broadcast
+        plan = {}
+        if tp_axis is not None:
+            plan.update({"*.attn.c_attn.weight": nd(b, split(1)), "*.attn.c_attn.bias": nd(b, split(1)),
+                         "*.mlp.c_fc.weight": nd(b, split(0)), "*.mlp.c_fc.bias": nd(b, split(0)),
+                         "*.c_proj.weight": nd(b, split(1))})
+        plan.update({"*.ln_1": nd(split(0), b), "*.ln_2": nd(split(0), b), "*.ln_f": nd(split(0), b)})
+        return plan
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
         """AdamW with weight decay on matrices and embeddings only (nanoGPT's grouping)."""

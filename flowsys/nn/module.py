@@ -21,19 +21,24 @@ from flowsys.tensor import Tensor
 class Parameter(Tensor):
     """A tensor that is a module's learnable state (requires grad by default)."""
 
-    __slots__ = ()
+    __slots__ = ("state_shape",)
 
-    def __init__(self, data, requires_grad: bool = True):
+    def __init__(self, data, requires_grad: bool = True, state_shape: tuple[int, ...] | None = None):
         array = data._data if isinstance(data, Tensor) else np.asarray(data, dtype=np.float32)
         super().__init__(array, requires_grad)
+        # The shape this parameter has in state dicts, when the module stores it in another
+        # shape of the same size (e.g. a fused projection kept as (3, C, C) for (3C, C)).
+        self.state_shape = tuple(state_shape) if state_shape is not None else None
 
     def __repr__(self) -> str:
         return "Parameter containing:\n" + super().__repr__()
 
 
 def _plan_sbp(plan: dict, name: str, default):
+    """The SBP of the first pattern matching ``name`` (a leading ``*.`` also matches nothing,
+    so ``*.mlp.c_fc.weight`` names the block's own ``mlp.c_fc.weight`` too)."""
     for pattern, value in plan.items():
-        if fnmatch.fnmatchcase(name, pattern):
+        if fnmatch.fnmatchcase(name, pattern) or (pattern.startswith("*.") and fnmatch.fnmatchcase(name, pattern[2:])):
             return value
     return default
 
@@ -60,6 +65,7 @@ class Module:
         object.__setattr__(self, "_non_persistent", set())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_input_sbp", None)
 
     # ------------------------------------------------------------------------ registration
     def __setattr__(self, name: str, value: Any) -> None:
@@ -151,17 +157,23 @@ class Module:
         return sum(p.size for p in self.parameters())
 
     # ------------------------------------------------------------------------- state dict
-    def state_dict(self) -> OrderedDict[str, Tensor]:
-        """Name -> tensor (sharing memory), PyTorch's names; tied weights appear under each name."""
-        out: OrderedDict[str, Tensor] = OrderedDict()
+    def _state_items(self) -> Iterator[tuple[str, Tensor]]:
         for mod_name, m in self.named_modules(remove_duplicate=False):  # a shared module under each name, as torch
             pre = f"{mod_name}." if mod_name else ""
             for name, p in m._parameters.items():
                 if p is not None:
-                    out[pre + name] = p.detach()
+                    yield pre + name, p
             for name, b in m._buffers.items():
                 if b is not None and name not in m._non_persistent:
-                    out[pre + name] = b.detach()
+                    yield pre + name, b
+
+    def state_dict(self) -> OrderedDict[str, Tensor]:
+        """Name -> tensor (sharing memory for local tensors), PyTorch's names and shapes; tied
+        weights appear under each name."""
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for name, t in self._state_items():
+            shape = getattr(t, "state_shape", None)
+            out[name] = t.detach().reshape(shape) if shape else t.detach()
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
@@ -171,6 +183,7 @@ class Module:
         :class:`StateDictError` and nothing is changed.
         """
         own = self.state_dict()
+        targets = dict(self._state_items())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         arrays, mismatched = {}, []
@@ -193,7 +206,8 @@ class Module:
                 f"load_state_dict into {type(self).__name__}: " + " | ".join(problems)
                 + " (check the model config matches the checkpoint, or pass strict=False to skip missing/unexpected keys)")
         for k, a in arrays.items():
-            own[k].copy_(a.astype(own[k].dtype, copy=False))
+            t = targets[k]
+            t.copy_(a.astype(t.dtype, copy=False).reshape(t.shape))
         return IncompatibleKeys(missing, unexpected)
 
     # --------------------------------------------------------------------------------- modes
@@ -236,12 +250,19 @@ class Module:
         """Make every parameter and buffer a global tensor on ``placement``, in place.
 
         ``sbp`` is one SBP (or N-D tuple) for all of them, or a plan: a dict from name patterns
-        (``fnmatch``-style, matched against ``named_parameters()`` names) to SBPs; the first
-        matching pattern wins and unmatched tensors are broadcast. Megatron-style tensor
+        (``fnmatch``-style, matched against ``named_parameters()`` names; a leading ``*.`` also
+        matches at the top level) to SBPs; the first matching pattern wins and unmatched
+        tensors are broadcast. Megatron-style tensor
         parallelism on a GPT, for example::
 
             model.to_global(P, {"*.c_attn.*": S(0), "*.mlp.c_fc.*": S(0),
                                 "*.c_proj.weight": S(1)})
+
+        A pattern that names a module (not a parameter) constrains the layout of that module's
+        global tensor inputs: they are converted to the given SBP before its ``forward`` (a
+        user constraint that signature choice then works from), and their gradients are
+        converted back in the backward pass. Megatron's all-reduce before each layer norm is
+        ``{"*.ln_1": B, "*.ln_2": B, ...}``; :meth:`GPT.parallel_plan` writes such plans.
 
         Tied parameters stay tied; gradients are dropped (they had the old layout).
         """
@@ -250,6 +271,11 @@ class Module:
         plan = sbp if isinstance(sbp, dict) else None
         done: set[int] = set()
         for m_name, m in self.named_modules(remove_duplicate=False):
+            if plan is not None and m_name:
+                want = _plan_sbp(plan, m_name, None)
+                if want is not None:
+                    nd = tuple(want) if isinstance(want, (tuple, list)) else (want,) * placement.ndim
+                    object.__setattr__(m, "_input_sbp", nd)
             for table in (m._parameters, m._buffers):
                 for name, t in table.items():
                     if t is None or id(t) in done:
@@ -266,6 +292,8 @@ class Module:
         raise TypeError(f"{type(self).__name__} defines no forward()")
 
     def __call__(self, *args, **kwargs):
+        if self._input_sbp is not None:  # a layout constraint from a parallel plan
+            args = tuple(a.to_global(sbp=self._input_sbp) if isinstance(a, Tensor) and a.is_global else a for a in args)
         return self.forward(*args, **kwargs)
 
     def extra_repr(self) -> str:

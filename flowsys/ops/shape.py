@@ -37,17 +37,26 @@ def _resolve_shape(x: Spec, shape) -> tuple[int, ...]:
 
 
 def _reshape_rows(specs, attrs):
-    """A split axis survives a reshape when it maps one-to-one onto an output axis: same size and
-    the same number of elements before it (so every shard is a contiguous block of that axis)."""
+    """A split axis survives a reshape when its shards stay contiguous blocks of one output
+    axis: it maps onto an output axis of the same size, or it is cut into factors and the split
+    goes to the leading one, or it leads a group of axes merged into one; in every case with
+    the same number of elements before it. (Uneven pieces that no longer line up are ruled out
+    per mesh when the shard shapes are checked.)"""
     x = specs[0]
     out = _resolve_shape(x, attrs["shape"])
     rows = []
     for i, d in enumerate(x.shape):
         before = math.prod(x.shape[:i])
         for j, e in enumerate(out):
-            if e == d and math.prod(out[:j]) == before:
+            if math.prod(out[:j]) != before or e <= 1 and d > 1:
+                continue
+            if e == d:
                 rows.append(R.SbpRow((S(i),), (S(j),), "the split axis is kept whole by the reshape"))
-                break
+            elif d % e == 0 and any(math.prod(out[j:k]) == d for k in range(j + 2, len(out) + 1)):
+                rows.append(R.SbpRow((S(i),), (S(j),), "the split axis is cut into factors; its leading factor carries the split"))
+            elif e % d == 0 and any(math.prod(x.shape[i:m]) == e for m in range(i + 2, x.ndim + 1)):
+                rows.append(R.SbpRow((S(i),), (S(j),), "the split axis leads the axes merged into one"))
+            break
     return rows + _linear_rows()(specs, attrs)
 
 
