@@ -123,15 +123,15 @@ def tree_broadcast(me: int, n: int, x: np.ndarray | None, root: int = 0) -> Sche
     return value if me != root else np.array(value, copy=True)
 
 
-def barrier(me: int, n: int) -> Schedule:
-    """Nobody leaves before everybody has arrived: two empty messages around the ring."""
+def barrier(me: int, n: int, _unused=None) -> Schedule:
+    """Nobody leaves before everybody has arrived: a dissemination barrier, ceil(log2 n) rounds
+    in which rank i signals rank i + 2^k and waits for rank i - 2^k (empty messages)."""
     token = np.zeros(0, dtype=np.uint8)
-    if n == 1:
-        return None
-    right, left = (me + 1) % n, (me - 1) % n
-    for _ in range(2):
-        yield Send(right, token)
-        yield Recv(left)
+    step = 1
+    while step < n:
+        yield Send((me + step) % n, token)
+        yield Recv((me - step) % n)
+        step <<= 1
     return None
 
 

@@ -47,7 +47,9 @@ class Communicator:
 
     def broadcast(self, x: np.ndarray | None, root: int, group: Sequence[int] | None = None) -> np.ndarray:
         group = self._group(group)
-        return self._run(alg.tree_broadcast, group, x, root=list(group).index(root))
+        if root not in group:
+            raise CommError(f"broadcast: root rank {root} is not in the group {group}")
+        return self._run(alg.tree_broadcast, group, x, root=group.index(root))
 
     def barrier(self, group: Sequence[int] | None = None) -> None:
         group = self._group(group)

@@ -38,7 +38,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from comm import algorithms as _alg
-from comm import drive, run_group
+from comm import CommError, drive, run_group
+from flowsys.errors import CommunicationError
 from flowsys.layout import NdSbp, as_slices, bounds, fmt, holds_value, is_replica, local_shape, shard_box
 from flowsys.placement import Placement
 from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split
@@ -253,6 +254,14 @@ def _emit(event: Event) -> None:
 
 def execute(p: Plan, shards: Sequence, xp=np) -> list:
     """Run plan ``p`` over ``shards`` (one per source rank, mesh order); return the new shards."""
+    try:
+        return _execute(p, shards, xp)
+    except CommError as err:
+        raise CommunicationError(f"boxing {fmt(p.src_sbp)} -> {fmt(p.dst_sbp)} of {p.dtype.name}{list(p.shape)} "
+                                 f"failed: {err}") from err
+
+
+def _execute(p: Plan, shards: Sequence, xp) -> list:
     if p.src_placement != p.dst_placement:
         return _execute_move(p, shards, xp)
     placement, state, shards = p.src_placement, list(p.src_sbp), list(shards)
