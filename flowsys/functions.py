@@ -103,11 +103,13 @@ def full(shape, fill_value, dtype=None, requires_grad: bool = False, device: str
 
 
 def zeros_like(x: Tensor, dtype=None) -> Tensor:
-    return _place(np.zeros(x.shape, _dtype(dtype, x.dtype)), x.device, False)
+    """Zeros of ``x``'s shape, device or placement and SBP."""
+    return _place(np.zeros(x.shape, _dtype(dtype, x.dtype)), x.device, False, x.placement, x.sbp)
 
 
 def ones_like(x: Tensor, dtype=None) -> Tensor:
-    return _place(np.ones(x.shape, _dtype(dtype, x.dtype)), x.device, False)
+    """Ones of ``x``'s shape, device or placement and SBP (for ``P``, the ones are the sum)."""
+    return _place(np.ones(x.shape, _dtype(dtype, x.dtype)), x.device, False, x.placement, x.sbp)
 
 
 def arange(start, stop=None, step=1, dtype=None, device: str = "cpu", placement=None, sbp=None) -> Tensor:

@@ -46,6 +46,24 @@ def split(axis: int) -> Split:
     return Split(int(axis))
 
 
+class SbpTuple(tuple):
+    """A global tensor's SBP: one value per mesh axis. On a 1-D mesh it also equals its single
+    value, so ``g.sbp == split(0)`` and ``g.sbp == (split(0),)`` both hold."""
+
+    __slots__ = ()
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Split, Broadcast, PartialSum)):
+            return len(self) == 1 and self[0] == other
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self[0]) if len(self) == 1 else tuple.__hash__(self)
+
+
 def parse(text: str) -> SbpValue:
     """Inverse of ``repr``: ``parse("S(0)") == split(0)``."""
     text = text.strip()
@@ -58,4 +76,4 @@ def parse(text: str) -> SbpValue:
     raise ValueError(f"not an SBP value: {text!r} (expected S(i), B or P)")
 
 
-__all__ = ["Split", "Broadcast", "PartialSum", "SbpValue", "split", "broadcast", "partial_sum", "parse"]
+__all__ = ["Split", "Broadcast", "PartialSum", "SbpValue", "SbpTuple", "split", "broadcast", "partial_sum", "parse"]

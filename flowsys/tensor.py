@@ -28,7 +28,7 @@ from flowsys.layout import normalize_sbp
 from flowsys.ops import OPS, OpDef, Spec
 from flowsys.ops.registry import normalize_axis
 from flowsys.placement import Placement
-from flowsys.sbp import PartialSum
+from flowsys.sbp import PartialSum, SbpTuple
 from flowsys.sbp import broadcast as _B
 
 float32 = np.dtype(np.float32)
@@ -103,7 +103,7 @@ class Tensor:
     @property
     def sbp(self) -> tuple | None:
         """One SBP value per mesh axis of a global tensor (None for a local tensor)."""
-        return self._data.sbp if type(self._data) is GlobalValue else None
+        return SbpTuple(self._data.sbp) if type(self._data) is GlobalValue else None
 
     def to_global(self, placement: Placement | None = None, sbp=None) -> Tensor:
         """This tensor laid out over ``placement`` as ``sbp`` says.

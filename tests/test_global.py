@@ -53,6 +53,7 @@ def test_to_global_to_local_and_numpy_with_uneven_splits():
     x = np.arange(7 * 4, dtype=np.float32).reshape(7, 4)
     g = fs.tensor(x).to_global(P1, S(0))
     assert g.is_global and g.placement == P1 and g.sbp == (S(0),) and g.shape == (7, 4)
+    assert g.sbp == S(0) and g.sbp != B, "on a 1-D mesh the SBP also equals its one value"
     assert [g.to_local(r).shape for r in P1.ranks] == [(3, 4), (2, 4), (2, 4)]  # np.array_split
     np.testing.assert_array_equal(g.to_local(1).numpy(), x[3:5])
     np.testing.assert_array_equal(g.numpy(), x)
@@ -85,6 +86,7 @@ def test_creation_functions_take_placement_and_sbp():
     assert fs.ones(3, placement=P1).sbp == (B,)
     assert fs.full((2, 2), 7.0, placement=P1, sbp=P).numpy().tolist() == [[7.0, 7.0], [7.0, 7.0]]
     assert fs.arange(5, placement=P1, sbp=S(0)).to_local(2).tolist() == [4]
+    assert fs.ones_like(g).sbp == (S(0),) and fs.ones_like(g).numpy().sum() == 8 * 16
     w = fs.randn(3, 3, requires_grad=True, placement=P1, sbp=S(1))
     assert w.requires_grad and w.is_leaf
     with pytest.raises(fs.PlacementError, match="placement="):
