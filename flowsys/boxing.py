@@ -40,7 +40,7 @@ import numpy as np
 from comm import algorithms as _alg
 from comm import CommError, drive, run_group
 from flowsys.errors import CommunicationError
-from flowsys.layout import NdSbp, as_slices, bounds, fmt, holds_value, is_replica, local_shape, shard_box
+from flowsys.layout import NdSbp, bounds, fmt, holds_value, is_replica, local_shape, shard_box
 from flowsys.placement import Placement
 from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split
 

@@ -22,7 +22,7 @@ from flowsys.errors import FlowsysError, PlacementError, SbpError
 from flowsys.layout import NdSbp, assemble, distribute, fmt, local_shape, normalize_sbp, shard_box
 from flowsys.ops.registry import OpDef, SbpRow, Shard, Spec
 from flowsys.placement import Placement
-from flowsys.sbp import Broadcast, PartialSum, Split
+from flowsys.sbp import Broadcast, PartialSum
 
 
 class GlobalValue:

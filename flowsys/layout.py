@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
 from flowsys.errors import SbpError
 from flowsys.placement import Placement
 from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split

@@ -18,11 +18,17 @@ An entry of ``shapes`` is one of
 
 from __future__ import annotations
 
+import itertools
+
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from flowsys.global_tensor import GlobalValue
+from flowsys.layout import as_slices, shard_box
+from flowsys.sbp import PartialSum
 import torch
 
 import flowsys as fs
@@ -220,3 +226,23 @@ def check_grad_fd(
                                    err_msg=f"gradient of input {i} vs central differences")
         nonzero = nonzero or bool(np.abs(numeric).max(initial=0.0) > 1e-6)
     assert nonzero, "every gradient is zero: the check would pass for any rule; change the inputs"
+
+
+def laid_out(a: np.ndarray, nd, placement, rng=0) -> GlobalValue:
+    """``a`` laid out as ``nd`` on ``placement``; along P mesh axes the shards hold random addends
+    of the value (one per combination of P-axis coordinates, equal across B replicas).
+    ``rng`` is a generator or a seed."""
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    p_axes = [k for k, v in enumerate(nd) if isinstance(v, PartialSum)]
+    combos = list(itertools.product(*(range(placement.mesh[k]) for k in p_axes)))
+    terms = {}
+    for c in combos[:-1]:
+        noise = rng.standard_normal(a.shape) if a.dtype.kind == "f" else rng.integers(-5, 5, a.shape)
+        terms[c] = noise.astype(a.dtype)
+    terms[combos[-1]] = a - sum(terms.values()) if terms else a.copy()
+    shards = []
+    for rank in placement.ranks:
+        coords = placement.coords(rank)
+        term = terms[tuple(coords[k] for k in p_axes)]
+        shards.append(term[as_slices(shard_box(a.shape, nd, placement.mesh, coords))].copy())
+    return GlobalValue(placement, nd, a.shape, a.dtype, shards)

@@ -11,26 +11,12 @@ import pytest
 import flowsys as fs
 from flowsys import boxing
 from flowsys.global_tensor import GlobalValue, make_global
-from flowsys.layout import as_slices, local_shape, shard_box
-from flowsys.sbp import Broadcast, PartialSum, Split, broadcast, partial_sum, split
+from flowsys.layout import local_shape
+from helpers import laid_out
+from flowsys.sbp import PartialSum, Split, broadcast, partial_sum, split
 
 B, P, S = broadcast, partial_sum, split
 VALUES = [S(0), S(1), B, P]
-
-
-def laid_out(a: np.ndarray, nd, placement, seed: int = 0) -> GlobalValue:
-    """``a`` as ``nd`` on ``placement``, with random addends along P mesh axes (equal on replicas)."""
-    rng = np.random.default_rng(seed)
-    p_axes = [k for k, v in enumerate(nd) if isinstance(v, PartialSum)]
-    combos = list(itertools.product(*(range(placement.mesh[k]) for k in p_axes)))
-    terms = {c: rng.standard_normal(a.shape) for c in combos[:-1]}
-    terms[combos[-1]] = a - sum(terms.values()) if terms else a
-    shards = []
-    for rank in placement.ranks:
-        c = placement.coords(rank)
-        term = terms[tuple(c[k] for k in p_axes)]
-        shards.append(np.array(term[as_slices(shard_box(a.shape, nd, placement.mesh, c))]))
-    return GlobalValue(placement, nd, a.shape, a.dtype, shards)
 
 
 def table_key(src, dst) -> tuple[str, str]:

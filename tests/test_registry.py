@@ -8,7 +8,6 @@ and every op with a gradient rule gets its rule checked against finite differenc
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,10 +16,9 @@ import pytest
 import flowsys as fs
 from flowsys.ops import OPS, SbpRow, Spec
 from flowsys.sbp import Broadcast, PartialSum, Split
-from flowsys.layout import as_slices, shard_box
-from flowsys.global_tensor import GlobalValue, make_global, run_signature, signatures
+from flowsys.global_tensor import make_global, run_signature, signatures
 from flowsys.tensor import Tensor, apply
-from helpers import Arg, check_grad_fd, make_inputs
+from helpers import Arg, check_grad_fd, laid_out, make_inputs
 
 
 @dataclass(frozen=True)
@@ -181,24 +179,6 @@ def test_sbp_rows_are_well_formed(name, case):
 MESHES = {"2": [0, 1], "3": [0, 1, 2], "2x2": [[0, 1], [2, 3]]}
 
 
-def _laid_out(a: np.ndarray, nd, placement, rng) -> GlobalValue:
-    """``a`` laid out as ``nd``; along P mesh axes the shards hold random addends of the value
-    (one addend per combination of P-axis coordinates, equal across B replicas)."""
-    p_axes = [k for k, v in enumerate(nd) if isinstance(v, PartialSum)]
-    combos = list(itertools.product(*(range(placement.mesh[k]) for k in p_axes)))
-    terms = {}
-    for c in combos[:-1]:
-        noise = rng.standard_normal(a.shape) if a.dtype.kind == "f" else rng.integers(-5, 5, a.shape)
-        terms[c] = noise.astype(a.dtype)
-    terms[combos[-1]] = a - sum(terms.values()) if terms else a.copy()
-    shards = []
-    for rank in placement.ranks:
-        coords = placement.coords(rank)
-        term = terms[tuple(coords[k] for k in p_axes)]
-        shards.append(term[as_slices(shard_box(a.shape, nd, placement.mesh, coords))].copy())
-    return GlobalValue(placement, nd, a.shape, a.dtype, shards)
-
-
 @pytest.mark.parametrize("mesh", list(MESHES))
 @pytest.mark.parametrize("name,case", _cases("sweep"))
 def test_every_signature_holds_shard_by_shard(name, case, mesh):
@@ -217,7 +197,7 @@ def test_every_signature_holds_shard_by_shard(name, case, mesh):
     assert any(all(isinstance(v, Broadcast) for nd in s.ins for v in nd) for s in sigs), f"{name}: no replicated signature"
     rng = np.random.default_rng(1)
     for sig in sigs:
-        values = [_laid_out(a, nd, placement, rng) for a, nd in zip(arrays, sig.ins)]
+        values = [laid_out(a, nd, placement, rng) for a, nd in zip(arrays, sig.ins)]
         outs = run_signature(op, values, case.attrs, sig, out_specs)
         for i, (want, got) in enumerate(zip(full, outs)):
             want = np.asarray(want)
@@ -254,7 +234,7 @@ def test_gradients_through_global_tensors(name, case, mesh):
     loss_of(local).backward()
     layouts = {sig.ins for sig in signatures(op, specs, case.attrs, placement)}
     for ins in sorted(layouts, key=repr):
-        leaves = [Tensor(_laid_out(a, nd, placement, rng), requires_grad=a.dtype.kind == "f")
+        leaves = [Tensor(laid_out(a, nd, placement, rng), requires_grad=a.dtype.kind == "f")
                   for a, nd in zip(arrays, ins)]
         loss = loss_of(leaves)
         np.testing.assert_allclose(loss.numpy(), loss_of(local).numpy(), rtol=1e-9, atol=1e-9)

@@ -10,7 +10,7 @@ import numpy as np
 
 from flowsys.errors import ShapeError
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.registry import Spec, normalize_axes, register, sum_to_shape
+from flowsys.ops.registry import Spec, local_shape_attr, normalize_axes, register, sum_to_shape
 
 
 def _reduced_shape(shape, axes, keepdims):
@@ -118,7 +118,7 @@ def _broadcast_to_rows(specs, attrs):
     return rows
 
 
-@register("broadcast_to", infer=_broadcast_to_infer, sbp=_broadcast_to_rows, lower=R.local_shape_attr(),
+@register("broadcast_to", infer=_broadcast_to_infer, sbp=_broadcast_to_rows, lower=local_shape_attr(),
           grad=lambda b, g, out, x, *, shape: [sum_to_shape(b, g, x.shape)])
 def broadcast_to(xp, x, *, shape):
     return xp.broadcast_to(x, shape)

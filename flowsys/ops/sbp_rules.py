@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from flowsys.ops.registry import SbpRow, Spec, local_shape_attr  # noqa: F401  (re-exported for the op families)
+from flowsys.ops.registry import SbpRow, Spec
 from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split
 
 B = Broadcast()
