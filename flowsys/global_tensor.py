@@ -177,7 +177,13 @@ def _fits(op: OpDef, specs, out_specs, attrs, sig: Signature, placement: Placeme
 
 
 def common_placement(op_name: str, values: Sequence[Any]) -> Placement:
-    placements = {v.placement for v in values if isinstance(v, GlobalValue)}
+    return single_placement(op_name, {v.placement for v in values if isinstance(v, GlobalValue)})
+
+
+def single_placement(op_name: str, placements) -> Placement:
+    """The one placement of an op's global inputs (flowsys never moves data between placements
+    implicitly: that is a PlacementError naming both)."""
+    placements = set(placements)
     if len(placements) > 1:
         names = " and ".join(sorted(map(repr, placements)))
         raise PlacementError(

@@ -23,6 +23,8 @@ from flowsys import device as _device
 from flowsys.autograd import is_grad_enabled, no_grad
 from flowsys.errors import DTypeError, GradError, PlacementError, ShapeError
 from flowsys.global_tensor import GlobalValue, apply_global, check_rank, make_global
+from flowsys.graph import trace as _trace
+from flowsys.graph.trace import Symbol
 from flowsys.layout import fmt as _fmt_sbp
 from flowsys.layout import normalize_sbp
 from flowsys.ops import OPS, OpDef, Spec
@@ -82,23 +84,27 @@ class Tensor:
     def device(self) -> str:
         if type(self._data) is GlobalValue:
             return self._data.placement.type
+        if type(self._data) is Symbol:
+            return self._data.placement.type if self._data.placement is not None else "cpu"
         return _device.device_of(self._data)
 
     @property
     def xp(self):
         if type(self._data) is GlobalValue:
             return self._data.xp
+        if type(self._data) is Symbol:
+            return _device.array_module(self.device)
         return _device.module_of(self._data)
 
     # ------------------------------------------------------------------------- global tensors
     @property
     def is_global(self) -> bool:
-        return type(self._data) is GlobalValue
+        return type(self._data) is GlobalValue or (type(self._data) is Symbol and self._data.placement is not None)
 
     @property
     def placement(self) -> Placement | None:
         """The devices a global tensor lives on (None for a local tensor)."""
-        return self._data.placement if type(self._data) is GlobalValue else None
+        return self._data.placement if type(self._data) in (GlobalValue, Symbol) else None
 
     @property
     def sbp(self) -> tuple | None:
@@ -113,6 +119,8 @@ class Tensor:
         another placement: point-to-point moves); unset arguments keep their current value.
         The conversion is differentiable: its gradient is the incoming one, converted back.
         """
+        if type(self._data) is Symbol:
+            return _trace.active().layout_change(self, placement, sbp)
         if type(self._data) is not GlobalValue:
             if placement is None:
                 raise PlacementError(f"to_global: a local tensor of shape {self.shape} needs a placement, "
@@ -156,6 +164,8 @@ class Tensor:
         logical value of a global tensor (gathered on the driver)."""
         if type(self._data) is GlobalValue:
             return _device.to_numpy(self._data.logical())
+        if type(self._data) is Symbol:
+            raise _trace.untraceable("reading a tensor's value (.numpy(), .item(), bool(), a Python `if` on it)")
         return _device.to_numpy(self._data)
 
     def item(self):
@@ -195,6 +205,9 @@ class Tensor:
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
+        if type(self._data) is Symbol:
+            v = self._data.value
+            return f"tensor(<traced value {v.id}: {v.dtype.name}{list(v.shape)}>)"
         body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=20, prefix="tensor(")
         extra = "" if self.dtype == DEFAULT_FLOAT else f", dtype={self.dtype.name}"
         grad = ", requires_grad=True" if self.requires_grad else ""
@@ -219,6 +232,9 @@ class Tensor:
 
     def backward(self, gradient: Tensor | None = None) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (``gradient`` for non-scalars)."""
+        if type(self._data) is Symbol:  # inside Graph.build(): the autodiff pass does the work
+            _trace.active().mark_loss(self)
+            return
         if not self.requires_grad:
             raise GradError(
                 f"backward: this tensor (shape {self.shape}) does not require grad: no input of the "
@@ -428,6 +444,8 @@ def apply(name: str, *inputs: Tensor, **attrs) -> Any:
     op = OPS[name]
     specs = tuple(Spec(t._data.shape, t._data.dtype) for t in inputs)
     out_spec = op.infer(*specs, **attrs)
+    if _trace._active and any(type(t._data) is Symbol for t in inputs):
+        return _trace.active().record(op, inputs, attrs, out_spec)
     record = op.grad is not None and is_grad_enabled() and any(t.requires_grad for t in inputs)
     if any(type(t._data) is GlobalValue for t in inputs):
         outs = tuple(Tensor(v) for v in apply_global(op, [t._data for t in inputs], attrs, out_spec))

@@ -50,17 +50,21 @@ class Optimizer:
     def step(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state.setdefault(id(p), {})
-                if type(p._data) is GlobalValue:
-                    # Each rank updates its own shard with its shard of the gradient, which has
-                    # the parameter's layout (autograd boxes leaf gradients to it).
-                    grad = p.grad._data.with_layout(p._data.placement, p._data.sbp)
-                    for r, (shard, g) in enumerate(zip(p._data.shards, grad.shards)):
-                        self._update(shard, g, state.setdefault(r, {}), group)
-                else:
-                    self._update(p._data, p.grad._data, state, group)
+                if p.grad is not None:
+                    self.update_param(p, p.grad._data, group)
+
+    def update_param(self, p: Tensor, grad, group: dict) -> None:
+        """Update ``p`` in place from ``grad`` (an array, or a global value); graph mode's
+        update nodes call this too."""
+        state = self.state.setdefault(id(p), {})
+        if type(p._data) is GlobalValue:
+            # Each rank updates its own shard with its shard of the gradient, which has the
+            # parameter's layout (autograd and graph mode box leaf gradients to it).
+            grad = grad.with_layout(p._data.placement, p._data.sbp)
+            for r, (shard, g) in enumerate(zip(p._data.shards, grad.shards)):
+                self._update(shard, g, state.setdefault(r, {}), group)
+        else:
+            self._update(p._data, grad, state, group)
 
     def _update(self, p, g, state: dict, group: dict) -> None:  # pragma: no cover - abstract
         raise TypeError(f"{type(self).__name__} defines no update rule")

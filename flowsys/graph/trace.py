@@ -1,0 +1,203 @@
+"""Tracing ``Graph.build()`` into the IR.
+
+While a :class:`Tracer` is active, tensors may hold a :class:`Symbol` (a graph value) instead
+of an array; :func:`flowsys.tensor.apply` sends any op with a symbolic input to
+:meth:`Tracer.record`, which appends a node after running the op's inference (so shape errors
+surface at compile time, naming the op). Arrays met along the way (a ``fs.arange`` inside
+``build``, Python scalars) become constants. Reading a value inside ``build`` — ``.numpy()``,
+``.item()``, ``if tensor:`` — is a :class:`GraphError`: the graph must not depend on data.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from flowsys.global_tensor import GlobalValue, single_placement
+from flowsys.graph.ir import Graph, GraphError, Node, Value
+from flowsys.ops import OpDef
+
+
+@dataclass(frozen=True, slots=True)
+class SeedRef:
+    """A dropout seed drawn afresh on every run (the forward node and its gradient share it)."""
+
+    index: int
+
+
+class Symbol:
+    """What a tensor holds while ``build()`` is traced: a graph value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Value):
+        self.value = value
+
+    shape = property(lambda self: self.value.shape)
+    dtype = property(lambda self: self.value.dtype)
+    ndim = property(lambda self: len(self.value.shape))
+    size = property(lambda self: int(np.prod(self.value.shape, dtype=np.int64)))
+    placement = property(lambda self: self.value.placement)
+
+
+_active: list[Tracer] = []
+
+
+def active() -> Tracer | None:
+    return _active[-1] if _active else None
+
+
+class Tracer:
+    def __init__(self, start_id: int = 0, phase: str = "forward"):
+        self.values: dict[int, Value] = {}
+        self.nodes: list[Node] = []
+        self.constants: dict[int, Any] = {}
+        self._ids = itertools.count(start_id)
+        self.phase = phase
+        self.loss: int | None = None
+        self.seeds = 0
+
+    def __enter__(self) -> Tracer:
+        _active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _active.remove(self)
+
+    def new_value(self, shape, dtype, placement=None, sbp=None) -> Value:
+        v = Value(next(self._ids), tuple(shape), np.dtype(dtype), placement, tuple(sbp) if sbp is not None else None)
+        self.values[v.id] = v
+        return v
+
+    def constant(self, data) -> Symbol:
+        if type(data) is GlobalValue:
+            v = self.new_value(data.shape, data.dtype, data.placement, data.sbp)
+        else:
+            data = np.asarray(data)
+            v = self.new_value(data.shape, data.dtype)
+        self.constants[v.id] = data
+        return Symbol(v)
+
+    def symbol_of(self, t) -> Symbol:
+        return t._data if type(t._data) is Symbol else self.constant(t._data)
+
+    def add_node(self, kind: str, op: str, inputs: Sequence[int], outputs: Sequence[int], attrs: dict, sig=None) -> Node:
+        node = Node(next(self._ids), kind, op, tuple(inputs), tuple(outputs), tuple(sorted(attrs.items())), self.phase, sig)
+        self.nodes.append(node)
+        return node
+
+    def record(self, op: OpDef, tensors, attrs: dict, out_spec):
+        from flowsys.tensor import Tensor  # noqa: PLC0415 - tensor imports this module
+
+        syms = [self.symbol_of(t) for t in tensors]
+        placements = [s.value.placement for s in syms if s.value.placement is not None]
+        placement = None
+        if placements:
+            placement = single_placement(op.name, placements)
+            if any(s.value.placement is None for s in syms):  # a local constant beside global values
+                syms = [s if s.value.placement is not None else self._broadcast_constant(s, placement) for s in syms]
+        if op.name == "dropout" and not isinstance(attrs.get("seed"), SeedRef):
+            attrs = {**attrs, "seed": SeedRef(self.seeds)}
+            self.seeds += 1
+        specs = tuple(out_spec) if op.multi_output else (out_spec,)
+        outs = [self.new_value(s.shape, s.dtype, placement) for s in specs]
+        self.add_node("op", op.name, [s.value.id for s in syms], [v.id for v in outs], attrs)
+        needs_grad = any(t.requires_grad for t in tensors)
+        results = []
+        for v in outs:
+            t = Tensor(Symbol(v))
+            t.requires_grad = needs_grad and v.dtype.kind == "f"
+            results.append(t)
+        return tuple(results) if op.multi_output else results[0]
+
+    def _broadcast_constant(self, sym: Symbol, placement) -> Symbol:
+        from flowsys.global_tensor import make_global  # noqa: PLC0415
+        from flowsys.sbp import broadcast  # noqa: PLC0415
+
+        data = self.constants.pop(sym.value.id)
+        del self.values[sym.value.id]
+        return self.constant(make_global(np.asarray(data), placement, broadcast))
+
+    def layout_change(self, t, placement, sbp):
+        """``x.to_global(...)`` inside build(): a boxing node whose output layout is pinned."""
+        from flowsys.layout import normalize_sbp  # noqa: PLC0415
+        from flowsys.tensor import Tensor  # noqa: PLC0415
+
+        sym = self.symbol_of(t)
+        placement = placement if placement is not None else sym.value.placement
+        if placement is None:
+            raise GraphError("to_global inside build(): a local tensor needs a placement")
+        nd = normalize_sbp(sbp, placement, sym.value.shape) if sbp is not None else None
+        out = self.new_value(sym.value.shape, sym.value.dtype, placement, nd)
+        self.add_node("boxing", "to_global", [sym.value.id], [out.id], {"placement": placement, "sbp": nd})
+        r = Tensor(Symbol(out))
+        r.requires_grad = t.requires_grad
+        return r
+
+    def layout_change_back(self, g, like: int):
+        """The gradient of a layout change: ``g`` converted to the layout of value ``like`` (a
+        partial sum's gradient replicated), resolved by SBP inference."""
+        from flowsys.tensor import Tensor  # noqa: PLC0415
+
+        src = self.values[like]
+        if src.placement is None:
+            raise GraphError("to_global inside build() on a local tensor that needs a gradient: make it global "
+                             "before calling the graph (x.to_global(...)) instead")
+        sym = self.symbol_of(g)
+        out = self.new_value(src.shape, src.dtype, src.placement)
+        self.add_node("boxing", "to_global", [sym.value.id], [out.id], {"like": like})
+        return Tensor(Symbol(out))
+
+    def mark_loss(self, t) -> None:
+        if self.loss is not None:
+            raise GraphError("build() called backward() twice; a graph trains one loss (sum them first)")
+        if t.size != 1:
+            raise GraphError(f"backward() inside build() needs a one-element loss, got shape {t.shape}")
+        self.loss = t._data.value.id
+
+
+def untraceable(what: str) -> GraphError:
+    return GraphError(
+        f"{what} inside Graph.build(): a graph is traced once and must not depend on tensor values "
+        f"(no .numpy()/.item(), no Python `if`/`while` on a tensor); compute it outside build() or with ops "
+        f"such as fs.where")
+
+
+def trace(fn, args, variables: dict[str, Any], start_id: int = 0) -> Graph:
+    """Trace ``fn(*args)`` with ``variables`` (name -> Parameter) made symbolic."""
+    from flowsys.tensor import Tensor  # noqa: PLC0415
+
+    tracer = Tracer(start_id)
+    inputs, saved, var_ids = [], {}, {}
+    sym_args = []
+    for a in args:
+        if isinstance(a, Tensor):
+            d = a._data
+            pl, sbp = (d.placement, d.sbp) if type(d) is GlobalValue else (None, None)
+            v = tracer.new_value(d.shape, d.dtype, pl, sbp)
+            inputs.append(v.id)
+            sym_args.append(Tensor(Symbol(v)))
+        else:
+            sym_args.append(a)
+    try:
+        for name, p in variables.items():
+            d = p._data
+            pl, sbp = (d.placement, d.sbp) if type(d) is GlobalValue else (None, None)
+            v = tracer.new_value(d.shape, d.dtype, pl, sbp)
+            saved[name], var_ids[name] = d, v.id
+            p._data = Symbol(v)
+        with tracer:
+            out = fn(*sym_args)
+    finally:
+        for name, d in saved.items():
+            variables[name]._data = d
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if not outs or not all(isinstance(o, Tensor) and type(o._data) is Symbol for o in outs):
+        got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"({', '.join(type(o).__name__ for o in outs)})"
+        raise GraphError(f"Graph.build() must return a tensor computed inside it (or a tuple of them), got {got}")
+    g = Graph(dict(tracer.values), tuple(tracer.nodes), tuple(inputs), var_ids, dict(tracer.constants),
+              tuple(o._data.value.id for o in outs), tracer.loss)
+    return g, tracer.seeds
