@@ -1,0 +1,244 @@
+"""Lowering the compiled global IR to one physical plan per rank (see the package docstring)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from flowsys.graph.ir import Graph, Node, Value
+from flowsys.layout import fmt, local_shape, shard_box
+from flowsys.ops import OPS
+from flowsys.ops.registry import Shard, Spec
+from flowsys.placement import Placement
+from scheduler import plan_pb2
+
+# Optimizer state per parameter byte, by optimizer (AdamW keeps two moments).
+_STATE_FACTOR = {"AdamW": 2, "SGD": 1}
+
+
+def encode_attrs(attrs: dict[str, Any]) -> str:
+    """Canonical JSON of op attributes (tuples, slices, arrays, dtypes, seeds kept apart)."""
+    return json.dumps({k: _encode(v) for k, v in sorted(attrs.items())}, sort_keys=True, separators=(",", ":"))
+
+
+def _encode(v):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (np.integer, np.floating, np.bool_)):
+        return v.item()
+    if isinstance(v, tuple):
+        return {"tuple": [_encode(x) for x in v]}
+    if isinstance(v, list):
+        return [_encode(x) for x in v]
+    if isinstance(v, slice):
+        return {"slice": [v.start, v.stop, v.step]}
+    if isinstance(v, np.ndarray):
+        return {"array": v.tolist(), "dtype": v.dtype.name}
+    if isinstance(v, np.dtype):
+        return {"dtype": v.name}
+    if type(v).__name__ == "SeedRef":
+        return {"seed": v.index}
+    if isinstance(v, type) and issubclass(v, np.generic):
+        return {"dtype": np.dtype(v).name}
+    raise TypeError(f"cannot encode attribute value {v!r} of type {type(v).__name__}")
+
+
+class _Lowering:
+    def __init__(self, g: Graph, optimizer_kinds: dict[str, str]):
+        self.g = g
+        self.optimizer_kinds = optimizer_kinds
+        self.op_ids = itertools.count()
+        self.value_ids = itertools.count(max(g.values, default=0) + 1)
+        self.channels: dict[Any, int] = {}
+        placements = {v.placement for v in g.values.values() if v.placement is not None}
+        self.ranks = sorted({r for p in placements for r in p.ranks}) or [0]
+
+    def channel(self, key) -> int:
+        return self.channels.setdefault(key, len(self.channels))
+
+    def lower(self) -> plan_pb2.Plan:
+        plan = plan_pb2.Plan(micro_batches=self.g.micro_batches)
+        for r in self.ranks:
+            plan.ranks.append(self.rank_plan(r))
+        return plan
+
+    # ------------------------------------------------------------------------------ one rank
+    def lives_on(self, v: Value, r: int) -> bool:
+        return v.placement is None or r in v.placement.ranks
+
+    def local(self, v: Value, r: int) -> tuple[int, ...]:
+        if v.placement is None or v.sbp is None:
+            return v.shape
+        return local_shape(v.shape, v.sbp, v.placement.mesh, v.placement.coords(r))
+
+    def rank_plan(self, r: int) -> plan_pb2.RankPlan:
+        g = self.g
+        rp = plan_pb2.RankPlan(rank=r)
+        declared: set[int] = set()
+
+        def declare(vid: int, shape=None, dtype=None, sbp="") -> None:
+            if vid in declared:
+                return
+            declared.add(vid)
+            if shape is None:
+                v = g.values[vid]
+                shape, dtype, sbp = self.local(v, r), v.dtype, fmt(v.sbp) if v.sbp is not None else ""
+            rp.values.append(plan_pb2.Value(id=vid, shape=list(shape), dtype=np.dtype(dtype).name, sbp=sbp))
+
+        for vid in g.inputs:
+            if self.lives_on(g.values[vid], r):
+                declare(vid)
+                rp.inputs.append(vid)
+        for name, vid in g.variables.items():
+            if self.lives_on(g.values[vid], r):
+                declare(vid)
+                rp.variables[name] = vid
+        for vid in g.constants:
+            if self.lives_on(g.values[vid], r):
+                declare(vid)
+        for n in g.nodes:
+            if n.kind == "op":
+                self.lower_op(n, r, rp, declare)
+            elif n.kind == "boxing":
+                self.lower_boxing(n, r, rp, declare)
+            elif self.lives_on(g.values[n.inputs[0]], r):
+                for vid in n.inputs + n.outputs:
+                    declare(vid)
+                attrs = {"optimizer": n.attr["optimizer"], "group": n.attr["group"], "variable": n.attr["variable"]}
+                rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="update", op=n.op, inputs=n.inputs,
+                                          outputs=n.outputs, attrs=encode_attrs(attrs), phase=n.phase))
+        rp.bytes_sent = sum(op.nbytes for op in rp.ops)
+        self.estimate_memory(rp)
+        return rp
+
+    def lower_op(self, n: Node, r: int, rp, declare) -> None:
+        g = self.g
+        outs = [g.values[o] for o in n.outputs]
+        if not self.lives_on(outs[0], r):
+            return
+        ins = [g.values[i] for i in n.inputs]
+        attrs = n.attr
+        op = OPS[n.op]
+        if op.lower is not None and outs[0].placement is not None:
+            p = outs[0].placement
+            coords = p.coords(r)
+            shard = Shard(tuple(Spec(self.local(v, r), v.dtype) for v in ins),
+                          tuple(Spec(self.local(v, r), v.dtype) for v in outs),
+                          tuple(tuple(a for a, _ in shard_box(v.shape, v.sbp, p.mesh, coords)) for v in ins),
+                          tuple(tuple(a for a, _ in shard_box(v.shape, v.sbp, p.mesh, coords)) for v in outs),
+                          tuple(v.spec for v in outs))
+            attrs = op.lower(attrs, shard)
+        for vid in n.inputs + n.outputs:
+            declare(vid)
+        rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="compute", op=n.op, inputs=n.inputs,
+                                  outputs=n.outputs, attrs=encode_attrs(attrs), phase=n.phase))
+
+    def lower_boxing(self, n: Node, r: int, rp, declare) -> None:
+        g = self.g
+        src, dst = g.values[n.inputs[0]], g.values[n.outputs[0]]
+        plan = n.attr.get("plan")
+        if plan is None:  # the driver lays a local value out: each rank takes its shard
+            if self.lives_on(dst, r):
+                declare(n.inputs[0], src.shape, src.dtype)
+                declare(n.outputs[0])
+                rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="take_shard",
+                                          inputs=n.inputs, outputs=n.outputs, attrs=encode_attrs({"sbp": fmt(dst.sbp)}),
+                                          phase=n.phase))
+            return
+        if src.placement != dst.placement:
+            self.lower_move(n, plan, r, rp, declare)
+            return
+        if not self.lives_on(src, r):
+            return
+        p: Placement = src.placement
+        current = n.inputs[0]
+        declare(current)
+        state = list(src.sbp)
+        for i, step in enumerate(plan.steps):
+            last = i == len(plan.steps) - 1
+            state[step.mesh_axis] = step.dst
+            out = n.outputs[0] if last else next(self.value_ids)
+            if not last:
+                declare(out, local_shape(src.shape, tuple(state), p.mesh, p.coords(r)), src.dtype, fmt(tuple(state)))
+            else:
+                declare(out)
+            attrs = {"src": repr(step.src), "dst": repr(step.dst), "mesh_axis": step.mesh_axis}
+            if step.kind in ("slice", "zeros"):
+                rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op=step.kind, inputs=[current],
+                                          outputs=[out], attrs=encode_attrs(attrs), phase=n.phase))
+            else:
+                group = p.group(r, along=step.mesh_axis)
+                n_groups = p.size // len(group)
+                rp.ops.append(plan_pb2.Op(
+                    id=next(self.op_ids), node=n.id, kind="collective", op=step.kind, inputs=[current], outputs=[out],
+                    attrs=encode_attrs(attrs), phase=n.phase, group=list(group),
+                    channel=self.channel((n.id, i, group)), nbytes=step.nbytes // (n_groups * len(group))))
+            current = out
+        if not plan.steps:  # nothing to do: the output is the input
+            rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="identity", inputs=[current],
+                                      outputs=n.outputs, phase=n.phase))
+            declare(n.outputs[0])
+
+    def lower_move(self, n: Node, plan, r: int, rp, declare) -> None:
+        g = self.g
+        src, dst = g.values[n.inputs[0]], g.values[n.outputs[0]]
+        if self.lives_on(src, r):
+            declare(n.inputs[0])
+        if self.lives_on(dst, r):
+            declare(n.outputs[0])
+        itemsize = src.dtype.itemsize
+        for i, t in enumerate(plan.transfers):
+            nbytes = math.prod(b - a for a, b in t.box) * itemsize
+            attrs = encode_attrs({"box": tuple(tuple(x) for x in t.box), "relay": t.relay})
+            common = dict(node=n.id, attrs=attrs, phase=n.phase, channel=self.channel((n.id, i)))
+            if t.src == r and t.dst == r:
+                rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="local", op="copy_region", inputs=n.inputs,
+                                          outputs=n.outputs, **common))
+            elif t.src == r:
+                rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="send", op="send", peer=t.dst, nbytes=nbytes,
+                                          inputs=n.outputs if t.relay else n.inputs, **common))
+            elif t.dst == r:
+                rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="recv", op="recv", peer=t.src, outputs=n.outputs,
+                                          **common))
+
+    # -------------------------------------------------------------------------------- memory
+    def estimate_memory(self, rp) -> None:
+        sizes = {v.id: math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in rp.values}
+        params = sum(sizes[v] for v in rp.variables.values())
+        trained = {op.inputs[0] for op in rp.ops if op.kind == "update"}
+        grads = sum(sizes[v] for v in trained)
+        state = 0
+        for op in rp.ops:
+            if op.kind == "update":
+                state += _STATE_FACTOR.get(op.op, 1) * sizes[op.inputs[0]]
+        persistent = set(rp.variables.values()) | set(self.g.constants)
+        last_use: dict[int, int] = {}
+        for i, op in enumerate(rp.ops):
+            for v in op.inputs:
+                last_use[v] = i
+        alive: set[int] = set(rp.inputs)
+        live, peak = sum(sizes[v] for v in alive), 0
+        for i, op in enumerate(rp.ops):
+            if op.kind == "update":
+                continue
+            for v in op.outputs:
+                if v not in persistent and v not in alive:
+                    alive.add(v)
+                    live += sizes[v]
+            peak = max(peak, live)
+            for v in list(alive):
+                if last_use.get(v, -1) <= i:
+                    alive.discard(v)
+                    live -= sizes[v]
+        rp.memory.CopyFrom(plan_pb2.Memory(parameters=params, gradients=grads, optimizer_state=state, peak_activations=peak))
+
+
+def lower(g: Graph, optimizer_kinds: dict[str, str] | None = None) -> plan_pb2.Plan:
+    """One physical plan per rank of a compiled (SBP-inferred, boxed) graph."""
+    if not g.boxed:
+        raise ValueError("lower: the graph has not been through the passes (insert_boxing) yet")
+    return _Lowering(g, optimizer_kinds or {}).lower()
