@@ -8,6 +8,8 @@ world or over a ``group`` (a list of global ranks in order, e.g. one row of a de
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -19,17 +21,21 @@ class CommError(RuntimeError):
     """A collective that cannot complete: a missing peer, a deadlock, a timeout."""
 
 
-class Communicator:
+class Communicator(abc.ABC):
+    """One rank's end of a transport. Subclasses provide ``send`` and ``recv``."""
+
     def __init__(self, rank: int, world_size: int):
         self.rank = rank
         self.world_size = world_size
 
     # -------------------------------------------------------------- what a transport provides
-    def send(self, array: np.ndarray, dst: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def send(self, array: np.ndarray, dst: int) -> None:
+        """Deliver ``array`` to rank ``dst`` (a copy: the caller may reuse its buffer)."""
 
-    def recv(self, src: int) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def recv(self, src: int) -> np.ndarray:
+        """The next array rank ``src`` sent to this rank (in the order it was sent)."""
 
     # --------------------------------------------------------------------------- collectives
     def all_reduce(self, x: np.ndarray, group: Sequence[int] | None = None) -> np.ndarray:
