@@ -7,7 +7,7 @@ updates, a memory estimate and the bytes it sends per step. Plans are protobuf m
 ``Plan.FromString(plan.SerializeToString()) == plan``.
 """
 
-from scheduler.lower import encode_attrs, lower
+from scheduler.lower import SeedMarker, decode_attrs, encode_attrs, lower
 from scheduler.plan_pb2 import Plan, RankPlan
 
-__all__ = ["lower", "encode_attrs", "Plan", "RankPlan"]
+__all__ = ["lower", "encode_attrs", "decode_attrs", "SeedMarker", "Plan", "RankPlan"]

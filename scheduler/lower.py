@@ -10,14 +10,41 @@ from typing import Any
 import numpy as np
 
 from flowsys.graph.ir import Graph, Node, Value
-from flowsys.layout import fmt, local_shape, shard_box
+from flowsys.layout import fmt, holds_value, local_shape, shard_box
 from flowsys.ops import OPS
 from flowsys.ops.registry import Shard, Spec
 from flowsys.placement import Placement
+from flowsys.sbp import broadcast as B
 from scheduler import plan_pb2
 
 # Optimizer state per parameter byte, by optimizer (AdamW keeps two moments).
 _STATE_FACTOR = {"AdamW": 2, "SGD": 1}
+
+
+def decode_attrs(text: str) -> dict[str, Any]:
+    """Inverse of :func:`encode_attrs` (dropout seeds come back as ``{"seed": i}`` markers)."""
+    return {k: _decode(v) for k, v in json.loads(text).items()} if text else {}
+
+
+def _decode(v):
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    if isinstance(v, dict):
+        if "tuple" in v:
+            return tuple(_decode(x) for x in v["tuple"])
+        if "slice" in v:
+            return slice(*v["slice"])
+        if "array" in v:
+            return np.array(v["array"], dtype=v["dtype"])
+        if "dtype" in v:
+            return np.dtype(v["dtype"])
+        if "seed" in v:
+            return SeedMarker(v["seed"])
+    return v
+
+
+class SeedMarker(int):
+    """A dropout seed slot in decoded attributes: the executor substitutes the run's seed."""
 
 
 def encode_attrs(attrs: dict[str, Any]) -> str:
@@ -145,9 +172,11 @@ class _Lowering:
             if self.lives_on(dst, r):
                 declare(n.inputs[0], src.shape, src.dtype)
                 declare(n.outputs[0])
+                box = shard_box(dst.shape, dst.sbp, dst.placement.mesh, dst.placement.coords(r))
+                holds = holds_value(dst.sbp, dst.placement.coords(r))
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="take_shard",
-                                          inputs=n.inputs, outputs=n.outputs, attrs=encode_attrs({"sbp": fmt(dst.sbp)}),
-                                          phase=n.phase))
+                                          inputs=n.inputs, outputs=n.outputs, phase=n.phase,
+                                          attrs=encode_attrs({"box": tuple(tuple(x) for x in box), "holds": holds})))
             return
         if src.placement != dst.placement:
             self.lower_move(n, plan, r, rp, declare)
@@ -160,14 +189,18 @@ class _Lowering:
         state = list(src.sbp)
         for i, step in enumerate(plan.steps):
             last = i == len(plan.steps) - 1
-            state[step.mesh_axis] = step.dst
+            k = step.mesh_axis
+            whole = tuple(B if j == k else v for j, v in enumerate(state))  # what the mesh axis's group shares
+            group_shape = local_shape(src.shape, whole, p.mesh, p.coords(r))
+            state[k] = step.dst
             out = n.outputs[0] if last else next(self.value_ids)
             if not last:
                 declare(out, local_shape(src.shape, tuple(state), p.mesh, p.coords(r)), src.dtype, fmt(tuple(state)))
             else:
                 declare(out)
-            attrs = {"src": repr(step.src), "dst": repr(step.dst), "mesh_axis": step.mesh_axis}
+            attrs = {"src": repr(step.src), "dst": repr(step.dst), "mesh_axis": k}
             if step.kind in ("slice", "zeros"):
+                attrs.update(parts=p.mesh[k], index=p.coords(r)[k], group_shape=group_shape)
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op=step.kind, inputs=[current],
                                           outputs=[out], attrs=encode_attrs(attrs), phase=n.phase))
             else:
@@ -191,9 +224,14 @@ class _Lowering:
         if self.lives_on(dst, r):
             declare(n.outputs[0])
         itemsize = src.dtype.itemsize
+        src_origin = (tuple(a for a, _ in shard_box(src.shape, src.sbp, src.placement.mesh, src.placement.coords(r)))
+                      if self.lives_on(src, r) else None)
+        dst_origin = (tuple(a for a, _ in shard_box(dst.shape, dst.sbp, dst.placement.mesh, dst.placement.coords(r)))
+                      if self.lives_on(dst, r) else None)
         for i, t in enumerate(plan.transfers):
             nbytes = math.prod(b - a for a, b in t.box) * itemsize
-            attrs = encode_attrs({"box": tuple(tuple(x) for x in t.box), "relay": t.relay})
+            attrs = encode_attrs({"box": tuple(tuple(x) for x in t.box), "relay": t.relay,
+                                  "src_origin": src_origin, "dst_origin": dst_origin})
             common = dict(node=n.id, attrs=attrs, phase=n.phase, channel=self.channel((n.id, i)))
             if t.src == r and t.dst == r:
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="local", op="copy_region", inputs=n.inputs,

@@ -20,11 +20,12 @@ CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
 
 class TrainStep(fs.Graph):
-    def __init__(self, model, opt, accumulation=1):
+    def __init__(self, model, opt, accumulation=1, executor="global"):
         super().__init__()
         self.model = model
         self.add_optimizer(opt)
         self.config.gradient_accumulation_steps = accumulation
+        self.config.executor = executor
 
     def build(self, x, y):
         out = self.model(x, y) if isinstance(self.model, GPT) else self.model(x)
@@ -47,7 +48,7 @@ def _batches(kind, n=5, batch=8):
             yield fs.tensor(rng.standard_normal((batch, 6)).astype(np.float32)), fs.tensor(rng.standard_normal((batch, 3)).astype(np.float32))
 
 
-def _run(kind, mode, mesh=None, dp_axis=None, tp_axis=None, accumulation=1):
+def _run(kind, mode, mesh=None, dp_axis=None, tp_axis=None, accumulation=1, executor="global"):
     fs.manual_seed(0)
     model = GPT(CFG) if kind == "gpt" else _mlp()
     placement = fs.placement("cpu", mesh) if mesh is not None else None
@@ -57,7 +58,7 @@ def _run(kind, mode, mesh=None, dp_axis=None, tp_axis=None, accumulation=1):
                       "2.weight": tuple(S(1) if k == tp_axis else B for k in range(placement.ndim))})
         model.to_global(placement, plan)
     opt = optim.AdamW(model.parameters(), lr=1e-2 if kind == "mlp" else 1e-3, weight_decay=0.1)
-    step = TrainStep(model, opt, accumulation)
+    step = TrainStep(model, opt, accumulation, executor)
     losses = []
     for x, y in _batches(kind):
         if placement is not None:
@@ -82,21 +83,44 @@ MESHES = {"one device": (None, None, None), "dp2": ([0, 1], 0, None), "tp2": ([0
           "dp2xtp2": ([[0, 1], [2, 3]], 0, 1)}
 
 
+@pytest.mark.parametrize("executor", ["global", "plans"])
 @pytest.mark.parametrize("kind", ["mlp", "gpt"])
 @pytest.mark.parametrize("mesh", list(MESHES))
-def test_graph_mode_matches_eager_mode(kind, mesh):
+def test_graph_mode_matches_eager_mode(kind, mesh, executor):
+    """Both executors: the single controller over the global IR, and every rank running its
+    own lowered plan in a thread over the in-process transport."""
     eager, _ = _run(kind, "eager", *MESHES[mesh])
-    graph, step = _run(kind, "graph", *MESHES[mesh])
+    graph, step = _run(kind, "graph", *MESHES[mesh], executor=executor)
     np.testing.assert_allclose(graph, eager, rtol=1e-5)
     assert len(step._compiled) == 1, "same shapes and layouts: compiled once"
 
 
+@pytest.mark.parametrize("executor", ["global", "plans"])
 @pytest.mark.parametrize("kind", ["mlp", "gpt"])
-def test_gradient_accumulation_matches_the_same_global_batch(kind):
+def test_gradient_accumulation_matches_the_same_global_batch(kind, executor):
     eager, _ = _run(kind, "eager", [[0, 1], [2, 3]], 0, 1)
-    graph, step = _run(kind, "graph", [[0, 1], [2, 3]], 0, 1, accumulation=4)
+    graph, step = _run(kind, "graph", [[0, 1], [2, 3]], 0, 1, accumulation=4, executor=executor)
     np.testing.assert_allclose(graph, eager, rtol=1e-5)
     assert step.ir.micro_batches == 4
+
+
+def test_a_failing_rank_is_reported_by_rank_and_its_peers_do_not_hang(monkeypatch):
+    from actors import local
+
+    _, step = _run("mlp", "graph", [0, 1, 2], None, 0, executor="plans")
+    real = local._Worker.step
+
+    def broken(self, op, env):
+        if self.rp.rank == 1 and op.kind == "collective":
+            raise RuntimeError("device lost")
+        return real(self, op, env)
+
+    monkeypatch.setattr(local._Worker, "step", broken)
+    monkeypatch.setattr(local, "InProcessHub", lambda n, timeout: __import__("comm").InProcessHub(n, timeout=0.5))
+    x, y = next(_batches("mlp"))
+    placement = fs.placement("cpu", [0, 1, 2])
+    with pytest.raises(local.RankFailed, match="rank 1 failed: RuntimeError: device lost"):
+        step(x.to_global(placement, B), y.to_global(placement, B))
 
 
 def test_verify_passes_after_every_pass():

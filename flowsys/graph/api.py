@@ -36,6 +36,9 @@ from flowsys.tensor import Tensor
 @dataclass
 class GraphConfig:
     gradient_accumulation_steps: int = 1
+    # "global": the single controller runs the global IR; "plans": every rank runs its own
+    # lowered plan in a thread over the in-process transport (the local backend)
+    executor: str = "global"
 
 
 class Graph:
@@ -98,12 +101,23 @@ class Graph:
         return self._last
 
     def __call__(self, *args):
-        self.compile(*args)
+        ir = self.compile(*args)
         k = int(self.config.gradient_accumulation_steps)
         _, executor = self._compiled[self._key(args) + (k,)]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
-        outs = [Tensor(v) for v in executor.run(tensors)]
+        if self.config.executor == "plans":
+            outs = [Tensor(v) for v in _run_plans(ir, executor, tensors)]
+        elif self.config.executor == "global":
+            outs = [Tensor(v) for v in executor.run(tensors)]
+        else:
+            raise GraphError(f"config.executor must be 'global' or 'plans', got {self.config.executor!r}")
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def plan(self):
+        """The per-rank physical plans (a protobuf ``scheduler.Plan``) of the last call."""
+        import scheduler  # noqa: PLC0415
+
+        return scheduler.lower(self.ir)
 
     # ------------------------------------------------------------------------------- reports
     @property
@@ -122,6 +136,52 @@ class Graph:
         from flowsys.graph.explain import to_dot  # noqa: PLC0415
 
         return to_dot(self.ir)
+
+
+def _run_plans(ir, executor: Executor, tensors) -> list:
+    """Lower to per-rank plans and run them on the local backend (one thread per rank)."""
+    import numpy as np  # noqa: PLC0415
+
+    import scheduler  # noqa: PLC0415
+    from actors.local import run_plans  # noqa: PLC0415
+    from flowsys.functions import next_seed  # noqa: PLC0415
+
+    if executor.plan is None:
+        executor.plan = scheduler.lower(ir)
+    params, optimizers = executor.params, executor.optimizers
+    fed_global = dict(zip(ir.inputs, tensors))
+    sources = {**fed_global, **ir.constants, **{vid: params[name]._data for name, vid in ir.variables.items()}}
+
+    def local(value, rank):
+        return value.local(rank) if type(value) is GlobalValue else value
+
+    def feed(rank):
+        rp = next(p for p in executor.plan.ranks if p.rank == rank)
+        declared = {v.id for v in rp.values}
+        return {vid: local(v, rank) for vid, v in sources.items() if vid in declared}
+
+    by_name = {name: p for name, p in params.items()}
+
+    def update(rank, op, var, grad):
+        a = scheduler.decode_attrs(op.attrs)
+        opt = optimizers[a["optimizer"]]
+        param = by_name[a["variable"]]
+        state = opt.state.setdefault(id(param), {})
+        if type(param._data) is GlobalValue:
+            state = state.setdefault(param._data.placement.index(rank), {})
+        opt._update(var, grad, state, opt.param_groups[a["group"]])
+
+    seeds = [next_seed() for _ in range(executor.n_seeds)]
+    results = run_plans(executor.plan, feed, ir.grads, update, seeds, outputs=ir.outputs)
+    outs = []
+    for j, vid in enumerate(ir.outputs):
+        v = ir.values[vid]
+        if v.placement is None:
+            outs.append(np.asarray(results[min(results)][j]))
+        else:
+            shards = [results[r][j] for r in v.placement.ranks]
+            outs.append(GlobalValue(v.placement, v.sbp, v.shape, v.dtype, shards))
+    return outs
 
 
 def _micro_input(a, k: int):
