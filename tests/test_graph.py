@@ -218,3 +218,33 @@ def test_an_optimizer_over_parameters_the_graph_does_not_hold():
     step = TrainStep(model, optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
     with pytest.raises(fs.GraphError, match="no module of this graph holds"):
         step(fs.ones(4, 2), fs.ones(4, 2))
+
+
+def test_a_model_built_under_meta_init_compiles_to_the_same_graph():
+    """Shapes and layouts only (no values): the graph, its boxing and the plans are those of
+    the materialised model, so large models compile without being allocated."""
+    from flowsys.global_tensor import GlobalValue
+
+    placement = fs.placement("cpu", [[0, 1], [2, 3]])
+    batch = (S(0), B)
+
+    def compiled(meta: bool):
+        fs.manual_seed(0)
+        if meta:
+            with nn.meta_init():
+                model = GPT(CFG)
+                model.to_global(placement, GPT.parallel_plan(placement, dp_axis=0, tp_axis=1))
+            assert model.lm_head.weight._data.shards is None
+            idx = fs.Tensor(GlobalValue(placement, batch, (8, CFG.block_size), np.dtype(np.int64), None))
+        else:
+            model = GPT(CFG)
+            model.to_global(placement, GPT.parallel_plan(placement, dp_axis=0, tp_axis=1))
+            idx = fs.zeros(8, CFG.block_size, dtype=fs.int64).to_global(placement, batch)
+        step = TrainStep(model, optim.AdamW(model.parameters()))
+        return step.compile(idx, idx)
+
+    real, meta = compiled(False), compiled(True)
+    assert [(n.kind, n.op, n.phase) for n in meta.nodes] == [(n.kind, n.op, n.phase) for n in real.nodes]
+    from scheduler import lower
+
+    assert [rp.memory for rp in lower(meta).ranks] == [rp.memory for rp in lower(real).ranks]

@@ -266,6 +266,7 @@ class Module:
 
         Tied parameters stay tied; gradients are dropped (they had the old layout).
         """
+        from flowsys.nn.init import is_meta  # noqa: PLC0415
         from flowsys.sbp import broadcast  # noqa: PLC0415
 
         plan = sbp if isinstance(sbp, dict) else None
@@ -283,7 +284,13 @@ class Module:
                     done.add(id(t))
                     full = f"{m_name}.{name}" if m_name else name
                     want = _plan_sbp(plan, full, broadcast) if plan is not None else (broadcast if sbp is None else sbp)
-                    t._data = t.detach().to_global(placement, want)._data
+                    if is_meta():  # shapes and layouts only: nothing is laid out
+                        from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+                        from flowsys.layout import normalize_sbp  # noqa: PLC0415
+
+                        t._data = GlobalValue(placement, normalize_sbp(want, placement, t.shape), t.shape, t.dtype, None)
+                    else:
+                        t._data = t.detach().to_global(placement, want)._data
                     t.grad = None
         return self
 
