@@ -248,3 +248,14 @@ def test_a_model_built_under_meta_init_compiles_to_the_same_graph():
     from scheduler import lower
 
     assert [rp.memory for rp in lower(meta).ranks] == [rp.memory for rp in lower(real).ranks]
+
+
+def test_a_new_input_shape_or_layout_compiles_again():
+    fs.manual_seed(0)
+    model = _mlp()
+    step = TrainStep(model, optim.SGD(model.parameters(), lr=0.1))
+    step(fs.ones(4, 6), fs.ones(4, 3))
+    step(fs.ones(4, 6), fs.ones(4, 3))
+    assert len(step._compiled) == 1
+    step(fs.ones(8, 6), fs.ones(8, 3))
+    assert len(step._compiled) == 2 and step.ir.values[step.ir.inputs[0]].shape == (8, 6)
