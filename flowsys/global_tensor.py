@@ -19,7 +19,7 @@ import numpy as np
 from flowsys import boxing
 from flowsys import device as _device
 from flowsys.errors import FlowsysError, PlacementError, SbpError
-from flowsys.layout import NdSbp, assemble, distribute, fmt, local_shape, normalize_sbp, shard_box
+from flowsys.layout import NdSbp, assemble, distribute, fmt, normalize_sbp, shard_of
 from flowsys.ops.registry import OpDef, SbpRow, Shard, Spec
 from flowsys.placement import Placement
 from flowsys.sbp import Broadcast, PartialSum
@@ -146,11 +146,7 @@ def choose_signature(op: OpDef, specs: Sequence[Spec], attrs: dict, layouts: Seq
 
 
 def _shard_context(specs, out_specs, sig: Signature, placement: Placement, coords) -> Shard:
-    ins = tuple(Spec(local_shape(s.shape, nd, placement.mesh, coords), s.dtype) for s, nd in zip(specs, sig.ins))
-    outs = tuple(Spec(local_shape(o.shape, nd, placement.mesh, coords), o.dtype) for o, nd in zip(out_specs, sig.outs))
-    in_off = tuple(tuple(a for a, _ in shard_box(s.shape, nd, placement.mesh, coords)) for s, nd in zip(specs, sig.ins))
-    out_off = tuple(tuple(a for a, _ in shard_box(o.shape, nd, placement.mesh, coords)) for o, nd in zip(out_specs, sig.outs))
-    return Shard(ins, outs, in_off, out_off, tuple(out_specs))
+    return shard_of(specs, sig.ins, out_specs, sig.outs, placement.mesh, coords)
 
 
 def _fits(op: OpDef, specs, out_specs, attrs, sig: Signature, placement: Placement) -> bool:

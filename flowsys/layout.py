@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from flowsys.errors import SbpError
+from flowsys.ops.registry import Shard, Spec
 from flowsys.placement import Placement
 from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split
 
@@ -78,6 +79,18 @@ def local_shape(shape, nd_sbp, mesh, coords) -> tuple[int, ...]:
     return tuple(b - a for a, b in shard_box(shape, nd_sbp, mesh, coords))
 
 
+def shard_of(ins, in_sbps, outs, out_sbps, mesh, coords) -> Shard:
+    """What an op's ``lower`` rule sees on the rank at ``coords``: local specs and offsets of its
+    inputs and outputs (``ins``/``outs`` are logical specs, ``*_sbps`` their N-D SBPs)."""
+    def local(specs, nds):
+        return tuple(Spec(local_shape(s.shape, nd, mesh, coords), s.dtype) for s, nd in zip(specs, nds))
+
+    def offsets(specs, nds):
+        return tuple(tuple(a for a, _ in shard_box(s.shape, nd, mesh, coords)) for s, nd in zip(specs, nds))
+
+    return Shard(local(ins, in_sbps), local(outs, out_sbps), offsets(ins, in_sbps), offsets(outs, out_sbps), tuple(outs))
+
+
 def holds_value(nd_sbp: NdSbp, coords) -> bool:
     """Whether the rank at ``coords`` holds the value (not zeros) when a value is laid out as P."""
     return all(c == 0 for v, c in zip(nd_sbp, coords) if isinstance(v, PartialSum))
@@ -113,4 +126,4 @@ def assemble(xp, shards: Sequence, placement: Placement, nd_sbp: NdSbp, shape, d
 
 
 __all__ = ["NdSbp", "bounds", "normalize_sbp", "shard_box", "local_shape", "holds_value", "is_replica",
-           "distribute", "assemble", "fmt", "as_slices"]
+           "distribute", "assemble", "fmt", "as_slices", "shard_of"]

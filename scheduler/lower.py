@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 
 from flowsys.graph.ir import Graph, Node, Value
-from flowsys.layout import fmt, holds_value, local_shape, shard_box
+from flowsys.layout import fmt, holds_value, local_shape, shard_box, shard_of
 from flowsys.ops import OPS
-from flowsys.ops.registry import Shard, Spec
 from flowsys.placement import Placement
 from flowsys.sbp import broadcast as B
 from scheduler import plan_pb2
@@ -75,9 +74,8 @@ def _encode(v):
 
 
 class _Lowering:
-    def __init__(self, g: Graph, optimizer_kinds: dict[str, str]):
+    def __init__(self, g: Graph):
         self.g = g
-        self.optimizer_kinds = optimizer_kinds
         self.op_ids = itertools.count()
         self.value_ids = itertools.count(max(g.values, default=0) + 1)
         self.channels: dict[Any, int] = {}
@@ -152,12 +150,8 @@ class _Lowering:
         op = OPS[n.op]
         if op.lower is not None and outs[0].placement is not None:
             p = outs[0].placement
-            coords = p.coords(r)
-            shard = Shard(tuple(Spec(self.local(v, r), v.dtype) for v in ins),
-                          tuple(Spec(self.local(v, r), v.dtype) for v in outs),
-                          tuple(tuple(a for a, _ in shard_box(v.shape, v.sbp, p.mesh, coords)) for v in ins),
-                          tuple(tuple(a for a, _ in shard_box(v.shape, v.sbp, p.mesh, coords)) for v in outs),
-                          tuple(v.spec for v in outs))
+            shard = shard_of([v.spec for v in ins], [v.sbp for v in ins], [v.spec for v in outs], [v.sbp for v in outs],
+                             p.mesh, p.coords(r))
             attrs = op.lower(attrs, shard)
         for vid in n.inputs + n.outputs:
             declare(vid)
@@ -275,8 +269,8 @@ class _Lowering:
         rp.memory.CopyFrom(plan_pb2.Memory(parameters=params, gradients=grads, optimizer_state=state, peak_activations=peak))
 
 
-def lower(g: Graph, optimizer_kinds: dict[str, str] | None = None) -> plan_pb2.Plan:
+def lower(g: Graph) -> plan_pb2.Plan:
     """One physical plan per rank of a compiled (SBP-inferred, boxed) graph."""
     if not g.boxed:
         raise ValueError("lower: the graph has not been through the passes (insert_boxing) yet")
-    return _Lowering(g, optimizer_kinds or {}).lower()
+    return _Lowering(g).lower()

@@ -160,12 +160,10 @@ def _run_plans(ir, executor: Executor, tensors) -> list:
         declared = {v.id for v in rp.values}
         return {vid: local(v, rank) for vid, v in sources.items() if vid in declared}
 
-    by_name = {name: p for name, p in params.items()}
-
     def update(rank, op, var, grad):
         a = scheduler.decode_attrs(op.attrs)
         opt = optimizers[a["optimizer"]]
-        param = by_name[a["variable"]]
+        param = params[a["variable"]]
         state = opt.state.setdefault(id(param), {})
         if type(param._data) is GlobalValue:
             state = state.setdefault(param._data.placement.index(rank), {})

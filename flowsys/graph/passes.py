@@ -16,6 +16,7 @@ IR graph, and ``verify`` runs after every one.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace as _replace
 from typing import Callable
 
 from flowsys import boxing
@@ -78,10 +79,7 @@ def autodiff(g: Graph, **_) -> Graph:
                 if type(gi._data) is not Symbol:
                     gi = Tensor(tracer.symbol_of(gi))
                 grads[i] = gi if i not in grads else grads[i] + gi
-    var_grads = {}
-    for name, vid in g.variables.items():
-        if vid in grads:
-            var_grads[vid] = grads[vid]._data.value.id
+    var_grads = {vid: grads[vid]._data.value.id for vid in g.variables.values() if vid in grads}
     return g.with_(values=dict(tracer.values), nodes=g.nodes + tuple(tracer.nodes),
                    constants={**g.constants, **tracer.constants}, grads=var_grads)
 
@@ -171,12 +169,6 @@ def infer_sbp(g: Graph, **_) -> Graph:
 
 def _with_sbp(v: Value, placement, nd) -> Value:
     return Value(v.id, v.shape, v.dtype, placement, tuple(nd) if nd is not None else None)
-
-
-def _replace(n: Node, **changes) -> Node:
-    from dataclasses import replace  # noqa: PLC0415
-
-    return replace(n, **changes)
 
 
 def insert_boxing(g: Graph, **_) -> Graph:

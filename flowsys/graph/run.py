@@ -13,6 +13,7 @@ from flowsys.global_tensor import GlobalValue, make_global, run_signature
 from flowsys.graph.ir import Graph, GraphError, Node
 from flowsys.graph.trace import SeedRef
 from flowsys.ops import OPS
+from flowsys.sbp import broadcast
 
 
 class Executor:
@@ -110,11 +111,5 @@ def _mean(vals: list):
     if type(vals[0]) is GlobalValue:
         v = vals[0]
         logical = sum(x.logical() for x in vals) / len(vals)
-        return make_global(logical.astype(v.dtype), v.placement, tuple(_b() for _ in v.sbp))
+        return make_global(logical.astype(v.dtype), v.placement, broadcast)
     return np.asarray(sum(vals) / len(vals)).astype(vals[0].dtype)
-
-
-def _b():
-    from flowsys.sbp import broadcast  # noqa: PLC0415
-
-    return broadcast

@@ -266,6 +266,8 @@ class Module:
 
         Tied parameters stay tied; gradients are dropped (they had the old layout).
         """
+        from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+        from flowsys.layout import normalize_sbp  # noqa: PLC0415
         from flowsys.nn.init import is_meta  # noqa: PLC0415
         from flowsys.sbp import broadcast  # noqa: PLC0415
 
@@ -285,9 +287,6 @@ class Module:
                     full = f"{m_name}.{name}" if m_name else name
                     want = _plan_sbp(plan, full, broadcast) if plan is not None else (broadcast if sbp is None else sbp)
                     if is_meta():  # shapes and layouts only: nothing is laid out
-                        from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
-                        from flowsys.layout import normalize_sbp  # noqa: PLC0415
-
                         t._data = GlobalValue(placement, normalize_sbp(want, placement, t.shape), t.shape, t.dtype, None)
                     else:
                         t._data = t.detach().to_global(placement, want)._data
