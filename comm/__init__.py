@@ -8,7 +8,7 @@ carries them inside one process (lock-step simulation, or one thread per rank).
 This package imports nothing else of flowsys.
 """
 
-from comm.base import CommError, Communicator
+from comm.base import CommError, Communicator, Mailbox
 from comm.inprocess import InProcessCommunicator, InProcessHub, drive, run_group
 
-__all__ = ["Communicator", "CommError", "InProcessHub", "InProcessCommunicator", "run_group", "drive"]
+__all__ = ["Communicator", "CommError", "Mailbox", "InProcessHub", "InProcessCommunicator", "run_group", "drive"]

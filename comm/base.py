@@ -1,15 +1,22 @@
 """The narrow interface every transport implements.
 
-A transport provides point-to-point ``send`` and ``recv`` between global ranks; the collectives
-(``all_reduce``, ``all_gather``, ``reduce_scatter``, ``all_to_all``, ``broadcast``,
-``barrier``) are the schedules of :mod:`comm.algorithms` driven over them, over the whole
-world or over a ``group`` (a list of global ranks in order, e.g. one row of a device mesh).
+A transport provides one thing: ``post(array, dst, tag)``, a non-blocking delivery of a copy of
+``array`` into rank ``dst``'s :class:`Mailbox`, filed under (this rank, ``tag``). Everything else
+is built on it here, once: blocking ``send``/``recv`` (tag 0), and the collectives
+(``all_reduce``, ``all_gather``, ``reduce_scatter``, ``all_to_all``, ``broadcast``, ``barrier``),
+which are the schedules of :mod:`comm.algorithms` driven over them, over the whole world or over
+a ``group`` (a list of global ranks in order, e.g. one row of a device mesh).
+
+Tags keep concurrent conversations apart: the actor runtime runs several collectives and
+transfers at once, each under its own tag, and takes a message only when its tag is asked for.
+Messages with the same (source, tag) arrive in the order they were posted.
 """
 
 from __future__ import annotations
 
 import abc
-
+import threading
+from collections import deque
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -21,21 +28,102 @@ class CommError(RuntimeError):
     """A collective that cannot complete: a missing peer, a deadlock, a timeout."""
 
 
-class Communicator(abc.ABC):
-    """One rank's end of a transport. Subclasses provide ``send`` and ``recv``."""
+class Mailbox:
+    """The messages that have arrived at one rank, filed by (source rank, tag). Thread-safe:
+    transports put from their receiving threads, the rank takes from its own."""
 
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+        self._boxes: dict[tuple[int, int], deque] = {}
+        self._cv = threading.Condition()
+        self.arrivals = 0  # grows with every put: lets a waiter sleep until something new arrives
+        self._error: BaseException | None = None
+
+    def put(self, src: int, tag: int, array: np.ndarray) -> None:
+        with self._cv:
+            self._boxes.setdefault((src, tag), deque()).append(array)
+            self.arrivals += 1
+            self._cv.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """Make every waiting and later take raise ``error`` (e.g. a peer became unreachable)."""
+        with self._cv:
+            if self._error is None:
+                self._error = error
+            self._cv.notify_all()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def ready(self, src: int, tag: int) -> bool:
+        with self._cv:
+            return bool(self._boxes.get((src, tag)))
+
+    def try_take(self, src: int, tag: int) -> np.ndarray | None:
+        with self._cv:
+            box = self._boxes.get((src, tag))
+            if not box:
+                self.check()
+                return None
+            array = box.popleft()
+            if not box:
+                del self._boxes[(src, tag)]
+            return array
+
+    def take(self, src: int, tag: int, timeout: float) -> np.ndarray:
+        """The next message from ``src`` under ``tag``; a :class:`CommError` naming ``src`` if none
+        arrives within ``timeout`` seconds."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: bool(self._boxes.get((src, tag))) or self._error is not None, timeout):
+                raise CommError(f"rank {self.rank}: no message from rank {src} within {timeout:g} s "
+                                f"(is rank {src} alive and in the same collective?)")
+        array = self.try_take(src, tag)
+        if array is None:
+            self.check()
+        return array
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """Sleep until more than ``seen`` messages have arrived in all (or ``timeout``); the count."""
+        with self._cv:
+            self._cv.wait_for(lambda: self.arrivals > seen or self._error is not None, timeout)
+            self.check()
+            return self.arrivals
+
+    def pending(self) -> list[tuple[int, int]]:
+        """(source, tag) of every message not taken yet."""
+        with self._cv:
+            return sorted(k for k, box in self._boxes.items() if box)
+
+
+class Communicator(abc.ABC):
+    """One rank's end of a transport. Subclasses provide ``post`` (and may override ``close``)."""
+
+    def __init__(self, rank: int, world_size: int, timeout: float = 60.0):
         self.rank = rank
         self.world_size = world_size
+        self.timeout = timeout
+        self.mailbox = Mailbox(rank)
 
     # -------------------------------------------------------------- what a transport provides
     @abc.abstractmethod
-    def send(self, array: np.ndarray, dst: int) -> None:
-        """Deliver ``array`` to rank ``dst`` (a copy: the caller may reuse its buffer)."""
+    def post(self, array: np.ndarray, dst: int, tag: int = 0) -> None:
+        """Deliver a copy of ``array`` to rank ``dst`` under ``tag`` without waiting for it to
+        arrive (the caller may reuse its buffer at once)."""
 
-    @abc.abstractmethod
-    def recv(self, src: int) -> np.ndarray:
-        """The next array rank ``src`` sent to this rank (in the order it was sent)."""
+    def close(self) -> None:
+        """Release the transport's resources (threads, sockets)."""
+
+    # ------------------------------------------------------------------- point to point
+    def send(self, array: np.ndarray, dst: int, tag: int = 0) -> None:
+        """Deliver ``array`` to rank ``dst`` (a copy: the caller may reuse its buffer)."""
+        self._check_peer(dst)
+        self.post(np.asarray(array), dst, tag)
+
+    def recv(self, src: int, tag: int = 0) -> np.ndarray:
+        """The next array rank ``src`` sent to this rank under ``tag`` (in the order it was sent)."""
+        self._check_peer(src)
+        return self.mailbox.take(src, tag, self.timeout)
 
     # --------------------------------------------------------------------------- collectives
     def all_reduce(self, x: np.ndarray, group: Sequence[int] | None = None) -> np.ndarray:
@@ -77,15 +165,15 @@ class Communicator(abc.ABC):
         group = self._group(group)
         return self._drive(algorithm(group.index(self.rank), len(group), x, **kwargs), group)
 
-    def _drive(self, gen, group: list[int]):
+    def _drive(self, gen, group: list[int], tag: int = 0):
         value = None
         try:
             while True:
                 step = gen.send(value)
                 if isinstance(step, alg.Send):
-                    self.send(step.array, group[step.peer])
+                    self.send(step.array, group[step.peer], tag)
                     value = None
                 else:
-                    value = self.recv(group[step.peer])
+                    value = self.recv(group[step.peer], tag)
         except StopIteration as stop:
             return stop.value

@@ -80,44 +80,31 @@ def drive(schedules: list) -> tuple[list[Any], int]:
 
 
 class InProcessHub:
-    """Mailboxes shared by the ranks of one process (one FIFO per ordered pair of ranks)."""
+    """The ranks of one process: one :class:`Mailbox` per rank, shared through the hub."""
 
     def __init__(self, world_size: int, timeout: float = 60.0):
         self.world_size = world_size
         self.timeout = timeout
-        self._boxes: dict[tuple[int, int], deque] = {}
-        self._cv = threading.Condition()
+        self._comms = [InProcessCommunicator(self, r) for r in range(world_size)]
+        self._lock = threading.Lock()
         self.bytes_sent = 0
 
     def communicator(self, rank: int) -> InProcessCommunicator:
-        return InProcessCommunicator(self, rank)
+        return self._comms[rank]
 
-    def put(self, src: int, dst: int, array: np.ndarray) -> None:
-        with self._cv:
-            self._boxes.setdefault((src, dst), deque()).append(np.array(array, copy=True))
-            self.bytes_sent += array.nbytes
-            self._cv.notify_all()
-
-    def get(self, src: int, dst: int, timeout: float | None = None) -> np.ndarray:
-        timeout = self.timeout if timeout is None else timeout
-        with self._cv:
-            if not self._cv.wait_for(lambda: bool(self._boxes.get((src, dst))), timeout):
-                raise CommError(f"rank {dst}: no message from rank {src} within {timeout:g} s "
-                                f"(is rank {src} alive and in the same collective?)")
-            return self._boxes[(src, dst)].popleft()
+    def deliver(self, src: int, dst: int, tag: int, array: np.ndarray) -> None:
+        data = np.array(array, copy=True)
+        with self._lock:
+            self.bytes_sent += data.nbytes
+        self._comms[dst].mailbox.put(src, tag, data)
 
 
 class InProcessCommunicator(Communicator):
     """One rank's end of an :class:`InProcessHub` (use one thread per rank)."""
 
     def __init__(self, hub: InProcessHub, rank: int):
-        super().__init__(rank, hub.world_size)
+        super().__init__(rank, hub.world_size, hub.timeout)
         self.hub = hub
 
-    def send(self, array: np.ndarray, dst: int) -> None:
-        self._check_peer(dst)
-        self.hub.put(self.rank, dst, np.asarray(array))
-
-    def recv(self, src: int) -> np.ndarray:
-        self._check_peer(src)
-        return self.hub.get(src, self.rank)
+    def post(self, array: np.ndarray, dst: int, tag: int = 0) -> None:
+        self.hub.deliver(self.rank, dst, tag, array)
