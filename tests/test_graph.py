@@ -105,21 +105,21 @@ def test_gradient_accumulation_matches_the_same_global_batch(kind, executor):
 
 
 def test_a_failing_rank_is_reported_by_rank_and_its_peers_do_not_hang(monkeypatch):
-    from actors import local
+    from actors import local, runtime
 
     _, step = _run("mlp", "graph", [0, 1, 2], None, 0, executor="plans")
-    real = local._Worker.step
+    real = runtime.RankRuntime._fire
 
-    def broken(self, op, env):
-        if self.rp.rank == 1 and op.kind == "collective":
+    def broken(self, a):
+        if self.rp.rank == 1 and a.op.kind == "collective":
             raise RuntimeError("device lost")
-        return real(self, op, env)
+        return real(self, a)
 
-    monkeypatch.setattr(local._Worker, "step", broken)
+    monkeypatch.setattr(runtime.RankRuntime, "_fire", broken)
     monkeypatch.setattr(local, "InProcessHub", lambda n, timeout: __import__("comm").InProcessHub(n, timeout=0.5))
     x, y = next(_batches("mlp"))
     placement = fs.placement("cpu", [0, 1, 2])
-    with pytest.raises(local.RankFailed, match="rank 1 failed: RuntimeError: device lost"):
+    with pytest.raises(local.RankFailed, match=r"rank 1 failed while running \w+ \(op \d+, piece 0\): RuntimeError: device lost"):
         step(x.to_global(placement, B), y.to_global(placement, B))
 
 

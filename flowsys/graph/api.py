@@ -169,7 +169,8 @@ def _run_plans(ir, executor: Executor, tensors) -> list:
             state = state.setdefault(param._data.placement.index(rank), {})
         opt._update(var, grad, state, opt.param_groups[a["group"]])
 
-    seeds = [next_seed() for _ in range(executor.n_seeds)]
+    # drawn piece by piece, as the global executor draws them
+    seeds = [[next_seed() for _ in range(executor.n_seeds)] for _ in range(ir.micro_batches)]
     results = run_plans(executor.plan, feed, ir.grads, update, seeds, outputs=ir.outputs)
     outs = []
     for j, vid in enumerate(ir.outputs):
