@@ -1,6 +1,7 @@
 """The runtime: executing per-rank plans.
 
-``actors.local.run_plans`` runs every rank's plan in its own thread against the in-process
-transport (the local backend). The register-based actors and the Ray worker of DESIGN.md come
-next; they replace this executor, not the plans.
+- :mod:`actors.runtime`: register-based op actors, how one rank runs its plan.
+- :mod:`actors.worker`: the per-device worker that hosts a rank's plans and optimizer state.
+- :mod:`actors.backends`: where the workers live — threads of this process (``LocalBackend``)
+  or one Ray actor per device (``RayBackend``) — behind one interface.
 """

@@ -58,7 +58,7 @@ class Firing:
     kind: str     # "compute", "collective", "send", "recv", "local", "update"
     phase: str
     piece: int
-    start: float  # time.perf_counter() seconds
+    start: float  # seconds since the epoch (comparable across processes and synced nodes)
     end: float
     nbytes: int
 
@@ -152,7 +152,7 @@ class RankRuntime:
             if g in self.sums:
                 env[g] = self.sums[g] if k == 1 else (self.sums[g] / k).astype(self.sums[g].dtype)
         for op in self.optimizer_ops:
-            start = time.perf_counter()
+            start = time.time()
             self.current = f"{op.op} (op {op.id}, optimizer phase)"
             if op.kind == "update":
                 update(op, env[op.inputs[0]], env[op.inputs[1]])
@@ -251,7 +251,7 @@ class RankRuntime:
     def _fire(self, a: _Actor) -> list[_Actor]:
         """Fire ``a`` for its next piece; the actors that may have become ready."""
         op, p = a.op, a.piece
-        start = time.perf_counter()
+        start = time.time()
         for v in a.outputs:  # claim the output registers
             if (v, p) not in self.regs:
                 self.regs[(v, p)] = None
@@ -326,7 +326,7 @@ class RankRuntime:
     def _note(self, op, piece: int, start: float) -> None:
         if self.record:
             self.timeline.append(Firing(self.rp.rank, op.id, op.op, op.kind, op.phase, piece, start,
-                                        time.perf_counter(), op.nbytes))
+                                        time.time(), op.nbytes))
 
     # ------------------------------------------------------------------- communication actors
     def _schedule(self, a: _Actor, p: int):
@@ -334,7 +334,7 @@ class RankRuntime:
         if op.kind == "send":
             x = self._value(op.inputs[0], p)
             data = x if attrs["relay"] else x[_region(attrs["box"], attrs["src_origin"])]
-            return _one_send(op.peer, np.ascontiguousarray(data)), [op.peer]
+            return _one_send(op.peer, _contiguous(data)), [op.peer]
         group = list(op.group)
         return _collective(op.op, attrs, group.index(self.rp.rank), len(group), self._value(op.inputs[0], p)), group
 
@@ -382,7 +382,7 @@ class RankRuntime:
                     _collective(op.op, a, group.index(self.rp.rank), len(group), x), [self.index[r] for r in group], t)
                 return
             if op.kind == "send":
-                self.comm.post(np.ascontiguousarray(x if a["relay"] else x[_region(a["box"], a["src_origin"])]),
+                self.comm.post(_contiguous(x if a["relay"] else x[_region(a["box"], a["src_origin"])]),
                                self.index[op.peer], t)
                 return
             out = op.outputs[0]
@@ -472,3 +472,8 @@ def _micro(a: np.ndarray, i: int, k: int) -> np.ndarray:
         return a
     m = a.shape[0] // k
     return a[i * m:(i + 1) * m]
+
+
+def _contiguous(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)  # keeps 0-d arrays 0-d

@@ -28,6 +28,7 @@ from flowsys.tensor import Tensor, bool_, float32, float64, int32, int64
 from flowsys import nn, optim, models, data  # noqa: E402  (they build on the names above)
 from flowsys.graph.api import Graph, GraphConfig  # noqa: E402
 from flowsys.graph.ir import GraphError  # noqa: E402
+from flowsys.runtime import init, shutdown  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -46,8 +47,8 @@ __all__ = [
     "ConfigError", "PlacementError", "SbpError", "CommunicationError",
     # global tensors
     "placement", "Placement",
-    # graph mode
-    "Graph", "GraphConfig", "GraphError",
+    # graph mode and where it runs
+    "Graph", "GraphConfig", "GraphError", "init", "shutdown",
     # subpackages
     "nn", "optim", "models", "data", "sbp",
 ]

@@ -74,8 +74,11 @@ def _encode(v):
 
 
 class _Lowering:
-    def __init__(self, g: Graph):
+    def __init__(self, g: Graph, registers: int = 1):
+        if int(registers) < 1:
+            raise ValueError(f"lower: registers must be at least 1, got {registers}")
         self.g = g
+        self.registers = int(registers)
         self.op_ids = itertools.count()
         self.value_ids = itertools.count(max(g.values, default=0) + 1)
         self.channels: dict[Any, int] = {}
@@ -112,7 +115,8 @@ class _Lowering:
             if shape is None:
                 v = g.values[vid]
                 shape, dtype, sbp = self.local(v, r), v.dtype, fmt(v.sbp) if v.sbp is not None else ""
-            rp.values.append(plan_pb2.Value(id=vid, shape=list(shape), dtype=np.dtype(dtype).name, sbp=sbp))
+            rp.values.append(plan_pb2.Value(id=vid, shape=list(shape), dtype=np.dtype(dtype).name, sbp=sbp,
+                                            registers=self.registers))
 
         for vid in g.inputs:
             if self.lives_on(g.values[vid], r):
@@ -269,8 +273,10 @@ class _Lowering:
         rp.memory.CopyFrom(plan_pb2.Memory(parameters=params, gradients=grads, optimizer_state=state, peak_activations=peak))
 
 
-def lower(g: Graph) -> plan_pb2.Plan:
-    """One physical plan per rank of a compiled (SBP-inferred, boxed) graph."""
+def lower(g: Graph, registers: int = 1) -> plan_pb2.Plan:
+    """One physical plan per rank of a compiled (SBP-inferred, boxed) graph. ``registers`` is
+    the register count of every per-micro-batch value: more than one lets the next micro-batch
+    enter an op while the last is still downstream."""
     if not g.boxed:
         raise ValueError("lower: the graph has not been through the passes (insert_boxing) yet")
-    return _Lowering(g).lower()
+    return _Lowering(g, registers).lower()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nplan.proto\x12\x11\x66lowsys.scheduler\">\n\x05Value\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0b\n\x03sbp\x18\x04 \x01(\t\"\xb5\x01\n\x02Op\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04node\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\n\n\x02op\x18\x04 \x01(\t\x12\x0e\n\x06inputs\x18\x05 \x03(\x03\x12\x0f\n\x07outputs\x18\x06 \x03(\x03\x12\r\n\x05\x61ttrs\x18\x07 \x01(\t\x12\r\n\x05phase\x18\x08 \x01(\t\x12\r\n\x05group\x18\t \x03(\x05\x12\x0c\n\x04peer\x18\n \x01(\x05\x12\x0f\n\x07\x63hannel\x18\x0b \x01(\x03\x12\x0e\n\x06nbytes\x18\x0c \x01(\x03\"b\n\x06Memory\x12\x12\n\nparameters\x18\x01 \x01(\x03\x12\x11\n\tgradients\x18\x02 \x01(\x03\x12\x17\n\x0foptimizer_state\x18\x03 \x01(\x03\x12\x18\n\x10peak_activations\x18\x04 \x01(\x03\"\xa6\x02\n\x08RankPlan\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12(\n\x06values\x18\x02 \x03(\x0b\x32\x18.flowsys.scheduler.Value\x12\"\n\x03ops\x18\x03 \x03(\x0b\x32\x15.flowsys.scheduler.Op\x12\x0e\n\x06inputs\x18\x04 \x03(\x03\x12=\n\tvariables\x18\x05 \x03(\x0b\x32*.flowsys.scheduler.RankPlan.VariablesEntry\x12)\n\x06memory\x18\x06 \x01(\x0b\x32\x19.flowsys.scheduler.Memory\x12\x12\n\nbytes_sent\x18\x07 \x01(\x03\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"I\n\x04Plan\x12*\n\x05ranks\x18\x01 \x03(\x0b\x32\x1b.flowsys.scheduler.RankPlan\x12\x15\n\rmicro_batches\x18\x02 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nplan.proto\x12\x11\x66lowsys.scheduler\"Q\n\x05Value\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0b\n\x03sbp\x18\x04 \x01(\t\x12\x11\n\tregisters\x18\x05 \x01(\x05\"\xb5\x01\n\x02Op\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04node\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\n\n\x02op\x18\x04 \x01(\t\x12\x0e\n\x06inputs\x18\x05 \x03(\x03\x12\x0f\n\x07outputs\x18\x06 \x03(\x03\x12\r\n\x05\x61ttrs\x18\x07 \x01(\t\x12\r\n\x05phase\x18\x08 \x01(\t\x12\r\n\x05group\x18\t \x03(\x05\x12\x0c\n\x04peer\x18\n \x01(\x05\x12\x0f\n\x07\x63hannel\x18\x0b \x01(\x03\x12\x0e\n\x06nbytes\x18\x0c \x01(\x03\"b\n\x06Memory\x12\x12\n\nparameters\x18\x01 \x01(\x03\x12\x11\n\tgradients\x18\x02 \x01(\x03\x12\x17\n\x0foptimizer_state\x18\x03 \x01(\x03\x12\x18\n\x10peak_activations\x18\x04 \x01(\x03\"\xa6\x02\n\x08RankPlan\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12(\n\x06values\x18\x02 \x03(\x0b\x32\x18.flowsys.scheduler.Value\x12\"\n\x03ops\x18\x03 \x03(\x0b\x32\x15.flowsys.scheduler.Op\x12\x0e\n\x06inputs\x18\x04 \x03(\x03\x12=\n\tvariables\x18\x05 \x03(\x0b\x32*.flowsys.scheduler.RankPlan.VariablesEntry\x12)\n\x06memory\x18\x06 \x01(\x0b\x32\x19.flowsys.scheduler.Memory\x12\x12\n\nbytes_sent\x18\x07 \x01(\x03\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"I\n\x04Plan\x12*\n\x05ranks\x18\x01 \x03(\x0b\x32\x1b.flowsys.scheduler.RankPlan\x12\x15\n\rmicro_batches\x18\x02 \x01(\x05\"@\n\x06Tensor\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x9b\x02\n\x0bStepRequest\x12\x0c\n\x04plan\x18\x01 \x01(\t\x12\'\n\x04\x66\x65\x65\x64\x18\x02 \x03(\x0b\x32\x19.flowsys.scheduler.Tensor\x12\r\n\x05hyper\x18\x03 \x01(\t\x12\r\n\x05seeds\x18\x04 \x03(\x03\x12\x17\n\x0fseeds_per_piece\x18\x05 \x01(\x05\x12\x38\n\x05grads\x18\x06 \x03(\x0b\x32).flowsys.scheduler.StepRequest.GradsEntry\x12\x0f\n\x07outputs\x18\x07 \x03(\x03\x12\x0e\n\x06record\x18\x08 \x01(\x08\x12\x15\n\rmicro_batches\x18\t \x01(\x05\x1a,\n\nGradsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x88\x01\n\x06\x46iring\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\n\n\x02op\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05phase\x18\x05 \x01(\t\x12\r\n\x05piece\x18\x06 \x01(\x05\x12\r\n\x05start\x18\x07 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x08 \x01(\x01\x12\x0e\n\x06nbytes\x18\t \x01(\x03\"\xda\x01\n\x0cStepResponse\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.flowsys.scheduler.Tensor\x12,\n\tvariables\x18\x02 \x03(\x0b\x32\x19.flowsys.scheduler.Tensor\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07stalled\x18\x05 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x06 \x01(\t\x12+\n\x08timeline\x18\x07 \x03(\x0b\x32\x19.flowsys.scheduler.Firingb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RANKPLAN_VARIABLESENTRY']._loaded_options = None
   _globals['_RANKPLAN_VARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_STEPREQUEST_GRADSENTRY']._loaded_options = None
+  _globals['_STEPREQUEST_GRADSENTRY']._serialized_options = b'8\001'
   _globals['_VALUE']._serialized_start=33
-  _globals['_VALUE']._serialized_end=95
-  _globals['_OP']._serialized_start=98
-  _globals['_OP']._serialized_end=279
-  _globals['_MEMORY']._serialized_start=281
-  _globals['_MEMORY']._serialized_end=379
-  _globals['_RANKPLAN']._serialized_start=382
-  _globals['_RANKPLAN']._serialized_end=676
-  _globals['_RANKPLAN_VARIABLESENTRY']._serialized_start=628
-  _globals['_RANKPLAN_VARIABLESENTRY']._serialized_end=676
-  _globals['_PLAN']._serialized_start=678
-  _globals['_PLAN']._serialized_end=751
+  _globals['_VALUE']._serialized_end=114
+  _globals['_OP']._serialized_start=117
+  _globals['_OP']._serialized_end=298
+  _globals['_MEMORY']._serialized_start=300
+  _globals['_MEMORY']._serialized_end=398
+  _globals['_RANKPLAN']._serialized_start=401
+  _globals['_RANKPLAN']._serialized_end=695
+  _globals['_RANKPLAN_VARIABLESENTRY']._serialized_start=647
+  _globals['_RANKPLAN_VARIABLESENTRY']._serialized_end=695
+  _globals['_PLAN']._serialized_start=697
+  _globals['_PLAN']._serialized_end=770
+  _globals['_TENSOR']._serialized_start=772
+  _globals['_TENSOR']._serialized_end=836
+  _globals['_STEPREQUEST']._serialized_start=839
+  _globals['_STEPREQUEST']._serialized_end=1122
+  _globals['_STEPREQUEST_GRADSENTRY']._serialized_start=1078
+  _globals['_STEPREQUEST_GRADSENTRY']._serialized_end=1122
+  _globals['_FIRING']._serialized_start=1125
+  _globals['_FIRING']._serialized_end=1261
+  _globals['_STEPRESPONSE']._serialized_start=1264
+  _globals['_STEPRESPONSE']._serialized_end=1482
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,8 @@ True
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +38,15 @@ from flowsys.tensor import Tensor
 @dataclass
 class GraphConfig:
     gradient_accumulation_steps: int = 1
-    # "global": the single controller runs the global IR; "plans": every rank runs its own
-    # lowered plan in a thread over the in-process transport (the local backend)
-    executor: str = "global"
+    # "auto": the backend fs.init chose, else "global"; "global": the driver runs the global IR
+    # over the shards it holds; "plans": every rank runs its lowered plan as actors on the
+    # backend fs.init chose (the local backend when none was)
+    executor: str = "auto"
+    # registers per edge of the per-rank plans: more than one lets the next micro-batch enter an
+    # op while the last is still downstream (pipelining, with back-pressure)
+    registers: int = 1
+    # keep the actor timeline of the last step (Graph.timeline)
+    record_timeline: bool = False
 
 
 class Graph:
@@ -49,6 +57,7 @@ class Graph:
         self._optimizers: list = []
         self._compiled: dict[Any, tuple] = {}
         self._last = None
+        self.timeline: list = []  # actor firings of the last step run as per-rank plans (config.record_timeline)
 
     def add_optimizer(self, optimizer) -> None:
         self._optimizers.append(optimizer)
@@ -105,12 +114,18 @@ class Graph:
         k = int(self.config.gradient_accumulation_steps)
         _, executor = self._compiled[self._key(args) + (k,)]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
-        if self.config.executor == "plans":
-            outs = [Tensor(v) for v in _run_plans(ir, executor, tensors)]
-        elif self.config.executor == "global":
-            outs = [Tensor(v) for v in executor.run(tensors)]
+        from flowsys import runtime  # noqa: PLC0415
+
+        mode = self.config.executor
+        if mode not in ("auto", "global", "plans"):
+            raise GraphError(f"config.executor must be 'auto', 'global' or 'plans', got {mode!r}")
+        backend = runtime.current()
+        if mode == "plans" or (mode == "auto" and backend is not None):
+            values, self.timeline = _run_plans(ir, executor, tensors, backend or runtime.local_backend(),
+                                               int(self.config.registers), bool(self.config.record_timeline))
+            outs = [Tensor(v) for v in values]
         else:
-            raise GraphError(f"config.executor must be 'global' or 'plans', got {self.config.executor!r}")
+            outs = [Tensor(v) for v in executor.run(tensors)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def plan(self):
@@ -138,49 +153,78 @@ class Graph:
         return to_dot(self.ir)
 
 
-def _run_plans(ir, executor: Executor, tensors) -> list:
-    """Lower to per-rank plans and run them on the local backend (one thread per rank)."""
+def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record: bool) -> tuple[list, list]:
+    """Lower to per-rank plans and run one step on ``backend``; the outputs and, when
+    ``record``, the actor timeline."""
+    import json  # noqa: PLC0415
+
     import numpy as np  # noqa: PLC0415
 
     import scheduler  # noqa: PLC0415
-    from actors.local import run_plans  # noqa: PLC0415
+    from actors.worker import decode, encode  # noqa: PLC0415
     from flowsys.functions import next_seed  # noqa: PLC0415
+    from scheduler import plan_pb2  # noqa: PLC0415
 
-    if executor.plan is None:
-        executor.plan = scheduler.lower(ir)
+    if executor.plan is None or executor.registers != registers:
+        executor.plan = scheduler.lower(ir, registers=registers)
+        executor.registers = registers
+        executor.key = f"plan-{next(_PLAN_KEYS)}"
     params, optimizers = executor.params, executor.optimizers
-    fed_global = dict(zip(ir.inputs, tensors))
-    sources = {**fed_global, **ir.constants, **{vid: params[name]._data for name, vid in ir.variables.items()}}
+    sources = {**dict(zip(ir.inputs, tensors)), **ir.constants,
+               **{vid: params[name]._data for name, vid in ir.variables.items()}}
+    trainer = {id(p): oi for oi, opt in enumerate(optimizers) for group in opt.param_groups for p in group["params"]}
+    hyper = json.dumps({
+        "groups": [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                   for opt in optimizers],
+        "state_keys": {name: f"{_uid(optimizers[trainer[id(p)]])}/{_uid(p)}"
+                       for name, p in params.items() if id(p) in trainer},
+    })
+    k = ir.micro_batches
+    seeds = [next_seed() for _ in range(executor.n_seeds * k)]  # piece by piece, as the global executor draws them
 
     def local(value, rank):
         return value.local(rank) if type(value) is GlobalValue else value
 
-    def feed(rank):
-        rp = next(p for p in executor.plan.ranks if p.rank == rank)
+    requests = {}
+    for rp in executor.plan.ranks:
         declared = {v.id for v in rp.values}
-        return {vid: local(v, rank) for vid, v in sources.items() if vid in declared}
+        req = plan_pb2.StepRequest(plan=executor.key, hyper=hyper, seeds=seeds, seeds_per_piece=executor.n_seeds,
+                                   grads=dict(ir.grads), outputs=list(ir.outputs), record=record, micro_batches=k)
+        req.feed.extend(encode(vid, np.asarray(local(v, rp.rank))) for vid, v in sources.items() if vid in declared)
+        requests[rp.rank] = req.SerializeToString()
+    responses = backend.run(executor.key, executor.plan, requests)
 
-    def update(rank, op, var, grad):
-        a = scheduler.decode_attrs(op.attrs)
-        opt = optimizers[a["optimizer"]]
-        param = params[a["variable"]]
-        state = opt.state.setdefault(id(param), {})
-        if type(param._data) is GlobalValue:
-            state = state.setdefault(param._data.placement.index(rank), {})
-        opt._update(var, grad, state, opt.param_groups[a["group"]])
-
-    # drawn piece by piece, as the global executor draws them
-    seeds = [[next_seed() for _ in range(executor.n_seeds)] for _ in range(ir.micro_batches)]
-    results = run_plans(executor.plan, feed, ir.grads, update, seeds, outputs=ir.outputs)
+    # the updated parameters come back into the driver's tensors, shard by shard
+    by_vid = {vid: name for name, vid in ir.variables.items()}
+    for rank, resp in responses.items():
+        for t in resp.variables:
+            data = params[by_vid[t.id]]._data
+            target = data.shards[data.placement.index(rank)] if type(data) is GlobalValue else data
+            target[...] = decode(t)
     outs = []
     for j, vid in enumerate(ir.outputs):
         v = ir.values[vid]
+        got = {rank: decode(t) for rank, resp in responses.items() for t in resp.outputs if t.id == j}
         if v.placement is None:
-            outs.append(np.asarray(results[min(results)][j]))
+            outs.append(got[min(got)])
         else:
-            shards = [results[r][j] for r in v.placement.ranks]
-            outs.append(GlobalValue(v.placement, v.sbp, v.shape, v.dtype, shards))
-    return outs
+            outs.append(GlobalValue(v.placement, v.sbp, v.shape, v.dtype, [got[r] for r in v.placement.ranks]))
+    timeline = [f for rank in sorted(responses) for f in responses[rank].timeline]
+    return outs, timeline
+
+
+_PLAN_KEYS = itertools.count()
+_UIDS: dict[int, int] = {}
+_NEXT_UID = itertools.count()
+
+
+def _uid(obj) -> int:
+    """A number for ``obj`` that is never reused (ids are), forgotten when ``obj`` dies."""
+    key = id(obj)
+    if key not in _UIDS:
+        _UIDS[key] = next(_NEXT_UID)
+        weakref.finalize(obj, _UIDS.pop, key, None)
+    return _UIDS[key]
 
 
 def _micro_input(a, k: int):

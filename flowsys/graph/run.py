@@ -20,6 +20,7 @@ class Executor:
     def __init__(self, g: Graph, params_by_name: dict, optimizers: Sequence, n_seeds: int):
         self.g, self.params, self.optimizers, self.n_seeds = g, params_by_name, list(optimizers), n_seeds
         self.plan = None  # the per-rank plans, lowered on first use by the "plans" executor
+        self.registers, self.key = None, None
         self.compute = [n for n in g.nodes if n.phase != "optimizer"]
         self.updates = [n for n in g.nodes if n.phase == "optimizer"]
 

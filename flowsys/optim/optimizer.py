@@ -66,8 +66,9 @@ class Optimizer:
         else:
             self._update(p._data, grad, state, group)
 
-    def _update(self, p, g, state: dict, group: dict) -> None:  # pragma: no cover - abstract
-        raise TypeError(f"{type(self).__name__} defines no update rule")
+    @staticmethod
+    def _update(p, g, state: dict, group: dict) -> None:  # pragma: no cover - abstract
+        raise TypeError("this optimizer defines no update rule")
 
 
 class SGD(Optimizer):
@@ -80,7 +81,8 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
 
-    def _update(self, p, g, state, group):
+    @staticmethod
+    def _update(p, g, state, group):
         if group["weight_decay"]:
             g = g + group["weight_decay"] * p
         mu = group["momentum"]
@@ -104,7 +106,8 @@ class AdamW(Optimizer):
             raise ConfigError(f"AdamW: betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    def _update(self, p, g, state, group):
+    @staticmethod
+    def _update(p, g, state, group):
         if not state:
             state["step"] = 0
             state["exp_avg"] = module_of(p).zeros_like(p)
@@ -171,3 +174,13 @@ def _squared_norm(g: Tensor) -> float:
         g64 = g.astype("float64")
         return float((g64 * g64).sum().item())
     return float((g._data.astype("float64") ** 2).sum())
+
+
+def update_rule(name: str):
+    """The in-place update ``rule(param, grad, state, group)`` of the optimizer class ``name``:
+    what a worker runs for a plan's update op, with the state it keeps and the hyper-parameters
+    the driver sends each step."""
+    cls = {"SGD": SGD, "AdamW": AdamW}.get(name)
+    if cls is None:
+        raise ConfigError(f"no update rule for optimizer {name!r}; known: SGD, AdamW")
+    return cls._update

@@ -1,0 +1,340 @@
+"""Backends with one interface: where the workers of a step live and how they talk.
+
+- :class:`LocalBackend`: every rank's :class:`~actors.worker.Worker` is a thread of this process;
+  they talk over the in-process transport.
+- :class:`RayBackend`: every rank's worker is a Ray actor in its own process, placed one per
+  device and spread over the cluster's nodes with a placement group; they talk over gRPC
+  (:class:`comm.GrpcCommunicator`). Ray places and supervises the workers and carries one call
+  per rank per step; the data plane is the transport, never a Ray call per op.
+
+``run(key, plan, requests)`` loads the plan into the workers that lack it, sends every rank its
+``StepRequest`` and returns their ``StepResponse`` messages, or raises :class:`RankFailed`
+naming the rank that caused a failure and the op it was running: a worker whose step raised,
+a worker process that died, or a collective some ranks never joined. The other ranks are told to
+stop at once, so a failure costs seconds, not a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from typing import Any
+
+from actors.worker import STATUS_TAG, Worker
+from comm import InProcessHub
+from scheduler import plan_pb2
+
+
+class RankFailed(RuntimeError):
+    """A rank of a step failed: ``rank`` is the root cause, ``op`` what it was running."""
+
+    def __init__(self, rank: int, error: BaseException | str, op: str = ""):
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        super().__init__(f"rank {rank} failed" + (f" while running {op}" if op else "") + f": {text}")
+        self.rank, self.error, self.op = rank, error, op
+
+
+class Backend:
+    """What the driver needs of a backend (see the module docstring)."""
+
+    name = "?"
+
+    def __init__(self, timeout: float = 30.0):
+        self.timeout = float(timeout)
+        self._loaded: set[tuple[int, str]] = set()
+        self.world = 0
+        self._last_status: dict[int, str] = {}
+
+    def run(self, key: str, plan, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
+        ranks = [rp.rank for rp in plan.ranks]
+        self._ensure(max(ranks) + 1)
+        for rp in plan.ranks:
+            if (rp.rank, key) not in self._loaded:
+                self._load(rp.rank, key, rp.SerializeToString())
+                self._loaded.add((rp.rank, key))
+        return self._dispatch(requests)
+
+    def shutdown(self) -> None:
+        self._loaded.clear()
+        self.world = 0
+
+    # what a backend provides
+    def _ensure(self, world: int) -> None:
+        raise NotImplementedError
+
+    def _load(self, rank: int, key: str, plan: bytes) -> None:
+        raise NotImplementedError
+
+    def _dispatch(self, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
+        raise NotImplementedError
+
+    # shared
+    def _statuses(self, driver_mailbox) -> dict[int, str]:
+        for rank in range(self.world):
+            while True:
+                msg = driver_mailbox.try_take(rank, STATUS_TAG)
+                if msg is None:
+                    break
+                self._last_status[rank] = bytes(msg).decode(errors="replace")
+        return self._last_status
+
+
+def failure(responses: dict[int, plan_pb2.StepResponse], dead: dict[int, str] | None = None,
+            doing: dict[int, str] | None = None) -> RankFailed | None:
+    """The driver's one error for a failed step, or None when every rank succeeded.
+
+    The root cause is a rank that died or failed by itself, not one that stopped because it
+    was told to or timed out waiting; a collective some ranks never joined names them."""
+    dead, doing = dead or {}, doing or {}
+    for rank, why in sorted(dead.items()):
+        return RankFailed(rank, why, doing.get(rank, ""))
+    failed = {r: resp for r, resp in responses.items() if resp.error_type}
+    if not failed:
+        return None
+    comm_errors = {"CommError", "Stalled"}
+    causes = sorted(r for r, resp in failed.items() if resp.error_type not in comm_errors)
+    if causes:
+        r = causes[0]
+        return RankFailed(r, f"{failed[r].error_type}: {failed[r].error}", failed[r].current)
+    stalled = {r: json.loads(resp.stalled) for r, resp in failed.items() if resp.stalled}
+    for r, info in sorted(stalled.items()):
+        for w in info["waits"]:
+            if not w["group"]:
+                continue
+            joined = {q for q, other in stalled.items() if any(x["channel"] == w["channel"] for x in other["waits"])}
+            missing = [q for q in w["group"] if q not in joined]
+            if missing:
+                return RankFailed(missing[0], f"ranks {missing} never joined the {w['name']} over ranks {w['group']} "
+                                  f"(op {w['op']}, piece {w['piece']}) that ranks {sorted(joined)} waited in for "
+                                  f"{info['timeout']:g} s", doing.get(missing[0], ""))
+    r = min(failed)
+    return RankFailed(r, f"{failed[r].error_type}: {failed[r].error}", failed[r].current)
+
+
+# ------------------------------------------------------------------------------------ local
+class LocalBackend(Backend):
+    """Every rank's worker is a thread of this process; the in-process transport joins them."""
+
+    name = "local"
+
+    def __init__(self, timeout: float = 30.0):
+        super().__init__(timeout)
+        self.workers: dict[int, Worker] = {}
+        self.hub: InProcessHub | None = None
+
+    def _ensure(self, world: int) -> None:
+        if self.hub is not None and world <= self.world:
+            return
+        self.shutdown()
+        self.world = world
+        self.hub = InProcessHub(world + 1, timeout=self.timeout)  # rank `world` is the driver
+        self.workers = {r: Worker(r, self.hub.communicator(r), self.timeout) for r in range(world)}
+
+    def _load(self, rank: int, key: str, plan: bytes) -> None:
+        self.workers[rank].load(key, plan)
+
+    def _dispatch(self, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
+        responses: dict[int, plan_pb2.StepResponse] = {}
+        done = threading.Condition()
+
+        def main(rank: int) -> None:
+            resp = plan_pb2.StepResponse.FromString(self.workers[rank].step(requests[rank]))
+            with done:
+                responses[rank] = resp
+                done.notify_all()
+
+        threads = [threading.Thread(target=main, args=(r,), name=f"flowsys-rank-{r}", daemon=True) for r in requests]
+        for t in threads:
+            t.start()
+        aborted = False
+        deadline = time.monotonic() + self.timeout + 10.0
+        with done:
+            while len(responses) < len(requests):
+                if not aborted and any(r.error_type not in ("", "CommError", "Stalled") for r in responses.values()):
+                    bad = min(q for q, r in responses.items() if r.error_type)
+                    for q in requests:
+                        if q not in responses:
+                            self.workers[q].abort(f"aborted: rank {bad} failed")
+                    aborted = True
+                if not done.wait(max(0.0, min(0.5, deadline - time.monotonic()))) and time.monotonic() > deadline:
+                    stuck = sorted(set(requests) - set(responses))
+                    self._broken()
+                    raise RankFailed(stuck[0], f"ranks {stuck} did not finish within {self.timeout + 10:g} s")
+        err = failure(responses)
+        if err is not None:
+            self._broken()
+            raise err
+        return responses
+
+    def _broken(self) -> None:
+        """After a failure the transport's mailboxes may hold stale messages: start afresh."""
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        for w in self.workers.values():
+            w.close()
+        self.workers, self.hub = {}, None
+        super().shutdown()
+
+
+# -------------------------------------------------------------------------------------- ray
+class RayBackend(Backend):
+    """One Ray actor per device, spread over the nodes; gRPC between them (see the module doc).
+
+    ``address``: a running cluster to join (``"auto"``, ``"ray://..."``, ``"host:port"``); None
+    joins the cluster this process is already connected to, or starts a local one.
+    ``devices_per_node``: if given, the placement group packs that many workers per node
+    (STRICT_SPREAD over nodes when it is 1); otherwise workers SPREAD over the nodes.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, timeout: float = 30.0, devices_per_node: int | None = None,
+                 **init_kwargs: Any):
+        super().__init__(timeout)
+        import ray  # noqa: PLC0415
+
+        if not ray.is_initialized():
+            init_kwargs.setdefault("include_dashboard", False)
+            init_kwargs.setdefault("log_to_driver", False)
+            ray.init(address=address, **init_kwargs)
+        self.ray = ray
+        self.devices_per_node = devices_per_node
+        self.secret = secrets.token_hex(16)
+        self.workers: list = []
+        self.pg = None
+        self.driver = None
+
+    def _ensure(self, world: int) -> None:
+        if self.workers and world <= self.world:
+            return
+        self.shutdown()
+        ray = self.ray
+        from ray.util.placement_group import placement_group  # noqa: PLC0415
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: PLC0415
+
+        from comm.grpc_transport import GrpcCommunicator  # noqa: PLC0415
+
+        bundles = [{"CPU": 0.01} for _ in range(world)]
+        self.pg = placement_group(bundles, strategy="SPREAD")
+        try:
+            ray.get(self.pg.ready(), timeout=max(30.0, self.timeout))
+        except Exception as e:  # noqa: BLE001
+            raise RankFailed(0, f"could not place {world} workers on the Ray cluster "
+                                f"({len(ray.nodes())} nodes): {e}") from e
+        cls = ray.remote(RayWorker)
+        self.world = world
+        self.workers = [
+            cls.options(num_cpus=0.01, max_concurrency=2, max_restarts=0, name=None,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
+            .remote(r, world + 1, self.secret, self.timeout)
+            for r in range(world)]
+        host = ray.util.get_node_ip_address()
+        self.driver = GrpcCommunicator(world, world + 1, self.secret, host=host, timeout=self.timeout)
+        addresses = self._get([w.address.remote() for w in self.workers], "start") + [self.driver.address]
+        self._get([w.connect.remote(addresses) for w in self.workers], "connect")
+        self.driver.connect(addresses)
+        self.info = self._get([w.info.remote() for w in self.workers], "start")
+
+    def _get(self, refs: list, what: str) -> list:
+        try:
+            return self.ray.get(refs, timeout=max(60.0, self.timeout))
+        except Exception as e:  # noqa: BLE001 - reported by rank where we can tell
+            self.shutdown()
+            raise RankFailed(0, f"Ray workers failed to {what}: {type(e).__name__}: {e}") from e
+
+    def _load(self, rank: int, key: str, plan: bytes) -> None:
+        self._get([self.workers[rank].load.remote(key, plan)], "load their plans")
+
+    def pids(self) -> dict[int, int]:
+        return {i["rank"]: i["pid"] for i in self.info}
+
+    def nodes(self) -> dict[int, str]:
+        return {i["rank"]: i["node"] for i in self.info}
+
+    def _dispatch(self, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
+        ray = self.ray
+        refs = {self.workers[r].step.remote(req): r for r, req in requests.items()}
+        responses: dict[int, plan_pb2.StepResponse] = {}
+        dead: dict[int, str] = {}
+        pending = list(refs)
+        deadline = time.monotonic() + self.timeout + 10.0
+        aborted = False
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+            for ref in ready:
+                rank = refs[ref]
+                try:
+                    responses[rank] = plan_pb2.StepResponse.FromString(ray.get(ref))
+                except ray.exceptions.RayActorError as e:
+                    pid = self.pids().get(rank)
+                    dead[rank] = f"its worker process (pid {pid}) died: {type(e).__name__}"
+            bad = dead or {q: r for q, r in responses.items() if r.error_type not in ("", "CommError", "Stalled")}
+            if bad and not aborted:
+                culprit = min(bad)
+                for ref in pending:
+                    self.workers[refs[ref]].abort.remote(f"aborted: rank {culprit} failed")
+                aborted = True
+            if time.monotonic() > deadline and pending:
+                stuck = sorted(refs[r] for r in pending)
+                doing = self._statuses(self.driver.mailbox)
+                self.shutdown()
+                raise RankFailed(stuck[0], f"ranks {stuck} did not finish within {self.timeout + 10:g} s",
+                                 doing.get(stuck[0], ""))
+        err = failure(responses, dead, self._statuses(self.driver.mailbox))
+        if err is not None:
+            self.shutdown()  # the next step starts fresh workers
+            raise err
+        return responses
+
+    def shutdown(self) -> None:
+        ray = self.ray
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self.pg is not None:
+            try:
+                ray.util.remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.driver is not None:
+            self.driver.close()
+        self.workers, self.pg, self.driver = [], None, None
+        self._last_status = {}
+        super().shutdown()
+
+
+class RayWorker:
+    """The Ray actor around a :class:`Worker`: its gRPC endpoint on the node's address."""
+
+    def __init__(self, rank: int, world_size: int, secret: str, timeout: float):
+        import ray  # noqa: PLC0415
+
+        from comm.grpc_transport import GrpcCommunicator  # noqa: PLC0415
+
+        self.node = ray.get_runtime_context().get_node_id()
+        comm = GrpcCommunicator(rank, world_size, secret, host=ray.util.get_node_ip_address(), timeout=timeout)
+        self.worker = Worker(rank, comm, timeout)
+
+    def address(self) -> str:
+        return self.worker.comm.address
+
+    def connect(self, addresses: list[str]) -> None:
+        self.worker.comm.connect(addresses)
+
+    def info(self) -> dict:
+        return {**self.worker.info(), "node": self.node}
+
+    def load(self, key: str, plan: bytes) -> None:
+        self.worker.load(key, plan)
+
+    def step(self, request: bytes) -> bytes:
+        return self.worker.step(request)
+
+    def abort(self, reason: str) -> None:
+        self.worker.abort(reason)
+

@@ -1,0 +1,155 @@
+"""The per-device worker: hosts one rank's plans and runs a step of them on request.
+
+A worker holds, between steps, the plans the driver loaded into it and the optimizer state of
+the parameters it updates. Each step the driver sends a ``StepRequest`` (protobuf bytes: the
+rank's inputs and parameters, this step's hyper-parameters and dropout seeds) and gets back a
+``StepResponse`` (the rank's outputs, its updated parameters, its actor timeline, or what went
+wrong). The same class runs in a thread of the driver (the local backend, in-process transport)
+and as a Ray actor in its own process (the Ray backend, gRPC transport): the code path is one.
+
+While a step runs, a status thread posts the op the rank is running to the driver whenever it
+changes, so that if the process dies the driver can say what it was doing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import traceback
+
+import numpy as np
+
+from actors.runtime import RankRuntime, Stalled
+from comm import Communicator
+from scheduler import plan_pb2
+from scheduler.lower import decode_attrs
+
+STATUS_TAG = 1  # worker -> driver: the op the rank is running (utf-8 text)
+
+
+class WireError(ValueError):
+    """A tensor message that does not describe its bytes."""
+
+
+def encode(vid: int, array) -> plan_pb2.Tensor:
+    a = np.asarray(array)
+    a = a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (ascontiguousarray makes 0-d arrays 1-d)
+    return plan_pb2.Tensor(id=vid, dtype=a.dtype.str, shape=list(a.shape), data=a.tobytes())
+
+
+def decode(t: plan_pb2.Tensor) -> np.ndarray:
+    """The array a ``Tensor`` message carries (a writable copy); never unpickles."""
+    try:
+        dtype = np.dtype(t.dtype)
+    except TypeError as e:
+        raise WireError(f"tensor {t.id}: unknown dtype {t.dtype!r}") from e
+    if dtype.hasobject:
+        raise WireError(f"tensor {t.id}: dtype {t.dtype!r} holds Python objects")
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(t.data):
+        raise WireError(f"tensor {t.id}: {len(t.data)} bytes do not make a {t.dtype} array of shape {shape}")
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape).copy()
+
+
+class Worker:
+    """One rank's worker. ``comm`` is its transport endpoint; the driver is rank ``world_size - 1``
+    of that transport (the device ranks come first)."""
+
+    def __init__(self, rank: int, comm: Communicator, timeout: float = 30.0):
+        self.rank, self.comm, self.timeout = rank, comm, timeout
+        self.driver = comm.world_size - 1
+        self.plans: dict[str, plan_pb2.RankPlan] = {}
+        self.runtimes: dict[str, RankRuntime] = {}
+        self.state: dict[str, dict] = {}  # optimizer state by the driver's key for (optimizer, parameter)
+        self._running: RankRuntime | None = None
+        self._status = threading.Thread(target=self._report, name=f"flowsys-status-{rank}", daemon=True)
+        self._stop = threading.Event()
+        self._status.start()
+
+    # ----------------------------------------------------------------------------- control
+    def info(self) -> dict:
+        return {"rank": self.rank, "pid": os.getpid()}
+
+    def load(self, key: str, plan: bytes) -> None:
+        rp = plan_pb2.RankPlan.FromString(plan)
+        if rp.rank != self.rank:
+            raise ValueError(f"worker of rank {self.rank} was sent the plan of rank {rp.rank}")
+        self.plans[key] = rp
+        self.runtimes.pop(key, None)
+
+    def abort(self, reason: str) -> None:
+        """Stop the step in flight: its next wait raises (the driver saw another rank fail)."""
+        from comm import CommError  # noqa: PLC0415
+
+        self.comm.mailbox.fail(CommError(reason))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.comm.close()
+
+    # -------------------------------------------------------------------------------- step
+    def step(self, request: bytes) -> bytes:
+        """Run one step; never raises: failures come back in the response."""
+        resp = plan_pb2.StepResponse()
+        rt = None
+        try:
+            req = plan_pb2.StepRequest.FromString(request)
+            if req.plan not in self.plans:
+                raise KeyError(f"rank {self.rank}: no plan {req.plan!r} loaded")
+            rp = self.plans[req.plan]
+            rt = self.runtimes.get(req.plan)
+            if rt is None:
+                rt = self.runtimes[req.plan] = RankRuntime(rp, self.comm, timeout=self.timeout)
+            rt.record = req.record
+            rt.timeline = []
+            fed = {t.id: decode(t) for t in req.feed}
+            hyper = json.loads(req.hyper) if req.hyper else {"groups": [], "state_keys": {}}
+            micro, per = max(1, req.micro_batches), req.seeds_per_piece
+            seeds = [list(req.seeds[i * per:(i + 1) * per]) for i in range(micro)]
+
+            def update(op, var, grad) -> None:
+                from flowsys.optim.optimizer import update_rule  # noqa: PLC0415
+
+                a = decode_attrs(op.attrs)
+                group = dict(hyper["groups"][a["optimizer"]][a["group"]])
+                if "betas" in group:
+                    group["betas"] = tuple(group["betas"])
+                state = self.state.setdefault(hyper["state_keys"][a["variable"]], {})
+                update_rule(op.op)(var, grad, state, group)
+
+            self._running = rt
+            outs = rt.run(fed, micro, dict(req.grads), update, seeds, list(req.outputs))
+            for i, o in enumerate(outs):
+                if o is not None:
+                    resp.outputs.append(encode(i, o))
+            for vid in rp.variables.values():
+                resp.variables.append(encode(vid, fed[vid]))
+            if req.record:
+                for f in rt.timeline:
+                    resp.timeline.append(plan_pb2.Firing(rank=f.rank, op=f.op, name=f.name, kind=f.kind, phase=f.phase,
+                                                         piece=f.piece, start=f.start, end=f.end, nbytes=f.nbytes))
+        except BaseException as err:  # reported to the driver, by type, message and what was running
+            resp.error_type = type(err).__name__
+            resp.error = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            if not isinstance(err, Exception):
+                resp.error = f"{resp.error}\n{traceback.format_exc()}"
+            if isinstance(err, Stalled):
+                resp.stalled = json.dumps({"waits": err.waits, "timeout": err.timeout})
+            resp.current = rt.current if rt is not None else ""
+        finally:
+            self._running = None
+        return resp.SerializeToString()
+
+    def _report(self) -> None:
+        last = None
+        while not self._stop.wait(0.05):
+            rt = self._running
+            now = rt.current if rt is not None else "idle"
+            if now != last:
+                try:
+                    self.comm.post(np.frombuffer(now.encode(), dtype=np.uint8), self.driver, STATUS_TAG)
+                except Exception:  # noqa: BLE001 - the driver may be gone; the worker goes on
+                    pass
+                last = now
+
