@@ -148,21 +148,25 @@ class LocalBackend(Backend):
         threads = [threading.Thread(target=main, args=(r,), name=f"flowsys-rank-{r}", daemon=True) for r in requests]
         for t in threads:
             t.start()
-        aborted = False
         deadline = time.monotonic() + self.timeout + 10.0
         with done:
             while len(responses) < len(requests):
-                if not aborted and any(r.error_type not in ("", "CommError", "Stalled") for r in responses.values()):
-                    bad = min(q for q, r in responses.items() if r.error_type)
+                if any(r.error_type for r in responses.values()):
+                    # a rank failed or stalled: stop the others now; whoever has not answered
+                    # within a second is reported as what it was doing
                     for q in requests:
                         if q not in responses:
-                            self.workers[q].abort(f"aborted: rank {bad} failed")
-                    aborted = True
+                            self.workers[q].abort("aborted: another rank failed")
+                    done.wait_for(lambda: len(responses) == len(requests), 1.0)
+                    break
                 if not done.wait(max(0.0, min(0.5, deadline - time.monotonic()))) and time.monotonic() > deadline:
-                    stuck = sorted(set(requests) - set(responses))
-                    self._broken()
-                    raise RankFailed(stuck[0], f"ranks {stuck} did not finish within {self.timeout + 10:g} s")
-        err = failure(responses)
+                    break
+        doing = {q: w.current() for q, w in self.workers.items()}
+        missing = sorted(set(requests) - set(responses))
+        err = failure(responses, doing=doing)
+        if err is None and missing:
+            err = RankFailed(missing[0], f"ranks {missing} did not finish within {self.timeout + 10:g} s",
+                             doing.get(missing[0], ""))
         if err is not None:
             self._broken()
             raise err
@@ -261,29 +265,28 @@ class RayBackend(Backend):
         dead: dict[int, str] = {}
         pending = list(refs)
         deadline = time.monotonic() + self.timeout + 10.0
-        aborted = False
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+        stop_at = None
+        while pending and time.monotonic() < (stop_at or deadline):
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
             for ref in ready:
                 rank = refs[ref]
                 try:
                     responses[rank] = plan_pb2.StepResponse.FromString(ray.get(ref))
                 except ray.exceptions.RayActorError as e:
                     pid = self.pids().get(rank)
-                    dead[rank] = f"its worker process (pid {pid}) died: {type(e).__name__}"
-            bad = dead or {q: r for q, r in responses.items() if r.error_type not in ("", "CommError", "Stalled")}
-            if bad and not aborted:
-                culprit = min(bad)
+                    dead[rank] = f"its worker process (pid {pid}) died ({type(e).__name__})"
+            if stop_at is None and (dead or any(r.error_type for r in responses.values())):
+                # a rank failed, died or stalled: stop the others now; whoever has not answered
+                # within a second is reported as what it was doing
                 for ref in pending:
-                    self.workers[refs[ref]].abort.remote(f"aborted: rank {culprit} failed")
-                aborted = True
-            if time.monotonic() > deadline and pending:
-                stuck = sorted(refs[r] for r in pending)
-                doing = self._statuses(self.driver.mailbox)
-                self.shutdown()
-                raise RankFailed(stuck[0], f"ranks {stuck} did not finish within {self.timeout + 10:g} s",
-                                 doing.get(stuck[0], ""))
-        err = failure(responses, dead, self._statuses(self.driver.mailbox))
+                    self.workers[refs[ref]].abort.remote("aborted: another rank failed")
+                stop_at = time.monotonic() + 1.0
+        doing = self._statuses(self.driver.mailbox)
+        missing = sorted(refs[r] for r in pending)
+        err = failure(responses, dead, doing)
+        if err is None and missing:
+            err = RankFailed(missing[0], f"ranks {missing} did not finish within {self.timeout + 10:g} s",
+                             doing.get(missing[0], ""))
         if err is not None:
             self.shutdown()  # the next step starts fresh workers
             raise err

@@ -66,12 +66,12 @@ class Firing:
 class Stalled(CommError):
     """A rank waited past its timeout: what it was waiting for, for the driver's report."""
 
-    def __init__(self, rank: int, waits: list[dict], timeout: float):
+    def __init__(self, rank: int, waits: list[dict], timeout: float, reason: str = ""):
         self.rank, self.waits, self.timeout = rank, waits, timeout
         what = "; ".join(f"{w['name']} (op {w['op']}, piece {w['piece']}) waits for rank {w['peer']}"
                          + (f" in a {w['name']} over ranks {w['group']}" if w.get("group") else "")
                          for w in waits) or "nothing in flight"
-        super().__init__(f"rank {rank}: no progress for {timeout:g} s: {what}")
+        super().__init__(f"rank {rank}: {reason or f'no progress for {timeout:g} s'}: {what}")
 
 
 class _Actor:
@@ -226,7 +226,10 @@ class RankRuntime:
             idle_since = idle_since or now
             if now - idle_since > self.timeout:
                 raise self._stalled()
-            seen = mailbox.wait(seen, min(0.05, self.timeout))
+            try:
+                seen = mailbox.wait(seen, min(0.05, self.timeout))
+            except CommError as e:  # told to stop (another rank failed) or a peer unreachable
+                raise self._stalled(str(e)) from e
 
     # ------------------------------------------------------------------------------ firing
     def _can_fire(self, a: _Actor) -> bool:
@@ -334,7 +337,7 @@ class RankRuntime:
         if op.kind == "send":
             x = self._value(op.inputs[0], p)
             data = x if attrs["relay"] else x[_region(attrs["box"], attrs["src_origin"])]
-            return _one_send(op.peer, _contiguous(data)), [op.peer]
+            return _one_send(0, _contiguous(data)), [op.peer]
         group = list(op.group)
         return _collective(op.op, attrs, group.index(self.rp.rank), len(group), self._value(op.inputs[0], p)), group
 
@@ -398,7 +401,7 @@ class RankRuntime:
             return
         env[op.outputs[0]] = _local_step(op.op, a, x)
 
-    def _stalled(self) -> Stalled:
+    def _stalled(self, reason: str = "") -> Stalled:
         waits = [dict(op=e.actor.op.id, name=e.actor.op.op, piece=e.actor.piece, peer=e.step.peer_rank,
                       group=list(e.actor.op.group), channel=e.actor.op.channel) for e in self.inflight]
         for a in self.actors:
@@ -406,7 +409,7 @@ class RankRuntime:
                     self.written.get((v, a.piece), 0) >= self.writers[v] for v in a.inputs):
                 waits.append(dict(op=a.op.id, name="recv", piece=a.piece, peer=a.op.peer, group=[],
                                   channel=a.op.channel))
-        return Stalled(self.rp.rank, waits, self.timeout)
+        return Stalled(self.rp.rank, waits, self.timeout, reason)
 
 
 @dataclass(slots=True)

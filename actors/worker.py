@@ -71,6 +71,11 @@ class Worker:
     def info(self) -> dict:
         return {"rank": self.rank, "pid": os.getpid()}
 
+    def current(self) -> str:
+        """What the rank is running now ("idle" between steps)."""
+        rt = self._running
+        return rt.current if rt is not None else "idle"
+
     def load(self, key: str, plan: bytes) -> None:
         rp = plan_pb2.RankPlan.FromString(plan)
         if rp.rank != self.rank:
@@ -144,8 +149,7 @@ class Worker:
     def _report(self) -> None:
         last = None
         while not self._stop.wait(0.05):
-            rt = self._running
-            now = rt.current if rt is not None else "idle"
+            now = self.current()
             if now != last:
                 try:
                     self.comm.post(np.frombuffer(now.encode(), dtype=np.uint8), self.driver, STATUS_TAG)
