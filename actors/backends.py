@@ -32,6 +32,7 @@ class RankFailed(RuntimeError):
 
     def __init__(self, rank: int, error: BaseException | str, op: str = ""):
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        op = "" if op == "idle" else op
         super().__init__(f"rank {rank} failed" + (f" while running {op}" if op else "") + f": {text}")
         self.rank, self.error, self.op = rank, error, op
 
@@ -189,14 +190,14 @@ class RayBackend(Backend):
 
     ``address``: a running cluster to join (``"auto"``, ``"ray://..."``, ``"host:port"``); None
     joins the cluster this process is already connected to, or starts a local one.
-    ``devices_per_node``: if given, the placement group packs that many workers per node
-    (STRICT_SPREAD over nodes when it is 1); otherwise workers SPREAD over the nodes.
+    ``shared_memory``: ranks on the same host pass tensors through shared memory (the gRPC
+    call carries only the header); False sends every byte over gRPC streams.
     """
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, timeout: float = 30.0, devices_per_node: int | None = None,
-                 **init_kwargs: Any):
+    def __init__(self, address: str | None = None, timeout: float = 30.0,
+                 shared_memory: bool = True, **init_kwargs: Any):
         super().__init__(timeout)
         import ray  # noqa: PLC0415
 
@@ -205,7 +206,7 @@ class RayBackend(Backend):
             init_kwargs.setdefault("log_to_driver", False)
             ray.init(address=address, **init_kwargs)
         self.ray = ray
-        self.devices_per_node = devices_per_node
+        self.shared_memory = shared_memory
         self.secret = secrets.token_hex(16)
         self.workers: list = []
         self.pg = None
@@ -233,10 +234,11 @@ class RayBackend(Backend):
         self.workers = [
             cls.options(num_cpus=0.01, max_concurrency=2, max_restarts=0, name=None,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
-            .remote(r, world + 1, self.secret, self.timeout)
+            .remote(r, world + 1, self.secret, self.timeout, self.shared_memory)
             for r in range(world)]
         host = ray.util.get_node_ip_address()
-        self.driver = GrpcCommunicator(world, world + 1, self.secret, host=host, timeout=self.timeout)
+        self.driver = GrpcCommunicator(world, world + 1, self.secret, host=host, timeout=self.timeout,
+                                       shared_memory=self.shared_memory)
         addresses = self._get([w.address.remote() for w in self.workers], "start") + [self.driver.address]
         self._get([w.connect.remote(addresses) for w in self.workers], "connect")
         self.driver.connect(addresses)
@@ -314,13 +316,14 @@ class RayBackend(Backend):
 class RayWorker:
     """The Ray actor around a :class:`Worker`: its gRPC endpoint on the node's address."""
 
-    def __init__(self, rank: int, world_size: int, secret: str, timeout: float):
+    def __init__(self, rank: int, world_size: int, secret: str, timeout: float, shared_memory: bool):
         import ray  # noqa: PLC0415
 
         from comm.grpc_transport import GrpcCommunicator  # noqa: PLC0415
 
         self.node = ray.get_runtime_context().get_node_id()
-        comm = GrpcCommunicator(rank, world_size, secret, host=ray.util.get_node_ip_address(), timeout=timeout)
+        comm = GrpcCommunicator(rank, world_size, secret, host=ray.util.get_node_ip_address(), timeout=timeout,
+                                shared_memory=shared_memory)
         self.worker = Worker(rank, comm, timeout)
 
     def address(self) -> str:

@@ -148,7 +148,7 @@ class Worker:
 
     def _report(self) -> None:
         last = None
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(0.005):
             now = self.current()
             if now != last:
                 try:

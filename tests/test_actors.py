@@ -33,12 +33,13 @@ MICRO = 4
 class _TwoStages(fs.Graph):
     """A two-stage pipeline: stage 0 on rank 0, stage 1 on rank 1, activations sent between."""
 
-    def __init__(self, registers: int, accumulation: int = MICRO):
+    def __init__(self, registers: int, accumulation: int = MICRO, width: int = D):
         super().__init__()
         fs.manual_seed(0)
+        self.width = width
         self.p0, self.p1 = fs.placement("cpu", [0]), fs.placement("cpu", [1])
-        self.s0 = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D)).to_global(self.p0, B)
-        self.s1 = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, 4)).to_global(self.p1, B)
+        self.s0 = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)).to_global(self.p0, B)
+        self.s1 = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 4)).to_global(self.p1, B)
         self.add_optimizer(optim.SGD(list(self.s0.parameters()) + list(self.s1.parameters()), lr=0.05))
         self.config.gradient_accumulation_steps = accumulation
         self.config.registers = registers
@@ -53,7 +54,7 @@ class _TwoStages(fs.Graph):
 
     def batch(self):
         rng = np.random.default_rng(1)
-        x = fs.asarray(rng.standard_normal((MICRO * 128, D)).astype(np.float32))
+        x = fs.asarray(rng.standard_normal((MICRO * 128, self.width)).astype(np.float32))
         y = fs.asarray(rng.standard_normal((MICRO * 128, 4)).astype(np.float32))
         return x.to_global(self.p0, B), y.to_global(self.p1, B)
 

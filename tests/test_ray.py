@@ -1,0 +1,104 @@
+"""The Ray backend on a two-node ``ray.cluster_utils.Cluster``: one Ray actor per device,
+real gRPC between worker processes. The same plans give the same losses as the driver's own
+executor; a worker process killed mid-step is reported by rank and op within the timeout.
+
+The Ray cluster is started once per test session (``conftest.ray_cluster``) and the workers
+once per module; together these tests take well under the five minutes CI allows them.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import flowsys as fs
+from actors.backends import RankFailed
+from test_actors import MICRO, _overlaps, _TwoStages
+from test_graph import _run
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="module")
+def ray_backend(ray_cluster):
+    backend = fs.init(backend="ray", timeout=TIMEOUT, shared_memory=False)  # every byte over gRPC streams
+    yield backend
+    fs.shutdown()
+
+
+LAYOUTS = {
+    "one device": (None, None, None),
+    "dp2": ([0, 1], 0, None),
+    "tp2": ([0, 1], None, 0),
+    "dp2xtp2": ([[0, 1], [2, 3]], 0, 1),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ray_backend_gives_the_same_losses(ray_backend, kind, layout):
+    mesh, dp, tp = LAYOUTS[layout]
+    if mesh is None:
+        mesh, dp = [0], 0  # one device: a one-rank placement, so the step runs in a worker
+    expected, _ = _run(kind, "graph", mesh, dp, tp, executor="global")
+    got, step = _run(kind, "graph", mesh, dp, tp, executor="auto")
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert step.timeline == [] and step.ir.micro_batches == 1
+
+
+@pytest.mark.timeout(60)
+def test_workers_are_spread_over_both_nodes(ray_backend):
+    _run("mlp", "graph", [[0, 1], [2, 3]], 0, 1, executor="auto")
+    nodes = ray_backend.nodes()
+    assert sorted(nodes) == [0, 1, 2, 3]
+    assert len(set(nodes.values())) == 2
+    assert len(set(ray_backend.pids().values())) == 4 and os.getpid() not in ray_backend.pids().values()
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_overlaps_across_worker_processes(ray_backend):
+    step = _TwoStages(registers=2)
+    x, y = step.batch()
+    seen = set()
+    for _ in range(4):
+        step(x, y)
+        assert {f.piece for f in step.timeline if f.phase != "optimizer"} == set(range(MICRO))
+        seen |= _overlaps(step.timeline)
+    assert seen, "stage 0 never worked on micro-batch i+1 while stage 1 worked on micro-batch i"
+
+
+@pytest.mark.timeout(120)
+def test_killing_a_worker_mid_step_names_it_within_the_timeout(ray_backend):
+    step = _TwoStages(registers=1, width=1024)  # ops of milliseconds, so the kill lands inside one
+    x, y = step.batch()
+    step(x, y)  # warm: workers up, plan loaded
+    victim = ray_backend.pids()[1]
+
+    def kill_when_busy():  # as soon as rank 1 reports an op of a step, kill its process
+        while ray_backend._statuses(ray_backend.driver.mailbox).get(1, "idle") == "idle":
+            time.sleep(0.001)
+        os.kill(victim, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match=rf"rank 1 failed while running \w+ \(op \d+, piece \d\): its worker process \(pid {victim}\) died"):
+        for _ in range(50):  # steps until the kill lands
+            step(x, y)
+    assert time.monotonic() - start < TIMEOUT
+    # the next step starts fresh workers and runs
+    assert np.isfinite(float(step(x, y)))
+    assert victim not in ray_backend.pids().values()
+
+
+@pytest.mark.timeout(120)
+def test_same_host_ranks_share_memory_and_agree(ray_backend):
+    """Last in the module: it replaces the module's backend with one using shared memory."""
+    fs.init(backend="ray", timeout=TIMEOUT, shared_memory=True)
+    expected, _ = _run("gpt", "graph", [[0, 1], [2, 3]], 0, 1, executor="global")
+    got, _ = _run("gpt", "graph", [[0, 1], [2, 3]], 0, 1, executor="auto")
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
