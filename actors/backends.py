@@ -24,17 +24,8 @@ from typing import Any
 
 from actors.worker import STATUS_TAG, Worker
 from comm import InProcessHub
+from flowsys.errors import RankFailed
 from scheduler import plan_pb2
-
-
-class RankFailed(RuntimeError):
-    """A rank of a step failed: ``rank`` is the root cause, ``op`` what it was running."""
-
-    def __init__(self, rank: int, error: BaseException | str, op: str = ""):
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        op = "" if op == "idle" else op
-        super().__init__(f"rank {rank} failed" + (f" while running {op}" if op else "") + f": {text}")
-        self.rank, self.error, self.op = rank, error, op
 
 
 class Backend:

@@ -16,7 +16,7 @@ from flowsys.placement import Placement, placement
 from flowsys.autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from flowsys.errors import (
     ArgumentError, CommunicationError, ConfigError, DTypeError, FlowsysError, GradError, IndexOutOfRange, PlacementError,
-    SbpError, ShapeError, StateDictError,
+    RankFailed, SbpError, ShapeError, StateDictError,
 )
 from flowsys.functions import (
     allclose, arange, argmax, asarray, astype, broadcast_to, concatenate, exp, expand_dims, full, log,
@@ -44,7 +44,7 @@ __all__ = [
     "no_grad", "enable_grad", "is_grad_enabled", "set_grad_enabled",
     # errors
     "FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError",
-    "ConfigError", "PlacementError", "SbpError", "CommunicationError",
+    "ConfigError", "PlacementError", "SbpError", "CommunicationError", "RankFailed",
     # global tensors
     "placement", "Placement",
     # graph mode and where it runs

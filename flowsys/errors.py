@@ -51,5 +51,17 @@ class CommunicationError(FlowsysError, RuntimeError):
     """A transfer or collective that failed: a dead or missing peer (named by rank), a timeout."""
 
 
-__all__ = ["FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError", "ConfigError",
+class RankFailed(FlowsysError, RuntimeError):
+    """A rank of a distributed step failed: ``rank`` is the root cause (the rank that raised,
+    died, or never joined a collective, not the peers that stopped waiting for it), ``op`` what
+    it was running."""
+
+    def __init__(self, rank: int, error: BaseException | str, op: str = ""):
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        op = "" if op == "idle" else op
+        super().__init__(f"rank {rank} failed" + (f" while running {op}" if op else "") + f": {text}")
+        self.rank, self.error, self.op = rank, error, op
+
+
+__all__ = ["FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError", "ConfigError", "RankFailed",
            "PlacementError", "SbpError", "CommunicationError"]
