@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from actors.worker import STATUS_TAG, Worker
-from comm import InProcessHub
+from comm import CommError, InProcessHub
 from flowsys.errors import RankFailed
 from scheduler import plan_pb2
 
@@ -66,7 +66,10 @@ class Backend:
     def _statuses(self, driver_mailbox) -> dict[int, str]:
         for rank in range(self.world):
             while True:
-                msg = driver_mailbox.try_take(rank, STATUS_TAG)
+                try:
+                    msg = driver_mailbox.try_take(rank, STATUS_TAG)
+                except CommError:  # a worker's stream broke (it died): what arrived before still counts
+                    msg = None
                 if msg is None:
                     break
                 self._last_status[rank] = bytes(msg).decode(errors="replace")
