@@ -154,8 +154,12 @@ class RankRuntime:
         for op in self.optimizer_ops:
             start = time.time()
             self.current = f"{op.op} (op {op.id}, optimizer phase)"
-            if op.kind == "update":
+            if op.kind == "update":  # in place; its output is the updated input
                 update(op, env[op.inputs[0]], env[op.inputs[1]])
+                env[op.outputs[0]] = env[op.inputs[0]]
+            elif op.op == "assign":  # ZeRO: the gathered updated shards into the variable
+                env[op.inputs[0]][...] = env[op.inputs[1]]
+                env[op.outputs[0]] = env[op.inputs[0]]
             else:
                 self._run_blocking(op, env)
             self._note(op, OPTIMIZER_PIECE, start)

@@ -134,6 +134,12 @@ class _Lowering:
                 self.lower_op(n, r, rp, declare)
             elif n.kind == "boxing":
                 self.lower_boxing(n, r, rp, declare)
+            elif n.kind == "assign":
+                if self.lives_on(g.values[n.inputs[0]], r):
+                    for vid in n.inputs + n.outputs:
+                        declare(vid)
+                    rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="assign",
+                                              inputs=n.inputs, outputs=n.outputs, phase=n.phase))
             elif self.lives_on(g.values[n.inputs[0]], r):
                 for vid in n.inputs + n.outputs:
                     declare(vid)
@@ -245,12 +251,13 @@ class _Lowering:
     def estimate_memory(self, rp) -> None:
         sizes = {v.id: math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in rp.values}
         params = sum(sizes[v] for v in rp.variables.values())
-        trained = {op.inputs[0] for op in rp.ops if op.kind == "update"}
-        grads = sum(sizes[v] for v in trained)
+        # the gradient buffers: what is accumulated over micro-batches (the shard under ZeRO 2 and 3)
+        updated = [op for op in rp.ops if op.kind == "update"]
+        variables = dict(rp.variables)
+        grads = sum(sizes.get(self.g.grads.get(variables[decode_attrs(op.attrs)["variable"]], -1), 0) for op in updated)
         state = 0
-        for op in rp.ops:
-            if op.kind == "update":
-                state += _STATE_FACTOR.get(op.op, 1) * sizes[op.inputs[0]]
+        for op in updated:
+            state += _STATE_FACTOR.get(op.op, 1) * sizes[op.inputs[0]]
         persistent = set(rp.variables.values()) | set(self.g.constants)
         last_use: dict[int, int] = {}
         for i, op in enumerate(rp.ops):
@@ -259,7 +266,7 @@ class _Lowering:
         alive: set[int] = set(rp.inputs)
         live, peak = sum(sizes[v] for v in alive), 0
         for i, op in enumerate(rp.ops):
-            if op.kind == "update":
+            if op.kind == "update" or op.op == "assign":
                 continue
             for v in op.outputs:
                 if v not in persistent and v not in alive:

@@ -47,6 +47,9 @@ class GraphConfig:
     registers: int = 1
     # keep the actor timeline of the last step (Graph.timeline)
     record_timeline: bool = False
+    # ZeRO: 1 shards optimizer state, 2 also gradients, 3 also parameters, along the mesh axis
+    # the inputs are split S(0) along (the data-parallel axis)
+    zero_stage: int = 0
 
 
 class Graph:
@@ -91,7 +94,10 @@ class Graph:
     def compile(self, *args):
         """Trace ``build`` for inputs like ``args`` and run the passes (what the first call does)."""
         k = int(self.config.gradient_accumulation_steps)
-        key = self._key(args) + (k,)
+        stage = int(self.config.zero_stage)
+        if stage not in (0, 1, 2, 3):
+            raise GraphError(f"config.zero_stage must be 0, 1, 2 or 3, got {self.config.zero_stage!r}")
+        key = self._key(args) + (k, stage)
         if key not in self._compiled:
             params = self._parameters()
             owned = {id(p) for p in params.values()}
@@ -102,17 +108,36 @@ class Graph:
                             raise GraphError(f"{type(self).__name__}: an optimizer trains a parameter of shape {p.shape} "
                                              f"that no module of this graph holds; assign the model to the graph "
                                              f"(self.model = model)")
+            axis = self._shard_parameters(args) if stage == 3 else None
             micro = [_micro_input(a, k) for a in args]
             ir, n_seeds = trace(self.build, micro, params)
-            ir = _passes.compile_graph(ir, params_by_name=params, optimizers=self._optimizers, micro_batches=k)
+            ir = _passes.compile_graph(ir.with_(zero_axis=axis), params_by_name=params, optimizers=self._optimizers,
+                                       micro_batches=k, zero_stage=stage)
             self._compiled[key] = (ir, Executor(ir, params, self._optimizers, n_seeds))
         self._last = self._compiled[key][0]
         return self._last
 
+    def _shard_parameters(self, args) -> int:
+        """ZeRO stage 3: lay every trained parameter out split along the data-parallel axis, in
+        place (once; later compiles find them split)."""
+        trained = {id(p): p for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
+        if getattr(self, "_zero_axis", None) is None:
+            inputs = [a._data for a in args if isinstance(a, Tensor) and type(a._data) is GlobalValue]
+            self._zero_axis = _passes.zero_axis(inputs, [p._data for p in trained.values()])
+            if self._zero_axis is None or any(type(p._data) is not GlobalValue for p in trained.values()):
+                raise GraphError(
+                    f"{type(self).__name__}: zero_stage=3 needs a data-parallel mesh axis: inputs split S(0) along a "
+                    f"mesh axis every trained parameter is broadcast along (e.g. batch sbp (S(0), B) with parameters "
+                    f"(B, ...)); got inputs laid out {[getattr(a._data, 'sbp', None) for a in args if isinstance(a, Tensor)]}")
+            for p in trained.values():
+                d = p._data
+                p._data = d.with_layout(d.placement, _passes.zero_shard(d, self._zero_axis))
+        return self._zero_axis
+
     def __call__(self, *args):
         ir = self.compile(*args)
         k = int(self.config.gradient_accumulation_steps)
-        _, executor = self._compiled[self._key(args) + (k,)]
+        _, executor = self._compiled[self._key(args) + (k, int(self.config.zero_stage))]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
         from flowsys import runtime  # noqa: PLC0415
 

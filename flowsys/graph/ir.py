@@ -3,7 +3,9 @@
 A :class:`Value` is defined once (by a node, or as a graph input, variable or constant) and
 carries its logical shape, dtype and, once SBP inference has run, its placement and SBP. A
 :class:`Node` applies a registered op (``kind="op"``), converts a layout (``kind="boxing"``,
-with its plan), or updates a variable (``kind="update"``). Passes build new graphs; nothing
+with its plan), updates a variable (``kind="update"``, in place on its first input; its output
+is that input afterwards) or writes a value into a variable (``kind="assign"``, ZeRO's gathered
+update). Passes build new graphs; nothing
 is mutated in place.
 """
 
@@ -42,7 +44,7 @@ class Value:
 @dataclass(frozen=True, slots=True)
 class Node:
     id: int
-    kind: str  # "op", "boxing", "update"
+    kind: str  # "op", "boxing", "update", "assign"
     op: str  # the registered op, the boxing step kinds, or the optimizer's name
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
@@ -66,6 +68,7 @@ class Graph:
     loss: int | None = None  # the value build() called backward() on
     grads: dict[int, int] = field(default_factory=dict)  # variable value -> its gradient value
     micro_batches: int = 1
+    zero_axis: int | None = None  # ZeRO stage 3: the data-parallel mesh axis the variables are split along
     boxed: bool = False  # set by insert_boxing: from then on every layout must match its consumer
 
     def producer(self) -> dict[int, Node]:
@@ -113,6 +116,13 @@ def verify(g: Graph, *, after: str = "") -> None:
                 raise GraphError(f"verify{where}: update node {n.id} gets a gradient {grad.spec} for a variable {var.spec}")
             if g.boxed and var.sbp is not None and (grad.sbp != var.sbp or grad.placement != var.placement):
                 raise GraphError(f"verify{where}: update node {n.id} gets its gradient in another layout than the variable")
+        elif n.kind == "assign":
+            var, new = ins
+            if var.id not in g.variables.values() or (var.shape, var.dtype) != (new.shape, new.dtype):
+                raise GraphError(f"verify{where}: assign node {n.id} writes a {new.spec} into value {var.id}, "
+                                 f"which is not a variable of that shape")
+            if g.boxed and (new.sbp != var.sbp or new.placement != var.placement):
+                raise GraphError(f"verify{where}: assign node {n.id} gets its value in another layout than the variable")
     for v in g.outputs + ((g.loss,) if g.loss is not None else ()):
         if v not in defined:
             raise GraphError(f"verify{where}: output value {v} is never defined")

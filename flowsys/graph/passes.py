@@ -4,11 +4,18 @@ IR graph, and ``verify`` runs after every one.
 1. ``autodiff``: the backward pass on the IR, from the op registry's gradient rules (the same
    rules eager autograd calls), for the loss ``build()`` called ``backward()`` on.
 2. ``optimizer``: one update node per trained variable (``Graph.add_optimizer``).
-3. ``gradient_accumulation``: marks how many micro-batches the forward and backward nodes run
+3. ``zero``: ZeRO stage 1–3 (``config.zero_stage``) from SBPs alone. The data-parallel mesh
+   axis is the one the inputs are split ``S(0)`` along. Stage 1 updates every variable as its
+   shard along that axis (optimizer state shard-sized: the gradient is reduce-scattered into the
+   shard, the updated shard all-gathered back and assigned to the variable); stage 2 also
+   reduce-scatters each micro-batch's gradient as it is produced, so only the shard is
+   accumulated; stage 3 keeps the variables themselves sharded (the parameters were laid out so
+   before tracing) and gathers each one where forward and backward use it, freed after use.
+4. ``gradient_accumulation``: marks how many micro-batches the forward and backward nodes run
    over before the updates (``config.gradient_accumulation_steps``).
-4. ``infer_sbp``: every op node's signature, chosen as eager mode does (least boxing given its
+5. ``infer_sbp``: every op node's signature, chosen as eager mode does (least boxing given its
    inputs' layouts), which fixes every value's SBP.
-5. ``insert_boxing``: a boxing node, planned by the same planner as eager mode, wherever a
+6. ``insert_boxing``: a boxing node, planned by the same planner as eager mode, wherever a
    value's layout differs from what its consumer's signature needs (a gradient and its
    variable included: data parallelism's all-reduce is such a node).
 """
@@ -125,6 +132,141 @@ def make_optimizer_pass(params_by_name: dict) -> Callable[..., Graph]:
     return optimizer_pass
 
 
+def zero_axis(inputs, variables) -> int | None:
+    """The data-parallel mesh axis: one the inputs are split ``S(0)`` along while the variables
+    are broadcast along it (None when there is none)."""
+    from flowsys.sbp import Split  # noqa: PLC0415
+
+    candidates = None
+    for v in inputs:
+        if v.placement is None or v.sbp is None:
+            continue
+        axes = {k for k, s in enumerate(v.sbp) if isinstance(s, Split) and s.axis == 0}
+        candidates = axes if candidates is None else candidates | axes
+    for k in sorted(candidates or ()):
+        if all(v.placement is not None and v.sbp is not None and k < len(v.sbp) and isinstance(v.sbp[k], Broadcast)
+               for v in variables):
+            return k
+    return None
+
+
+def zero_shard(v: Value, axis: int) -> tuple:
+    """``v``'s layout with mesh axis ``axis`` splitting it: the largest tensor axis no other mesh
+    axis splits (axis 0 when every axis is split already)."""
+    from flowsys.sbp import Split  # noqa: PLC0415
+
+    taken = {s.axis for s in v.sbp if isinstance(s, Split)}
+    free = [a for a in range(len(v.shape)) if a not in taken]
+    tensor_axis = max(free, key=lambda a: (v.shape[a], -a)) if free else 0
+    return tuple(Split(tensor_axis) if k == axis else s for k, s in enumerate(v.sbp))
+
+
+def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
+    if not zero_stage:
+        return g
+    if zero_stage not in (1, 2, 3):
+        raise GraphError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    updates = [n for n in g.nodes if n.kind == "update"]
+    if not updates:
+        return g
+    trained = [g.values[n.inputs[0]] for n in updates]
+    if zero_stage == 3:
+        axis = g.zero_axis
+    else:
+        axis = zero_axis([g.values[i] for i in g.inputs], trained)
+    if axis is None:
+        raise GraphError(f"zero_stage={zero_stage} needs a data-parallel mesh axis: the inputs must be split S(0) "
+                         f"along a mesh axis the parameters are broadcast along (e.g. batch sbp (S(0), B) with "
+                         f"parameters (B, ...)); this graph's inputs are laid out "
+                         f"{[g.values[i].sbp for i in g.inputs]}")
+    ids = itertools.count(_next_id(g))
+    values = dict(g.values)
+
+    def pinned(src: int, sbp: tuple, phase: str, fresh: bool = False) -> tuple[Node, int]:
+        v = values[src]
+        out = Value(next(ids), v.shape, v.dtype, v.placement, tuple(sbp))
+        values[out.id] = out
+        attrs = (("placement", v.placement), ("sbp", tuple(sbp))) + ((("fresh", True),) if fresh else ())
+        return Node(next(ids), "boxing", "to_global", (src,), (out.id,), attrs, phase), out.id
+
+    before: dict[int, list[Node]] = {}  # node id -> nodes to insert just before it
+    after: dict[int, list[Node]] = {}
+    replace_in: dict[int, dict[int, int]] = {}  # node id -> {old input: new input}
+    grads = dict(g.grads)
+    producer = g.producer()
+    for n in updates:
+        var = values[n.inputs[0]]
+        full = tuple(Broadcast() if k == axis else s for k, s in enumerate(var.sbp))
+        shard = var.sbp if zero_stage == 3 else zero_shard(var, axis)
+        if zero_stage == 3:
+            # gather where forward uses it; backward gathers again and recomputes what forward
+            # derived from the parameter alone (a transpose, a reshape), so no gathered copy
+            # lives from forward to backward
+            forward = [m for m in g.nodes if m.kind == "op" and m.phase == "forward"]
+            users = [m for m in forward if var.id in m.inputs]
+            if users:
+                node, fwd = pinned(var.id, full, "forward")
+                before.setdefault(users[0].id, []).append(node)
+                for m in users:
+                    replace_in.setdefault(m.id, {})[var.id] = fwd
+            derived, chain = {var.id}, []
+            for m in forward:
+                if any(i in derived for i in m.inputs) and all(i in derived or i in g.constants for i in m.inputs):
+                    chain.append(m)
+                    derived.update(m.outputs)
+            late = [m for m in g.nodes if m.phase == "backward" and any(i in derived for i in m.inputs)]
+            if late:
+                node, bwd = pinned(var.id, full, "backward", fresh=True)  # not the forward's gathered copy
+                again = {var.id: bwd}
+                clones = [node]
+                needed = {i for m in late for i in m.inputs if i in derived}
+                for m in reversed(chain):  # only the part of the chain the backward uses
+                    if any(o in needed for o in m.outputs):
+                        needed.update(i for i in m.inputs if i in derived)
+                for m in chain:
+                    if not any(o in needed for o in m.outputs):
+                        continue
+                    outs = []
+                    for o in m.outputs:
+                        v = values[o]
+                        copy = Value(next(ids), v.shape, v.dtype, v.placement, v.sbp)
+                        values[copy.id] = copy
+                        again[o] = copy.id
+                        outs.append(copy.id)
+                    clones.append(_replace(m, id=next(ids), inputs=tuple(again.get(i, i) for i in m.inputs),
+                                           outputs=tuple(outs), phase="backward"))
+                before.setdefault(late[0].id, []).extend(clones)
+                for m in late:
+                    sub = replace_in.setdefault(m.id, {})
+                    sub.update({i: again[i] for i in m.inputs if i in again})
+        grad = n.inputs[1]
+        if zero_stage >= 2:  # reduce-scatter each micro-batch's gradient where it is produced
+            node, grad_s = pinned(grad, shard, "backward")
+            after.setdefault(producer[grad].id, []).append(node)
+            grads[var.id] = grad_s
+            replace_in.setdefault(n.id, {})[grad] = grad_s
+        if zero_stage in (1, 2):  # update the shard, gather it back, assign it to the variable
+            node, var_s = pinned(var.id, shard, "optimizer")
+            before.setdefault(n.id, []).append(node)
+            replace_in.setdefault(n.id, {})[var.id] = var_s
+            new = n.outputs[0]
+            values[new] = Value(new, var.shape, var.dtype, var.placement, shard)
+            back, new_b = pinned(new, var.sbp, "optimizer")
+            done = Value(next(ids), var.shape, var.dtype, var.placement, var.sbp)
+            values[done.id] = done
+            assign = Node(next(ids), "assign", "assign", (var.id, new_b), (done.id,), (), "optimizer")
+            after.setdefault(n.id, []).extend([back, assign])
+    nodes: list[Node] = []
+    for m in g.nodes:
+        nodes.extend(before.get(m.id, ()))
+        if m.id in replace_in:
+            sub = replace_in[m.id]
+            m = _replace(m, inputs=tuple(sub.get(i, i) for i in m.inputs))
+        nodes.append(m)
+        nodes.extend(after.get(m.id, ()))
+    return g.with_(values=values, nodes=tuple(nodes), grads=grads)
+
+
 def gradient_accumulation(g: Graph, *, micro_batches: int = 1, **_) -> Graph:
     """The graph was traced for one micro-batch (axis 0 of every input divided by
     ``micro_batches``); the forward and backward nodes run once per micro-batch, the
@@ -178,11 +320,11 @@ def insert_boxing(g: Graph, **_) -> Graph:
     nodes: list[Node] = []
     converted: dict[tuple, int] = {}  # (value, placement, sbp) -> converted value, reused
 
-    def convert(vid: int, placement, nd, phase: str) -> int:
+    def convert(vid: int, placement, nd, phase: str, fresh: bool = False) -> int:
         v = values[vid]
         if v.placement == placement and v.sbp == tuple(nd):
             return vid
-        key = (vid, placement, tuple(nd))
+        key = (vid, placement, tuple(nd)) + ((next(ids),) if fresh else ())
         if key not in converted:
             out = Value(next(ids), v.shape, v.dtype, placement, tuple(nd))
             values[out.id] = out
@@ -204,7 +346,7 @@ def insert_boxing(g: Graph, **_) -> Graph:
             nodes.append(_replace(n, inputs=ins))
         elif n.kind == "boxing":  # a pinned layout change: planned here, or dropped when it is the identity
             out = values[n.outputs[0]]
-            new = convert(ins[0], out.placement, out.sbp, n.phase)
+            new = convert(ins[0], out.placement, out.sbp, n.phase, fresh=bool(n.attr.get("fresh")))
             alias[n.outputs[0]] = new
         elif n.kind == "update":
             var = values[ins[0]]
@@ -218,17 +360,17 @@ def insert_boxing(g: Graph, **_) -> Graph:
     return g.with_(values=values, nodes=tuple(nodes), outputs=outputs, loss=loss, grads=grads, boxed=True)
 
 
-PASS_ORDER = ("autodiff", "optimizer", "gradient_accumulation", "infer_sbp", "insert_boxing")
+PASS_ORDER = ("autodiff", "optimizer", "zero", "gradient_accumulation", "infer_sbp", "insert_boxing")
 
 
-def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batches: int = 1,
+def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batches: int = 1, zero_stage: int = 0,
                   on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
     """Run the passes in order, verifying after each."""
-    passes = {"autodiff": autodiff, "optimizer": make_optimizer_pass(params_by_name),
+    passes = {"autodiff": autodiff, "optimizer": make_optimizer_pass(params_by_name), "zero": zero,
               "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing}
     verify(g, after="tracing")
     for name in PASS_ORDER:
-        g = passes[name](g, optimizers=optimizers, micro_batches=micro_batches)
+        g = passes[name](g, optimizers=optimizers, micro_batches=micro_batches, zero_stage=zero_stage)
         verify(g, after=name)
         if on_pass is not None:
             on_pass(name, g)

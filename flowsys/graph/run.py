@@ -22,7 +22,7 @@ class Executor:
         self.plan = None  # the per-rank plans, lowered on first use by the "plans" executor
         self.registers, self.key = None, None
         self.compute = [n for n in g.nodes if n.phase != "optimizer"]
-        self.updates = [n for n in g.nodes if n.phase == "optimizer"]
+        self.updates = [n for n in g.nodes if n.phase == "optimizer"]  # boxing, update and assign nodes
 
     def run(self, inputs: Sequence[Any]) -> list:
         g, k = self.g, self.g.micro_batches
@@ -50,12 +50,35 @@ class Executor:
             env[gv] = grads[var] if k == 1 else _scale(grads[var], 1.0 / k)
         for n in self.updates:
             if n.kind == "update":
-                a = n.attr
-                opt = self.optimizers[a["optimizer"]]
-                opt.update_param(self.params[a["variable"]], env[n.inputs[1]], opt.param_groups[a["group"]])
+                self._update(n, env)
+            elif n.kind == "assign":  # ZeRO: the gathered updated shards written into the variable
+                var, new = env[n.inputs[0]], env[n.inputs[1]]
+                if type(var) is GlobalValue:
+                    for dst, src in zip(var.shards, new.shards):
+                        dst[...] = src
+                else:
+                    var[...] = new
+                env[n.outputs[0]] = var
             else:
                 self._run_node(n, env, {})
         return [_mean(vals) for vals in outputs]
+
+    def _update(self, n: Node, env: dict) -> None:
+        """Update the value in ``n``'s first input in place, shard by shard (the variable itself,
+        or under ZeRO 1/2 its shard along the data-parallel axis), with the optimizer state of
+        that shard; the gradient arrives in the same layout."""
+        a = n.attr
+        opt = self.optimizers[a["optimizer"]]
+        group = opt.param_groups[a["group"]]
+        state = opt.state.setdefault(id(self.params[a["variable"]]), {})
+        target, grad = env[n.inputs[0]], env[n.inputs[1]]
+        if type(target) is GlobalValue:
+            grad = grad.with_layout(target.placement, target.sbp)
+            for r, (shard, g) in enumerate(zip(target.shards, grad.shards)):
+                opt._update(shard, g, state.setdefault(r, {}), group)
+        else:
+            opt._update(target, grad, state, group)
+        env[n.outputs[0]] = target
 
     def _run_node(self, n: Node, env: dict, seeds: dict) -> None:
         ins = [env[i] for i in n.inputs]
