@@ -51,6 +51,7 @@ class Node:
     attrs: tuple[tuple[str, Any], ...] = ()
     phase: str = "forward"  # "forward", "backward", "optimizer"
     sig: Any = None  # the Signature an op node runs under (after SBP inference)
+    scope: int | None = None  # the activation-checkpointed module call it was traced in
 
     @property
     def attr(self) -> dict[str, Any]:

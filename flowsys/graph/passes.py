@@ -1,21 +1,23 @@
-"""The compiler passes, one explicit ordered list (:data:`PASSES`); each takes and returns an
+"""The compiler passes, one explicit ordered list (:data:`PASS_ORDER`); each takes and returns an
 IR graph, and ``verify`` runs after every one.
 
 1. ``autodiff``: the backward pass on the IR, from the op registry's gradient rules (the same
    rules eager autograd calls), for the loss ``build()`` called ``backward()`` on.
-2. ``optimizer``: one update node per trained variable (``Graph.add_optimizer``).
-3. ``zero``: ZeRO stage 1–3 (``config.zero_stage``) from SBPs alone. The data-parallel mesh
+2. ``checkpointing``: activation checkpointing (``module.activation_checkpointing = True``):
+   what a checkpointed module call computed and backward reads is recomputed in backward.
+3. ``optimizer``: one update node per trained variable (``Graph.add_optimizer``).
+4. ``zero``: ZeRO stage 1–3 (``config.zero_stage``) from SBPs alone. The data-parallel mesh
    axis is the one the inputs are split ``S(0)`` along. Stage 1 updates every variable as its
    shard along that axis (optimizer state shard-sized: the gradient is reduce-scattered into the
    shard, the updated shard all-gathered back and assigned to the variable); stage 2 also
    reduce-scatters each micro-batch's gradient as it is produced, so only the shard is
    accumulated; stage 3 keeps the variables themselves sharded (the parameters were laid out so
    before tracing) and gathers each one where forward and backward use it, freed after use.
-4. ``gradient_accumulation``: marks how many micro-batches the forward and backward nodes run
+5. ``gradient_accumulation``: marks how many micro-batches the forward and backward nodes run
    over before the updates (``config.gradient_accumulation_steps``).
-5. ``infer_sbp``: every op node's signature, chosen as eager mode does (least boxing given its
+6. ``infer_sbp``: every op node's signature, chosen as eager mode does (least boxing given its
    inputs' layouts), which fixes every value's SBP.
-6. ``insert_boxing``: a boxing node, planned by the same planner as eager mode, wherever a
+7. ``insert_boxing``: a boxing node, planned by the same planner as eager mode, wherever a
    value's layout differs from what its consumer's signature needs (a gradient and its
    variable included: data parallelism's all-reduce is such a node).
 """
@@ -99,6 +101,62 @@ def _ones_like(v: Value):
 
     ones = np.ones(v.shape, dtype=v.dtype)
     return make_global(ones, v.placement, broadcast) if v.placement is not None else ones
+
+
+def _recompute(chain: list[Node], users: list[Node], start: dict[int, int], values: dict, ids) -> tuple[list, dict]:
+    """Clones, for the backward pass, of the part of ``chain`` (forward nodes, in order) that the
+    ``users`` need; ``start`` maps values to what the clones read instead. Returns the clones and
+    the map from each forward value to its recomputed copy."""
+    made = {o for m in chain for o in m.outputs}
+    needed = {i for m in users for i in m.inputs if i in made}
+    for m in reversed(chain):
+        if any(o in needed for o in m.outputs):
+            needed.update(i for i in m.inputs if i in made)
+    again = dict(start)
+    clones = []
+    for m in chain:
+        if not any(o in needed for o in m.outputs):
+            continue
+        outs = []
+        for o in m.outputs:
+            v = values[o]
+            copy = Value(next(ids), v.shape, v.dtype, v.placement, v.sbp)
+            values[copy.id] = copy
+            again[o] = copy.id
+            outs.append(copy.id)
+        clones.append(_replace(m, id=next(ids), inputs=tuple(again.get(i, i) for i in m.inputs), outputs=tuple(outs),
+                               phase="backward"))
+    return clones, again
+
+
+def checkpointing(g: Graph, **_) -> Graph:
+    """Activation checkpointing: what a checkpointed module call computed in forward and the
+    backward pass reads is recomputed in backward, just before its first use there, from the
+    call's inputs; forward keeps only what crosses the call's boundary."""
+    scopes = sorted({n.scope for n in g.nodes if n.scope is not None and n.phase == "forward"})
+    if not scopes:
+        return g
+    ids = itertools.count(_next_id(g))
+    values = dict(g.values)
+    before: dict[int, list[Node]] = {}
+    replace_in: dict[int, dict[int, int]] = {}
+    for scope in scopes:
+        chain = [n for n in g.nodes if n.scope == scope and n.phase == "forward" and n.kind == "op"]
+        made = {o for n in chain for o in n.outputs}
+        users = [n for n in g.nodes if n.phase == "backward" and any(i in made for i in n.inputs)]
+        if not users:
+            continue
+        clones, again = _recompute(chain, users, {}, values, ids)
+        before.setdefault(users[0].id, []).extend(clones)
+        for n in users:
+            replace_in.setdefault(n.id, {}).update({i: again[i] for i in n.inputs if i in again})
+    nodes = []
+    for n in g.nodes:
+        nodes.extend(before.get(n.id, ()))
+        if n.id in replace_in:
+            n = _replace(n, inputs=tuple(replace_in[n.id].get(i, i) for i in n.inputs))
+        nodes.append(n)
+    return g.with_(values=values, nodes=tuple(nodes))
 
 
 # ---------------------------------------------------------------------------------- optimizer
@@ -217,28 +275,10 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
             late = [m for m in g.nodes if m.phase == "backward" and any(i in derived for i in m.inputs)]
             if late:
                 node, bwd = pinned(var.id, full, "backward", fresh=True)  # not the forward's gathered copy
-                again = {var.id: bwd}
-                clones = [node]
-                needed = {i for m in late for i in m.inputs if i in derived}
-                for m in reversed(chain):  # only the part of the chain the backward uses
-                    if any(o in needed for o in m.outputs):
-                        needed.update(i for i in m.inputs if i in derived)
-                for m in chain:
-                    if not any(o in needed for o in m.outputs):
-                        continue
-                    outs = []
-                    for o in m.outputs:
-                        v = values[o]
-                        copy = Value(next(ids), v.shape, v.dtype, v.placement, v.sbp)
-                        values[copy.id] = copy
-                        again[o] = copy.id
-                        outs.append(copy.id)
-                    clones.append(_replace(m, id=next(ids), inputs=tuple(again.get(i, i) for i in m.inputs),
-                                           outputs=tuple(outs), phase="backward"))
-                before.setdefault(late[0].id, []).extend(clones)
+                clones, again = _recompute(chain, late, {var.id: bwd}, values, ids)
+                before.setdefault(late[0].id, []).extend([node] + clones)
                 for m in late:
-                    sub = replace_in.setdefault(m.id, {})
-                    sub.update({i: again[i] for i in m.inputs if i in again})
+                    replace_in.setdefault(m.id, {}).update({i: again[i] for i in m.inputs if i in again})
         grad = n.inputs[1]
         if zero_stage >= 2:  # reduce-scatter each micro-batch's gradient where it is produced
             node, grad_s = pinned(grad, shard, "backward")
@@ -360,13 +400,13 @@ def insert_boxing(g: Graph, **_) -> Graph:
     return g.with_(values=values, nodes=tuple(nodes), outputs=outputs, loss=loss, grads=grads, boxed=True)
 
 
-PASS_ORDER = ("autodiff", "optimizer", "zero", "gradient_accumulation", "infer_sbp", "insert_boxing")
+PASS_ORDER = ("autodiff", "checkpointing", "optimizer", "zero", "gradient_accumulation", "infer_sbp", "insert_boxing")
 
 
 def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batches: int = 1, zero_stage: int = 0,
                   on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
     """Run the passes in order, verifying after each."""
-    passes = {"autodiff": autodiff, "optimizer": make_optimizer_pass(params_by_name), "zero": zero,
+    passes = {"autodiff": autodiff, "checkpointing": checkpointing, "optimizer": make_optimizer_pass(params_by_name), "zero": zero,
               "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing}
     verify(g, after="tracing")
     for name in PASS_ORDER:

@@ -59,6 +59,12 @@ class Tracer:
         self.phase = phase
         self.loss: int | None = None
         self.seeds = 0
+        self.scope: int | None = None  # the activation-checkpointed module call being traced
+        self._scopes = itertools.count()
+
+    def checkpointed(self):
+        """Nodes traced inside are recomputed in the backward pass (the outermost module wins)."""
+        return _Scope(self)
 
     def __enter__(self) -> Tracer:
         _active.append(self)
@@ -85,7 +91,8 @@ class Tracer:
         return t._data if type(t._data) is Symbol else self.constant(t._data)
 
     def add_node(self, kind: str, op: str, inputs: Sequence[int], outputs: Sequence[int], attrs: dict, sig=None) -> Node:
-        node = Node(next(self._ids), kind, op, tuple(inputs), tuple(outputs), tuple(sorted(attrs.items())), self.phase, sig)
+        node = Node(next(self._ids), kind, op, tuple(inputs), tuple(outputs), tuple(sorted(attrs.items())), self.phase, sig,
+                    self.scope)
         self.nodes.append(node)
         return node
 
@@ -157,6 +164,19 @@ class Tracer:
         if t.size != 1:
             raise GraphError(f"backward() inside build() needs a one-element loss, got shape {t.shape}")
         self.loss = t._data.value.id
+
+
+class _Scope:
+    def __init__(self, tracer: Tracer):
+        self.tracer, self.outer = tracer, None
+
+    def __enter__(self):
+        self.outer = self.tracer.scope
+        if self.outer is None:
+            self.tracer.scope = next(self.tracer._scopes)
+
+    def __exit__(self, *exc) -> None:
+        self.tracer.scope = self.outer
 
 
 def untraceable(what: str) -> GraphError:

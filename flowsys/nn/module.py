@@ -66,6 +66,8 @@ class Module:
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
         object.__setattr__(self, "_input_sbp", None)
+        # graph mode: recompute this module's forward activations in the backward pass
+        object.__setattr__(self, "activation_checkpointing", False)
 
     # ------------------------------------------------------------------------ registration
     def __setattr__(self, name: str, value: Any) -> None:
@@ -300,6 +302,13 @@ class Module:
     def __call__(self, *args, **kwargs):
         if self._input_sbp is not None:  # a layout constraint from a parallel plan
             args = tuple(a.to_global(sbp=self._input_sbp) if isinstance(a, Tensor) and a.is_global else a for a in args)
+        if self.activation_checkpointing:
+            from flowsys.graph import trace  # noqa: PLC0415
+
+            tracer = trace.active()
+            if tracer is not None:
+                with tracer.checkpointed():
+                    return self.forward(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
