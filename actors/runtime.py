@@ -11,7 +11,9 @@ micro-batch ("piece") ``p`` when
 When every consumer of a register has fired for its piece, the register returns to its
 producer, which may then fire for a later piece. One register per edge runs a rank's pieces
 one after another; more let piece ``p + 1`` enter while piece ``p`` is still downstream —
-pipelining with back-pressure, from the register counts alone.
+pipelining with back-pressure, from the register counts alone. A rank also takes no more
+pieces at once than its register count: a piece enters when one of its actors first fires and
+leaves when all have, which bounds a pipeline stage's in-flight micro-batches as 1F1B does.
 
 Compute and communication actors share the contract. A collective or transfer is a per-rank
 schedule from :mod:`comm.algorithms`; firing starts it, its sends are posted at once, and it
@@ -41,6 +43,7 @@ from flowsys.sbp import Broadcast, parse
 from scheduler.lower import SeedMarker, decode_attrs
 
 OPTIMIZER_PIECE = (1 << 20) - 1  # the piece number optimizer-phase messages are tagged with
+PER_STEP_PIECE = (1 << 20) - 2   # ... and the messages of ops run once per step before the pieces
 
 
 def tag(channel: int, piece: int) -> int:
@@ -100,16 +103,23 @@ class RankRuntime:
         self.index = index if index is not None else {r: r for r in range(comm.world_size)}
         self.decls = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rank_plan.values}
         self.registers = {v.id: max(1, getattr(v, "registers", 1) or 1) for v in rank_plan.values}
+        # at most this many micro-batches in flight on the rank (the plan's register count)
+        self.window = max(self.registers.values(), default=1)
         self.timeline: list[Firing] = []
         self.current: str = "idle"      # what this rank is doing, for failure reports
         ops = list(rank_plan.ops)
         self.compute_ops = [op for op in ops if op.phase != "optimizer"]
         self.optimizer_ops = [op for op in ops if op.phase == "optimizer"]
-        self._build()
+        self.hoisted: list | None = None  # ops computed once per step (built on the first run)
 
     # ------------------------------------------------------------------------------ wiring
     def _build(self) -> None:
-        self.actors = [_Actor(op, i) for i, op in enumerate(self.compute_ops)]
+        """Ops the plan marks ``per_step`` (they read only parameters, constants and what is
+        computed from them alone, such as a weight's transpose) run once per step before the
+        pieces; every other op of the compute phase is an actor."""
+        self.hoisted = [op for op in self.compute_ops if op.per_step]
+        rest = [op for op in self.compute_ops if not op.per_step]
+        self.actors = [_Actor(op, i) for i, op in enumerate(rest)]
         produced: dict[int, list[_Actor]] = {}
         for a in self.actors:
             for v in a.outputs:
@@ -121,6 +131,9 @@ class RankRuntime:
             for v in a.inputs:
                 self.consumers[v].append(a)
         self.producers = produced
+        # activations: forward values a backward op reads; the pieces holding one are in flight
+        self.saved = {v for v, ws in produced.items() if any(w.op.phase == "forward" for w in ws)
+                      and any(c.op.phase == "backward" for c in self.consumers[v])}
 
     # ---------------------------------------------------------------------------------- run
     def run(self, fed: dict[int, Any], micro_batches: int, grads: dict[int, int], update: Callable,
@@ -130,6 +143,13 @@ class RankRuntime:
         k = micro_batches
         inputs = set(self.rp.inputs)
         self.persistent = {vid: a for vid, a in fed.items() if vid not in inputs}
+        if self.hoisted is None:
+            self._build()
+        for op in self.hoisted:  # once per step, before the pieces
+            start = time.time()
+            self.current = f"{op.op} (op {op.id}, per step)"
+            self._run_blocking(op, self.persistent, PER_STEP_PIECE)
+            self._note(op, PER_STEP_PIECE, start)
         self.piece_inputs = {vid: [_micro(a, i, k) for i in range(k)] for vid, a in fed.items() if vid in inputs}
         self.seeds = seeds
         self.k = k
@@ -145,6 +165,9 @@ class RankRuntime:
         self.inflight: list[_Inflight] = []  # communication schedules waiting for a message
         for a in self.actors:
             a.piece, a.busy = 0, False
+        self._holding: dict[int, int] = {}  # piece -> activations of it held
+        self._open: dict[int, int] = {}  # pieces entered and not done on this rank -> firings left
+        self.peak_in_flight = 0  # most micro-batches holding activations at once, this step
         self._loop()
         # the optimizer phase: gradients averaged over the pieces, then boxing and updates
         env = dict(self.persistent)
@@ -161,7 +184,7 @@ class RankRuntime:
                 env[op.inputs[0]][...] = env[op.inputs[1]]
                 env[op.outputs[0]] = env[op.inputs[0]]
             else:
-                self._run_blocking(op, env)
+                self._run_blocking(op, env, OPTIMIZER_PIECE)
             self._note(op, OPTIMIZER_PIECE, start)
         self.current = "idle"
         outs = []
@@ -238,6 +261,8 @@ class RankRuntime:
     # ------------------------------------------------------------------------------ firing
     def _can_fire(self, a: _Actor) -> bool:
         p = a.piece
+        if p not in self._open and len(self._open) >= self.window:
+            return False  # the rank already works on as many micro-batches as it has registers
         for v in a.inputs:
             if self.written.get((v, p), 0) < self.writers[v]:
                 return False
@@ -259,10 +284,15 @@ class RankRuntime:
         """Fire ``a`` for its next piece; the actors that may have become ready."""
         op, p = a.op, a.piece
         start = time.time()
+        if p not in self._open:
+            self._open[p] = len(self.actors)  # firings left before this piece is done here
         for v in a.outputs:  # claim the output registers
             if (v, p) not in self.regs:
                 self.regs[(v, p)] = None
                 self.held[v] += 1
+                if v in self.saved:
+                    self._holding[p] = self._holding.get(p, 0) + 1
+                    self.peak_in_flight = max(self.peak_in_flight, len(self._holding))
         if op.kind == "collective" or op.kind == "send":
             gen = self._schedule(a, p)
             return self._start(a, gen, start)
@@ -321,6 +351,10 @@ class RankRuntime:
                 self._free(v, p, woken)
         a.piece += 1
         a.busy = False
+        self._open[p] -= 1
+        if not self._open[p]:  # the piece is done on this rank: the next may enter
+            del self._open[p]
+            woken.extend(b for b in self.actors if b.piece < self.k and not b.busy)
         self._note(a.op, p, start)
         return woken
 
@@ -328,6 +362,10 @@ class RankRuntime:
         del self.regs[(v, p)]
         del self.written[(v, p)]
         self.held[v] -= 1
+        if v in self.saved:
+            self._holding[p] -= 1
+            if not self._holding[p]:
+                del self._holding[p]
         woken.extend(self.producers[v])
 
     def _note(self, op, piece: int, start: float) -> None:
@@ -371,8 +409,9 @@ class RankRuntime:
         e.step = _Awaited(e.group[step.peer], t)
         return None
 
-    def _run_blocking(self, op, env: dict) -> None:
-        """An optimizer-phase op: ranks run this phase in the same order, so blocking is safe."""
+    def _run_blocking(self, op, env: dict, piece: int) -> None:
+        """An op run once per step (per-step ops before the pieces, the optimizer phase after):
+        every rank runs these in plan order, so blocking is safe."""
         a = decode_attrs(op.attrs)
         x = env[op.inputs[0]] if op.inputs else None
         if op.kind == "compute":
@@ -382,7 +421,7 @@ class RankRuntime:
                 env[v] = np.asarray(o).astype(self.decls[v][1], copy=False)
             return
         if op.kind in ("collective", "send", "recv") or op.op == "copy_region":
-            t = tag(op.channel, OPTIMIZER_PIECE)
+            t = tag(op.channel, piece)
             if op.kind == "collective":
                 group = list(op.group)
                 env[op.outputs[0]] = self.comm._drive(

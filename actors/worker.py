@@ -130,6 +130,7 @@ class Worker:
                     resp.outputs.append(encode(i, o))
             for vid in rp.variables.values():
                 resp.variables.append(encode(vid, fed[vid]))
+            resp.peak_in_flight = rt.peak_in_flight
             if req.record:
                 for f in rt.timeline:
                     resp.timeline.append(plan_pb2.Firing(rank=f.rank, op=f.op, name=f.name, kind=f.kind, phase=f.phase,

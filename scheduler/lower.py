@@ -84,6 +84,29 @@ class _Lowering:
         self.channels: dict[Any, int] = {}
         placements = {v.placement for v in g.values.values() if v.placement is not None}
         self.ranks = sorted({r for p in placements for r in p.ranks}) or [0]
+        self.step_nodes = self.per_step_nodes()
+
+    def per_step_nodes(self) -> set[int]:
+        """Nodes of the compute phase that read only per-step values (parameters, constants, and
+        what ops and moves between placements compute from them alone: a weight's transpose, a
+        tied embedding sent to the last pipeline stage): once per step, not per micro-batch.
+        Collectives stay per micro-batch (ZeRO 3 gathers parameters where they are used)."""
+        g = self.g
+        known = set(g.variables.values()) | set(g.constants)
+        out = set()
+        for n in g.nodes:
+            if n.phase == "optimizer" or not all(i in known for i in n.inputs):
+                continue
+            if n.kind == "op":
+                pure = not any(type(v).__name__ == "SeedRef" for v in n.attr.values())
+            else:
+                plan = n.attr.get("plan")
+                src, dst = g.values[n.inputs[0]], g.values[n.outputs[0]]
+                pure = n.kind == "boxing" and plan is not None and src.placement != dst.placement
+            if pure:
+                out.add(n.id)
+                known.update(n.outputs)
+        return out
 
     def channel(self, key) -> int:
         return self.channels.setdefault(key, len(self.channels))
@@ -93,6 +116,14 @@ class _Lowering:
         for r in self.ranks:
             plan.ranks.append(self.rank_plan(r))
         return plan
+
+    def registers_on(self, r: int) -> int:
+        """Registers per value on rank ``r``: on pipeline stage ``s`` of ``p``, ``p - s``, so that a
+        stage holds at most as many micro-batches as are still ahead of it (1F1B's bound)."""
+        for s, ranks in self.g.stages:
+            if r in ranks:
+                return max(self.registers, len(self.g.stages) - s)
+        return self.registers
 
     # ------------------------------------------------------------------------------ one rank
     def lives_on(self, v: Value, r: int) -> bool:
@@ -108,6 +139,8 @@ class _Lowering:
         rp = plan_pb2.RankPlan(rank=r)
         declared: set[int] = set()
 
+        registers = self.registers_on(r)
+
         def declare(vid: int, shape=None, dtype=None, sbp="") -> None:
             if vid in declared:
                 return
@@ -116,7 +149,7 @@ class _Lowering:
                 v = g.values[vid]
                 shape, dtype, sbp = self.local(v, r), v.dtype, fmt(v.sbp) if v.sbp is not None else ""
             rp.values.append(plan_pb2.Value(id=vid, shape=list(shape), dtype=np.dtype(dtype).name, sbp=sbp,
-                                            registers=self.registers))
+                                            registers=registers))
 
         for vid in g.inputs:
             if self.lives_on(g.values[vid], r):
@@ -146,6 +179,8 @@ class _Lowering:
                 attrs = {"optimizer": n.attr["optimizer"], "group": n.attr["group"], "variable": n.attr["variable"]}
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="update", op=n.op, inputs=n.inputs,
                                           outputs=n.outputs, attrs=encode_attrs(attrs), phase=n.phase))
+        for op in rp.ops:
+            op.per_step = op.node in self.step_nodes
         rp.bytes_sent = sum(op.nbytes for op in rp.ops)
         self.estimate_memory(rp)
         return rp

@@ -60,6 +60,7 @@ class Graph:
         self._optimizers: list = []
         self._compiled: dict[Any, tuple] = {}
         self._last = None
+        self._key_last = None
         self.timeline: list = []  # actor firings of the last step run as per-rank plans (config.record_timeline)
 
     def add_optimizer(self, optimizer) -> None:
@@ -109,13 +110,34 @@ class Graph:
                                              f"that no module of this graph holds; assign the model to the graph "
                                              f"(self.model = model)")
             axis = self._shard_parameters(args) if stage == 3 else None
+            stages = self._stages()
             micro = [_micro_input(a, k) for a in args]
             ir, n_seeds = trace(self.build, micro, params)
-            ir = _passes.compile_graph(ir.with_(zero_axis=axis), params_by_name=params, optimizers=self._optimizers,
+            ir = _passes.compile_graph(ir.with_(zero_axis=axis, stages=stages), params_by_name=params, optimizers=self._optimizers,
                                        micro_batches=k, zero_stage=stage)
             self._compiled[key] = (ir, Executor(ir, params, self._optimizers, n_seeds))
         self._last = self._compiled[key][0]
         return self._last
+
+    def _stages(self) -> tuple:
+        """The pipeline stages of the graph's modules, checked: (stage, ranks) in stage order."""
+        found: dict[int, Any] = {}
+        for value in vars(self).values():
+            if isinstance(value, Module):
+                for stage, placement in value.stages().items():
+                    if found.setdefault(stage, placement) != placement:
+                        raise GraphError(f"pipeline stage {stage} is set on two placements, {found[stage]!r} and "
+                                         f"{placement!r}; give each stage one placement")
+        stages = sorted(found.items())
+        for i, (s1, p1) in enumerate(stages):
+            for s2, p2 in stages[i + 1:]:
+                shared = sorted(set(p1.ranks) & set(p2.ranks))
+                if shared:
+                    raise GraphError(f"pipeline stages {s1} (ranks {list(p1.ranks)}) and {s2} (ranks {list(p2.ranks)}) "
+                                     f"overlap on ranks {shared}; give every stage its own devices")
+        if stages and [s for s, _ in stages] != list(range(len(stages))):
+            raise GraphError(f"pipeline stages must be numbered 0..{len(stages) - 1}, got {[s for s, _ in stages]}")
+        return tuple((s, tuple(p.ranks)) for s, p in stages)
 
     def _shard_parameters(self, args) -> int:
         """ZeRO stage 3: lay every trained parameter out split along the data-parallel axis, in
@@ -137,7 +159,8 @@ class Graph:
     def __call__(self, *args):
         ir = self.compile(*args)
         k = int(self.config.gradient_accumulation_steps)
-        _, executor = self._compiled[self._key(args) + (k, int(self.config.zero_stage))]
+        self._key_last = self._key(args) + (k, int(self.config.zero_stage))
+        _, executor = self._compiled[self._key_last]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
         from flowsys import runtime  # noqa: PLC0415
 
@@ -152,6 +175,13 @@ class Graph:
         else:
             outs = [Tensor(v) for v in executor.run(tensors)]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    @property
+    def in_flight(self) -> dict[int, int]:
+        """Per rank, the most micro-batches that held activations at once in the last step run
+        as per-rank plans (a pipeline stage's in-flight micro-batches)."""
+        k = self._key_last
+        return dict(getattr(self._compiled[k][1], "in_flight", {})) if k in self._compiled else {}
 
     def plan(self):
         """The per-rank physical plans (a protobuf ``scheduler.Plan``) of the last call."""
@@ -235,6 +265,7 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
         else:
             outs.append(GlobalValue(v.placement, v.sbp, v.shape, v.dtype, [got[r] for r in v.placement.ranks]))
     timeline = [f for rank in sorted(responses) for f in responses[rank].timeline]
+    executor.in_flight = {rank: resp.peak_in_flight for rank, resp in responses.items()}
     return outs, timeline
 
 

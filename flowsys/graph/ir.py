@@ -70,6 +70,7 @@ class Graph:
     grads: dict[int, int] = field(default_factory=dict)  # variable value -> its gradient value
     micro_batches: int = 1
     zero_axis: int | None = None  # ZeRO stage 3: the data-parallel mesh axis the variables are split along
+    stages: tuple = ()  # pipeline stages: (stage, ranks) pairs, in stage order
     boxed: bool = False  # set by insert_boxing: from then on every layout must match its consumer
 
     def producer(self) -> dict[int, Node]:

@@ -171,7 +171,36 @@ class GPT(nn.Module):
         if not isinstance(targets, Tensor):
             targets = fsf.tensor(np.asarray(targets, dtype=np.int64))
         logits = self.lm_head(x)
+        if logits.is_global and targets.is_global and targets.placement != logits.placement:  # a pipeline's last stage
+            from flowsys.sbp import broadcast  # noqa: PLC0415
+
+            same = targets.placement.mesh == logits.placement.mesh
+            targets = targets.to_global(placement=logits.placement, sbp=targets.sbp if same else broadcast)
         return logits, F.cross_entropy(logits, targets, ignore_index=-1)
+
+    def pipeline(self, placements) -> GPT:
+        """Split the model into ``len(placements)`` pipeline stages, stage ``s`` on
+        ``placements[s]``: the embeddings with the first stage, the blocks in equal runs, the
+        final layer norm and the (tied) head with the last. Lay each stage out first (e.g.
+        ``to_global`` with :meth:`parallel_plan` on a mesh of the stages' shape): parameters keep
+        their SBP on a stage whose mesh has the same shape.
+
+        >>> import flowsys as fs
+        >>> gpt = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=8))
+        >>> sorted(gpt.pipeline([fs.placement("cpu", [0]), fs.placement("cpu", [1])]).stages())
+        [0, 1]
+        """
+        n, layers = len(placements), len(self.transformer["h"])
+        if not 1 <= n <= layers:
+            raise ConfigError(f"GPT.pipeline: {n} stages for {layers} blocks; use 1 to {layers} stages")
+        tr = self.transformer
+        tr["wte"].set_stage(0, placements[0])
+        tr["wpe"].set_stage(0, placements[0])
+        for i, block in enumerate(tr["h"]):
+            block.set_stage(i * n // layers, placements[i * n // layers])
+        tr["ln_f"].set_stage(n - 1, placements[-1])
+        self.lm_head.set_stage(n - 1, placements[-1])
+        return self
 
     @staticmethod
     def parallel_plan(placement, *, dp_axis: int | None = None, tp_axis: int | None = None) -> dict:

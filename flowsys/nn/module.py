@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections import OrderedDict
 from typing import Any, Iterator, NamedTuple
 
@@ -68,6 +69,7 @@ class Module:
         object.__setattr__(self, "_input_sbp", None)
         # graph mode: recompute this module's forward activations in the backward pass
         object.__setattr__(self, "activation_checkpointing", False)
+        object.__setattr__(self, "_stage", None)  # (stage, placement) from set_stage
 
     # ------------------------------------------------------------------------ registration
     def __setattr__(self, name: str, value: Any) -> None:
@@ -299,7 +301,59 @@ class Module:
     def forward(self, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} defines no forward()")
 
+    def set_stage(self, stage: int, placement) -> Module:
+        """Put this module on pipeline stage ``stage``, run on ``placement``: its parameters move
+        there (keeping their SBP when the meshes have the same shape, else broadcast; a parameter
+        an earlier stage already holds, such as a tied embedding, stays there and is moved to this
+        stage where this module uses it), and its tensor inputs are moved there when it is called.
+        In graph mode the moves are send/receive nodes between the stages' devices, and the
+        micro-batches (``gradient_accumulation_steps``) flow through the stages as a pipeline.
+
+        >>> import flowsys as fs
+        >>> layer = fs.nn.Linear(4, 4).set_stage(1, fs.placement("cpu", [1]))
+        >>> layer.weight.placement.ranks, layer(fs.ones(2, 4)).placement.ranks
+        ((1,), (1,))
+        """
+        from flowsys.errors import ConfigError  # noqa: PLC0415
+        from flowsys.placement import Placement  # noqa: PLC0415
+
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
+            raise ConfigError(f"{type(self).__name__}.set_stage: stage must be an int >= 0, got {stage!r}")
+        if not isinstance(placement, Placement):
+            raise ConfigError(f"{type(self).__name__}.set_stage: placement must be fs.placement(...), got {placement!r}")
+        for m in self.modules():
+            for table in (m._parameters, m._buffers):
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    held = _STAGE_OF.get(id(t))
+                    if held is not None and held != stage:
+                        continue  # another stage holds it (a tied parameter): moved where used
+                    if held is None:
+                        _STAGE_OF[id(t)] = stage
+                        weakref.finalize(t, _STAGE_OF.pop, id(t), None)
+                    t._data = _moved(t.detach(), placement)._data
+                    t.grad = None
+        object.__setattr__(self, "_stage", (stage, placement))
+        return self
+
     def __call__(self, *args, **kwargs):
+        if self._stage is not None:  # a pipeline stage: inputs and borrowed parameters move here
+            placement = self._stage[1]
+            args = tuple(_moved(a, placement) if isinstance(a, Tensor) else a for a in args)
+            borrowed = [(m, name, p) for m in self.modules() for name, p in m._parameters.items()
+                        if p is not None and p.is_global and p.placement != placement]
+            if borrowed:
+                for m, name, p in borrowed:
+                    m._parameters[name] = _moved(p, placement)
+                try:
+                    return self._call(args, kwargs)
+                finally:
+                    for m, name, p in borrowed:
+                        m._parameters[name] = p
+        return self._call(args, kwargs)
+
+    def _call(self, args, kwargs):
         if self._input_sbp is not None:  # a layout constraint from a parallel plan
             args = tuple(a.to_global(sbp=self._input_sbp) if isinstance(a, Tensor) and a.is_global else a for a in args)
         if self.activation_checkpointing:
@@ -311,6 +365,19 @@ class Module:
                     return self.forward(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
+    def stages(self) -> dict[int, Any]:
+        """The pipeline stages of this module and its submodules: stage -> placement."""
+        out: dict[int, Any] = {}
+        for m in self.modules():
+            if m._stage is not None:
+                stage, placement = m._stage
+                if out.setdefault(stage, placement) != placement:
+                    from flowsys.errors import ConfigError  # noqa: PLC0415
+
+                    raise ConfigError(f"pipeline stage {stage} is set on two placements, {out[stage]!r} and "
+                                      f"{placement!r}; give each stage one placement")
+        return out
+
     def extra_repr(self) -> str:
         return ""
 
@@ -320,3 +387,18 @@ class Module:
         if not lines:
             return head + ")"
         return head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+_STAGE_OF: dict[int, int] = {}  # parameter id -> the pipeline stage holding it
+
+
+def _moved(t: Tensor, placement) -> Tensor:
+    """``t`` on ``placement``: the same SBP when the meshes have the same shape, else broadcast."""
+    from flowsys.sbp import broadcast  # noqa: PLC0415
+
+    if not t.is_global:
+        return t.to_global(placement, broadcast)
+    if t.placement == placement:
+        return t
+    same = t.placement.mesh == placement.mesh
+    return t.to_global(placement=placement, sbp=t.sbp if same else broadcast)
