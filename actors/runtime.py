@@ -309,6 +309,9 @@ class RankRuntime:
         elif op.kind == "recv":
             data = self.comm.mailbox.try_take(self.index[op.peer], tag(op.channel, p))
             self._write_region(a, p, data)
+        elif op.op == "fill_zeros":
+            shape, dtype = self.decls[a.outputs[0]]
+            self.regs[(a.outputs[0], p)] = np.zeros(shape, dtype=dtype)
         elif op.op == "copy_region":
             box, x = a.attrs["box"], ins[0]
             self._write_region(a, p, x[_region(box, a.attrs["src_origin"])])
@@ -413,6 +416,10 @@ class RankRuntime:
         """An op run once per step (per-step ops before the pieces, the optimizer phase after):
         every rank runs these in plan order, so blocking is safe."""
         a = decode_attrs(op.attrs)
+        if op.op == "fill_zeros":
+            shape, dtype = self.decls[op.outputs[0]]
+            env[op.outputs[0]] = np.zeros(shape, dtype=dtype)
+            return
         x = env[op.inputs[0]] if op.inputs else None
         if op.kind == "compute":
             spec = OPS[op.op]

@@ -267,20 +267,26 @@ class _Lowering:
                       if self.lives_on(src, r) else None)
         dst_origin = (tuple(a for a, _ in shard_box(dst.shape, dst.sbp, dst.placement.mesh, dst.placement.coords(r)))
                       if self.lives_on(dst, r) else None)
+        writes = 0
         for i, t in enumerate(plan.transfers):
             nbytes = math.prod(b - a for a, b in t.box) * itemsize
             attrs = encode_attrs({"box": tuple(tuple(x) for x in t.box), "relay": t.relay,
                                   "src_origin": src_origin, "dst_origin": dst_origin})
             common = dict(node=n.id, attrs=attrs, phase=n.phase, channel=self.channel((n.id, i)))
             if t.src == r and t.dst == r:
+                writes += 1
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="local", op="copy_region", inputs=n.inputs,
                                           outputs=n.outputs, **common))
             elif t.src == r:
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="send", op="send", peer=t.dst, nbytes=nbytes,
                                           inputs=n.outputs if t.relay else n.inputs, **common))
             elif t.dst == r:
+                writes += 1
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="recv", op="recv", peer=t.src, outputs=n.outputs,
                                           **common))
+        if self.lives_on(dst, r) and not writes:  # a partial sum this rank holds none of: zeros
+            rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="fill_zeros",
+                                      outputs=n.outputs, phase=n.phase))
 
     # -------------------------------------------------------------------------------- memory
     def estimate_memory(self, rp) -> None:
