@@ -72,6 +72,17 @@ def test_pipeline_overlaps_across_worker_processes(ray_backend):
     assert seen, "stage 0 never worked on micro-batch i+1 while stage 1 worked on micro-batch i"
 
 
+@pytest.mark.timeout(240)
+def test_3d_parallel_gpt_on_ray(ray_backend):
+    """dp2 x tp2 x pp2 with ZeRO 1 on eight Ray workers: the losses of one device."""
+    from test_pipeline import _train
+
+    expected, _ = _train(4, executor="global")
+    got, step = _train(4, mesh3d=True, zero=1, executor="auto")
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert sorted(ray_backend.pids()) == list(range(8))
+
+
 @pytest.mark.timeout(120)
 def test_killing_a_worker_mid_step_names_it_within_the_timeout(ray_backend):
     step = _TwoStages(registers=1, width=1024)  # ops of milliseconds, so the kill lands inside one
