@@ -100,3 +100,14 @@ def test_zero_stage_must_be_0_to_3():
     placement = fs.placement("cpu", RANKS)
     with pytest.raises(fs.GraphError, match="zero_stage must be 0, 1, 2 or 3"):
         step(x.to_global(placement, S(0)), y.to_global(placement, S(0)))
+
+
+def test_explain_shows_memory_per_rank():
+    _, step = _train(2, steps=1)
+    text = step.explain()
+    assert "memory per rank (MiB)" in text
+    rows = [line.split() for line in text.splitlines()[-len(RANKS):]]
+    assert [int(r[0]) for r in rows] == RANKS
+    psi = sum(p.size for p in step.model.parameters())
+    assert float(rows[0][1]) == pytest.approx(4 * psi / 2**20, abs=1e-3)  # parameters
+    assert float(rows[0][2]) == pytest.approx(psi / 2**20, abs=1e-3)  # gradients: 4Ψ/4

@@ -187,7 +187,7 @@ class Graph:
         """The per-rank physical plans (a protobuf ``scheduler.Plan``) of the last call."""
         import scheduler  # noqa: PLC0415
 
-        return scheduler.lower(self.ir)
+        return scheduler.lower(self.ir, registers=int(self.config.registers))
 
     # ------------------------------------------------------------------------------- reports
     @property
@@ -198,9 +198,11 @@ class Graph:
         return self._last
 
     def explain(self) -> str:
-        from flowsys.graph.explain import explain  # noqa: PLC0415
+        """Every op with its SBPs, every inserted boxing op with the bytes it moves, and the
+        plan's memory per rank (parameters, gradients, optimizer state, peak activations)."""
+        from flowsys.graph.explain import explain, memory_table  # noqa: PLC0415
 
-        return explain(self.ir)
+        return explain(self.ir) + "\n" + memory_table(self.plan())
 
     def to_dot(self) -> str:
         from flowsys.graph.explain import to_dot  # noqa: PLC0415

@@ -46,6 +46,22 @@ def explain(g: Graph) -> str:
     return "\n".join(lines)
 
 
+def memory_table(plan) -> str:
+    """Per-rank memory from the plan: parameters, gradients, optimizer state, peak activations."""
+
+    def mib(n: int) -> str:
+        return f"{n / 2**20:10.3f}"
+
+    lines = [f"memory per rank (MiB): {'rank':>5} {'params':>10} {'grads':>10} {'optimizer':>10} "
+             f"{'activations':>11} {'total':>10}"]
+    for rp in plan.ranks:
+        m = rp.memory
+        total = m.parameters + m.gradients + m.optimizer_state + m.peak_activations
+        lines.append(f"{'':22}{rp.rank:>5} {mib(m.parameters)} {mib(m.gradients)} {mib(m.optimizer_state)} "
+                     f"{mib(m.peak_activations):>11} {mib(total)}")
+    return "\n".join(lines)
+
+
 def to_dot(g: Graph) -> str:
     """A Graphviz graph: ops as boxes, boxing nodes highlighted, SBPs on the edges."""
     out = ["digraph flowsys {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
