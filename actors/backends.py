@@ -37,6 +37,8 @@ class Backend:
         self.timeout = float(timeout)
         self._loaded: set[tuple[int, str]] = set()
         self.world = 0
+        # (rank, parameter key) -> the value the worker holds between steps, as the driver last saw it
+        self.synced: dict[tuple[int, str], Any] = {}
         self._last_status: dict[int, str] = {}
 
     def run(self, key: str, plan, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
@@ -50,6 +52,7 @@ class Backend:
 
     def shutdown(self) -> None:
         self._loaded.clear()
+        self.synced.clear()
         self.world = 0
 
     # what a backend provides

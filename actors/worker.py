@@ -4,7 +4,8 @@ A worker holds, between steps, the plans the driver loaded into it and the optim
 the parameters it updates. Each step the driver sends a ``StepRequest`` (protobuf bytes: the
 rank's inputs and parameters, this step's hyper-parameters and dropout seeds) and gets back a
 ``StepResponse`` (the rank's outputs, its updated parameters, its actor timeline, or what went
-wrong). The same class runs in a thread of the driver (the local backend, in-process transport)
+wrong). Parameters stay in the worker between steps: the driver sends one only when its copy
+differs from what the worker holds (the first step, a new layout, a change made by the user). The same class runs in a thread of the driver (the local backend, in-process transport)
 and as a Ray actor in its own process (the Ray backend, gRPC transport): the code path is one.
 
 While a step runs, a status thread posts the op the rank is running to the driver whenever it
@@ -62,6 +63,7 @@ class Worker:
         self.plans: dict[str, plan_pb2.RankPlan] = {}
         self.runtimes: dict[str, RankRuntime] = {}
         self.state: dict[str, dict] = {}  # optimizer state by the driver's key for (optimizer, parameter)
+        self.resident: dict[str, np.ndarray] = {}  # parameters kept between steps, by the driver's key
         self._running: RankRuntime | None = None
         self._status = threading.Thread(target=self._report, name=f"flowsys-status-{rank}", daemon=True)
         self._stop = threading.Event()
@@ -109,7 +111,15 @@ class Worker:
             rt.record = req.record
             rt.timeline = []
             fed = {t.id: decode(t) for t in req.feed}
-            hyper = json.loads(req.hyper) if req.hyper else {"groups": [], "state_keys": {}}
+            hyper = json.loads(req.hyper) if req.hyper else {"groups": [], "state_keys": {}, "variable_keys": {}}
+            for name, vid in rp.variables.items():  # parameters: sent when changed, else the ones kept here
+                key = hyper["variable_keys"].get(name, name)
+                if vid in fed:
+                    self.resident[key] = fed[vid]
+                elif key in self.resident:
+                    fed[vid] = self.resident[key]
+                else:
+                    raise KeyError(f"rank {self.rank} holds no value of parameter {name!r} and none was sent")
             micro, per = max(1, req.micro_batches), req.seeds_per_piece
             seeds = [list(req.seeds[i * per:(i + 1) * per]) for i in range(micro)]
 
@@ -128,8 +138,10 @@ class Worker:
             for i, o in enumerate(outs):
                 if o is not None:
                     resp.outputs.append(encode(i, o))
-            for vid in rp.variables.values():
-                resp.variables.append(encode(vid, fed[vid]))
+            trained = {decode_attrs(op.attrs)["variable"] for op in rp.ops if op.kind == "update"}
+            for name, vid in rp.variables.items():  # what this step changed
+                if name in trained:
+                    resp.variables.append(encode(vid, fed[vid]))
             resp.peak_in_flight = rt.peak_in_flight
             if req.record:
                 for f in rt.timeline:

@@ -235,3 +235,22 @@ def test_a_worker_reports_a_bad_request_instead_of_dying():
         assert resp.error_type == "KeyError" and "no plan 'nope'" in resp.error
     finally:
         w.close()
+
+
+def test_parameters_stay_in_workers_and_user_changes_reach_them():
+    placement = fs.placement("cpu", [0, 1, 2])
+    fs.init(backend="local", timeout=5.0)
+    step, x, y = _mlp_step(placement)
+    ref, _, _ = _mlp_step(placement)
+    ref.config.executor = "global"
+    fresh = {k: v.numpy() for k, v in _mlp_step(placement)[0].model.state_dict().items()}
+    got, expected = [], []
+    for i in range(4):
+        if i == 2:  # the user replaces the parameters between steps
+            step.model.load_state_dict(fresh)
+            ref.model.load_state_dict(fresh)
+        got.append(float(step(x, y)))
+        expected.append(float(ref(x, y)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    backend = fs.runtime.current()
+    assert backend.synced  # what the workers hold, as the driver last saw it

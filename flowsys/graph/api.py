@@ -227,14 +227,16 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
         executor.registers = registers
         executor.key = f"plan-{next(_PLAN_KEYS)}"
     params, optimizers = executor.params, executor.optimizers
-    sources = {**dict(zip(ir.inputs, tensors)), **ir.constants,
-               **{vid: params[name]._data for name, vid in ir.variables.items()}}
+    sources = {**dict(zip(ir.inputs, tensors)), **ir.constants}
+    variables = {vid: params[name]._data for name, vid in ir.variables.items()}
+    var_keys = {name: str(_uid(params[name])) for name in ir.variables}
     trainer = {id(p): oi for oi, opt in enumerate(optimizers) for group in opt.param_groups for p in group["params"]}
     hyper = json.dumps({
         "groups": [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
                    for opt in optimizers],
         "state_keys": {name: f"{_uid(optimizers[trainer[id(p)]])}/{_uid(p)}"
                        for name, p in params.items() if id(p) in trainer},
+        "variable_keys": var_keys,
     })
     k = ir.micro_batches
     seeds = [next_seed() for _ in range(executor.n_seeds * k)]  # piece by piece, as the global executor draws them
@@ -248,6 +250,14 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
         req = plan_pb2.StepRequest(plan=executor.key, hyper=hyper, seeds=seeds, seeds_per_piece=executor.n_seeds,
                                    grads=dict(ir.grads), outputs=list(ir.outputs), record=record, micro_batches=k)
         req.feed.extend(encode(vid, np.asarray(local(v, rp.rank))) for vid, v in sources.items() if vid in declared)
+        # parameters stay in the workers between steps: sent only when the driver's copy differs
+        # from what the worker holds (the first step, a new layout, a user's change)
+        for name, vid in rp.variables.items():
+            held = backend.synced.get((rp.rank, var_keys[name]))
+            mine = np.asarray(local(variables[vid], rp.rank))
+            if held is None or held.shape != mine.shape or held.dtype != mine.dtype or not np.array_equal(held, mine):
+                req.feed.append(encode(vid, mine))
+                backend.synced[(rp.rank, var_keys[name])] = mine.copy()
         requests[rp.rank] = req.SerializeToString()
     responses = backend.run(executor.key, executor.plan, requests)
 
@@ -255,9 +265,12 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
     by_vid = {vid: name for name, vid in ir.variables.items()}
     for rank, resp in responses.items():
         for t in resp.variables:
-            data = params[by_vid[t.id]]._data
+            name = by_vid[t.id]
+            data = params[name]._data
             target = data.shards[data.placement.index(rank)] if type(data) is GlobalValue else data
-            target[...] = decode(t)
+            new = decode(t)
+            target[...] = new
+            backend.synced[(rank, var_keys[name])] = new
     outs = []
     for j, vid in enumerate(ir.outputs):
         v = ir.values[vid]
