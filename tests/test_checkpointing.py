@@ -12,7 +12,7 @@ from test_graph import CFG, TrainStep, _batches
 B, S = fs.sbp.broadcast, fs.sbp.split
 
 
-def _train(checkpoint, executor="global", mesh=None, cfg=CFG, steps=4):
+def _train(checkpoint, executor="global", mesh=None, cfg=CFG, steps=10):
     fs.manual_seed(0)
     model = GPT(cfg)
     if checkpoint:
