@@ -78,7 +78,7 @@ class Stalled(CommError):
 
 
 class _Actor:
-    __slots__ = ("op", "index", "attrs", "piece", "inputs", "outputs", "consumers", "producers", "busy", "name")
+    __slots__ = ("op", "index", "attrs", "piece", "inputs", "outputs", "consumers", "producers", "busy", "name", "late")
 
     def __init__(self, op, index: int):
         self.op, self.index = op, index
@@ -88,6 +88,7 @@ class _Actor:
         self.outputs = list(op.outputs)
         self.busy = False              # a communication schedule in flight
         self.name = op.op
+        self.late = int(op.phase != "forward")  # scheduling priority: forward work first
 
 
 class RankRuntime:
@@ -200,7 +201,9 @@ class RankRuntime:
     def _loop(self) -> None:
         total = len(self.actors) * self.k
         done = 0
-        ready: list[tuple[int, int]] = [(0, a.index) for a in self.actors]
+        # forward work first, then the oldest piece: with the window this is 1F1B (a stage that
+        # may take a new micro-batch runs its forward before the backward of an older one)
+        ready: list[tuple[int, int, int]] = [(a.late, 0, a.index) for a in self.actors]
         heapq.heapify(ready)
         queued = set(range(len(self.actors)))
         mailbox = self.comm.mailbox
@@ -209,7 +212,7 @@ class RankRuntime:
         while done < total:
             progressed = False
             while ready:
-                _, i = heapq.heappop(ready)
+                *_, i = heapq.heappop(ready)
                 queued.discard(i)
                 a = self.actors[i]
                 if a.busy or a.piece >= self.k or not self._can_fire(a):
@@ -223,7 +226,7 @@ class RankRuntime:
                 for b in woken:
                     if b.index not in queued and b.piece < self.k and not b.busy:
                         queued.add(b.index)
-                        heapq.heappush(ready, (b.piece, b.index))
+                        heapq.heappush(ready, (b.late, b.piece, b.index))
             # advance communication in flight whose awaited message is here
             for e in list(self.inflight):
                 src = self.index[e.step.peer_rank]
@@ -237,14 +240,14 @@ class RankRuntime:
                     for b in woken + [e.actor]:
                         if b.index not in queued and b.piece < self.k and not b.busy:
                             queued.add(b.index)
-                            heapq.heappush(ready, (b.piece, b.index))
+                            heapq.heappush(ready, (b.late, b.piece, b.index))
             # receives whose message arrived
             if not progressed:
                 for a in self.actors:
                     if a.op.kind == "recv" and not a.busy and a.piece < self.k and a.index not in queued \
                             and mailbox.ready(self.index[a.op.peer], tag(a.op.channel, a.piece)):
                         queued.add(a.index)
-                        heapq.heappush(ready, (a.piece, a.index))
+                        heapq.heappush(ready, (a.late, a.piece, a.index))
                         progressed = True
             if progressed:
                 idle_since = None
