@@ -267,12 +267,14 @@ def test_closed_peer_fails_send_and_recv_fast(path):
 
 
 KILLED_RANK = textwrap.dedent("""
-    import sys, time
+    import faulthandler, sys, time
+    faulthandler.dump_traceback_later(20, exit=True)  # a hang here shows where, in the test's output
     from comm import GrpcCommunicator
     c = GrpcCommunicator(1, 2, sys.argv[1])
     print(c.address, flush=True)
     c.connect([sys.stdin.readline().strip(), c.address])
     print("connected", flush=True)
+    faulthandler.cancel_dump_traceback_later()
     time.sleep(60)
 """)
 
