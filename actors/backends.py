@@ -219,7 +219,10 @@ class RayBackend(Backend):
 
         from comm.grpc_transport import GrpcCommunicator  # noqa: PLC0415
 
-        bundles = [{"CPU": 0.01} for _ in range(world)]
+        bundle = {"CPU": 0.01}
+        if "flowsys_device" in ray.cluster_resources():  # declared by `flowsys launch` and cluster_configs/
+            bundle["flowsys_device"] = 1
+        bundles = [dict(bundle) for _ in range(world)]
         self.pg = placement_group(bundles, strategy="SPREAD")
         try:
             ray.get(self.pg.ready(), timeout=max(30.0, self.timeout))
@@ -229,7 +232,8 @@ class RayBackend(Backend):
         cls = ray.remote(RayWorker)
         self.world = world
         self.workers = [
-            cls.options(num_cpus=0.01, max_concurrency=2, max_restarts=0, name=None,
+            cls.options(num_cpus=0.01, resources={k: v for k, v in bundle.items() if k != "CPU"},
+                        max_concurrency=2, max_restarts=0, name=None,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
             .remote(r, world + 1, self.secret, self.timeout, self.shared_memory)
             for r in range(world)]

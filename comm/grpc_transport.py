@@ -181,6 +181,9 @@ class GrpcCommunicator(Communicator):
         if self.port == 0:
             raise CommError(f"rank {rank}: cannot listen on {_join_host_port(host, port)} (port in use?)")
         self._server.start()
+        # The server's pool threads serve the peers' long-lived streams and are joined when the
+        # interpreter exits: close first, or a process that never called close() would hang there.
+        _close_at_exit(self)
         self.address = _join_host_port(host, self.port)
 
     # ------------------------------------------------------------------------------ sending
@@ -482,3 +485,17 @@ def _parse_dtype(text: str) -> np.dtype:
 
 def _let_go(mm: mmap.mmap) -> None:
     mm[0] = 0  # the receiver's array is gone: the sender may write this segment again
+
+
+def _close_at_exit(comm: GrpcCommunicator) -> None:
+    ref = weakref.ref(comm)
+
+    def close() -> None:
+        alive = ref()
+        if alive is not None:
+            alive.close()
+
+    try:  # runs before the interpreter joins the thread pools' threads (atexit would run after)
+        threading._register_atexit(close)
+    except (AttributeError, RuntimeError):  # no such hook, or the interpreter is already exiting
+        pass

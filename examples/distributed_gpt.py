@@ -2,6 +2,7 @@
 or one Ray actor per device talking gRPC — the same plan, the same losses.
 
     python examples/distributed_gpt.py [--backend global|local|ray] [--steps 5] [--mesh 2x2]
+    flowsys launch --nodes 4 examples/distributed_gpt.py      # on four simulated Ray nodes
 
 ``--mesh DPxTP`` lays the model out data x tensor parallel (Megatron-style) over DP*TP ranks.
 ``--backend ray`` starts a local Ray cluster unless this process already joined one (or
@@ -35,13 +36,19 @@ class TrainStep(fs.Graph):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=["global", "local", "ray"], default="local")
+    ap.add_argument("--backend", choices=["global", "local", "ray"], default=None,
+                    help="default: ray under `flowsys launch`, else local")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--mesh", default="2x2", help="data x tensor parallel degrees, e.g. 2x2, 4x1, 1x2")
     args = ap.parse_args()
     dp, tp = (int(n) for n in args.mesh.lower().split("x"))
     if args.backend != "global":
-        fs.init(backend=args.backend)
+        backend = fs.init(backend=args.backend)  # None: FLOWSYS_BACKEND (set by `flowsys launch`), else local
+        args.backend = backend.name
+    if args.backend == "ray":
+        import ray  # noqa: PLC0415
+
+        print(f"Ray nodes: {sum(n['Alive'] for n in ray.nodes())}")
     fs.manual_seed(0)
     model = GPT(CFG)
     placement = fs.placement("cpu", np.arange(dp * tp).reshape(dp, tp).tolist())

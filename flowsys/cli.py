@@ -1,8 +1,9 @@
 """The ``flowsys`` command line.
 
     flowsys train JOB.yaml [section.key=value ...]   # config-driven GPT training
+    flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] train.py [args]
 
-``launch`` and ``plan`` join when the distributed runtime and the compiler land.
+``plan`` joins with the job configs' parallel layouts.
 """
 
 from __future__ import annotations
@@ -31,13 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train a GPT from a job file")
     train.add_argument("job", help="YAML job file (sections: model, optim, data, train)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    launch = sub.add_parser("launch", help="run a script as the driver of a (local, simulated) Ray cluster")
+    launch.add_argument("--nodes", type=int, required=True, help="Ray nodes (simulated here without --address)")
+    launch.add_argument("--devices-per-node", type=int, default=1)
+    launch.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    launch.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    launch.add_argument("script", help="the training script")
+    launch.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     args = ap.parse_args(argv)
-
-    from flowsys.train import load_job, run  # noqa: PLC0415 - keep `flowsys --help` fast
 
     try:
         if args.command == "train":
+            from flowsys.train import load_job, run  # noqa: PLC0415 - keep `flowsys --help` fast
+
             run(load_job(args.job, _parse_overrides(args.overrides)))
+        elif args.command == "launch":
+            from flowsys.launch import LaunchConfig, launch as run_launch  # noqa: PLC0415
+
+            cfg = LaunchConfig(args.nodes, args.devices_per_node, args.device, args.address)
+            return run_launch(cfg, args.script, args.args)
     except FlowsysError as e:
         print(f"flowsys {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 from typing import Any
 
 from flowsys.errors import ConfigError
@@ -47,6 +49,13 @@ def init(backend: str | None = None, *, address: str | None = None, timeout: flo
         _backend = RayBackend(address=address, timeout=timeout, **ray_kwargs)
     else:
         raise ConfigError(f"fs.init: backend must be 'local' or 'ray', got {backend!r}")
+    global _exit_hook
+    if not _exit_hook:  # a script that never calls fs.shutdown() still exits cleanly
+        try:  # before the interpreter joins thread pools (the transport's servers), unlike atexit
+            threading._register_atexit(shutdown)
+        except (AttributeError, RuntimeError):
+            atexit.register(shutdown)
+        _exit_hook = True
     return _backend
 
 
@@ -59,7 +68,10 @@ def shutdown() -> None:
 
 
 def current():
-    """The backend ``fs.init`` chose, or None (the driver runs graphs itself)."""
+    """The backend ``fs.init`` chose, or None (the driver runs graphs itself). Under
+    ``flowsys launch`` (``FLOWSYS_BACKEND=ray``) the first call joins the launched cluster."""
+    if _backend is None and os.environ.get("FLOWSYS_BACKEND") == "ray":
+        return init()
     return _backend
 
 
@@ -74,3 +86,4 @@ def local_backend():
 
 
 _default_local = None
+_exit_hook = False

@@ -1,0 +1,123 @@
+"""``flowsys launch``: run a training script as the driver of a Ray cluster.
+
+    flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] train.py [args]
+
+Without ``--address`` it starts a local Ray cluster that simulates ``N`` nodes on this machine
+(one Ray node each, ``K`` devices per node), runs the script, and tears the cluster down. With
+one, it joins that cluster and first checks it has the nodes and devices asked for. The script
+runs in a process of its own with ``FLOWSYS_BACKEND=ray`` and the cluster's address in
+``FLOWSYS_ADDRESS`` and ``RAY_ADDRESS``: ``fs.init()`` and graphs that never call it run on
+the cluster, and ``ray.init()`` joins it. The exit code is the script's.
+
+Every simulated node offers ``K`` units of the custom resource ``flowsys_device``; workers
+take one each, so at most ``K`` land on a node. A real cluster declares the same resource on
+its worker nodes (see ``cluster_configs/``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from flowsys.errors import ConfigError
+
+DEVICE_RESOURCE = "flowsys_device"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    nodes: int
+    devices_per_node: int = 1
+    device: str = "cpu"
+    address: str | None = None
+    object_store_mib: int = 100
+
+    def check(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"launch: --nodes must be at least 1, got {self.nodes}")
+        if self.devices_per_node < 1:
+            raise ConfigError(f"launch: --devices-per-node must be at least 1, got {self.devices_per_node}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"launch: --device must be cpu or cuda, got {self.device!r}")
+
+
+def launch(cfg: LaunchConfig, script: str, args: list[str]) -> int:
+    """Run ``script`` with ``args`` as the driver of the cluster ``cfg`` describes; its exit code."""
+    cfg.check()
+    if not os.path.exists(script):
+        raise ConfigError(f"launch: no script {script!r}")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cluster = None
+    try:
+        if cfg.address is None:
+            cluster, address = _local_cluster(cfg)
+        else:
+            address = cfg.address
+            _check_cluster(cfg, address)
+        env = {**os.environ, "FLOWSYS_BACKEND": "ray", "FLOWSYS_ADDRESS": address, "RAY_ADDRESS": address,
+               "FLOWSYS_NODES": str(cfg.nodes), "FLOWSYS_DEVICES_PER_NODE": str(cfg.devices_per_node),
+               "FLOWSYS_DEVICE": cfg.device}
+        return subprocess.call([sys.executable, script, *args], env=env)
+    finally:
+        if cluster is not None:
+            import ray  # noqa: PLC0415
+
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def _local_cluster(cfg: LaunchConfig):
+    """``cfg.nodes`` Ray nodes on this machine, the CPUs shared out between them."""
+    import ray  # noqa: PLC0415
+    from ray.cluster_utils import Cluster  # noqa: PLC0415
+
+    cpus = max(1, (os.cpu_count() or 1) // cfg.nodes)
+    node = dict(num_cpus=cpus, resources={DEVICE_RESOURCE: cfg.devices_per_node},
+                object_store_memory=cfg.object_store_mib * 2**20)
+    if cfg.device == "cuda":
+        node["num_gpus"] = cfg.devices_per_node
+    print(f"flowsys launch: starting a local Ray cluster of {cfg.nodes} node(s), "
+          f"{cfg.devices_per_node} {cfg.device} device(s) each", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+    try:
+        for _ in range(cfg.nodes - 1):
+            cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    print(f"flowsys launch: cluster up at {cluster.address} in {time.monotonic() - start:.1f} s",
+          file=sys.stderr, flush=True)
+    return cluster, cluster.address
+
+
+def _check_cluster(cfg: LaunchConfig, address: str) -> None:
+    """The cluster at ``address`` has the nodes and devices asked for, or a ConfigError says
+    what it has."""
+    import ray  # noqa: PLC0415
+
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"launch: cannot join the Ray cluster at {address!r}: {type(e).__name__}: {e}") from e
+    try:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        key = "GPU" if cfg.device == "cuda" else DEVICE_RESOURCE
+        declared = any(key in n.get("Resources", {}) for n in alive)
+        # a CPU cluster that declares no device resource: every live node can host workers
+        per_node = [int(n.get("Resources", {}).get(key, 0)) if declared or key == "GPU" else cfg.devices_per_node
+                    for n in alive]
+        fit = [k for k in per_node if k >= cfg.devices_per_node]
+        if len(fit) < cfg.nodes:
+            raise ConfigError(
+                f"launch: the cluster at {address} has {len(alive)} node(s) with {per_node} {key} each; "
+                f"asked for {cfg.nodes} node(s) with {cfg.devices_per_node} each. Start more workers, or declare "
+                f"resources={{'{DEVICE_RESOURCE}': K}} on them (cluster_configs/ does)")
+    finally:
+        ray.shutdown()
+
