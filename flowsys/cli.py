@@ -3,7 +3,7 @@
     flowsys train JOB.yaml [section.key=value ...]   # config-driven GPT training
     flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] train.py [args]
 
-``plan`` joins with the job configs' parallel layouts.
+    flowsys plan JOB.yaml --devices N [--every-rank] [--json] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train a GPT from a job file")
     train.add_argument("job", help="YAML job file (sections: model, optim, data, train)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    plan = sub.add_parser("plan", help="compile a job for N devices without running it")
+    plan.add_argument("job", help="YAML job file")
+    plan.add_argument("--devices", type=int, required=True)
+    plan.add_argument("--every-rank", action="store_true", help="lower every rank, not one per pipeline stage")
+    plan.add_argument("--json", action="store_true", help="print the summary as JSON")
+    plan.add_argument("overrides", nargs="*", help="section.key=value overrides")
     launch = sub.add_parser("launch", help="run a script as the driver of a (local, simulated) Ray cluster")
     launch.add_argument("--nodes", type=int, required=True, help="Ray nodes (simulated here without --address)")
     launch.add_argument("--devices-per-node", type=int, default=1)
@@ -46,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             from flowsys.train import load_job, run  # noqa: PLC0415 - keep `flowsys --help` fast
 
             run(load_job(args.job, _parse_overrides(args.overrides)))
+        elif args.command == "plan":
+            import json  # noqa: PLC0415
+
+            from flowsys.plan import format_plan, plan_job  # noqa: PLC0415
+            from flowsys.train import load_job  # noqa: PLC0415
+
+            summary = plan_job(load_job(args.job, _parse_overrides(args.overrides)), args.devices, args.every_rank)
+            print(json.dumps(summary, indent=2) if args.json else format_plan(summary))
         elif args.command == "launch":
             from flowsys.launch import LaunchConfig, launch as run_launch  # noqa: PLC0415
 

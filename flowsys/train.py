@@ -56,27 +56,91 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """The layout: data x tensor parallel inside each of ``pp`` pipeline stages."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    micro_batches: int = 1
+    activation_checkpointing: bool = False
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128))
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-_SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig}
-_LATER = {"parallel": "the distributed runtime", "checkpoint": "resharding checkpoints"}
+_SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig,
+             "parallel": ParallelConfig}
+_LATER = {"checkpoint": "resharding checkpoints"}
 
 
-def _coerce(cls, key: str, value: Any) -> Any:
-    default = {f.name: f for f in dataclasses.fields(cls)}[key].default
-    if isinstance(default, tuple):
-        return tuple(float(v) for v in value)
+def check_layout(job: JobConfig, devices: int | None = None) -> None:
+    """The parallel layout fits the model, the batch and (when given) the device count, or a
+    ConfigError names the key and what would fit."""
+    p, m = job.parallel, job.model
+    for key in ("dp", "tp", "pp", "micro_batches"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(p, key)}")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.zero_stage and p.dp == 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} shards over the data-parallel axis, but parallel.dp is 1")
+    if devices is not None and p.devices != devices:
+        raise ConfigError(f"parallel layout dp {p.dp} x tp {p.tp} x pp {p.pp} = {p.devices} devices does not fit "
+                          f"{devices} devices; choose dp, tp and pp whose product is {devices}")
+    if p.pp > m.n_layer:
+        raise ConfigError(f"parallel.pp={p.pp} stages for model.n_layer={m.n_layer} blocks; use at most {m.n_layer}")
+    if m.n_head % p.tp or m.n_embd % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_embd={m.n_embd}")
+    bs = job.data.batch_size
+    if bs % p.micro_batches or (bs // p.micro_batches) % p.dp:
+        raise ConfigError(f"data.batch_size={bs} must split into parallel.micro_batches={p.micro_batches} "
+                          f"micro-batches of a multiple of parallel.dp={p.dp} samples")
+
+
+def _coerce(section: str, cls, key: str, value: Any) -> Any:
+    """``value`` as the type of ``cls.key``'s default; a ConfigError naming the key if it is not one."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[key]
+    default = f.default
+    if default is dataclasses.MISSING:  # a required field: its annotation gives the type
+        default = {"int": 0, "float": 0.0, "bool": False, "str": ""}.get(str(f.type), None)
+    want = type(default).__name__
+
+    def bad() -> ConfigError:
+        return ConfigError(f"job key {section}.{key}: expected {want}, got {value!r} ({type(value).__name__})")
+
     if isinstance(default, bool):
-        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
-        return type(default)(value)
-    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
-        return int(value)
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default) or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad()
+        return tuple(float(v) for v in value)
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad()
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad()
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise bad()
     return value
 
 
@@ -102,11 +166,13 @@ def job_from_dict(values: dict[str, Any], overrides: dict[str, Any] | None = Non
         if unknown:
             raise ConfigError(f"job section {section!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
         base = dataclasses.asdict(getattr(defaults, section))
-        base.update({k: _coerce(cls, k, v) for k, v in given.items()})
+        base.update({k: _coerce(section, cls, k, v) for k, v in given.items()})
         built[section] = cls(**base)
     if built["data"].source != "stdlib":
         raise ConfigError(f"data.source {built['data'].source!r} is not known; the built-in corpus is 'stdlib'")
-    return JobConfig(**built)
+    job = JobConfig(**built)
+    check_layout(job)
+    return job
 
 
 def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:

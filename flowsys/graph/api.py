@@ -311,4 +311,6 @@ def _micro_input(a, k: int):
 def _head(v: GlobalValue, m: int) -> GlobalValue:
     from flowsys.global_tensor import make_global  # noqa: PLC0415
 
+    if v.shards is None:  # a meta value: the layout of the first m rows, no values
+        return GlobalValue(v.placement, v.sbp, (m,) + tuple(v.shape[1:]), v.dtype, None)
     return make_global(v.logical()[:m], v.placement, v.sbp)

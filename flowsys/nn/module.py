@@ -332,7 +332,7 @@ class Module:
                     if held is None:
                         _STAGE_OF[id(t)] = stage
                         weakref.finalize(t, _STAGE_OF.pop, id(t), None)
-                    t._data = _moved(t.detach(), placement)._data
+                    t._data = _moved_data(t, placement)
                     t.grad = None
         object.__setattr__(self, "_stage", (stage, placement))
         return self
@@ -390,6 +390,19 @@ class Module:
 
 
 _STAGE_OF: dict[int, int] = {}  # parameter id -> the pipeline stage holding it
+
+
+def _moved_data(t: Tensor, placement):
+    """``t``'s data moved to ``placement`` (layout only for a meta tensor: it has no values)."""
+    from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+    from flowsys.layout import normalize_sbp  # noqa: PLC0415
+    from flowsys.sbp import broadcast  # noqa: PLC0415
+
+    d = t._data
+    if type(d) is GlobalValue and d.shards is None:
+        sbp = d.sbp if d.placement.mesh == placement.mesh else broadcast
+        return GlobalValue(placement, normalize_sbp(sbp, placement, d.shape), d.shape, d.dtype, None)
+    return _moved(t.detach(), placement)._data
 
 
 def _moved(t: Tensor, placement) -> Tensor:

@@ -1,0 +1,145 @@
+"""``flowsys plan JOB.yaml --devices N``: compile a job's training step for ``N`` devices without
+running it, and report per-device memory, communication per step by kind, and the plan's shape.
+
+The model is built with ``nn.meta_init()`` (shapes and layouts, no values), so a GPT-3-sized
+model on 1,024 devices compiles in seconds. Ranks are laid out stage-major: stage ``s`` of
+``pp`` holds ranks ``s*dp*tp ... (s+1)*dp*tp - 1`` as a ``dp x tp`` mesh. Lowering is done for
+one rank per pipeline stage (the ranks of a stage have the same plan up to their coordinates)
+unless ``every_rank`` is asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from flowsys.errors import ConfigError
+
+
+def layout(job, devices: int | None = None):
+    """The stage placements of ``job.parallel``: a list of ``dp x tp`` placements."""
+    from flowsys.placement import placement  # noqa: PLC0415
+    from flowsys.train import check_layout  # noqa: PLC0415
+
+    check_layout(job, devices)
+    p = job.parallel
+    ranks = np.arange(p.devices).reshape(p.pp, p.dp, p.tp)
+    return [placement("cpu", ranks[s].tolist()) for s in range(p.pp)]
+
+
+def build(job, placements, meta: bool = False):
+    """The job's GPT laid out on ``placements`` (data x tensor parallel per stage, pipeline over
+    them, checkpointing as asked), its optimizer and its compiled-on-first-call step."""
+    from flowsys import nn  # noqa: PLC0415
+    from flowsys.graph.api import Graph  # noqa: PLC0415
+    from flowsys.models import GPT  # noqa: PLC0415
+
+    p = job.parallel
+    first = placements[0]
+    ctx = nn.meta_init() if meta else _Null()
+    with ctx:
+        model = GPT(job.model)
+        model.to_global(first, GPT.parallel_plan(first, dp_axis=0, tp_axis=1))
+        if p.pp > 1:
+            model.pipeline(placements)
+    if p.activation_checkpointing:
+        for block in model.transformer["h"]:
+            block.activation_checkpointing = True
+    o = job.optim
+    opt = model.configure_optimizers(o.weight_decay, o.lr, o.betas)
+
+    class TrainStep(Graph):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.add_optimizer(opt)
+            self.config.gradient_accumulation_steps = p.micro_batches
+            self.config.zero_stage = p.zero_stage
+
+        def build(self, idx, targets):
+            _, loss = self.model(idx, targets)
+            loss.backward()
+            return loss
+
+    return model, opt, TrainStep()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def plan_job(job, devices: int, every_rank: bool = False) -> dict[str, Any]:
+    """Compile without running; the summary ``flowsys plan`` prints."""
+    from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+    from flowsys.sbp import broadcast, split  # noqa: PLC0415
+    from flowsys.tensor import Tensor  # noqa: PLC0415
+    from scheduler.lower import _Lowering  # noqa: PLC0415
+
+    if devices < 1:
+        raise ConfigError(f"flowsys plan: --devices must be at least 1, got {devices}")
+    t0 = time.perf_counter()
+    placements = layout(job, devices)
+    model, _, step = build(job, placements, meta=True)
+    shape = (job.data.batch_size, job.model.block_size)
+    idx = Tensor(GlobalValue(placements[0], (split(0), broadcast), shape, np.dtype(np.int64), None))
+    ir = step.compile(idx, idx)
+    t_compile = time.perf_counter() - t0
+    lowering = _Lowering(ir)
+    chosen = sorted({int(pl.ranks[0]) for pl in placements}) if not every_rank else list(range(devices))
+    t0 = time.perf_counter()
+    ranks = {r: lowering.rank_plan(r) for r in chosen}
+    t_lower = time.perf_counter() - t0
+    k = ir.micro_batches
+    per_rank = []
+    for r, rp in ranks.items():
+        sent: dict[str, int] = defaultdict(int)
+        for op in rp.ops:
+            if op.nbytes:
+                times = 1 if op.phase == "optimizer" or op.per_step else k
+                sent[op.op] += op.nbytes * times
+        m = rp.memory
+        per_rank.append(dict(rank=r, stage=next(s for s, pl in enumerate(placements) if r in pl.ranks),
+                             ops=len(rp.ops), parameters=m.parameters, gradients=m.gradients,
+                             optimizer_state=m.optimizer_state, peak_activations=m.peak_activations,
+                             bytes_sent_per_step=dict(sorted(sent.items()))))
+    p = job.parallel
+    return dict(devices=devices, layout=dict(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage,
+                                             micro_batches=p.micro_batches,
+                                             activation_checkpointing=p.activation_checkpointing),
+                parameters=int(sum(q.size for q in model.parameters())), graph_nodes=len(ir.nodes),
+                boxing_nodes=sum(n.kind == "boxing" for n in ir.nodes), compile_s=round(t_compile, 3),
+                lower_s=round(t_lower, 3), ranks=per_rank)
+
+
+def format_plan(summary: dict[str, Any]) -> str:
+    biggest = max((r["parameters"] + r["gradients"] + r["optimizer_state"] + r["peak_activations"]
+                   for r in summary["ranks"]), default=0)
+    unit, scale = ("GiB", 2**30) if biggest >= 2**30 else ("MiB", 2**20)
+
+    def gib(n: int) -> str:
+        return f"{n / scale:9.3f}"
+
+    lay = summary["layout"]
+    lines = [f"plan: {summary['parameters']:,} parameters on {summary['devices']} devices "
+             f"(dp {lay['dp']} x tp {lay['tp']} x pp {lay['pp']}, ZeRO {lay['zero_stage']}, "
+             f"{lay['micro_batches']} micro-batch(es), checkpointing {'on' if lay['activation_checkpointing'] else 'off'})",
+             f"graph: {summary['graph_nodes']} nodes, {summary['boxing_nodes']} boxing; compiled in "
+             f"{summary['compile_s']:.2f} s, lowered in {summary['lower_s']:.2f} s",
+             f"{'rank':>6} {'stage':>5} {'ops':>6} {'params':>9} {'grads':>9} {'optim':>9} {'activ':>9} "
+             f"{'total ' + unit:>9}  communication per step"]
+    for r in summary["ranks"]:
+        total = r["parameters"] + r["gradients"] + r["optimizer_state"] + r["peak_activations"]
+        comm = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in r["bytes_sent_per_step"].items()) or "none"
+        lines.append(f"{r['rank']:>6} {r['stage']:>5} {r['ops']:>6} {gib(r['parameters'])} {gib(r['gradients'])} "
+                     f"{gib(r['optimizer_state'])} {gib(r['peak_activations'])} {gib(total)}  {comm}")
+    if len(summary["ranks"]) < summary["devices"]:
+        lines.append(f"(one rank per pipeline stage shown; the {summary['devices'] // lay['pp']} ranks of a stage "
+                     f"have the same plan up to their coordinates)")
+    return "\n".join(lines)
