@@ -49,9 +49,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
+            import os  # noqa: PLC0415
+
             from flowsys.train import load_job, run  # noqa: PLC0415 - keep `flowsys --help` fast
 
-            run(load_job(args.job, _parse_overrides(args.overrides)))
+            job = load_job(args.job, _parse_overrides(args.overrides))
+            c = job.cluster
+            if c.backend == "ray" and os.environ.get("FLOWSYS_BACKEND") != "ray":  # not launched yet: launch
+                from flowsys.launch import LaunchConfig, launch as run_launch  # noqa: PLC0415
+
+                cfg = LaunchConfig(c.nodes, c.devices_per_node, "cpu", c.address or None)
+                return run_launch(cfg, __file__, ["train", args.job, *args.overrides])
+            run(job)
         elif args.command == "plan":
             import json  # noqa: PLC0415
 

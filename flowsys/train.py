@@ -72,16 +72,28 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Where a parallel job runs: ``local`` (worker threads here) or ``ray`` (one Ray actor per
+    device on ``nodes`` simulated nodes, or on the cluster at ``address``)."""
+
+    backend: str = "local"
+    nodes: int = 1
+    devices_per_node: int = 1
+    address: str = ""
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128))
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 _SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig,
-             "parallel": ParallelConfig}
+             "parallel": ParallelConfig, "cluster": ClusterConfig}
 _LATER = {"checkpoint": "resharding checkpoints"}
 
 
@@ -103,6 +115,15 @@ def check_layout(job: JobConfig, devices: int | None = None) -> None:
         raise ConfigError(f"parallel.pp={p.pp} stages for model.n_layer={m.n_layer} blocks; use at most {m.n_layer}")
     if m.n_head % p.tp or m.n_embd % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_embd={m.n_embd}")
+    c = job.cluster
+    if c.backend not in ("local", "ray"):
+        raise ConfigError(f"cluster.backend must be 'local' or 'ray', got {c.backend!r}")
+    if c.nodes < 1 or c.devices_per_node < 1:
+        raise ConfigError(f"cluster.nodes and cluster.devices_per_node must be at least 1, got {c.nodes} and "
+                          f"{c.devices_per_node}")
+    if c.backend == "ray" and c.nodes * c.devices_per_node < p.devices:
+        raise ConfigError(f"cluster: {c.nodes} node(s) x {c.devices_per_node} device(s) cannot hold the layout's "
+                          f"{p.devices} devices (parallel dp x tp x pp); raise cluster.nodes")
     bs = job.data.batch_size
     if bs % p.micro_batches or (bs // p.micro_batches) % p.dp:
         raise ConfigError(f"data.batch_size={bs} must split into parallel.micro_batches={p.micro_batches} "
@@ -198,6 +219,8 @@ def evaluate(model: GPT, data: ByteDataset, batch_size: int, block_size: int, ba
 
 def run(job: JobConfig, log=print) -> dict[str, Any]:
     """Train, evaluate, and return a summary (losses, validation loss, entropy, throughput)."""
+    if job.parallel.devices > 1:
+        return run_parallel(job, log)
     manual_seed(job.train.seed)
     data = ByteDataset.from_stdlib(job.data.max_bytes, job.data.val_fraction)
     if job.model.vocab_size < data.vocab_size:
@@ -228,4 +251,46 @@ def run(job: JobConfig, log=print) -> dict[str, Any]:
                "unigram_entropy": data.unigram_entropy("val"),
                "tokens_per_s": job.train.steps * bs * t / (time.perf_counter() - t0)}
     log(json.dumps(summary))
+    return summary
+
+
+def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
+    """The job's layout compiled as one graph (``flowsys.plan.build``) and run on the backend
+    ``fs.init`` chose (Ray under ``flowsys launch``, else worker threads here)."""
+    from flowsys import runtime  # noqa: PLC0415
+    from flowsys.plan import build, layout  # noqa: PLC0415
+    from flowsys.sbp import broadcast, split  # noqa: PLC0415
+
+    o, p = job.optim, job.parallel
+    if o.grad_clip > 0:
+        raise ConfigError(f"optim.grad_clip={o.grad_clip}: gradient clipping is not part of compiled steps yet; "
+                          f"set optim.grad_clip=0 for a parallel layout (parallel.dp/tp/pp > 1)")
+    manual_seed(job.train.seed)
+    data = ByteDataset.from_stdlib(job.data.max_bytes, job.data.val_fraction)
+    if job.model.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size {job.model.vocab_size} is smaller than the data's {data.vocab_size} byte tokens")
+    placements = layout(job)
+    model, opt, step = build(job, placements)
+    backend = runtime.current() or runtime.init()
+    sched = WarmupCosine(opt, o.warmup_steps, job.train.steps, min_lr=o.lr * o.min_lr_ratio)
+    log(f"model: GPT, {model.num_parameters():,} parameters on {p.devices} devices (dp {p.dp} x tp {p.tp} x pp {p.pp}, "
+        f"ZeRO {p.zero_stage}, {p.micro_batches} micro-batch(es)) on the {backend.name} backend; data: {data}")
+    rng = np.random.default_rng(job.train.seed)
+    bs, t = job.data.batch_size, job.model.block_size
+    first, batch = placements[0], (split(0), broadcast)
+    losses, t0 = [], time.perf_counter()
+    for i in range(1, job.train.steps + 1):
+        x, y = data.get_batch("train", bs, t, rng=rng)
+        loss = step(x.to_global(first, batch), y.to_global(first, batch))
+        sched.step()
+        losses.append(float(loss))
+        if i % job.train.log_every == 0 or i == job.train.steps:
+            rate = i * bs * t / (time.perf_counter() - t0)
+            log(f"step {i:>5}/{job.train.steps}  loss {losses[-1]:.4f}  {rate:,.0f} tok/s")
+    elapsed = time.perf_counter() - t0
+    val = evaluate(model, data, bs, t, job.train.eval_batches)
+    summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
+               "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": job.train.steps * bs * t / elapsed,
+               "devices": p.devices, "backend": backend.name, "losses": losses}
+    log(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
     return summary

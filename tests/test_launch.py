@@ -90,3 +90,22 @@ def test_launch_refuses_a_cluster_without_the_nodes_asked_for(ray_cluster, tmp_p
 def test_launch_rejects_bad_arguments_before_starting_anything(args, message):
     done = _flowsys("launch", *args, timeout=60)
     assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_flowsys_train_runs_a_parallel_job_locally_and_on_a_launched_cluster():
+    common = ["train", "examples/configs/tiny.yaml", "train.steps=3", "train.log_every=1", "train.eval_batches=1"]
+    local = _flowsys(*common)
+    assert local.returncode == 0, local.stderr[-3000:]
+    ray_run = _flowsys(*common, "cluster.backend=ray", "cluster.nodes=4")
+    assert ray_run.returncode == 0, ray_run.stderr[-3000:]
+
+    def summary(out):
+        import json
+
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    a, b = summary(local), summary(ray_run)
+    assert (a["backend"], b["backend"]) == ("local", "ray") and a["devices"] == b["devices"] == 4
+    assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-5)
+    assert "cluster up" in ray_run.stderr

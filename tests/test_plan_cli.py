@@ -22,8 +22,8 @@ def _cli(*args, timeout=300):
 
 
 def test_plan_of_the_tiny_job_on_8_devices():
-    summary = plan_job(load_job(ROOT / "examples/configs/tiny.yaml"), 8, every_rank=True)
-    assert summary["layout"] == dict(dp=2, tp=2, pp=2, zero_stage=1, micro_batches=2, activation_checkpointing=True)
+    summary = plan_job(load_job(ROOT / "examples/configs/tiny_3d.yaml"), 8, every_rank=True)
+    assert summary["layout"] == dict(dp=2, tp=2, pp=2, zero_stage=1, micro_batches=4, activation_checkpointing=True)
     assert [r["rank"] for r in summary["ranks"]] == list(range(8))
     assert [r["stage"] for r in summary["ranks"]] == [0] * 4 + [1] * 4
     for r in summary["ranks"]:
@@ -47,9 +47,9 @@ def test_plan_cli_compiles_gpt3_for_1024_devices():
 
 
 def test_plan_text_output_and_a_layout_that_does_not_fit():
-    done = _cli("plan", "examples/configs/tiny.yaml", "--devices", "8")
+    done = _cli("plan", "examples/configs/tiny_3d.yaml", "--devices", "8")
     assert done.returncode == 0 and "dp 2 x tp 2 x pp 2" in done.stdout and "communication per step" in done.stdout
-    bad = _cli("plan", "examples/configs/tiny.yaml", "--devices", "6")
+    bad = _cli("plan", "examples/configs/tiny_3d.yaml", "--devices", "6")
     assert bad.returncode == 2
     assert "dp 2 x tp 2 x pp 2 = 8 devices does not fit 6 devices" in bad.stderr
 
