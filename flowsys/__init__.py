@@ -25,7 +25,7 @@ from flowsys.functions import (
 )
 from flowsys.tensor import Tensor, bool_, float32, float64, int32, int64
 
-from flowsys import nn, optim, models, data  # noqa: E402  (they build on the names above)
+from flowsys import nn, optim, models, data, checkpoint  # noqa: E402  (they build on the names above)
 from flowsys.graph.api import Graph, GraphConfig  # noqa: E402
 from flowsys.graph.ir import GraphError  # noqa: E402
 from flowsys.runtime import init, shutdown  # noqa: E402
@@ -50,5 +50,5 @@ __all__ = [
     # graph mode and where it runs
     "Graph", "GraphConfig", "GraphError", "init", "shutdown",
     # subpackages
-    "nn", "optim", "models", "data", "sbp",
+    "nn", "optim", "models", "data", "sbp", "checkpoint",
 ]

@@ -30,6 +30,25 @@ def generator() -> np.random.Generator:
     return _rng
 
 
+def rng_state() -> dict:
+    """The global generator's state, JSON-serialisable (for checkpoints)."""
+    state = _rng.bit_generator.state
+    return {"bit_generator": state["bit_generator"], "state": {k: str(v) for k, v in state["state"].items()},
+            "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    global _rng
+    rng = np.random.default_rng()
+    if state["bit_generator"] != type(rng.bit_generator).__name__:
+        raise ValueError(f"RNG state of a {state['bit_generator']} generator, not {type(rng.bit_generator).__name__}")
+    rng.bit_generator.state = {"bit_generator": state["bit_generator"],
+                               "state": {k: int(v) for k, v in state["state"].items()},
+                               "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+    _rng = rng
+
+
 def next_seed() -> int:
     """A fresh 63-bit seed drawn from the global generator (for counter-based dropout masks)."""
     return int(_rng.integers(0, 2**63 - 1))

@@ -94,7 +94,7 @@ class JobConfig:
 
 _SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig,
              "parallel": ParallelConfig, "cluster": ClusterConfig}
-_LATER = {"checkpoint": "resharding checkpoints"}
+_LATER = {"checkpoint": "job-driven checkpointing and restart (use flowsys.checkpoint.save/load in a script)"}
 
 
 def check_layout(job: JobConfig, devices: int | None = None) -> None:

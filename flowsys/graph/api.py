@@ -260,6 +260,8 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
                 backend.synced[(rp.rank, var_keys[name])] = mine.copy()
         requests[rp.rank] = req.SerializeToString()
     responses = backend.run(executor.key, executor.plan, requests)
+    for opt in optimizers:  # their state now lives in the workers (checkpoint.save refuses to lose it)
+        opt._state_in_workers = backend.name
 
     # the updated parameters come back into the driver's tensors, shard by shard
     by_vid = {vid: name for name, vid in ir.variables.items()}
