@@ -53,6 +53,8 @@ class RunConfig:
     seed: int = 0
     eval_batches: int = 8
     log_every: int = 25
+    metrics: str = ""  # a JSONL file: one line per step (step, loss, lr, tokens/s, elapsed)
+    tensorboard: str = ""  # a TensorBoard log directory (when torch's SummaryWriter can be imported)
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,52 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
     return job_from_dict(values, overrides)
 
 
+class Progress:
+    """The live progress of a training run: a line every ``log_every`` steps (step, loss,
+    tokens/s, ETA; redrawn in place on a terminal), and the metrics of every step as JSONL and,
+    when asked and installed, to TensorBoard."""
+
+    def __init__(self, job: JobConfig, log=print):
+        self.steps, self.every, self.log = job.train.steps, job.train.log_every, log
+        self.tokens = job.data.batch_size * job.model.block_size
+        self.t0 = time.perf_counter()
+        self.metrics = open(job.train.metrics, "a") if job.train.metrics else None  # noqa: SIM115
+        self.board = None
+        if job.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+                self.board = SummaryWriter(job.train.tensorboard)
+            except Exception as e:  # noqa: BLE001 - optional: say why and go on
+                log(f"train.tensorboard: not writing TensorBoard logs ({type(e).__name__}: {e})")
+
+    def step(self, i: int, loss: float, lr: float) -> None:
+        elapsed = time.perf_counter() - self.t0
+        rate = i * self.tokens / elapsed
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"step": i, "loss": loss, "lr": lr, "tokens_per_s": rate,
+                                           "elapsed_s": elapsed}) + "\n")
+            self.metrics.flush()
+        if self.board is not None:
+            self.board.add_scalar("loss", loss, i)
+            self.board.add_scalar("tokens_per_s", rate, i)
+        if i % self.every == 0 or i == self.steps:
+            eta = elapsed / i * (self.steps - i)
+            self.log(f"step {i:>5}/{self.steps}  loss {loss:.4f}  {rate:,.0f} tok/s  ETA {_clock(eta)}")
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 @no_grad()
 def evaluate(model: GPT, data: ByteDataset, batch_size: int, block_size: int, batches: int) -> float:
     model.eval()
@@ -233,6 +281,7 @@ def run(job: JobConfig, log=print) -> dict[str, Any]:
     rng = np.random.default_rng(job.train.seed)
     bs, t = job.data.batch_size, job.model.block_size
     losses, t0 = [], time.perf_counter()
+    progress = Progress(job, log)
     for step in range(1, job.train.steps + 1):
         x, y = data.get_batch("train", bs, t, rng=rng)
         _, loss = model(x, y)
@@ -240,12 +289,12 @@ def run(job: JobConfig, log=print) -> dict[str, Any]:
         loss.backward()
         if o.grad_clip > 0:
             clip_grad_norm_(model.parameters(), o.grad_clip)
+        lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if step % job.train.log_every == 0 or step == job.train.steps:
-            rate = step * bs * t / (time.perf_counter() - t0)
-            log(f"step {step:>5}/{job.train.steps}  loss {losses[-1]:.4f}  {rate:,.0f} tok/s")
+        progress.step(step, losses[-1], lr)
+    progress.close()
     val = evaluate(model, data, bs, t, job.train.eval_batches)
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
                "unigram_entropy": data.unigram_entropy("val"),
@@ -279,14 +328,15 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     bs, t = job.data.batch_size, job.model.block_size
     first, batch = placements[0], (split(0), broadcast)
     losses, t0 = [], time.perf_counter()
+    progress = Progress(job, log)
     for i in range(1, job.train.steps + 1):
         x, y = data.get_batch("train", bs, t, rng=rng)
+        lr = opt.param_groups[0]["lr"]
         loss = step(x.to_global(first, batch), y.to_global(first, batch))
         sched.step()
         losses.append(float(loss))
-        if i % job.train.log_every == 0 or i == job.train.steps:
-            rate = i * bs * t / (time.perf_counter() - t0)
-            log(f"step {i:>5}/{job.train.steps}  loss {losses[-1]:.4f}  {rate:,.0f} tok/s")
+        progress.step(i, losses[-1], lr)
+    progress.close()
     elapsed = time.perf_counter() - t0
     val = evaluate(model, data, bs, t, job.train.eval_batches)
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,

@@ -69,3 +69,20 @@ def test_bad_job_configs_name_the_key(values, message):
     with pytest.raises(ConfigError) as info:
         job_from_dict(values)
     assert message in str(info.value)
+
+
+def test_progress_lines_and_jsonl_metrics(tmp_path):
+    from flowsys.train import run
+
+    lines = []
+    metrics = tmp_path / "metrics.jsonl"
+    job = job_from_dict({"model": {"vocab_size": 256, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16},
+                         "data": {"max_bytes": 200_000, "batch_size": 4},
+                         "train": {"steps": 4, "log_every": 2, "eval_batches": 1, "metrics": str(metrics)}})
+    summary = run(job, log=lines.append)
+    progress = [line for line in lines if line.startswith("step")]
+    assert len(progress) == 2 and all("tok/s" in line and "ETA" in line for line in progress)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["loss"] == pytest.approx(summary["final_train_loss"])
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
