@@ -39,7 +39,12 @@ class Backend:
         self.world = 0
         # (rank, parameter key) -> the value the worker holds between steps, as the driver last saw it
         self.synced: dict[tuple[int, str], Any] = {}
+        self.generation = 0  # grows whenever the workers (and what they kept) are gone
         self._last_status: dict[int, str] = {}
+
+    def ensure(self, world: int) -> None:
+        """Workers for ranks ``0 .. world - 1`` (more are kept; fewer are replaced)."""
+        self._ensure(world)
 
     def run(self, key: str, plan, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
         ranks = [rp.rank for rp in plan.ranks]
@@ -51,9 +56,23 @@ class Backend:
         return self._dispatch(requests)
 
     def shutdown(self) -> None:
+        if self.world:
+            self.generation += 1
         self._loaded.clear()
         self.synced.clear()
         self.world = 0
+
+    def get_state(self, keys: list[str]) -> dict[int, plan_pb2.StateDump]:
+        """Every worker's optimizer state for ``keys``, by rank."""
+        return {r: plan_pb2.StateDump.FromString(b) for r, b in self._call_all("get_state", keys).items()}
+
+    def set_state(self, dumps: dict[int, bytes], keys: list[str]) -> None:
+        """Replace the optimizer state of ``keys`` in every worker (``dumps[rank]``, or none)."""
+        empty = plan_pb2.StateDump().SerializeToString()
+        self._call_all("set_state", keys, per_rank={r: dumps.get(r, empty) for r in range(self.world)})
+
+    def _call_all(self, method: str, *args, per_rank: dict | None = None) -> dict:
+        raise NotImplementedError
 
     # what a backend provides
     def _ensure(self, world: int) -> None:
@@ -132,6 +151,13 @@ class LocalBackend(Backend):
 
     def _load(self, rank: int, key: str, plan: bytes) -> None:
         self.workers[rank].load(key, plan)
+
+    def _call_all(self, method: str, *args, per_rank: dict | None = None) -> dict:
+        out = {}
+        for r, w in self.workers.items():
+            call = getattr(w, method)
+            out[r] = call(per_rank[r], *args) if per_rank is not None else call(*args)
+        return out
 
     def _dispatch(self, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
         responses: dict[int, plan_pb2.StepResponse] = {}
@@ -255,6 +281,12 @@ class RayBackend(Backend):
     def _load(self, rank: int, key: str, plan: bytes) -> None:
         self._get([self.workers[rank].load.remote(key, plan)], "load their plans")
 
+    def _call_all(self, method: str, *args, per_rank: dict | None = None) -> dict:
+        refs = {r: getattr(w, method).remote(*((per_rank[r],) if per_rank is not None else ()), *args)
+                for r, w in enumerate(self.workers)}
+        values = self._get(list(refs.values()), method.replace("_", " "))
+        return dict(zip(refs, values))
+
     def pids(self) -> dict[int, int]:
         return {i["rank"]: i["pid"] for i in self.info}
 
@@ -344,4 +376,10 @@ class RayWorker:
 
     def abort(self, reason: str) -> None:
         self.worker.abort(reason)
+
+    def get_state(self, keys: list[str]) -> bytes:
+        return self.worker.get_state(keys)
+
+    def set_state(self, dump: bytes, keys: list[str]) -> None:
+        self.worker.set_state(dump, keys)
 

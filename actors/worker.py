@@ -85,6 +85,23 @@ class Worker:
         self.plans[key] = rp
         self.runtimes.pop(key, None)
 
+    def get_state(self, keys: list[str]) -> bytes:
+        """The optimizer state kept for ``keys`` (a ``StateDump``; keys it holds nothing for are
+        left out)."""
+        dump = plan_pb2.StateDump()
+        for key in keys:
+            for field, value in sorted(self.state.get(key, {}).items()):
+                dump.entries.append(plan_pb2.StateEntry(key=key, field=field, value=encode(0, np.asarray(value))))
+        return dump.SerializeToString()
+
+    def set_state(self, dump: bytes, keys: list[str]) -> None:
+        """Replace the optimizer state of ``keys`` with what ``dump`` holds (nothing: fresh)."""
+        for key in keys:
+            self.state.pop(key, None)
+        for e in plan_pb2.StateDump.FromString(dump).entries:
+            value = decode(e.value)
+            self.state.setdefault(e.key, {})[e.field] = value.item() if value.ndim == 0 else value
+
     def abort(self, reason: str) -> None:
         """Stop the step in flight: its next wait raises (the driver saw another rank fail)."""
         from comm import CommError  # noqa: PLC0415

@@ -41,10 +41,10 @@ def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: d
 
     from flowsys.functions import rng_state  # noqa: PLC0415
 
-    if optimizer is not None and getattr(optimizer, "_state_in_workers", None):
-        raise ConfigError(f"checkpoint.save: this optimizer's state lives in the {optimizer._state_in_workers} "
-                          f"backend's workers (its graph ran as per-rank plans), and fetching it for a checkpoint is "
-                          f"not built yet; save from the driver's executor (config.executor='global') for now")
+    if optimizer is not None and getattr(optimizer, "_state_in_workers", None) is not None:
+        from flowsys.graph.api import pull_state  # noqa: PLC0415
+
+        pull_state(optimizer)  # the state the workers keep (graphs run as per-rank plans)
     root = Path(root)
     final = root / f"step_{step:06d}"
     if (final / "MANIFEST.json").exists():
@@ -135,6 +135,10 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
                 keys = {k.split("/", 2)[2]: v for k, v in logical.items() if k.startswith(f"state/{name}/")}
                 if keys:
                     optimizer.state[id(p)] = _restate(p, keys)
+    if optimizer is not None and getattr(optimizer, "_state_in_workers", None) is not None:
+        from flowsys.graph.api import push_state  # noqa: PLC0415
+
+        push_state(optimizer, optimizer._state_in_workers, optimizer._state_params)  # the workers go on from it
     set_rng_state(meta["rng"])
     return {"step": meta["step"], "extra": meta["extra"], "path": str(path)}
 

@@ -254,3 +254,21 @@ def test_parameters_stay_in_workers_and_user_changes_reach_them():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     backend = fs.runtime.current()
     assert backend.synced  # what the workers hold, as the driver last saw it
+
+
+def test_optimizer_state_lost_with_restarted_workers_is_an_error_not_a_silent_reset(monkeypatch):
+    placement = fs.placement("cpu", [0, 1])
+    fs.init(backend="local", timeout=2.0)
+    step, x, y = _mlp_step(placement)
+    step(x, y)  # AdamW's moments now live in the workers
+    real = runtime.RankRuntime._fire
+
+    def dies(self, a):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(runtime.RankRuntime, "_fire", dies)
+    with pytest.raises(backends.RankFailed):
+        step(x, y)
+    monkeypatch.setattr(runtime.RankRuntime, "_fire", real)
+    with pytest.raises(fs.GraphError, match="optimizer state the workers kept was lost"):
+        step(x, y)

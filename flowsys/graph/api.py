@@ -259,9 +259,19 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
                 req.feed.append(encode(vid, mine))
                 backend.synced[(rp.rank, var_keys[name])] = mine.copy()
         requests[rp.rank] = req.SerializeToString()
+    backend.ensure(max(rp.rank for rp in executor.plan.ranks) + 1)
+    for opt in optimizers:
+        if getattr(opt, "_state_in_workers", None) is backend and opt._state_generation != backend.generation \
+                and _stateful(opt):
+            raise GraphError(f"{type(opt).__name__}: the optimizer state the workers kept was lost when they were "
+                             f"restarted after a failure; load a checkpoint (fs.checkpoint.load) to go on")
+        if getattr(opt, "_state_in_workers", None) is not backend and opt.state:
+            push_state(opt, backend, params)  # state the driver holds (eager steps, a loaded checkpoint)
     responses = backend.run(executor.key, executor.plan, requests)
-    for opt in optimizers:  # their state now lives in the workers (checkpoint.save refuses to lose it)
-        opt._state_in_workers = backend.name
+    for opt in optimizers:  # their state now lives in the workers: checkpoint.save pulls it from there
+        opt._state_in_workers = backend
+        opt._state_params = params
+        opt._state_generation = backend.generation
 
     # the updated parameters come back into the driver's tensors, shard by shard
     by_vid = {vid: name for name, vid in ir.variables.items()}
@@ -284,6 +294,72 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
     timeline = [f for rank in sorted(responses) for f in responses[rank].timeline]
     executor.in_flight = {rank: resp.peak_in_flight for rank, resp in responses.items()}
     return outs, timeline
+
+
+def _stateful(opt) -> bool:
+    """Whether ``opt`` keeps state between steps (AdamW's moments, SGD's momentum)."""
+    return type(opt).__name__ != "SGD" or any(g.get("momentum", 0) for g in opt.param_groups)
+
+
+def _state_keys(opt, params: dict) -> dict[str, Any]:
+    """The workers' key of each parameter ``opt`` trains -> the parameter."""
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
+    return {f"{_uid(opt)}/{_uid(p)}": p for p in params.values() if id(p) in trained}
+
+
+def pull_state(opt) -> None:
+    """Copy the optimizer state the workers keep into ``opt.state`` (laid out as the driver's
+    executor keeps it: per parameter, per shard index), e.g. for a checkpoint."""
+    import numpy as np  # noqa: PLC0415
+
+    from actors.worker import decode  # noqa: PLC0415
+
+    backend = getattr(opt, "_state_in_workers", None)
+    if backend is None:
+        return
+    keys = _state_keys(opt, opt._state_params)
+    dumps = backend.get_state(sorted(keys))
+    opt.state.clear()
+    for rank, dump in sorted(dumps.items()):
+        for e in dump.entries:
+            p = keys[e.key]
+            value = decode(e.value)
+            value = value.item() if value.ndim == 0 else value
+            if type(p._data) is GlobalValue:
+                if rank not in p._data.placement.ranks:
+                    continue
+                shard = opt.state.setdefault(id(p), {}).setdefault(p._data.placement.index(rank), {})
+            else:
+                shard = opt.state.setdefault(id(p), {})
+            shard[e.field] = value if np.ndim(value) == 0 else np.array(value)
+
+
+def push_state(opt, backend, params: dict) -> None:
+    """Give the workers ``opt.state`` (the driver's copy) for the parameters it trains."""
+    import numpy as np  # noqa: PLC0415
+
+    from actors.worker import encode  # noqa: PLC0415
+    from scheduler import plan_pb2  # noqa: PLC0415
+
+    keys = _state_keys(opt, params)
+    dumps: dict[int, Any] = {}
+    ranks = range(backend.world)
+    for key, p in keys.items():
+        state = opt.state.get(id(p))
+        if not state:
+            continue
+        if type(p._data) is GlobalValue:
+            per_rank = {r: state.get(p._data.placement.index(r), {}) for r in p._data.placement.ranks}
+        else:
+            per_rank = {r: state for r in ranks}
+        for r, fields in per_rank.items():
+            dump = dumps.setdefault(r, plan_pb2.StateDump())
+            for field, value in sorted(fields.items()):
+                dump.entries.append(plan_pb2.StateEntry(key=key, field=field, value=encode(0, np.asarray(value))))
+    backend.set_state({r: d.SerializeToString() for r, d in dumps.items()}, sorted(keys))
+    opt._state_in_workers = backend
+    opt._state_params = params
+    opt._state_generation = backend.generation
 
 
 _PLAN_KEYS = itertools.count()
