@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--devices-per-node", type=int, default=1)
     launch.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     launch.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    launch.add_argument("--max-restarts", type=int, default=0,
+                        help="times a checkpointing `flowsys train` job resumes after a lost worker")
     launch.add_argument("script", help="the training script")
     launch.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     args = ap.parse_args(argv)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "launch":
             from flowsys.launch import LaunchConfig, launch as run_launch  # noqa: PLC0415
 
-            cfg = LaunchConfig(args.nodes, args.devices_per_node, args.device, args.address)
+            cfg = LaunchConfig(args.nodes, args.devices_per_node, args.device, args.address, args.max_restarts)
             return run_launch(cfg, args.script, args.args)
     except FlowsysError as e:
         print(f"flowsys {args.command}: error: {e}", file=sys.stderr)

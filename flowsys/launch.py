@@ -1,6 +1,7 @@
 """``flowsys launch``: run a training script as the driver of a Ray cluster.
 
-    flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] train.py [args]
+    flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--max-restarts R]
+                   train.py [args]
 
 Without ``--address`` it starts a local Ray cluster that simulates ``N`` nodes on this machine
 (one Ray node each, ``K`` devices per node), runs the script, and tears the cluster down. With
@@ -33,6 +34,7 @@ class LaunchConfig:
     devices_per_node: int = 1
     device: str = "cpu"
     address: str | None = None
+    max_restarts: int = 0
     object_store_mib: int = 100
 
     def check(self) -> None:
@@ -40,6 +42,8 @@ class LaunchConfig:
             raise ConfigError(f"launch: --nodes must be at least 1, got {self.nodes}")
         if self.devices_per_node < 1:
             raise ConfigError(f"launch: --devices-per-node must be at least 1, got {self.devices_per_node}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"launch: --max-restarts must be >= 0, got {self.max_restarts}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"launch: --device must be cpu or cuda, got {self.device!r}")
 
@@ -59,7 +63,7 @@ def launch(cfg: LaunchConfig, script: str, args: list[str]) -> int:
             _check_cluster(cfg, address)
         env = {**os.environ, "FLOWSYS_BACKEND": "ray", "FLOWSYS_ADDRESS": address, "RAY_ADDRESS": address,
                "FLOWSYS_NODES": str(cfg.nodes), "FLOWSYS_DEVICES_PER_NODE": str(cfg.devices_per_node),
-               "FLOWSYS_DEVICE": cfg.device}
+               "FLOWSYS_DEVICE": cfg.device, "FLOWSYS_MAX_RESTARTS": str(cfg.max_restarts)}
         return subprocess.call([sys.executable, script, *args], env=env)
     finally:
         if cluster is not None:

@@ -13,7 +13,9 @@ Overrides on the command line use dotted keys: ``flowsys train job.yaml train.st
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +87,16 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints of a parallel job every ``every`` steps under ``dir`` (0: none); after a lost
+    worker the job resumes from the latest complete one, at most ``max_restarts`` times."""
+
+    dir: str = ""
+    every: int = 0
+    max_restarts: int = 0
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128))
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -92,11 +104,12 @@ class JobConfig:
     train: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 _SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig,
-             "parallel": ParallelConfig, "cluster": ClusterConfig}
-_LATER = {"checkpoint": "job-driven checkpointing and restart (use flowsys.checkpoint.save/load in a script)"}
+             "parallel": ParallelConfig, "cluster": ClusterConfig, "checkpoint": CheckpointConfig}
+_LATER: dict[str, str] = {}
 
 
 def check_layout(job: JobConfig, devices: int | None = None) -> None:
@@ -117,6 +130,13 @@ def check_layout(job: JobConfig, devices: int | None = None) -> None:
         raise ConfigError(f"parallel.pp={p.pp} stages for model.n_layer={m.n_layer} blocks; use at most {m.n_layer}")
     if m.n_head % p.tp or m.n_embd % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_embd={m.n_embd}")
+    k = job.checkpoint
+    if k.every < 0 or k.max_restarts < 0:
+        raise ConfigError(f"checkpoint.every and checkpoint.max_restarts must be >= 0, got {k.every} and {k.max_restarts}")
+    if (k.every or k.max_restarts) and not k.dir:
+        raise ConfigError("checkpoint.dir must name a directory when checkpoint.every or checkpoint.max_restarts is set")
+    if k.max_restarts and not k.every:
+        raise ConfigError("checkpoint.max_restarts needs checkpoints to resume from: set checkpoint.every")
     c = job.cluster
     if c.backend not in ("local", "ray"):
         raise ConfigError(f"cluster.backend must be 'local' or 'ray', got {c.backend!r}")
@@ -307,6 +327,7 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     """The job's layout compiled as one graph (``flowsys.plan.build``) and run on the backend
     ``fs.init`` chose (Ray under ``flowsys launch``, else worker threads here)."""
     from flowsys import runtime  # noqa: PLC0415
+    from flowsys.errors import RankFailed  # noqa: PLC0415
     from flowsys.plan import build, layout  # noqa: PLC0415
     from flowsys.sbp import broadcast, split  # noqa: PLC0415
 
@@ -327,20 +348,58 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     rng = np.random.default_rng(job.train.seed)
     bs, t = job.data.batch_size, job.model.block_size
     first, batch = placements[0], (split(0), broadcast)
-    losses, t0 = [], time.perf_counter()
+    ck = job.checkpoint
+    max_restarts = max(ck.max_restarts, int(os.environ.get("FLOWSYS_MAX_RESTARTS", "0")) if ck.every else 0)
+    losses, seen, t0 = [], [], time.perf_counter()
     progress = Progress(job, log)
-    for i in range(1, job.train.steps + 1):
+    restarts, i = 0, 1
+    while i <= job.train.steps:
         x, y = data.get_batch("train", bs, t, rng=rng)
         lr = opt.param_groups[0]["lr"]
-        loss = step(x.to_global(first, batch), y.to_global(first, batch))
+        try:
+            loss = step(x.to_global(first, batch), y.to_global(first, batch))
+        except RankFailed as e:
+            if restarts >= max_restarts:
+                raise
+            restarts += 1
+            from flowsys import checkpoint  # noqa: PLC0415
+
+            found = checkpoint.latest(ck.dir)
+            log(f"step {i}: {e}; restart {restarts}/{max_restarts} from "
+                f"{found.name if found is not None else 'the start'}")
+            if found is None:  # nothing saved yet: the first step again, from the same start
+                raise ConfigError(f"no checkpoint under {ck.dir} to resume from after: {e}") from e
+            info = checkpoint.load(found, model, opt)
+            i = info["step"] + 1
+            rng.bit_generator.state = _state_from_json(info["extra"]["data_rng"])
+            losses, seen = losses[:info["step"]], seen[:info["step"]]
+            sched.last_step = info["step"]
+            sched._apply()
+            continue
         sched.step()
         losses.append(float(loss))
+        seen.append(int(x.numpy()[:, 0].sum()))  # a fingerprint of the samples this step saw
         progress.step(i, losses[-1], lr)
+        if ck.every and i % ck.every == 0:
+            from flowsys import checkpoint  # noqa: PLC0415
+
+            checkpoint.save(ck.dir, model, opt, step=i, extra={"data_rng": _state_to_json(rng.bit_generator.state)})
+        i += 1
     progress.close()
     elapsed = time.perf_counter() - t0
     val = evaluate(model, data, bs, t, job.train.eval_batches)
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
                "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": job.train.steps * bs * t / elapsed,
-               "devices": p.devices, "backend": backend.name, "losses": losses}
-    log(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
+               "devices": p.devices, "backend": backend.name, "losses": losses, "restarts": restarts,
+               "samples": seen, "samples_digest": hashlib.sha1(json.dumps(seen).encode()).hexdigest()[:16]}
+    log(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "samples")}))
     return summary
+
+
+def _state_to_json(state: dict) -> dict:
+    return {"bit_generator": state["bit_generator"], "state": {k: str(v) for k, v in state["state"].items()},
+            "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
+def _state_from_json(state: dict) -> dict:
+    return {**state, "state": {k: int(v) for k, v in state["state"].items()}}

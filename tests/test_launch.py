@@ -86,6 +86,7 @@ def test_launch_refuses_a_cluster_without_the_nodes_asked_for(ray_cluster, tmp_p
     (["--nodes", "0", "x.py"], "--nodes must be at least 1"),
     (["--nodes", "2", "--devices-per-node", "0", "x.py"], "--devices-per-node must be at least 1"),
     (["--nodes", "2", "missing_script.py"], "no script 'missing_script.py'"),
+    (["--nodes", "2", "--max-restarts", "-1", "x.py"], "--max-restarts must be >= 0"),
 ])
 def test_launch_rejects_bad_arguments_before_starting_anything(args, message):
     done = _flowsys("launch", *args, timeout=60)
@@ -109,3 +110,42 @@ def test_flowsys_train_runs_a_parallel_job_locally_and_on_a_launched_cluster():
     assert (a["backend"], b["backend"]) == ("local", "ray") and a["devices"] == b["devices"] == 4
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-5)
     assert "cluster up" in ray_run.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_loses_nothing(tmp_path):
+    """Kill one worker process mid-job with checkpoint.max_restarts=1: the job finishes with the
+    uninterrupted run's final loss and the same sequence of samples."""
+    import json
+    import signal
+    import time
+
+    common = ["train", "examples/configs/tiny.yaml", "train.steps=10", "train.log_every=1", "train.eval_batches=1",
+              "parallel.zero_stage=0", "checkpoint.every=3", "cluster.backend=ray", "cluster.nodes=4"]
+    clean = _flowsys(*common, f"checkpoint.dir={tmp_path / 'clean'}")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    metrics = tmp_path / "metrics.jsonl"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen([sys.executable, "-m", "flowsys.cli", *common, f"checkpoint.dir={tmp_path / 'killed'}",
+                            "checkpoint.max_restarts=1", f"train.metrics={metrics}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and not (metrics.exists() and '"step": 4' in metrics.read_text()):
+            time.sleep(0.1)
+        victims = subprocess.run(["pgrep", "-f", "RayWorker"], capture_output=True, text=True).stdout.split()
+        assert victims, "no worker process to kill"
+        os.kill(int(victims[-1]), signal.SIGKILL)
+        out, err = job.communicate(timeout=240)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err[-3000:]
+    assert "restart 1/1 from step_00000" in out
+
+    def summary(text):
+        return json.loads(text.strip().splitlines()[-1])
+
+    a, b = summary(clean.stdout), summary(out)
+    assert b["restarts"] == 1 and a["restarts"] == 0
+    assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-5)
+    assert b["samples_digest"] == a["samples_digest"]  # no sample skipped or repeated

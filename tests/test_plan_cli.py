@@ -64,6 +64,8 @@ def test_plan_text_output_and_a_layout_that_does_not_fit():
     ({"parallel": {"zero_stage": 2}}, "parallel.zero_stage=2 shards over the data-parallel axis, but parallel.dp is 1"),
     ({"parallel": {"dp": 3}}, "data.batch_size=16 must split into parallel.micro_batches=1 micro-batches of a multiple of parallel.dp=3"),
     ({"parallel": {"micro_batches": 0}}, "parallel.micro_batches must be at least 1"),
+    ({"checkpoint": {"every": 2}}, "checkpoint.dir must name a directory"),
+    ({"checkpoint": {"dir": "/tmp/x", "max_restarts": 1}}, "checkpoint.max_restarts needs checkpoints to resume from"),
 ])
 def test_bad_job_configs_name_the_key(values, message):
     with pytest.raises(ConfigError) as info:

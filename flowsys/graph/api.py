@@ -342,6 +342,8 @@ def push_state(opt, backend, params: dict) -> None:
     from scheduler import plan_pb2  # noqa: PLC0415
 
     keys = _state_keys(opt, params)
+    placed = [r for p in keys.values() if type(p._data) is GlobalValue for r in p._data.placement.ranks]
+    backend.ensure(max(placed, default=0) + 1)  # (fresh workers after a restart hold nothing yet)
     dumps: dict[int, Any] = {}
     ranks = range(backend.world)
     for key, p in keys.items():
