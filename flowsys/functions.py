@@ -30,22 +30,30 @@ def generator() -> np.random.Generator:
     return _rng
 
 
-def rng_state() -> dict:
-    """The global generator's state, JSON-serialisable (for checkpoints)."""
-    state = _rng.bit_generator.state
+def generator_state(rng: np.random.Generator) -> dict:
+    """``rng``'s state, JSON-serialisable (its 128-bit integers as strings), for checkpoints."""
+    state = rng.bit_generator.state
     return {"bit_generator": state["bit_generator"], "state": {k: str(v) for k, v in state["state"].items()},
             "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
+def set_generator_state(rng: np.random.Generator, state: dict) -> None:
+    """Restore what :func:`generator_state` returned into ``rng`` (of the same kind)."""
+    if state["bit_generator"] != type(rng.bit_generator).__name__:
+        raise ValueError(f"RNG state of a {state['bit_generator']} generator, not {type(rng.bit_generator).__name__}")
+    rng.bit_generator.state = {**state, "state": {k: int(v) for k, v in state["state"].items()}}
+
+
+def rng_state() -> dict:
+    """The global generator's state, JSON-serialisable (for checkpoints)."""
+    return generator_state(_rng)
 
 
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned."""
     global _rng
     rng = np.random.default_rng()
-    if state["bit_generator"] != type(rng.bit_generator).__name__:
-        raise ValueError(f"RNG state of a {state['bit_generator']} generator, not {type(rng.bit_generator).__name__}")
-    rng.bit_generator.state = {"bit_generator": state["bit_generator"],
-                               "state": {k: int(v) for k, v in state["state"].items()},
-                               "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+    set_generator_state(rng, state)
     _rng = rng
 
 

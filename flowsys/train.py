@@ -26,7 +26,7 @@ import numpy as np
 from flowsys.autograd import no_grad
 from flowsys.data import ByteDataset
 from flowsys.errors import ConfigError
-from flowsys.functions import manual_seed
+from flowsys.functions import generator_state, manual_seed, set_generator_state
 from flowsys.models import GPT, GPTConfig
 from flowsys.optim import WarmupCosine, clip_grad_norm_
 
@@ -371,7 +371,7 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
                 raise ConfigError(f"no checkpoint under {ck.dir} to resume from after: {e}") from e
             info = checkpoint.load(found, model, opt)
             i = info["step"] + 1
-            rng.bit_generator.state = _state_from_json(info["extra"]["data_rng"])
+            set_generator_state(rng, info["extra"]["data_rng"])
             losses, seen = losses[:info["step"]], seen[:info["step"]]
             sched.last_step = info["step"]
             sched._apply()
@@ -383,7 +383,7 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
         if ck.every and i % ck.every == 0:
             from flowsys import checkpoint  # noqa: PLC0415
 
-            checkpoint.save(ck.dir, model, opt, step=i, extra={"data_rng": _state_to_json(rng.bit_generator.state)})
+            checkpoint.save(ck.dir, model, opt, step=i, extra={"data_rng": generator_state(rng)})
         i += 1
     progress.close()
     elapsed = time.perf_counter() - t0
@@ -395,11 +395,3 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     log(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "samples")}))
     return summary
 
-
-def _state_to_json(state: dict) -> dict:
-    return {"bit_generator": state["bit_generator"], "state": {k: str(v) for k, v in state["state"].items()},
-            "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
-
-
-def _state_from_json(state: dict) -> dict:
-    return {**state, "state": {k: int(v) for k, v in state["state"].items()}}
