@@ -194,9 +194,15 @@ def _transfers(shape, sp: Placement, src: NdSbp, dp: Placement, dst: NdSbp) -> l
         if not is_replica(src, c):
             sources.append((r, shard_box(shape, src, sp.mesh, c)))
     has_partial = any(isinstance(v, PartialSum) for v in src)
+    # without partial sums every replica of a box holds the same values: destinations take turns
+    # among them, so no one source sends every copy
+    holders: dict[tuple, list[int]] = {}
+    if not has_partial:
+        for r in sp.ranks:
+            holders.setdefault(tuple(shard_box(shape, src, sp.mesh, sp.coords(r))), []).append(r)
     out: list[Transfer] = []
     roots: dict[tuple, int] = {}
-    for d in dp.ranks:
+    for k, d in enumerate(dp.ranks):
         c = dp.coords(d)
         if not holds_value(dst, c):
             continue  # a zero piece of a P destination
@@ -208,7 +214,8 @@ def _transfers(shape, sp: Placement, src: NdSbp, dp: Placement, dst: NdSbp) -> l
         for s, sbox in sources:
             inter = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(sbox, box))
             if all(a < b for a, b in inter) or not shape:
-                out.append(Transfer(s, d, inter))
+                replicas = holders.get(tuple(sbox), [s])
+                out.append(Transfer(d if d in replicas else replicas[k % len(replicas)], d, inter))
     return sorted(out, key=lambda t: t.relay)  # every direct piece before any relay
 
 
