@@ -135,10 +135,8 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
                 keys = {k.split("/", 2)[2]: v for k, v in logical.items() if k.startswith(f"state/{name}/")}
                 if keys:
                     optimizer.state[id(p)] = _restate(p, keys)
-    if optimizer is not None and getattr(optimizer, "_state_in_workers", None) is not None:
-        from flowsys.graph.api import push_state  # noqa: PLC0415
-
-        push_state(optimizer, optimizer._state_in_workers, optimizer._state_params)  # the workers go on from it
+    if optimizer is not None:  # the next compiled step gives it to its workers, laid out as it needs
+        optimizer._state_in_workers = None
     set_rng_state(meta["rng"])
     return {"step": meta["step"], "extra": meta["extra"], "path": str(path)}
 
@@ -176,6 +174,10 @@ def _state_entries(p, state: dict, name: str):
     from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
 
     d = p._data
+    if LOGICAL in state:  # loaded and not used since: already logical
+        for key, v in sorted(state[LOGICAL].items()):
+            yield f"state/{name}/{key}", np.asarray(v)
+        return
     if type(d) is GlobalValue:
         per_shard = [state.get(i, {}) for i in range(len(d.placement.ranks))]
         keys = sorted({k for s in per_shard for k in s})
@@ -184,15 +186,31 @@ def _state_entries(p, state: dict, name: str):
             if all(np.ndim(v) == 0 for v in values if v is not None):
                 yield f"state/{name}/{key}", np.asarray(next(v for v in values if v is not None))
                 continue
-            shapes = [np.shape(v) for v in values]
-            if shapes != [np.shape(s) for s in d.shards]:
-                raise StateDictError(f"optimizer state {key!r} of {name} is not laid out as the parameter "
-                                     f"(ZeRO-sharded state is saved by the workers' checkpoint, not yet written)")
-            yield f"state/{name}/{key}", GlobalValue(d.placement, d.sbp, d.shape, np.asarray(values[0]).dtype,
+            sbp = _state_layout(d, [np.shape(v) for v in values])
+            if sbp is None:
+                raise StateDictError(f"optimizer state {key!r} of {name} has shard shapes "
+                                     f"{[np.shape(v) for v in values]} that match neither the parameter's layout "
+                                     f"{d.sbp} nor a ZeRO shard of it")
+            yield f"state/{name}/{key}", GlobalValue(d.placement, sbp, d.shape, np.asarray(values[0]).dtype,
                                                      [np.asarray(v) for v in values])
     else:
         for key, v in sorted(state.items()):
             yield f"state/{name}/{key}", np.asarray(v)
+
+
+def _state_layout(d, shapes: list) -> tuple | None:
+    """The layout optimizer state with these shard shapes has: the parameter's, or (ZeRO) the
+    parameter's split along one of its broadcast mesh axes."""
+    from flowsys.graph.passes import zero_shard  # noqa: PLC0415
+    from flowsys.layout import local_shape  # noqa: PLC0415
+    from flowsys.sbp import Broadcast  # noqa: PLC0415
+
+    p = d.placement
+    candidates = [tuple(d.sbp)] + [zero_shard(d, k) for k, s in enumerate(d.sbp) if isinstance(s, Broadcast)]
+    for sbp in candidates:
+        if [tuple(local_shape(d.shape, sbp, p.mesh, p.coords(r))) for r in p.ranks] == [tuple(x) for x in shapes]:
+            return sbp
+    return None
 
 
 def _assemble(key: str, info: dict, shards: dict) -> np.ndarray:
@@ -228,21 +246,34 @@ def _assign(p, value: np.ndarray) -> None:
         d[...] = value.astype(d.dtype)
 
 
+LOGICAL = "__logical__"  # optimizer state held as logical values until its first use lays it out
+
+
 def _restate(p, keys: dict[str, np.ndarray]) -> dict:
-    """Optimizer state for ``p`` as laid out now, from logical arrays and scalars."""
-    from flowsys.global_tensor import GlobalValue, make_global  # noqa: PLC0415
+    """Optimizer state for ``p``: per value for a local parameter; for a global one, logical
+    values that the next update lays out as it needs them (the parameter's layout, or a ZeRO
+    shard of it: see :func:`lay_out_state`)."""
+    from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
 
     d = p._data
     if type(d) is not GlobalValue:
         return {k: (v.item() if v.ndim == 0 else v.astype(d.dtype)) for k, v in keys.items()}
-    per_shard: dict[int, dict] = {i: {} for i in range(len(d.placement.ranks))}
-    for k, v in keys.items():
-        if v.ndim == 0:
+    return {LOGICAL: {k: (v.item() if v.ndim == 0 else v.astype(d.dtype)) for k, v in keys.items()}}
+
+
+def lay_out_state(state: dict, placement, sbp) -> dict:
+    """``state`` per shard index of the layout (placement, sbp), if it is still logical."""
+    from flowsys.global_tensor import make_global  # noqa: PLC0415
+
+    if LOGICAL not in state:
+        return state
+    per_shard: dict[int, dict] = {i: {} for i in range(len(placement.ranks))}
+    for k, v in state[LOGICAL].items():
+        if np.ndim(v) == 0:
             for s in per_shard.values():
-                s[k] = v.item()
+                s[k] = v
         else:
-            laid = make_global(v.astype(d.dtype), d.placement, d.sbp)
-            for i, shard in enumerate(laid.shards):
+            for i, shard in enumerate(make_global(np.asarray(v), placement, sbp).shards):
                 per_shard[i][k] = np.array(shard)
     return per_shard
 

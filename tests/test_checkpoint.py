@@ -116,8 +116,9 @@ def test_a_checkpoint_of_another_model_is_refused(saved):
         fs.checkpoint.load(root, other)
 
 
-@pytest.mark.parametrize("executor", ["plans", "global"])
-def test_optimizer_state_kept_by_workers_is_saved_and_restored(tmp_path, executor):
+@pytest.mark.parametrize("executor, zero, zero_after", [("plans", 0, 0), ("global", 0, 0), ("plans", 1, 1),
+                                                        ("global", 1, 1), ("plans", 1, 0), ("global", 0, 1)])
+def test_optimizer_state_kept_by_workers_is_saved_and_restored(tmp_path, executor, zero, zero_after):
     """Compiled steps on worker threads: the workers keep AdamW's moments; a checkpoint pulls them,
     and loading pushes them back, so resumed losses equal the uninterrupted run's."""
     import sys
@@ -127,23 +128,25 @@ def test_optimizer_state_kept_by_workers_is_saved_and_restored(tmp_path, executo
 
     batches = _batches()
 
-    def make():
+    def make(stage):
         fs.manual_seed(0)
         model = GPT(CFG)
         placement, sbp = _layout(model, "dp2xtp2")
         opt = optim.AdamW(model.parameters(), lr=1e-2)
-        return model, opt, TrainStep(model, opt, 1, "plans"), placement, sbp
+        step = TrainStep(model, opt, 1, "plans")
+        step.config.zero_stage = stage  # ZeRO 1: the state is sharded along dp, unlike the parameter
+        return model, opt, step, placement, sbp
 
     def steps(step, some, placement, sbp):
         return [float(step(fs.tensor(x).to_global(placement, sbp), fs.tensor(y).to_global(placement, sbp)))
                 for x, y in some]
 
-    model, opt, step, placement, sbp = make()
+    model, opt, step, placement, sbp = make(zero)
     steps(step, batches[:3], placement, sbp)
     fs.checkpoint.save(tmp_path, model, opt, step=3)
     assert opt.state  # pulled from the workers
     after = steps(step, batches[3:], placement, sbp)
-    model, opt, step, placement, sbp = make()
+    model, opt, step, placement, sbp = make(zero_after)
     step.config.executor = executor
     steps(step, batches[:1], placement, sbp)  # the workers (or the driver) now hold other state
     fs.checkpoint.load(tmp_path, model, opt)

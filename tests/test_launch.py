@@ -121,7 +121,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_loses_nothing(t
     import time
 
     common = ["train", "examples/configs/tiny.yaml", "train.steps=10", "train.log_every=1", "train.eval_batches=1",
-              "parallel.zero_stage=0", "checkpoint.every=3", "cluster.backend=ray", "cluster.nodes=4"]
+              "checkpoint.every=3", "cluster.backend=ray", "cluster.nodes=4"]  # ZeRO 1: sharded state
     clean = _flowsys(*common, f"checkpoint.dir={tmp_path / 'clean'}")
     assert clean.returncode == 0, clean.stderr[-3000:]
     metrics = tmp_path / "metrics.jsonl"

@@ -266,7 +266,9 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
             raise GraphError(f"{type(opt).__name__}: the optimizer state the workers kept was lost when they were "
                              f"restarted after a failure; load a checkpoint (fs.checkpoint.load) to go on")
         if getattr(opt, "_state_in_workers", None) is not backend and opt.state:
-            push_state(opt, backend, params)  # state the driver holds (eager steps, a loaded checkpoint)
+            layouts = {id(params[n.attr["variable"]]): (ir.values[n.inputs[0]].placement, ir.values[n.inputs[0]].sbp)
+                       for n in ir.nodes if n.kind == "update"}
+            push_state(opt, backend, params, layouts)  # state the driver holds (eager steps, a loaded checkpoint)
     responses = backend.run(executor.key, executor.plan, requests)
     for opt in optimizers:  # their state now lives in the workers: checkpoint.save pulls it from there
         opt._state_in_workers = backend
@@ -334,8 +336,11 @@ def pull_state(opt) -> None:
             shard[e.field] = value if np.ndim(value) == 0 else np.array(value)
 
 
-def push_state(opt, backend, params: dict) -> None:
-    """Give the workers ``opt.state`` (the driver's copy) for the parameters it trains."""
+def push_state(opt, backend, params: dict, layouts: dict | None = None) -> None:
+    """Give the workers ``opt.state`` (the driver's copy) for the parameters it trains; state
+    still logical (loaded from a checkpoint) is laid out as ``layouts[id(param)]`` (the layout
+    its update runs in: the parameter's, or a ZeRO shard)."""
+    from flowsys.checkpoint import LOGICAL, lay_out_state  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
     from actors.worker import encode  # noqa: PLC0415
@@ -350,6 +355,9 @@ def push_state(opt, backend, params: dict) -> None:
         state = opt.state.get(id(p))
         if not state:
             continue
+        if LOGICAL in state and type(p._data) is GlobalValue:
+            placement, sbp = (layouts or {}).get(id(p), (p._data.placement, p._data.sbp))
+            state = opt.state[id(p)] = lay_out_state(state, placement, sbp)
         if type(p._data) is GlobalValue:
             per_rank = {r: state.get(p._data.placement.index(r), {}) for r in p._data.placement.ranks}
         else:

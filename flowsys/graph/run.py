@@ -70,8 +70,13 @@ class Executor:
         a = n.attr
         opt = self.optimizers[a["optimizer"]]
         group = opt.param_groups[a["group"]]
-        state = opt.state.setdefault(id(self.params[a["variable"]]), {})
+        key = id(self.params[a["variable"]])
         target, grad = env[n.inputs[0]], env[n.inputs[1]]
+        state = opt.state.setdefault(key, {})
+        if type(target) is GlobalValue and "__logical__" in state:  # loaded from a checkpoint: lay it out now
+            from flowsys.checkpoint import lay_out_state  # noqa: PLC0415
+
+            state = opt.state[key] = lay_out_state(state, target.placement, target.sbp)
         if type(target) is GlobalValue:
             grad = grad.with_layout(target.placement, target.sbp)
             for r, (shard, g) in enumerate(zip(target.shards, grad.shards)):

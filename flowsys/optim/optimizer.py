@@ -57,6 +57,10 @@ class Optimizer:
         """Update ``p`` in place from ``grad`` (an array, or a global value); graph mode's
         update nodes call this too."""
         state = self.state.setdefault(id(p), {})
+        if type(p._data) is GlobalValue and "__logical__" in state:  # loaded from a checkpoint: lay it out now
+            from flowsys.checkpoint import lay_out_state  # noqa: PLC0415
+
+            state = self.state[id(p)] = lay_out_state(state, p._data.placement, p._data.sbp)
         if type(p._data) is GlobalValue:
             # Each rank updates its own shard with its shard of the gradient, which has the
             # parameter's layout (autograd and graph mode box leaf gradients to it).
