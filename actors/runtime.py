@@ -37,6 +37,7 @@ import numpy as np
 
 from comm import CommError, Communicator
 from comm import algorithms as alg
+from flowsys.device import contiguous
 from flowsys.layout import bounds
 from flowsys.ops import OPS
 from flowsys.sbp import Broadcast, parse
@@ -78,7 +79,7 @@ class Stalled(CommError):
 
 
 class _Actor:
-    __slots__ = ("op", "index", "attrs", "piece", "inputs", "outputs", "consumers", "producers", "busy", "name", "late")
+    __slots__ = ("op", "index", "attrs", "piece", "inputs", "outputs", "busy", "name", "late")
 
     def __init__(self, op, index: int):
         self.op, self.index = op, index
@@ -385,7 +386,7 @@ class RankRuntime:
         if op.kind == "send":
             x = self._value(op.inputs[0], p)
             data = x if attrs["relay"] else x[_region(attrs["box"], attrs["src_origin"])]
-            return _one_send(0, _contiguous(data)), [op.peer]
+            return _one_send(0, contiguous(data)), [op.peer]
         group = list(op.group)
         return _collective(op.op, attrs, group.index(self.rp.rank), len(group), self._value(op.inputs[0], p)), group
 
@@ -438,7 +439,7 @@ class RankRuntime:
                     _collective(op.op, a, group.index(self.rp.rank), len(group), x), [self.index[r] for r in group], t)
                 return
             if op.kind == "send":
-                self.comm.post(_contiguous(x if a["relay"] else x[_region(a["box"], a["src_origin"])]),
+                self.comm.post(contiguous(x if a["relay"] else x[_region(a["box"], a["src_origin"])]),
                                self.index[op.peer], t)
                 return
             out = op.outputs[0]
@@ -529,7 +530,3 @@ def _micro(a: np.ndarray, i: int, k: int) -> np.ndarray:
     m = a.shape[0] // k
     return a[i * m:(i + 1) * m]
 
-
-def _contiguous(x) -> np.ndarray:
-    x = np.asarray(x)
-    return x if x.flags.c_contiguous else np.ascontiguousarray(x)  # keeps 0-d arrays 0-d

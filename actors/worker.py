@@ -23,6 +23,7 @@ import numpy as np
 
 from actors.runtime import RankRuntime, Stalled
 from comm import Communicator
+from flowsys.device import contiguous
 from scheduler import plan_pb2
 from scheduler.lower import decode_attrs
 
@@ -34,8 +35,7 @@ class WireError(ValueError):
 
 
 def encode(vid: int, array) -> plan_pb2.Tensor:
-    a = np.asarray(array)
-    a = a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (ascontiguousarray makes 0-d arrays 1-d)
+    a = contiguous(array)
     return plan_pb2.Tensor(id=vid, dtype=a.dtype.str, shape=list(a.shape), data=a.tobytes())
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from flowsys.device import contiguous
 from flowsys.errors import ConfigError, StateDictError
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -67,7 +68,7 @@ def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: d
     for rank, arrays in sorted(per_rank.items()):
         path = final / f"rank_{rank}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file({k: _contiguous(v) for k, v in arrays.items()}, str(tmp))
+        save_file({k: contiguous(v) for k, v in arrays.items()}, str(tmp))
         os.replace(tmp, path)
         files[path.name] = path.stat().st_size
     meta = {"step": step, "tensors": tensors, "rng": rng_state(), "extra": extra or {},
@@ -276,11 +277,6 @@ def lay_out_state(state: dict, placement, sbp) -> dict:
             for i, shard in enumerate(make_global(np.asarray(v), placement, sbp).shards):
                 per_shard[i][k] = np.array(shard)
     return per_shard
-
-
-def _contiguous(a) -> np.ndarray:
-    a = np.asarray(a)
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (which makes 0-d arrays 1-d)
 
 
 def _write_json(path: Path, value) -> int:

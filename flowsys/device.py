@@ -35,3 +35,10 @@ def device_of(array) -> str:
 
 def to_numpy(array) -> np.ndarray:
     return array if isinstance(array, np.ndarray) else array.get()
+
+
+def contiguous(a) -> np.ndarray:
+    """``a`` as a C-contiguous NumPy array, copied only if it is not one already (unlike
+    ``np.ascontiguousarray``, a 0-d array stays 0-d)."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
