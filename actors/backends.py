@@ -16,6 +16,7 @@ stop at once, so a failure costs seconds, not a hang.
 
 from __future__ import annotations
 
+import abc
 import json
 import secrets
 import threading
@@ -28,7 +29,7 @@ from flowsys.errors import RankFailed
 from scheduler import plan_pb2
 
 
-class Backend:
+class Backend(abc.ABC):
     """What the driver needs of a backend (see the module docstring)."""
 
     name = "?"
@@ -71,18 +72,22 @@ class Backend:
         empty = plan_pb2.StateDump().SerializeToString()
         self._call_all("set_state", keys, per_rank={r: dumps.get(r, empty) for r in range(self.world)})
 
-    def _call_all(self, method: str, *args, per_rank: dict | None = None) -> dict:
-        raise NotImplementedError
-
     # what a backend provides
+    @abc.abstractmethod
+    def _call_all(self, method: str, *args, per_rank: dict | None = None) -> dict:
+        """Call ``method`` on every worker (``per_rank[rank]`` first when given); results by rank."""
+
+    @abc.abstractmethod
     def _ensure(self, world: int) -> None:
-        raise NotImplementedError
+        """Workers for ranks ``0 .. world - 1``."""
 
+    @abc.abstractmethod
     def _load(self, rank: int, key: str, plan: bytes) -> None:
-        raise NotImplementedError
+        """Load a rank's plan (serialised ``RankPlan``) into its worker under ``key``."""
 
+    @abc.abstractmethod
     def _dispatch(self, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
-        raise NotImplementedError
+        """Run one step on the workers; their responses, or a ``RankFailed``."""
 
     # shared
     def _statuses(self, driver_mailbox) -> dict[int, str]:
