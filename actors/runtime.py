@@ -65,6 +65,7 @@ class Firing:
     start: float  # seconds since the epoch (comparable across processes and synced nodes)
     end: float
     nbytes: int
+    node: int     # the graph node the op comes from (a boxing node for inserted communication)
 
 
 class Stalled(CommError):
@@ -378,7 +379,7 @@ class RankRuntime:
     def _note(self, op, piece: int, start: float) -> None:
         if self.record:
             self.timeline.append(Firing(self.rp.rank, op.id, op.op, op.kind, op.phase, piece, start,
-                                        time.time(), op.nbytes))
+                                        time.time(), op.nbytes, op.node))
 
     # ------------------------------------------------------------------- communication actors
     def _schedule(self, a: _Actor, p: int):

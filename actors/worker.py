@@ -163,7 +163,8 @@ class Worker:
             if req.record:
                 for f in rt.timeline:
                     resp.timeline.append(plan_pb2.Firing(rank=f.rank, op=f.op, name=f.name, kind=f.kind, phase=f.phase,
-                                                         piece=f.piece, start=f.start, end=f.end, nbytes=f.nbytes))
+                                                         piece=f.piece, start=f.start, end=f.end, nbytes=f.nbytes,
+                                                         node=f.node))
         except BaseException as err:  # reported to the driver, by type, message and what was running
             resp.error_type = type(err).__name__
             resp.error = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)

@@ -29,8 +29,14 @@ from flowsys import nn, optim, models, data, checkpoint  # noqa: E402  (they bui
 from flowsys.graph.api import Graph, GraphConfig  # noqa: E402
 from flowsys.graph.ir import GraphError  # noqa: E402
 from flowsys.runtime import init, shutdown  # noqa: E402
+from flowsys.profiler import Profile, profile  # noqa: E402
 
 __version__ = "0.1.0"
+
+from flowsys.profiler import _from_environment  # noqa: E402
+
+_from_environment()  # flowsys launch --profile
+del _from_environment
 
 __all__ = [
     # tensors and dtypes
@@ -48,7 +54,7 @@ __all__ = [
     # global tensors
     "placement", "Placement",
     # graph mode and where it runs
-    "Graph", "GraphConfig", "GraphError", "init", "shutdown",
+    "Graph", "GraphConfig", "GraphError", "init", "shutdown", "profile", "Profile",
     # subpackages
     "nn", "optim", "models", "data", "sbp", "checkpoint",
 ]

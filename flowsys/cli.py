@@ -1,7 +1,8 @@
 """The ``flowsys`` command line.
 
     flowsys train JOB.yaml [section.key=value ...]   # config-driven GPT training
-    flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] train.py [args]
+    flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--profile TRACE.json]
+                   train.py [args]
 
     flowsys plan JOB.yaml --devices N [--every-rank] [--json] [section.key=value ...]
 """
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     launch.add_argument("--max-restarts", type=int, default=0,
                         help="times a checkpointing `flowsys train` job resumes after a lost worker")
+    launch.add_argument("--profile", default=None, metavar="TRACE.json",
+                        help="record every actor firing on every rank; write one Chrome/Perfetto trace here")
     launch.add_argument("script", help="the training script")
     launch.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     args = ap.parse_args(argv)
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "launch":
             from flowsys.launch import LaunchConfig, launch as run_launch  # noqa: PLC0415
 
-            cfg = LaunchConfig(args.nodes, args.devices_per_node, args.device, args.address, args.max_restarts)
+            cfg = LaunchConfig(args.nodes, args.devices_per_node, args.device, args.address, args.max_restarts,
+                               profile=args.profile)
             return run_launch(cfg, args.script, args.args)
     except FlowsysError as e:
         print(f"flowsys {args.command}: error: {e}", file=sys.stderr)

@@ -1,14 +1,16 @@
 """``flowsys launch``: run a training script as the driver of a Ray cluster.
 
     flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--max-restarts R]
-                   train.py [args]
+                   [--profile TRACE.json] train.py [args]
 
 Without ``--address`` it starts a local Ray cluster that simulates ``N`` nodes on this machine
 (one Ray node each, ``K`` devices per node), runs the script, and tears the cluster down. With
 one, it joins that cluster and first checks it has the nodes and devices asked for. The script
 runs in a process of its own with ``FLOWSYS_BACKEND=ray`` and the cluster's address in
 ``FLOWSYS_ADDRESS`` and ``RAY_ADDRESS``: ``fs.init()`` and graphs that never call it run on
-the cluster, and ``ray.init()`` joins it. The exit code is the script's.
+the cluster, and ``ray.init()`` joins it. The exit code is the script's. With ``--profile``,
+every compiled step the script runs is recorded (``fs.profile``) and one Chrome/Perfetto trace
+of all ranks is written when it exits.
 
 Every simulated node offers ``K`` units of the custom resource ``flowsys_device``; workers
 take one each, so at most ``K`` land on a node. A real cluster declares the same resource on
@@ -36,6 +38,7 @@ class LaunchConfig:
     address: str | None = None
     max_restarts: int = 0
     object_store_mib: int = 100
+    profile: str | None = None
 
     def check(self) -> None:
         if self.nodes < 1:
@@ -64,6 +67,8 @@ def launch(cfg: LaunchConfig, script: str, args: list[str]) -> int:
         env = {**os.environ, "FLOWSYS_BACKEND": "ray", "FLOWSYS_ADDRESS": address, "RAY_ADDRESS": address,
                "FLOWSYS_NODES": str(cfg.nodes), "FLOWSYS_DEVICES_PER_NODE": str(cfg.devices_per_node),
                "FLOWSYS_DEVICE": cfg.device, "FLOWSYS_MAX_RESTARTS": str(cfg.max_restarts)}
+        if cfg.profile:
+            env["FLOWSYS_PROFILE"] = os.path.abspath(cfg.profile)
         return subprocess.call([sys.executable, script, *args], env=env)
     finally:
         if cluster is not None:

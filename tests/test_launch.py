@@ -2,6 +2,7 @@
 graphs on the Ray backend by default; the exit code is the script's; a cluster that lacks the
 nodes asked for is a clear error."""
 
+import json
 import os
 import subprocess
 import sys
@@ -58,9 +59,15 @@ def _flowsys(*args, timeout=240):
 def test_launch_runs_the_script_on_four_simulated_nodes(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    done = _flowsys("launch", "--nodes", "4", str(script), "7")
+    trace = tmp_path / "trace.json"
+    done = _flowsys("launch", "--nodes", "4", "--profile", str(trace), str(script), "7")
     assert done.returncode == 7, done.stderr[-3000:]  # the script's exit code
     lines = done.stdout.splitlines()
+    # --profile: one trace of both steps, a track per rank
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["pid"] for e in events if e["ph"] == "X"} == {0, 1, 2, 3}
+    assert {e["args"]["step"] for e in events if e["ph"] == "X"} == {0, 1}
+    assert f"wrote a trace of 2 step(s) to {trace}" in done.stdout
     assert "nodes 4" in lines
     result = next(line for line in lines if line.startswith("backend"))
     assert result.startswith("backend ray") and result.endswith("nodes used 4")

@@ -163,14 +163,19 @@ class Graph:
         _, executor = self._compiled[self._key_last]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
         from flowsys import runtime  # noqa: PLC0415
+        from flowsys.profiler import active  # noqa: PLC0415
 
         mode = self.config.executor
         if mode not in ("auto", "global", "plans"):
             raise GraphError(f"config.executor must be 'auto', 'global' or 'plans', got {mode!r}")
         backend = runtime.current()
-        if mode == "plans" or (mode == "auto" and backend is not None):
+        prof = active()
+        if mode == "plans" or (mode == "auto" and (backend is not None or prof is not None)):
+            record = bool(self.config.record_timeline) or prof is not None
             values, self.timeline = _run_plans(ir, executor, tensors, backend or runtime.local_backend(),
-                                               int(self.config.registers), bool(self.config.record_timeline))
+                                               int(self.config.registers), record)
+            if prof is not None:
+                prof.add(type(self).__name__, self.timeline, {n.id: n.op for n in ir.nodes if n.kind == "boxing"})
             outs = [Tensor(v) for v in values]
         else:
             outs = [Tensor(v) for v in executor.run(tensors)]
