@@ -21,10 +21,12 @@ import json
 import secrets
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from actors.worker import STATUS_TAG, Worker
 from comm import CommError, InProcessHub
+from flowsys.device import share_cores
 from flowsys.errors import RankFailed
 from scheduler import plan_pb2
 
@@ -153,6 +155,7 @@ class LocalBackend(Backend):
         self.world = world
         self.hub = InProcessHub(world + 1, timeout=self.timeout)  # rank `world` is the driver
         self.workers = {r: Worker(r, self.hub.communicator(r), self.timeout) for r in range(world)}
+        share_cores(world)  # the ranks are threads of this process: split the cores between them
 
     def _load(self, rank: int, key: str, plan: bytes) -> None:
         self.workers[rank].load(key, plan)
@@ -208,6 +211,8 @@ class LocalBackend(Backend):
     def shutdown(self) -> None:
         for w in self.workers.values():
             w.close()
+        if self.workers:
+            share_cores(1)
         self.workers, self.hub = {}, None
         super().shutdown()
 
@@ -275,6 +280,8 @@ class RayBackend(Backend):
         self._get([w.connect.remote(addresses) for w in self.workers], "connect")
         self.driver.connect(addresses)
         self.info = self._get([w.info.remote() for w in self.workers], "start")
+        per_host = Counter(i["host"] for i in self.info)  # simulated nodes share one machine's cores
+        self._get([w.share_cores.remote(per_host[i["host"]]) for w, i in zip(self.workers, self.info)], "start")
 
     def _get(self, refs: list, what: str) -> list:
         try:
@@ -360,6 +367,7 @@ class RayWorker:
         from comm.grpc_transport import GrpcCommunicator  # noqa: PLC0415
 
         self.node = ray.get_runtime_context().get_node_id()
+        self.host = ray.util.get_node_ip_address()
         comm = GrpcCommunicator(rank, world_size, secret, host=ray.util.get_node_ip_address(), timeout=timeout,
                                 shared_memory=shared_memory)
         self.worker = Worker(rank, comm, timeout)
@@ -371,7 +379,10 @@ class RayWorker:
         self.worker.comm.connect(addresses)
 
     def info(self) -> dict:
-        return {**self.worker.info(), "node": self.node}
+        return {**self.worker.info(), "node": self.node, "host": self.host}
+
+    def share_cores(self, ranks_on_host: int) -> int:
+        return share_cores(ranks_on_host)
 
     def load(self, key: str, plan: bytes) -> None:
         self.worker.load(key, plan)

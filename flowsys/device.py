@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from flowsys.errors import FlowsysError
@@ -42,3 +44,33 @@ def contiguous(a) -> np.ndarray:
     ``np.ascontiguousarray``, a 0-d array stays 0-d)."""
     a = np.asarray(a)
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_blas_default: int | None = None
+
+
+def share_cores(ranks: int) -> int:
+    """Give each of ``ranks`` ranks sharing this machine its share of the cores for BLAS
+    threads (as ``torchrun`` sets ``OMP_NUM_THREADS`` per process): ranks that each start a
+    BLAS thread per core oversubscribe the machine and spin against each other. ``ranks <= 1``
+    restores the default. Returns the threads per rank now."""
+    global _blas_default
+    try:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+    except ImportError:  # an optional speed-up: without it BLAS keeps its own setting
+        return 0
+    controller = ThreadpoolController()
+    if _blas_default is None:
+        _blas_default = max((lib["num_threads"] for lib in controller.info() if lib["user_api"] == "blas"),
+                            default=cpu_cores())
+    threads = _blas_default if ranks <= 1 else max(1, cpu_cores() // ranks)
+    controller.limit(limits=threads, user_api="blas")
+    return threads

@@ -1,0 +1,263 @@
+"""Measure what the cost model needs to know about the runtime on this machine, per backend.
+
+``calibrate(backend)`` runs a few small probe graphs on ``backend`` and fits the runtime terms
+of a hardware spec (``scheduler/cost.py``) so that the model, run on the probes' own plans,
+reproduces their measured times:
+
+- ``op_overhead`` and ``step_overhead``: a chain of trivial ops on one rank, at two lengths (the
+  slope is the cost per actor firing beyond its kernel, the intercept the driver's per step);
+- ``wire_bandwidth``: a step that trains one 4 MiB parameter (fed and collected by the driver);
+- ``intra_node`` link latency and bandwidth: 2 ranks passing a tensor back and forth by
+  all-gather, at 8 bytes and at 4 MiB;
+- ``parallel_ranks``: the same compute chain on 1 rank and on 2 ranks at once (how many ranks
+  of one machine run at full speed together: about 1 under one interpreter lock, up to the
+  cores for processes).
+
+None of the probes is a model the calibration is then judged on (``benchmarks/bench_costmodel.py``
+compares predictions with GPT steps). ``write_spec`` saves the result as a hardware YAML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from flowsys.graph.api import Graph
+from flowsys.placement import placement
+from flowsys.sbp import broadcast, split
+from scheduler.cost import Hardware, Link, load_hardware, predict
+
+
+class _Chain(Graph):
+    """``n`` dependent trivial ops."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.config.executor = "plans"
+
+    def build(self, x):
+        for _ in range(self.n):
+            x = x + 1.0
+        return x
+
+
+class _Ring(Graph):
+    """``n`` all-gathers between the ranks of ``x``'s placement (each followed by a local slice)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.config.executor = "plans"
+
+    def build(self, x):
+        for _ in range(self.n):
+            x = x.to_global(sbp=broadcast).to_global(sbp=split(0))
+        return x
+
+
+class _Train(Graph):
+    def __init__(self, layer, opt):
+        super().__init__()
+        self.layer = layer
+        self.add_optimizer(opt)
+        self.config.executor = "plans"
+
+    def build(self, x):
+        loss = self.layer(x).sum()
+        loss.backward()
+        return loss
+
+
+def _measure(graph, args, repeats: int) -> tuple[float, float]:
+    """Median step time and median span of the ranks' firings (first start to last end)."""
+    from flowsys.profiler import profile  # noqa: PLC0415
+
+    t = _median_time(graph, args, repeats)
+    with profile() as prof:
+        for _ in range(repeats):
+            graph(*args)
+    spans = [max(f.end for f in fired) - min(f.start for f in fired) for fired in prof.steps]
+    return t, statistics.median(spans)
+
+
+def _span(plan, hw) -> float:
+    return max((c.finish_s for c in predict(plan, hw).ranks), default=0.0)
+
+
+def _median_time(fn, args, repeats: int) -> float:
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") -> Hardware:
+    """The ``base`` spec with its runtime terms measured on ``backend`` (which must be the one
+    ``fs.init`` chose; it is started if none was)."""
+    import flowsys as fs  # noqa: PLC0415
+    from flowsys import nn, optim, runtime  # noqa: PLC0415
+
+    if runtime.current() is None or runtime.current().name != backend:
+        raise ValueError(f"calibrate({backend!r}): call fs.init(backend={backend!r}) first")
+    hw = load_hardware(base, backend)
+    free = hw.replace(op_overhead=0.0, step_overhead=0.0, wire_bandwidth=float("inf"),
+                      intra_node=Link(float("inf"), 0.0), inter_node=Link(float("inf"), 0.0))
+    one = placement("cpu", [0])
+
+    # firings: a chain of trivial ops at two lengths; the driver's share is the step's time
+    # outside the ranks' firings
+    x = fs.zeros((4,)).to_global(one, broadcast)
+    short, long_ = _Chain(50), _Chain(400)
+    (t_short, span_short), (_, span_long) = _measure(short, (x,), repeats), _measure(long_, (x,), repeats)
+    p_short, p_long = _span(short.plan(), free), _span(long_.plan(), free)
+    firings = len(long_.plan().ranks[0].ops) - len(short.plan().ranks[0].ops)
+    op_overhead = max(0.0, ((span_long - p_long) - (span_short - p_short)) / firings)
+    step_overhead = max(0.0, t_short - span_short)
+    hw = hw.replace(op_overhead=op_overhead, step_overhead=step_overhead)
+
+    # kernels inside this backend's workers against kernels in this process (where the cost
+    # model times them): a transformer-like mix on one rank, here and there
+    mix = _Mix(30)
+    args = (fs.randn(512, 64).to_global(one, broadcast), fs.randn(64, 64).to_global(one, broadcast))
+    _, span_mix = _measure(mix, args, repeats)
+    if backend != "local":
+        with _backend(runtime.local_backend()):
+            _, span_here = _measure(mix, args, repeats)
+        hw = hw.replace(kernel_scale=float(np.clip(span_mix / span_here, 0.5, 4.0)))
+
+    # the driver's feed: one 4 MiB parameter trained per step, fed and collected
+    layer = nn.Linear(1024, 1024, bias=False)
+    train = _Train(layer, optim.SGD(layer.parameters(), lr=1e-6))
+    t_train, span_train = _measure(train, (fs.ones((1, 1024)),), repeats)
+    extra = max(1e-6, (t_train - span_train) - step_overhead)
+    hw = hw.replace(wire_bandwidth=_fed_bytes(train.plan()) / extra)
+
+    # ranks at once: the same mix on 1, 2 and 4 ranks; the throughput of n ranks together, in
+    # ranks at full speed
+    parallel = {1: 1.0}
+    for n in (2, 4):
+        mesh = placement("cpu", list(range(n)))
+        w = fs.randn(64, 64).to_global(mesh, broadcast)
+        _, span = _measure(_Mix(30), (fs.randn(512 * n, 64).to_global(mesh, split(0)), w), repeats)
+        parallel[n] = float(np.clip(n * span_mix / span, 0.25, hw.cores_per_node or 1))
+    hw = hw.replace(parallel_ranks=parallel)
+
+    # the link between two ranks: the transport's CPU work per message from many small
+    # all-gathers in flight at once, the latency from the same number one after another, the
+    # bandwidth from 4 MiB all-gathers
+    two = placement("cpu", [0, 1])
+    small = fs.zeros((2,)).to_global(two, split(0))
+    fan, ring = _Fan(20), _Ring(20)
+    _, span_fan = _measure(fan, (small,), repeats)
+    _, span_ring = _measure(ring, (small,), repeats)
+
+    def with_link(bandwidth=float("inf"), latency=0.0, overhead=0.0):
+        lk = Link(bandwidth, latency, overhead)
+        return hw.replace(intra_node=lk, inter_node=lk)
+
+    latency = overhead = 0.0
+    for _ in range(3):  # the two fits depend a little on each other
+        overhead = _fit(lambda g: _span(fan.plan(), with_link(latency=latency, overhead=g)), span_fan, 0.0, 0.05)
+        latency = _fit(lambda a: _span(ring.plan(), with_link(latency=a, overhead=overhead)), span_ring, 0.0, 0.05)
+    big = fs.zeros((1 << 20,)).to_global(two, split(0))
+    _, span_big = _measure(ring, (big,), repeats)
+    inverse = _fit(lambda inv: _span(ring.plan(), with_link(1.0 / inv if inv else float("inf"), latency, overhead)),
+                   span_big, 0.0, 1e-6)
+    link = Link(1.0 / inverse if inverse else 1e12, latency, overhead)
+    hw = hw.replace(intra_node=link, inter_node=link)
+    return hw.replace(name=f"{hw.name} ({backend} backend, calibrated)")
+
+
+@contextlib.contextmanager
+def _backend(backend):
+    """Run graphs on ``backend`` for a while (this process's worker threads, say)."""
+    from flowsys import runtime  # noqa: PLC0415
+
+    saved, runtime._backend = runtime._backend, backend
+    try:
+        yield
+    finally:
+        runtime._backend = saved
+
+
+def _fit(predicted, measured: float, lo: float, hi: float, steps: int = 40) -> float:
+    """The value in [lo, hi] at which ``predicted`` (increasing) meets ``measured``, by bisection."""
+    if predicted(lo) >= measured:
+        return lo
+    if predicted(hi) <= measured:
+        return hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if predicted(mid) < measured:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+class _Fan(Graph):
+    """``n`` all-gathers between the ranks of ``x``'s placement, all in flight at once."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.config.executor = "plans"
+
+    def build(self, x):
+        gathered = [(x + float(i)).to_global(sbp=broadcast) for i in range(self.n)]
+        total = gathered[0]
+        for g in gathered[1:]:
+            total = total + g
+        return total
+
+
+class _Mix(Graph):
+    """A transformer's mix per link of the chain: a matmul, GELU, view ops, a residual add and
+    a layer norm, on 512 rows of 64 per rank (a tiny GPT's shapes)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.config.executor = "plans"
+
+    def build(self, x, w):
+        from flowsys.nn import functional as F  # noqa: PLC0415
+
+        rows = x.shape[0]
+        for _ in range(self.n):
+            y = F.gelu(x @ w).reshape(rows, 4, 16).transpose((1, 0, 2))
+            x = F.layer_norm(x + y.transpose((1, 0, 2)).reshape(rows, 64), (64,))
+        return x
+
+
+def _fed_bytes(plan) -> int:
+    total = 0
+    for rp in plan.ranks:
+        shapes = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rp.values}
+        for v in list(rp.inputs) + list(rp.variables.values()):
+            if v in shapes:
+                total += int(np.prod(shapes[v][0])) * shapes[v][1].itemsize
+    return total
+
+
+def as_yaml(hw: Hardware, backend: str) -> dict[str, Any]:
+    """A hardware spec file's content for ``hw`` (runtime terms under ``backend``)."""
+    return {
+        "name": hw.name,
+        "device": {"kind": hw.device, "peak_flops": dict(hw.peak_flops), "memory_bandwidth": hw.memory_bandwidth,
+                   "memory": hw.memory, "kernels": hw.kernels},
+        "node": {"devices": hw.devices_per_node, "cores": hw.cores_per_node},
+        "links": {"intra_node": {"bandwidth": hw.intra_node.bandwidth, "latency": hw.intra_node.latency},
+                  "inter_node": {"bandwidth": hw.inter_node.bandwidth, "latency": hw.inter_node.latency}},
+        "runtime": {backend: {"op_overhead": hw.op_overhead, "step_overhead": hw.step_overhead,
+                              "wire_bandwidth": hw.wire_bandwidth, "shared_interpreter": hw.shared_interpreter,
+                              "parallel_ranks": hw.parallel_ranks}},
+    }
