@@ -9,7 +9,7 @@ differs from what the worker holds (the first step, a new layout, a change made 
 and as a Ray actor in its own process (the Ray backend, gRPC transport): the code path is one.
 
 While a step runs, a status thread posts the op the rank is running to the driver whenever it
-changes, so that if the process dies the driver can say what it was doing.
+changes (checked every 50 ms), so that if the process dies the driver can say what it was doing.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class Worker:
 
     def _report(self) -> None:
         last = None
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.05):
             now = self.current()
             if now != last:
                 try:

@@ -54,23 +54,16 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-_blas_default: int | None = None
-
-
 def share_cores(ranks: int) -> int:
     """Give each of ``ranks`` ranks sharing this machine its share of the cores for BLAS
     threads (as ``torchrun`` sets ``OMP_NUM_THREADS`` per process): ranks that each start a
-    BLAS thread per core oversubscribe the machine and spin against each other. ``ranks <= 1``
-    restores the default. Returns the threads per rank now."""
-    global _blas_default
+    BLAS thread per core oversubscribe the machine and spin against each other, and a lone
+    rank should use every core (Ray starts workers with one thread). Returns the threads per
+    rank now, or 0 where the BLAS cannot be told."""
     try:
         from threadpoolctl import ThreadpoolController  # noqa: PLC0415
     except ImportError:  # an optional speed-up: without it BLAS keeps its own setting
         return 0
-    controller = ThreadpoolController()
-    if _blas_default is None:
-        _blas_default = max((lib["num_threads"] for lib in controller.info() if lib["user_api"] == "blas"),
-                            default=cpu_cores())
-    threads = _blas_default if ranks <= 1 else max(1, cpu_cores() // ranks)
-    controller.limit(limits=threads, user_api="blas")
+    threads = int(os.environ.get("FLOWSYS_BLAS_THREADS", 0)) or max(1, cpu_cores() // max(1, ranks))
+    ThreadpoolController().limit(limits=threads, user_api="blas")
     return threads

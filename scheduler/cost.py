@@ -136,8 +136,11 @@ class Hardware:
     devices_per_node: int
     intra_node: Link
     inter_node: Link
-    op_overhead: float = 2e-5        # seconds of runtime work per actor firing
+    # seconds of runtime work per actor firing; with measured kernels, the difference between a
+    # firing and its kernel timed alone from cold caches (which may be below zero)
+    op_overhead: float = 2e-5
     step_overhead: float = 1e-3      # the driver's fixed cost per step
+    rank_overhead: float = 0.0       # ... and its cost per rank it drives
     wire_bandwidth: float = 1e9      # bytes/s at which the driver feeds and collects a step's tensors
     cores_per_node: int | None = None  # set when devices share a node's cores (simulated devices)
     shared_interpreter: bool = False   # devices are threads of one Python process (the local backend)
@@ -200,6 +203,7 @@ def load_hardware(spec: str | os.PathLike, backend: str | None = None) -> Hardwa
             inter_node=_link(runtime.get("inter_node") or links["inter_node"]),
             kernel_scale=float(runtime.get("kernel_scale", 1.0)),
             op_overhead=float(runtime.get("op_overhead", 2e-5)), step_overhead=float(runtime.get("step_overhead", 1e-3)),
+            rank_overhead=float(runtime.get("rank_overhead", 0.0)),
             wire_bandwidth=float(runtime.get("wire_bandwidth", 1e9)),
             shared_interpreter=bool(runtime.get("shared_interpreter", False)),
             parallel_ranks=_parallel(runtime.get("parallel_ranks")),
@@ -376,7 +380,7 @@ def predict(plan, hw: Hardware, *, world: int | None = None, feed_bytes: int | N
     costs = sim.costs()
     if feed_bytes is None:
         feed_bytes = sim.feed_bytes
-    driver = hw.step_overhead + feed_bytes / hw.wire_bandwidth
+    driver = hw.step_overhead + hw.rank_overhead * max(0, (world or len(plan.ranks)) - 1) + feed_bytes / hw.wire_bandwidth
     span = max((c.finish_s for c in costs), default=0.0)
     return Prediction(step_s=span + driver, ranks=costs, bound=_bound(costs, span, driver), overhead_s=driver,
                       hardware=hw.name)
@@ -484,6 +488,12 @@ class _Simulation:
         for t in body:  # per-step ops run before the micro-batches, the optimizer after them
             for p in pre:
                 self._edge(p, t)
+        # per-step and optimizer-phase ops run one at a time, in plan order, a collective
+        # blocking its rank until it completes (actors.runtime._run_blocking)
+        opt_phase = [t for t in tasks.values() if t.piece == _OPT]
+        for chain in (pre, opt_phase):
+            for a, b in zip(chain, chain[1:]):
+                self._edge(a, b)
         opt = [t for t in tasks.values() if t.piece == _OPT]
         last = [t for t in body if not t.dependents or all(d.piece == _OPT for d in t.dependents)]
         for t in opt:
@@ -560,7 +570,7 @@ class _Simulation:
             cost.memory_bound_s += memory_part
         if op.kind == "recv" and op.peer not in self.present:  # an unsimulated sender: pay the wire here
             work += self._wire(r, op.peer, self._bytes_out(t))
-        self._run(t, hw.op_overhead + work, self._joined if op.kind == "collective" else self._finished, now)
+        self._run(t, max(0.0, hw.op_overhead + work), self._joined if op.kind == "collective" else self._finished, now)
 
     # a node's shared cores: processor sharing among the firings running on it
     def _run(self, t: _Task, work: float, then, now: float) -> None:
@@ -662,9 +672,10 @@ class _Simulation:
 
     def _joined(self, now: float, t: _Task) -> None:
         """A collective's member has done its share of the algorithm's local work: the rank is
-        free; the op ends one message schedule after the last member has joined."""
+        free (unless the collective blocks it: per-step and optimizer phases); the op ends one
+        message schedule after the last member has joined."""
         r, op = t.rank, t.op
-        self.busy[r] = False
+        self.busy[r] = t.piece in (_PRE, _OPT)
         key = (op.channel, t.piece)
         members = [m for m in op.group if m in self.present]
         self.joins[key].append((now, t))
@@ -685,6 +696,8 @@ class _Simulation:
                    key=lambda lk: lk.latency + 1.0 / lk.bandwidth + lk.overhead, default=self.hw.intra_node)
 
     def _collective_done(self, now: float, t: _Task) -> None:
+        if t.piece in (_PRE, _OPT):
+            self.busy[t.rank] = False
         self._done(t, now)
         self._dispatch(t.rank, now)
 
