@@ -4,7 +4,7 @@
     flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--profile TRACE.json]
                    train.py [args]
 
-    flowsys plan JOB.yaml --devices N [--every-rank] [--json] [section.key=value ...]
+    flowsys plan JOB.yaml --devices N [--hardware SPEC] [--every-rank] [--json] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--devices", type=int, required=True)
     plan.add_argument("--every-rank", action="store_true", help="lower every rank, not one per pipeline stage")
     plan.add_argument("--json", action="store_true", help="print the summary as JSON")
+    plan.add_argument("--hardware", default=None, metavar="SPEC",
+                      help="predict step time, tokens/s, MFU and memory fit on this hardware spec "
+                           "(cpu, a100-80g, h100-80g, or a YAML file)")
     plan.add_argument("overrides", nargs="*", help="section.key=value overrides")
     launch = sub.add_parser("launch", help="run a script as the driver of a (local, simulated) Ray cluster")
     launch.add_argument("--nodes", type=int, required=True, help="Ray nodes (simulated here without --address)")
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             from flowsys.plan import format_plan, plan_job  # noqa: PLC0415
             from flowsys.train import load_job  # noqa: PLC0415
 
-            summary = plan_job(load_job(args.job, _parse_overrides(args.overrides)), args.devices, args.every_rank)
+            summary = plan_job(load_job(args.job, _parse_overrides(args.overrides)), args.devices, args.every_rank,
+                               hardware=args.hardware)
             print(json.dumps(summary, indent=2) if args.json else format_plan(summary))
         elif args.command == "launch":
             from flowsys.launch import LaunchConfig, launch as run_launch  # noqa: PLC0415

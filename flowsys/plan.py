@@ -75,21 +75,41 @@ class _Null:
         return None
 
 
-def plan_job(job, devices: int, every_rank: bool = False) -> dict[str, Any]:
-    """Compile without running; the summary ``flowsys plan`` prints."""
+def _compile(job, devices: int):
+    """The job's training step compiled for ``devices`` on meta tensors (no values): the
+    placements, the model and the IR."""
     from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
     from flowsys.sbp import broadcast, split  # noqa: PLC0415
     from flowsys.tensor import Tensor  # noqa: PLC0415
+
+    placements = layout(job, devices)
+    model, _, step = build(job, placements, meta=True)
+    shape = (job.data.batch_size, job.model.block_size)
+    idx = Tensor(GlobalValue(placements[0], (split(0), broadcast), shape, np.dtype(np.int64), None))
+    return placements, model, step.compile(idx, idx)
+
+
+def model_flops(job) -> int:
+    """Model FLOPs of one training step (forward and backward, every micro-batch) of ``job``,
+    counted on the compiled graph's logical shapes: the same for every layout."""
+    from scheduler.cost import graph_flops  # noqa: PLC0415
+
+    return graph_flops(_compile(job, job.parallel.devices)[2])
+
+
+def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None = None,
+             backend: str | None = None) -> dict[str, Any]:
+    """Compile without running; the summary ``flowsys plan`` prints. With ``hardware`` (a spec
+    name or YAML path, see ``scheduler/hardware/``), also the cost model's prediction: step
+    time, tokens/s, MFU, what bounds the step, and whether each rank's memory fits."""
+    from scheduler import plan_pb2  # noqa: PLC0415
+    from scheduler.cost import graph_flops, load_hardware, predict  # noqa: PLC0415
     from scheduler.lower import _Lowering  # noqa: PLC0415
 
     if devices < 1:
         raise ConfigError(f"flowsys plan: --devices must be at least 1, got {devices}")
     t0 = time.perf_counter()
-    placements = layout(job, devices)
-    model, _, step = build(job, placements, meta=True)
-    shape = (job.data.batch_size, job.model.block_size)
-    idx = Tensor(GlobalValue(placements[0], (split(0), broadcast), shape, np.dtype(np.int64), None))
-    ir = step.compile(idx, idx)
+    placements, model, ir = _compile(job, devices)
     t_compile = time.perf_counter() - t0
     lowering = _Lowering(ir)
     chosen = sorted({int(pl.ranks[0]) for pl in placements}) if not every_rank else list(range(devices))
@@ -110,12 +130,29 @@ def plan_job(job, devices: int, every_rank: bool = False) -> dict[str, Any]:
                              optimizer_state=m.optimizer_state, peak_activations=m.peak_activations,
                              bytes_sent_per_step=dict(sorted(sent.items()))))
     p = job.parallel
-    return dict(devices=devices, layout=dict(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage,
-                                             micro_batches=p.micro_batches,
-                                             activation_checkpointing=p.activation_checkpointing),
-                parameters=int(sum(q.size for q in model.parameters())), graph_nodes=len(ir.nodes),
-                boxing_nodes=sum(n.kind == "boxing" for n in ir.nodes), compile_s=round(t_compile, 3),
-                lower_s=round(t_lower, 3), ranks=per_rank)
+    summary = dict(devices=devices, layout=dict(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage,
+                                                micro_batches=p.micro_batches,
+                                                activation_checkpointing=p.activation_checkpointing),
+                   parameters=int(sum(q.size for q in model.parameters())), graph_nodes=len(ir.nodes),
+                   boxing_nodes=sum(n.kind == "boxing" for n in ir.nodes), compile_s=round(t_compile, 3),
+                   lower_s=round(t_lower, 3), ranks=per_rank)
+    if hardware:
+        hw = load_hardware(hardware, backend)
+        t0 = time.perf_counter()
+        plan = plan_pb2.Plan(ranks=list(ranks.values()), micro_batches=k)
+        pred = predict(plan, hw, world=devices)
+        flops = graph_flops(ir)
+        peak = hw.peak("float32") * (1 if hw.device == "cpu" else devices)  # simulated CPU devices share one peak
+        tokens = job.data.batch_size * job.model.block_size
+        for r, cost in zip(per_rank, pred.ranks):
+            total = r["parameters"] + r["gradients"] + r["optimizer_state"] + r["peak_activations"]
+            r["predicted"] = dict(finish_s=cost.finish_s, compute_s=cost.compute_s, comm_wait_s=cost.comm_s,
+                                  idle_s=cost.idle_s, flops=cost.flops, fits=total <= hw.memory)
+        summary["prediction"] = dict(hardware=hw.name, step_s=pred.step_s, tokens_per_s=tokens / pred.step_s,
+                                     model_flops=flops, mfu=flops / (pred.step_s * peak), bound=pred.bound,
+                                     driver_s=pred.overhead_s, device_memory=hw.memory,
+                                     predict_s=round(time.perf_counter() - t0, 3))
+    return summary
 
 
 def format_plan(summary: dict[str, Any]) -> str:
@@ -142,4 +179,15 @@ def format_plan(summary: dict[str, Any]) -> str:
     if len(summary["ranks"]) < summary["devices"]:
         lines.append(f"(one rank per pipeline stage shown; the {summary['devices'] // lay['pp']} ranks of a stage "
                      f"have the same plan up to their coordinates)")
+    pred = summary.get("prediction")
+    if pred:
+        lines.append(f"predicted on {pred['hardware']}: {pred['step_s'] * 1e3:,.2f} ms per step, "
+                     f"{pred['tokens_per_s']:,.0f} tokens/s, MFU {pred['mfu']:.1%} "
+                     f"({pred['model_flops'] / 1e12:,.3f} TFLOP per step); bound by {pred['bound']}")
+        lines.append(f"{'rank':>6} {'finish ms':>10} {'compute ms':>11} {'comm wait ms':>13} {'idle ms':>9}  memory")
+        for r in summary["ranks"]:
+            q = r["predicted"]
+            fits = "fits" if q["fits"] else f"does NOT fit in {pred['device_memory'] / 2**30:.0f} GiB"
+            lines.append(f"{r['rank']:>6} {q['finish_s'] * 1e3:10.2f} {q['compute_s'] * 1e3:11.2f} "
+                         f"{q['comm_wait_s'] * 1e3:13.2f} {q['idle_s'] * 1e3:9.2f}  {fits}")
     return "\n".join(lines)

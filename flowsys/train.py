@@ -55,8 +55,9 @@ class RunConfig:
     seed: int = 0
     eval_batches: int = 8
     log_every: int = 25
-    metrics: str = ""  # a JSONL file: one line per step (step, loss, lr, tokens/s, elapsed)
+    metrics: str = ""  # a JSONL file: one line per step (step, loss, lr, tokens/s, FLOP/s, MFU, elapsed)
     tensorboard: str = ""  # a TensorBoard log directory (when torch's SummaryWriter can be imported)
+    hardware: str = ""  # the spec whose peak MFU is measured against (scheduler/hardware/); default: a GEMM probe here
 
 
 @dataclass(frozen=True)
@@ -232,13 +233,20 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
 
 class Progress:
     """The live progress of a training run: a line every ``log_every`` steps (step, loss,
-    tokens/s, ETA; redrawn in place on a terminal), and the metrics of every step as JSONL and,
-    when asked and installed, to TensorBoard."""
+    tokens/s, model FLOP/s and MFU, ETA; redrawn in place on a terminal), and the metrics of
+    every step as JSONL and, when asked and installed, to TensorBoard.
 
-    def __init__(self, job: JobConfig, log=print):
+    MFU is the model's FLOPs per step (from the compiled graph, ``flowsys.plan.model_flops``)
+    per second of step, over the peak FLOP/s of what it runs on: the machine's GEMM peak for
+    CPU devices (simulated devices share it), or the hardware spec's per-device peak times the
+    devices."""
+
+    def __init__(self, job: JobConfig, log=print, flops_per_step: int = 0, peak_flops: float = 0.0):
         self.steps, self.every, self.log = job.train.steps, job.train.log_every, log
         self.tokens = job.data.batch_size * job.model.block_size
-        self.t0 = time.perf_counter()
+        self.flops, self.peak = flops_per_step, peak_flops
+        self.t0 = self.last = time.perf_counter()
+        self.window: list[float] = []  # step times since the last line
         self.metrics = open(job.train.metrics, "a") if job.train.metrics else None  # noqa: SIM115
         self.board = None
         if job.train.tensorboard:
@@ -250,24 +258,54 @@ class Progress:
                 log(f"train.tensorboard: not writing TensorBoard logs ({type(e).__name__}: {e})")
 
     def step(self, i: int, loss: float, lr: float) -> None:
-        elapsed = time.perf_counter() - self.t0
+        now = time.perf_counter()
+        elapsed, step_s = now - self.t0, now - self.last
+        self.last = now
+        self.window.append(step_s)
         rate = i * self.tokens / elapsed
+        flops_per_s = self.flops / step_s if step_s > 0 else 0.0
+        mfu = flops_per_s / self.peak if self.peak else 0.0
         if self.metrics is not None:
-            self.metrics.write(json.dumps({"step": i, "loss": loss, "lr": lr, "tokens_per_s": rate,
+            self.metrics.write(json.dumps({"step": i, "loss": loss, "lr": lr, "tokens_per_s": rate, "step_s": step_s,
+                                           "flops_per_step": self.flops, "flops_per_s": flops_per_s, "mfu": mfu,
                                            "elapsed_s": elapsed}) + "\n")
             self.metrics.flush()
         if self.board is not None:
             self.board.add_scalar("loss", loss, i)
             self.board.add_scalar("tokens_per_s", rate, i)
+            self.board.add_scalar("mfu", mfu, i)
         if i % self.every == 0 or i == self.steps:
             eta = elapsed / i * (self.steps - i)
-            self.log(f"step {i:>5}/{self.steps}  loss {loss:.4f}  {rate:,.0f} tok/s  ETA {_clock(eta)}")
+            steps, seconds = len(self.window), sum(self.window)
+            self.window = []
+            throughput = ""
+            if self.flops and seconds > 0:  # over the steps since the last line
+                achieved = self.flops * steps / seconds
+                throughput = f"  {achieved / 1e9:,.2f} GFLOP/s" + (f"  MFU {achieved / self.peak:.1%}" if self.peak else "")
+            self.log(f"step {i:>5}/{self.steps}  loss {loss:.4f}  {rate:,.0f} tok/s{throughput}  ETA {_clock(eta)}")
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
         if self.board is not None:
             self.board.close()
+
+
+def throughput_model(job: JobConfig, log=print) -> tuple[int, float]:
+    """The model FLOPs of one training step of ``job`` (from its compiled graph) and the peak
+    FLOP/s its MFU is measured against (see :class:`Progress`)."""
+    from flowsys.plan import model_flops  # noqa: PLC0415
+    from scheduler.cost import load_hardware, probe_gemm  # noqa: PLC0415
+
+    flops = model_flops(job)
+    if job.train.hardware:
+        hw = load_hardware(job.train.hardware)
+        peak = hw.peak("float32") * (1 if hw.device == "cpu" else job.parallel.devices)
+        source = f"{hw.name} spec"
+    else:  # CPU devices simulated on this machine share its cores: the machine's GEMM peak
+        peak, source = probe_gemm(), "a float32 GEMM on this machine"
+    log(f"model FLOPs per step: {flops / 1e9:,.3f} GFLOP; peak {peak / 1e9:,.1f} GFLOP/s ({source})")
+    return flops, peak
 
 
 def _clock(seconds: float) -> str:
@@ -300,8 +338,8 @@ def run(job: JobConfig, log=print) -> dict[str, Any]:
     log(f"model: GPT, {model.num_parameters():,} parameters; data: {data}")
     rng = np.random.default_rng(job.train.seed)
     bs, t = job.data.batch_size, job.model.block_size
+    progress = Progress(job, log, *throughput_model(job, log))
     losses, t0 = [], time.perf_counter()
-    progress = Progress(job, log)
     for step in range(1, job.train.steps + 1):
         x, y = data.get_batch("train", bs, t, rng=rng)
         _, loss = model(x, y)
@@ -350,8 +388,8 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     first, batch = placements[0], (split(0), broadcast)
     ck = job.checkpoint
     max_restarts = max(ck.max_restarts, int(os.environ.get("FLOWSYS_MAX_RESTARTS", "0")) if ck.every else 0)
+    progress = Progress(job, log, *throughput_model(job, log))
     losses, seen, t0 = [], [], time.perf_counter()
-    progress = Progress(job, log)
     restarts, i = 0, 1
     while i <= job.train.steps:
         x, y = data.get_batch("train", bs, t, rng=rng)

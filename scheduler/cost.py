@@ -255,6 +255,7 @@ def probe_memory_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
 
 
 _kernel_times: dict[tuple, float] = {}
+_MEASURE_LIMIT = 256 << 20  # kernels touching more bytes than this are not timed: the roofline answers
 
 
 def measure_kernel(name: str, inputs: list[tuple[tuple[int, ...], np.dtype]], attrs: dict) -> float:
@@ -375,15 +376,35 @@ def predict(plan, hw: Hardware, *, world: int | None = None, feed_bytes: int | N
     not in the plan are taken to behave like the ranks that are. ``world`` is the number of
     devices (default: the ranks in the plan); ``feed_bytes`` what the driver sends and collects
     per step (default: each rank's inputs and trained parameters)."""
-    sim = _Simulation(plan, hw, world or len(plan.ranks))
-    sim.run()
-    costs = sim.costs()
+    k = max(1, plan.micro_batches)
+    window = max((max([v.registers for v in rp.values] or [1]) for rp in plan.ranks), default=1)
+    k1 = 2 * window + 2
+    if k <= k1 + window:
+        sim = _Simulation(plan, hw, world or len(plan.ranks))
+        sim.run()
+        costs = sim.costs()
+    else:  # many micro-batches: the schedule is periodic once the pipeline is full, so simulate
+        # two short runs and extend their difference linearly to k
+        first, second = (_Simulation(plan, hw, world or len(plan.ranks), micro_batches=m) for m in (k1, k1 + window))
+        first.run()
+        second.run()
+        sim = second
+        costs = [_extend(a, b, (k - k1) / window) for a, b in zip(first.costs(), second.costs())]
     if feed_bytes is None:
         feed_bytes = sim.feed_bytes
     driver = hw.step_overhead + hw.rank_overhead * max(0, (world or len(plan.ranks)) - 1) + feed_bytes / hw.wire_bandwidth
     span = max((c.finish_s for c in costs), default=0.0)
     return Prediction(step_s=span + driver, ranks=costs, bound=_bound(costs, span, driver), overhead_s=driver,
                       hardware=hw.name)
+
+
+def _extend(a: RankCost, b: RankCost, steps: float) -> RankCost:
+    """``a`` plus ``steps`` times the difference ``b - a``, field by field."""
+    out = RankCost(rank=a.rank, bytes_sent=b.bytes_sent, memory=b.memory)
+    for name in ("compute_s", "memory_bound_s", "overhead_s", "comm_s", "idle_s", "finish_s"):
+        setattr(out, name, getattr(a, name) + steps * (getattr(b, name) - getattr(a, name)))
+    out.flops = int(a.flops + steps * (b.flops - a.flops))
+    return out
 
 
 def _bound(costs: list[RankCost], span: float, driver: float) -> str:
@@ -417,8 +438,8 @@ class _Node:
 
 
 class _Simulation:
-    def __init__(self, plan, hw: Hardware, world: int) -> None:
-        self.plan, self.hw, self.k = plan, hw, max(1, plan.micro_batches)
+    def __init__(self, plan, hw: Hardware, world: int, micro_batches: int | None = None) -> None:
+        self.plan, self.hw, self.k = plan, hw, max(1, micro_batches or plan.micro_batches)
         self.present = {rp.rank for rp in plan.ranks}
         # devices simulated on one machine's cores share them: at most `parallel` ranks of a node
         # run at full speed at once (processor sharing); real devices run on their own
@@ -427,6 +448,7 @@ class _Simulation:
         self.nodes: dict[int, _Node] = {}
         self.tasks: dict[int, list[_Task]] = {}
         self.ready: dict[int, list] = {}
+        self.blocked: dict[int, list] = {}
         self.busy: dict[int, bool] = {}
         self.open: dict[int, dict[int, int]] = {}
         self.window: dict[int, int] = {}
@@ -439,6 +461,7 @@ class _Simulation:
         self.piece_size: dict[int, int] = {}
         self.feed_bytes = 0
         self.decl: dict[int, dict] = {}
+        self.work: dict[tuple[int, int], tuple[float, float, int]] = {}
         for rp in plan.ranks:
             self._build(rp)
 
@@ -506,6 +529,7 @@ class _Simulation:
         self.tasks[r] = list(tasks.values())
         self.piece_size[r] = len(rp.ops) - sum(1 for op in rp.ops if op.phase == "optimizer" or op.per_step)
         self.ready[r] = []
+        self.blocked[r] = []
         self.busy[r] = False
         self.open[r] = {}
         self.decl[r] = decl
@@ -538,24 +562,24 @@ class _Simulation:
         phase = 0 if t.op.phase == "forward" or t.piece == _PRE else 1
         heapq.heappush(self.ready[t.rank], (phase, t.piece, t.order, t))
 
+    def _blocked_by_window(self, t: _Task) -> bool:
+        r = t.rank
+        return 0 <= t.piece < self.k and t.piece not in self.open[r] and len(self.open[r]) >= self.window[r]
+
     def _dispatch(self, r: int, now: float) -> None:
         """Start the rank's next actor if it is free: forward work first, then the oldest piece;
-        a piece not yet open only while the rank holds fewer pieces than its register window."""
+        a piece not yet open only while the rank holds fewer pieces than its register window
+        (the others wait aside until a piece closes)."""
         if self.busy[r]:
             return
-        ready, skipped, chosen = self.ready[r], [], None
+        ready = self.ready[r]
         while ready:
             entry = heapq.heappop(ready)
-            t = entry[3]
-            if 0 <= t.piece < self.k and t.piece not in self.open[r] and len(self.open[r]) >= self.window[r]:
-                skipped.append(entry)
+            if self._blocked_by_window(entry[3]):
+                self.blocked[r].append(entry)
                 continue
-            chosen = t
-            break
-        for entry in skipped:
-            heapq.heappush(ready, entry)
-        if chosen is not None:
-            self._start(chosen, now)
+            self._start(entry[3], now)
+            return
 
     def _start(self, t: _Task, now: float) -> None:
         r, hw, op = t.rank, self.hw, t.op
@@ -612,10 +636,20 @@ class _Simulation:
         then(now, t)
 
     def _work(self, t: _Task) -> tuple[float, float]:
-        """Kernel seconds of one firing and the part of it bound by memory bandwidth."""
+        """Kernel seconds of one firing and the part of it bound by memory bandwidth (the same
+        for every piece of an op); the FLOPs are counted per firing."""
+        key = (t.rank, t.op.id)
+        if key not in self.work:
+            self.work[key] = self._op_work(t)
+        work, memory_part, flops = self.work[key]
+        self.costs_by_rank[t.rank].flops += flops
+        return work, memory_part
+
+    def _op_work(self, t: _Task) -> tuple[float, float, int]:
         from scheduler.lower import decode_attrs  # noqa: PLC0415
 
         op, decl, hw = t.op, self.decl[t.rank], self.hw
+        flops = 0
         ins = [decl[v] for v in op.inputs if v in decl]
         outs = [decl[v] for v in op.outputs if v in decl]
         touched = sum(_nbytes(x) for x in ins) + sum(_nbytes(x) for x in outs)
@@ -623,21 +657,20 @@ class _Simulation:
             dtype = outs[0][1].name if outs else "float32"
             attrs = decode_attrs(op.attrs) if op.attrs else {}
             flops = op_flops(op.op, [s for s, _ in ins], [s for s, _ in outs], attrs)
-            self.costs_by_rank[t.rank].flops += flops
             f_time, m_time = flops / hw.peak(dtype), touched / hw.memory_bandwidth
-            if hw.kernels == "measure":  # this machine: the kernel's own time, split by the roofline's verdict
+            if hw.kernels == "measure" and touched < _MEASURE_LIMIT:  # this machine: the kernel's own time
                 measured = measure_kernel(op.op, [decl[v] for v in op.inputs], attrs)
                 f_time, m_time = (measured, 0.0) if f_time >= m_time else (0.0, measured)
         elif op.kind == "update":
             numel = _numel(ins[0][0]) if ins else 0
-            self.costs_by_rank[t.rank].flops += update_flops(numel)
+            flops = update_flops(numel)
             f_time, m_time = update_flops(numel) / hw.peak("float32"), 12 * 4 * numel / hw.memory_bandwidth
         elif op.kind == "send":
             f_time, m_time = 0.0, self._bytes_out(t) / hw.memory_bandwidth
         elif op.kind == "collective":  # the algorithm's copies and reductions on this rank
             n = len(op.group)
             f_time, m_time = 0.0, 2 * int(op.nbytes) / hw.memory_bandwidth
-            if hw.kernels == "measure" and ins:
+            if hw.kernels == "measure" and ins and n * _nbytes(ins[0]) < _MEASURE_LIMIT:
                 f_time, m_time = 0.0, measure_collective(op.op, decode_attrs(op.attrs), ins[0], n)
         else:  # recv, local steps: a copy
             f_time, m_time = 0.0, touched / hw.memory_bandwidth
@@ -648,7 +681,7 @@ class _Simulation:
             work += 2 * _messages(op.op, len(op.group)) * self._worst_link(op.group).overhead
         elif op.kind in ("send", "recv"):
             work += self.hw.link(t.rank, op.peer).overhead
-        return work, memory_part
+        return work, memory_part, flops
 
     def _bytes_out(self, t: _Task) -> int:
         if t.op.nbytes:
@@ -716,6 +749,9 @@ class _Simulation:
             self.open[r][t.piece] -= 1
             if not self.open[r][t.piece]:
                 del self.open[r][t.piece]
+                for entry in self.blocked[r]:  # a piece closed: the window has room again
+                    heapq.heappush(self.ready[r], entry)
+                self.blocked[r] = []
         for d in t.dependents:
             d.deps -= 1
             if d.deps == 0 and not d.awaits_message:
