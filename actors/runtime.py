@@ -31,7 +31,8 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -66,6 +67,41 @@ class Firing:
     end: float
     nbytes: int
     node: int     # the graph node the op comes from (a boxing node for inserted communication)
+
+
+class Timeline(Sequence):
+    """The firings of one step on every rank, as the ranks sent them (packed rows of op, piece,
+    start, end) and read as :class:`Firing` records only when looked at, so that recording
+    costs a step little more than the clock reads."""
+
+    def __init__(self, plan, packed: dict[int, bytes]):
+        self._plan, self._packed = plan, packed
+        self._firings: list[Firing] | None = None
+
+    def _all(self) -> list[Firing]:
+        if self._firings is None:
+            ops = {(rp.rank, op.id): op for rp in self._plan.ranks for op in rp.ops}
+            firings = []
+            for rank in sorted(self._packed):
+                for op_id, piece, start, end in np.frombuffer(self._packed[rank], dtype=np.float64).reshape(-1, 4).tolist():
+                    op = ops[(rank, int(op_id))]
+                    firings.append(Firing(rank, op.id, op.op, op.kind, op.phase, int(piece), start, end, op.nbytes,
+                                          op.node))
+            self._firings = firings
+        return self._firings
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __iter__(self):
+        return iter(self._all())
+
+
+def pack_timeline(rows: list[tuple[int, int, float, float]]) -> bytes:
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4).tobytes()
 
 
 class Stalled(CommError):
@@ -108,7 +144,7 @@ class RankRuntime:
         self.registers = {v.id: max(1, getattr(v, "registers", 1) or 1) for v in rank_plan.values}
         # at most this many micro-batches in flight on the rank (the plan's register count)
         self.window = max(self.registers.values(), default=1)
-        self.timeline: list[Firing] = []
+        self.timeline: list[tuple[int, int, float, float]] = []  # (op, piece, start, end) when recording
         self.current: str = "idle"      # what this rank is doing, for failure reports
         ops = list(rank_plan.ops)
         self.compute_ops = [op for op in ops if op.phase != "optimizer"]
@@ -378,8 +414,7 @@ class RankRuntime:
 
     def _note(self, op, piece: int, start: float) -> None:
         if self.record:
-            self.timeline.append(Firing(self.rp.rank, op.id, op.op, op.kind, op.phase, piece, start,
-                                        time.time(), op.nbytes, op.node))
+            self.timeline.append((op.id, piece, start, time.time()))
 
     # ------------------------------------------------------------------- communication actors
     def _schedule(self, a: _Actor, p: int):

@@ -21,7 +21,7 @@ import traceback
 
 import numpy as np
 
-from actors.runtime import RankRuntime, Stalled
+from actors.runtime import RankRuntime, Stalled, pack_timeline
 from comm import Communicator
 from flowsys.device import contiguous
 from scheduler import plan_pb2
@@ -161,10 +161,7 @@ class Worker:
                     resp.variables.append(encode(vid, fed[vid]))
             resp.peak_in_flight = rt.peak_in_flight
             if req.record:
-                for f in rt.timeline:
-                    resp.timeline.append(plan_pb2.Firing(rank=f.rank, op=f.op, name=f.name, kind=f.kind, phase=f.phase,
-                                                         piece=f.piece, start=f.start, end=f.end, nbytes=f.nbytes,
-                                                         node=f.node))
+                resp.timeline = pack_timeline(rt.timeline)
         except BaseException as err:  # reported to the driver, by type, message and what was running
             resp.error_type = type(err).__name__
             resp.error = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)

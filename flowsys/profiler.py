@@ -49,8 +49,8 @@ class Profile:
         if self.path is not None:
             self.save(self.path)
 
-    def add(self, graph: str, timeline: list, boxing: dict[int, str]) -> None:
-        self.steps.append(list(timeline))
+    def add(self, graph: str, timeline, boxing: dict[int, str]) -> None:
+        self.steps.append(timeline)  # read (and decoded) when the profile is looked at
         self.graphs.append(graph)
         self.boxing.update(boxing)
 

@@ -223,6 +223,7 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
     import numpy as np  # noqa: PLC0415
 
     import scheduler  # noqa: PLC0415
+    from actors.runtime import Timeline  # noqa: PLC0415
     from actors.worker import decode, encode  # noqa: PLC0415
     from flowsys.functions import next_seed  # noqa: PLC0415
     from scheduler import plan_pb2  # noqa: PLC0415
@@ -298,7 +299,7 @@ def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record:
             outs.append(got[min(got)])
         else:
             outs.append(GlobalValue(v.placement, v.sbp, v.shape, v.dtype, [got[r] for r in v.placement.ranks]))
-    timeline = [f for rank in sorted(responses) for f in responses[rank].timeline]
+    timeline = Timeline(executor.plan, {rank: resp.timeline for rank, resp in responses.items()}) if record else []
     executor.in_flight = {rank: resp.peak_in_flight for rank, resp in responses.items()}
     return outs, timeline
 
