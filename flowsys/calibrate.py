@@ -259,14 +259,18 @@ def _fed_bytes(plan) -> int:
 
 def as_yaml(hw: Hardware, backend: str) -> dict[str, Any]:
     """A hardware spec file's content for ``hw`` (runtime terms under ``backend``)."""
+
+    def link(lk: Link) -> dict[str, float]:
+        return {"bandwidth": lk.bandwidth, "latency": lk.latency, "overhead": lk.overhead}
+
     return {
         "name": hw.name,
         "device": {"kind": hw.device, "peak_flops": dict(hw.peak_flops), "memory_bandwidth": hw.memory_bandwidth,
                    "memory": hw.memory, "kernels": hw.kernels},
         "node": {"devices": hw.devices_per_node, "cores": hw.cores_per_node},
-        "links": {"intra_node": {"bandwidth": hw.intra_node.bandwidth, "latency": hw.intra_node.latency},
-                  "inter_node": {"bandwidth": hw.inter_node.bandwidth, "latency": hw.inter_node.latency}},
+        "links": {"intra_node": link(hw.intra_node), "inter_node": link(hw.inter_node)},
         "runtime": {backend: {"op_overhead": hw.op_overhead, "step_overhead": hw.step_overhead,
-                              "wire_bandwidth": hw.wire_bandwidth, "shared_interpreter": hw.shared_interpreter,
+                              "rank_overhead": hw.rank_overhead, "wire_bandwidth": hw.wire_bandwidth,
+                              "shared_interpreter": hw.shared_interpreter, "kernel_scale": hw.kernel_scale,
                               "parallel_ranks": hw.parallel_ranks}},
     }

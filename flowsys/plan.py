@@ -112,6 +112,9 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
     placements, model, ir = _compile(job, devices)
     t_compile = time.perf_counter() - t0
     lowering = _Lowering(ir)
+    hw = load_hardware(hardware, backend) if hardware else None
+    # devices simulated on shared cores slow each other down: predict with every rank there
+    every_rank = every_rank or (hw is not None and hw.cores_per_node is not None and devices <= 64)
     chosen = sorted({int(pl.ranks[0]) for pl in placements}) if not every_rank else list(range(devices))
     t0 = time.perf_counter()
     ranks = {r: lowering.rank_plan(r) for r in chosen}
@@ -136,8 +139,7 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
                    parameters=int(sum(q.size for q in model.parameters())), graph_nodes=len(ir.nodes),
                    boxing_nodes=sum(n.kind == "boxing" for n in ir.nodes), compile_s=round(t_compile, 3),
                    lower_s=round(t_lower, 3), ranks=per_rank)
-    if hardware:
-        hw = load_hardware(hardware, backend)
+    if hw is not None:
         t0 = time.perf_counter()
         plan = plan_pb2.Plan(ranks=list(ranks.values()), micro_batches=k)
         pred = predict(plan, hw, world=devices)
@@ -147,7 +149,8 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
         for r, cost in zip(per_rank, pred.ranks):
             total = r["parameters"] + r["gradients"] + r["optimizer_state"] + r["peak_activations"]
             r["predicted"] = dict(finish_s=cost.finish_s, compute_s=cost.compute_s, comm_wait_s=cost.comm_s,
-                                  idle_s=cost.idle_s, flops=cost.flops, fits=total <= hw.memory)
+                                  shared_cores_s=cost.shared_s, idle_s=cost.idle_s, flops=cost.flops,
+                                  fits=total <= hw.memory)
         summary["prediction"] = dict(hardware=hw.name, step_s=pred.step_s, tokens_per_s=tokens / pred.step_s,
                                      model_flops=flops, mfu=flops / (pred.step_s * peak), bound=pred.bound,
                                      driver_s=pred.overhead_s, device_memory=hw.memory,
@@ -184,10 +187,11 @@ def format_plan(summary: dict[str, Any]) -> str:
         lines.append(f"predicted on {pred['hardware']}: {pred['step_s'] * 1e3:,.2f} ms per step, "
                      f"{pred['tokens_per_s']:,.0f} tokens/s, MFU {pred['mfu']:.1%} "
                      f"({pred['model_flops'] / 1e12:,.3f} TFLOP per step); bound by {pred['bound']}")
-        lines.append(f"{'rank':>6} {'finish ms':>10} {'compute ms':>11} {'comm wait ms':>13} {'idle ms':>9}  memory")
+        lines.append(f"{'rank':>6} {'finish ms':>10} {'compute ms':>11} {'comm wait ms':>13} {'shared ms':>10} "
+                     f"{'idle ms':>9}  memory")
         for r in summary["ranks"]:
             q = r["predicted"]
             fits = "fits" if q["fits"] else f"does NOT fit in {pred['device_memory'] / 2**30:.0f} GiB"
             lines.append(f"{r['rank']:>6} {q['finish_s'] * 1e3:10.2f} {q['compute_s'] * 1e3:11.2f} "
-                         f"{q['comm_wait_s'] * 1e3:13.2f} {q['idle_s'] * 1e3:9.2f}  {fits}")
+                         f"{q['comm_wait_s'] * 1e3:13.2f} {q['shared_cores_s'] * 1e3:10.2f} {q['idle_s'] * 1e3:9.2f}  {fits}")
     return "\n".join(lines)

@@ -345,6 +345,7 @@ class RankCost:
     rank: int
     compute_s: float = 0.0       # time spent in compute and update firings
     memory_bound_s: float = 0.0  # the part of it set by memory bandwidth rather than FLOP/s
+    shared_s: float = 0.0        # time its firings were slowed by other ranks on the same cores
     overhead_s: float = 0.0      # runtime work per firing
     comm_s: float = 0.0          # time a rank waited on communication with nothing else to do
     idle_s: float = 0.0          # time with nothing ready (pipeline bubbles, waiting for peers)
@@ -401,7 +402,7 @@ def predict(plan, hw: Hardware, *, world: int | None = None, feed_bytes: int | N
 def _extend(a: RankCost, b: RankCost, steps: float) -> RankCost:
     """``a`` plus ``steps`` times the difference ``b - a``, field by field."""
     out = RankCost(rank=a.rank, bytes_sent=b.bytes_sent, memory=b.memory)
-    for name in ("compute_s", "memory_bound_s", "overhead_s", "comm_s", "idle_s", "finish_s"):
+    for name in ("compute_s", "memory_bound_s", "shared_s", "overhead_s", "comm_s", "idle_s", "finish_s"):
         setattr(out, name, getattr(a, name) + steps * (getattr(b, name) - getattr(a, name)))
     out.flops = int(a.flops + steps * (b.flops - a.flops))
     return out
@@ -413,7 +414,8 @@ def _bound(costs: list[RankCost], span: float, driver: float) -> str:
     slowest = max(costs, key=lambda c: c.finish_s)
     shares = {"compute": slowest.compute_s - slowest.memory_bound_s, "memory bandwidth": slowest.memory_bound_s,
               "runtime overhead per firing": slowest.overhead_s, "communication": slowest.comm_s,
-              "pipeline idle": slowest.idle_s, "driver overhead per step": driver}
+              "pipeline idle": slowest.idle_s, "cores shared between ranks": slowest.shared_s,
+              "driver overhead per step": driver}
     return max(shares, key=shares.get)
 
 
@@ -431,7 +433,7 @@ class _Task:
 
 @dataclass
 class _Node:
-    running: dict = field(default_factory=dict)  # id(task) -> [work left at full speed, task, then]
+    running: dict = field(default_factory=dict)  # id(task) -> [work left, task, then, start, work at full speed]
     rate: float = 1.0
     last: float = 0.0
     version: int = 0
@@ -601,7 +603,7 @@ class _Simulation:
         key = t.rank // self.hw.devices_per_node if self.parallel else t.rank
         node = self.nodes.setdefault(key, _Node())
         self._progress(node, now)
-        node.running[id(t)] = [work, t, then]
+        node.running[id(t)] = [work, t, then, now, work]
         self._reschedule(node, now)
 
     def _progress(self, node: _Node, now: float) -> None:
@@ -613,7 +615,7 @@ class _Simulation:
         n = len(node.running)
         node.rate = min(1.0, self._throughput(n) / n) if self.parallel and n else 1.0
         node.version += 1
-        for work, t, _ in node.running.values():
+        for work, t, *_ in node.running.values():
             self._at(now + max(work, 0.0) / node.rate, self._ran, node, node.version, t)
 
     def _throughput(self, n: int) -> float:
@@ -631,7 +633,8 @@ class _Simulation:
         if version != node.version:
             return  # superseded: the node's sharing changed since this was scheduled
         self._progress(node, now)
-        _, _, then = node.running.pop(id(t))
+        _, _, then, started, full_speed = node.running.pop(id(t))
+        self.costs_by_rank[t.rank].shared_s += max(0.0, (now - started) - full_speed)
         self._reschedule(node, now)
         then(now, t)
 
@@ -763,7 +766,7 @@ class _Simulation:
         for r in sorted(self.costs_by_rank):
             c = self.costs_by_rank[r]
             busy = c.compute_s + c.overhead_s
-            c.idle_s = max(0.0, c.finish_s - busy - c.comm_s)
+            c.idle_s = max(0.0, c.finish_s - busy - c.comm_s - c.shared_s)
             out.append(c)
         return out
 
