@@ -213,18 +213,7 @@ class RankRuntime:
         for g in grad_of:
             if g in self.sums:
                 env[g] = self.sums[g] if k == 1 else (self.sums[g] / k).astype(self.sums[g].dtype)
-        for op in self.optimizer_ops:
-            start = time.time()
-            self.current = f"{op.op} (op {op.id}, optimizer phase)"
-            if op.kind == "update":  # in place; its output is the updated input
-                update(op, env[op.inputs[0]], env[op.inputs[1]])
-                env[op.outputs[0]] = env[op.inputs[0]]
-            elif op.op == "assign":  # ZeRO: the gathered updated shards into the variable
-                env[op.inputs[0]][...] = env[op.inputs[1]]
-                env[op.outputs[0]] = env[op.inputs[0]]
-            else:
-                self._run_blocking(op, env, OPTIMIZER_PIECE)
-            self._note(op, OPTIMIZER_PIECE, start)
+        self._optimizer_phase(env, update)
         self.current = "idle"
         outs = []
         for vid in outputs:
@@ -235,6 +224,80 @@ class RankRuntime:
             else:
                 outs.append(None)
         return outs
+
+    def _optimizer_phase(self, env: dict, update: Callable) -> None:
+        """Gradient boxing, updates and ZeRO's gathers, in dataflow order: an op runs once its
+        inputs are in ``env``, a collective starts then and stays in flight while others run
+        (every gradient's all-reduce at once, as DDP overlaps its buckets), a receive runs once
+        its message is here. Tags keep concurrent collectives apart on every rank."""
+        pending = list(self.optimizer_ops)
+        inflight: list[list] = []  # [op, schedule, group ranks, tag, rank awaited, start]
+        mailbox = self.comm.mailbox
+        seen, idle_since = mailbox.arrivals, None
+        while pending or inflight:
+            progressed, waiting = False, []
+            for op in pending:
+                if any(i not in env for i in op.inputs) or (
+                        op.kind == "recv" and not mailbox.ready(self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE))):
+                    waiting.append(op)
+                    continue
+                progressed = True
+                start = time.time()
+                self.current = f"{op.op} (op {op.id}, optimizer phase)"
+                if op.kind == "collective":
+                    group = list(op.group)
+                    gen = _collective(op.op, decode_attrs(op.attrs), group.index(self.rp.rank), len(group),
+                                      env[op.inputs[0]])
+                    entry = [op, gen, group, tag(op.channel, OPTIMIZER_PIECE), None, start]
+                    if not self._advance_phase(entry, None, env):
+                        inflight.append(entry)
+                    continue
+                if op.kind == "update":  # in place; its output is the updated input
+                    update(op, env[op.inputs[0]], env[op.inputs[1]])
+                    env[op.outputs[0]] = env[op.inputs[0]]
+                elif op.op == "assign":  # ZeRO: the gathered updated shards into the variable
+                    env[op.inputs[0]][...] = env[op.inputs[1]]
+                    env[op.outputs[0]] = env[op.inputs[0]]
+                else:
+                    self._run_blocking(op, env, OPTIMIZER_PIECE)
+                self._note(op, OPTIMIZER_PIECE, start)
+            pending = waiting
+            for entry in list(inflight):
+                src = self.index[entry[4]]
+                if mailbox.ready(src, entry[3]):
+                    progressed = True
+                    if self._advance_phase(entry, mailbox.try_take(src, entry[3]), env):
+                        inflight.remove(entry)
+            if progressed:
+                idle_since = None
+                continue
+            waits = [dict(op=e[0].id, name=e[0].op, piece=OPTIMIZER_PIECE, peer=e[4], group=list(e[0].group),
+                          channel=e[0].channel) for e in inflight]
+            waits += [dict(op=op.id, name="recv", piece=OPTIMIZER_PIECE, peer=op.peer, group=[], channel=op.channel)
+                      for op in pending if op.kind == "recv" and all(i in env for i in op.inputs)]
+            now = time.monotonic()
+            idle_since = idle_since or now
+            if now - idle_since > self.timeout:
+                raise Stalled(self.rp.rank, waits, self.timeout)
+            try:
+                seen = mailbox.wait(seen, min(0.05, self.timeout))
+            except CommError as e:  # told to stop (another rank failed) or a peer unreachable
+                raise Stalled(self.rp.rank, waits, self.timeout, str(e)) from e
+
+    def _advance_phase(self, entry: list, value, env: dict) -> bool:
+        """Step an optimizer-phase collective until it waits for a message (False) or is done."""
+        op, gen, group, t = entry[0], entry[1], entry[2], entry[3]
+        try:
+            step = gen.send(value)
+            while isinstance(step, alg.Send):
+                self.comm.post(step.array, self.index[group[step.peer]], t)
+                step = gen.send(None)
+        except StopIteration as stop:
+            env[op.outputs[0]] = stop.value
+            self._note(op, OPTIMIZER_PIECE, entry[5])
+            return True
+        entry[4] = group[step.peer]
+        return False
 
     def _loop(self) -> None:
         total = len(self.actors) * self.k

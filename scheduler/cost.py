@@ -12,7 +12,8 @@ measured:
   bytes each rank sends under that algorithm (the plan's ``Op.nbytes``);
 - each rank runs one actor at a time, forward work first then the oldest micro-batch, and
   holds at most as many micro-batches as it has registers; per-step ops come before the
-  micro-batches and the optimizer after them, as in ``actors.runtime``. Pipeline bubbles and
+  micro-batches, one at a time, and the optimizer phase after them in dataflow order with its
+  collectives in flight together, as in ``actors.runtime``. Pipeline bubbles and
   the overlap of communication with compute fall out of the simulation, not a formula;
 - where devices share a host's cores (a simulated cluster on one machine), kernels slow down by
   ranks per core, and, for ranks that are threads of one process, the runtime's Python work is
@@ -513,12 +514,11 @@ class _Simulation:
         for t in body:  # per-step ops run before the micro-batches, the optimizer after them
             for p in pre:
                 self._edge(p, t)
-        # per-step and optimizer-phase ops run one at a time, in plan order, a collective
-        # blocking its rank until it completes (actors.runtime._run_blocking)
-        opt_phase = [t for t in tasks.values() if t.piece == _OPT]
-        for chain in (pre, opt_phase):
-            for a, b in zip(chain, chain[1:]):
-                self._edge(a, b)
+        # per-step ops run one at a time, in plan order, a collective blocking its rank until it
+        # completes (actors.runtime._run_blocking); the optimizer phase runs in dataflow order
+        # with its collectives in flight together
+        for a, b in zip(pre, pre[1:]):
+            self._edge(a, b)
         opt = [t for t in tasks.values() if t.piece == _OPT]
         last = [t for t in body if not t.dependents or all(d.piece == _OPT for d in t.dependents)]
         for t in opt:
@@ -708,10 +708,10 @@ class _Simulation:
 
     def _joined(self, now: float, t: _Task) -> None:
         """A collective's member has done its share of the algorithm's local work: the rank is
-        free (unless the collective blocks it: per-step and optimizer phases); the op ends one
+        free (unless the collective blocks it: per-step ops); the op ends one
         message schedule after the last member has joined."""
         r, op = t.rank, t.op
-        self.busy[r] = t.piece in (_PRE, _OPT)
+        self.busy[r] = t.piece == _PRE
         key = (op.channel, t.piece)
         members = [m for m in op.group if m in self.present]
         self.joins[key].append((now, t))
@@ -732,7 +732,7 @@ class _Simulation:
                    key=lambda lk: lk.latency + 1.0 / lk.bandwidth + lk.overhead, default=self.hw.intra_node)
 
     def _collective_done(self, now: float, t: _Task) -> None:
-        if t.piece in (_PRE, _OPT):
+        if t.piece == _PRE:
             self.busy[t.rank] = False
         self._done(t, now)
         self._dispatch(t.rank, now)

@@ -210,7 +210,7 @@ def test_long_pipelines_are_extended_exactly():
     assert extended.step_s == pytest.approx(max(c.finish_s for c in full.costs()), rel=1e-6)
 
 
-def test_optimizer_phase_collectives_run_one_at_a_time():
+def test_optimizer_phase_collectives_are_in_flight_together():
     P = fs.placement("cpu", [0, 1])
     layers = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)])
     layers.to_global(P, B)
@@ -233,8 +233,9 @@ def test_optimizer_phase_collectives_run_one_at_a_time():
     hw = _ideal(intra_node=Link(float("inf"), latency), memory_bandwidth=float("inf"), peak_flops={"float32": 1e30})
     grads = sum(op.kind == "collective" and op.phase == "optimizer" for op in g.plan().ranks[0].ops)
     assert grads >= 6
-    # each gradient all-reduce over 2 ranks is 2 messages, one after another, and they queue
-    assert predict(g.plan(), hw).step_s >= grads * 2 * latency
+    # each gradient all-reduce over 2 ranks is 2 messages, one after another; the gradients'
+    # all-reduces overlap (the runtime starts each as soon as its gradient is summed)
+    assert predict(g.plan(), hw).step_s == pytest.approx(2 * latency, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------- flowsys plan

@@ -129,3 +129,13 @@ def test_summary_and_nothing_recorded_outside_the_context(profiled, tmp_path):
     step(idx, idx)
     assert len(inner.steps) == 1 and inner.path is None
     assert inner.save(tmp_path / "x" / "t.json").endswith("t.json")
+
+
+def test_the_optimizer_phase_keeps_its_gradient_collectives_in_flight_together(profiled):
+    _, prof, _, _ = profiled
+    for rank in range(4):
+        spans = sorted((f.start, f.end) for f in prof.steps[1]
+                       if f.rank == rank and f.phase == "optimizer" and f.kind == "collective")
+        assert len(spans) > 1
+        # a later all-reduce starts before an earlier one has finished: they overlap
+        assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), rank
