@@ -4,17 +4,21 @@
 of a hardware spec (``scheduler/cost.py``) so that the model, run on the probes' own plans,
 reproduces their measured times:
 
-- ``op_overhead`` and ``step_overhead``: a chain of trivial ops on one rank, at two lengths (the
-  slope is the cost per actor firing beyond its kernel, the intercept the driver's per step);
+- ``op_overhead`` and ``step_overhead``: a chain of trivial ops on one rank at two lengths (the
+  slope is the runtime's cost per actor firing beyond its kernel; the driver's share of a step
+  is its time outside the ranks' firings);
+- ``kernel_scale``: a one-layer GPT of a small transformer's shapes on one rank (kernels run
+  slower inside a step than timed alone and warm: cold caches, fresh outputs);
 - ``wire_bandwidth``: a step that trains one 4 MiB parameter (fed and collected by the driver);
-- ``intra_node`` link latency and bandwidth: 2 ranks passing a tensor back and forth by
-  all-gather, at 8 bytes and at 4 MiB;
-- ``parallel_ranks``: the same compute chain on 1 rank and on 2 ranks at once (how many ranks
-  of one machine run at full speed together: about 1 under one interpreter lock, up to the
-  cores for processes).
+- ``parallel_ranks`` and ``rank_overhead``: a matmul/GELU/layer-norm mix on 1, 2 and 4 ranks at
+  once (what n busy ranks of one machine achieve together: below 1 under one interpreter lock,
+  up to the cores for processes; and how the driver's share grows per rank);
+- the ``intra_node`` link: many small all-gathers between 2 ranks in flight at once (the
+  transport's CPU work per message), the same one after another (latency), and 4 MiB ones
+  (bandwidth).
 
 None of the probes is a model the calibration is then judged on (``benchmarks/bench_costmodel.py``
-compares predictions with GPT steps). ``write_spec`` saves the result as a hardware YAML.
+compares predictions with two-layer GPT steps). ``as_yaml`` writes the result as a hardware spec.
 """
 
 from __future__ import annotations
@@ -109,23 +113,26 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     hw = load_hardware(base, backend)
     one = placement("cpu", [0])
 
-    # the driver's share of a step: its time outside the ranks' firings, for a short chain
+    # the runtime's cost per firing beyond its kernel: a chain of trivial ops at two lengths;
+    # the driver's share of a step: its time outside the ranks' firings
     x = fs.zeros((4,)).to_global(one, broadcast)
-    t_chain, span_chain = _measure(_Chain(50), (x,), repeats)
-    step_overhead = max(0.0, t_chain - span_chain)
+    short, long_ = _Chain(50), _Chain(400)
+    (t_short, span_short), (_, span_long) = _measure(short, (x,), repeats), _measure(long_, (x,), repeats)
+    free = hw.replace(op_overhead=0.0)
+    firings = len(long_.plan().ranks[0].ops) - len(short.plan().ranks[0].ops)
+    op_overhead = ((span_long - _span(long_.plan(), free)) - (span_short - _span(short.plan(), free))) / firings
+    hw = hw.replace(op_overhead=max(0.0, op_overhead), step_overhead=max(0.0, t_short - span_short))
 
-    # the cost of a firing beyond its kernel timed alone (cold): fitted on a one-layer GPT
-    # (not a model the calibration is judged on)
+    # kernels inside a step against kernels timed alone (warm): one factor, fitted on a
+    # one-layer GPT (not a model the calibration is judged on)
     probe, (idx,) = _probe_gpt(one)
     _, span_probe = _measure(probe, (idx, idx), repeats)
-    firings = sum(len(rp.ops) for rp in probe.plan().ranks)
-    zero = hw.replace(op_overhead=0.0)
-    op_overhead = (span_probe - _span(probe.plan(), zero)) / max(1, firings)  # ops run once: micro_batches 1
-    hw = hw.replace(op_overhead=max(-5e-5, op_overhead), step_overhead=step_overhead)
+    hw = hw.replace(kernel_scale=_fit(lambda k: _span(probe.plan(), hw.replace(kernel_scale=k)), span_probe, 0.5, 5.0))
+    step_overhead = hw.step_overhead
 
-    mix = _Mix(30)
+    mix, steady = _Mix(60), max(repeats, 11)  # the sharing probes decide the most: measured longest
     _, span_mix = _measure(mix, (fs.randn(512, 64).to_global(one, broadcast),
-                                 fs.randn(64, 64).to_global(one, broadcast)), repeats)
+                                 fs.randn(64, 64).to_global(one, broadcast)), steady)
 
     # the driver's feed: one 4 MiB parameter trained per step, fed and collected
     layer = nn.Linear(1024, 1024, bias=False)
@@ -140,7 +147,7 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     for n in (2, 4):
         mesh = placement("cpu", list(range(n)))
         w = fs.randn(64, 64).to_global(mesh, broadcast)
-        t, span = _measure(_Mix(30), (fs.randn(512 * n, 64).to_global(mesh, split(0)), w), repeats)
+        t, span = _measure(_Mix(60), (fs.randn(512 * n, 64).to_global(mesh, split(0)), w), steady)
         parallel[n] = float(np.clip(n * span_mix / span, 0.25, hw.cores_per_node or 1))
         driver[n] = t - span
     # the driver's cost per rank: how its share of a step grows from 2 to 4 ranks
@@ -172,15 +179,17 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     return hw.replace(name=f"{hw.name} ({backend} backend, calibrated)")
 
 
-def _probe_gpt(mesh):
+def _probe_gpt(mesh, rows: int = 16, block: int = 64, width: int = 64):
+    """A one-layer GPT with vocabulary 128: kernels of a small transformer's shapes (by default
+    those of 16 sequences of 64 tokens, width 64)."""
     import flowsys as fs  # noqa: PLC0415
     from flowsys.models import GPT, GPTConfig  # noqa: PLC0415
 
     fs.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=128, block_size=32, n_layer=1, n_head=2, n_embd=64))
+    model = GPT(GPTConfig(vocab_size=128, block_size=block, n_layer=1, n_head=4, n_embd=width))
     model.to_global(mesh, broadcast)
     step = _GPTStep(model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95)))
-    idx = fs.tensor(np.random.default_rng(0).integers(0, 128, (16, 32))).to_global(mesh, split(0))
+    idx = fs.tensor(np.random.default_rng(0).integers(0, 128, (rows, block))).to_global(mesh, split(0))
     return step, (idx,)
 
 

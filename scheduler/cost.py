@@ -137,16 +137,14 @@ class Hardware:
     devices_per_node: int
     intra_node: Link
     inter_node: Link
-    # seconds of runtime work per actor firing; with measured kernels, the difference between a
-    # firing and its kernel timed alone from cold caches (which may be below zero)
-    op_overhead: float = 2e-5
+    op_overhead: float = 2e-5        # seconds of runtime work per actor firing, beyond its kernel
     step_overhead: float = 1e-3      # the driver's fixed cost per step
     rank_overhead: float = 0.0       # ... and its cost per rank it drives
     wire_bandwidth: float = 1e9      # bytes/s at which the driver feeds and collects a step's tensors
     cores_per_node: int | None = None  # set when devices share a node's cores (simulated devices)
     shared_interpreter: bool = False   # devices are threads of one Python process (the local backend)
     kernels: str = "roofline"          # or "measure": time each distinct kernel once on this machine
-    kernel_scale: float = 1.0          # measured kernels run this much slower inside the backend's workers
+    kernel_scale: float = 1.0          # measured kernels run this much slower inside a step's firings
     # what n ranks running at once on a node achieve together, in ranks at full speed: a number
     # (the same for every n) or {n: throughput} measured (default: the cores, or 1 under one interpreter)
     parallel_ranks: float | dict[int, float] | None = None
@@ -261,8 +259,10 @@ _MEASURE_LIMIT = 256 << 20  # kernels touching more bytes than this are not time
 
 def measure_kernel(name: str, inputs: list[tuple[tuple[int, ...], np.dtype]], attrs: dict) -> float:
     """Seconds one registered op's kernel takes on inputs of these shapes and dtypes on this
-    machine (best of three, after a warm-up), measured once per process per distinct call.
-    Integer inputs are zeros (valid indices for every gather), floats are normal samples."""
+    machine (best of five, warm, after a warm-up), measured once per process per distinct call.
+    Integer inputs are zeros (valid indices for every gather), floats are normal samples. Inside
+    a step kernels run slower (cold caches, fresh outputs): ``Hardware.kernel_scale`` says how
+    much, as fitted by ``flowsys.calibrate``."""
     from flowsys.ops import OPS  # noqa: PLC0415
 
     key = (name, tuple((s, d.str) for s, d in inputs), repr(sorted(attrs.items())))
@@ -279,7 +279,7 @@ def measure_kernel(name: str, inputs: list[tuple[tuple[int, ...], np.dtype]], at
         kernel = OPS[name].kernel
         try:
             kernel(np, *arrays, **attrs)
-            _kernel_times[key] = _cold(lambda: kernel(np, *arrays, **attrs))
+            _kernel_times[key] = min(_timed(lambda: kernel(np, *arrays, **attrs)) for _ in range(5))
         except Exception:  # noqa: BLE001 - inputs the kernel rejects (data-dependent ops): no time known
             _kernel_times[key] = 0.0
     return _kernel_times[key]
@@ -301,28 +301,6 @@ def measure_collective(name: str, attrs: dict, x: tuple[tuple[int, ...], np.dtyp
         except Exception:  # noqa: BLE001 - an algorithm this probe cannot drive: copies only
             _kernel_times[key] = 2 * _numel(x[0]) * x[1].itemsize / probe_memory_bandwidth()
     return _kernel_times[key]
-
-
-_flush = None
-
-
-def _cold(fn, repeats: int = 3) -> float:
-    """The median time of ``fn`` with the CPU caches flushed before each run: inside a training
-    step a kernel's inputs were written by other kernels and its output is fresh memory."""
-    global _flush
-    if _flush is None:
-        _flush = np.ones(4 << 20)  # 32 MiB, larger than the last-level cache of most CPUs
-    times, empty = [], []
-    for _ in range(repeats):
-        _flush += 1.0
-        times.append(_timed(fn))
-        _flush += 1.0
-        empty.append(_timed(_nothing))  # what a cold call costs by itself: the runtime's overhead counts it
-    return max(0.0, sorted(times)[len(times) // 2] - sorted(empty)[len(empty) // 2])
-
-
-def _nothing() -> None:
-    return None
 
 
 def _timed(fn) -> float:
