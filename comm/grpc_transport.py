@@ -287,8 +287,12 @@ class GrpcCommunicator(Communicator):
         chunks = iter(chunks)
         with self._incoming_done:
             self._incoming[src] += 1
+        goodbye, said_goodbye = _goodbye(src), False
         try:
             while (first := next(chunks, None)) is not None:
+                if first == goodbye:
+                    said_goodbye = True
+                    continue
                 self.mailbox.put(src, *self._receive(src, first, chunks))  # no reference kept here
         except _Malformed as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {self.rank}, from rank {src}: {e}")
@@ -308,6 +312,11 @@ class GrpcCommunicator(Communicator):
                 self._incoming[src] -= 1
                 last = self._incoming[src] == 0
                 self._incoming_done.notify_all()
+        if not said_goodbye:  # the stream ended without the sender closing: it died
+            if not self._closed:
+                self.mailbox.fail(CommError(f"rank {self.rank}: the stream from rank {src} ended without a "
+                                            f"goodbye; is rank {src} alive?"))
+            return wire_pb2.Ack()
         if last and (peer := self._peers.get(src)) is not None:  # the sender ended its stream: it is closing
             peer.left = True
             peer.queue.put(None)  # so end ours to it, after what is queued: its server can stop quietly
@@ -387,6 +396,7 @@ class GrpcCommunicator(Communicator):
                 return
             self._closed = True
         for peer in self._peers.values():
+            peer.queue.put([_goodbye(self.rank)])  # a stream that ends without this means its sender died
             peer.queue.put(None)
         deadline = time.monotonic() + min(self.timeout, 10.0)
         told = set()  # the peers that took everything and know we are leaving
@@ -418,6 +428,12 @@ def _join_host_port(host: str, port: int) -> str:
 def _split_host(address: str) -> str:
     host = address.rsplit(":", 1)[0]
     return host[1:-1] if host.startswith("[") else host
+
+
+@functools.lru_cache(maxsize=None)
+def _goodbye(src: int) -> bytes:
+    """The chunk rank ``src`` sends last on each stream when it closes."""
+    return wire_pb2.Chunk(has_header=True, src=src, goodbye=True).SerializeToString()
 
 
 def _outgoing(messages: queue.SimpleQueue):

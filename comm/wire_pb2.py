@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nwire.proto\x12\x0c\x66lowsys.comm\"\x98\x01\n\x05\x43hunk\x12\x12\n\nhas_header\x18\x01 \x01(\x08\x12\x0b\n\x03src\x18\x02 \x01(\x03\x12\x0b\n\x03tag\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0e\n\x06nbytes\x18\x06 \x01(\x03\x12\x10\n\x08shm_name\x18\x07 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x13\n\x0bshm_dropped\x18\t \x03(\t\"\x05\n\x03\x41\x63k2@\n\tTransport\x12\x33\n\x07\x44\x65liver\x12\x13.flowsys.comm.Chunk\x1a\x11.flowsys.comm.Ack(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nwire.proto\x12\x0c\x66lowsys.comm\"\xa9\x01\n\x05\x43hunk\x12\x12\n\nhas_header\x18\x01 \x01(\x08\x12\x0b\n\x03src\x18\x02 \x01(\x03\x12\x0b\n\x03tag\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0e\n\x06nbytes\x18\x06 \x01(\x03\x12\x10\n\x08shm_name\x18\x07 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x13\n\x0bshm_dropped\x18\t \x03(\t\x12\x0f\n\x07goodbye\x18\n \x01(\x08\"\x05\n\x03\x41\x63k2@\n\tTransport\x12\x33\n\x07\x44\x65liver\x12\x13.flowsys.comm.Chunk\x1a\x11.flowsys.comm.Ack(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wire_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHUNK']._serialized_start=29
-  _globals['_CHUNK']._serialized_end=181
-  _globals['_ACK']._serialized_start=183
-  _globals['_ACK']._serialized_end=188
-  _globals['_TRANSPORT']._serialized_start=190
-  _globals['_TRANSPORT']._serialized_end=254
+  _globals['_CHUNK']._serialized_end=198
+  _globals['_ACK']._serialized_start=200
+  _globals['_ACK']._serialized_end=205
+  _globals['_TRANSPORT']._serialized_start=207
+  _globals['_TRANSPORT']._serialized_end=271
 # @@protoc_insertion_point(module_scope)

@@ -228,13 +228,25 @@ def test_malformed_messages_are_rejected_and_the_server_keeps_serving():
         # still serving: a stream of three messages (the last in two chunks), then the transport's own
         three = (message(tag=5) + message(tag=5, dtype="<i8", shape=(2, 0))
                  + message(tag=5, dtype="|u1", shape=(3,), nbytes=3, data=b"ab")
-                 + [wire_pb2.Chunk(data=b"c").SerializeToString()])
+                 + [wire_pb2.Chunk(data=b"c").SerializeToString()]
+                 + [wire_pb2.Chunk(has_header=True, src=0, goodbye=True).SerializeToString()])  # a sender closing
         call(iter(three), metadata=AS_RANK_0, timeout=10)
         a.send(np.full(3, 7.0), 1, tag=5)
         np.testing.assert_array_equal(b.recv(0, tag=5), np.arange(4, dtype=np.float32))
         assert b.recv(0, tag=5).shape == (2, 0)
         assert b.recv(0, tag=5).tobytes() == b"abc"
         np.testing.assert_array_equal(b.recv(0, tag=5), np.full(3, 7.0))
+
+
+@pytest.mark.timeout(30)
+def test_a_stream_that_ends_without_goodbye_means_its_sender_died():
+    """A closing communicator ends each stream with a goodbye chunk; a stream cut off without
+    one (the sender's process died) fails the receiver's mailbox, naming the sender."""
+    with world(2) as (a, b), raw_client(b.address) as call:
+        call(iter(message(tag=3)), metadata=AS_RANK_0, timeout=10)  # a message, then the stream just ends
+        np.testing.assert_array_equal(b.mailbox.try_take(0, 3), np.arange(4, dtype=np.float32))
+        with pytest.raises(comm.CommError, match=r"from rank 0 ended without a goodbye"):
+            b.recv(0, tag=4)
 
 
 def test_data_chunks_are_protobuf_encoded():
