@@ -5,7 +5,8 @@ bubble (p - 1) / (m + p - 1), for p = 2 and 4 stages and m = 4 and 8 micro-batch
                                         [--out benchmarks/results/bench_pipeline.json]
 
 The model is p identical stages (Linear-GELU-Linear, width ``--width``, 256 rows per
-micro-batch), stage s on rank s via ``set_stage``, trained with SGD in graph mode on the chosen
+micro-batch; the first stage also scales its input by a learnt vector, so that it computes its
+input's gradient like the others), stage s on rank s via ``set_stage``, trained with SGD in graph mode on the chosen
 backend (``ray``: one worker process per stage, so stages really run at once; ``local``: threads
 of one process, where the GIL serialises the Python between kernels).
 
@@ -33,13 +34,27 @@ from flowsys import nn, optim
 B = fs.sbp.broadcast
 
 
+class Scale(nn.Module):
+    """``x * scale``, a learnt per-feature scale: in front of the first stage it makes that stage
+    compute its input's gradient too, so all stages do the same work (the bubble formula's
+    premise; without it the first stage skips a quarter of its backward and idles longer)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.scale = nn.Parameter(fs.ones(width))
+
+    def forward(self, x):
+        return x * self.scale
+
+
 class Pipeline(fs.Graph):
     def __init__(self, stages: int, micro: int, width: int, rows: int = 256):
         super().__init__()
         fs.manual_seed(0)
         self.placements = [fs.placement("cpu", [s]) for s in range(stages)]
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
-                                     for _ in range(stages)])
+        self.blocks = nn.ModuleList([nn.Sequential(*([Scale(width)] if s == 0 else []), nn.Linear(width, width),
+                                                   nn.GELU(), nn.Linear(width, width))
+                                     for s in range(stages)])
         for s, block in enumerate(self.blocks):
             block.set_stage(s, self.placements[s])
         self.add_optimizer(optim.SGD(self.blocks.parameters(), lr=1e-3))
