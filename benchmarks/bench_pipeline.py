@@ -6,9 +6,10 @@ bubble (p - 1) / (m + p - 1), for p = 2 and 4 stages and m = 4 and 8 micro-batch
 
 The model is p identical stages (Linear-GELU-Linear, width ``--width``, 256 rows per
 micro-batch; the first stage also scales its input by a learnt vector, so that it computes its
-input's gradient like the others), stage s on rank s via ``set_stage``, trained with SGD in graph mode on the chosen
-backend (``ray``: one worker process per stage, so stages really run at once; ``local``: threads
-of one process, where the GIL serialises the Python between kernels).
+input's gradient like the others), stage s on rank s via ``set_stage``, trained with SGD in
+graph mode on the chosen backend (``ray``: one worker process per stage, so stages really run
+at once; ``local``: threads of one process, where the GIL serialises the Python between
+kernels).
 
 How idle is measured: for each step, the span is from the first to the last firing of the
 micro-batch phase on any rank (per-step and optimizer-phase firings excluded); a stage's busy
