@@ -28,22 +28,10 @@ import numpy as np
 
 import flowsys as fs
 from flowsys.calibrate import _Chain
-from flowsys.models import GPT, GPTConfig
+from flowsys.plan import build, layout
+from flowsys.train import job_from_dict
 
 TINY = dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64)
-
-
-class Step(fs.Graph):
-    def __init__(self, model, opt):
-        super().__init__()
-        self.model = model
-        self.add_optimizer(opt)
-        self.config.executor = "plans"
-
-    def build(self, idx, targets):
-        _, loss = self.model(idx, targets)
-        loss.backward()
-        return loss
 
 
 def _median_step(graph, args, repeats: int) -> float:
@@ -68,13 +56,13 @@ def per_firing(repeats: int) -> dict:
 
 
 def recording(repeats: int) -> dict:
+    job = job_from_dict({"model": TINY, "data": {"batch_size": 16}, "parallel": {"dp": 2, "tp": 2}})
     fs.manual_seed(0)
-    mesh = fs.placement("cpu", [[0, 1], [2, 3]])
-    model = GPT(GPTConfig(**TINY))
-    model.to_global(mesh, GPT.parallel_plan(mesh, dp_axis=0, tp_axis=1))
-    step = Step(model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95)))
+    placements = layout(job, 4)
+    _, _, step = build(job, placements)
+    step.config.executor = "plans"
     idx = fs.tensor(np.random.default_rng(0).integers(0, 256, (16, 64))).to_global(
-        mesh, (fs.sbp.split(0), fs.sbp.broadcast))
+        placements[0], (fs.sbp.split(0), fs.sbp.broadcast))
     for _ in range(3):
         step(idx, idx)
     plain, recorded = [], []

@@ -35,13 +35,21 @@ from flowsys.sbp import broadcast, split
 from scheduler.cost import Hardware, Link, load_hardware, predict
 
 
-class _Chain(Graph):
-    """``n`` dependent trivial ops."""
+class _Probe(Graph):
+    """A probe: ``n`` links of a chain (``build`` says of what), run as per-rank plans; with a
+    module, trained by ``opt``."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int = 0, module=None, opt=None):
         super().__init__()
         self.n = n
+        if module is not None:
+            self.module = module
+            self.add_optimizer(opt)
         self.config.executor = "plans"
+
+
+class _Chain(_Probe):
+    """``n`` dependent trivial ops."""
 
     def build(self, x):
         for _ in range(self.n):
@@ -49,13 +57,8 @@ class _Chain(Graph):
         return x
 
 
-class _Ring(Graph):
+class _Ring(_Probe):
     """``n`` all-gathers between the ranks of ``x``'s placement (each followed by a local slice)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-        self.config.executor = "plans"
 
     def build(self, x):
         for _ in range(self.n):
@@ -63,15 +66,11 @@ class _Ring(Graph):
         return x
 
 
-class _Train(Graph):
-    def __init__(self, layer, opt):
-        super().__init__()
-        self.layer = layer
-        self.add_optimizer(opt)
-        self.config.executor = "plans"
+class _Train(_Probe):
+    """One training step of ``module`` on ``x``."""
 
     def build(self, x):
-        loss = self.layer(x).sum()
+        loss = self.module(x).sum()
         loss.backward()
         return loss
 
@@ -125,7 +124,7 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
 
     # kernels inside a step against kernels timed alone (warm): one factor, fitted on a
     # one-layer GPT (not a model the calibration is judged on)
-    probe, (idx,) = _probe_gpt(one)
+    probe, (idx,) = _probe_gpt()
     _, span_probe = _measure(probe, (idx, idx), repeats)
     hw = hw.replace(kernel_scale=_fit(lambda k: _span(probe.plan(), hw.replace(kernel_scale=k)), span_probe, 0.5, 5.0))
     step_overhead = hw.step_overhead
@@ -136,7 +135,7 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
 
     # the driver's feed: one 4 MiB parameter trained per step, fed and collected
     layer = nn.Linear(1024, 1024, bias=False)
-    train = _Train(layer, optim.SGD(layer.parameters(), lr=1e-6))
+    train = _Train(0, layer, optim.SGD(layer.parameters(), lr=1e-6))
     t_train, span_train = _measure(train, (fs.ones((1, 1024)),), repeats)
     extra = max(1e-6, (t_train - span_train) - step_overhead)
     hw = hw.replace(wire_bandwidth=_fed_bytes(train.plan()) / extra)
@@ -179,31 +178,21 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     return hw.replace(name=f"{hw.name} ({backend} backend, calibrated)")
 
 
-def _probe_gpt(mesh, rows: int = 16, block: int = 64, width: int = 64):
-    """A one-layer GPT with vocabulary 128: kernels of a small transformer's shapes (by default
-    those of 16 sequences of 64 tokens, width 64)."""
+def _probe_gpt(rows: int = 16, block: int = 64, width: int = 64):
+    """A one-layer GPT with vocabulary 128 on one device, and its input: kernels of a small
+    transformer's shapes (by default those of 16 sequences of 64 tokens, width 64)."""
     import flowsys as fs  # noqa: PLC0415
-    from flowsys.models import GPT, GPTConfig  # noqa: PLC0415
+    from flowsys.plan import build, layout  # noqa: PLC0415
+    from flowsys.train import job_from_dict  # noqa: PLC0415
 
+    job = job_from_dict({"model": dict(vocab_size=128, block_size=block, n_layer=1, n_head=4, n_embd=width),
+                         "data": {"batch_size": rows}})
     fs.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=128, block_size=block, n_layer=1, n_head=4, n_embd=width))
-    model.to_global(mesh, broadcast)
-    step = _GPTStep(model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95)))
-    idx = fs.tensor(np.random.default_rng(0).integers(0, 128, (rows, block))).to_global(mesh, split(0))
-    return step, (idx,)
-
-
-class _GPTStep(Graph):
-    def __init__(self, model, opt):
-        super().__init__()
-        self.model = model
-        self.add_optimizer(opt)
-        self.config.executor = "plans"
-
-    def build(self, idx, targets):
-        _, loss = self.model(idx, targets)
-        loss.backward()
-        return loss
+    placements = layout(job, 1)
+    _, _, step = build(job, placements)
+    step.config.executor = "plans"
+    idx = fs.tensor(np.random.default_rng(0).integers(0, 128, (rows, block)))
+    return step, (idx.to_global(placements[0], (split(0), broadcast)),)
 
 
 def _fit(predicted, measured: float, lo: float, hi: float, steps: int = 40) -> float:
@@ -221,13 +210,8 @@ def _fit(predicted, measured: float, lo: float, hi: float, steps: int = 40) -> f
     return (lo + hi) / 2
 
 
-class _Fan(Graph):
+class _Fan(_Probe):
     """``n`` all-gathers between the ranks of ``x``'s placement, all in flight at once."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-        self.config.executor = "plans"
 
     def build(self, x):
         gathered = [(x + float(i)).to_global(sbp=broadcast) for i in range(self.n)]
@@ -237,14 +221,9 @@ class _Fan(Graph):
         return total
 
 
-class _Mix(Graph):
+class _Mix(_Probe):
     """A transformer's mix per link of the chain: a matmul, GELU, view ops, a residual add and
     a layer norm, on 512 rows of 64 per rank (a tiny GPT's shapes)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-        self.config.executor = "plans"
 
     def build(self, x, w):
         from flowsys.nn import functional as F  # noqa: PLC0415

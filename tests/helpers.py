@@ -246,3 +246,20 @@ def laid_out(a: np.ndarray, nd, placement, rng=0) -> GlobalValue:
         term = terms[tuple(coords[k] for k in p_axes)]
         shards.append(term[as_slices(shard_box(a.shape, nd, placement.mesh, coords))].copy())
     return GlobalValue(placement, nd, a.shape, a.dtype, shards)
+
+
+class TrainStep(fs.Graph):
+    """The graph-mode training step every test writes the same way: ``model(idx, targets)``
+    returns ``(logits, loss)``; backward; the optimizer's update."""
+
+    def __init__(self, model, opt, accumulation: int = 1, executor: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.add_optimizer(opt)
+        self.config.gradient_accumulation_steps = accumulation
+        self.config.executor = executor
+
+    def build(self, idx, targets):
+        _, loss = self.model(idx, targets)
+        loss.backward()
+        return loss

@@ -14,6 +14,7 @@ from flowsys.errors import ConfigError
 from flowsys.models import GPT, GPTConfig
 from flowsys.plan import model_flops, plan_job
 from flowsys.train import job_from_dict, run
+from helpers import TrainStep
 from scheduler.cost import Hardware, Link, available, graph_flops, load_hardware, op_flops, predict
 
 B, S = fs.sbp.broadcast, fs.sbp.split
@@ -285,20 +286,7 @@ def test_mfu_on_the_progress_line_matches_flops_over_time(tmp_path):
 def test_graph_flops_of_a_compiled_step():
     fs.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    opt = optim.AdamW(model.parameters(), lr=1e-3)
-
-    class Step(fs.Graph):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.add_optimizer(opt)
-
-        def build(self, idx, targets):
-            _, loss = self.model(idx, targets)
-            loss.backward()
-            return loss
-
-    step = Step()
+    step = TrainStep(model, optim.AdamW(model.parameters(), lr=1e-3))
     idx = fs.tensor(np.random.default_rng(0).integers(0, 64, (4, 16)))
     step(idx, idx)
     expected = analytic_gpt_flops(model.config, 4)

@@ -10,20 +10,9 @@ import pytest
 
 import flowsys as fs
 from flowsys.models import GPT, GPTConfig
+from helpers import TrainStep
 
 COMM = ("collective", "send", "recv")
-
-
-class Step(fs.Graph):
-    def __init__(self, model, opt):
-        super().__init__()
-        self.model = model
-        self.add_optimizer(opt)
-
-    def build(self, idx, targets):
-        _, loss = self.model(idx, targets)
-        loss.backward()
-        return loss
 
 
 def _dp_tp_step():
@@ -31,8 +20,7 @@ def _dp_tp_step():
     mesh = fs.placement("cpu", [[0, 1], [2, 3]])
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
     model.to_global(mesh, GPT.parallel_plan(mesh, dp_axis=0, tp_axis=1))
-    step = Step(model, model.configure_optimizers(0.0, 1e-3, (0.9, 0.95)))
-    step.config.gradient_accumulation_steps = 2
+    step = TrainStep(model, model.configure_optimizers(0.0, 1e-3, (0.9, 0.95)), accumulation=2)
     rng = np.random.default_rng(0)
     idx = fs.tensor(rng.integers(0, 64, (8, 16))).to_global(mesh, (fs.sbp.split(0), fs.sbp.broadcast))
     return step, idx
