@@ -32,7 +32,7 @@ import numpy as np
 from flowsys.graph.api import Graph
 from flowsys.placement import placement
 from flowsys.sbp import broadcast, split
-from scheduler.cost import Hardware, Link, load_hardware, predict
+from scheduler.cost import Hardware, Link, clear_kernel_times, load_hardware, predict
 
 
 class _Probe(Graph):
@@ -111,6 +111,12 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
         raise ValueError(f"calibrate({backend!r}): call fs.init(backend={backend!r}) first")
     hw = load_hardware(base, backend)
     one = placement("cpu", [0])
+    # the backend's workers up and settled before anything is timed (a Ray cluster's processes
+    # keep the cores busy for a while after it starts), and kernels timed afresh, now
+    warm, (idx,) = _probe_gpt()
+    for _ in range(5):
+        warm(idx, idx)
+    clear_kernel_times()
 
     # the runtime's cost per firing beyond its kernel: a chain of trivial ops at two lengths;
     # the driver's share of a step: its time outside the ranks' firings
@@ -178,9 +184,9 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     return hw.replace(name=f"{hw.name} ({backend} backend, calibrated)")
 
 
-def _probe_gpt(rows: int = 16, block: int = 64, width: int = 64):
+def _probe_gpt(rows: int = 8, block: int = 64, width: int = 64):
     """A one-layer GPT with vocabulary 128 on one device, and its input: kernels of a small
-    transformer's shapes (by default those of 16 sequences of 64 tokens, width 64)."""
+    transformer's shapes (by default those of 8 sequences of 64 tokens, width 64)."""
     import flowsys as fs  # noqa: PLC0415
     from flowsys.plan import build, layout  # noqa: PLC0415
     from flowsys.train import job_from_dict  # noqa: PLC0415

@@ -285,6 +285,11 @@ def measure_kernel(name: str, inputs: list[tuple[tuple[int, ...], np.dtype]], at
     return _kernel_times[key]
 
 
+def clear_kernel_times() -> None:
+    """Forget every kernel time measured so far (they are measured again when next needed)."""
+    _kernel_times.clear()
+
+
 def measure_collective(name: str, attrs: dict, x: tuple[tuple[int, ...], np.dtype], n: int) -> float:
     """Seconds of one rank's local work in a collective of ``n`` ranks on its input ``x`` (the
     algorithm's copies and reductions), from running every rank's schedule in this thread."""
