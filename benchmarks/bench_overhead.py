@@ -27,27 +27,17 @@ from pathlib import Path
 import numpy as np
 
 import flowsys as fs
-from flowsys.calibrate import _Chain
+from flowsys.calibrate import _Chain, _median_time
 from flowsys.plan import build, layout
 from flowsys.train import job_from_dict
 
 TINY = dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64)
 
 
-def _median_step(graph, args, repeats: int) -> float:
-    graph(*args)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        graph(*args)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def per_firing(repeats: int) -> dict:
     x = fs.zeros((4,)).to_global(fs.placement("cpu", [0]), fs.sbp.broadcast)
     short, long_ = _Chain(50), _Chain(1000)
-    t_short, t_long = _median_step(short, (x,), repeats), _median_step(long_, (x,), repeats)
+    t_short, t_long = _median_time(short, (x,), repeats), _median_time(long_, (x,), repeats)
     firings = len(long_.plan().ranks[0].ops) - len(short.plan().ranks[0].ops)
     per = (t_long - t_short) / firings
     return {"firing_us": per * 1e6, "empty_step_ms": (t_short - 50 * per) * 1e3,

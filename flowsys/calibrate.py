@@ -34,7 +34,7 @@ import numpy as np
 from flowsys.graph.api import Graph
 from flowsys.placement import placement
 from flowsys.sbp import broadcast, split
-from scheduler.cost import Hardware, Link, clear_kernel_times, load_hardware, predict
+from scheduler.cost import Hardware, Link, clear_kernel_times, feed_bytes, load_hardware, predict
 
 
 class _Probe(Graph):
@@ -152,7 +152,7 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     train = _Train(0, layer, optim.SGD(layer.parameters(), lr=1e-6))
     t_train, span_train = _measure(train, (fs.ones((1, 1024)),), repeats)
     extra = max(1e-6, (t_train - span_train) - step_overhead)
-    hw = hw.replace(wire_bandwidth=_fed_bytes(train.plan()) / extra)
+    hw = hw.replace(wire_bandwidth=sum(feed_bytes(rp) for rp in train.plan().ranks) / extra)
 
     # ranks at once: the same mix on 1, 2 and 4 ranks; the throughput of n ranks together, in
     # ranks at full speed
@@ -262,16 +262,6 @@ class _Mix(_Probe):
             y = F.gelu(x @ w).reshape(rows, 4, width // 4).transpose((1, 0, 2))
             x = F.layer_norm(x + y.transpose((1, 0, 2)).reshape(rows, width), (width,))
         return x
-
-
-def _fed_bytes(plan) -> int:
-    total = 0
-    for rp in plan.ranks:
-        shapes = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rp.values}
-        for v in list(rp.inputs) + list(rp.variables.values()):
-            if v in shapes:
-                total += int(np.prod(shapes[v][0])) * shapes[v][1].itemsize
-    return total
 
 
 def as_yaml(hw: Hardware, backend: str) -> dict[str, Any]:

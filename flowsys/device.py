@@ -64,6 +64,6 @@ def share_cores(ranks: int) -> int:
         from threadpoolctl import ThreadpoolController  # noqa: PLC0415
     except ImportError:  # an optional speed-up: without it BLAS keeps its own setting
         return 0
-    threads = int(os.environ.get("FLOWSYS_BLAS_THREADS", 0)) or max(1, cpu_cores() // max(1, ranks))
+    threads = max(1, cpu_cores() // max(1, ranks))
     ThreadpoolController().limit(limits=threads, user_api="blas")
     return threads

@@ -97,24 +97,6 @@ def graph_flops(ir) -> int:
     return total
 
 
-def rank_flops(rank_plan, micro_batches: int) -> int:
-    """FLOPs one rank computes per step, on its local shapes."""
-    from scheduler.lower import decode_attrs  # noqa: PLC0415
-
-    shapes = {v.id: tuple(v.shape) for v in rank_plan.values}
-    total = 0
-    for op in rank_plan.ops:
-        if op.kind == "compute":
-            f = op_flops(op.op, [shapes[i] for i in op.inputs], [shapes[o] for o in op.outputs],
-                         decode_attrs(op.attrs) if op.attrs else {})
-        elif op.kind == "update":
-            f = update_flops(_numel(shapes[op.inputs[0]]))
-        else:
-            continue
-        total += f * (1 if op.phase == "optimizer" or op.per_step else micro_batches)
-    return total
-
-
 # -------------------------------------------------------------------------------------- hardware
 
 
@@ -347,9 +329,6 @@ class Prediction:
     overhead_s: float            # the driver's share of the step
     hardware: str = ""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"step_s": self.step_s, "bound": self.bound, "driver_s": self.overhead_s, "hardware": self.hardware,
-                "ranks": [vars(r) for r in self.ranks]}
 
 
 _PRE, _OPT = -1, 1 << 30  # the pieces of per-step ops and of the optimizer phase
@@ -381,6 +360,17 @@ def predict(plan, hw: Hardware, *, world: int | None = None, feed_bytes: int | N
     span = max((c.finish_s for c in costs), default=0.0)
     return Prediction(step_s=span + driver, ranks=costs, bound=_bound(costs, span, driver), overhead_s=driver,
                       hardware=hw.name)
+
+
+def feed_bytes(rank_plan) -> int:
+    """Bytes the driver moves for one rank per step: its inputs, and the parameters it trains
+    (sent back to the driver after every step)."""
+    from scheduler.lower import decode_attrs  # noqa: PLC0415
+
+    decl = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rank_plan.values}
+    trained = {decode_attrs(op.attrs).get("variable") for op in rank_plan.ops if op.kind == "update"}
+    moved = list(rank_plan.inputs) + [v for name, v in rank_plan.variables.items() if name in trained]
+    return sum(_nbytes(decl[v]) for v in moved if v in decl)
 
 
 def _extend(a: RankCost, b: RankCost, steps: float) -> RankCost:
@@ -425,7 +415,7 @@ class _Node:
 
 class _Simulation:
     def __init__(self, plan, hw: Hardware, world: int, micro_batches: int | None = None) -> None:
-        self.plan, self.hw, self.k = plan, hw, max(1, micro_batches or plan.micro_batches)
+        self.hw, self.k = hw, max(1, micro_batches or plan.micro_batches)
         self.present = {rp.rank for rp in plan.ranks}
         # devices simulated on one machine's cores share them: at most `parallel` ranks of a node
         # run at full speed at once (processor sharing); real devices run on their own
@@ -453,17 +443,13 @@ class _Simulation:
 
     # ---------------------------------------------------------------------------------- setup
     def _build(self, rp) -> None:
-        from scheduler.lower import decode_attrs  # noqa: PLC0415
-
         r, k = rp.rank, self.k
         decl = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rp.values}
         self.window[r] = max([max(1, v.registers or 1) for v in rp.values] or [1])
         self.costs_by_rank[r] = RankCost(rank=r, bytes_sent=int(rp.bytes_sent), memory={
             "parameters": rp.memory.parameters, "gradients": rp.memory.gradients,
             "optimizer_state": rp.memory.optimizer_state, "peak_activations": rp.memory.peak_activations})
-        trained = {decode_attrs(op.attrs).get("variable") for op in rp.ops if op.kind == "update"}
-        self.feed_bytes += sum(_nbytes(decl[v]) for v in rp.inputs if v in decl)
-        self.feed_bytes += sum(_nbytes(decl[v]) for name, v in rp.variables.items() if name in trained and v in decl)
+        self.feed_bytes += feed_bytes(rp)
         producers: dict[int, list] = defaultdict(list)
         for op in rp.ops:
             for v in op.outputs:
