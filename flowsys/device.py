@@ -59,11 +59,14 @@ def share_cores(ranks: int) -> int:
     threads (as ``torchrun`` sets ``OMP_NUM_THREADS`` per process): ranks that each start a
     BLAS thread per core oversubscribe the machine and spin against each other, and a lone
     rank should use every core (Ray starts workers with one thread). Returns the threads per
-    rank now, or 0 where the BLAS cannot be told."""
+    rank now, or 0 where the BLAS cannot be told. The fused kernels take the same share."""
+    from flowsys.ops import fused  # noqa: PLC0415
+
+    threads = max(1, cpu_cores() // max(1, ranks))
+    fused.set_threads(threads)
     try:
         from threadpoolctl import ThreadpoolController  # noqa: PLC0415
     except ImportError:  # an optional speed-up: without it BLAS keeps its own setting
         return 0
-    threads = max(1, cpu_cores() // max(1, ranks))
     ThreadpoolController().limit(limits=threads, user_api="blas")
     return threads

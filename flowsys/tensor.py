@@ -507,43 +507,65 @@ def _topo_nodes(root: Tensor) -> list[Node]:
 
 
 def run_backward(root: Tensor, seed) -> None:
+    """Reverse mode over the tape from ``root``. Each pending gradient is kept with whether this
+    pass owns its array outright (a fresh kernel output handed to one consumer): an owned array
+    becomes a leaf's ``.grad`` without a copy and takes further contributions in place, as
+    PyTorch's engine steals a gradient buffer nothing else references."""
     if root._node is None:  # a leaf: its gradient is the seed itself
         _accumulate_leaf(root, seed)
         return
-    grads: dict[tuple[int, int], Any] = {(id(root._node), root._index): seed}
+    grads: dict[tuple[int, int], tuple[Any, bool]] = {(id(root._node), root._index): (seed, False)}
     with no_grad():
         for node in reversed(_topo_nodes(root)):
             n_out = len(node.out_data)
-            gouts = [grads.pop((id(node), i), None) for i in range(n_out)]
-            if all(g is None for g in gouts):
+            pending = [grads.pop((id(node), i), None) for i in range(n_out)]
+            if all(p is None for p in pending):
                 continue
-            g_t = [Tensor(g) if g is not None else None for g in gouts]
+            g_t = [Tensor(p[0]) if p is not None else None for p in pending]
             outs = [Tensor(o) for o in node.out_data]
             b = _Builder(tuple(t.requires_grad for t in node.inputs))
             if node.op.multi_output:
                 in_grads = node.op.grad(b, tuple(g_t), tuple(outs), *node.inputs, **node.attrs)
             else:
                 in_grads = node.op.grad(b, g_t[0], outs[0], *node.inputs, **node.attrs)
-            for t, g in zip(node.inputs, in_grads):
+            owned = _owned_grads(node, pending, in_grads)
+            for t, g, own in zip(node.inputs, in_grads, owned):
                 if g is None or not t.requires_grad:
                     continue
                 if g.shape != t.shape:
                     raise GradError(f"internal: gradient rule of {node.op.name} gave shape {g.shape} for an input of shape {t.shape}")
                 if t._node is None:
-                    _accumulate_leaf(t, g._data)
+                    _accumulate_leaf(t, g._data, own)
                 else:
                     key = (id(t._node), t._index)
                     prev = grads.get(key)
-                    grads[key] = g._data if prev is None else _add(prev, g._data)
+                    grads[key] = (g._data, own) if prev is None else _add(prev, g._data, own)
 
 
-def _add(a, b):
+def _owned_grads(node: Node, pending, in_grads) -> list[bool]:
+    """Which arrays of ``in_grads`` this backward pass owns: NumPy arrays that own their
+    memory, are not forward data of the node, appear once among the node's input gradients,
+    and are either new or an owned incoming gradient passed through (as ``add`` does)."""
+    forward = {id(t._data) for t in node.inputs} | {id(o) for o in node.out_data}
+    incoming = {id(p[0]): p[1] for p in pending if p is not None}
+    arrays = [g._data if g is not None else None for g in in_grads]
+    return [type(a) is np.ndarray and a.flags.owndata and a.flags.writeable and id(a) not in forward
+            and incoming.get(id(a), True) and sum(x is a for x in arrays) == 1 for a in arrays]
+
+
+def _add(prev: tuple[Any, bool], b, b_owned: bool) -> tuple[Any, bool]:
+    """Sum two gradient contributions, in place into whichever of them this pass owns."""
+    a, a_owned = prev
     if type(a) is GlobalValue or type(b) is GlobalValue:
-        return apply("add", Tensor(a), Tensor(b))._data
-    return a + b
+        return apply("add", Tensor(a), Tensor(b))._data, False
+    for acc, other, own in ((a, b, a_owned), (b, a, b_owned)):
+        if own and acc.shape == other.shape and acc.dtype == np.result_type(acc, other):
+            acc += other
+            return acc, True
+    return a + b, type(a) is np.ndarray
 
 
-def _accumulate_leaf(t: Tensor, g) -> None:
+def _accumulate_leaf(t: Tensor, g, owned: bool = False) -> None:
     if type(t._data) is GlobalValue:
         if type(g) is not GlobalValue:
             g = make_global(g, t._data.placement, _B)
@@ -563,9 +585,10 @@ def _accumulate_leaf(t: Tensor, g) -> None:
     if g.dtype != t.dtype:
         g = g.astype(t.dtype)
     if t.grad is None:
-        # Always a copy: gradient rules pass arrays through (add hands the same one to both
-        # inputs, the caller's seed may be it), and later accumulation adds in place.
-        t.grad = Tensor(g.copy())
+        # A copy unless this backward pass owns the array: gradient rules pass arrays through
+        # (add hands the same one to both inputs, the caller's seed may be it), and later
+        # accumulation adds in place. Gradients are kept C-contiguous, as optimizers expect.
+        t.grad = Tensor(g if owned and g.flags.c_contiguous else g.copy())
     else:
         t.grad._data += g
 

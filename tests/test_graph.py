@@ -212,7 +212,7 @@ def test_parameters_on_incompatible_placements_fail_at_compile_time_naming_the_o
     model[0].to_global(fs.placement("cpu", [0, 1]))
     model[1].to_global(fs.placement("cpu", [2, 3]))
     step = _Bad(model, lambda g, x: g.model(x))
-    with pytest.raises(fs.PlacementError, match="matmul: inputs are on different placements"):
+    with pytest.raises(fs.PlacementError, match="linear: inputs are on different placements"):
         step(fs.ones(3, 2).to_global(fs.placement("cpu", [0, 1])))
 
 

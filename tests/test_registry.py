@@ -86,6 +86,7 @@ CASES: dict[str, list[Case]] = {
     # linalg
     "matmul": [Case(((2, 3, 4), (4, 5))), Case(((4,), (3, 4, 2))), Case(((2, 1, 2, 3), (3, 3, 2))),
                Case(((3, 4), (4,)))],
+    "linear": [Case(((2, 3, 4), (5, 4), (5,))), Case(((4,), (6, 4), (6,))), Case(((6, 4), (2, 4), (2,)))],
     # nn
     "softmax": [Case(((3, 4),)), Case(((3, 4),), {"axis": 0})],
     "softmax_grad": [Case(((3, 4), (3, 4)), {"axis": 0})],

@@ -81,8 +81,9 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` with PyTorch's (out_features, in_features) weight."""
-    y = x @ weight.T
-    return y + bias if bias is not None else y
+    if bias is None:
+        return x @ weight.T
+    return apply("linear", x, weight, bias)
 
 
 def embedding(indices: Tensor, weight: Tensor) -> Tensor:

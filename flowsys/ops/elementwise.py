@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from flowsys.errors import ArgumentError, DTypeError
+from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_blocks
 from flowsys.ops.registry import Spec, broadcast_shapes, register, result_dtype, sum_to_shape
@@ -219,6 +220,8 @@ def _gelu_infer(x: Spec, *, approximate: str = "none") -> Spec:
 @register("gelu", infer=_gelu_infer, sbp=_no_partial,
           grad=lambda b, g, out, x, *, approximate="none": [b.gelu_grad(x, out, g, approximate=approximate)])
 def gelu(xp, x, *, approximate="none"):
+    if fused.usable(xp, x):
+        return fused.gelu(x, approximate)
     return map_blocks(xp, lambda v: _gelu(xp, v, approximate), x)
 
 
@@ -232,7 +235,10 @@ def _gelu(xp, x, approximate):
           sbp=_pointwise_rows(((B, B, P), "the gradient is linear in the incoming gradient")))
 def gelu_grad(xp, x, y, g, *, approximate="none"):
     """g * d gelu(x)/dx, reusing the forward output ``y = x * cdf(x)``: cdf = y / x, so the
-    backward pass does not evaluate erf (or tanh) again."""
+    backward pass does not evaluate erf (or tanh) again. The fused float32 kernel does: one
+    pass computing it is cheaper than the division."""
+    if fused.usable(xp, x, g):
+        return fused.gelu_grad(x, g, approximate)
     return map_blocks(xp, lambda v, o, w: _gelu_grad(xp, v, o, w, approximate), x, y, g)
 
 

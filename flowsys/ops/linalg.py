@@ -8,7 +8,10 @@ import numpy as np
 
 from flowsys.errors import ShapeError
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.registry import Spec, register, result_dtype, sum_to_shape
+from flowsys.ops.registry import SbpRow, Spec, register, result_dtype, sum_to_shape
+from flowsys.sbp import PartialSum
+
+B, P, S = R.B, R.P, R.S
 
 
 def _matmul_shape(a: Spec, b: Spec) -> tuple[int, ...]:
@@ -78,3 +81,55 @@ def matmul(xp, a, b):
         # One large GEMM instead of a batch of small ones.
         return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[-1],))
     return xp.matmul(a, b)
+
+
+# ---------------------------------------------------------------------------------------- linear
+
+
+def _linear_infer(x: Spec, w: Spec, b: Spec) -> Spec:
+    if x.ndim < 1 or w.ndim != 2 or b.shape != w.shape[:1] or x.shape[-1] != w.shape[1]:
+        raise ShapeError(
+            f"linear: input {x.shape}, weight {w.shape} and bias {b.shape} do not fit: the weight is "
+            f"(out_features, in_features) with in_features = the input's last axis "
+            f"({x.shape[-1] if x.ndim else '?'}), and the bias is (out_features,)")
+    return Spec(x.shape[:-1] + w.shape[:1], result_dtype(x, w, b))
+
+
+def _linear_rows(specs, attrs):
+    """matmul's rows for ``x @ w.T`` with the bias following the output: split with its
+    features, whole beside split rows, a partial sum beside a partial-sum output (added once)."""
+    x, w, b = specs
+    batch = string.ascii_lowercase[:x.ndim - 1].translate(str.maketrans("kn", "uv"))
+    rows = []
+    for row in R.einsum((batch + "k", "nk"), batch + "n", (x, w)):
+        out = row.outs[0]
+        if isinstance(out, PartialSum):
+            bias = P
+        elif out == S(x.ndim - 1):
+            bias = S(0)
+        else:
+            bias = B
+        rows.append(SbpRow(row.ins + (bias,), row.outs, row.reason))
+    return rows
+
+
+def _linear_grad(b, g, out, x, w, bias):
+    n, k = w.shape
+    g2 = b.reshape(g, shape=(-1, n))
+    gx = b.reshape(b.matmul(g2, w), shape=tuple(x.shape)) if b.needs[0] else None
+    # (n, rows) @ (rows, k): the weight's gradient comes out in the weight's own layout.
+    gw = b.matmul(b.transpose(g2), b.reshape(x, shape=(-1, k))) if b.needs[1] else None
+    gb = b.sum(g2, axis=0) if b.needs[2] else None
+    return [gx, gw, gb]
+
+
+@register("linear", infer=_linear_infer, sbp=_linear_rows, grad=_linear_grad)
+def linear(xp, x, w, b):
+    """``x @ w.T + b`` with a PyTorch (out_features, in_features) weight: one GEMM, the bias
+    added in place into its output (PyTorch's addmm)."""
+    out = x.reshape(-1, x.shape[-1]) @ w.T
+    if out.dtype == np.result_type(out, b):
+        out += b
+    else:
+        out = out + b
+    return out.reshape(x.shape[:-1] + w.shape[:1])

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from flowsys.errors import ArgumentError, DTypeError, IndexOutOfRange, ShapeError
+from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_rows
 from flowsys.ops.registry import Spec, normalize_axis, register, result_dtype, sum_to_shape
@@ -41,6 +42,8 @@ def _along_axis_rows(*partial):
 @register("softmax", infer=_float_same("softmax"), sbp=_along_axis_rows(),
           grad=lambda b, g, out, x, *, axis=-1: [b.softmax_grad(out, g, axis=axis)])
 def softmax(xp, x, *, axis=-1):
+    if normalize_axis("softmax", axis, x.ndim) == x.ndim - 1 and fused.usable(xp, x):
+        return fused.softmax(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
     e /= e.sum(axis=axis, keepdims=True)
     return e
@@ -49,6 +52,8 @@ def softmax(xp, x, *, axis=-1):
 @register("softmax_grad", infer=lambda y, g, *, axis=-1: Spec(y.shape, result_dtype(y, g)),
           sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")))
 def softmax_grad(xp, y, g, *, axis=-1):
+    if normalize_axis("softmax_grad", axis, y.ndim) == y.ndim - 1 and y.shape == g.shape and fused.usable(xp, y, g):
+        return fused.softmax_grad(y, g)
     gy = g * y
     return gy - y * gy.sum(axis=axis, keepdims=True)
 
@@ -108,7 +113,10 @@ def cross_entropy(xp, logits, targets, *, ignore_index=-100):
     _check_targets(xp, t, n_classes, ignore_index)
     valid = t != ignore_index
     safe_t = xp.where(valid, t, 0)
-    lse = map_rows(xp, lambda rows: _logsumexp_rows(xp, rows), x, dtype=x.dtype)
+    if fused.usable(xp, x):
+        lse = fused.logsumexp_rows(x)
+    else:
+        lse = map_rows(xp, lambda rows: _logsumexp_rows(xp, rows), x, dtype=x.dtype)
     picked = x[xp.arange(x.shape[0]), safe_t]
     return xp.where(valid, lse - picked, 0).astype(logits.dtype, copy=False).reshape(targets.shape)
 
@@ -133,6 +141,8 @@ def cross_entropy_grad(xp, logits, targets, g, *, ignore_index=-100):
     t = targets.reshape(-1)
     valid = t != ignore_index
     scale = xp.where(valid, g.reshape(-1), 0).astype(x.dtype, copy=False)
+    if fused.usable(xp, x):
+        return fused.cross_entropy_grad(x, xp.where(valid, t, 0), scale).reshape(logits.shape)
     return map_rows(xp, lambda xr, tr, sr: _ce_grad_block(xp, xr, tr, sr), x, xp.where(valid, t, 0),
                     scale).reshape(logits.shape)
 
@@ -181,6 +191,8 @@ def _ln_stats(xp, x, n_axes, eps):
           grad=lambda b, g, out, x, *, n_axes=1, eps=1e-5: [b.layer_norm_grad(x, g, n_axes=n_axes, eps=eps)])
 def layer_norm(xp, x, *, n_axes=1, eps=1e-5):
     """(x - mean) / sqrt(var + eps) over the last ``n_axes`` axes (the affine part is separate)."""
+    if fused.usable(xp, x):
+        return fused.layer_norm(x, math.prod(x.shape[x.ndim - n_axes:]), eps)
     xc, rstd, _ = _ln_stats(xp, x, n_axes, eps)
     xc *= rstd
     return xc.reshape(x.shape)
@@ -189,6 +201,8 @@ def layer_norm(xp, x, *, n_axes=1, eps=1e-5):
 @register("layer_norm_grad", infer=lambda x, g, *, n_axes=1, eps=1e-5: Spec(x.shape, result_dtype(x, g)),
           sbp=lambda specs, attrs: _ln_rows(specs, attrs, ((B, P), "linear in the incoming gradient")))
 def layer_norm_grad(xp, x, g, *, n_axes=1, eps=1e-5):
+    if x.shape == g.shape and fused.usable(xp, x, g):
+        return fused.layer_norm_grad(x, g, math.prod(x.shape[x.ndim - n_axes:]), eps)
     y, rstd, mean = _ln_stats(xp, x, n_axes, eps)
     y *= rstd
     g = g.reshape(y.shape)
@@ -301,6 +315,8 @@ def _causal_bias(xp, tq, tk, dtype):
 
 def _probs(xp, q, k, is_causal, scale):
     att = q @ xp.swapaxes(k, -1, -2)
+    if fused.usable(xp, att) and att.flags.c_contiguous:
+        return fused.softmax(att, scale=scale, causal=is_causal, out=att)
     att *= scale
     if is_causal:
         att += _causal_bias(xp, *att.shape[-2:], att.dtype)

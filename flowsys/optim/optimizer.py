@@ -18,6 +18,7 @@ import numpy as np
 
 from flowsys.device import module_of
 from flowsys.errors import ConfigError
+from flowsys.ops import fused
 from flowsys.global_tensor import GlobalValue
 from flowsys.tensor import Tensor
 
@@ -124,6 +125,9 @@ class AdamW(Optimizer):
         decay = 1.0 - lr * group["weight_decay"]
         c2 = 1.0 / math.sqrt(1.0 - beta2 ** t)
         step = lr / (1.0 - beta1 ** t)
+        if fused.usable(xp, p, g, m, v) and fused.adamw(p, g, m, v, decay=decay, beta1=beta1, beta2=beta2, c2=c2,
+                                                        eps=group["eps"], step=step):
+            return
         if xp is np and p.size > _BLOCK and all(a.flags.c_contiguous for a in (p, g, m, v)):
             # Memory-bound: nine passes over cache-sized slices instead of over the whole array.
             fp, fg, fm, fv = (a.reshape(-1) for a in (p, g, m, v))

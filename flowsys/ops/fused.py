@@ -1,0 +1,389 @@
+"""Fused float32 CPU kernels compiled by Numba: one pass over memory where NumPy makes a dozen.
+
+Every op's semantics is its NumPy expression in the op module, which also runs on CuPy. On the
+CPU those expressions are chains of full passes over memory: exact GELU is fifteen, a softmax
+row five, an AdamW update nine. The hot ones are written here once more as loops that LLVM
+vectorises, computing in one pass what the NumPy twin computes in many. The twin stays the
+reference: ``tests/test_fused.py`` runs both and compares.
+
+Only float32 goes through here; float64 (finite-difference checks) keeps the exact NumPy path.
+A missing or broken Numba only costs speed: ``usable`` is then False everywhere. Setting
+``FLOWSYS_JIT=0`` turns the kernels off. They compile on first use and are cached on disk.
+
+Transcendentals are polynomials (libm's ``expf`` and ``erff`` do not vectorise): ``_exp`` is
+accurate to a few ulp on [-87, 88] (below it gives 0, above it inf), ``_erf`` to 1.5e-7
+absolute (Abramowitz and Stegun 7.1.26, as the NumPy twin).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+except Exception:  # noqa: BLE001 - any failure to import means: run the NumPy twins
+    numba = None
+
+ENABLED = numba is not None and os.environ.get("FLOWSYS_JIT", "1").lower() not in ("0", "false", "off", "no")
+
+f32 = np.float32
+
+
+def usable(xp, *arrays) -> bool:
+    """Whether the fused kernels may compute on ``arrays``: NumPy float32 arrays and Numba present."""
+    return ENABLED and xp is np and all(type(a) is np.ndarray and a.dtype == np.float32 for a in arrays)
+
+
+# Kernels release the GIL, and large calls split over a pool of threads: activations are read
+# cold from memory, where two cores keep twice the loads in flight. ``set_threads`` gives a
+# process's share of the cores (``flowsys.device.share_cores``) when ranks share a machine.
+_MIN_PER_THREAD = 1 << 16  # elements: below this a thread costs more than it saves
+_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def set_threads(n: int) -> None:
+    """Threads a large fused kernel may use (1 keeps every kernel on the calling thread)."""
+    global _threads
+    _threads = max(1, int(n))
+
+
+def _split(fn, n: int, per_item: int = 1, align: int = 1) -> None:
+    """Run ``fn(lo, hi)`` over ``range(n)`` in up to ``_threads`` parts, bounds multiples of ``align``."""
+    k = min(_threads, (n * per_item) // _MIN_PER_THREAD, max(1, n // align))
+    if k <= 1:
+        fn(0, n)
+        return
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < k - 1:
+            _pool = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="flowsys-fused")
+        pool = _pool
+    bounds = [0] + [min(n, round(n * i / k / align) * align) for i in range(1, k)] + [n]
+    futures = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, k)]
+    fn(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+if numba is not None:
+    # Neither nnan nor ninf: NaN and inf propagate as they do in NumPy. reassoc lets reductions vectorise.
+    _FLAGS = {"contract", "arcp", "reassoc", "nsz", "afn"}
+
+    def _kernel(fn):
+        return numba.njit(fastmath=_FLAGS, nogil=True, error_model="numpy", cache=True)(fn)
+
+    _scalar = _kernel
+
+    @intrinsic
+    def _bits_to_float(typingctx, bits):
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            v = args[0] if sig.args[0].bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+            return builder.bitcast(v, ir.FloatType())
+
+        return types.float32(bits), codegen
+else:  # pragma: no cover - exercised only without Numba
+    def _kernel(fn):
+        return fn
+
+    _scalar = _kernel
+
+    def _bits_to_float(bits):
+        return np.array(bits, dtype=np.int32).view(np.float32)[()]
+
+
+_LOG2E = math.log2(math.e)
+_LN2_HI = 0.693145751953125  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**10
+_LN2_LO = 1.428606765330187e-06
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@_scalar
+def _exp(x):
+    """e**x: 2**n * exp(r) with |r| <= ln(2)/2 and a degree-6 polynomial for exp(r)."""
+    c = min(max(x, f32(-87.0)), f32(88.0))
+    n = np.floor(c * f32(_LOG2E) + f32(0.5))
+    r = c - n * f32(_LN2_HI) - n * f32(_LN2_LO)
+    p = f32(1.0) + r * (f32(1.0) + r * (f32(0.5) + r * (f32(1.0 / 6) + r * (
+        f32(1.0 / 24) + r * (f32(1.0 / 120) + r * f32(1.0 / 720))))))
+    e = p * _bits_to_float((np.int32(n) + np.int32(127)) << np.int32(23))
+    if x < f32(-87.0):
+        e = f32(0.0)
+    if x > f32(88.0):
+        e = f32(np.inf)
+    if x != x:
+        e = x
+    return e
+
+
+@_scalar
+def _erf(x):
+    a = abs(x)
+    t = f32(1.0) / (f32(1.0) + f32(0.3275911) * a)
+    poly = t * (f32(0.254829592) + t * (f32(-0.284496736) + t * (f32(1.421413741) + t * (
+        f32(-1.453152027) + t * f32(1.061405429)))))
+    return math.copysign(f32(1.0) - poly * _exp(-a * a), x)
+
+
+# ------------------------------------------------------------------------------------------ GELU
+
+
+@_kernel
+def _gelu_erf(x, out):
+    for i in range(x.size):
+        v = x[i]
+        out[i] = f32(0.5) * v * (f32(1.0) + _erf(v * f32(_INV_SQRT_2)))
+
+
+@_kernel
+def _gelu_tanh(x, out):
+    # 0.5 * (1 + tanh(u)) = 1 / (1 + exp(-2u)): no cancellation near u = 0.
+    for i in range(x.size):
+        v = x[i]
+        out[i] = v / (f32(1.0) + _exp(f32(-2.0 * _SQRT_2_OVER_PI) * (v + f32(0.044715) * v * v * v)))
+
+
+@_kernel
+def _gelu_erf_grad(x, g, out):
+    for i in range(x.size):
+        v = x[i]
+        cdf = f32(0.5) * (f32(1.0) + _erf(v * f32(_INV_SQRT_2)))
+        out[i] = g[i] * (cdf + v * f32(_INV_SQRT_2PI) * _exp(f32(-0.5) * v * v))
+
+
+@_kernel
+def _gelu_tanh_grad(x, g, out):
+    for i in range(x.size):
+        v = x[i]
+        s = f32(1.0) / (f32(1.0) + _exp(f32(-2.0 * _SQRT_2_OVER_PI) * (v + f32(0.044715) * v * v * v)))
+        du = f32(_SQRT_2_OVER_PI) * (f32(1.0) + f32(3.0 * 0.044715) * v * v)
+        out[i] = g[i] * (s + f32(2.0) * v * s * (f32(1.0) - s) * du)
+
+
+def _flat(a):
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def gelu(x, approximate: str):
+    kernel = _gelu_tanh if approximate == "tanh" else _gelu_erf
+    xf, out = _flat(x), np.empty(x.shape, np.float32)
+    of = out.reshape(-1)
+    _split(lambda lo, hi: kernel(xf[lo:hi], of[lo:hi]), xf.size)
+    return out
+
+
+def gelu_grad(x, g, approximate: str):
+    kernel = _gelu_tanh_grad if approximate == "tanh" else _gelu_erf_grad
+    xf, gf, out = _flat(x), _flat(g), np.empty(x.shape, np.float32)
+    of = out.reshape(-1)
+    _split(lambda lo, hi: kernel(xf[lo:hi], gf[lo:hi], of[lo:hi]), xf.size)
+    return out
+
+
+# ------------------------------------------------------------------------------ softmax family
+
+
+@_kernel
+def _softmax_rows(x, out, scale, tq, causal):
+    """softmax(scale * row); under ``causal`` row r is query r % tq, which sees keys 0..r % tq
+    (callers split the rows at multiples of tq)."""
+    rows, cols = x.shape
+    for r in range(rows):
+        n = min(r % tq + 1, cols) if causal else cols
+        m = f32(-np.inf)
+        for j in range(n):
+            m = max(m, x[r, j] * scale)
+        s = f32(0.0)
+        for j in range(n):
+            e = _exp(x[r, j] * scale - m)
+            out[r, j] = e
+            s += e
+        inv = f32(1.0) / s
+        for j in range(n):
+            out[r, j] *= inv
+        for j in range(n, cols):
+            out[r, j] = f32(0.0)
+
+
+@_kernel
+def _softmax_grad_rows(y, g, out):
+    rows, cols = y.shape
+    for r in range(rows):
+        d = f32(0.0)
+        for j in range(cols):
+            d += g[r, j] * y[r, j]
+        for j in range(cols):
+            out[r, j] = y[r, j] * (g[r, j] - d)
+
+
+# Numba's float max does not vectorise (it keeps Python's NaN order), so long rows take their
+# maxima from NumPy: ``m`` below.
+
+
+@_kernel
+def _logsumexp_rows(x, m, out):
+    rows, cols = x.shape
+    for r in range(rows):
+        s = f32(0.0)
+        for j in range(cols):
+            s += _exp(x[r, j] - m[r])
+        out[r] = math.log(s) + m[r]
+
+
+@_kernel
+def _ce_grad_rows(x, m, t, scale, out):
+    """(softmax(row) - onehot(t)) * scale per row."""
+    rows, cols = x.shape
+    for r in range(rows):
+        s = f32(0.0)
+        for j in range(cols):
+            e = _exp(x[r, j] - m[r])
+            out[r, j] = e
+            s += e
+        k = scale[r] / s
+        for j in range(cols):
+            out[r, j] *= k
+        out[r, t[r]] -= scale[r]
+
+
+def _rows(a, n):
+    return np.ascontiguousarray(a).reshape(-1, n)
+
+
+def softmax(x, *, scale: float = 1.0, causal: bool = False, out=None):
+    """softmax(scale * x) over the last axis; ``causal`` masks key j > query i of each (tq, tk)
+    matrix. ``out`` may be ``x`` itself (when C-contiguous) to compute in place."""
+    out = np.empty(x.shape, np.float32) if out is None else out
+    cols = x.shape[-1]
+    tq = x.shape[-2] if x.ndim >= 2 else 1
+    xr, outr, scale = _rows(x, cols), out.reshape(-1, cols), f32(scale)
+    _split(lambda lo, hi: _softmax_rows(xr[lo:hi], outr[lo:hi], scale, tq, causal), xr.shape[0], cols,
+           tq if causal else 1)
+    return out
+
+
+def softmax_grad(y, g):
+    cols = y.shape[-1]
+    yr, gr, out = _rows(y, cols), _rows(g, cols), np.empty(y.shape, np.float32)
+    outr = out.reshape(-1, cols)
+    _split(lambda lo, hi: _softmax_grad_rows(yr[lo:hi], gr[lo:hi], outr[lo:hi]), yr.shape[0], cols)
+    return out
+
+
+def logsumexp_rows(x):
+    """log(sum(exp(row))) of each row of a 2-D array."""
+    x = np.ascontiguousarray(x)
+    out = np.empty(x.shape[0], np.float32)
+    _split(lambda lo, hi: _logsumexp_rows(x[lo:hi], x[lo:hi].max(axis=1), out[lo:hi]), x.shape[0], x.shape[1])
+    return out
+
+
+def cross_entropy_grad(x, t, scale):
+    """(softmax(x) - onehot(t)) * scale[:, None] for 2-D logits ``x``, in-range targets ``t``."""
+    x = np.ascontiguousarray(x)
+    t = np.ascontiguousarray(t, dtype=np.int64)
+    scale = np.ascontiguousarray(scale, dtype=np.float32)
+    out = np.empty(x.shape, np.float32)
+    _split(lambda lo, hi: _ce_grad_rows(x[lo:hi], x[lo:hi].max(axis=1), t[lo:hi], scale[lo:hi], out[lo:hi]),
+           x.shape[0], x.shape[1])
+    return out
+
+
+# ---------------------------------------------------------------------------------- layer norm
+
+
+@_kernel
+def _layer_norm_rows(x, out, eps):
+    rows, n = x.shape
+    inv_n = f32(1.0) / f32(n)
+    for r in range(rows):
+        mean = f32(0.0)
+        for j in range(n):
+            mean += x[r, j]
+        mean *= inv_n
+        var = f32(0.0)
+        for j in range(n):
+            d = x[r, j] - mean
+            var += d * d
+        rstd = f32(1.0) / math.sqrt(var * inv_n + eps)
+        for j in range(n):
+            out[r, j] = (x[r, j] - mean) * rstd
+
+
+@_kernel
+def _layer_norm_grad_rows(x, g, out, eps):
+    """rstd * (g - mean(g) - y * mean(g * y)) with y the normalised row."""
+    rows, n = x.shape
+    inv_n = f32(1.0) / f32(n)
+    for r in range(rows):
+        mean = f32(0.0)
+        for j in range(n):
+            mean += x[r, j]
+        mean *= inv_n
+        var = f32(0.0)
+        for j in range(n):
+            d = x[r, j] - mean
+            var += d * d
+        rstd = f32(1.0) / math.sqrt(var * inv_n + eps)
+        mg = f32(0.0)
+        mgy = f32(0.0)
+        for j in range(n):
+            mg += g[r, j]
+            mgy += g[r, j] * (x[r, j] - mean)
+        mg *= inv_n
+        mgy *= inv_n * rstd
+        for j in range(n):
+            out[r, j] = rstd * (g[r, j] - mg - (x[r, j] - mean) * rstd * mgy)
+
+
+def layer_norm(x, n: int, eps: float):
+    """Each row of ``n`` trailing elements normalised to mean 0 and variance 1."""
+    xr, out, eps = _rows(x, n), np.empty(x.shape, np.float32), f32(eps)
+    outr = out.reshape(-1, n)
+    _split(lambda lo, hi: _layer_norm_rows(xr[lo:hi], outr[lo:hi], eps), xr.shape[0], n)
+    return out
+
+
+def layer_norm_grad(x, g, n: int, eps: float):
+    xr, gr, out, eps = _rows(x, n), _rows(g, n), np.empty(x.shape, np.float32), f32(eps)
+    outr = out.reshape(-1, n)
+    _split(lambda lo, hi: _layer_norm_grad_rows(xr[lo:hi], gr[lo:hi], outr[lo:hi], eps), xr.shape[0], n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- AdamW
+
+
+@_kernel
+def _adamw(p, g, m, v, decay, beta1, beta2, c2, eps, step):
+    for i in range(p.size):
+        gi = g[i]
+        mi = beta1 * m[i] + (f32(1.0) - beta1) * gi
+        vi = beta2 * v[i] + (f32(1.0) - beta2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step * mi / (math.sqrt(vi) * c2 + eps)
+
+
+def adamw(p, g, m, v, *, decay, beta1, beta2, c2, eps, step) -> bool:
+    """One AdamW step in place on C-contiguous float32 arrays; False (nothing done) otherwise."""
+    if not all(a.flags.c_contiguous for a in (p, g, m, v)):
+        return False
+    fp, fg, fm, fv = (a.reshape(-1) for a in (p, g, m, v))
+    hyper = tuple(f32(h) for h in (decay, beta1, beta2, c2, eps, step))
+    _split(lambda lo, hi: _adamw(fp[lo:hi], fg[lo:hi], fm[lo:hi], fv[lo:hi], *hyper), fp.size)
+    return True

@@ -1,0 +1,149 @@
+"""The fused float32 CPU kernels against their NumPy twins (the ops' reference expressions),
+computed in float64, and against PyTorch; split over threads exactly as on one."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flowsys as fs
+from flowsys.ops import elementwise as E
+from flowsys.ops import fused
+from flowsys.ops import nn as N
+from flowsys.optim.optimizer import _adamw_update
+
+pytestmark = pytest.mark.skipif(not fused.ENABLED, reason="Numba is not importable or FLOWSYS_JIT=0")
+
+RNG = np.random.default_rng(0)
+
+
+def f32(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    """Run each check on one thread and split over two (small parts, so splits happen)."""
+    monkeypatch.setattr(fused, "_MIN_PER_THREAD", 64)
+    monkeypatch.setattr(fused, "_threads", fused._threads)
+    fused.set_threads(request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_and_grad_match_numpy_twin_and_torch(threads, approximate):
+    x, g = f32(37, 129, scale=3.0), f32(37, 129)
+    x[0, :4] = [0.0, -0.0, 40.0, -40.0]
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    y64 = E._gelu(np, x64, approximate)
+    np.testing.assert_allclose(fused.gelu(x, approximate), y64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused.gelu_grad(x, g, approximate), E._gelu_grad(np, x64, y64, g64, approximate),
+                               rtol=1e-5, atol=2e-5)
+    tx = torch.from_numpy(x64).requires_grad_()
+    ty = torch.nn.functional.gelu(tx, approximate=approximate)
+    (tg,) = torch.autograd.grad(ty, tx, torch.from_numpy(g64))
+    np.testing.assert_allclose(fused.gelu(x, approximate), ty.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused.gelu_grad(x, g, approximate), tg.numpy(), rtol=1e-5, atol=2e-5)
+
+
+def test_exp_is_accurate_and_saturates_like_numpy():
+    x = np.concatenate([np.linspace(-87, 88, 100_001), [-1e30, -100.0, 100.0, np.inf, -np.inf, np.nan]]).astype(np.float32)
+    out = np.empty_like(x)
+
+    @fused.numba.njit
+    def exp(a, o):
+        for i in range(a.size):
+            o[i] = fused._exp(a[i])
+
+    exp(x, out)
+    ref = np.exp(x.astype(np.float64))
+    finite = slice(0, 100_001)
+    np.testing.assert_allclose(out[finite], ref[finite], rtol=5e-7)
+    assert out[-6] == 0 and out[-5] == 0 and out[-4] == np.inf and out[-3] == np.inf and out[-2] == 0
+    assert np.isnan(out[-1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tq,tk", [(16, 16), (5, 9), (9, 5)])
+def test_softmax_rows_with_scale_and_causal_mask(threads, causal, tq, tk):
+    s = f32(3, 2, tq, tk, scale=4.0)
+    mask = np.triu(np.full((tq, tk), -np.inf), k=1) if causal else 0.0
+    z = s.astype(np.float64) * 0.3 + mask
+    ref = N.softmax(np, z)
+    np.testing.assert_allclose(fused.softmax(s, scale=0.3, causal=causal), ref, rtol=1e-6, atol=1e-7)
+    inplace = s.copy()
+    assert fused.softmax(inplace, scale=0.3, causal=causal, out=inplace) is inplace
+    np.testing.assert_allclose(inplace, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_softmax_grad_logsumexp_and_cross_entropy_grad(threads):
+    y = N.softmax(np, f32(6, 50, 33)).astype(np.float32)
+    g = f32(6, 50, 33)
+    np.testing.assert_allclose(fused.softmax_grad(y, g), N.softmax_grad(np, y.astype(np.float64), g.astype(np.float64)),
+                               rtol=1e-5, atol=1e-6)
+    logits = f32(300, 517, scale=5.0)
+    lse = torch.logsumexp(torch.from_numpy(logits.astype(np.float64)), -1).numpy()
+    np.testing.assert_allclose(fused.logsumexp_rows(logits), lse, rtol=1e-6)
+    t = RNG.integers(0, 517, 300)
+    scale = RNG.random(300).astype(np.float32)
+    ref = N._ce_grad_block(np, logits.astype(np.float64), t, scale.astype(np.float64))
+    np.testing.assert_allclose(fused.cross_entropy_grad(logits, t, scale), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_nan_propagates_through_row_kernels():
+    x = f32(4, 10)
+    x[1, 0] = np.nan  # key 0 is one every causal query sees
+    for out in (fused.softmax(x), fused.softmax(x, causal=True), fused.layer_norm(x, 10, 1e-5)):
+        assert np.isnan(out[1]).any()
+        assert np.isfinite(np.delete(out, 1, axis=0)).all()
+    assert np.isnan(fused.logsumexp_rows(x)[1]) and np.isfinite(np.delete(fused.logsumexp_rows(x), 1)).all()
+
+
+@pytest.mark.parametrize("n", [1, 7, 256, 1000])
+def test_layer_norm_and_grad(threads, n):
+    x, g = f32(40, n, scale=2.0) + 3.0, f32(40, n)
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    np.testing.assert_allclose(fused.layer_norm(x, n, 1e-5), N.layer_norm(np, x64, eps=1e-5), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(fused.layer_norm_grad(x, g, n, 1e-5), N.layer_norm_grad(np, x64, g64, eps=1e-5),
+                               rtol=1e-4, atol=5e-5)
+
+
+def test_adamw_matches_numpy_twin(threads):
+    p, g = f32(1000, 3), f32(1000, 3)
+    m, v = f32(1000, 3) * 0.1, np.abs(f32(1000, 3)) * 0.01
+    ref = [a.astype(np.float64) for a in (p, g, m, v)]
+    hyper = dict(decay=1 - 1e-3 * 0.1, beta1=0.9, beta2=0.95, c2=1 / math.sqrt(1 - 0.95 ** 3), eps=1e-8,
+                 step=1e-3 / (1 - 0.9 ** 3))
+    assert fused.adamw(p, g, m, v, **hyper)
+    _adamw_update(np, *ref, np.empty_like(ref[0]), hyper["decay"], hyper["beta1"], hyper["beta2"], hyper["c2"],
+                  hyper["eps"], hyper["step"])
+    for got, want in zip((p, m, v), (ref[0], ref[2], ref[3])):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=5e-7)
+    assert not fused.adamw(p.T, g.T, m.T, v.T, **hyper)  # not C-contiguous: the caller's NumPy path
+
+
+def test_ops_give_the_same_results_with_and_without_the_kernels(monkeypatch):
+    """A GPT step through the registered ops: fused kernels on, then the NumPy twins."""
+    cfg = fs.models.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    idx = fs.tensor(RNG.integers(0, 64, (3, 16)))
+
+    def run():
+        fs.manual_seed(0)
+        model = fs.models.GPT(cfg)
+        opt = fs.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(3):
+            _, loss = model(idx, idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, model.state_dict()
+
+    on_losses, on_state = run()
+    monkeypatch.setattr(fused, "ENABLED", False)
+    off_losses, off_state = run()
+    np.testing.assert_allclose(on_losses, off_losses, rtol=2e-5)
+    for k in on_state:
+        np.testing.assert_allclose(on_state[k].numpy(), off_state[k].numpy(), rtol=1e-3, atol=2e-5, err_msg=k)
