@@ -96,6 +96,8 @@ CASES: dict[str, list[Case]] = {
     "cross_entropy_grad": [Case(((4, 5), TARGETS, (4,)))],
     "layer_norm": [Case(((2, 3, 4),)), Case(((2, 3, 4),), {"n_axes": 2, "eps": 1e-3})],
     "layer_norm_grad": [Case(((2, 3, 4), (2, 3, 4)), {"n_axes": 2})],
+    "layer_norm_affine": [Case(((2, 3, 4), (4,), (4,))), Case(((2, 3, 4), (3, 4), (3, 4)), {"n_axes": 2, "eps": 1e-3})],
+    "layer_norm_affine_grad": [Case(((2, 3, 4), (4,), (2, 3, 4))), Case(((2, 3, 4), (3, 4), (2, 3, 4)), {"n_axes": 2})],
     "dropout": [Case(((3, 4),), {"p": 0.3, "seed": 7}), Case(((3, 4),), {"p": 1.0, "seed": 1}, grad=False)],
     "sdpa_probs": [Case(((2, 3, 4), (2, 5, 4)), {"is_causal": True}), Case(((2, 1, 3, 4), (2, 4, 4)))],
     "scaled_dot_product_attention": [Case(((2, 3, 4), (2, 5, 4), (2, 5, 3)), {"is_causal": True, "scale": 0.3}),

@@ -64,6 +64,8 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: 
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if tuple(x.shape[-len(normalized_shape):]) != normalized_shape:
         raise ShapeError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
+    if weight is not None and bias is not None and tuple(weight.shape) == tuple(bias.shape) == normalized_shape:
+        return apply("layer_norm_affine", x, weight, bias, n_axes=len(normalized_shape), eps=float(eps))
     y = apply("layer_norm", x, n_axes=len(normalized_shape), eps=float(eps))
     if weight is not None:
         y = y * weight

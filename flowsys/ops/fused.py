@@ -365,6 +365,80 @@ def layer_norm_grad(x, g, n: int, eps: float):
     return out
 
 
+@_kernel
+def _layer_norm_affine_rows(x, w, b, out, eps):
+    rows, n = x.shape
+    inv_n = f32(1.0) / f32(n)
+    for r in range(rows):
+        mean = f32(0.0)
+        for j in range(n):
+            mean += x[r, j]
+        mean *= inv_n
+        var = f32(0.0)
+        for j in range(n):
+            d = x[r, j] - mean
+            var += d * d
+        rstd = f32(1.0) / math.sqrt(var * inv_n + eps)
+        for j in range(n):
+            out[r, j] = (x[r, j] - mean) * rstd * w[j] + b[j]
+
+
+@_kernel
+def _layer_norm_affine_grad_rows(x, w, g, dx, dw, db, eps):
+    """dx as layer_norm_grad of g * w; dw += g * y and db += g over the rows (float64 sums)."""
+    rows, n = x.shape
+    inv_n = f32(1.0) / f32(n)
+    for r in range(rows):
+        mean = f32(0.0)
+        for j in range(n):
+            mean += x[r, j]
+        mean *= inv_n
+        var = f32(0.0)
+        for j in range(n):
+            d = x[r, j] - mean
+            var += d * d
+        rstd = f32(1.0) / math.sqrt(var * inv_n + eps)
+        mg = f32(0.0)
+        mgy = f32(0.0)
+        for j in range(n):
+            y = (x[r, j] - mean) * rstd
+            gw = g[r, j] * w[j]
+            mg += gw
+            mgy += gw * y
+            dw[j] += g[r, j] * y
+            db[j] += g[r, j]
+        mg *= inv_n
+        mgy *= inv_n
+        for j in range(n):
+            dx[r, j] = rstd * (g[r, j] * w[j] - mg - (x[r, j] - mean) * rstd * mgy)
+
+
+def layer_norm_affine(x, w, b, n: int, eps: float):
+    """layer_norm over rows of ``n`` trailing elements, times ``w`` plus ``b`` (both ``n`` long)."""
+    xr, wf, bf, out, eps = _rows(x, n), _flat(w), _flat(b), np.empty(x.shape, np.float32), f32(eps)
+    outr = out.reshape(-1, n)
+    _split(lambda lo, hi: _layer_norm_affine_rows(xr[lo:hi], wf, bf, outr[lo:hi], eps), xr.shape[0], n)
+    return out
+
+
+def layer_norm_affine_grad(x, w, g, n: int, eps: float):
+    """(dx, dw, db) of layer_norm_affine; each thread sums its rows' dw and db, then they add."""
+    xr, wf, gr, eps = _rows(x, n), _flat(w), _rows(g, n), f32(eps)
+    dx = np.empty(x.shape, np.float32)
+    dxr = dx.reshape(-1, n)
+    parts = []
+
+    def part(lo, hi):
+        dw, db = np.zeros(n, np.float64), np.zeros(n, np.float64)
+        _layer_norm_affine_grad_rows(xr[lo:hi], wf, gr[lo:hi], dxr[lo:hi], dw, db, eps)
+        parts.append((dw, db))
+
+    _split(part, xr.shape[0], n)
+    dw = sum(p[0] for p in parts) if len(parts) > 1 else parts[0][0]
+    db = sum(p[1] for p in parts) if len(parts) > 1 else parts[0][1]
+    return dx, dw.astype(np.float32).reshape(w.shape), db.astype(np.float32).reshape(w.shape)
+
+
 # ---------------------------------------------------------------------------------------- AdamW
 
 

@@ -213,6 +213,60 @@ def layer_norm_grad(xp, x, g, *, n_axes=1, eps=1e-5):
     return dx.reshape(x.shape)
 
 
+def _ln_affine_infer(x: Spec, w: Spec, b: Spec, *, n_axes=1, eps=1e-5) -> Spec:
+    _ln_infer(x, n_axes=n_axes, eps=eps)
+    normalized = x.shape[x.ndim - n_axes:]
+    if w.shape != normalized or b.shape != normalized:
+        raise ShapeError(f"layer_norm: weight {w.shape} and bias {b.shape} must have the normalised shape "
+                         f"{normalized} of the input {x.shape}")
+    return Spec(x.shape, result_dtype(x, w, b))
+
+
+def _ln_affine_rows(specs, attrs, *partial):
+    """Rows split the input (and its gradient) on an axis that is not normalised; the weight
+    and bias stay whole, and their gradients, sums over the rows, are partial sums."""
+    x = specs[0]
+    n = attrs.get("n_axes", 1)
+    grad = len(specs) == 3 and specs[2].shape == x.shape  # (x, w, g) -> (dx, dw, db)
+    rows = []
+    for i in range(x.ndim - n):
+        if grad:
+            rows.append(R.SbpRow((S(i), B, S(i)), (S(i), P, P), "rows are independent; weight sums are partial"))
+        else:
+            rows.append(R.SbpRow((S(i), B, B), (S(i),), "each row is normalised on its own"))
+    rows.append(R.replicated(3, 3 if grad else 1))
+    if grad:
+        rows.append(R.SbpRow((B, B, P), (P, P, P), "linear in the incoming gradient"))
+    return rows
+
+
+@register("layer_norm_affine", infer=_ln_affine_infer, sbp=_ln_affine_rows,
+          grad=lambda b, g, out, x, w, bias, *, n_axes=1, eps=1e-5: list(
+              b.layer_norm_affine_grad(x, w, g, n_axes=n_axes, eps=eps)))
+def layer_norm_affine(xp, x, w, b, *, n_axes=1, eps=1e-5):
+    """layer_norm(x) * w + b: PyTorch's LayerNorm in one op (and one pass on the CPU)."""
+    if fused.usable(xp, x, w, b):
+        return fused.layer_norm_affine(x, w, b, math.prod(w.shape), eps)
+    return layer_norm(xp, x, n_axes=n_axes, eps=eps) * w + b
+
+
+def _ln_affine_grad_infer(x: Spec, w: Spec, g: Spec, *, n_axes=1, eps=1e-5):
+    dtype = result_dtype(x, w, g)
+    return Spec(x.shape, dtype), Spec(w.shape, dtype), Spec(w.shape, dtype)
+
+
+@register("layer_norm_affine_grad", infer=_ln_affine_grad_infer, sbp=_ln_affine_rows, multi_output=True)
+def layer_norm_affine_grad(xp, x, w, g, *, n_axes=1, eps=1e-5):
+    """The gradients of layer_norm_affine for input, weight and bias."""
+    if fused.usable(xp, x, w, g) and g.shape == x.shape:
+        return fused.layer_norm_affine_grad(x, w, g, math.prod(w.shape), eps)
+    xc, rstd, _ = _ln_stats(xp, x, n_axes, eps)
+    rows = g.reshape(xc.shape)
+    dw = (rows * (xc * rstd)).sum(axis=0).reshape(w.shape)
+    db = rows.sum(axis=0).reshape(w.shape)
+    return layer_norm_grad(xp, x, g * w, n_axes=n_axes, eps=eps), dw, db
+
+
 # ------------------------------------------------------------------------------------- dropout
 
 
