@@ -4,7 +4,8 @@
 
 Both run the same nanoGPT architecture and config (n_layer=4, n_head=4, n_embd=256,
 block_size=128, batch 8, vocab 4096) on the same weights and batch, with the same number of
-threads. The JSON holds both medians and the ratio flowsys / PyTorch (lower is better).
+threads, in alternating blocks of steps. The JSON holds both medians and the ratio flowsys /
+PyTorch (lower is better).
 """
 
 from __future__ import annotations
@@ -88,14 +89,22 @@ def torch_gpt(cfg):
     return GPT()
 
 
-def time_steps(step, n_steps: int, warmup: int = 2) -> list[float]:
+def time_steps(steps: dict, n_steps: int, warmup: int = 2, block: int = 5) -> dict[str, list[float]]:
+    """Seconds per step of each of ``steps`` (name -> step function), measured in alternating
+    blocks of ``block`` steps so that a change in the machine's speed during the run (shared
+    or throttled cores) weighs on both alike. Each block starts with an untimed step, so every
+    timed step runs in its own steady state (caches and allocator warm)."""
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(n_steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    while min(len(t) for t in times.values()) < n_steps:
+        for name, step in steps.items():
+            step()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -154,8 +163,8 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return
 
-    fs_times = time_steps(fs_step, args.steps)
-    torch_times = time_steps(torch_step, args.steps)
+    times = time_steps({"flowsys": fs_step, "torch": torch_step}, args.steps)
+    fs_times, torch_times = times["flowsys"], times["torch"]
     fs_med, torch_med = statistics.median(fs_times), statistics.median(torch_times)
     n_first = min(len(losses["flowsys"]), len(losses["torch"]))
     result = {

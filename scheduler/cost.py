@@ -64,6 +64,8 @@ def op_flops(name: str, ins: list[tuple[int, ...]], outs: list[tuple[int, ...]],
         return 2 * out * k if len(a) > 1 or len(b) > 1 else 2 * k
     if name == "linear":  # x @ w.T + b
         return 2 * out * ins[0][-1] + out
+    if name in ("linear_grad_input", "linear_grad_weight"):  # every element of g meets in_features
+        return 2 * _numel(ins[0]) * outs[0][-1]
     if name in ("scaled_dot_product_attention", "sdpa_probs"):
         q, key = ins[0], ins[1]
         scores = _numel(np.broadcast_shapes(q[:-2], key[:-2])) * q[-2] * key[-2]

@@ -82,6 +82,9 @@ def test_softmax_grad_logsumexp_and_cross_entropy_grad(threads):
     g = f32(6, 50, 33)
     np.testing.assert_allclose(fused.softmax_grad(y, g), N.softmax_grad(np, y.astype(np.float64), g.astype(np.float64)),
                                rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused.softmax_grad(y, g, 0.25),
+                               N.softmax_grad(np, y.astype(np.float64), g.astype(np.float64), scale=0.25),
+                               rtol=1e-5, atol=1e-6)
     logits = f32(300, 517, scale=5.0)
     lse = torch.logsumexp(torch.from_numpy(logits.astype(np.float64)), -1).numpy()
     np.testing.assert_allclose(fused.logsumexp_rows(logits), lse, rtol=1e-6)

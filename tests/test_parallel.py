@@ -103,5 +103,8 @@ def test_gpt_training_matches_single_device(single_device, mesh, dp_axis, tp_axi
         assert w.sbp[tp_axis] == S(0)
         assert len({w.to_local(r).shape for r in placement.ranks}) == 1
     ref_sd = ref_model.state_dict()
+    # Gradients agree to float32 rounding (~3e-7 of their largest entry), but AdamW divides by
+    # sqrt(v): where an entry's gradient is itself rounding-sized, that rounding moves the
+    # parameter by a visible part of the learning rate (1e-3). atol is 5 % of it.
     for name, value in model.state_dict().items():
-        np.testing.assert_allclose(value.numpy(), ref_sd[name].numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(value.numpy(), ref_sd[name].numpy(), rtol=1e-3, atol=5e-5, err_msg=name)

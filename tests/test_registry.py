@@ -86,10 +86,13 @@ CASES: dict[str, list[Case]] = {
     # linalg
     "matmul": [Case(((2, 3, 4), (4, 5))), Case(((4,), (3, 4, 2))), Case(((2, 1, 2, 3), (3, 3, 2))),
                Case(((3, 4), (4,)))],
-    "linear": [Case(((2, 3, 4), (5, 4), (5,))), Case(((4,), (6, 4), (6,))), Case(((6, 4), (2, 4), (2,)))],
+    "linear": [Case(((2, 3, 4), (5, 4), (5,))), Case(((4,), (6, 4), (6,))), Case(((6, 4), (2, 4), (2,))),
+               Case(((2, 3, 4), (3, 2, 4), (3, 2)))],
+    "linear_grad_input": [Case(((2, 3, 5), (5, 4))), Case(((2, 3, 3, 2), (3, 2, 4))), Case(((6,), (6, 4)))],
+    "linear_grad_weight": [Case(((2, 3, 5), (2, 3, 4))), Case(((2, 3, 3, 2), (2, 3, 4))), Case(((6,), (4,)))],
     # nn
     "softmax": [Case(((3, 4),)), Case(((3, 4),), {"axis": 0})],
-    "softmax_grad": [Case(((3, 4), (3, 4)), {"axis": 0})],
+    "softmax_grad": [Case(((3, 4), (3, 4)), {"axis": 0}), Case(((3, 4), (3, 4)), {"scale": 0.5})],
     "log_softmax": [Case(((3, 4),), {"axis": -1})],
     "log_softmax_grad": [Case(((3, 4), (3, 4)))],
     "cross_entropy": [Case(((4, 5), TARGETS)), Case(((2, 3, 5), np.array([[0, 1, 2], [4, 4, -1]])), {"ignore_index": -1})],

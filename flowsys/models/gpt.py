@@ -71,6 +71,9 @@ class QKVProjection(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.n_embd
+        if self.bias is not None:  # one GEMM into (..., 3, C), then q, k, v are views of it
+            qkv = F.linear(x, self.weight, self.bias)
+            return tuple(z.reshape(tuple(x.shape[:-1]) + (c,)) for z in fsf.split(qkv, 3, axis=-2))
         ws = [w.reshape(c, c) for w in fsf.split(self.weight, 3, axis=0)]
         bs = [b.reshape(c) for b in fsf.split(self.bias, 3, axis=0)] if self.bias is not None else [None] * 3
         return tuple(F.linear(x, w, b) for w, b in zip(ws, bs))

@@ -220,14 +220,14 @@ def _softmax_rows(x, out, scale, tq, causal):
 
 
 @_kernel
-def _softmax_grad_rows(y, g, out):
+def _softmax_grad_rows(y, g, out, scale):
     rows, cols = y.shape
     for r in range(rows):
         d = f32(0.0)
         for j in range(cols):
             d += g[r, j] * y[r, j]
         for j in range(cols):
-            out[r, j] = y[r, j] * (g[r, j] - d)
+            out[r, j] = scale * y[r, j] * (g[r, j] - d)
 
 
 # Numba's float max does not vectorise (it keeps Python's NaN order), so long rows take their
@@ -276,11 +276,11 @@ def softmax(x, *, scale: float = 1.0, causal: bool = False, out=None):
     return out
 
 
-def softmax_grad(y, g):
+def softmax_grad(y, g, scale: float = 1.0):
     cols = y.shape[-1]
-    yr, gr, out = _rows(y, cols), _rows(g, cols), np.empty(y.shape, np.float32)
+    yr, gr, out, scale = _rows(y, cols), _rows(g, cols), np.empty(y.shape, np.float32), f32(scale)
     outr = out.reshape(-1, cols)
-    _split(lambda lo, hi: _softmax_grad_rows(yr[lo:hi], gr[lo:hi], outr[lo:hi]), yr.shape[0], cols)
+    _split(lambda lo, hi: _softmax_grad_rows(yr[lo:hi], gr[lo:hi], outr[lo:hi], scale), yr.shape[0], cols)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from flowsys.errors import ShapeError
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.registry import SbpRow, Spec, register, result_dtype, sum_to_shape
-from flowsys.sbp import PartialSum
+from flowsys.sbp import PartialSum, Split
 
 B, P, S = R.B, R.P, R.S
 
@@ -87,26 +88,35 @@ def matmul(xp, a, b):
 
 
 def _linear_infer(x: Spec, w: Spec, b: Spec) -> Spec:
-    if x.ndim < 1 or w.ndim != 2 or b.shape != w.shape[:1] or x.shape[-1] != w.shape[1]:
+    if x.ndim < 1 or w.ndim < 2 or b.shape != w.shape[:-1] or x.shape[-1] != w.shape[-1]:
         raise ShapeError(
             f"linear: input {x.shape}, weight {w.shape} and bias {b.shape} do not fit: the weight is "
-            f"(out_features, in_features) with in_features = the input's last axis "
-            f"({x.shape[-1] if x.ndim else '?'}), and the bias is (out_features,)")
-    return Spec(x.shape[:-1] + w.shape[:1], result_dtype(x, w, b))
+            f"(out_features..., in_features) with in_features = the input's last axis "
+            f"({x.shape[-1] if x.ndim else '?'}), and the bias is (out_features...)")
+    return Spec(x.shape[:-1] + w.shape[:-1], result_dtype(x, w, b))
+
+
+def _linear_subscripts(x: Spec, w: Spec) -> tuple[str, str, str]:
+    """The einsum of ``x @ w.T`` for a weight of shape (out..., in), e.g. ``"uvk", "nk", "uvn"``."""
+    letters = iter(c for c in string.ascii_lowercase if c != "k")
+    batch = "".join(next(letters) for _ in range(x.ndim - 1))
+    outs = "".join(next(letters) for _ in range(w.ndim - 1))
+    return batch + "k", outs + "k", batch + outs
 
 
 def _linear_rows(specs, attrs):
-    """matmul's rows for ``x @ w.T`` with the bias following the output: split with its
-    features, whole beside split rows, a partial sum beside a partial-sum output (added once)."""
+    """matmul's rows for ``x @ w.T`` with the bias following the output: split with an
+    out-feature axis, whole beside split rows, a partial sum beside a partial-sum output (so
+    that it is added once)."""
     x, w, b = specs
-    batch = string.ascii_lowercase[:x.ndim - 1].translate(str.maketrans("kn", "uv"))
+    x_sub, w_sub, out_sub = _linear_subscripts(x, w)
     rows = []
-    for row in R.einsum((batch + "k", "nk"), batch + "n", (x, w)):
+    for row in R.einsum((x_sub, w_sub), out_sub, (x, w)):
         out = row.outs[0]
         if isinstance(out, PartialSum):
             bias = P
-        elif out == S(x.ndim - 1):
-            bias = S(0)
+        elif isinstance(out, Split) and out.axis >= x.ndim - 1:
+            bias = S(out.axis - (x.ndim - 1))
         else:
             bias = B
         rows.append(SbpRow(row.ins + (bias,), row.outs, row.reason))
@@ -114,22 +124,54 @@ def _linear_rows(specs, attrs):
 
 
 def _linear_grad(b, g, out, x, w, bias):
-    n, k = w.shape
-    g2 = b.reshape(g, shape=(-1, n))
-    gx = b.reshape(b.matmul(g2, w), shape=tuple(x.shape)) if b.needs[0] else None
-    # (n, rows) @ (rows, k): the weight's gradient comes out in the weight's own layout.
-    gw = b.matmul(b.transpose(g2), b.reshape(x, shape=(-1, k))) if b.needs[1] else None
-    gb = b.sum(g2, axis=0) if b.needs[2] else None
+    gx = b.linear_grad_input(g, w) if b.needs[0] else None
+    gw = b.linear_grad_weight(g, x) if b.needs[1] else None
+    gb = (b.sum(g, axis=tuple(range(len(x.shape) - 1))) if len(x.shape) > 1 else g) if b.needs[2] else None
     return [gx, gw, gb]
+
+
+def _grad_input_subscripts(g: Spec, w: Spec) -> tuple[tuple[str, str], str]:
+    x_sub, w_sub, out_sub = _linear_subscripts(Spec(g.shape[:g.ndim - (w.ndim - 1)] + w.shape[-1:], g.dtype), w)
+    return (out_sub, w_sub), x_sub
+
+
+def _grad_weight_subscripts(g: Spec, x: Spec) -> tuple[tuple[str, str], str]:
+    w = Spec(g.shape[x.ndim - 1:] + x.shape[-1:], g.dtype)
+    x_sub, w_sub, out_sub = _linear_subscripts(x, w)
+    return (out_sub, x_sub), w_sub
+
+
+@register("linear_grad_input",
+          infer=lambda g, w: Spec(g.shape[:g.ndim - (w.ndim - 1)] + w.shape[-1:], result_dtype(g, w)),
+          sbp=lambda specs, attrs: R.einsum(*_grad_input_subscripts(*specs), specs))
+def linear_grad_input(xp, g, w):
+    """``g @ w`` over all of the weight's out-feature axes: linear's input gradient, one GEMM."""
+    batch = g.shape[:g.ndim - (w.ndim - 1)]
+    n, k = math.prod(w.shape[:-1]), w.shape[-1]
+    return (g.reshape(math.prod(batch), n) @ w.reshape(n, k)).reshape(batch + (k,))
+
+
+@register("linear_grad_weight",
+          infer=lambda g, x: Spec(g.shape[x.ndim - 1:] + x.shape[-1:], result_dtype(g, x)),
+          sbp=lambda specs, attrs: R.einsum(*_grad_weight_subscripts(*specs), specs))
+def linear_grad_weight(xp, g, x):
+    """``g.T @ x`` summed over the batch axes: linear's weight gradient, one GEMM, in the
+    weight's own (out..., in) layout."""
+    rows = math.prod(x.shape[:-1])
+    n, k = math.prod(g.shape[x.ndim - 1:]), x.shape[-1]
+    return (g.reshape(rows, n).T @ x.reshape(rows, k)).reshape(g.shape[x.ndim - 1:] + (k,))
 
 
 @register("linear", infer=_linear_infer, sbp=_linear_rows, grad=_linear_grad)
 def linear(xp, x, w, b):
     """``x @ w.T + b`` with a PyTorch (out_features, in_features) weight: one GEMM, the bias
-    added in place into its output (PyTorch's addmm)."""
-    out = x.reshape(-1, x.shape[-1]) @ w.T
+    added in place into its output (PyTorch's addmm). A weight (out..., in) gives outputs
+    (..., out...): one GEMM for several projections stored apart (attention's q, k, v)."""
+    k = w.shape[-1]
+    out = x.reshape(math.prod(x.shape[:-1]), k) @ w.reshape(math.prod(w.shape[:-1]), k).T
+    b = b.reshape(-1)
     if out.dtype == np.result_type(out, b):
         out += b
     else:
         out = out + b
-    return out.reshape(x.shape[:-1] + w.shape[:1])
+    return out.reshape(x.shape[:-1] + w.shape[:-1])

@@ -49,13 +49,17 @@ def softmax(xp, x, *, axis=-1):
     return e
 
 
-@register("softmax_grad", infer=lambda y, g, *, axis=-1: Spec(y.shape, result_dtype(y, g)),
+@register("softmax_grad", infer=lambda y, g, *, axis=-1, scale=1.0: Spec(y.shape, result_dtype(y, g)),
           sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")))
-def softmax_grad(xp, y, g, *, axis=-1):
+def softmax_grad(xp, y, g, *, axis=-1, scale=1.0):
+    """``scale`` times the gradient of softmax at output ``y`` (attention folds its scale in)."""
     if normalize_axis("softmax_grad", axis, y.ndim) == y.ndim - 1 and y.shape == g.shape and fused.usable(xp, y, g):
-        return fused.softmax_grad(y, g)
+        return fused.softmax_grad(y, g, scale)
     gy = g * y
-    return gy - y * gy.sum(axis=axis, keepdims=True)
+    out = gy - y * gy.sum(axis=axis, keepdims=True)
+    if scale != 1.0:
+        out *= scale
+    return out
 
 
 @register("log_softmax", infer=_float_same("log_softmax"), sbp=_along_axis_rows(),
@@ -401,7 +405,7 @@ def _sdpa_grad(b, g, out, q, k, v, *, is_causal=False, scale=None):
     s = _scale(q.shape[-1], scale)
     p = b.sdpa_probs(q, k, is_causal=is_causal, scale=s)
     gv = sum_to_shape(b, b.matmul(_swap(b, p), g), tuple(v.shape)) if b.needs[2] else None
-    ds = b.mul(b.softmax_grad(p, b.matmul(g, _swap(b, v)), axis=-1), s)
+    ds = b.softmax_grad(p, b.matmul(g, _swap(b, v)), axis=-1, scale=s)
     gq = sum_to_shape(b, b.matmul(ds, k), tuple(q.shape)) if b.needs[0] else None
     gk = sum_to_shape(b, b.matmul(_swap(b, ds), q), tuple(k.shape)) if b.needs[1] else None
     return [gq, gk, gv]

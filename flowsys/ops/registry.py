@@ -129,6 +129,9 @@ def get_op(name: str) -> OpDef:
 
 
 def broadcast_shapes(op: str, *specs: Spec) -> tuple[int, ...]:
+    first = specs[0].shape
+    if all(s.shape == first for s in specs):  # the common case, without NumPy's general path
+        return tuple(first)
     try:
         return tuple(np.broadcast_shapes(*(s.shape for s in specs)))
     except ValueError:
@@ -140,6 +143,9 @@ def broadcast_shapes(op: str, *specs: Spec) -> tuple[int, ...]:
 
 
 def result_dtype(*specs: Spec) -> np.dtype:
+    first = specs[0].dtype
+    if all(s.dtype == first for s in specs):
+        return first
     return np.result_type(*(s.dtype for s in specs))
 
 
