@@ -789,6 +789,9 @@ SDPA_CASES = {
     "scale": dict(q=(2, 4, 8), k=(2, 4, 8), v=(2, 4, 8), scale=0.3),
     "broadcast batch": dict(q=(2, 3, 4, 8), k=(1, 3, 6, 8), v=(3, 6, 8)),
     "2-D": dict(q=(5, 4), k=(5, 4), v=(5, 3)),
+    # Probabilities larger than q, k and v together: the fused op, which recomputes them.
+    "long": dict(q=(1, 2, 20, 2), k=(1, 2, 20, 2), v=(1, 2, 20, 2)),
+    "long Tq<Tk": dict(q=(2, 12, 2), k=(2, 30, 2), v=(2, 30, 3)),
 }
 
 

@@ -100,8 +100,16 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Ten
 
     Without a mask or dropout this is one fused op; otherwise it is composed of registered ops.
     ``attn_mask`` is a bool tensor (True = attend) or an additive float tensor.
+
+    The fused op keeps nothing but its inputs and recomputes the probabilities in the backward
+    pass (as flash attention does), which saves memory when they are the larger part: long
+    sequences. Where they are no larger than q, k and v together, the probabilities are kept
+    for the backward pass instead (``sdpa_probs``, then ``@ v``).
     """
     if attn_mask is None and (dropout_p == 0.0 or not training):
+        tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+        if tq * tk <= (tq + 2 * tk) * d:
+            return apply("sdpa_probs", q, k, is_causal=is_causal, scale=scale) @ v
         return apply("scaled_dot_product_attention", q, k, v, is_causal=is_causal, scale=scale)
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     att = (q @ k.swapaxes(-1, -2)) * s

@@ -389,8 +389,15 @@ def _probs_infer(q: Spec, k: Spec, *, is_causal=False, scale=None) -> Spec:
     return Spec(tuple(batch) + (q.shape[-2], k.shape[-2]), result_dtype(q, k))
 
 
-@register("sdpa_probs", infer=_probs_infer,
-          sbp=_sdpa_rows)
+def _probs_grad(b, g, out, q, k, *, is_causal=False, scale=None):
+    """From the kept probabilities ``out``: nothing is recomputed."""
+    ds = b.softmax_grad(out, g, axis=-1, scale=_scale(q.shape[-1], scale))
+    gq = sum_to_shape(b, b.matmul(ds, k), tuple(q.shape)) if b.needs[0] else None
+    gk = sum_to_shape(b, b.matmul(_swap(b, ds), q), tuple(k.shape)) if b.needs[1] else None
+    return [gq, gk]
+
+
+@register("sdpa_probs", infer=_probs_infer, sbp=_sdpa_rows, grad=_probs_grad)
 def sdpa_probs(xp, q, k, *, is_causal=False, scale=None):
     """softmax(q k^T * scale) with the causal mask: the attention weights."""
     return _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale))
