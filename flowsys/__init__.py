@@ -33,7 +33,11 @@ from flowsys.profiler import Profile, profile  # noqa: E402
 
 __version__ = "0.1.0"
 
+from flowsys.device import settle_blas_threads as _settle_blas_threads  # noqa: E402
 from flowsys.profiler import _from_environment  # noqa: E402
+
+_settle_blas_threads()  # before any thread of ours runs BLAS
+del _settle_blas_threads
 
 _from_environment()  # flowsys launch --profile
 del _from_environment

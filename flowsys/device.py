@@ -70,3 +70,35 @@ def share_cores(ranks: int) -> int:
         return 0
     ThreadpoolController().limit(limits=threads, user_api="blas")
     return threads
+
+
+BLAS_THREAD_TIMEOUT = 18  # OpenBLAS's idle threads spin for 2**18 cycles (about 0.1 ms), then sleep
+
+
+def settle_blas_threads() -> bool:
+    """Let OpenBLAS's worker threads sleep soon after each call (2**18 cycles instead of its
+    default 2**28, about 0.1 s), unless ``OPENBLAS_THREAD_TIMEOUT`` is set already.
+
+    A training step alternates GEMMs with elementwise kernels on the same cores; a BLAS thread
+    still spinning for its next GEMM takes a core from the fused kernels' threads (7 % of the
+    benchmark GPT step on two cores). OpenBLAS reads the setting when its threads start, so
+    they are restarted here, once, at import, before any other thread of ours runs BLAS.
+    Returns whether it was applied (False for another BLAS or an OpenBLAS without the calls)."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return False
+    try:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+    except ImportError:
+        return False
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(BLAS_THREAD_TIMEOUT)
+    done = False
+    for lib in ThreadpoolController().lib_controllers:
+        dl = getattr(lib, "dynlib", None)
+        if lib.internal_api != "openblas" or dl is None or not all(
+                hasattr(dl, f) for f in ("openblas_read_env", "blas_thread_shutdown_", "blas_thread_init")):
+            continue
+        dl.openblas_read_env()
+        dl.blas_thread_shutdown_()
+        dl.blas_thread_init()
+        done = True
+    return done

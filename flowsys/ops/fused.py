@@ -436,7 +436,7 @@ def layer_norm_affine_grad(x, w, g, n: int, eps: float):
     _split(part, xr.shape[0], n)
     dw = sum(p[0] for p in parts) if len(parts) > 1 else parts[0][0]
     db = sum(p[1] for p in parts) if len(parts) > 1 else parts[0][1]
-    return dx, dw.astype(np.float32).reshape(w.shape), db.astype(np.float32).reshape(w.shape)
+    return dx, dw.reshape(w.shape).astype(np.float32), db.reshape(w.shape).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- AdamW

@@ -159,7 +159,11 @@ def linear_grad_weight(xp, g, x):
     weight's own (out..., in) layout."""
     rows = math.prod(x.shape[:-1])
     n, k = math.prod(g.shape[x.ndim - 1:]), x.shape[-1]
-    return (g.reshape(rows, n).T @ x.reshape(rows, k)).reshape(g.shape[x.ndim - 1:] + (k,))
+    # Into an array of the weight's shape that owns its memory, so that autograd can hand it
+    # on as the gradient without a copy.
+    out = xp.empty(g.shape[x.ndim - 1:] + (k,), dtype=np.result_type(g, x))
+    xp.matmul(g.reshape(rows, n).T, x.reshape(rows, k), out=out.reshape(n, k))
+    return out
 
 
 @register("linear", infer=_linear_infer, sbp=_linear_rows, grad=_linear_grad)
