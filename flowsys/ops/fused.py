@@ -306,98 +306,37 @@ def cross_entropy_grad(x, t, scale):
 # ---------------------------------------------------------------------------------- layer norm
 
 
-@_kernel
-def _layer_norm_rows(x, out, eps):
-    rows, n = x.shape
-    inv_n = f32(1.0) / f32(n)
-    for r in range(rows):
-        mean = f32(0.0)
-        for j in range(n):
-            mean += x[r, j]
-        mean *= inv_n
-        var = f32(0.0)
-        for j in range(n):
-            d = x[r, j] - mean
-            var += d * d
-        rstd = f32(1.0) / math.sqrt(var * inv_n + eps)
-        for j in range(n):
-            out[r, j] = (x[r, j] - mean) * rstd
-
-
-@_kernel
-def _layer_norm_grad_rows(x, g, out, eps):
-    """rstd * (g - mean(g) - y * mean(g * y)) with y the normalised row."""
-    rows, n = x.shape
-    inv_n = f32(1.0) / f32(n)
-    for r in range(rows):
-        mean = f32(0.0)
-        for j in range(n):
-            mean += x[r, j]
-        mean *= inv_n
-        var = f32(0.0)
-        for j in range(n):
-            d = x[r, j] - mean
-            var += d * d
-        rstd = f32(1.0) / math.sqrt(var * inv_n + eps)
-        mg = f32(0.0)
-        mgy = f32(0.0)
-        for j in range(n):
-            mg += g[r, j]
-            mgy += g[r, j] * (x[r, j] - mean)
-        mg *= inv_n
-        mgy *= inv_n * rstd
-        for j in range(n):
-            out[r, j] = rstd * (g[r, j] - mg - (x[r, j] - mean) * rstd * mgy)
-
-
-def layer_norm(x, n: int, eps: float):
-    """Each row of ``n`` trailing elements normalised to mean 0 and variance 1."""
-    xr, out, eps = _rows(x, n), np.empty(x.shape, np.float32), f32(eps)
-    outr = out.reshape(-1, n)
-    _split(lambda lo, hi: _layer_norm_rows(xr[lo:hi], outr[lo:hi], eps), xr.shape[0], n)
-    return out
-
-
-def layer_norm_grad(x, g, n: int, eps: float):
-    xr, gr, out, eps = _rows(x, n), _rows(g, n), np.empty(x.shape, np.float32), f32(eps)
-    outr = out.reshape(-1, n)
-    _split(lambda lo, hi: _layer_norm_grad_rows(xr[lo:hi], gr[lo:hi], outr[lo:hi], eps), xr.shape[0], n)
-    return out
+@_scalar
+def _row_stats(x, r, eps):
+    """Mean and 1 / sqrt(variance + eps) of row ``r`` (two passes: the row is in L1)."""
+    n = x.shape[1]
+    mean = f32(0.0)
+    for j in range(n):
+        mean += x[r, j]
+    mean /= f32(n)
+    var = f32(0.0)
+    for j in range(n):
+        d = x[r, j] - mean
+        var += d * d
+    return mean, f32(1.0) / math.sqrt(var / f32(n) + eps)
 
 
 @_kernel
 def _layer_norm_affine_rows(x, w, b, out, eps):
     rows, n = x.shape
-    inv_n = f32(1.0) / f32(n)
     for r in range(rows):
-        mean = f32(0.0)
-        for j in range(n):
-            mean += x[r, j]
-        mean *= inv_n
-        var = f32(0.0)
-        for j in range(n):
-            d = x[r, j] - mean
-            var += d * d
-        rstd = f32(1.0) / math.sqrt(var * inv_n + eps)
+        mean, rstd = _row_stats(x, r, eps)
         for j in range(n):
             out[r, j] = (x[r, j] - mean) * rstd * w[j] + b[j]
 
 
 @_kernel
 def _layer_norm_affine_grad_rows(x, w, g, dx, dw, db, eps):
-    """dx as layer_norm_grad of g * w; dw += g * y and db += g over the rows (float64 sums)."""
+    """dx = rstd * (g w - mean(g w) - y * mean(g w y)) with y the normalised row; dw += g y and
+    db += g over the rows."""
     rows, n = x.shape
-    inv_n = f32(1.0) / f32(n)
     for r in range(rows):
-        mean = f32(0.0)
-        for j in range(n):
-            mean += x[r, j]
-        mean *= inv_n
-        var = f32(0.0)
-        for j in range(n):
-            d = x[r, j] - mean
-            var += d * d
-        rstd = f32(1.0) / math.sqrt(var * inv_n + eps)
+        mean, rstd = _row_stats(x, r, eps)
         mg = f32(0.0)
         mgy = f32(0.0)
         for j in range(n):
@@ -407,8 +346,8 @@ def _layer_norm_affine_grad_rows(x, w, g, dx, dw, db, eps):
             mgy += gw * y
             dw[j] += g[r, j] * y
             db[j] += g[r, j]
-        mg *= inv_n
-        mgy *= inv_n
+        mg /= f32(n)
+        mgy /= f32(n)
         for j in range(n):
             dx[r, j] = rstd * (g[r, j] * w[j] - mg - (x[r, j] - mean) * rstd * mgy)
 
@@ -437,6 +376,15 @@ def layer_norm_affine_grad(x, w, g, n: int, eps: float):
     dw = sum(p[0] for p in parts) if len(parts) > 1 else parts[0][0]
     db = sum(p[1] for p in parts) if len(parts) > 1 else parts[0][1]
     return dx, dw.reshape(w.shape).astype(np.float32), db.reshape(w.shape).astype(np.float32)
+
+
+def layer_norm(x, n: int, eps: float):
+    """Each row of ``n`` trailing elements normalised to mean 0 and variance 1."""
+    return layer_norm_affine(x, np.ones(n, np.float32), np.zeros(n, np.float32), n, eps)
+
+
+def layer_norm_grad(x, g, n: int, eps: float):
+    return layer_norm_affine_grad(x, np.ones(n, np.float32), g, n, eps)[0]
 
 
 # ---------------------------------------------------------------------------------------- AdamW
