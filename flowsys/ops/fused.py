@@ -51,6 +51,15 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool() -> None:  # a forked child has none of its parent's threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def set_threads(n: int) -> None:
     """Threads a large fused kernel may use (1 keeps every kernel on the calling thread)."""
     global _threads
