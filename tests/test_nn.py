@@ -228,6 +228,21 @@ def test_linear_matches_torch(bias):
         assert lin.bias is None and list(lin.state_dict()) == ["weight"]
 
 
+def test_linear_with_a_weight_of_several_out_axes_matches_torch():
+    """F.linear with weight (3, 4, 5): outputs (..., 3, 4), as three projections stacked (GPT's q, k, v)."""
+    rng = np.random.default_rng(0)
+    xn, wn, bn, gn = (rng.standard_normal(s).astype(np.float32) for s in ((2, 6, 5), (3, 4, 5), (3, 4), (2, 6, 3, 4)))
+    x, w, b = (fs.tensor(a, requires_grad=True) for a in (xn, wn, bn))
+    xt, wt, bt = (torch.from_numpy(a).requires_grad_() for a in (xn, wn, bn))
+    y = F.linear(x, w, b)
+    yt = torch.einsum("btk,ock->btoc", xt, wt) + bt
+    np.testing.assert_allclose(y.numpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+    y.backward(fs.tensor(gn))
+    yt.backward(torch.from_numpy(gn))
+    for mine, ref in ((x, xt), (w, wt), (b, bt)):
+        np.testing.assert_allclose(mine.grad.numpy(), ref.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_linear_default_init_bounds():
     fs.manual_seed(1)
     lin = nn.Linear(64, 128)
