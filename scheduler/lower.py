@@ -318,6 +318,14 @@ class _Lowering:
                 if last_use.get(v, -1) <= i:
                     alive.discard(v)
                     live -= sizes[v]
+        # A pipeline stage holds the forward values its backward pass reads for every micro-batch
+        # in flight (up to its registers): the walk above saw one.
+        in_flight = min(self.registers_on(rp.rank), max(1, self.g.micro_batches))
+        if in_flight > 1:
+            made_in = {v: op.phase for op in rp.ops for v in op.outputs}
+            kept = {v for op in rp.ops if op.phase == "backward" for v in op.inputs
+                    if made_in.get(v) == "forward" and v not in persistent}
+            peak += (in_flight - 1) * sum(sizes[v] for v in kept)
         rp.memory.CopyFrom(plan_pb2.Memory(parameters=params, gradients=grads, optimizer_state=state, peak_activations=peak))
 
 

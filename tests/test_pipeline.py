@@ -63,6 +63,39 @@ def test_pipeline_losses_equal_one_device(single, stages, micro):
     assert [sorted({v.registers for v in rp.values}) for rp in step.plan().ranks] == [[stages - s] for s in range(stages)]
 
 
+def test_peak_activations_count_the_micro_batches_a_stage_holds():
+    """Stage s of p holds the activations it keeps for the backward pass for p - s micro-batches:
+    its peak with 8 micro-batches exceeds its peak with one by p - s - 1 times what it keeps."""
+    class Stages(fs.Graph):
+        def __init__(self, p, micro):
+            super().__init__()
+            self.placements = [fs.placement("cpu", [s]) for s in range(p)]
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+                                         for _ in range(p)])
+            for s, block in enumerate(self.blocks):
+                block.set_stage(s, self.placements[s])
+            self.add_optimizer(optim.SGD(self.blocks.parameters(), lr=0.1))
+            self.config.gradient_accumulation_steps = micro
+            self.config.executor = "plans"
+
+        def build(self, x):
+            for block in self.blocks:
+                x = block(x)
+            loss = (x * x).mean()
+            loss.backward()
+            return loss
+
+    peaks = {}
+    for micro in (1, 8):
+        step = Stages(4, micro)
+        step(fs.ones(4 * micro, 16).to_global(step.placements[0], B))  # 4 rows per micro-batch
+        peaks[micro] = [rp.memory.peak_activations for rp in step.plan().ranks]
+    extra = [many - one for many, one in zip(peaks[8], peaks[1])]
+    assert extra[3] == 0  # the last stage holds one micro-batch at a time
+    assert extra[2] > 0 and extra[1] == 2 * extra[2]  # stages 1 and 2 keep the same per micro-batch
+    assert extra[0] > 0 and extra[0] % 3 == 0  # stage 0 keeps less (its input is the feed), three times over
+
+
 def test_pipeline_on_the_driver_executor_too(single):
     losses, _ = _train(4, steps=3, stages=2, executor="global")
     np.testing.assert_allclose(losses, single[4][:3], rtol=1e-4)
