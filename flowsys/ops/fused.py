@@ -48,12 +48,13 @@ def usable(xp, *arrays) -> bool:
 _MIN_PER_THREAD = 1 << 16  # elements: below this a thread costs more than it saves
 _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
 def _forget_pool() -> None:  # a forked child has none of its parent's threads
-    global _pool
-    _pool = None
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -72,10 +73,12 @@ def _split(fn, n: int, per_item: int = 1, align: int = 1) -> None:
     if k <= 1:
         fn(0, n)
         return
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < k - 1:
-            _pool = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="flowsys-fused")
+        if _pool_size < k - 1:  # the calling thread does one part itself
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its threads finish their parts, then exit
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="flowsys-fused"), k - 1
         pool = _pool
     bounds = [0] + [min(n, round(n * i / k / align) * align) for i in range(1, k)] + [n]
     futures = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, k)]
