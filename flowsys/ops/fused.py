@@ -79,9 +79,8 @@ def _split(fn, n: int, per_item: int = 1, align: int = 1) -> None:
             if _pool is not None:
                 _pool.shutdown(wait=False)  # its threads finish their parts, then exit
             _pool, _pool_size = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="flowsys-fused"), k - 1
-        pool = _pool
-    bounds = [0] + [min(n, round(n * i / k / align) * align) for i in range(1, k)] + [n]
-    futures = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, k)]
+        bounds = [0] + [min(n, round(n * i / k / align) * align) for i in range(1, k)] + [n]
+        futures = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, k)]
     fn(bounds[0], bounds[1])
     for f in futures:
         f.result()
