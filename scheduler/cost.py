@@ -71,9 +71,9 @@ def op_flops(name: str, ins: list[tuple[int, ...]], outs: list[tuple[int, ...]],
         scores = _numel(np.broadcast_shapes(q[:-2], key[:-2])) * q[-2] * key[-2]
         products = 2 if name == "scaled_dot_product_attention" else 1  # q k^T, then (p v)
         return 2 * scores * q[-1] * products + 5 * scores  # + scale, mask, max, exp, normalise
-    per_element = {"layer_norm": 8, "layer_norm_grad": 12, "layer_norm_affine": 10, "layer_norm_affine_grad": 16, "gelu": 10, "gelu_grad": 14, "softmax": 5,
-                   "softmax_grad": 4, "log_softmax": 5, "log_softmax_grad": 4, "cross_entropy": 6,
-                   "cross_entropy_grad": 6, "exp": 1, "log": 1, "tanh": 4, "sqrt": 1, "pow": 2, "dropout": 3}
+    per_element = {"layer_norm": 8, "layer_norm_grad": 12, "layer_norm_affine": 10, "layer_norm_affine_grad": 16,
+                   "gelu": 10, "gelu_grad": 14, "softmax": 5, "softmax_grad": 4, "log_softmax": 5,
+                   "log_softmax_grad": 4, "cross_entropy": 6, "cross_entropy_grad": 6, "exp": 1, "log": 1, "tanh": 4, "sqrt": 1, "pow": 2, "dropout": 3}
     if name in per_element:
         return per_element[name] * _numel(ins[0])
     if name in ("sum", "max", "min", "argmax"):

@@ -226,22 +226,20 @@ def _ln_affine_infer(x: Spec, w: Spec, b: Spec, *, n_axes=1, eps=1e-5) -> Spec:
     return Spec(x.shape, result_dtype(x, w, b))
 
 
-def _ln_affine_rows(specs, attrs, *partial):
-    """Rows split the input (and its gradient) on an axis that is not normalised; the weight
-    and bias stay whole, and their gradients, sums over the rows, are partial sums."""
-    x = specs[0]
-    n = attrs.get("n_axes", 1)
-    grad = len(specs) == 3 and specs[2].shape == x.shape  # (x, w, g) -> (dx, dw, db)
-    rows = []
-    for i in range(x.ndim - n):
-        if grad:
-            rows.append(R.SbpRow((S(i), B, S(i)), (S(i), P, P), "rows are independent; weight sums are partial"))
-        else:
-            rows.append(R.SbpRow((S(i), B, B), (S(i),), "each row is normalised on its own"))
-    rows.append(R.replicated(3, 3 if grad else 1))
-    if grad:
-        rows.append(R.SbpRow((B, B, P), (P, P, P), "linear in the incoming gradient"))
-    return rows
+def _ln_affine_rows(specs, attrs):
+    """Rows split the input on an axis that is not normalised; the weight and bias stay whole."""
+    x, n = specs[0], attrs.get("n_axes", 1)
+    rows = [R.SbpRow((S(i), B, B), (S(i),), "each row is normalised on its own") for i in range(x.ndim - n)]
+    return rows + [R.replicated(3)]
+
+
+def _ln_affine_grad_rows(specs, attrs):
+    """(x, w, g) -> (dx, dw, db): rows split x and g alike; dw and db, sums over the rows, are
+    then partial sums."""
+    x, n = specs[0], attrs.get("n_axes", 1)
+    rows = [R.SbpRow((S(i), B, S(i)), (S(i), P, P), "rows are independent; weight sums are partial")
+            for i in range(x.ndim - n)]
+    return rows + [R.replicated(3, 3), R.SbpRow((B, B, P), (P, P, P), "linear in the incoming gradient")]
 
 
 @register("layer_norm_affine", infer=_ln_affine_infer, sbp=_ln_affine_rows,
@@ -259,7 +257,7 @@ def _ln_affine_grad_infer(x: Spec, w: Spec, g: Spec, *, n_axes=1, eps=1e-5):
     return Spec(x.shape, dtype), Spec(w.shape, dtype), Spec(w.shape, dtype)
 
 
-@register("layer_norm_affine_grad", infer=_ln_affine_grad_infer, sbp=_ln_affine_rows, multi_output=True)
+@register("layer_norm_affine_grad", infer=_ln_affine_grad_infer, sbp=_ln_affine_grad_rows, multi_output=True)
 def layer_norm_affine_grad(xp, x, w, g, *, n_axes=1, eps=1e-5):
     """The gradients of layer_norm_affine for input, weight and bias."""
     if fused.usable(xp, x, w, g) and g.shape == x.shape:
@@ -412,10 +410,7 @@ def _sdpa_grad(b, g, out, q, k, v, *, is_causal=False, scale=None):
     s = _scale(q.shape[-1], scale)
     p = b.sdpa_probs(q, k, is_causal=is_causal, scale=s)
     gv = sum_to_shape(b, b.matmul(_swap(b, p), g), tuple(v.shape)) if b.needs[2] else None
-    ds = b.softmax_grad(p, b.matmul(g, _swap(b, v)), axis=-1, scale=s)
-    gq = sum_to_shape(b, b.matmul(ds, k), tuple(q.shape)) if b.needs[0] else None
-    gk = sum_to_shape(b, b.matmul(_swap(b, ds), q), tuple(k.shape)) if b.needs[1] else None
-    return [gq, gk, gv]
+    return _probs_grad(b, b.matmul(g, _swap(b, v)), p, q, k, is_causal=is_causal, scale=s) + [gv]
 
 
 @register("scaled_dot_product_attention", infer=_sdpa_infer, sbp=_sdpa_rows, grad=_sdpa_grad)
