@@ -28,7 +28,7 @@ from actors.worker import STATUS_TAG, Worker
 from comm import CommError, InProcessHub
 from flowsys.device import share_cores
 from flowsys.errors import RankFailed
-from scheduler import plan_pb2
+from flowsys.planformat import plan_pb2
 
 
 class Backend(abc.ABC):
@@ -40,14 +40,25 @@ class Backend(abc.ABC):
         self.timeout = float(timeout)
         self._loaded: set[tuple[int, str]] = set()
         self.world = 0
-        # (rank, parameter key) -> the value the worker holds between steps, as the driver last saw it
+        # (rank, parameter key) -> the value the worker holds, as the driver last pulled or sent it
         self.synced: dict[tuple[int, str], Any] = {}
+        # (rank, parameter key) -> the local shape of the parameter the worker holds between steps
+        self.holds: dict[tuple[int, str], tuple] = {}
+        self.home = None  # the driver's record of which parameters' newest values are here (flowsys.runtime.Home)
+        self.traffic: dict[int, tuple[int, int]] = {}  # per rank: request and response bytes of the last step
         self.generation = 0  # grows whenever the workers (and what they kept) are gone
         self._last_status: dict[int, str] = {}
 
     def ensure(self, world: int) -> None:
-        """Workers for ranks ``0 .. world - 1`` (more are kept; fewer are replaced)."""
+        """Workers for ranks ``0 .. world - 1`` (more are kept; fewer are replaced: the values
+        the old ones held come back to the driver first)."""
+        if world > self.world and self.world and self.home is not None and self.home.params:
+            self.home.pull()
         self._ensure(world)
+
+    def loaded(self, rank: int, key: str) -> bool:
+        """Whether the worker of ``rank`` has plan ``key`` (and what was sent with its first step)."""
+        return (rank, key) in self._loaded
 
     def run(self, key: str, plan, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
         ranks = [rp.rank for rp in plan.ranks]
@@ -63,7 +74,12 @@ class Backend(abc.ABC):
             self.generation += 1
         self._loaded.clear()
         self.synced.clear()
+        self.holds.clear()
         self.world = 0
+
+    def get_params(self, keys: list[str]) -> dict[int, plan_pb2.StateDump]:
+        """Every worker's parameter shards for ``keys``, by rank (what the driver pulls)."""
+        return {r: plan_pb2.StateDump.FromString(b) for r, b in self._call_all("get_params", keys).items()}
 
     def get_state(self, keys: list[str]) -> dict[int, plan_pb2.StateDump]:
         """Every worker's optimizer state for ``keys``, by rank."""
@@ -395,6 +411,9 @@ class RayWorker:
 
     def get_state(self, keys: list[str]) -> bytes:
         return self.worker.get_state(keys)
+
+    def get_params(self, keys: list[str]) -> bytes:
+        return self.worker.get_params(keys)
 
     def set_state(self, dump: bytes, keys: list[str]) -> None:
         self.worker.set_state(dump, keys)

@@ -21,7 +21,12 @@ parks on each receive until the message is in the mailbox, so any number of coll
 flight together and no rank blocks another by the order it happens to pick. Messages carry a tag
 made of the op's channel and the piece, so the conversations never mix.
 
-The optimizer phase runs once per step, after the last piece, on the accumulated gradients.
+The optimizer phase runs once per step on the gradients summed over the pieces, in dataflow
+order inside the same loop: a gradient is final when its producers have fired for the last
+piece, and then its reduction starts at once (all-reduces fused into the buckets the plan names,
+one collective over their concatenation) while backward goes on, as DDP overlaps its buckets.
+Updates of parameters (and ZeRO's assigns into them) wait until every piece is done, since the
+pieces' backward ops read the parameters in place; what is left runs after the loop.
 
 Every firing is recorded (rank, op, piece, start, end, bytes): the actor timeline.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -38,11 +44,12 @@ import numpy as np
 
 from comm import CommError, Communicator
 from comm import algorithms as alg
+from flowsys.boxing import plan_collective as _collective
 from flowsys.device import contiguous
 from flowsys.layout import bounds
 from flowsys.ops import OPS
+from flowsys.planformat import SeedMarker, decode_attrs
 from flowsys.sbp import Broadcast, parse
-from scheduler.lower import SeedMarker, decode_attrs
 
 OPTIMIZER_PIECE = (1 << 20) - 1  # the piece number optimizer-phase messages are tagged with
 PER_STEP_PIECE = (1 << 20) - 2   # ... and the messages of ops run once per step before the pieces
@@ -173,6 +180,36 @@ class RankRuntime:
         # activations: forward values a backward op reads; the pieces holding one are in flight
         self.saved = {v for v, ws in produced.items() if any(w.op.phase == "forward" for w in ws)
                       and any(c.op.phase == "backward" for c in self.consumers[v])}
+        self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
+        """The optimizer phase as units: one op, or the all-reduces of one gradient bucket (run as
+        one collective over their concatenation); each waits for its inputs."""
+        units: list[list] = []
+        buckets: dict[int, list] = {}
+        for op in self.optimizer_ops:
+            if not op.bucket:
+                units.append([op])
+                continue
+            if op.bucket not in buckets:
+                units.append(buckets.setdefault(op.bucket, []))
+            buckets[op.bucket].append(op)
+        self.units = units
+        self.unit_inputs = [list(dict.fromkeys(v for op in u for v in op.inputs)) for u in units]
+        self.awaiting: dict[int, list[int]] = {}  # value -> the units reading it
+        for j, ins in enumerate(self.unit_inputs):
+            for v in ins:
+                self.awaiting.setdefault(v, []).append(j)
+        self.opt_writers = Counter(v for op in self.optimizer_ops for v in op.outputs)
+        self.opt_attrs = {op.id: decode_attrs(op.attrs) for op in self.optimizer_ops}
+        # The pieces' ops read parameters in place (and per-step ops' views of them): a unit that
+        # writes one (an update, ZeRO's assign) waits until every piece is done.
+        params = set(self.rp.variables.values()) | {v for op in self.hoisted for v in op.outputs}
+        for op in self.optimizer_ops:
+            if op.op == "identity" and op.inputs[0] in params:
+                params.update(op.outputs)
+        self.writes_parameter = [any((op.kind == "update" or op.op == "assign") and op.inputs[0] in params
+                                     for op in u) for u in units]
 
     # ---------------------------------------------------------------------------------- run
     def run(self, fed: dict[int, Any], micro_batches: int, grads: dict[int, int], update: Callable,
@@ -198,8 +235,8 @@ class RankRuntime:
         self.pending_reads: dict[tuple[int, int], int] = {}
         self.held: dict[int, int] = {v: 0 for v in self.producers}
         # sinks: step outputs and gradients, summed over pieces as they complete
-        grad_of = {g: var for var, g in grads.items()}
         self.sinks = {vid for vid in list(outputs) + list(grads.values()) if vid in self.producers}
+        self.grad_values = {g for g in grads.values() if g in self.producers}
         self.sums: dict[int, Any] = {}
         self.inflight: list[_Inflight] = []  # communication schedules waiting for a message
         for a in self.actors:
@@ -207,13 +244,9 @@ class RankRuntime:
         self._holding: dict[int, int] = {}  # piece -> activations of it held
         self._open: dict[int, int] = {}  # pieces entered and not done on this rank -> firings left
         self.peak_in_flight = 0  # most micro-batches holding activations at once, this step
+        self._begin_optimizer(update)
         self._loop()
-        # the optimizer phase: gradients averaged over the pieces, then boxing and updates
-        env = dict(self.persistent)
-        for g in grad_of:
-            if g in self.sums:
-                env[g] = self.sums[g] if k == 1 else (self.sums[g] / k).astype(self.sums[g].dtype)
-        self._optimizer_phase(env, update)
+        self._finish_optimizer()
         self.current = "idle"
         outs = []
         for vid in outputs:
@@ -225,79 +258,150 @@ class RankRuntime:
                 outs.append(None)
         return outs
 
-    def _optimizer_phase(self, env: dict, update: Callable) -> None:
-        """Gradient boxing, updates and ZeRO's gathers, in dataflow order: an op runs once its
-        inputs are in ``env``, a collective starts then and stays in flight while others run
-        (every gradient's all-reduce at once, as DDP overlaps its buckets), a receive runs once
-        its message is here. Tags keep concurrent collectives apart on every rank."""
-        pending = list(self.optimizer_ops)
-        inflight: list[list] = []  # [op, schedule, group ranks, tag, rank awaited, start]
+    # ------------------------------------------------------------------- the optimizer phase
+    def _begin_optimizer(self, update: Callable) -> None:
+        """Ready the optimizer phase for a step: its values are the persistent ones, then each
+        gradient (averaged over the pieces) as it becomes final, then what its units produce."""
+        self.env = dict(self.persistent)
+        self.update = update
+        self.missing = [sum(v not in self.env for v in ins) for ins in self.unit_inputs]
+        self.opt_ready = deque(j for j, m in enumerate(self.missing) if not m)
+        self.opt_deferred: list[int] = []    # units writing a parameter while pieces still run
+        self.opt_recvs: list[int] = []       # receives whose message has not arrived
+        self.opt_inflight: list[_Phased] = []
+        self.opt_written: Counter = Counter()
+        self.opt_left = len(self.units)
+        self.computing = True
+
+    def _final(self, v: int, x: np.ndarray) -> None:
+        """Gradient ``v`` is summed over every piece: the optimizer phase may use it."""
+        self.env[v] = x if self.k == 1 else (x / self.k).astype(x.dtype)
+        self._landed(v)
+
+    def _landed(self, v: int) -> None:
+        for j in self.awaiting.get(v, ()):
+            self.missing[j] -= 1
+            if not self.missing[j]:
+                self.opt_ready.append(j)
+
+    def _drive_optimizer(self) -> bool:
+        """Start the optimizer units whose inputs are here and advance its collectives whose
+        awaited message arrived; whether anything happened. Collectives stay in flight together
+        (tagged with their channel and ``OPTIMIZER_PIECE``, apart from the pieces' messages)."""
+        mailbox = self.comm.mailbox
+        progressed = False
+        for j in list(self.opt_recvs):
+            op = self.units[j][0]
+            if mailbox.ready(self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE)):
+                self.opt_recvs.remove(j)
+                self.opt_ready.append(j)
+        while self.opt_ready:
+            j = self.opt_ready.popleft()
+            op = self.units[j][0]
+            if self.computing and self.writes_parameter[j]:
+                self.opt_deferred.append(j)
+            elif op.kind == "recv" and not mailbox.ready(self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE)):
+                self.opt_recvs.append(j)
+            else:
+                self._run_unit(j)
+                progressed = True
+        for e in list(self.opt_inflight):
+            src = self.index[e.peer]
+            if mailbox.ready(src, e.tag):
+                progressed = True
+                if self._advance_unit(e, mailbox.try_take(src, e.tag)):
+                    self.opt_inflight.remove(e)
+        return progressed
+
+    def _run_unit(self, j: int) -> None:
+        ops, env = self.units[j], self.env
+        op, start = ops[0], time.time()
+        self.current = f"{op.op} (op {op.id}, optimizer phase)"
+        if op.kind == "collective":
+            x = env[op.inputs[0]] if len(ops) == 1 else np.concatenate([env[o.inputs[0]].reshape(-1) for o in ops])
+            group = list(op.group)
+            gen = _collective(op.op, self.opt_attrs[op.id], group.index(self.rp.rank), len(group), x)
+            e = _Phased(j, gen, tag(op.bucket - 1 if op.bucket else op.channel, OPTIMIZER_PIECE), group, start)
+            if not self._advance_unit(e, None):
+                self.opt_inflight.append(e)
+            return
+        if op.kind == "update":  # in place; its output is the updated input
+            self.update(op, env[op.inputs[0]], env[op.inputs[1]])
+            env[op.outputs[0]] = env[op.inputs[0]]
+        elif op.op == "assign":  # ZeRO: the gathered updated shards into the variable
+            env[op.inputs[0]][...] = env[op.inputs[1]]
+            env[op.outputs[0]] = env[op.inputs[0]]
+        else:
+            self._run_blocking(op, env, OPTIMIZER_PIECE)
+        self._note(op, OPTIMIZER_PIECE, start)
+        self._unit_done(ops)
+
+    def _advance_unit(self, e: _Phased, value) -> bool:
+        """Step an optimizer collective until it waits for a message (False) or is done; a
+        bucket's result is split back into its members' outputs."""
+        try:
+            step = e.gen.send(value)
+            while isinstance(step, alg.Send):
+                self.comm.post(step.array, self.index[e.group[step.peer]], e.tag)
+                step = e.gen.send(None)
+        except StopIteration as stop:
+            ops = self.units[e.unit]
+            if len(ops) == 1:
+                self.env[ops[0].outputs[0]] = stop.value
+            else:
+                flat, at = stop.value.reshape(-1), 0
+                for o in ops:
+                    shape = self.decls[o.outputs[0]][0]
+                    n = int(np.prod(shape))
+                    self.env[o.outputs[0]] = flat[at:at + n].reshape(shape)
+                    at += n
+            end = time.time()
+            for o in ops:  # one firing of the bucket's collective, recorded for each member
+                self._note(o, OPTIMIZER_PIECE, e.start, end)
+            self._unit_done(ops)
+            return True
+        e.peer = e.group[step.peer]
+        return False
+
+    def _unit_done(self, ops: list) -> None:
+        self.opt_left -= 1
+        for op in ops:
+            for v in op.outputs:  # readable once all its writers (receives, copies) have run
+                self.opt_written[v] += 1
+                if self.opt_written[v] == self.opt_writers[v]:
+                    self._landed(v)
+
+    def _finish_optimizer(self) -> None:
+        """The pieces are done: run the units that write parameters and whatever is left, in
+        dataflow order, waiting for messages as they come."""
+        self.computing = False
+        self.opt_ready.extend(self.opt_deferred)
+        self.opt_deferred.clear()
         mailbox = self.comm.mailbox
         seen, idle_since = mailbox.arrivals, None
-        while pending or inflight:
-            progressed, waiting = False, []
-            for op in pending:
-                if any(i not in env for i in op.inputs) or (
-                        op.kind == "recv" and not mailbox.ready(self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE))):
-                    waiting.append(op)
-                    continue
-                progressed = True
-                start = time.time()
-                self.current = f"{op.op} (op {op.id}, optimizer phase)"
-                if op.kind == "collective":
-                    group = list(op.group)
-                    gen = _collective(op.op, decode_attrs(op.attrs), group.index(self.rp.rank), len(group),
-                                      env[op.inputs[0]])
-                    entry = [op, gen, group, tag(op.channel, OPTIMIZER_PIECE), None, start]
-                    if not self._advance_phase(entry, None, env):
-                        inflight.append(entry)
-                    continue
-                if op.kind == "update":  # in place; its output is the updated input
-                    update(op, env[op.inputs[0]], env[op.inputs[1]])
-                    env[op.outputs[0]] = env[op.inputs[0]]
-                elif op.op == "assign":  # ZeRO: the gathered updated shards into the variable
-                    env[op.inputs[0]][...] = env[op.inputs[1]]
-                    env[op.outputs[0]] = env[op.inputs[0]]
-                else:
-                    self._run_blocking(op, env, OPTIMIZER_PIECE)
-                self._note(op, OPTIMIZER_PIECE, start)
-            pending = waiting
-            for entry in list(inflight):
-                src = self.index[entry[4]]
-                if mailbox.ready(src, entry[3]):
-                    progressed = True
-                    if self._advance_phase(entry, mailbox.try_take(src, entry[3]), env):
-                        inflight.remove(entry)
-            if progressed:
+        while self.opt_left:
+            if self._drive_optimizer():
                 idle_since = None
                 continue
-            waits = [dict(op=e[0].id, name=e[0].op, piece=OPTIMIZER_PIECE, peer=e[4], group=list(e[0].group),
-                          channel=e[0].channel) for e in inflight]
-            waits += [dict(op=op.id, name="recv", piece=OPTIMIZER_PIECE, peer=op.peer, group=[], channel=op.channel)
-                      for op in pending if op.kind == "recv" and all(i in env for i in op.inputs)]
             now = time.monotonic()
             idle_since = idle_since or now
             if now - idle_since > self.timeout:
-                raise Stalled(self.rp.rank, waits, self.timeout)
+                raise Stalled(self.rp.rank, self._optimizer_waits(), self.timeout)
             try:
                 seen = mailbox.wait(seen, min(0.05, self.timeout))
             except CommError as e:  # told to stop (another rank failed) or a peer unreachable
-                raise Stalled(self.rp.rank, waits, self.timeout, str(e)) from e
+                raise Stalled(self.rp.rank, self._optimizer_waits(), self.timeout, str(e)) from e
 
-    def _advance_phase(self, entry: list, value, env: dict) -> bool:
-        """Step an optimizer-phase collective until it waits for a message (False) or is done."""
-        op, gen, group, t = entry[0], entry[1], entry[2], entry[3]
-        try:
-            step = gen.send(value)
-            while isinstance(step, alg.Send):
-                self.comm.post(step.array, self.index[group[step.peer]], t)
-                step = gen.send(None)
-        except StopIteration as stop:
-            env[op.outputs[0]] = stop.value
-            self._note(op, OPTIMIZER_PIECE, entry[5])
-            return True
-        entry[4] = group[step.peer]
-        return False
+    def _optimizer_waits(self) -> list[dict]:
+        waits = []
+        for e in self.opt_inflight:
+            op = self.units[e.unit][0]
+            waits.append(dict(op=op.id, name=op.op, piece=OPTIMIZER_PIECE, peer=e.peer, group=list(op.group),
+                              channel=op.channel))
+        for j in self.opt_recvs:
+            op = self.units[j][0]
+            waits.append(dict(op=op.id, name="recv", piece=OPTIMIZER_PIECE, peer=op.peer, group=[], channel=op.channel))
+        return waits
 
     def _loop(self) -> None:
         total = len(self.actors) * self.k
@@ -308,8 +412,15 @@ class RankRuntime:
         heapq.heapify(ready)
         queued = set(range(len(self.actors)))
         mailbox = self.comm.mailbox
-        seen = mailbox.arrivals
+        seen = polled = mailbox.arrivals
         idle_since = None
+
+        def wake(actors) -> None:
+            for b in actors:
+                if b.index not in queued and b.piece < self.k and not b.busy:
+                    queued.add(b.index)
+                    heapq.heappush(ready, (b.late, b.piece, b.index))
+
         while done < total:
             progressed = False
             while ready:
@@ -324,24 +435,20 @@ class RankRuntime:
                 if not a.busy:
                     done += 1
                     woken.append(a)
-                for b in woken:
-                    if b.index not in queued and b.piece < self.k and not b.busy:
-                        queued.add(b.index)
-                        heapq.heappush(ready, (b.late, b.piece, b.index))
-            # advance communication in flight whose awaited message is here
-            for e in list(self.inflight):
-                src = self.index[e.step.peer_rank]
-                if not mailbox.ready(src, e.step.tag):
-                    continue
-                progressed = True
-                woken = self._advance(e, mailbox.try_take(src, e.step.tag))
-                if woken is not None:
-                    self.inflight.remove(e)
-                    done += 1
-                    for b in woken + [e.actor]:
-                        if b.index not in queued and b.piece < self.k and not b.busy:
-                            queued.add(b.index)
-                            heapq.heappush(ready, (b.late, b.piece, b.index))
+                wake(woken)
+                # between firings, not only once backward is done: a message that came moves its
+                # collective on (the pieces' gradient reduce-scatters, the optimizer's buckets),
+                # and a gradient that became final starts its reduction
+                if mailbox.arrivals != polled:
+                    polled = mailbox.arrivals
+                    done += self._arrived(wake)[1]
+                    self._drive_optimizer()
+                elif self.opt_ready:
+                    self._drive_optimizer()
+            polled = mailbox.arrivals
+            moved, finished = self._arrived(wake)
+            done += finished
+            progressed = self._drive_optimizer() or moved or progressed
             # receives whose message arrived
             if not progressed:
                 for a in self.actors:
@@ -361,6 +468,23 @@ class RankRuntime:
                 seen = mailbox.wait(seen, min(0.05, self.timeout))
             except CommError as e:  # told to stop (another rank failed) or a peer unreachable
                 raise self._stalled(str(e)) from e
+
+    def _arrived(self, wake: Callable) -> tuple[bool, int]:
+        """Advance the pieces' communication in flight whose awaited message is here: whether
+        any moved, and how many firings it completed (their actors are woken)."""
+        mailbox = self.comm.mailbox
+        moved, finished = False, 0
+        for e in list(self.inflight):
+            src = self.index[e.step.peer_rank]
+            if not mailbox.ready(src, e.step.tag):
+                continue
+            moved = True
+            woken = self._advance(e, mailbox.try_take(src, e.step.tag))
+            if woken is not None:
+                self.inflight.remove(e)
+                finished += 1
+                wake(woken + [e.actor])
+        return moved, finished
 
     # ------------------------------------------------------------------------------ firing
     def _can_fire(self, a: _Actor) -> bool:
@@ -444,6 +568,9 @@ class RankRuntime:
                 if v in self.sinks:
                     x = self.regs[key]
                     self.sums[v] = x.copy() if v not in self.sums else self.sums[v] + x
+                    # a value's pieces complete in order (each writer fires them in order)
+                    if p == self.k - 1 and v in self.grad_values:
+                        self._final(v, self.sums[v])
                 readers = len(self.consumers[v])
                 if readers:
                     self.pending_reads[key] = readers
@@ -475,9 +602,9 @@ class RankRuntime:
                 del self._holding[p]
         woken.extend(self.producers[v])
 
-    def _note(self, op, piece: int, start: float) -> None:
+    def _note(self, op, piece: int, start: float, end: float | None = None) -> None:
         if self.record:
-            self.timeline.append((op.id, piece, start, time.time()))
+            self.timeline.append((op.id, piece, start, time.time() if end is None else end))
 
     # ------------------------------------------------------------------- communication actors
     def _schedule(self, a: _Actor, p: int):
@@ -562,7 +689,7 @@ class RankRuntime:
                     self.written.get((v, a.piece), 0) >= self.writers[v] for v in a.inputs):
                 waits.append(dict(op=a.op.id, name="recv", piece=a.piece, peer=a.op.peer, group=[],
                                   channel=a.op.channel))
-        return Stalled(self.rp.rank, waits, self.timeout, reason)
+        return Stalled(self.rp.rank, waits + self._optimizer_waits(), self.timeout, reason)
 
 
 @dataclass(slots=True)
@@ -580,21 +707,21 @@ class _Inflight:
     group: list
 
 
+@dataclass(slots=True)
+class _Phased:
+    """An optimizer-phase collective in flight: its unit, schedule, tag, group and the rank it
+    waits for."""
+
+    unit: int
+    gen: Any
+    tag: int
+    group: list
+    start: float
+    peer: int = -1
+
+
 def _one_send(peer: int, x: np.ndarray):
     yield alg.Send(peer, x)
-
-
-def _collective(name: str, attrs: dict, me: int, n: int, x: np.ndarray):
-    src, dst = parse(attrs["src"]), parse(attrs["dst"])
-    if name == "all_reduce":
-        return alg.ring_all_reduce(me, n, x)
-    if name == "all_gather":
-        return alg.ring_all_gather(me, n, x, axis=src.axis)
-    if name == "reduce_scatter":
-        return alg.ring_reduce_scatter(me, n, x, axis=dst.axis)
-    if name == "all_to_all":
-        return alg.pairwise_all_to_all(me, n, x, split_axis=dst.axis, concat_axis=src.axis)
-    raise CommError(f"unknown collective {name!r} in the plan")
 
 
 def _local_step(name: str, attrs: dict, x: np.ndarray) -> np.ndarray:

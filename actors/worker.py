@@ -24,8 +24,9 @@ import numpy as np
 from actors.runtime import RankRuntime, Stalled, pack_timeline
 from comm import Communicator
 from flowsys.device import contiguous
-from scheduler import plan_pb2
-from scheduler.lower import decode_attrs
+from flowsys.ops import OPS
+from flowsys.ops.optim import update_in_place
+from flowsys.planformat import decode_attrs, plan_pb2
 
 STATUS_TAG = 1  # worker -> driver: the op the rank is running (utf-8 text)
 
@@ -37,6 +38,14 @@ class WireError(ValueError):
 def encode(vid: int, array) -> plan_pb2.Tensor:
     a = contiguous(array)
     return plan_pb2.Tensor(id=vid, dtype=a.dtype.str, shape=list(a.shape), data=a.tobytes())
+
+
+def _initial(i: plan_pb2.Init) -> np.ndarray:
+    """The block [start, stop) of a parameter's initial value, from its initialiser's spec."""
+    from flowsys.rng import InitSpec, materialize  # noqa: PLC0415
+
+    spec = InitSpec.from_dict(json.loads(i.spec))
+    return materialize(spec, tuple(i.shape), np.dtype(i.dtype), tuple(zip(i.start, i.stop)))
 
 
 def decode(t: plan_pb2.Tensor) -> np.ndarray:
@@ -64,6 +73,9 @@ class Worker:
         self.runtimes: dict[str, RankRuntime] = {}
         self.state: dict[str, dict] = {}  # optimizer state by the driver's key for (optimizer, parameter)
         self.resident: dict[str, np.ndarray] = {}  # parameters kept between steps, by the driver's key
+        self.static: dict[str, dict] = {}  # per plan: the driver's keys of its parameters and state
+        self.constants: dict[str, dict[int, np.ndarray]] = {}  # per plan: its constants
+        self._specs: dict[str, object] = {}  # data sources by their JSON
         self._running: RankRuntime | None = None
         self._status = threading.Thread(target=self._report, name=f"flowsys-status-{rank}", daemon=True)
         self._stop = threading.Event()
@@ -102,6 +114,28 @@ class Worker:
             value = decode(e.value)
             self.state.setdefault(e.key, {})[e.field] = value.item() if value.ndim == 0 else value
 
+    def get_params(self, keys: list[str]) -> bytes:
+        """The parameter shards kept here for ``keys`` (a ``StateDump``, field ``value``; keys it
+        holds nothing for are left out): what the driver pulls when it is asked for values."""
+        dump = plan_pb2.StateDump()
+        for key in keys:
+            if key in self.resident:
+                dump.entries.append(plan_pb2.StateEntry(key=key, field="value", value=encode(0, self.resident[key])))
+        return dump.SerializeToString()
+
+    def drop_params(self, keys: list[str]) -> None:
+        """Forget the parameters ``keys`` (the driver holds newer values, or the model is gone)."""
+        for key in keys:
+            self.resident.pop(key, None)
+
+    def _read(self, r: plan_pb2.Read) -> np.ndarray:
+        from flowsys.datasource import Windows  # noqa: PLC0415
+
+        spec = self._specs.get(r.spec)
+        if spec is None:
+            spec = self._specs[r.spec] = Windows.from_json(r.spec)
+        return spec.read(r.field, r.step, tuple(zip(r.start, r.stop)))
+
     def abort(self, reason: str) -> None:
         """Stop the step in flight: its next wait raises (the driver saw another rank fail)."""
         from comm import CommError  # noqa: PLC0415
@@ -128,11 +162,23 @@ class Worker:
             rt.record = req.record
             rt.timeline = []
             fed = {t.id: decode(t) for t in req.feed}
-            hyper = json.loads(req.hyper) if req.hyper else {"groups": [], "state_keys": {}, "variable_keys": {}}
-            for name, vid in rp.variables.items():  # parameters: sent when changed, else the ones kept here
+            if req.static:  # the first step of this plan here: its keys and constants
+                self.static[req.plan] = json.loads(req.static)
+                self.constants[req.plan] = {t.id: decode(t) for t in req.constants}
+            hyper = {"groups": [], "state_keys": {}, "variable_keys": {}, **self.static.get(req.plan, {}),
+                     **(json.loads(req.hyper) if req.hyper else {})}
+            fed.update(self.constants.get(req.plan, {}))
+            for r in req.reads:  # this rank's block of a batch, read here
+                fed[r.id] = self._read(r)
+                resp.digests.append(plan_pb2.Digest(id=r.id, row_start=r.start[0], row_stop=r.stop[0],
+                                                    first_sum=int(fed[r.id][:, :1].sum()) if fed[r.id].ndim > 1 else 0))
+            made = {i.id: _initial(i) for i in req.inits}  # parameter shards created here
+            for name, vid in rp.variables.items():  # parameters: kept here between steps
                 key = hyper["variable_keys"].get(name, name)
                 if vid in fed:
                     self.resident[key] = fed[vid]
+                elif vid in made:
+                    self.resident[key] = fed[vid] = made[vid]
                 elif key in self.resident:
                     fed[vid] = self.resident[key]
                 else:
@@ -140,25 +186,16 @@ class Worker:
             micro, per = max(1, req.micro_batches), req.seeds_per_piece
             seeds = [list(req.seeds[i * per:(i + 1) * per]) for i in range(micro)]
 
-            def update(op, var, grad) -> None:
-                from flowsys.optim.optimizer import update_rule  # noqa: PLC0415
-
+            def update(op, var, grad) -> None:  # the plan's update op, in place on what this worker owns
                 a = decode_attrs(op.attrs)
-                group = dict(hyper["groups"][a["optimizer"]][a["group"]])
-                if "betas" in group:
-                    group["betas"] = tuple(group["betas"])
                 state = self.state.setdefault(hyper["state_keys"][a["variable"]], {})
-                update_rule(op.op)(var, grad, state, group)
+                update_in_place(OPS[op.op], np, var, grad, state, hyper["groups"][a["optimizer"]][a["group"]])
 
             self._running = rt
             outs = rt.run(fed, micro, dict(req.grads), update, seeds, list(req.outputs))
             for i, o in enumerate(outs):
                 if o is not None:
                     resp.outputs.append(encode(i, o))
-            trained = {decode_attrs(op.attrs)["variable"] for op in rp.ops if op.kind == "update"}
-            for name, vid in rp.variables.items():  # what this step changed
-                if name in trained:
-                    resp.variables.append(encode(vid, fed[vid]))
             resp.peak_in_flight = rt.peak_in_flight
             if req.record:
                 resp.timeline = pack_timeline(rt.timeline)

@@ -5,6 +5,7 @@
 Runs, each in a process of its own (so a crash or a hang in one is reported and the rest go on):
 
 - ``step``: a GPT training step, flowsys against PyTorch (bench_step.py);
+- ``ddp``: that GPT on 2 ranks, flowsys dp / ZeRO 3 / tp against torch DDP / FSDP2 / TP (bench_ddp.py);
 - ``allreduce``: all-reduce bus bandwidth, flowsys's gRPC transport against gloo (bench_allreduce.py);
 - ``compile``: compiling a GPT-2-medium step for 8 and 64 devices (bench_compile.py);
 - ``overhead``: the runtime's cost per actor firing and of recording traces (bench_overhead.py);
@@ -33,6 +34,7 @@ START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 BENCHMARKS = {  # name: (script, full arguments, --quick arguments)
     "step": ("bench_step.py", ["--steps", "10"], ["--steps", "5"]),
+    "ddp": ("bench_ddp.py", ["--rounds", "6"], ["--quick"]),
     "allreduce": ("bench_allreduce.py", ["--procs", "2", "4", "--sizes-mib", "1", "16", "64"],
                   ["--procs", "2", "4", "--sizes-mib", "16", "64", "--iters", "5"]),
     "compile": ("bench_compile.py", ["--devices", "8", "64"], ["--devices", "8", "64"]),
@@ -70,6 +72,21 @@ def rows_for(name: str, data: dict) -> list[tuple[str, str, str, str, str]]:
         return [("step vs PyTorch", f"GPT {c['n_layer']}x{c['n_embd']}, batch {c['batch']}x{c['block_size']}, AdamW",
                  f"{data['flowsys_median_s'] * 1e3:.0f} ms", f"torch {data['torch_median_s'] * 1e3:.0f} ms",
                  f"{data['ratio_flowsys_over_torch']:.2f}x (target <= 1.5x)")]
+    if name == "ddp":
+        c, r, cfg = data["configs"], data["ratios"], data["config"]
+        model = f"GPT {cfg['n_layer']}x{cfg['n_embd']}, batch {cfg['global_batch']}x{cfg['block_size']}"
+        rows = []
+        for key, what, peer in (("flowsys_dp_ray_over_ddp", "dp2, ray backend", "DDP"),
+                                ("flowsys_dp_local_over_ddp", "dp2, local backend", "DDP"),
+                                ("flowsys_zero3_ray_over_fsdp2", "ZeRO 3 dp2, ray backend", "FSDP2"),
+                                ("flowsys_tp_ray_over_torch_tp", "tp2, ray backend", "torch TP")):
+            num, den = r[key]["numerator"], r[key]["denominator"]
+            target = f" (target <= {r[key]['target']}x)" if r[key]["target"] is not None else ""
+            rows.append((f"2 ranks vs {peer}", f"{model}, {what}",
+                         f"{c[num]['median_ms']:.0f} ms (IQR {c[num]['iqr_ms']:.0f})",
+                         f"{peer} {c[den]['median_ms']:.0f} ms (IQR {c[den]['iqr_ms']:.0f})",
+                         f"{r[key]['value']:.2f}x{target}"))
+        return rows
     if name == "allreduce":
         return [("all-reduce vs gloo", f"{r['processes']} processes, {r['size_mib']} MiB",
                  f"{r['flowsys_gibps']:.2f} GiB/s", f"gloo {r['gloo_gibps']:.2f} GiB/s",

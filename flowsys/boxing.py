@@ -42,7 +42,7 @@ from comm import CommError, drive, run_group
 from flowsys.errors import CommunicationError
 from flowsys.layout import NdSbp, bounds, fmt, holds_value, is_replica, local_shape, shard_box
 from flowsys.placement import Placement
-from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split
+from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split, parse
 
 B, P = Broadcast(), PartialSum()
 
@@ -284,6 +284,21 @@ def _execute(p: Plan, shards: Sequence, xp) -> list:
         state[k] = step.dst
         _emit(Event(step.kind, k, step.src, step.dst, moved, p.shape, placement))
     return shards
+
+
+def plan_collective(name: str, attrs: dict, me: int, n: int, x: np.ndarray):
+    """Rank ``me``'s schedule (of ``n``) for a plan's collective op ``name`` whose attributes name
+    the SBP it converts (``src`` to ``dst``): the actor runtime drives it, the cost model times it."""
+    src, dst = parse(attrs["src"]), parse(attrs["dst"])
+    if name == "all_reduce":
+        return _alg.ring_all_reduce(me, n, x)
+    if name == "all_gather":
+        return _alg.ring_all_gather(me, n, x, axis=src.axis)
+    if name == "reduce_scatter":
+        return _alg.ring_reduce_scatter(me, n, x, axis=dst.axis)
+    if name == "all_to_all":
+        return _alg.pairwise_all_to_all(me, n, x, split_axis=dst.axis, concat_axis=src.axis)
+    raise CommError(f"unknown collective {name!r} in the plan")
 
 
 def _convert_group(xp, locals_, step: Step, placement, state, group, shape):

@@ -32,6 +32,7 @@ import numpy as np
 
 from flowsys.device import contiguous
 from flowsys.errors import ConfigError, StateDictError
+from flowsys.optim.state import LOGICAL
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -43,7 +44,7 @@ def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: d
     from flowsys.functions import rng_state  # noqa: PLC0415
 
     if optimizer is not None and getattr(optimizer, "_state_in_workers", None) is not None:
-        from flowsys.graph.api import pull_state  # noqa: PLC0415
+        from flowsys.optim.state import pull_state  # noqa: PLC0415
 
         pull_state(optimizer)  # the state the workers keep (graphs run as per-rank plans)
     root = Path(root)
@@ -247,7 +248,6 @@ def _assign(p, value: np.ndarray) -> None:
         d[...] = value.astype(d.dtype)
 
 
-LOGICAL = "__logical__"  # optimizer state held as logical values until its first use lays it out
 
 
 def _restate(p, keys: dict[str, np.ndarray]) -> dict:
@@ -260,23 +260,6 @@ def _restate(p, keys: dict[str, np.ndarray]) -> dict:
     if type(d) is not GlobalValue:
         return {k: (v.item() if v.ndim == 0 else v.astype(d.dtype)) for k, v in keys.items()}
     return {LOGICAL: {k: (v.item() if v.ndim == 0 else v.astype(d.dtype)) for k, v in keys.items()}}
-
-
-def lay_out_state(state: dict, placement, sbp) -> dict:
-    """``state`` per shard index of the layout (placement, sbp), if it is still logical."""
-    from flowsys.global_tensor import make_global  # noqa: PLC0415
-
-    if LOGICAL not in state:
-        return state
-    per_shard: dict[int, dict] = {i: {} for i in range(len(placement.ranks))}
-    for k, v in state[LOGICAL].items():
-        if np.ndim(v) == 0:
-            for s in per_shard.values():
-                s[k] = v
-        else:
-            for i, shard in enumerate(make_global(np.asarray(v), placement, sbp).shards):
-                per_shard[i][k] = np.array(shard)
-    return per_shard
 
 
 def _write_json(path: Path, value) -> int:

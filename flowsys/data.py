@@ -12,38 +12,14 @@ site-packages), read in sorted path order, so the same Python gives the same byt
 
 from __future__ import annotations
 
-import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from flowsys.datasource import Read, Windows, split_tokens, stdlib_corpus, stdlib_sources  # noqa: F401
 from flowsys.errors import ConfigError
 from flowsys.functions import tensor
 from flowsys.tensor import Tensor
-
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def stdlib_sources(root: str | Path | None = None) -> list[Path]:
-    """The standard library's ``.py`` files in a deterministic order."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def stdlib_corpus(max_bytes: int | None = None, root: str | Path | None = None) -> bytes:
-    chunks, total = [], 0
-    for path in stdlib_sources(root):
-        data = path.read_bytes()
-        if max_bytes is not None and total + len(data) > max_bytes:
-            data = data[: max_bytes - total]
-        chunks.append(data)
-        total += len(data)
-        if max_bytes is not None and total >= max_bytes:
-            break
-    return b"".join(chunks)
-
 
 @dataclass
 class ByteDataset:
@@ -52,19 +28,27 @@ class ByteDataset:
     train: np.ndarray
     val: np.ndarray
     vocab_size: int = 256
+    # what a worker needs to open the same data itself (None: bytes only this process has)
+    origin: dict | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes, val_fraction: float = 0.1) -> ByteDataset:
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"ByteDataset: val_fraction must be in (0, 1), got {val_fraction}")
-        tokens = np.frombuffer(data, dtype=np.uint8)
-        n_val = max(1, int(len(tokens) * val_fraction))
-        return cls(tokens[:-n_val], tokens[-n_val:])
+        return cls(*split_tokens(np.frombuffer(data, dtype=np.uint8), val_fraction))
 
     @classmethod
     def from_stdlib(cls, max_bytes: int | None = 4 << 20, val_fraction: float = 0.1) -> ByteDataset:
         """The standard library's sources, the first ``max_bytes`` bytes of them."""
-        return cls.from_bytes(stdlib_corpus(max_bytes), val_fraction)
+        ds = cls.from_bytes(stdlib_corpus(max_bytes), val_fraction)
+        ds.origin = {"source": "stdlib", "max_bytes": max_bytes, "val_fraction": val_fraction}
+        return ds
+
+    def batches(self, batch_size: int, block_size: int, seed: int = 0, split: str = "train") -> Batches:
+        """Batches addressed by step number: sample ``i`` of step ``s`` is the same window in
+        every layout, and a worker reads the rows its layout holds itself."""
+        if self.origin is None:
+            raise ConfigError("ByteDataset.batches: this dataset was made from bytes in this process, which "
+                              "workers cannot open; use ByteDataset.from_stdlib (or get_batch)")
+        return Batches(Windows(**self.origin, split=split, batch_size=batch_size, block_size=block_size, seed=seed))
 
     def _part(self, split: str) -> np.ndarray:
         if split not in ("train", "val"):
@@ -101,3 +85,25 @@ class ByteDataset:
 
 
 __all__ = ["ByteDataset", "stdlib_corpus", "stdlib_sources"]
+
+
+@dataclass(frozen=True)
+class Batches:
+    """A dataset's batches by step number (:meth:`ByteDataset.batches`)."""
+
+    spec: Windows
+
+    def at(self, step: int, placement=None, sbp=None) -> tuple[Tensor, Tensor]:
+        """Inputs and targets of step ``step``: local tensors read here, or, with a placement,
+        global tensors laid out as ``sbp`` that each rank reads its own block of (the driver
+        reads nothing unless asked for the values)."""
+        if placement is None:
+            box = ((0, self.spec.batch_size), (0, self.spec.block_size))
+            return tuple(tensor(self.spec.read(f, step, box)) for f in ("x", "y"))
+        from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+        from flowsys.layout import normalize_sbp  # noqa: PLC0415
+
+        shape = (self.spec.batch_size, self.spec.block_size)
+        nd = normalize_sbp(sbp, placement, shape)
+        return tuple(Tensor(GlobalValue(placement, nd, shape, np.int64, None, Read(self.spec, f, step)))
+                     for f in ("x", "y"))

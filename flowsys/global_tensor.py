@@ -29,12 +29,31 @@ class GlobalValue:
     """What a global tensor holds: its placement, N-D SBP, logical shape and dtype, and the
     shards (one array per rank, in the placement's mesh order)."""
 
-    __slots__ = ("placement", "sbp", "shape", "dtype", "shards")
+    __slots__ = ("placement", "sbp", "shape", "dtype", "_shards", "source")
 
-    def __init__(self, placement: Placement, sbp: NdSbp, shape, dtype, shards: list):
+    def __init__(self, placement: Placement, sbp: NdSbp, shape, dtype, shards: list | None, source=None):
         self.placement, self.sbp = placement, tuple(sbp)
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.shards = shards
+        self._shards = shards
+        # where the values come from when they are not here: an object with ``read(box)`` giving
+        # the block ``box`` of the logical value (a batch the workers read themselves); the
+        # driver reads its shards only when asked for them
+        self.source = source
+
+    @property
+    def shards(self) -> list | None:
+        """One array per rank (None for a meta value: a layout without values)."""
+        if self._shards is None and self.source is not None:
+            from flowsys.layout import shard_box  # noqa: PLC0415
+
+            mesh = self.placement.mesh
+            self._shards = [self.source.read(shard_box(self.shape, self.sbp, mesh, self.placement.coords(r)))
+                            for r in self.placement.ranks]
+        return self._shards
+
+    @shards.setter
+    def shards(self, value: list | None) -> None:
+        self._shards = value
 
     @property
     def ndim(self) -> int:
@@ -62,6 +81,8 @@ class GlobalValue:
         """This value converted to another layout through the boxing planner (self if equal)."""
         if placement == self.placement and tuple(sbp) == self.sbp:
             return self
+        if self.shards is None:  # a meta value: the new layout, still without values
+            return GlobalValue(placement, sbp, self.shape, self.dtype, None)
         p = boxing.plan(self.shape, self.dtype, self.placement, self.sbp, placement, tuple(sbp))
         return GlobalValue(placement, sbp, self.shape, self.dtype, boxing.execute(p, self.shards, self.xp))
 

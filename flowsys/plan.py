@@ -102,7 +102,7 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
     """Compile without running; the summary ``flowsys plan`` prints. With ``hardware`` (a spec
     name or YAML path, see ``scheduler/hardware/``), also the cost model's prediction: step
     time, tokens/s, MFU, what bounds the step, and whether each rank's memory fits."""
-    from scheduler import plan_pb2  # noqa: PLC0415
+    from flowsys.planformat import plan_pb2  # noqa: PLC0415
     from scheduler.cost import graph_flops, load_hardware, predict  # noqa: PLC0415
     from scheduler.lower import _Lowering  # noqa: PLC0415
 

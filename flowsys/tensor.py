@@ -439,6 +439,21 @@ class Tensor:
 # ------------------------------------------------------------------------------------ apply
 
 
+def stored(t: Tensor):
+    """``t``'s data as it is here, without pulling a parameter's newer values from the workers
+    (for code that needs only its layout, or swaps it: tracing, compiling, lowering)."""
+    return _SLOT.__get__(t)
+
+
+def store(t: Tensor, value) -> None:
+    """Set ``t``'s data without touching where a parameter's values live (tracing swaps a
+    parameter for a symbol and back)."""
+    _SLOT.__set__(t, value)
+
+
+_SLOT = Tensor.__dict__["_data"]
+
+
 def apply(name: str, *inputs: Tensor, **attrs) -> Any:
     """Run registered op ``name`` on tensors: validate, run the kernel, record for autograd."""
     op = OPS[name]

@@ -26,7 +26,7 @@ import numpy as np
 from flowsys.autograd import no_grad
 from flowsys.data import ByteDataset
 from flowsys.errors import ConfigError
-from flowsys.functions import generator_state, manual_seed, set_generator_state
+from flowsys.functions import manual_seed
 from flowsys.models import GPT, GPTConfig
 from flowsys.optim import WarmupCosine, clip_grad_norm_
 
@@ -314,12 +314,39 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-@no_grad()
+EVAL_SEED = 1234  # the same validation windows every time, in every layout
+
+
 def evaluate(model: GPT, data: ByteDataset, batch_size: int, block_size: int, batches: int) -> float:
+    """The mean validation loss over ``batches`` batches, eagerly on the driver."""
     model.eval()
-    rng = np.random.default_rng(1234)  # the same validation windows every time
-    losses = [model(*data.get_batch("val", batch_size, block_size, rng=rng))[1].item() for _ in range(batches)]
+    val = data.batches(batch_size, block_size, seed=EVAL_SEED, split="val")
+    with no_grad():
+        losses = [model(*val.at(j))[1].item() for j in range(batches)]
     model.train()
+    return float(np.mean(losses))
+
+
+def evaluate_compiled(model: GPT, data: ByteDataset, batch_size: int, block_size: int, batches: int,
+                      placement, sbp) -> float:
+    """The same mean validation loss as :func:`evaluate`, as a compiled forward-only step: the
+    workers read the validation windows and run the model where its parameters are."""
+    from flowsys.graph.api import Graph  # noqa: PLC0415
+
+    class EvalStep(Graph):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def build(self, idx, targets):
+            return self.model(idx, targets)[1]
+
+    model.eval()
+    step, val = EvalStep(), data.batches(batch_size, block_size, seed=EVAL_SEED, split="val")
+    try:
+        losses = [float(step(*val.at(j, placement, sbp))) for j in range(batches)]
+    finally:
+        model.train()
     return float(np.mean(losses))
 
 
@@ -336,12 +363,12 @@ def run(job: JobConfig, log=print) -> dict[str, Any]:
     opt = model.configure_optimizers(o.weight_decay, o.lr, o.betas)
     sched = WarmupCosine(opt, o.warmup_steps, job.train.steps, min_lr=o.lr * o.min_lr_ratio)
     log(f"model: GPT, {model.num_parameters():,} parameters; data: {data}")
-    rng = np.random.default_rng(job.train.seed)
     bs, t = job.data.batch_size, job.model.block_size
+    batches = data.batches(bs, t, seed=job.train.seed)  # the samples every layout sees at each step
     progress = Progress(job, log, *throughput_model(job, log))
     losses, t0 = [], time.perf_counter()
     for step in range(1, job.train.steps + 1):
-        x, y = data.get_batch("train", bs, t, rng=rng)
+        x, y = batches.at(step)
         _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
@@ -378,13 +405,13 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     if job.model.vocab_size < data.vocab_size:
         raise ConfigError(f"model.vocab_size {job.model.vocab_size} is smaller than the data's {data.vocab_size} byte tokens")
     placements = layout(job)
-    model, opt, step = build(job, placements)
+    model, opt, step = build(job, placements, meta=True)  # the workers create their own shards
     backend = runtime.current() or runtime.init()
     sched = WarmupCosine(opt, o.warmup_steps, job.train.steps, min_lr=o.lr * o.min_lr_ratio)
     log(f"model: GPT, {model.num_parameters():,} parameters on {p.devices} devices (dp {p.dp} x tp {p.tp} x pp {p.pp}, "
         f"ZeRO {p.zero_stage}, {p.micro_batches} micro-batch(es)) on the {backend.name} backend; data: {data}")
-    rng = np.random.default_rng(job.train.seed)
     bs, t = job.data.batch_size, job.model.block_size
+    batches = data.batches(bs, t, seed=job.train.seed)  # step i's samples, read by the workers
     first, batch = placements[0], (split(0), broadcast)
     ck = job.checkpoint
     max_restarts = max(ck.max_restarts, int(os.environ.get("FLOWSYS_MAX_RESTARTS", "0")) if ck.every else 0)
@@ -392,10 +419,9 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     losses, seen, t0 = [], [], time.perf_counter()
     restarts, i = 0, 1
     while i <= job.train.steps:
-        x, y = data.get_batch("train", bs, t, rng=rng)
         lr = opt.param_groups[0]["lr"]
         try:
-            loss = step(x.to_global(first, batch), y.to_global(first, batch))
+            loss = step(*batches.at(i, first, batch))
         except RankFailed as e:
             if restarts >= max_restarts:
                 raise
@@ -408,24 +434,23 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
             if found is None:  # nothing saved yet: the first step again, from the same start
                 raise ConfigError(f"no checkpoint under {ck.dir} to resume from after: {e}") from e
             info = checkpoint.load(found, model, opt)
-            i = info["step"] + 1
-            set_generator_state(rng, info["extra"]["data_rng"])
+            i = info["step"] + 1  # the data is addressed by step: nothing else to restore
             losses, seen = losses[:info["step"]], seen[:info["step"]]
             sched.last_step = info["step"]
             sched._apply()
             continue
         sched.step()
         losses.append(float(loss))
-        seen.append(int(x.numpy()[:, 0].sum()))  # a fingerprint of the samples this step saw
+        seen.append(step.samples_digest[0])  # a fingerprint of the samples this step saw, made where they are
         progress.step(i, losses[-1], lr)
         if ck.every and i % ck.every == 0:
             from flowsys import checkpoint  # noqa: PLC0415
 
-            checkpoint.save(ck.dir, model, opt, step=i, extra={"data_rng": generator_state(rng)})
+            checkpoint.save(ck.dir, model, opt, step=i, extra={"data_step": i})
         i += 1
     progress.close()
     elapsed = time.perf_counter() - t0
-    val = evaluate(model, data, bs, t, job.train.eval_batches)
+    val = evaluate_compiled(model, data, bs, t, job.train.eval_batches, first, batch)
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
                "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": job.train.steps * bs * t / elapsed,
                "devices": p.devices, "backend": backend.name, "losses": losses, "restarts": restarts,

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from flowsys.errors import ConfigError
+from flowsys.planformat import decode_attrs
 
 HARDWARE_DIR = Path(__file__).resolve().parent / "hardware"
 
@@ -76,16 +77,13 @@ def op_flops(name: str, ins: list[tuple[int, ...]], outs: list[tuple[int, ...]],
                    "log_softmax_grad": 4, "cross_entropy": 6, "cross_entropy_grad": 6, "exp": 1, "log": 1, "tanh": 4, "sqrt": 1, "pow": 2, "dropout": 3}
     if name in per_element:
         return per_element[name] * _numel(ins[0])
+    if name in ("sgd_update", "adamw_update"):  # per element: decay, momentum, descent; Adam's moments and sqrt
+        return (4 if name == "sgd_update" else 12) * _numel(ins[0])
     if name in ("sum", "max", "min", "argmax"):
         return _numel(ins[0])
     if name in ("add", "sub", "mul", "div", "maximum", "where", "neg", "relu", "eq", "ne", "lt", "le", "gt", "ge"):
         return out
     return 0  # data movement only: reshape, transpose, take, getitem, concatenate, casts, ...
-
-
-def update_flops(numel: int) -> int:
-    """An AdamW update is about a dozen operations per element (SGD fewer: counted alike)."""
-    return 12 * numel
 
 
 def graph_flops(ir) -> int:
@@ -279,15 +277,15 @@ def clear_kernel_times() -> None:
 def measure_collective(name: str, attrs: dict, x: tuple[tuple[int, ...], np.dtype], n: int) -> float:
     """Seconds of one rank's local work in a collective of ``n`` ranks on its input ``x`` (the
     algorithm's copies and reductions), from running every rank's schedule in this thread."""
-    from actors.runtime import _collective  # noqa: PLC0415
     from comm.inprocess import drive  # noqa: PLC0415
+    from flowsys.boxing import plan_collective  # noqa: PLC0415
 
     key = ("collective", name, x[0], x[1].str, n, repr(sorted(attrs.items())))
     if key not in _kernel_times:
         arrays = [np.random.default_rng(i).standard_normal(x[0]).astype(x[1]) for i in range(n)]
         try:
-            drive([_collective(name, attrs, i, n, arrays[i]) for i in range(n)])
-            _kernel_times[key] = min(_timed(lambda: drive([_collective(name, attrs, i, n, arrays[i])
+            drive([plan_collective(name, attrs, i, n, arrays[i]) for i in range(n)])
+            _kernel_times[key] = min(_timed(lambda: drive([plan_collective(name, attrs, i, n, arrays[i])
                                                            for i in range(n)])) for _ in range(3)) / n
         except Exception:  # noqa: BLE001 - an algorithm this probe cannot drive: copies only
             _kernel_times[key] = 2 * _numel(x[0]) * x[1].itemsize / probe_memory_bandwidth()
@@ -369,8 +367,6 @@ def predict(plan, hw: Hardware, *, world: int | None = None, feed_bytes: int | N
 def feed_bytes(rank_plan) -> int:
     """Bytes the driver moves for one rank per step: its inputs, and the parameters it trains
     (sent back to the driver after every step)."""
-    from scheduler.lower import decode_attrs  # noqa: PLC0415
-
     decl = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rank_plan.values}
     trained = {decode_attrs(op.attrs).get("variable") for op in rank_plan.ops if op.kind == "update"}
     moved = list(rank_plan.inputs) + [v for name, v in rank_plan.variables.items() if name in trained]
@@ -622,8 +618,6 @@ class _Simulation:
         return work, memory_part
 
     def _op_work(self, t: _Task) -> tuple[float, float, int]:
-        from scheduler.lower import decode_attrs  # noqa: PLC0415
-
         op, decl, hw = t.op, self.decl[t.rank], self.hw
         flops = 0
         ins = [decl[v] for v in op.inputs if v in decl]
@@ -637,10 +631,11 @@ class _Simulation:
             if hw.kernels == "measure" and touched < _MEASURE_LIMIT:  # this machine: the kernel's own time
                 measured = measure_kernel(op.op, [decl[v] for v in op.inputs], attrs)
                 f_time, m_time = (measured, 0.0) if f_time >= m_time else (0.0, measured)
-        elif op.kind == "update":
-            numel = _numel(ins[0][0]) if ins else 0
-            flops = update_flops(numel)
-            f_time, m_time = update_flops(numel) / hw.peak("float32"), 12 * 4 * numel / hw.memory_bandwidth
+        elif op.kind == "update":  # the op's own count; it reads and writes the parameter and each state array
+            attrs = decode_attrs(op.attrs) if op.attrs else {}
+            flops = op_flops(op.op, [s for s, _ in ins], [s for s, _ in outs], attrs)
+            touched = (3 + 2 * len(attrs.get("state", ()))) * _nbytes(ins[0]) if ins else 0
+            f_time, m_time = flops / hw.peak(ins[0][1].name if ins else "float32"), touched / hw.memory_bandwidth
         elif op.kind == "send":
             f_time, m_time = 0.0, self._bytes_out(t) / hw.memory_bandwidth
         elif op.kind == "collective":  # the algorithm's copies and reductions on this rank

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from typing import Any
 
@@ -14,71 +13,21 @@ from flowsys.layout import fmt, holds_value, local_shape, shard_box, shard_of
 from flowsys.ops import OPS
 from flowsys.placement import Placement
 from flowsys.sbp import broadcast as B
-from scheduler import plan_pb2
+from flowsys.planformat import decode_attrs, encode_attrs, plan_pb2
 
-# Optimizer state per parameter byte, by optimizer (AdamW keeps two moments).
-_STATE_FACTOR = {"AdamW": 2, "SGD": 1}
-
-
-def decode_attrs(text: str) -> dict[str, Any]:
-    """Inverse of :func:`encode_attrs` (dropout seeds come back as ``{"seed": i}`` markers)."""
-    return {k: _decode(v) for k, v in json.loads(text).items()} if text else {}
-
-
-def _decode(v):
-    if isinstance(v, list):
-        return [_decode(x) for x in v]
-    if isinstance(v, dict):
-        if "tuple" in v:
-            return tuple(_decode(x) for x in v["tuple"])
-        if "slice" in v:
-            return slice(*v["slice"])
-        if "array" in v:
-            return np.array(v["array"], dtype=v["dtype"])
-        if "dtype" in v:
-            return np.dtype(v["dtype"])
-        if "seed" in v:
-            return SeedMarker(v["seed"])
-    return v
-
-
-class SeedMarker(int):
-    """A dropout seed slot in decoded attributes: the executor substitutes the run's seed."""
-
-
-def encode_attrs(attrs: dict[str, Any]) -> str:
-    """Canonical JSON of op attributes (tuples, slices, arrays, dtypes, seeds kept apart)."""
-    return json.dumps({k: _encode(v) for k, v in sorted(attrs.items())}, sort_keys=True, separators=(",", ":"))
-
-
-def _encode(v):
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (np.integer, np.floating, np.bool_)):
-        return v.item()
-    if isinstance(v, tuple):
-        return {"tuple": [_encode(x) for x in v]}
-    if isinstance(v, list):
-        return [_encode(x) for x in v]
-    if isinstance(v, slice):
-        return {"slice": [v.start, v.stop, v.step]}
-    if isinstance(v, np.ndarray):
-        return {"array": v.tolist(), "dtype": v.dtype.name}
-    if isinstance(v, np.dtype):
-        return {"dtype": v.name}
-    if type(v).__name__ == "SeedRef":
-        return {"seed": v.index}
-    if isinstance(v, type) and issubclass(v, np.generic):
-        return {"dtype": np.dtype(v).name}
-    raise TypeError(f"cannot encode attribute value {v!r} of type {type(v).__name__}")
+# Gradient all-reduces are fused into buckets of up to this many bytes (DDP's bucket_cap_mb=25).
+BUCKET_BYTES = 25 * 2**20
 
 
 class _Lowering:
-    def __init__(self, g: Graph, registers: int = 1):
+    def __init__(self, g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES):
         if int(registers) < 1:
             raise ValueError(f"lower: registers must be at least 1, got {registers}")
+        if int(bucket_bytes) < 0:
+            raise ValueError(f"lower: bucket_bytes must be 0 (no buckets) or more, got {bucket_bytes}")
         self.g = g
         self.registers = int(registers)
+        self.bucket_bytes = int(bucket_bytes)
         self.op_ids = itertools.count()
         self.value_ids = itertools.count(max(g.values, default=0) + 1)
         self.channels: dict[Any, int] = {}
@@ -176,14 +125,52 @@ class _Lowering:
             elif self.lives_on(g.values[n.inputs[0]], r):
                 for vid in n.inputs + n.outputs:
                     declare(vid)
-                attrs = {"optimizer": n.attr["optimizer"], "group": n.attr["group"], "variable": n.attr["variable"]}
+                attrs = {k: n.attr[k] for k in ("optimizer", "group", "state", "variable")}
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="update", op=n.op, inputs=n.inputs,
                                           outputs=n.outputs, attrs=encode_attrs(attrs), phase=n.phase))
         for op in rp.ops:
             op.per_step = op.node in self.step_nodes
+        self.bucket_gradients(rp)
         rp.bytes_sent = sum(op.nbytes for op in rp.ops)
         self.estimate_memory(rp)
         return rp
+
+    def bucket_gradients(self, rp) -> None:
+        """Fuse the optimizer phase's gradient all-reduces into buckets, as DDP does: per group of
+        ranks and dtype, in the order the compute phase makes the gradients final (the plan order
+        of their producers, the same on every rank of the group), consecutive ones up to
+        ``bucket_bytes`` (one larger than that is a bucket of its own). A bucket's members carry
+        its id (its first member's channel + 1); the runtime runs them as one all-reduce over
+        their concatenation once every member's gradient is final."""
+        if not self.bucket_bytes:
+            return
+        grads = set(self.g.grads.values())
+        final_at: dict[int, int] = {}  # a per-micro-batch value -> its last producer's place in the plan
+        for i, op in enumerate(rp.ops):
+            if op.phase != "optimizer" and not op.per_step:
+                for v in op.outputs:
+                    final_at[v] = i
+        sizes = {v.id: (math.prod(v.shape) * np.dtype(v.dtype).itemsize, v.dtype) for v in rp.values}
+        streams: dict[tuple, list] = {}
+        for i, op in enumerate(rp.ops):
+            g = op.inputs[0] if op.inputs else None
+            if op.phase == "optimizer" and op.kind == "collective" and op.op == "all_reduce" and g in grads \
+                    and g in final_at:
+                nbytes, dtype = sizes[g]
+                streams.setdefault((tuple(op.group), dtype), []).append((final_at[g], i, nbytes, op))
+        for stream in streams.values():
+            buckets: list[list] = [[]]
+            filled = 0
+            for _, _, nbytes, op in sorted(stream, key=lambda s: s[:2]):
+                if buckets[-1] and filled + nbytes > self.bucket_bytes:
+                    buckets.append([])
+                    filled = 0
+                buckets[-1].append(op)
+                filled += nbytes
+            for members in buckets:
+                if len(members) > 1:
+                    for op in members:
+                        op.bucket = members[0].channel + 1
 
     def lower_op(self, n: Node, r: int, rp, declare) -> None:
         g = self.g
@@ -296,9 +283,8 @@ class _Lowering:
         updated = [op for op in rp.ops if op.kind == "update"]
         variables = dict(rp.variables)
         grads = sum(sizes.get(self.g.grads.get(variables[decode_attrs(op.attrs)["variable"]], -1), 0) for op in updated)
-        state = 0
-        for op in updated:
-            state += _STATE_FACTOR.get(op.op, 1) * sizes[op.inputs[0]]
+        # optimizer state: each array the update op keeps (the node's "state") is the size of what it updates
+        state = sum(len(decode_attrs(op.attrs)["state"]) * sizes[op.inputs[0]] for op in updated)
         persistent = set(rp.variables.values()) | set(self.g.constants)
         last_use: dict[int, int] = {}
         for i, op in enumerate(rp.ops):
@@ -329,10 +315,11 @@ class _Lowering:
         rp.memory.CopyFrom(plan_pb2.Memory(parameters=params, gradients=grads, optimizer_state=state, peak_activations=peak))
 
 
-def lower(g: Graph, registers: int = 1) -> plan_pb2.Plan:
+def lower(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES) -> plan_pb2.Plan:
     """One physical plan per rank of a compiled (SBP-inferred, boxed) graph. ``registers`` is
     the register count of every per-micro-batch value: more than one lets the next micro-batch
-    enter an op while the last is still downstream."""
+    enter an op while the last is still downstream. ``bucket_bytes`` caps the gradient
+    all-reduces fused into one (0: each gradient alone)."""
     if not g.boxed:
         raise ValueError("lower: the graph has not been through the passes (insert_boxing) yet")
-    return _Lowering(g, registers).lower()
+    return _Lowering(g, registers, bucket_bytes).lower()

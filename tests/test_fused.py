@@ -11,7 +11,7 @@ import flowsys as fs
 from flowsys.ops import elementwise as E
 from flowsys.ops import fused
 from flowsys.ops import nn as N
-from flowsys.optim.optimizer import _adamw_update
+from flowsys.ops.optim import _adamw_update
 
 pytestmark = pytest.mark.skipif(not fused.ENABLED, reason="Numba is not importable or FLOWSYS_JIT=0")
 

@@ -148,6 +148,150 @@ def test_adamw_rejects_bad_betas():
         optim.AdamW(twin_params()[0], betas=(1.0, 0.999))
 
 
+# ------------------------------------------------------------------ the registered update ops
+
+
+@pytest.mark.parametrize("make,kw", [
+    (optim.SGD, dict(lr=0.05, maximize=True)),
+    (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True)),
+    (optim.AdamW, dict(lr=1e-2, weight_decay=0.1, maximize=True)),
+], ids=["sgd", "sgd_nesterov_wd", "adamw"])
+def test_maximize_matches_torch(make, kw):
+    fparams, tparams = twin_params(7)
+    fvals, tvals = run_both(make(fparams, **kw), getattr(torch.optim, make.__name__)(tparams, **kw), fparams, tparams)
+    assert_same(fvals, tvals, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,kw", [
+    (optim.SGD, dict(lr=0.05, momentum=0.9)),
+    (optim.SGD, dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.1)),
+    (optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.95))),
+], ids=["sgd_momentum", "sgd_dampening_wd", "adamw"])
+def test_state_keeps_torchs_keys_and_values(make, kw):
+    """Checkpoints store ``opt.state`` under torch's keys: the values are torch's after each step."""
+    fparams, tparams = twin_params(8)
+    fopt, topt = make(fparams, **kw), getattr(torch.optim, make.__name__)(tparams, **kw)
+    for step in range(4):
+        set_grads(fparams, tparams, step)
+        fopt.step()
+        topt.step()
+        for fp, tp in zip(fparams, tparams):
+            fstate, tstate = fopt.state[id(fp)], topt.state[tp]
+            assert set(fstate) == set(tstate), (set(fstate), set(tstate))
+            for key, want in tstate.items():
+                want = want.numpy() if isinstance(want, torch.Tensor) else want
+                np.testing.assert_allclose(np.asarray(fstate[key]), want, rtol=1e-5, atol=1e-7, err_msg=key)
+    assert fopt.state[id(fparams[0])].get("step", 4) == 4
+
+
+SGD_VARIANTS = [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
+                dict(lr=0.05, momentum=0.7, dampening=0.5, maximize=True)]
+ADAMW_VARIANTS = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, maximize=True)]
+
+
+@pytest.mark.parametrize("name,kw", [("sgd_update", kw) for kw in SGD_VARIANTS]
+                         + [("adamw_update", kw) for kw in ADAMW_VARIANTS])
+def test_op_kernel_steps_as_torch_in_float64(name, kw):
+    """The functional kernel, its outputs fed back as the next step's inputs, in float64 against
+    torch.optim stepping float64 tensors: the rule itself, without float32 rounding."""
+    rng = np.random.default_rng(9)
+    p = rng.standard_normal((5, 4))
+    tp = torch.tensor(p.copy(), requires_grad=True)
+    topt = (torch.optim.SGD if name == "sgd_update" else torch.optim.AdamW)([tp], **kw)
+    kernel = fs.ops.OPS[name].kernel
+    state: tuple = ()
+    for step in range(1, 7):
+        g = rng.standard_normal(p.shape) + 0.5 * p
+        tp.grad = torch.tensor(g)
+        topt.step()
+        if name == "adamw_update":
+            state = state or (np.zeros_like(p), np.zeros_like(p))
+            p, *state = kernel(np, p, g, *state, step=step, **kw)
+        else:
+            p, *state = kernel(np, p, g, *state, **kw)
+        np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12, atol=1e-14, err_msg=f"step {step}")
+
+
+@pytest.mark.parametrize("name,attrs", [("sgd_update", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
+                                        ("adamw_update", dict(lr=0.1, step=3, weight_decay=0.1))])
+@pytest.mark.parametrize("shape", [(7, 3), (40000,)], ids=["small", "blocked"])  # above chunked.BLOCK: slices
+def test_op_in_place_equals_functional(name, attrs, shape):
+    rng = np.random.default_rng(10)
+    ins = [rng.standard_normal(shape).astype(np.float32) for _ in range(3 if name == "sgd_update" else 4)]
+    ins[-1] = np.abs(ins[-1])  # a second moment is non-negative
+    kernel = fs.ops.OPS[name].kernel
+    want = kernel(np, *ins, **attrs)
+    owned = [a.copy() for a in ins]
+    got = kernel(np, *owned, **attrs, inplace=True)
+    assert got[0] is owned[0] and all(o is a for o, a in zip(got[1:], owned[2:]))  # the new values in the inputs
+    for w, o in zip(want, got):
+        np.testing.assert_allclose(o, w, rtol=1e-6, atol=1e-7)
+
+
+def test_an_update_of_a_mismatched_gradient_names_the_op_and_shapes():
+    p = nn.Parameter(np.ones((2, 3), np.float32))
+    p.grad = fs.ones(3, 2)
+    with pytest.raises(fs.ShapeError, match=r"sgd_update: grad float32\[3, 2\] does not match param float32\[2, 3\]"):
+        optim.SGD([p], lr=0.1).step()
+    p.grad = fs.ones(2, 3, dtype=fs.float64)
+    with pytest.raises(fs.DTypeError, match="adamw_update: grad float64"):
+        optim.AdamW([p]).step()
+
+
+def test_sgd_update_refuses_a_momentum_buffer_without_momentum():
+    a = np.ones(3, np.float32)
+    with pytest.raises(fs.FlowsysError, match="momentum buffer"):
+        fs.ops.OPS["sgd_update"].infer(*(fs.ops.Spec(a.shape, a.dtype),) * 3, lr=0.1)
+
+
+class _LinearStep(fs.Graph):
+    def __init__(self, model, opt, executor):
+        super().__init__()
+        self.model = model
+        self.add_optimizer(opt)
+        self.config.executor = executor
+
+    def build(self, x, y):
+        loss = ((self.model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+
+@pytest.mark.parametrize("executor", ["global", "plans"])
+@pytest.mark.parametrize("make,kw", [
+    (optim.SGD, dict(lr=0.1)),
+    (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+], ids=["sgd", "sgd_nesterov", "adamw"])
+def test_graph_mode_updates_are_the_registered_ops_and_match_torch(make, kw, executor):
+    """A compiled step names its update nodes by the registered op, budgets its state by it, and
+    steps (on the driver, or in the workers) as torch.optim does."""
+    fs.manual_seed(0)
+    model = nn.Linear(4, 3)
+    tmodel = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        tmodel.weight.copy_(torch.from_numpy(model.weight.numpy()))
+        tmodel.bias.copy_(torch.from_numpy(model.bias.numpy()))
+    step = _LinearStep(model, make(model.parameters(), **kw), executor)
+    topt = getattr(torch.optim, make.__name__)(tmodel.parameters(), **kw)
+    rng = np.random.default_rng(11)
+    for _ in range(4):
+        x, y = (rng.standard_normal((8, n)).astype(np.float32) for n in (4, 3))
+        loss = step(fs.tensor(x), fs.tensor(y))
+        topt.zero_grad()
+        tloss = ((tmodel(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean()
+        tloss.backward()
+        topt.step()
+        assert float(loss.numpy()) == pytest.approx(tloss.item(), rel=1e-5)
+    np.testing.assert_allclose(model.weight.numpy(), tmodel.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bias.numpy(), tmodel.bias.detach().numpy(), rtol=1e-5, atol=1e-6)
+    updates = [n for n in step.ir.nodes if n.kind == "update"]
+    assert {n.op for n in updates} == {make.update_op} and len(updates) == 2
+    arrays = 2 if make is optim.AdamW else int(bool(kw.get("momentum")))
+    (rp,) = step.plan().ranks
+    assert rp.memory.optimizer_state == arrays * rp.memory.parameters
+
+
 # ------------------------------------------------------------------------------ zero_grad
 
 

@@ -107,6 +107,15 @@ CASES: dict[str, list[Case]] = {
     "scaled_dot_product_attention": [Case(((2, 3, 4), (2, 5, 4), (2, 5, 3)), {"is_causal": True, "scale": 0.3}),
                                      Case(((2, 1, 3, 4), (2, 4, 4), (4, 2))),
                                      Case(((2, 3, 4), (2, 5, 4), (2, 5, 3)))],
+    # optimizer updates (param, grad, state...): elementwise, not differentiated
+    "sgd_update": [Case(((2, 3), (2, 3)), {"lr": 0.1}),
+                   Case(((4,), (4,)), {"lr": 0.1, "momentum": 0.9, "dampening": 0.2, "maximize": True}),
+                   Case(((2, 3, 4), (2, 3, 4), (2, 3, 4)), {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01,
+                                                            "nesterov": True})],
+    "adamw_update": [Case(((2, 3), (2, 3), (2, 3), Arg((2, 3), low=0.0, high=1.0)), {"lr": 0.1, "step": 1}),
+                     Case(((3, 4, 2), (3, 4, 2), (3, 4, 2), Arg((3, 4, 2), low=0.0, high=1.0)),
+                          {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1, "step": 5,
+                           "maximize": True})],
 }
 
 # Known bugs: (test, case id) -> reason. Each becomes a strict xfail, so a fix must remove its entry.

@@ -10,6 +10,7 @@ import pytest
 
 import flowsys as fs
 import scheduler
+from flowsys import planformat
 from test_graph import MESHES, _run
 
 
@@ -23,7 +24,7 @@ def test_plans_round_trip_through_protobuf_unchanged(compiled):
     _, step = compiled
     plan = scheduler.lower(step.ir)
     data = plan.SerializeToString(deterministic=True)
-    back = scheduler.Plan.FromString(data)
+    back = planformat.Plan.FromString(data)
     assert back == plan and back.SerializeToString(deterministic=True) == data
     assert scheduler.lower(step.ir) == plan, "lowering is deterministic"
 
@@ -75,6 +76,6 @@ def test_lowered_attributes_are_the_shards_own():
 
 
 def test_attributes_encode_canonically():
-    enc = scheduler.encode_attrs({"b": (1, slice(None, 2)), "a": np.arange(3), "dtype": np.dtype("float32")})
+    enc = planformat.encode_attrs({"b": (1, slice(None, 2)), "a": np.arange(3), "dtype": np.dtype("float32")})
     assert enc == ('{"a":{"array":[0,1,2],"dtype":"int64"},"b":{"tuple":[1,{"slice":[null,2,null]}]},'
                    '"dtype":{"dtype":"float32"}}')

@@ -21,8 +21,6 @@ True
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +30,7 @@ from flowsys.graph.ir import GraphError
 from flowsys.graph.run import Executor
 from flowsys.graph.trace import trace
 from flowsys.nn.module import Module
+from flowsys.runtime import Session
 from flowsys.tensor import Tensor
 
 
@@ -115,7 +114,8 @@ class Graph:
             ir, n_seeds = trace(self.build, micro, params)
             ir = _passes.compile_graph(ir.with_(zero_axis=axis, stages=stages), params_by_name=params, optimizers=self._optimizers,
                                        micro_batches=k, zero_stage=stage)
-            self._compiled[key] = (ir, Executor(ir, params, self._optimizers, n_seeds))
+            self._compiled[key] = (ir, Executor(ir, params, self._optimizers, n_seeds),
+                                   Session(ir, params, self._optimizers, n_seeds))
         self._last = self._compiled[key][0]
         return self._last
 
@@ -160,7 +160,7 @@ class Graph:
         ir = self.compile(*args)
         k = int(self.config.gradient_accumulation_steps)
         self._key_last = self._key(args) + (k, int(self.config.zero_stage))
-        _, executor = self._compiled[self._key_last]
+        _, executor, session = self._compiled[self._key_last]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
         from flowsys import runtime  # noqa: PLC0415
         from flowsys.profiler import active  # noqa: PLC0415
@@ -172,8 +172,8 @@ class Graph:
         prof = active()
         if mode == "plans" or (mode == "auto" and (backend is not None or prof is not None)):
             record = bool(self.config.record_timeline) or prof is not None
-            values, self.timeline = _run_plans(ir, executor, tensors, backend or runtime.local_backend(),
-                                               int(self.config.registers), record)
+            values, self.timeline = session.run(tensors, backend or runtime.local_backend(),
+                                                int(self.config.registers), record)
             if prof is not None:
                 prof.add(type(self).__name__, self.timeline, {n.id: n.op for n in ir.nodes if n.kind == "boxing"})
             outs = [Tensor(v) for v in values]
@@ -186,10 +186,28 @@ class Graph:
         """Per rank, the most micro-batches that held activations at once in the last step run
         as per-rank plans (a pipeline stage's in-flight micro-batches)."""
         k = self._key_last
-        return dict(getattr(self._compiled[k][1], "in_flight", {})) if k in self._compiled else {}
+        return dict(self._compiled[k][2].in_flight) if k in self._compiled else {}
+
+    @property
+    def samples_digest(self) -> dict[int, int]:
+        """Per input of the last step that the workers read themselves (``Batches.at`` with a
+        placement), by position: the sum of its samples' first tokens, computed where the samples
+        are (a fingerprint of what the step saw; the driver never holds the batch)."""
+        k = self._key_last
+        if k not in self._compiled:
+            return {}
+        ir, _, session = self._compiled[k]
+        return {ir.inputs.index(vid): d for vid, d in session.digests.items()}
+
+    @property
+    def traffic(self) -> dict[int, tuple[int, int]]:
+        """Per rank: the bytes of the last step's request to its worker and of its response
+        (the actor timeline aside), as they crossed the backend's boundary."""
+        k = self._key_last
+        return dict(self._compiled[k][2].traffic) if k in self._compiled else {}
 
     def plan(self):
-        """The per-rank physical plans (a protobuf ``scheduler.Plan``) of the last call."""
+        """The per-rank physical plans (a protobuf ``flowsys.planformat.Plan``) of the last call."""
         import scheduler  # noqa: PLC0415
 
         return scheduler.lower(self.ir, registers=int(self.config.registers))
@@ -215,183 +233,6 @@ class Graph:
         return to_dot(self.ir)
 
 
-def _run_plans(ir, executor: Executor, tensors, backend, registers: int, record: bool) -> tuple[list, list]:
-    """Lower to per-rank plans and run one step on ``backend``; the outputs and, when
-    ``record``, the actor timeline."""
-    import json  # noqa: PLC0415
-
-    import numpy as np  # noqa: PLC0415
-
-    import scheduler  # noqa: PLC0415
-    from actors.runtime import Timeline  # noqa: PLC0415
-    from actors.worker import decode, encode  # noqa: PLC0415
-    from flowsys.functions import next_seed  # noqa: PLC0415
-    from scheduler import plan_pb2  # noqa: PLC0415
-
-    if executor.plan is None or executor.registers != registers:
-        executor.plan = scheduler.lower(ir, registers=registers)
-        executor.registers = registers
-        executor.key = f"plan-{next(_PLAN_KEYS)}"
-    params, optimizers = executor.params, executor.optimizers
-    sources = {**dict(zip(ir.inputs, tensors)), **ir.constants}
-    variables = {vid: params[name]._data for name, vid in ir.variables.items()}
-    var_keys = {name: str(_uid(params[name])) for name in ir.variables}
-    trainer = {id(p): oi for oi, opt in enumerate(optimizers) for group in opt.param_groups for p in group["params"]}
-    hyper = json.dumps({
-        "groups": [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-                   for opt in optimizers],
-        "state_keys": {name: f"{_uid(optimizers[trainer[id(p)]])}/{_uid(p)}"
-                       for name, p in params.items() if id(p) in trainer},
-        "variable_keys": var_keys,
-    })
-    k = ir.micro_batches
-    seeds = [next_seed() for _ in range(executor.n_seeds * k)]  # piece by piece, as the global executor draws them
-
-    def local(value, rank):
-        return value.local(rank) if type(value) is GlobalValue else value
-
-    requests = {}
-    for rp in executor.plan.ranks:
-        declared = {v.id for v in rp.values}
-        req = plan_pb2.StepRequest(plan=executor.key, hyper=hyper, seeds=seeds, seeds_per_piece=executor.n_seeds,
-                                   grads=dict(ir.grads), outputs=list(ir.outputs), record=record, micro_batches=k)
-        req.feed.extend(encode(vid, np.asarray(local(v, rp.rank))) for vid, v in sources.items() if vid in declared)
-        # parameters stay in the workers between steps: sent only when the driver's copy differs
-        # from what the worker holds (the first step, a new layout, a user's change)
-        for name, vid in rp.variables.items():
-            held = backend.synced.get((rp.rank, var_keys[name]))
-            mine = np.asarray(local(variables[vid], rp.rank))
-            if held is None or held.shape != mine.shape or held.dtype != mine.dtype or not np.array_equal(held, mine):
-                req.feed.append(encode(vid, mine))
-                backend.synced[(rp.rank, var_keys[name])] = mine.copy()
-        requests[rp.rank] = req.SerializeToString()
-    backend.ensure(max(rp.rank for rp in executor.plan.ranks) + 1)
-    for opt in optimizers:
-        if getattr(opt, "_state_in_workers", None) is backend and opt._state_generation != backend.generation \
-                and _stateful(opt):
-            raise GraphError(f"{type(opt).__name__}: the optimizer state the workers kept was lost when they were "
-                             f"restarted after a failure; load a checkpoint (fs.checkpoint.load) to go on")
-        if getattr(opt, "_state_in_workers", None) is not backend and opt.state:
-            layouts = {id(params[n.attr["variable"]]): (ir.values[n.inputs[0]].placement, ir.values[n.inputs[0]].sbp)
-                       for n in ir.nodes if n.kind == "update"}
-            push_state(opt, backend, params, layouts)  # state the driver holds (eager steps, a loaded checkpoint)
-    responses = backend.run(executor.key, executor.plan, requests)
-    for opt in optimizers:  # their state now lives in the workers: checkpoint.save pulls it from there
-        opt._state_in_workers = backend
-        opt._state_params = params
-        opt._state_generation = backend.generation
-
-    # the updated parameters come back into the driver's tensors, shard by shard
-    by_vid = {vid: name for name, vid in ir.variables.items()}
-    for rank, resp in responses.items():
-        for t in resp.variables:
-            name = by_vid[t.id]
-            data = params[name]._data
-            target = data.shards[data.placement.index(rank)] if type(data) is GlobalValue else data
-            new = decode(t)
-            target[...] = new
-            backend.synced[(rank, var_keys[name])] = new
-    outs = []
-    for j, vid in enumerate(ir.outputs):
-        v = ir.values[vid]
-        got = {rank: decode(t) for rank, resp in responses.items() for t in resp.outputs if t.id == j}
-        if v.placement is None:
-            outs.append(got[min(got)])
-        else:
-            outs.append(GlobalValue(v.placement, v.sbp, v.shape, v.dtype, [got[r] for r in v.placement.ranks]))
-    timeline = Timeline(executor.plan, {rank: resp.timeline for rank, resp in responses.items()}) if record else []
-    executor.in_flight = {rank: resp.peak_in_flight for rank, resp in responses.items()}
-    return outs, timeline
-
-
-def _stateful(opt) -> bool:
-    """Whether ``opt`` keeps state between steps (AdamW's moments, SGD's momentum)."""
-    return type(opt).__name__ != "SGD" or any(g.get("momentum", 0) for g in opt.param_groups)
-
-
-def _state_keys(opt, params: dict) -> dict[str, Any]:
-    """The workers' key of each parameter ``opt`` trains -> the parameter."""
-    trained = {id(p) for group in opt.param_groups for p in group["params"]}
-    return {f"{_uid(opt)}/{_uid(p)}": p for p in params.values() if id(p) in trained}
-
-
-def pull_state(opt) -> None:
-    """Copy the optimizer state the workers keep into ``opt.state`` (laid out as the driver's
-    executor keeps it: per parameter, per shard index), e.g. for a checkpoint."""
-    import numpy as np  # noqa: PLC0415
-
-    from actors.worker import decode  # noqa: PLC0415
-
-    backend = getattr(opt, "_state_in_workers", None)
-    if backend is None:
-        return
-    keys = _state_keys(opt, opt._state_params)
-    dumps = backend.get_state(sorted(keys))
-    opt.state.clear()
-    for rank, dump in sorted(dumps.items()):
-        for e in dump.entries:
-            p = keys[e.key]
-            value = decode(e.value)
-            value = value.item() if value.ndim == 0 else value
-            if type(p._data) is GlobalValue:
-                if rank not in p._data.placement.ranks:
-                    continue
-                shard = opt.state.setdefault(id(p), {}).setdefault(p._data.placement.index(rank), {})
-            else:
-                shard = opt.state.setdefault(id(p), {})
-            shard[e.field] = value if np.ndim(value) == 0 else np.array(value)
-
-
-def push_state(opt, backend, params: dict, layouts: dict | None = None) -> None:
-    """Give the workers ``opt.state`` (the driver's copy) for the parameters it trains; state
-    still logical (loaded from a checkpoint) is laid out as ``layouts[id(param)]`` (the layout
-    its update runs in: the parameter's, or a ZeRO shard)."""
-    from flowsys.checkpoint import LOGICAL, lay_out_state  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    from actors.worker import encode  # noqa: PLC0415
-    from scheduler import plan_pb2  # noqa: PLC0415
-
-    keys = _state_keys(opt, params)
-    placed = [r for p in keys.values() if type(p._data) is GlobalValue for r in p._data.placement.ranks]
-    backend.ensure(max(placed, default=0) + 1)  # (fresh workers after a restart hold nothing yet)
-    dumps: dict[int, Any] = {}
-    ranks = range(backend.world)
-    for key, p in keys.items():
-        state = opt.state.get(id(p))
-        if not state:
-            continue
-        if LOGICAL in state and type(p._data) is GlobalValue:
-            placement, sbp = (layouts or {}).get(id(p), (p._data.placement, p._data.sbp))
-            state = opt.state[id(p)] = lay_out_state(state, placement, sbp)
-        if type(p._data) is GlobalValue:
-            per_rank = {r: state.get(p._data.placement.index(r), {}) for r in p._data.placement.ranks}
-        else:
-            per_rank = {r: state for r in ranks}
-        for r, fields in per_rank.items():
-            dump = dumps.setdefault(r, plan_pb2.StateDump())
-            for field, value in sorted(fields.items()):
-                dump.entries.append(plan_pb2.StateEntry(key=key, field=field, value=encode(0, np.asarray(value))))
-    backend.set_state({r: d.SerializeToString() for r, d in dumps.items()}, sorted(keys))
-    opt._state_in_workers = backend
-    opt._state_params = params
-    opt._state_generation = backend.generation
-
-
-_PLAN_KEYS = itertools.count()
-_UIDS: dict[int, int] = {}
-_NEXT_UID = itertools.count()
-
-
-def _uid(obj) -> int:
-    """A number for ``obj`` that is never reused (ids are), forgotten when ``obj`` dies."""
-    key = id(obj)
-    if key not in _UIDS:
-        _UIDS[key] = next(_NEXT_UID)
-        weakref.finalize(obj, _UIDS.pop, key, None)
-    return _UIDS[key]
-
-
 def _micro_input(a, k: int):
     """A stand-in for tracing: ``a`` with axis 0 divided by the number of micro-batches."""
     if k == 1 or not isinstance(a, Tensor):
@@ -405,6 +246,6 @@ def _micro_input(a, k: int):
 def _head(v: GlobalValue, m: int) -> GlobalValue:
     from flowsys.global_tensor import make_global  # noqa: PLC0415
 
-    if v.shards is None:  # a meta value: the layout of the first m rows, no values
+    if v._shards is None:  # a meta value, or one the workers read: the layout of the first m rows
         return GlobalValue(v.placement, v.sbp, (m,) + tuple(v.shape[1:]), v.dtype, None)
     return make_global(v.logical()[:m], v.placement, v.sbp)

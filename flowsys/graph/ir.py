@@ -45,7 +45,7 @@ class Value:
 class Node:
     id: int
     kind: str  # "op", "boxing", "update", "assign"
-    op: str  # the registered op, the boxing step kinds, or the optimizer's name
+    op: str  # the registered op (an update node's: the optimizer's update op), or the boxing step kinds
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     attrs: tuple[tuple[str, Any], ...] = ()

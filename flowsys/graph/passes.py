@@ -5,7 +5,8 @@ IR graph, and ``verify`` runs after every one.
    rules eager autograd calls), for the loss ``build()`` called ``backward()`` on.
 2. ``checkpointing``: activation checkpointing (``module.activation_checkpointing = True``):
    what a checkpointed module call computed and backward reads is recomputed in backward.
-3. ``optimizer``: one update node per trained variable (``Graph.add_optimizer``).
+3. ``optimizer``: one update node per trained variable (``Graph.add_optimizer``), applying the
+   optimizer's registered update op (``sgd_update``, ``adamw_update``).
 4. ``zero``: ZeRO stage 1–3 (``config.zero_stage``) from SBPs alone. The data-parallel mesh
    axis is the one the inputs are split ``S(0)`` along. Stage 1 updates every variable as its
    shard along that axis (optimizer state shard-sized: the gradient is reduce-scattered into the
@@ -33,6 +34,7 @@ from flowsys.global_tensor import choose_signature
 from flowsys.graph.ir import Graph, GraphError, Node, Value, verify
 from flowsys.graph.trace import Symbol, Tracer
 from flowsys.ops import OPS
+from flowsys.ops.optim import state_fields
 from flowsys.sbp import Broadcast, PartialSum
 
 
@@ -170,20 +172,25 @@ def make_optimizer_pass(params_by_name: dict) -> Callable[..., Graph]:
             return g
         owner = {}
         for oi, opt in enumerate(optimizers):
+            op = getattr(opt, "update_op", None)
+            if op not in OPS:
+                raise GraphError(f"{type(opt).__name__}: names no registered update op ({op!r}); an optimizer "
+                                 f"steps its parameters by one, e.g. 'adamw_update'")
             for gi, group in enumerate(opt.param_groups):
                 for p in group["params"]:
-                    owner[id(p)] = (oi, gi, type(opt).__name__)
+                    owner[id(p)] = (oi, gi, op, state_fields(op, group))
         ids = itertools.count(_next_id(g))
         values, nodes = dict(g.values), list(g.nodes)
         for name, vid in g.variables.items():
             if id(params_by_name[name]) not in owner or vid not in g.grads:
                 continue
-            oi, gi, kind = owner[id(params_by_name[name])]
+            oi, gi, op, state = owner[id(params_by_name[name])]
             var = values[vid]
             new = Value(next(ids), var.shape, var.dtype, var.placement, var.sbp)
             values[new.id] = new
-            nodes.append(Node(next(ids), "update", kind, (vid, g.grads[vid]), (new.id,),
-                              (("group", gi), ("optimizer", oi), ("variable", name)), "optimizer"))
+            # "state": the arrays the op keeps per parameter (plans budget memory for them)
+            nodes.append(Node(next(ids), "update", op, (vid, g.grads[vid]), (new.id,),
+                              (("group", gi), ("optimizer", oi), ("state", state), ("variable", name)), "optimizer"))
         # a parameter the loss does not reach gets no update node and keeps its value, as in eager mode
         return g.with_(values=values, nodes=tuple(nodes))
 

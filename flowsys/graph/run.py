@@ -1,6 +1,6 @@
 """Running a compiled graph on the local backend: the single controller executes every node
 over the shards it holds (op nodes under their signature, boxing nodes through the planner
-and ``comm``, update nodes through the optimizer), micro-batch by micro-batch."""
+and ``comm``, update nodes through the optimizer's update op), micro-batch by micro-batch."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 from flowsys import functions as _functions
 from flowsys.global_tensor import GlobalValue, make_global, run_signature
 from flowsys.graph.ir import Graph, GraphError, Node
-from flowsys.graph.trace import SeedRef
 from flowsys.ops import OPS
+from flowsys.planformat import SeedRef
 from flowsys.sbp import broadcast
 
 
@@ -69,20 +69,8 @@ class Executor:
         that shard; the gradient arrives in the same layout."""
         a = n.attr
         opt = self.optimizers[a["optimizer"]]
-        group = opt.param_groups[a["group"]]
-        key = id(self.params[a["variable"]])
-        target, grad = env[n.inputs[0]], env[n.inputs[1]]
-        state = opt.state.setdefault(key, {})
-        if type(target) is GlobalValue and "__logical__" in state:  # loaded from a checkpoint: lay it out now
-            from flowsys.checkpoint import lay_out_state  # noqa: PLC0415
-
-            state = opt.state[key] = lay_out_state(state, target.placement, target.sbp)
-        if type(target) is GlobalValue:
-            grad = grad.with_layout(target.placement, target.sbp)
-            for r, (shard, g) in enumerate(zip(target.shards, grad.shards)):
-                opt._update(shard, g, state.setdefault(r, {}), group)
-        else:
-            opt._update(target, grad, state, group)
+        target = env[n.inputs[0]]
+        opt.update_value(id(self.params[a["variable"]]), target, env[n.inputs[1]], opt.param_groups[a["group"]])
         env[n.outputs[0]] = target
 
     def _run_node(self, n: Node, env: dict, seeds: dict) -> None:

@@ -11,21 +11,16 @@ surface at compile time, naming the op). Arrays met along the way (a ``fs.arange
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from flowsys.global_tensor import GlobalValue, single_placement
+from flowsys.global_tensor import GlobalValue, make_global, single_placement
 from flowsys.graph.ir import Graph, GraphError, Node, Value
+from flowsys.layout import normalize_sbp
 from flowsys.ops import OpDef
-
-
-@dataclass(frozen=True, slots=True)
-class SeedRef:
-    """A dropout seed drawn afresh on every run (the forward node and its gradient share it)."""
-
-    index: int
+from flowsys.planformat import SeedRef
+from flowsys.sbp import broadcast
 
 
 class Symbol:
@@ -121,17 +116,13 @@ class Tracer:
         return tuple(results) if op.multi_output else results[0]
 
     def _broadcast_constant(self, sym: Symbol, placement) -> Symbol:
-        from flowsys.global_tensor import make_global  # noqa: PLC0415
-        from flowsys.sbp import broadcast  # noqa: PLC0415
-
         data = self.constants.pop(sym.value.id)
         del self.values[sym.value.id]
         return self.constant(make_global(np.asarray(data), placement, broadcast))
 
     def layout_change(self, t, placement, sbp):
         """``x.to_global(...)`` inside build(): a boxing node whose output layout is pinned."""
-        from flowsys.layout import normalize_sbp  # noqa: PLC0415
-        from flowsys.tensor import Tensor  # noqa: PLC0415
+        from flowsys.tensor import Tensor  # noqa: PLC0415 - tensor imports this module
 
         sym = self.symbol_of(t)
         placement = placement if placement is not None else sym.value.placement
@@ -188,7 +179,7 @@ def untraceable(what: str) -> GraphError:
 
 def trace(fn, args, variables: dict[str, Any], start_id: int = 0) -> Graph:
     """Trace ``fn(*args)`` with ``variables`` (name -> Parameter) made symbolic."""
-    from flowsys.tensor import Tensor  # noqa: PLC0415
+    from flowsys.tensor import Tensor, store, stored  # noqa: PLC0415
 
     tracer = Tracer(start_id)
     inputs, saved, var_ids = [], {}, {}
@@ -204,16 +195,16 @@ def trace(fn, args, variables: dict[str, Any], start_id: int = 0) -> Graph:
             sym_args.append(a)
     try:
         for name, p in variables.items():
-            d = p._data
+            d = stored(p)  # the layout is enough: values the workers hold stay there
             pl, sbp = (d.placement, d.sbp) if type(d) is GlobalValue else (None, None)
             v = tracer.new_value(d.shape, d.dtype, pl, sbp)
             saved[name], var_ids[name] = d, v.id
-            p._data = Symbol(v)
+            store(p, Symbol(v))
         with tracer:
             out = fn(*sym_args)
     finally:
         for name, d in saved.items():
-            variables[name]._data = d
+            store(variables[name], d)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if not outs or not all(isinstance(o, Tensor) and type(o._data) is Symbol for o in outs):
         got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"({', '.join(type(o).__name__ for o in outs)})"

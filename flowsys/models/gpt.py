@@ -23,6 +23,8 @@ from flowsys import nn
 from flowsys.autograd import no_grad
 from flowsys.errors import ConfigError
 from flowsys.nn import functional as F
+from flowsys.optim import AdamW
+from flowsys.sbp import broadcast, split
 from flowsys.tensor import Tensor
 
 
@@ -65,8 +67,11 @@ class QKVProjection(nn.Module):
     def __init__(self, n_embd: int, bias: bool = True):
         super().__init__()
         c = n_embd
-        self.weight = nn.Parameter(np.zeros((3, c, c), dtype=np.float32), state_shape=(3 * c, c))
-        self.bias = nn.Parameter(np.zeros((3, c), dtype=np.float32), state_shape=(3 * c,)) if bias else None
+        bound = 1.0 / math.sqrt(c)  # nn.Linear(C, 3C)'s default, which GPT's own init replaces
+        self.weight = nn.init.uniform_(nn.Parameter(np.empty((3, c, c), dtype=np.float32), state_shape=(3 * c, c)),
+                                       -bound, bound)
+        self.bias = nn.init.uniform_(nn.Parameter(np.empty((3, c), dtype=np.float32), state_shape=(3 * c,)),
+                                     -bound, bound) if bias else None
         self.n_embd = c
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,19 +135,24 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer["wte"].weight = self.lm_head.weight  # weight tying, as GPT-2
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+        # Specs first, values once: every initialiser draws its key in the same order as an
+        # eager build, and each parameter is filled only from its final spec.
+        with nn.meta_init():
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ))
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.transformer["wte"].weight = self.lm_head.weight  # weight tying, as GPT-2
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+        if not nn.init.is_meta():
+            nn.init.materialize_(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -175,8 +185,6 @@ class GPT(nn.Module):
             targets = fsf.tensor(np.asarray(targets, dtype=np.int64))
         logits = self.lm_head(x)
         if logits.is_global and targets.is_global and targets.placement != logits.placement:  # a pipeline's last stage
-            from flowsys.sbp import broadcast  # noqa: PLC0415
-
             same = targets.placement.mesh == logits.placement.mesh
             targets = targets.to_global(placement=logits.placement, sbp=targets.sbp if same else broadcast)
         return logits, F.cross_entropy(logits, targets, ignore_index=-1)
@@ -218,8 +226,6 @@ class GPT(nn.Module):
         >>> plan["*.mlp.c_fc.weight"], plan["*.ln_1"]
         ((B, S(0)), (S(0), B))
         """
-        from flowsys.sbp import broadcast, split  # noqa: PLC0415
-
         n = placement.ndim
         for name, axis in (("dp_axis", dp_axis), ("tp_axis", tp_axis)):
             if axis is not None and not 0 <= axis < n:
@@ -239,8 +245,6 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
         """AdamW with weight decay on matrices and embeddings only (nanoGPT's grouping)."""
-        from flowsys.optim import AdamW  # noqa: PLC0415
-
         params = [p for _, p in self.named_parameters()]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]

@@ -19,20 +19,68 @@ from flowsys.errors import StateDictError
 from flowsys.tensor import Tensor
 
 
-class Parameter(Tensor):
-    """A tensor that is a module's learnable state (requires grad by default)."""
+_STORED = Tensor.__dict__["_data"]  # the slot behind Parameter._data (flowsys.tensor.stored)
 
-    __slots__ = ("state_shape",)
+
+class Parameter(Tensor):
+    """A tensor that is a module's learnable state (requires grad by default).
+
+    Once a compiled graph has run on a backend, the parameter's current values live in the
+    workers (laid out by its SBP); the driver's copy is stale until something reads it
+    (``numpy()``, ``state_dict()``, an eager op, ``fs.checkpoint.save``), which pulls the values
+    from the workers on demand. Its shape, dtype and layout never need a pull."""
+
+    __slots__ = ("state_shape", "init", "_home")
 
     def __init__(self, data, requires_grad: bool = True, state_shape: tuple[int, ...] | None = None):
+        self._home = None  # the backend whose workers hold newer values than this copy
         array = data._data if isinstance(data, Tensor) else np.asarray(data, dtype=np.float32)
         super().__init__(array, requires_grad)
         # The shape this parameter has in state dicts, when the module stores it in another
         # shape of the same size (e.g. a fused projection kept as (3, C, C) for (3C, C)).
         self.state_shape = tuple(state_shape) if state_shape is not None else None
+        # How the initial value was made (an ``rng.InitSpec``, set by ``nn.init``), so a worker can
+        # create its own shard; None once a value is put in another way (``copy_``).
+        self.init = None
+
+    @property
+    def _data(self):
+        """The values, pulled from the workers first when they hold newer ones."""
+        if self._home is not None:
+            self._home.pull(self)
+        return _STORED.__get__(self)
+
+    @_data.setter
+    def _data(self, value) -> None:
+        """New values (or a new layout) set here: what the workers held is superseded."""
+        if self._home is not None:
+            self._home.forget(self)
+        _STORED.__set__(self, value)
+
+    # what needs no values never pulls
+    shape = property(lambda self: _STORED.__get__(self).shape)
+    dtype = property(lambda self: _STORED.__get__(self).dtype)
+    ndim = property(lambda self: _STORED.__get__(self).ndim)
+    size = property(lambda self: _STORED.__get__(self).size)
+    is_global = property(lambda self: _global_value(_STORED.__get__(self)) or Tensor.is_global.fget(self))
+    placement = property(lambda self: _STORED.__get__(self).placement if _global_value(_STORED.__get__(self))
+                         else Tensor.placement.fget(self))
+    sbp = property(lambda self: Tensor.sbp.fget(self) if _global_value(_STORED.__get__(self)) else None)
 
     def __repr__(self) -> str:
         return "Parameter containing:\n" + super().__repr__()
+
+    def copy_(self, src) -> Parameter:
+        """Overwrite the value in place; it is no longer what ``init`` describes."""
+        super().copy_(src)
+        self.init = None
+        return self
+
+
+def _global_value(d) -> bool:
+    from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+
+    return type(d) is GlobalValue
 
 
 def _plan_sbp(plan: dict, name: str, default):
@@ -290,7 +338,7 @@ class Module:
                     done.add(id(t))
                     full = f"{m_name}.{name}" if m_name else name
                     want = _plan_sbp(plan, full, broadcast) if plan is not None else (broadcast if sbp is None else sbp)
-                    if is_meta():  # shapes and layouts only: nothing is laid out
+                    if is_meta() and getattr(t, "init", None) is not None:  # layout only: shards come from t.init
                         t._data = GlobalValue(placement, normalize_sbp(want, placement, t.shape), t.shape, t.dtype, None)
                     else:
                         t._data = t.detach().to_global(placement, want)._data

@@ -1,5 +1,10 @@
 """Optimizers with PyTorch's update rules, updating parameter arrays in place.
 
+Each optimizer names its registered update op (``flowsys.ops.optim``: ``sgd_update``,
+``adamw_update``), where its rule, its state and its cost are; here are parameter groups and the
+per-parameter state, kept under torch's keys (``momentum_buffer``; ``step``, ``exp_avg``,
+``exp_avg_sq``) as checkpoints store them.
+
 >>> import flowsys as fs
 >>> from flowsys import optim
 >>> w = fs.nn.Parameter(fs.ones(2))
@@ -14,22 +19,26 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-import numpy as np
-
 from flowsys.device import module_of
 from flowsys.errors import ConfigError
-from flowsys.ops import fused
 from flowsys.global_tensor import GlobalValue
+from flowsys.ops import OPS
+from flowsys.ops.optim import update_in_place
+from flowsys.optim.state import lay_out_state
 from flowsys.tensor import Tensor
 
 
 class Optimizer:
     """Parameter groups (dicts with ``params`` and hyper-parameters) and per-parameter state."""
 
+    update_op = ""  # the registered op that updates a parameter (set by each optimizer)
+
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any]):
         params = list(params)
         if not params:
             raise ConfigError(f"{type(self).__name__}: got an empty parameter list")
+        if self.update_op not in OPS:
+            raise ConfigError(f"{type(self).__name__}: update_op {self.update_op!r} is not a registered op")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []
@@ -55,110 +64,50 @@ class Optimizer:
                     self.update_param(p, p.grad._data, group)
 
     def update_param(self, p: Tensor, grad, group: dict) -> None:
-        """Update ``p`` in place from ``grad`` (an array, or a global value); graph mode's
-        update nodes call this too."""
-        state = self.state.setdefault(id(p), {})
-        if type(p._data) is GlobalValue and "__logical__" in state:  # loaded from a checkpoint: lay it out now
-            from flowsys.checkpoint import lay_out_state  # noqa: PLC0415
+        """Update ``p`` in place from ``grad`` (an array, or a global value)."""
+        self.update_value(id(p), p._data, grad, group)
 
-            state = self.state[id(p)] = lay_out_state(state, p._data.placement, p._data.sbp)
-        if type(p._data) is GlobalValue:
+    def update_value(self, key: int, target, grad, group: dict) -> None:
+        """Update ``target`` in place (a parameter's array or global value; under ZeRO, graph mode's
+        shard of it) from ``grad`` with the state kept under ``key`` (the parameter's id)."""
+        state = self.state.setdefault(key, {})
+        if type(target) is GlobalValue and "__logical__" in state:  # loaded from a checkpoint: lay it out now
+            state = self.state[key] = lay_out_state(state, target.placement, target.sbp)
+        op = OPS[self.update_op]
+        if type(target) is GlobalValue:
             # Each rank updates its own shard with its shard of the gradient, which has the
             # parameter's layout (autograd and graph mode box leaf gradients to it).
-            grad = grad.with_layout(p._data.placement, p._data.sbp)
-            for r, (shard, g) in enumerate(zip(p._data.shards, grad.shards)):
-                self._update(shard, g, state.setdefault(r, {}), group)
+            grad = grad.with_layout(target.placement, target.sbp)
+            for r, (shard, g) in enumerate(zip(target.shards, grad.shards)):
+                update_in_place(op, module_of(shard), shard, g, state.setdefault(r, {}), group)
         else:
-            self._update(p._data, grad, state, group)
-
-    @staticmethod
-    def _update(p, g, state: dict, group: dict) -> None:  # pragma: no cover - abstract
-        raise TypeError("this optimizer defines no update rule")
+            update_in_place(op, module_of(target), target, grad, state, group)
 
 
 class SGD(Optimizer):
     """SGD with momentum, dampening, Nesterov and (coupled) weight decay, as ``torch.optim.SGD``."""
 
+    update_op = "sgd_update"
+
     def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False):
+                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ConfigError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
-
-    @staticmethod
-    def _update(p, g, state, group):
-        if group["weight_decay"]:
-            g = g + group["weight_decay"] * p
-        mu = group["momentum"]
-        if mu:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = g.copy()
-            else:
-                buf *= mu
-                buf += (1.0 - group["dampening"]) * g
-            g = g + mu * buf if group["nesterov"] else buf
-        p -= group["lr"] * g
+                                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize))
 
 
 class AdamW(Optimizer):
     """Adam with decoupled weight decay, step for step as ``torch.optim.AdamW``."""
 
+    update_op = "adamw_update"
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, maximize: bool = False):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ConfigError(f"AdamW: betas must be in [0, 1), got {betas}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    @staticmethod
-    def _update(p, g, state, group):
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = module_of(p).zeros_like(p)
-            state["exp_avg_sq"] = module_of(p).zeros_like(p)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        lr, t = group["lr"], state["step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        xp = module_of(p)
-        decay = 1.0 - lr * group["weight_decay"]
-        c2 = 1.0 / math.sqrt(1.0 - beta2 ** t)
-        step = lr / (1.0 - beta1 ** t)
-        if fused.usable(xp, p, g, m, v) and fused.adamw(p, g, m, v, decay=decay, beta1=beta1, beta2=beta2, c2=c2,
-                                                        eps=group["eps"], step=step):
-            return
-        if xp is np and p.size > _BLOCK and all(a.flags.c_contiguous for a in (p, g, m, v)):
-            # Memory-bound: nine passes over cache-sized slices instead of over the whole array.
-            fp, fg, fm, fv = (a.reshape(-1) for a in (p, g, m, v))
-            tmp = np.empty(_BLOCK, dtype=p.dtype)
-            for s in range(0, fp.size, _BLOCK):
-                n = min(_BLOCK, fp.size - s)
-                _adamw_update(np, fp[s:s + n], fg[s:s + n], fm[s:s + n], fv[s:s + n], tmp[:n],
-                              decay, beta1, beta2, c2, group["eps"], step)
-        else:
-            _adamw_update(xp, p, g, m, v, xp.empty_like(p), decay, beta1, beta2, c2, group["eps"], step)
-
-
-_BLOCK = 1 << 15
-
-
-def _adamw_update(xp, p, g, m, v, tmp, decay, beta1, beta2, c2, eps, step):
-    """One AdamW step in place with one temporary (``tmp``)."""
-    p *= decay
-    xp.multiply(g, 1.0 - beta1, out=tmp)
-    m *= beta1
-    m += tmp
-    xp.multiply(g, g, out=tmp)
-    tmp *= 1.0 - beta2
-    v *= beta2
-    v += tmp
-    xp.sqrt(v, out=tmp)
-    tmp *= c2
-    tmp += eps
-    xp.divide(m, tmp, out=tmp)
-    tmp *= step
-    p -= tmp
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize))
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, eps: float = 1e-6) -> float:
@@ -182,13 +131,3 @@ def _squared_norm(g: Tensor) -> float:
         g64 = g.astype("float64")
         return float((g64 * g64).sum().item())
     return float((g._data.astype("float64") ** 2).sum())
-
-
-def update_rule(name: str):
-    """The in-place update ``rule(param, grad, state, group)`` of the optimizer class ``name``:
-    what a worker runs for a plan's update op, with the state it keeps and the hyper-parameters
-    the driver sends each step."""
-    cls = {"SGD": SGD, "AdamW": AdamW}.get(name)
-    if cls is None:
-        raise ConfigError(f"no update rule for optimizer {name!r}; known: SGD, AdamW")
-    return cls._update

@@ -1,0 +1,17 @@
+"""The plan format: what the driver ships to each device's worker, and how workers read it.
+
+Part of the shared vocabulary: the scheduler writes plans, the actors run them, and neither
+imports the other; this package imports nothing else of ours (importing it loads no ``nn``,
+``optim`` or ``Graph``).
+
+- ``plan.proto`` and its generated ``plan_pb2`` (``Plan``, ``RankPlan``, ``Op``, ``Value``, the
+  step and state messages); ``Plan.FromString(plan.SerializeToString()) == plan``;
+- ``encode_attrs`` / ``decode_attrs``: an op's attributes as canonical JSON;
+- ``SeedRef`` (a traced dropout seed slot) and ``SeedMarker`` (the same slot, decoded).
+"""
+
+from flowsys.planformat import plan_pb2
+from flowsys.planformat.attrs import SeedMarker, SeedRef, decode_attrs, encode_attrs
+from flowsys.planformat.plan_pb2 import Plan, RankPlan
+
+__all__ = ["plan_pb2", "Plan", "RankPlan", "encode_attrs", "decode_attrs", "SeedRef", "SeedMarker"]
