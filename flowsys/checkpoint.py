@@ -236,18 +236,17 @@ def _assemble(key: str, info: dict, shards: dict) -> np.ndarray:
 
 
 def _assign(p, value: np.ndarray) -> None:
-    """Write the logical ``value`` into parameter ``p`` in its current layout, in place."""
+    """Write the logical ``value`` into parameter ``p`` in its current layout (what the workers
+    held of it is superseded: the next step sends these values)."""
     from flowsys.global_tensor import GlobalValue, make_global  # noqa: PLC0415
+    from flowsys.tensor import stored  # noqa: PLC0415
 
-    d = p._data
+    d = stored(p)
     if type(d) is GlobalValue:
-        laid = make_global(value.astype(d.dtype), d.placement, d.sbp)
-        for dst, src in zip(d.shards, laid.shards):
-            dst[...] = src
+        p._data = make_global(value.astype(d.dtype), d.placement, d.sbp)
     else:
-        d[...] = value.astype(d.dtype)
-
-
+        p._data = value.astype(d.dtype).copy()
+    p.init = None
 
 
 def _restate(p, keys: dict[str, np.ndarray]) -> dict:

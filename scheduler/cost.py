@@ -12,8 +12,10 @@ measured:
   bytes each rank sends under that algorithm (the plan's ``Op.nbytes``);
 - each rank runs one actor at a time, forward work first then the oldest micro-batch, and
   holds at most as many micro-batches as it has registers; per-step ops come before the
-  micro-batches, one at a time, and the optimizer phase after them in dataflow order with its
-  collectives in flight together, as in ``actors.runtime``. Pipeline bubbles and
+  micro-batches, one at a time; the optimizer phase runs in dataflow order with its collectives
+  in flight together, each as soon as its gradients are final (a bucket's all-reduces as one),
+  while later micro-batches' backward goes on, and the updates writing parameters after the last
+  micro-batch, as in ``actors.runtime``. Pipeline bubbles and
   the overlap of communication with compute fall out of the simulation, not a formula;
 - where devices share a host's cores (a simulated cluster on one machine), kernels slow down by
   ranks per core, and, for ranks that are threads of one process, the runtime's Python work is
@@ -393,6 +395,44 @@ def _bound(costs: list[RankCost], span: float, driver: float) -> str:
     return max(shares, key=shares.get)
 
 
+def _fuse_buckets(ops) -> list:
+    """The plan's ops with each gradient bucket's all-reduces as one collective (as the runtime
+    runs them): at its first member's place, over every member's input and output, with their
+    bytes summed, on the bucket's channel."""
+    members: dict[int, list] = defaultdict(list)
+    for op in ops:
+        if op.bucket:
+            members[op.bucket].append(op)
+    out = []
+    for op in ops:
+        if not op.bucket:
+            out.append(op)
+        elif op.id == members[op.bucket][0].id:
+            fused = type(op)()
+            fused.CopyFrom(op)
+            fused.channel, fused.nbytes = op.bucket - 1, sum(m.nbytes for m in members[op.bucket])
+            del fused.inputs[:], fused.outputs[:]
+            fused.inputs.extend(m.inputs[0] for m in members[op.bucket])
+            fused.outputs.extend(m.outputs[0] for m in members[op.bucket])
+            out.append(fused)
+    return out
+
+
+def _writes_parameter(rp, ops) -> set[int]:
+    """The optimizer-phase ops writing a parameter (or a view of one) in place: updates and
+    assigns, which wait until every micro-batch is done."""
+    params = set(rp.variables.values()) | {v for op in ops if op.per_step for v in op.outputs}
+    out = set()
+    for op in ops:
+        if op.phase != "optimizer":
+            continue
+        if op.op == "identity" and op.inputs[0] in params:
+            params.update(op.outputs)
+        elif (op.kind == "update" or op.op == "assign") and op.inputs[0] in params:
+            out.add(op.id)
+    return out
+
+
 @dataclass
 class _Task:
     rank: int
@@ -450,14 +490,15 @@ class _Simulation:
             "parameters": rp.memory.parameters, "gradients": rp.memory.gradients,
             "optimizer_state": rp.memory.optimizer_state, "peak_activations": rp.memory.peak_activations})
         self.feed_bytes += feed_bytes(rp)
+        ops = _fuse_buckets(rp.ops)
         producers: dict[int, list] = defaultdict(list)
-        for op in rp.ops:
+        for op in ops:
             for v in op.outputs:
                 producers[v].append(op)
         tasks: dict[tuple[int, int], _Task] = {}
         pieces_of = {}
         order = 0
-        for op in rp.ops:
+        for op in ops:
             pieces = [_OPT] if op.phase == "optimizer" else [_PRE] if op.per_step else list(range(k))
             pieces_of[op.id] = pieces
             for p in pieces:
@@ -485,10 +526,13 @@ class _Simulation:
                 self._edge(p, t)
         # per-step ops run one at a time, in plan order, a collective blocking its rank until it
         # completes (actors.runtime._run_blocking); the optimizer phase runs in dataflow order
-        # with its collectives in flight together
+        # with its collectives in flight together, each op as soon as its inputs are final (a
+        # gradient's after its last piece), except the ones writing a parameter, which the
+        # pieces read in place: those wait for every piece (actors.runtime._build_optimizer)
         for a, b in zip(pre, pre[1:]):
             self._edge(a, b)
-        opt = [t for t in tasks.values() if t.piece == _OPT]
+        writes = _writes_parameter(rp, ops)
+        opt = [t for t in tasks.values() if t.piece == _OPT and t.op.id in writes]
         last = [t for t in body if not t.dependents or all(d.piece == _OPT for d in t.dependents)]
         for t in opt:
             for b in last:
@@ -530,7 +574,8 @@ class _Simulation:
         heapq.heappush(self.events, (when, self.seq, fn, args))
 
     def _ready(self, t: _Task, now: float) -> None:
-        phase = 0 if t.op.phase == "forward" or t.piece == _PRE else 1
+        # the runtime starts an optimizer op as soon as its inputs are final, between two firings
+        phase = -1 if t.piece == _OPT else 0 if t.op.phase == "forward" or t.piece == _PRE else 1
         heapq.heappush(self.ready[t.rank], (phase, t.piece, t.order, t))
 
     def _blocked_by_window(self, t: _Task) -> bool:
@@ -641,8 +686,9 @@ class _Simulation:
         elif op.kind == "collective":  # the algorithm's copies and reductions on this rank
             n = len(op.group)
             f_time, m_time = 0.0, 2 * int(op.nbytes) / hw.memory_bandwidth
-            if hw.kernels == "measure" and ins and n * _nbytes(ins[0]) < _MEASURE_LIMIT:
-                f_time, m_time = 0.0, measure_collective(op.op, decode_attrs(op.attrs), ins[0], n)
+            x = ins[0] if len(ins) == 1 else ((sum(_numel(s) for s, _ in ins),), ins[0][1])  # a bucket: flat
+            if hw.kernels == "measure" and ins and n * _nbytes(x) < _MEASURE_LIMIT:
+                f_time, m_time = 0.0, measure_collective(op.op, decode_attrs(op.attrs), x, n)
         else:  # recv, local steps: a copy
             f_time, m_time = 0.0, touched / hw.memory_bandwidth
         scale = hw.kernel_scale if hw.kernels == "measure" else 1.0

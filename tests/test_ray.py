@@ -87,10 +87,14 @@ def test_3d_parallel_gpt_on_ray(ray_backend):
 def test_killing_a_worker_mid_step_names_it_within_the_timeout(ray_backend):
     step = _TwoStages(registers=1, width=1024)  # ops of milliseconds, so the kill lands inside one
     x, y = step.batch()
-    step(x, y)  # warm: workers up, plan loaded
+    saved = [{k: v.numpy() for k, v in m.state_dict().items()} for m in (step.s0, step.s1)]
+    step(x, y)  # warm: workers up, plan loaded, the parameters' newest values in them
     victim = ray_backend.pids()[1]
 
-    def kill_when_busy():  # as soon as rank 1 reports an op of a step, kill its process
+    def kill_when_busy():  # as soon as rank 1 reports an op of the next step, kill its process
+        # (its last report may still be an op of the warm step: wait for it to say idle first)
+        while ray_backend._statuses(ray_backend.driver.mailbox).get(1, "idle") != "idle":
+            time.sleep(0.001)
         while ray_backend._statuses(ray_backend.driver.mailbox).get(1, "idle") == "idle":
             time.sleep(0.001)
         os.kill(victim, signal.SIGKILL)
@@ -102,6 +106,11 @@ def test_killing_a_worker_mid_step_names_it_within_the_timeout(ray_backend):
         for _ in range(50):  # steps until the kill lands
             step(x, y)
     assert time.monotonic() - start < TIMEOUT
+    # the parameters lived in the workers: going on needs them back, said plainly
+    with pytest.raises(fs.GraphError, match="restarted after a failure; load a checkpoint"):
+        step(x, y)
+    step.s0.load_state_dict(saved[0])  # what fs.checkpoint.load does
+    step.s1.load_state_dict(saved[1])
     # the next step starts fresh workers and runs
     assert np.isfinite(float(step(x, y)))
     assert victim not in ray_backend.pids().values()

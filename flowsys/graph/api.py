@@ -49,6 +49,9 @@ class GraphConfig:
     # ZeRO: 1 shards optimizer state, 2 also gradients, 3 also parameters, along the mesh axis
     # the inputs are split S(0) along (the data-parallel axis)
     zero_stage: int = 0
+    # gradient all-reduces fused into one collective up to this many bytes, started while
+    # backward runs (DDP's bucket_cap_mb; scheduler.lower's bucket_bytes; 0: one per gradient)
+    bucket_bytes: int = 25 * 2**20
 
 
 class Graph:

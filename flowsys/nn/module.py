@@ -16,6 +16,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from flowsys.errors import StateDictError
+from flowsys.graph.trace import Symbol
 from flowsys.tensor import Tensor
 
 
@@ -45,10 +46,13 @@ class Parameter(Tensor):
 
     @property
     def _data(self):
-        """The values, pulled from the workers first when they hold newer ones."""
-        if self._home is not None:
+        """The values, pulled from the workers first when they hold newer ones (not while a
+        graph is traced: then the parameter stands for a symbol)."""
+        d = _STORED.__get__(self)
+        if self._home is not None and type(d) is not Symbol:
             self._home.pull(self)
-        return _STORED.__get__(self)
+            d = _STORED.__get__(self)
+        return d
 
     @_data.setter
     def _data(self, value) -> None:

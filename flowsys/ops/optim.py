@@ -37,8 +37,8 @@ def _check_operands(op: str, specs: tuple[Spec, ...], names: tuple[str, ...]) ->
         if spec.dtype.kind != "f":
             raise DTypeError(f"{op}: {name} must be floating-point, got {spec}; an update steps float parameters")
         if spec.shape != param.shape:
-            raise ShapeError(f"{op}: {name} {spec} does not match param {param}; an update is elementwise, so "
-                             f"param, grad and state must have the same shape (give the gradient its parameter's layout)")
+            raise ShapeError(f"{op}: {name} {spec} does not match param {param}; an update is elementwise, so param, "
+                             f"grad and state must have the same shape (give the gradient its parameter's layout)")
         if spec.dtype != param.dtype:
             raise DTypeError(f"{op}: {name} {spec} has another dtype than param {param}; cast it to {param.dtype.name}")
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from flowsys.global_tensor import GlobalValue, make_global
+from flowsys.ops.optim import state_fields
 from flowsys.runtime import uid
 from flowsys.tensor import stored
 
@@ -32,7 +33,7 @@ def lay_out_state(state: dict, placement, sbp) -> dict:
 
 def stateful(opt) -> bool:
     """Whether ``opt`` keeps state between steps (AdamW's moments, SGD's momentum)."""
-    return type(opt).__name__ != "SGD" or any(g.get("momentum", 0) for g in opt.param_groups)
+    return any(state_fields(opt.update_op, g) for g in opt.param_groups)
 
 
 def _state_keys(opt, params: dict) -> dict[str, Any]:
