@@ -9,7 +9,7 @@ reproduces their measured times:
   is its time outside the ranks' firings);
 - ``kernel_scale``: a one-layer GPT of a small transformer's shapes on one rank (kernels run
   slower inside a step than timed alone and warm: cold caches, fresh outputs);
-- ``wire_bandwidth``: a step that trains one 4 MiB parameter (fed and collected by the driver);
+- ``wire_bandwidth``: a step whose 4 MiB input the driver sends;
 - ``rank_overhead``: a matmul/GELU/layer-norm mix on 1, 2 and 4 ranks at once (how the
   driver's share grows per rank; the mix's throughput is the first guess of ``parallel_ranks``);
 - the ``intra_node`` link: many small all-gathers between 2 ranks in flight at once (the
@@ -147,12 +147,13 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     _, span_mix = _measure(mix, (fs.randn(512, 64).to_global(one, broadcast),
                                  fs.randn(64, 64).to_global(one, broadcast)), steady)
 
-    # the driver's feed: one 4 MiB parameter trained per step, fed and collected
-    layer = nn.Linear(1024, 1024, bias=False)
+    # the driver's feed: a step whose 4 MiB input the driver sends (a user's own tensor; a
+    # worker reads a job's batches itself and parameters stay in the workers)
+    layer = nn.Linear(1024, 1, bias=False)
     train = _Train(0, layer, optim.SGD(layer.parameters(), lr=1e-6))
-    t_train, span_train = _measure(train, (fs.ones((1, 1024)),), repeats)
+    t_train, span_train = _measure(train, (fs.ones((1024, 1024)),), repeats)
     extra = max(1e-6, (t_train - span_train) - step_overhead)
-    hw = hw.replace(wire_bandwidth=sum(feed_bytes(rp) for rp in train.plan().ranks) / extra)
+    hw = hw.replace(wire_bandwidth=sum(feed_bytes(rp, fed_inputs=True) for rp in train.plan().ranks) / extra)
 
     # ranks at once: the same mix on 1, 2 and 4 ranks; the throughput of n ranks together, in
     # ranks at full speed

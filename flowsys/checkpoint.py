@@ -18,13 +18,24 @@ complete checkpoint or one without a manifest. Loading assembles each tensor's l
 from the boxes saved (partial sums added) and lays it out as the model's parameter is laid out
 *now*: save under dp2 x tp2, load as tp4, a pipeline split, or one device. Nothing is unpickled:
 tensors are safetensors, the rest JSON.
+
+Where the values live decides who reads and writes them. When the model's newest values (and
+the optimizer's state) are in a backend's workers (after compiled steps), every worker writes its
+own ``rank_<r>.safetensors`` from what it holds, and the driver only names what goes where and
+writes ``meta.json`` and the manifest once every rank reported; loading into parameters that
+live in the workers, every worker reads just the regions its shards need. Either way the
+directory must be one that every node sees (a shared filesystem): a worker that cannot see it
+is a ``ConfigError`` naming it. Otherwise (eager, or nothing run yet) the driver reads and
+writes the files itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -39,39 +50,35 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: dict | None = None) -> Path:
     """Write a checkpoint of ``model`` (and ``optimizer``'s state) as ``root/step_<step>``."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     from flowsys.functions import rng_state  # noqa: PLC0415
 
-    if optimizer is not None and getattr(optimizer, "_state_in_workers", None) is not None:
+    backend = _workers_of(model, optimizer)
+    if backend is None and optimizer is not None and getattr(optimizer, "_state_in_workers", None) is not None:
         from flowsys.optim.state import pull_state  # noqa: PLC0415
 
-        pull_state(optimizer)  # the state the workers keep (graphs run as per-rank plans)
+        pull_state(optimizer)  # (workers restarted, or another backend than the parameters': the driver's way)
     root = Path(root)
     final = root / f"step_{step:06d}"
     if (final / "MANIFEST.json").exists():
         raise ConfigError(f"checkpoint {final} exists already; save under another step")
     final.mkdir(parents=True, exist_ok=True)
-    per_rank: dict[int, dict[str, np.ndarray]] = {}
-    tensors: dict[str, Any] = {}
-    names = {id(p): name for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        tensors[f"param/{name}"] = _put(per_rank, f"param/{name}", p._data)
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(id(p))
-                if not state:
-                    continue
-                for key, entry in _state_entries(p, state, names[id(p)]):
+    if backend is not None:
+        check_visible(backend, final)
+        per_rank, tensors = _plan_save(backend, model, optimizer)
+        files = _write_by_workers(backend, final, per_rank, tensors)
+    else:
+        per_rank, tensors = {}, {}
+        names = {id(p): name for name, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            tensors[f"param/{name}"] = _put(per_rank, f"param/{name}", p._data)
+        if optimizer is not None:
+            for p in _trained(optimizer):
+                for key, entry in _state_entries(p, optimizer.state.get(id(p)) or {}, names[id(p)]):
                     tensors[key] = _put(per_rank, key, entry)
-    files = {}
-    for rank, arrays in sorted(per_rank.items()):
-        path = final / f"rank_{rank}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: contiguous(v) for k, v in arrays.items()}, str(tmp))
-        os.replace(tmp, path)
-        files[path.name] = path.stat().st_size
+        files = {}
+        for rank, arrays in sorted(per_rank.items()):
+            written = write_shards(final, rank, arrays)
+            files[written["file"]] = written["size"]
     meta = {"step": step, "tensors": tensors, "rng": rng_state(), "extra": extra or {},
             "optimizer": None if optimizer is None else {
                 "type": type(optimizer).__name__,
@@ -97,9 +104,8 @@ def latest(root: str | os.PathLike) -> Path | None:
 def load(path: str | os.PathLike, model, optimizer=None) -> dict:
     """Load the checkpoint at ``path`` (a step directory, or a root: its latest complete one)
     into ``model`` and ``optimizer`` as they are laid out now; returns its step, RNG state and
-    extra. The RNG is restored too."""
-    from safetensors.numpy import load_file  # noqa: PLC0415
-
+    extra. The RNG is restored too. Parameters whose values live in a backend's workers are
+    read by those workers, each the regions of its own shards."""
     from flowsys.functions import set_rng_state  # noqa: PLC0415
 
     path = Path(path)
@@ -111,41 +117,362 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
     if not _complete(path):
         raise ConfigError(f"checkpoint {path} is incomplete (no manifest, or a file is missing or truncated)")
     meta = json.loads((path / "meta.json").read_text())
-    shards = {}
-    for f in sorted(path.glob("rank_*.safetensors")):
-        shards[int(f.stem.split("_")[1])] = load_file(str(f))
-    logical = {key: _assemble(key, info, shards) for key, info in meta["tensors"].items()}
+    tensors = meta["tensors"]
     params = dict(model.named_parameters())
-    missing = sorted(n for n in params if f"param/{n}" not in logical)
+    missing = sorted(n for n in params if f"param/{n}" not in tensors)
     if missing:
         raise StateDictError(f"checkpoint {path} lacks parameter(s) {missing}")
     for name, p in params.items():
-        value = logical[f"param/{name}"]
-        if tuple(value.shape) != tuple(p.shape):
-            raise StateDictError(f"checkpoint {path}: parameter {name} has shape {tuple(value.shape)}, "
+        shape = tuple(tensors[f"param/{name}"]["shape"])
+        if shape != tuple(p.shape):
+            raise StateDictError(f"checkpoint {path}: parameter {name} has shape {shape}, "
                                  f"the model's has {tuple(p.shape)}")
-    for name, p in params.items():
-        _assign(p, logical[f"param/{name}"])
-    if optimizer is not None:
-        if meta["optimizer"] is None:
-            raise StateDictError(f"checkpoint {path} holds no optimizer state")
-        names = {id(p): name for name, p in params.items()}
-        optimizer.state.clear()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                name = names[id(p)]
-                keys = {k.split("/", 2)[2]: v for k, v in logical.items() if k.startswith(f"state/{name}/")}
+    if optimizer is not None and meta["optimizer"] is None:
+        raise StateDictError(f"checkpoint {path} holds no optimizer state")
+    backend = _workers_of(model, None)
+    by_workers = {} if backend is None else {n: p for n, p in params.items() if _lives_in(p, backend)}
+    state_by_workers = backend is not None and optimizer is not None and \
+        _state_loadable(backend, optimizer, params, tensors, by_workers)
+    if by_workers:
+        check_visible(backend, path / "MANIFEST.json", (path / "MANIFEST.json").read_text())
+        _load_by_workers(backend, path, tensors, params, by_workers, optimizer if state_by_workers else None)
+    with RankFiles(path) as files:
+        def logical(key: str) -> np.ndarray:
+            info = tensors[key]
+            return read_box(files, key, info, [[0, n] for n in info["shape"]])
+
+        for name, p in params.items():
+            if name not in by_workers:
+                _assign(p, logical(f"param/{name}"))
+        if optimizer is not None and not state_by_workers:
+            names = {id(p): name for name, p in params.items()}
+            optimizer.state.clear()
+            for p in _trained(optimizer):
+                prefix = f"state/{names[id(p)]}/"
+                keys = {k[len(prefix):]: logical(k) for k in tensors if k.startswith(prefix)}
                 if keys:
                     optimizer.state[id(p)] = _restate(p, keys)
-    if optimizer is not None:  # the next compiled step gives it to its workers, laid out as it needs
-        optimizer._state_in_workers = None
+            optimizer._state_in_workers = None  # the next compiled step gives it to its workers, laid out as it needs
     set_rng_state(meta["rng"])
     return {"step": meta["step"], "extra": meta["extra"], "path": str(path)}
 
 
+def check_visible(backend, path: str | os.PathLike, token: str | None = None, world: int = 0) -> None:
+    """Every worker of ``backend`` (``world`` of them, started if need be) sees ``path``: a
+    directory (the driver writes a probe file into it with a random token, every worker reads it
+    back) or a file whose text is ``token``. A worker that cannot is a ``ConfigError`` naming
+    its rank and node: checkpoints are written and read by the workers themselves."""
+    import socket  # noqa: PLC0415
+
+    if world:
+        backend.ensure(world)
+    path = Path(path)
+    probe = None
+    if token is None:
+        path.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(16)
+        probe = path / f".flowsys-probe-{token[:8]}"
+        probe.write_text(token)
+    try:
+        seen = backend.sees(str(probe or path), token)
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
+    blind = sorted(r for r, ok in seen.items() if not ok)
+    if blind:
+        nodes = backend.nodes() if hasattr(backend, "nodes") else {}
+        where = ", ".join(f"rank {r} (node {nodes.get(r, socket.gethostname())})" for r in blind)
+        raise ConfigError(f"checkpoint directory {probe.parent if probe else path.parent} is not visible to {where} "
+                          f"of the {backend.name} backend: every worker writes and reads its own checkpoint files; "
+                          f"use a shared filesystem (NFS, a cluster filesystem) mounted at the same path on every "
+                          f"node")
+
+
+# ---------------------------------------------------------------- what the workers call
+def write_shards(directory: str | os.PathLike, rank: int, arrays: dict[str, np.ndarray]) -> dict:
+    """Write ``rank_<rank>.safetensors`` (to a temporary name, then renamed); what was written:
+    file name, size, and every tensor's name and shape."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    path = Path(directory) / f"rank_{rank}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: contiguous(np.asarray(v)) for k, v in arrays.items()}, str(tmp))
+    os.replace(tmp, path)
+    return {"file": path.name, "size": path.stat().st_size,
+            "tensors": {k: list(np.shape(v)) for k, v in arrays.items()}}
+
+
+class RankFiles:
+    """The rank files of the checkpoint in ``directory``, each opened (``safe_open``, which
+    reads only the regions asked for) on first use and closed on leaving the ``with``."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory, self.stack, self.handles = Path(directory), contextlib.ExitStack(), {}
+
+    def __enter__(self) -> RankFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def get(self, rank: int, key: str):
+        """Rank ``rank``'s file (a ``safe_open`` handle), which must hold ``key``."""
+        from safetensors import safe_open  # noqa: PLC0415
+
+        if rank not in self.handles:
+            path = self.directory / f"rank_{rank}.safetensors"
+            if not path.exists():
+                raise StateDictError(f"checkpoint {self.directory}: rank {rank}'s file is missing; it holds {key}")
+            self.handles[rank] = self.stack.enter_context(safe_open(str(path), framework="np"))
+        f = self.handles[rank]
+        if key not in f.keys():
+            raise StateDictError(f"checkpoint: rank {rank}'s file lacks {key}")
+        return f
+
+
+def read_box(files: RankFiles, key: str, info: dict, box) -> np.ndarray:
+    """The block ``box`` ([start, stop) per axis) of tensor ``key``'s logical value (``info``:
+    its metadata), read from the rank files: only the regions of the saved shards that overlap
+    it, partial sums added, replicas once."""
+    box = [tuple(b) for b in box]
+    out = np.zeros([b - a for a, b in box], dtype=np.dtype(info["dtype"]))
+    seen = set()
+    for s in info["shards"]:
+        rank, saved = s["rank"], [tuple(b) for b in s["box"]]
+        lo = [max(a, c) for (a, _), (c, _) in zip(saved, box)]
+        hi = [min(b, d) for (_, b), (_, d) in zip(saved, box)]
+        if any(a >= b for a, b in zip(lo, hi)) or (not info["partial"] and tuple(saved) in seen):
+            continue  # no overlap, or a replica of a box read already
+        f = files.get(rank, key)
+        piece = f.get_slice(key)
+        if tuple(piece.get_shape()) != tuple(b - a for a, b in saved):
+            raise StateDictError(f"checkpoint: rank {rank}'s {key} has shape {tuple(piece.get_shape())}, "
+                                 f"its box is {s['box']}")
+        value = piece[tuple(slice(a - c, b - c) for a, b, (c, _) in zip(lo, hi, saved))] if saved else f.get_tensor(key)
+        region = tuple(slice(a - c, b - c) for a, b, (c, _) in zip(lo, hi, box))
+        if info["partial"]:
+            out[region] += value
+        else:
+            out[region] = value
+            seen.add(tuple(saved))
+    return out
+
+
+# ---------------------------------------------------------------------- the worker path
+def _workers_of(model, optimizer):
+    """The backend whose workers hold the model's newest values (and the optimizer's state),
+    if exactly one does, its workers are the ones that held them and every rank the model is
+    laid out on is one of its workers; else None (the driver holds, or pulls, everything)."""
+    from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+    from flowsys.tensor import stored  # noqa: PLC0415
+
+    homes = {getattr(p, "_home", None) for _, p in model.named_parameters()} - {None}
+    found = {h.backend for h in homes}
+    if any(h.generation != h.backend.generation for h in homes):
+        return None  # restarted workers: the driver's path says what was lost
+    held = getattr(optimizer, "_state_in_workers", None)
+    if held is not None:
+        if optimizer._state_generation != held.generation:
+            return None
+        found.add(held)
+    if len(found) != 1:
+        return None
+    backend = found.pop()
+    ranks = [r for _, p in model.named_parameters() if type(stored(p)) is GlobalValue for r in stored(p).placement.ranks]
+    if not backend.world or max(ranks, default=0) >= backend.world:
+        return None
+    return backend
+
+
+def _lives_in(p, backend) -> bool:
+    """Whether ``p``'s newest values are shards in ``backend``'s workers, laid out as ``p`` is."""
+    from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+    from flowsys.runtime import home  # noqa: PLC0415
+    from flowsys.tensor import stored  # noqa: PLC0415
+
+    return getattr(p, "_home", None) is home(backend) and type(stored(p)) is GlobalValue
+
+
+def _trained(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _plan_save(backend, model, optimizer) -> tuple[dict, dict]:
+    """What each rank writes — per rank, tensor name -> a resident parameter ``("param", key)``,
+    optimizer state ``("state", key, field)``, or an array the driver holds — and the tensors'
+    metadata, from the layouts alone (nothing is pulled)."""
+    from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+    from flowsys.runtime import uid  # noqa: PLC0415
+    from flowsys.tensor import stored  # noqa: PLC0415
+
+    per_rank: dict[int, dict] = {}
+    tensors: dict[str, Any] = {}
+    names = {id(p): name for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        key = f"param/{name}"
+        if getattr(p, "_home", None) is None:
+            tensors[key] = _put(per_rank, key, p._data)
+        elif type(stored(p)) is GlobalValue:
+            tensors[key] = _put(per_rank, key, stored(p), lambda r, k=str(uid(p)): ("param", k))
+        else:  # a local parameter kept by workers: the lowest rank holding it writes it
+            k = str(uid(p))
+            rank = min((r for r, kk in backend.holds if kk == k), default=None)
+            if rank is None:
+                tensors[key] = _put(per_rank, key, p._data)
+            else:
+                tensors[key] = _put(per_rank, key, stored(p), lambda r, k=k: ("param", k), rank=rank)
+    if optimizer is None:
+        return per_rank, tensors
+    if getattr(optimizer, "_state_in_workers", None) is not backend:  # the driver holds it
+        for p in _trained(optimizer):
+            for key, entry in _state_entries(p, optimizer.state.get(id(p)) or {}, names[id(p)]):
+                tensors[key] = _put(per_rank, key, entry)
+        return per_rank, tensors
+    keys = {f"{uid(optimizer)}/{uid(p)}": p for p in _trained(optimizer) if id(p) in names}
+    held = backend.describe_state(sorted(keys))
+    for skey, p in keys.items():
+        d, name = stored(p), names[id(p)]
+        ranks = list(d.placement.ranks) if type(d) is GlobalValue else sorted(held)
+        fields = sorted({f for r in ranks for f in held.get(r, {}).get(skey, {})})
+        for field in fields:
+            key = f"state/{name}/{field}"
+            shapes = {r: held[r][skey][field] for r in ranks if field in held.get(r, {}).get(skey, {})}
+            first = min(shapes)
+            shape, dtype = shapes[first]
+            ref = ("state", skey, field)
+            if not shape or type(d) is not GlobalValue:  # a scalar (AdamW's step) or a local parameter's state
+                tensors[key] = _put(per_rank, key, np.empty(shape, dtype), lambda r, ref=ref: ref, rank=first)
+                continue
+            sbp = _state_layout(d, [shapes.get(r, (None,))[0] for r in ranks])
+            if sbp is None:
+                raise StateDictError(f"optimizer state {field!r} of {name} has shard shapes "
+                                     f"{[shapes.get(r, (None,))[0] for r in ranks]} on ranks {ranks} that match "
+                                     f"neither the parameter's layout {d.sbp} nor a ZeRO shard of it")
+            layout = GlobalValue(d.placement, sbp, d.shape, np.dtype(dtype), None)
+            tensors[key] = _put(per_rank, key, layout, lambda r, ref=ref: ref)
+    return per_rank, tensors
+
+
+def _write_by_workers(backend, directory: Path, per_rank: dict, tensors: dict) -> dict[str, int]:
+    """Every rank writes its file at once; each file's size, once every rank reported what it
+    wrote and it is what the metadata says."""
+    from actors.worker import encode  # noqa: PLC0415
+    from flowsys.planformat import plan_pb2  # noqa: PLC0415
+
+    entries = {}
+    for rank in range(backend.world):
+        dump = plan_pb2.StateDump()
+        for name, what in sorted(per_rank.get(rank, {}).items()):
+            if isinstance(what, tuple):
+                dump.entries.append(plan_pb2.StateEntry(key=name, field=" ".join(what)))
+            else:
+                dump.entries.append(plan_pb2.StateEntry(key=name, field="inline", value=encode(0, what)))
+        entries[rank] = dump.SerializeToString()
+    reports = backend.save_shards(str(directory), entries)
+    files = {}
+    for rank, report in sorted(reports.items()):
+        expected = {name: [b - a for a, b in next(s["box"] for s in tensors[name]["shards"] if s["rank"] == rank)]
+                    for name in per_rank.get(rank, {})}
+        if report["tensors"] != expected:
+            raise StateDictError(f"checkpoint {directory}: rank {rank} wrote {report['tensors']}, the layouts say "
+                                 f"{expected}")
+        if report["file"] is not None:
+            files[report["file"]] = report["size"]
+    return files
+
+
+def _state_loadable(backend, optimizer, params: dict, tensors: dict, by_workers: dict) -> bool:
+    """Whether the workers can take the checkpoint's optimizer state in place: they keep this
+    optimizer's state already, for every parameter the checkpoint has state of, with the same
+    fields, in a layout recognised from their shard shapes (else the driver keeps it logical
+    and the next step lays it out, as after any driver-side load)."""
+    from flowsys.runtime import uid  # noqa: PLC0415
+
+    if getattr(optimizer, "_state_in_workers", None) is not backend or optimizer._state_generation != backend.generation:
+        return False
+    names = {id(p): name for name, p in params.items()}
+    keys = {f"{uid(optimizer)}/{uid(p)}": p for p in _trained(optimizer) if id(p) in names}
+    held = backend.describe_state(sorted(keys))
+    layouts = {}
+    for skey, p in keys.items():
+        name = names[id(p)]
+        fields = {k.split("/", 2)[2] for k in tensors if k.startswith(f"state/{name}/")}
+        if not fields:
+            continue
+        if name not in by_workers:
+            return False
+        d = _stored(p)
+        ranks = list(d.placement.ranks)
+        if any(set(held.get(r, {}).get(skey, {})) != fields for r in ranks):
+            return False
+        for field in fields:
+            shapes = [held[r][skey][field][0] for r in ranks]
+            if not shapes[0]:
+                continue
+            sbp = _state_layout(d, shapes)
+            if sbp is None:
+                return False
+            layouts[(skey, field)] = (sbp, held[ranks[0]][skey][field][1])
+    optimizer._load_layouts = layouts
+    return True
+
+
+def _stored(p):
+    from flowsys.tensor import stored  # noqa: PLC0415
+
+    return stored(p)
+
+
+def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_workers: dict, optimizer) -> None:
+    """Every worker reads the regions of the checkpoint its shards of ``by_workers`` (and of
+    ``optimizer``'s state, when given) need, straight into what it keeps; the driver then
+    records those parameters as living there."""
+    from flowsys.layout import local_shape, shard_box  # noqa: PLC0415
+    from flowsys.runtime import home, uid  # noqa: PLC0415
+
+    entries: dict[int, list] = {r: [] for r in range(backend.world)}
+    drop: list[str] = []
+    for name, p in by_workers.items():
+        d = _stored(p)
+        for r in d.placement.ranks:
+            box = shard_box(d.shape, d.sbp, d.placement.mesh, d.placement.coords(r))
+            entries[r].append({"name": f"param/{name}", "box": [list(b) for b in box], "dtype": d.dtype.str,
+                               "into": ["param", str(uid(p))]})
+    if optimizer is not None:
+        names = {id(p): name for name, p in params.items()}
+        layouts = optimizer.__dict__.pop("_load_layouts")
+        for p in _trained(optimizer):
+            if id(p) not in names:
+                continue
+            skey, name, d = f"{uid(optimizer)}/{uid(p)}", names[id(p)], _stored(p)
+            drop.append(skey)
+            for k in sorted(k for k in tensors if k.startswith(f"state/{name}/")):
+                field = k.split("/", 2)[2]
+                sbp, dtype = layouts.get((skey, field), (None, tensors[k]["dtype"]))
+                for r in d.placement.ranks:
+                    box = [] if sbp is None else shard_box(d.shape, sbp, d.placement.mesh, d.placement.coords(r))
+                    entries[r].append({"name": k, "box": [list(b) for b in box], "dtype": dtype,
+                                       "into": ["state", skey, field]})
+    payload = {r: json.dumps({"tensors": {n: tensors[n] for n in sorted({e["name"] for e in es})},
+                              "entries": es, "drop_state": drop}).encode() for r, es in entries.items()}
+    backend.load_shards(str(path), payload)
+    h = home(backend)
+    for name, p in by_workers.items():
+        d, key = _stored(p), str(uid(p))
+        for r in d.placement.ranks:
+            backend.holds[(r, key)] = tuple(local_shape(d.shape, d.sbp, d.placement.mesh, d.placement.coords(r)))
+            backend.synced.pop((r, key), None)
+        h.adopt(p, key)
+        p.init = None
+    if optimizer is not None:
+        optimizer.state.clear()  # the workers hold it, laid out as its update needs
+
+
 # ------------------------------------------------------------------------------------- pieces
-def _put(per_rank: dict, key: str, data) -> dict:
-    """Record ``data``'s shards under ``key`` in the rank files; its metadata."""
+def _put(per_rank: dict, key: str, data, source=None, rank: int = 0) -> dict:
+    """Record ``data``'s shards under ``key`` in the rank files; its metadata. ``source(rank)``
+    says what a rank writes instead of its shard of ``data`` (a reference to what its worker
+    holds: ``data`` gives only the layout); a local value goes to ``rank``."""
     from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
     from flowsys.layout import fmt, shard_box  # noqa: PLC0415
     from flowsys.sbp import PartialSum  # noqa: PLC0415
@@ -155,15 +482,15 @@ def _put(per_rank: dict, key: str, data) -> dict:
         boxes = []
         for i, rank in enumerate(p.ranks):
             box = shard_box(data.shape, data.sbp, p.mesh, p.coords(rank))
-            per_rank.setdefault(rank, {})[key] = np.asarray(data.shards[i])
+            per_rank.setdefault(rank, {})[key] = source(rank) if source else np.asarray(data.shards[i])
             boxes.append({"rank": rank, "box": [list(b) for b in box]})
         partial = any(isinstance(s, PartialSum) for s in data.sbp)
         return {"shape": list(data.shape), "dtype": np.dtype(data.dtype).str, "placement": np.asarray(
             _nested_ranks(p)).tolist(), "sbp": fmt(data.sbp), "partial": partial, "shards": boxes}
     a = np.asarray(data)
-    per_rank.setdefault(0, {})[key] = a
+    per_rank.setdefault(rank, {})[key] = source(rank) if source else a
     return {"shape": list(a.shape), "dtype": a.dtype.str, "placement": None, "sbp": None, "partial": False,
-            "shards": [{"rank": 0, "box": [[0, n] for n in a.shape]}]}
+            "shards": [{"rank": rank, "box": [[0, n] for n in a.shape]}]}
 
 
 def _nested_ranks(p) -> list:
@@ -174,8 +501,9 @@ def _state_entries(p, state: dict, name: str):
     """(key, data) for each array of ``p``'s optimizer state, laid out as ``p`` is; scalars
     (AdamW's step count) as 0-d arrays."""
     from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+    from flowsys.tensor import stored  # noqa: PLC0415
 
-    d = p._data
+    d = stored(p)  # its layout: the values may live in the workers
     if LOGICAL in state:  # loaded and not used since: already logical
         for key, v in sorted(state[LOGICAL].items()):
             yield f"state/{name}/{key}", np.asarray(v)
@@ -215,26 +543,6 @@ def _state_layout(d, shapes: list) -> tuple | None:
     return None
 
 
-def _assemble(key: str, info: dict, shards: dict) -> np.ndarray:
-    out = np.zeros(info["shape"], dtype=np.dtype(info["dtype"]))
-    seen = set()
-    for s in info["shards"]:
-        rank = s["rank"]
-        if rank not in shards or key not in shards[rank]:
-            raise StateDictError(f"checkpoint: rank {rank}'s file lacks {key}")
-        region = tuple(slice(a, b) for a, b in s["box"])
-        piece = shards[rank][key]
-        if piece.shape != tuple(b - a for a, b in s["box"]):
-            raise StateDictError(f"checkpoint: rank {rank}'s {key} has shape {piece.shape}, its box is {s['box']}")
-        box_key = tuple(map(tuple, s["box"]))
-        if info["partial"]:
-            out[region] += piece
-        elif box_key not in seen:  # replicas hold the same values
-            out[region] = piece
-            seen.add(box_key)
-    return out
-
-
 def _assign(p, value: np.ndarray) -> None:
     """Write the logical ``value`` into parameter ``p`` in its current layout (what the workers
     held of it is superseded: the next step sends these values)."""
@@ -254,8 +562,9 @@ def _restate(p, keys: dict[str, np.ndarray]) -> dict:
     values that the next update lays out as it needs them (the parameter's layout, or a ZeRO
     shard of it: see :func:`lay_out_state`)."""
     from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
+    from flowsys.tensor import stored  # noqa: PLC0415
 
-    d = p._data
+    d = stored(p)
     if type(d) is not GlobalValue:
         return {k: (v.item() if v.ndim == 0 else v.astype(d.dtype)) for k, v in keys.items()}
     return {LOGICAL: {k: (v.item() if v.ndim == 0 else v.astype(d.dtype)) for k, v in keys.items()}}

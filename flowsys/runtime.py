@@ -178,16 +178,16 @@ class Session:
         self.digests: dict[int, int] = {}  # per input read by the workers: the sum of its samples' first tokens
         self.traffic: dict[int, tuple[int, int]] = {}  # per rank: bytes sent to it and back, last step
 
-    def lower(self, registers: int):
+    def lower(self, registers: int, bucket_bytes: int):
         import scheduler  # noqa: PLC0415
 
-        if self.plan is None or self.registers != registers:
-            self.plan = scheduler.lower(self.ir, registers=registers)
-            self.registers = registers
+        if self.plan is None or self.registers != (registers, bucket_bytes):
+            self.plan = scheduler.lower(self.ir, registers=registers, bucket_bytes=bucket_bytes)
+            self.registers = (registers, bucket_bytes)
             self.key = f"plan-{next(_PLAN_KEYS)}"
         return self.plan
 
-    def run(self, tensors: list, backend, registers: int, record: bool) -> tuple[list, list]:
+    def run(self, tensors: list, backend, registers: int, record: bool, bucket_bytes: int) -> tuple[list, list]:
         """One step on ``backend``: the outputs and, when ``record``, the actor timeline."""
         from actors.runtime import Timeline  # noqa: PLC0415
         from actors.worker import decode  # noqa: PLC0415
@@ -195,7 +195,7 @@ class Session:
         from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
 
         ir, params, optimizers = self.ir, self.params, self.optimizers
-        plan = self.lower(registers)
+        plan = self.lower(registers, bucket_bytes)
         backend.ensure(max(rp.rank for rp in plan.ranks) + 1)
         k = ir.micro_batches
         seeds = [next_seed() for _ in range(self.n_seeds * k)]  # piece by piece, as the global executor draws them

@@ -366,13 +366,18 @@ def predict(plan, hw: Hardware, *, world: int | None = None, feed_bytes: int | N
                       hardware=hw.name)
 
 
-def feed_bytes(rank_plan) -> int:
-    """Bytes the driver moves for one rank per step: its inputs, and the parameters it trains
-    (sent back to the driver after every step)."""
+REQUEST_BYTES = 1024  # a step's request to one rank and its response: step number, seeds, hyper-parameters, losses
+
+
+def feed_bytes(rank_plan, fed_inputs: bool = False) -> int:
+    """Bytes the driver moves for one rank per step. Parameters, gradients and optimizer state
+    stay in the workers and a worker reads its own batch, so that is the request and the
+    response; with ``fed_inputs``, also the inputs the driver sends itself (a user's own
+    tensors passed to the step)."""
+    if not fed_inputs:
+        return REQUEST_BYTES
     decl = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rank_plan.values}
-    trained = {decode_attrs(op.attrs).get("variable") for op in rank_plan.ops if op.kind == "update"}
-    moved = list(rank_plan.inputs) + [v for name, v in rank_plan.variables.items() if name in trained]
-    return sum(_nbytes(decl[v]) for v in moved if v in decl)
+    return REQUEST_BYTES + sum(_nbytes(decl[v]) for v in rank_plan.inputs if v in decl)
 
 
 def _extend(a: RankCost, b: RankCost, steps: float) -> RankCost:

@@ -84,6 +84,19 @@ def test_3d_parallel_gpt_on_ray(ray_backend):
 
 
 @pytest.mark.timeout(120)
+def test_a_steady_step_over_ray_moves_a_few_kib_per_rank(ray_backend):
+    """Parameters created and kept in the Ray workers, batches read there: a step's Ray calls
+    carry a small request and response per rank, whatever the model's width."""
+    from test_driver import LIMIT, WIDE, _train
+
+    from flowsys.data import ByteDataset
+
+    _, step, traffic = _train("dp2", ByteDataset.from_stdlib(1 << 16), WIDE)
+    for later in traffic[1:]:
+        assert all(sent + back <= LIMIT for sent, back in later.values()), later
+
+
+@pytest.mark.timeout(120)
 def test_killing_a_worker_mid_step_names_it_within_the_timeout(ray_backend):
     step = _TwoStages(registers=1, width=1024)  # ops of milliseconds, so the kill lands inside one
     x, y = step.batch()

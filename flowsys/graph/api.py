@@ -176,7 +176,7 @@ class Graph:
         if mode == "plans" or (mode == "auto" and (backend is not None or prof is not None)):
             record = bool(self.config.record_timeline) or prof is not None
             values, self.timeline = session.run(tensors, backend or runtime.local_backend(),
-                                                int(self.config.registers), record)
+                                                int(self.config.registers), record, int(self.config.bucket_bytes))
             if prof is not None:
                 prof.add(type(self).__name__, self.timeline, {n.id: n.op for n in ir.nodes if n.kind == "boxing"})
             outs = [Tensor(v) for v in values]
@@ -213,7 +213,7 @@ class Graph:
         """The per-rank physical plans (a protobuf ``flowsys.planformat.Plan``) of the last call."""
         import scheduler  # noqa: PLC0415
 
-        return scheduler.lower(self.ir, registers=int(self.config.registers))
+        return scheduler.lower(self.ir, registers=int(self.config.registers), bucket_bytes=int(self.config.bucket_bytes))
 
     # ------------------------------------------------------------------------------- reports
     @property
