@@ -90,6 +90,24 @@ class Backend(abc.ABC):
         empty = plan_pb2.StateDump().SerializeToString()
         self._call_all("set_state", keys, per_rank={r: dumps.get(r, empty) for r in range(self.world)})
 
+    def describe_state(self, keys: list[str]) -> dict[int, dict]:
+        """Every worker's optimizer state for ``keys`` as shapes and dtypes only, by rank."""
+        return {r: json.loads(b) for r, b in self._call_all("describe_state", keys).items()}
+
+    def sees(self, path: str, token: str) -> dict[int, bool]:
+        """Whether every worker reads ``token`` from the file ``path``, by rank."""
+        return self._call_all("sees", path, token)
+
+    def save_shards(self, directory: str, entries: dict[int, bytes]) -> dict[int, dict]:
+        """Every worker writes its checkpoint file into ``directory`` from what it holds
+        (``entries[rank]``: see ``Worker.save_shards``); what each wrote, by rank."""
+        return {r: json.loads(b) for r, b in self._call_all("save_shards", directory, per_rank=entries).items()}
+
+    def load_shards(self, directory: str, entries: dict[int, bytes]) -> dict[int, list]:
+        """Every worker reads its shards from the checkpoint in ``directory`` (``entries[rank]``:
+        see ``Worker.load_shards``); what each read, by rank."""
+        return {r: json.loads(b) for r, b in self._call_all("load_shards", directory, per_rank=entries).items()}
+
     # what a backend provides
     @abc.abstractmethod
     def _call_all(self, method: str, *args, per_rank: dict | None = None) -> dict:
@@ -417,4 +435,16 @@ class RayWorker:
 
     def set_state(self, dump: bytes, keys: list[str]) -> None:
         self.worker.set_state(dump, keys)
+
+    def describe_state(self, keys: list[str]) -> bytes:
+        return self.worker.describe_state(keys)
+
+    def sees(self, path: str, token: str) -> bool:
+        return self.worker.sees(path, token)
+
+    def save_shards(self, entries: bytes, directory: str) -> bytes:
+        return self.worker.save_shards(entries, directory)
+
+    def load_shards(self, entries: bytes, directory: str) -> bytes:
+        return self.worker.load_shards(entries, directory)
 

@@ -44,12 +44,11 @@ import numpy as np
 
 from comm import CommError, Communicator
 from comm import algorithms as alg
-from flowsys.boxing import plan_collective as _collective
+from flowsys.boxing import STEPS, plan_collective, run_step
 from flowsys.device import contiguous
-from flowsys.layout import bounds
+from flowsys.errors import ArgumentError
 from flowsys.ops import OPS
 from flowsys.planformat import SeedMarker, decode_attrs
-from flowsys.sbp import Broadcast, parse
 
 OPTIMIZER_PIECE = (1 << 20) - 1  # the piece number optimizer-phase messages are tagged with
 PER_STEP_PIECE = (1 << 20) - 2   # ... and the messages of ops run once per step before the pieces
@@ -123,11 +122,12 @@ class Stalled(CommError):
 
 
 class _Actor:
-    __slots__ = ("op", "index", "attrs", "piece", "inputs", "outputs", "busy", "name", "late")
+    __slots__ = ("op", "index", "attrs", "seeded", "run", "piece", "inputs", "outputs", "busy", "name", "late")
 
-    def __init__(self, op, index: int):
-        self.op, self.index = op, index
+    def __init__(self, op, index: int, run: Callable):
+        self.op, self.index, self.run = op, index, run  # run: the op's handler in the dispatch table
         self.attrs = decode_attrs(op.attrs)
+        self.seeded = any(isinstance(v, SeedMarker) for v in self.attrs.values())  # dropout: per-piece seeds
         self.piece = 0                 # the next piece to fire for
         self.inputs: list[int] = []    # per-piece input values (persistent ones need no register)
         self.outputs = list(op.outputs)
@@ -157,6 +157,18 @@ class RankRuntime:
         self.compute_ops = [op for op in ops if op.phase != "optimizer"]
         self.optimizer_ops = [op for op in ops if op.phase == "optimizer"]
         self.hoisted: list | None = None  # ops computed once per step (built on the first run)
+        # The dispatch table: how every op runs, by kind (local ops by name), alike for the per-step
+        # ops, the pieces' actors and the optimizer units. handler(op, attrs, ins, held, piece)
+        # returns the op's outputs, or a _Comm (a schedule and its group) that the caller drives:
+        # blocking for per-step ops, in flight for actors and optimizer units. ``held`` is the
+        # first output's array so far (None before its first writer): receives and copies add
+        # their region to it.
+        self.dispatch: dict[str, Callable] = {
+            "compute": self._compute, "collective": self._collective, "send": self._send, "recv": self._recv,
+            "update": self._update, "assign": self._assign, "fill_zeros": self._fill_zeros,
+            "copy_region": self._copy_region,
+            **{name: self._boxing_step for name, (kind, _) in STEPS.items() if kind == "local"},
+        }
 
     # ------------------------------------------------------------------------------ wiring
     def _build(self) -> None:
@@ -164,8 +176,9 @@ class RankRuntime:
         computed from them alone, such as a weight's transpose) run once per step before the
         pieces; every other op of the compute phase is an actor."""
         self.hoisted = [op for op in self.compute_ops if op.per_step]
+        self.hoisted_attrs = {op.id: decode_attrs(op.attrs) for op in self.hoisted}
         rest = [op for op in self.compute_ops if not op.per_step]
-        self.actors = [_Actor(op, i) for i, op in enumerate(rest)]
+        self.actors = [_Actor(op, i, self._handler(op)) for i, op in enumerate(rest)]
         produced: dict[int, list[_Actor]] = {}
         for a in self.actors:
             for v in a.outputs:
@@ -202,6 +215,7 @@ class RankRuntime:
                 self.awaiting.setdefault(v, []).append(j)
         self.opt_writers = Counter(v for op in self.optimizer_ops for v in op.outputs)
         self.opt_attrs = {op.id: decode_attrs(op.attrs) for op in self.optimizer_ops}
+        self.unit_run = [self._handler(u[0]) for u in units]
         # The pieces' ops read parameters in place (and per-step ops' views of them): a unit that
         # writes one (an update, ZeRO's assign) waits until every piece is done.
         params = set(self.rp.variables.values()) | {v for op in self.hoisted for v in op.outputs}
@@ -224,7 +238,7 @@ class RankRuntime:
         for op in self.hoisted:  # once per step, before the pieces
             start = time.time()
             self.current = f"{op.op} (op {op.id}, per step)"
-            self._run_blocking(op, self.persistent, PER_STEP_PIECE)
+            self._run_blocking(op, self.hoisted_attrs[op.id], self.persistent, PER_STEP_PIECE)
             self._note(op, PER_STEP_PIECE, start)
         self.piece_inputs = {vid: [_micro(a, i, k) for i in range(k)] for vid, a in fed.items() if vid in inputs}
         self.seeds = seeds
@@ -317,22 +331,18 @@ class RankRuntime:
         ops, env = self.units[j], self.env
         op, start = ops[0], time.time()
         self.current = f"{op.op} (op {op.id}, optimizer phase)"
-        if op.kind == "collective":
-            x = env[op.inputs[0]] if len(ops) == 1 else np.concatenate([env[o.inputs[0]].reshape(-1) for o in ops])
-            group = list(op.group)
-            gen = _collective(op.op, self.opt_attrs[op.id], group.index(self.rp.rank), len(group), x)
-            e = _Phased(j, gen, tag(op.bucket - 1 if op.bucket else op.channel, OPTIMIZER_PIECE), group, start)
+        # a bucket's all-reduces run as one collective over their concatenation
+        ins = ([env[v] for v in op.inputs] if len(ops) == 1
+               else [np.concatenate([env[o.inputs[0]].reshape(-1) for o in ops])])
+        out = self.unit_run[j](op, self.opt_attrs[op.id], ins, env.get(op.outputs[0]) if op.outputs else None,
+                               OPTIMIZER_PIECE)
+        if type(out) is _Comm:  # in flight with the pieces and the other units
+            e = _Phased(j, out.gen, tag(op.bucket - 1 if op.bucket else op.channel, OPTIMIZER_PIECE), out.group, start)
             if not self._advance_unit(e, None):
                 self.opt_inflight.append(e)
             return
-        if op.kind == "update":  # in place; its output is the updated input
-            self.update(op, env[op.inputs[0]], env[op.inputs[1]])
-            env[op.outputs[0]] = env[op.inputs[0]]
-        elif op.op == "assign":  # ZeRO: the gathered updated shards into the variable
-            env[op.inputs[0]][...] = env[op.inputs[1]]
-            env[op.outputs[0]] = env[op.inputs[0]]
-        else:
-            self._run_blocking(op, env, OPTIMIZER_PIECE)
+        for v, o in zip(op.outputs, out):
+            env[v] = o
         self._note(op, OPTIMIZER_PIECE, start)
         self._unit_done(ops)
 
@@ -347,7 +357,8 @@ class RankRuntime:
         except StopIteration as stop:
             ops = self.units[e.unit]
             if len(ops) == 1:
-                self.env[ops[0].outputs[0]] = stop.value
+                for v in ops[0].outputs:  # a collective's result (a send has none)
+                    self.env[v] = stop.value
             else:
                 flat, at = stop.value.reshape(-1), 0
                 for o in ops:
@@ -521,42 +532,16 @@ class RankRuntime:
                 if v in self.saved:
                     self._holding[p] = self._holding.get(p, 0) + 1
                     self.peak_in_flight = max(self.peak_in_flight, len(self._holding))
-        if op.kind == "collective" or op.kind == "send":
-            gen = self._schedule(a, p)
-            return self._start(a, gen, start)
-        ins = [self._value(v, p) for v in op.inputs]
-        if op.kind == "compute":
-            attrs = {k: self.seeds[p][v] if isinstance(v, SeedMarker) else v for k, v in a.attrs.items()}
-            spec = OPS[op.op]
-            out = spec.kernel(np, *ins, **attrs)
-            results = out if spec.multi_output else (out,)
-            for v, o in zip(a.outputs, results):
-                o = np.asarray(o)
-                dtype = self.decls[v][1]
-                self.regs[(v, p)] = o if o.dtype == dtype else o.astype(dtype)
-        elif op.kind == "recv":
-            data = self.comm.mailbox.try_take(self.index[op.peer], tag(op.channel, p))
-            self._write_region(a, p, data)
-        elif op.op == "fill_zeros":
-            shape, dtype = self.decls[a.outputs[0]]
-            self.regs[(a.outputs[0], p)] = np.zeros(shape, dtype=dtype)
-        elif op.op == "copy_region":
-            box, x = a.attrs["box"], ins[0]
-            self._write_region(a, p, x[_region(box, a.attrs["src_origin"])])
-        else:
-            self.regs[(a.outputs[0], p)] = _local_step(op.op, a.attrs, ins[0])
+        attrs = {k: self.seeds[p][v] if isinstance(v, SeedMarker) else v for k, v in a.attrs.items()} \
+            if a.seeded else a.attrs
+        outputs = a.outputs
+        out = a.run(op, attrs, [self._value(v, p) for v in op.inputs],
+                    self.regs[(outputs[0], p)] if outputs else None, p)
+        if type(out) is _Comm:  # in flight: completes when its last message is in
+            return self._start(a, out, start)
+        for v, o in zip(outputs, out):
+            self.regs[(v, p)] = o
         return self._complete(a, p, start)
-
-    def _write_region(self, a: _Actor, p: int, data: np.ndarray) -> None:
-        v = a.outputs[0]
-        buf = self.regs[(v, p)]
-        if buf is None:
-            shape, dtype = self.decls[v]
-            buf = self.regs[(v, p)] = np.zeros(shape, dtype=dtype)
-        if a.attrs["relay"]:
-            buf[...] = data
-        else:
-            buf[_region(a.attrs["box"], a.attrs["dst_origin"])] += data
 
     def _complete(self, a: _Actor, p: int, start: float) -> list[_Actor]:
         """``a`` has finished piece ``p``: publish its outputs, return its inputs' registers."""
@@ -607,19 +592,9 @@ class RankRuntime:
             self.timeline.append((op.id, piece, start, time.time() if end is None else end))
 
     # ------------------------------------------------------------------- communication actors
-    def _schedule(self, a: _Actor, p: int):
-        op, attrs = a.op, a.attrs
-        if op.kind == "send":
-            x = self._value(op.inputs[0], p)
-            data = x if attrs["relay"] else x[_region(attrs["box"], attrs["src_origin"])]
-            return _one_send(0, contiguous(data)), [op.peer]
-        group = list(op.group)
-        return _collective(op.op, attrs, group.index(self.rp.rank), len(group), self._value(op.inputs[0], p)), group
-
-    def _start(self, a: _Actor, scheduled, start: float) -> list[_Actor]:
-        gen, group = scheduled
+    def _start(self, a: _Actor, comm: _Comm, start: float) -> list[_Actor]:
         a.busy = True
-        entry = _Inflight(a, gen, None, start, group)
+        entry = _Inflight(a, comm.gen, None, start, comm.group)
         woken = self._advance(entry, None)
         if woken is None:
             self.inflight.append(entry)
@@ -636,50 +611,83 @@ class RankRuntime:
                 self.comm.post(step.array, self.index[e.group[step.peer]], t)
                 step = e.gen.send(None)
         except StopIteration as stop:
-            if a.op.kind == "collective":
-                self.regs[(a.outputs[0], p)] = stop.value
+            for v in a.outputs:  # a collective's result (a send has none)
+                self.regs[(v, p)] = stop.value
             return self._complete(a, p, e.start)
         e.step = _Awaited(e.group[step.peer], t)
         return None
 
-    def _run_blocking(self, op, env: dict, piece: int) -> None:
-        """An op run once per step (per-step ops before the pieces, the optimizer phase after):
-        every rank runs these in plan order, so blocking is safe."""
-        a = decode_attrs(op.attrs)
-        if op.op == "fill_zeros":
+    def _run_blocking(self, op, attrs: dict, env: dict, piece: int) -> None:
+        """A per-step op, run before the pieces: every rank runs these in plan order, so blocking
+        on its communication is safe."""
+        out = self._handler(op)(op, attrs, [env[v] for v in op.inputs],
+                                env.get(op.outputs[0]) if op.outputs else None, piece)
+        if type(out) is _Comm:
+            result = self.comm._drive(out.gen, [self.index[r] for r in out.group], tag(op.channel, piece))
+            out = [result] * len(op.outputs)  # a collective's result (a send has none)
+        for v, o in zip(op.outputs, out):
+            env[v] = o
+
+    # ------------------------------------------------------------------------ the handlers
+    def _handler(self, op) -> Callable:
+        key = op.op if op.kind == "local" else op.kind
+        run = self.dispatch.get(key)
+        if run is None:
+            raise ArgumentError(f"rank {self.rp.rank}: op {op.id} ({op.kind} {op.op!r}) has no handler in the "
+                                f"runtime (kinds: {', '.join(self.dispatch)}); re-lower the plan with this flowsys")
+        return run
+
+    def _compute(self, op, attrs, ins, held, piece):
+        spec = OPS[op.op]
+        out = spec.kernel(np, *ins, **attrs)
+        results = []
+        for v, o in zip(op.outputs, out if spec.multi_output else (out,)):
+            o = np.asarray(o)
+            dtype = self.decls[v][1]
+            results.append(o if o.dtype == dtype else o.astype(dtype))
+        return results
+
+    def _collective(self, op, attrs, ins, held, piece):
+        group = list(op.group)
+        return _Comm(plan_collective(op.op, attrs, group.index(self.rp.rank), len(group), ins[0]), group)
+
+    def _send(self, op, attrs, ins, held, piece):
+        x = ins[0]
+        data = x if attrs["relay"] else x[_region(attrs["box"], attrs["src_origin"])]
+        return _Comm(_one_send(0, contiguous(data)), [op.peer])
+
+    def _recv(self, op, attrs, ins, held, piece):
+        # the callers start a receive once its message is here (the blocking per-step ones wait)
+        data = self.comm.mailbox.take(self.index[op.peer], tag(op.channel, piece), self.timeout)
+        return [self._add_region(op, attrs, held, data)]
+
+    def _copy_region(self, op, attrs, ins, held, piece):  # a move's piece that stays on this rank
+        return [self._add_region(op, attrs, held, ins[0][_region(attrs["box"], attrs["src_origin"])])]
+
+    def _add_region(self, op, attrs, held, data: np.ndarray) -> np.ndarray:
+        if held is None:
             shape, dtype = self.decls[op.outputs[0]]
-            env[op.outputs[0]] = np.zeros(shape, dtype=dtype)
-            return
-        x = env[op.inputs[0]] if op.inputs else None
-        if op.kind == "compute":
-            spec = OPS[op.op]
-            out = spec.kernel(np, *(env[i] for i in op.inputs), **a)
-            for v, o in zip(op.outputs, out if spec.multi_output else (out,)):
-                env[v] = np.asarray(o).astype(self.decls[v][1], copy=False)
-            return
-        if op.kind in ("collective", "send", "recv") or op.op == "copy_region":
-            t = tag(op.channel, piece)
-            if op.kind == "collective":
-                group = list(op.group)
-                env[op.outputs[0]] = self.comm._drive(
-                    _collective(op.op, a, group.index(self.rp.rank), len(group), x), [self.index[r] for r in group], t)
-                return
-            if op.kind == "send":
-                self.comm.post(contiguous(x if a["relay"] else x[_region(a["box"], a["src_origin"])]),
-                               self.index[op.peer], t)
-                return
-            out = op.outputs[0]
-            if out not in env:
-                shape, dtype = self.decls[out]
-                env[out] = np.zeros(shape, dtype=dtype)
-            data = (self.comm.mailbox.take(self.index[op.peer], t, self.timeout) if op.kind == "recv"
-                    else x[_region(a["box"], a["src_origin"])])
-            if a["relay"]:
-                env[out][...] = data
-            else:
-                env[out][_region(a["box"], a["dst_origin"])] += data
-            return
-        env[op.outputs[0]] = _local_step(op.op, a, x)
+            held = np.zeros(shape, dtype=dtype)
+        if attrs["relay"]:
+            held[...] = data
+        else:
+            held[_region(attrs["box"], attrs["dst_origin"])] += data
+        return held
+
+    def _fill_zeros(self, op, attrs, ins, held, piece):  # a partial sum this rank holds none of
+        shape, dtype = self.decls[op.outputs[0]]
+        return [np.zeros(shape, dtype=dtype)]
+
+    def _boxing_step(self, op, attrs, ins, held, piece):  # slice, zeros, take_shard, identity
+        return [run_step(op.op, attrs, attrs.get("index", 0), attrs.get("parts", 1), ins[0])]
+
+    def _update(self, op, attrs, ins, held, piece):  # in place; its output is the updated input
+        self.update(op, ins[0], ins[1])
+        return [ins[0]]
+
+    def _assign(self, op, attrs, ins, held, piece):  # ZeRO: the gathered updated shards into the variable
+        ins[0][...] = ins[1]
+        return [ins[0]]
 
     def _stalled(self, reason: str = "") -> Stalled:
         waits = [dict(op=e.actor.op.id, name=e.actor.op.op, piece=e.actor.piece, peer=e.step.peer_rank,
@@ -690,6 +698,14 @@ class RankRuntime:
                 waits.append(dict(op=a.op.id, name="recv", piece=a.piece, peer=a.op.peer, group=[],
                                   channel=a.op.channel))
         return Stalled(self.rp.rank, waits + self._optimizer_waits(), self.timeout, reason)
+
+
+@dataclass(slots=True)
+class _Comm:
+    """A communication op started: this rank's schedule and the global ranks of its group."""
+
+    gen: Any
+    group: list
 
 
 @dataclass(slots=True)
@@ -722,28 +738,6 @@ class _Phased:
 
 def _one_send(peer: int, x: np.ndarray):
     yield alg.Send(peer, x)
-
-
-def _local_step(name: str, attrs: dict, x: np.ndarray) -> np.ndarray:
-    """The boxing steps that need no communication."""
-    if name == "slice":
-        dst = parse(attrs["dst"])
-        lo, hi = bounds(x.shape[dst.axis], attrs["parts"], attrs["index"])
-        return np.array(x[(slice(None),) * dst.axis + (slice(lo, hi),)])
-    if name == "zeros":
-        src = parse(attrs["src"])
-        if isinstance(src, Broadcast):
-            return x if attrs["index"] == 0 else np.zeros_like(x)
-        z = np.zeros(attrs["group_shape"], dtype=x.dtype)
-        lo, hi = bounds(attrs["group_shape"][src.axis], attrs["parts"], attrs["index"])
-        z[(slice(None),) * src.axis + (slice(lo, hi),)] = x
-        return z
-    if name == "take_shard":
-        piece = np.asarray(x)[tuple(slice(lo, hi) for lo, hi in attrs["box"])]
-        return np.array(piece) if attrs["holds"] else np.zeros_like(piece)
-    if name == "identity":
-        return x
-    raise RuntimeError(f"unknown local op {name!r} in the plan")
 
 
 def _region(box, origin) -> tuple[slice, ...]:

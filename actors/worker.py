@@ -128,6 +128,66 @@ class Worker:
         for key in keys:
             self.resident.pop(key, None)
 
+    def describe_state(self, keys: list[str]) -> bytes:
+        """The shape and dtype of every field of the optimizer state kept for ``keys`` (JSON:
+        key -> field -> [shape, dtype]): a checkpoint's layout without its values."""
+        return json.dumps({key: {f: [list(np.shape(v)), np.asarray(v).dtype.str] for f, v in self.state[key].items()}
+                           for key in keys if key in self.state}).encode()
+
+    def sees(self, path: str, token: str) -> bool:
+        """Whether this worker reads ``token`` from ``path`` (a checkpoint directory's probe)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read() == token
+        except OSError:
+            return False
+
+    def save_shards(self, entries: bytes, directory: str) -> bytes:
+        """Write this rank's ``rank_<r>.safetensors`` of a checkpoint into ``directory`` from
+        what it holds. ``entries`` (a ``StateDump``) names each tensor of the file (``key``) and
+        where it comes from (``field``): ``"param <key>"`` a resident parameter, ``"state <key>
+        <field>"`` optimizer state, ``"inline"`` the value sent along. Returns what it wrote
+        (JSON: file, size, tensor names and shapes; file null when it had nothing to write)."""
+        from flowsys.checkpoint import write_shards  # noqa: PLC0415
+        from flowsys.errors import StateDictError  # noqa: PLC0415
+
+        arrays = {}
+        for e in plan_pb2.StateDump.FromString(entries).entries:
+            kind, *where = e.field.split(" ")
+            if kind == "inline":
+                arrays[e.key] = decode(e.value)
+            elif kind == "param" and where[0] in self.resident:
+                arrays[e.key] = self.resident[where[0]]
+            elif kind == "state" and where[1] in self.state.get(where[0], {}):
+                arrays[e.key] = np.asarray(self.state[where[0]][where[1]])
+            else:
+                raise StateDictError(f"checkpoint: rank {self.rank} holds no {e.field!r} to write as {e.key}")
+        if not arrays:
+            return json.dumps({"file": None, "size": 0, "tensors": {}}).encode()
+        return json.dumps(write_shards(directory, self.rank, arrays)).encode()
+
+    def load_shards(self, entries: bytes, directory: str) -> bytes:
+        """Read this rank's shards of parameters and optimizer state from the checkpoint in
+        ``directory`` into what it keeps. ``entries`` (JSON): ``tensors`` (the checkpoint's
+        metadata of those it reads), ``entries`` (per shard: tensor name, box, dtype, and where it
+        goes: ``["param", key]`` or ``["state", key, field]``), ``drop_state`` (the optimizer
+        state keys replaced). Everything is read before anything is replaced. Returns the names
+        and shapes read (JSON)."""
+        from flowsys.checkpoint import RankFiles, read_box  # noqa: PLC0415
+
+        plan = json.loads(entries)
+        with RankFiles(directory) as files:
+            values = [(e["into"], read_box(files, e["name"], plan["tensors"][e["name"]], e["box"]).astype(e["dtype"]))
+                      for e in plan["entries"]]
+        for key in plan["drop_state"]:
+            self.state.pop(key, None)
+        for into, value in values:
+            if into[0] == "param":
+                self.resident[into[1]] = value
+            else:
+                self.state.setdefault(into[1], {})[into[2]] = value.item() if value.ndim == 0 else value
+        return json.dumps([[e["name"], list(v.shape)] for e, (_, v) in zip(plan["entries"], values)]).encode()
+
     def _read(self, r: plan_pb2.Read) -> np.ndarray:
         from flowsys.datasource import Windows  # noqa: PLC0415
 

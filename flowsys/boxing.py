@@ -33,13 +33,13 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from comm import algorithms as _alg
-from comm import CommError, drive, run_group
-from flowsys.errors import CommunicationError
+from comm import CommError, drive
+from flowsys.errors import ArgumentError, CommunicationError
 from flowsys.layout import NdSbp, bounds, fmt, holds_value, is_replica, local_shape, shard_box
 from flowsys.placement import Placement
 from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split, parse
@@ -286,49 +286,80 @@ def _execute(p: Plan, shards: Sequence, xp) -> list:
     return shards
 
 
+# ------------------------------------------------------------------- the steps, written once
+# Every boxing step, as the plan carries it (op name + attributes: ``src``/``dst`` as SBP strings,
+# ``group_shape`` for S -> P, ``box``/``holds`` for take_shard), run by rank ``me`` of a group of
+# ``n`` on its local array ``x``. A local step returns the new array; a collective returns the
+# rank's ``comm.algorithms`` schedule, which eager boxing drives for the whole group at once
+# (``comm.drive``) and the actor runtime drives over the transport, in flight with other work.
+
+
+def _slice(attrs, me, n, x, xp):  # B -> S: keep my slice
+    axis = parse(attrs["dst"]).axis
+    lo, hi = bounds(x.shape[axis], n, me)
+    return xp.array(x[(slice(None),) * axis + (slice(lo, hi),)], copy=True)
+
+
+def _zeros(attrs, me, n, x, xp):  # S -> P: own slice in zeros of the group's shape; B -> P: rank 0 keeps
+    src = parse(attrs["src"])
+    if isinstance(src, Broadcast):
+        return x if me == 0 else xp.zeros_like(x)
+    shape = tuple(attrs["group_shape"])
+    z = xp.zeros(shape, dtype=x.dtype)
+    lo, hi = bounds(shape[src.axis], n, me)
+    z[(slice(None),) * src.axis + (slice(lo, hi),)] = x
+    return z
+
+
+def _take_shard(attrs, me, n, x, xp):  # a local value laid out: this rank's box (zeros for a P non-holder)
+    piece = xp.asarray(x)[tuple(slice(lo, hi) for lo, hi in attrs["box"])]
+    return xp.array(piece, copy=True) if attrs["holds"] else xp.zeros_like(piece)
+
+
+STEPS: dict[str, tuple[str, Callable]] = {  # name -> (plan op kind, fn(attrs, me, n, x, xp))
+    "slice": ("local", _slice),
+    "zeros": ("local", _zeros),
+    "take_shard": ("local", _take_shard),
+    "identity": ("local", lambda attrs, me, n, x, xp: x),
+    "all_reduce": ("collective", lambda attrs, me, n, x, xp: _alg.ring_all_reduce(me, n, x)),
+    "all_gather": ("collective", lambda attrs, me, n, x, xp:
+                   _alg.ring_all_gather(me, n, x, axis=parse(attrs["src"]).axis)),
+    "reduce_scatter": ("collective", lambda attrs, me, n, x, xp:
+                       _alg.ring_reduce_scatter(me, n, x, axis=parse(attrs["dst"]).axis)),
+    "all_to_all": ("collective", lambda attrs, me, n, x, xp: _alg.pairwise_all_to_all(
+        me, n, x, split_axis=parse(attrs["dst"]).axis, concat_axis=parse(attrs["src"]).axis)),
+}
+
+
+def run_step(name: str, attrs: dict, me: int, n: int, x, xp=np):
+    """Rank ``me``'s part (of ``n``) of boxing step ``name``: the new array for a local step, the
+    rank's schedule for a collective (see :data:`STEPS`)."""
+    entry = STEPS.get(name)
+    if entry is None:
+        raise ArgumentError(f"unknown boxing step {name!r} in the plan (known: {', '.join(STEPS)}); "
+                            f"re-lower the plan with this flowsys version")
+    return entry[1](attrs, me, n, x, xp)
+
+
 def plan_collective(name: str, attrs: dict, me: int, n: int, x: np.ndarray):
     """Rank ``me``'s schedule (of ``n``) for a plan's collective op ``name`` whose attributes name
     the SBP it converts (``src`` to ``dst``): the actor runtime drives it, the cost model times it."""
-    src, dst = parse(attrs["src"]), parse(attrs["dst"])
-    if name == "all_reduce":
-        return _alg.ring_all_reduce(me, n, x)
-    if name == "all_gather":
-        return _alg.ring_all_gather(me, n, x, axis=src.axis)
-    if name == "reduce_scatter":
-        return _alg.ring_reduce_scatter(me, n, x, axis=dst.axis)
-    if name == "all_to_all":
-        return _alg.pairwise_all_to_all(me, n, x, split_axis=dst.axis, concat_axis=src.axis)
-    raise CommError(f"unknown collective {name!r} in the plan")
+    if STEPS.get(name, ("",))[0] != "collective":
+        raise CommError(f"unknown collective {name!r} in the plan (collectives: "
+                        f"{', '.join(k for k, (kind, _) in STEPS.items() if kind == 'collective')})")
+    return run_step(name, attrs, me, n, x)
 
 
 def _convert_group(xp, locals_, step: Step, placement, state, group, shape):
-    frm, to, n = step.src, step.dst, len(group)
-    kind = step.kind
-    if kind == "all_to_all":
-        return run_group(_alg.pairwise_all_to_all, locals_, split_axis=to.axis, concat_axis=frm.axis)
-    if kind == "all_gather":
-        return run_group(_alg.ring_all_gather, locals_, axis=frm.axis)
-    if kind == "reduce_scatter":
-        return run_group(_alg.ring_reduce_scatter, locals_, axis=to.axis)
-    if kind == "all_reduce":
-        return run_group(_alg.ring_all_reduce, locals_)
-    if kind == "slice":
-        out = []
-        for i, a in enumerate(locals_):
-            lo, hi = bounds(a.shape[to.axis], n, i)
-            out.append(xp.array(a[(slice(None),) * to.axis + (slice(lo, hi),)], copy=True))
-        return out, 0
-    # "zeros": S -> P places the own slice in zeros of the group's shape; B -> P keeps rank 0's
-    if isinstance(frm, Broadcast):
-        return [a if i == 0 else xp.zeros_like(a) for i, a in enumerate(locals_)], 0
-    gshape = _group_shape(shape, placement, state, step.mesh_axis, group)
-    out = []
-    for i, a in enumerate(locals_):
-        z = xp.zeros(gshape, dtype=a.dtype)
-        lo, hi = bounds(gshape[frm.axis], n, i)
-        z[(slice(None),) * frm.axis + (slice(lo, hi),)] = a
-        out.append(z)
-    return out, 0
+    """One step over one group of ranks, through :data:`STEPS`: (new locals, bytes sent)."""
+    attrs = {"src": repr(step.src), "dst": repr(step.dst)}
+    if step.kind == "zeros" and isinstance(step.src, Split):
+        attrs["group_shape"] = _group_shape(shape, placement, state, step.mesh_axis, group)
+    n = len(group)
+    outs = [run_step(step.kind, attrs, me, n, a, xp) for me, a in enumerate(locals_)]
+    if STEPS[step.kind][0] == "collective":
+        return drive(outs)
+    return outs, 0
 
 
 def _execute_move(p: Plan, shards: Sequence, xp) -> list:
@@ -362,4 +393,5 @@ def _execute_move(p: Plan, shards: Sequence, xp) -> list:
     return [result[r] for r in dp.ranks]
 
 
-__all__ = ["cost", "plan", "estimate", "execute", "trace", "Plan", "Step", "Event", "Transfer"]
+__all__ = ["cost", "plan", "estimate", "execute", "trace", "run_step", "plan_collective", "STEPS", "Plan", "Step",
+           "Event", "Transfer"]

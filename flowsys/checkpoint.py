@@ -131,11 +131,12 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
         raise StateDictError(f"checkpoint {path} holds no optimizer state")
     backend = _workers_of(model, None)
     by_workers = {} if backend is None else {n: p for n, p in params.items() if _lives_in(p, backend)}
-    state_by_workers = backend is not None and optimizer is not None and \
-        _state_loadable(backend, optimizer, params, tensors, by_workers)
-    if by_workers:
+    state_layouts = None if backend is None or optimizer is None else \
+        _state_layouts(backend, optimizer, params, tensors, by_workers)
+    state_by_workers = state_layouts is not None
+    if by_workers or state_by_workers:
         check_visible(backend, path / "MANIFEST.json", (path / "MANIFEST.json").read_text())
-        _load_by_workers(backend, path, tensors, params, by_workers, optimizer if state_by_workers else None)
+        _load_by_workers(backend, path, tensors, params, by_workers, optimizer, state_layouts)
     with RankFiles(path) as files:
         def logical(key: str) -> np.ndarray:
             info = tensors[key]
@@ -278,7 +279,8 @@ def _workers_of(model, optimizer):
     if len(found) != 1:
         return None
     backend = found.pop()
-    ranks = [r for _, p in model.named_parameters() if type(stored(p)) is GlobalValue for r in stored(p).placement.ranks]
+    layouts = [stored(p) for _, p in model.named_parameters()]
+    ranks = [r for d in layouts if type(d) is GlobalValue for r in d.placement.ranks]
     if not backend.world or max(ranks, default=0) >= backend.world:
         return None
     return backend
@@ -381,15 +383,18 @@ def _write_by_workers(backend, directory: Path, per_rank: dict, tensors: dict) -
     return files
 
 
-def _state_loadable(backend, optimizer, params: dict, tensors: dict, by_workers: dict) -> bool:
-    """Whether the workers can take the checkpoint's optimizer state in place: they keep this
-    optimizer's state already, for every parameter the checkpoint has state of, with the same
-    fields, in a layout recognised from their shard shapes (else the driver keeps it logical
-    and the next step lays it out, as after any driver-side load)."""
+def _state_layouts(backend, optimizer, params: dict, tensors: dict, by_workers: dict) -> dict | None:
+    """The layout (SBP, dtype) per (state key, field) in which the workers take the
+    checkpoint's optimizer state in place, if they can: they keep this optimizer's state
+    already, for every parameter the checkpoint has state of (homed there), with the same
+    fields, in a layout recognised from their shard shapes (the one their update uses). None
+    otherwise: the driver keeps it logical and the next step lays it out."""
     from flowsys.runtime import uid  # noqa: PLC0415
+    from flowsys.tensor import stored  # noqa: PLC0415
 
-    if getattr(optimizer, "_state_in_workers", None) is not backend or optimizer._state_generation != backend.generation:
-        return False
+    if getattr(optimizer, "_state_in_workers", None) is not backend \
+            or optimizer._state_generation != backend.generation:
+        return None
     names = {id(p): name for name, p in params.items()}
     keys = {f"{uid(optimizer)}/{uid(p)}": p for p in _trained(optimizer) if id(p) in names}
     held = backend.describe_state(sorted(keys))
@@ -400,55 +405,49 @@ def _state_loadable(backend, optimizer, params: dict, tensors: dict, by_workers:
         if not fields:
             continue
         if name not in by_workers:
-            return False
-        d = _stored(p)
+            return None
+        d = stored(p)
         ranks = list(d.placement.ranks)
         if any(set(held.get(r, {}).get(skey, {})) != fields for r in ranks):
-            return False
+            return None
         for field in fields:
             shapes = [held[r][skey][field][0] for r in ranks]
             if not shapes[0]:
                 continue
             sbp = _state_layout(d, shapes)
             if sbp is None:
-                return False
+                return None
             layouts[(skey, field)] = (sbp, held[ranks[0]][skey][field][1])
-    optimizer._load_layouts = layouts
-    return True
+    return layouts
 
 
-def _stored(p):
-    from flowsys.tensor import stored  # noqa: PLC0415
-
-    return stored(p)
-
-
-def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_workers: dict, optimizer) -> None:
+def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_workers: dict, optimizer,
+                     state_layouts: dict | None) -> None:
     """Every worker reads the regions of the checkpoint its shards of ``by_workers`` (and of
-    ``optimizer``'s state, when given) need, straight into what it keeps; the driver then
-    records those parameters as living there."""
+    ``optimizer``'s state, laid out as ``state_layouts`` says, when given) need, straight into
+    what it keeps; the driver then records those parameters as living there."""
     from flowsys.layout import local_shape, shard_box  # noqa: PLC0415
     from flowsys.runtime import home, uid  # noqa: PLC0415
+    from flowsys.tensor import stored  # noqa: PLC0415
 
     entries: dict[int, list] = {r: [] for r in range(backend.world)}
     drop: list[str] = []
     for name, p in by_workers.items():
-        d = _stored(p)
+        d = stored(p)
         for r in d.placement.ranks:
             box = shard_box(d.shape, d.sbp, d.placement.mesh, d.placement.coords(r))
             entries[r].append({"name": f"param/{name}", "box": [list(b) for b in box], "dtype": d.dtype.str,
                                "into": ["param", str(uid(p))]})
-    if optimizer is not None:
+    if state_layouts is not None:
         names = {id(p): name for name, p in params.items()}
-        layouts = optimizer.__dict__.pop("_load_layouts")
         for p in _trained(optimizer):
             if id(p) not in names:
                 continue
-            skey, name, d = f"{uid(optimizer)}/{uid(p)}", names[id(p)], _stored(p)
+            skey, name, d = f"{uid(optimizer)}/{uid(p)}", names[id(p)], stored(p)
             drop.append(skey)
             for k in sorted(k for k in tensors if k.startswith(f"state/{name}/")):
                 field = k.split("/", 2)[2]
-                sbp, dtype = layouts.get((skey, field), (None, tensors[k]["dtype"]))
+                sbp, dtype = state_layouts.get((skey, field), (None, tensors[k]["dtype"]))
                 for r in d.placement.ranks:
                     box = [] if sbp is None else shard_box(d.shape, sbp, d.placement.mesh, d.placement.coords(r))
                     entries[r].append({"name": k, "box": [list(b) for b in box], "dtype": dtype,
@@ -458,13 +457,13 @@ def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_worker
     backend.load_shards(str(path), payload)
     h = home(backend)
     for name, p in by_workers.items():
-        d, key = _stored(p), str(uid(p))
+        d, key = stored(p), str(uid(p))
         for r in d.placement.ranks:
             backend.holds[(r, key)] = tuple(local_shape(d.shape, d.sbp, d.placement.mesh, d.placement.coords(r)))
             backend.synced.pop((r, key), None)
         h.adopt(p, key)
         p.init = None
-    if optimizer is not None:
+    if state_layouts is not None:
         optimizer.state.clear()  # the workers hold it, laid out as its update needs
 
 

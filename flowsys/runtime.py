@@ -1,9 +1,7 @@
 """``fs.init(backend=...)``: where compiled graphs run.
 
-- without ``fs.init`` (or with ``executor="global"`` in a graph's config), the driver runs the
-  global graph itself over the shards it holds: the single-controller simulation;
-- ``fs.init(backend="local")``: every rank's plan runs as register-based actors in a worker
-  thread of this process, over the in-process transport;
+- ``fs.init(backend="local")``, or no ``fs.init`` at all: every rank's plan runs as
+  register-based actors in a worker thread of this process, over the in-process transport;
 - ``fs.init(backend="ray", address=None)``: every rank's plan runs in a Ray actor of its own
   (one per device, spread over the nodes), over gRPC.
 
@@ -71,7 +69,7 @@ def shutdown() -> None:
 
 
 def current():
-    """The backend ``fs.init`` chose, or None (the driver runs graphs itself). Under
+    """The backend ``fs.init`` chose, or None (graphs run on :func:`local_backend`). Under
     ``flowsys launch`` (``FLOWSYS_BACKEND=ray``) the first call joins the launched cluster."""
     if _backend is None and os.environ.get("FLOWSYS_BACKEND") == "ray":
         return init()
@@ -79,7 +77,7 @@ def current():
 
 
 def local_backend():
-    """The backend for a graph configured with ``executor="plans"`` when none was chosen."""
+    """The backend graphs run on when ``fs.init`` chose none: worker threads of this process."""
     global _default_local
     if _default_local is None:
         from actors.backends import LocalBackend  # noqa: PLC0415

@@ -407,6 +407,10 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     placements = layout(job)
     model, opt, step = build(job, placements, meta=True)  # the workers create their own shards
     backend = runtime.current() or runtime.init()
+    if job.checkpoint.dir and job.checkpoint.every:  # the workers write and read their own checkpoint files
+        from flowsys import checkpoint  # noqa: PLC0415
+
+        checkpoint.check_visible(backend, job.checkpoint.dir, world=p.devices)
     sched = WarmupCosine(opt, o.warmup_steps, job.train.steps, min_lr=o.lr * o.min_lr_ratio)
     log(f"model: GPT, {model.num_parameters():,} parameters on {p.devices} devices (dp {p.dp} x tp {p.tp} x pp {p.pp}, "
         f"ZeRO {p.zero_stage}, {p.micro_batches} micro-batch(es)) on the {backend.name} backend; data: {data}")

@@ -37,9 +37,10 @@ from flowsys.tensor import Tensor
 @dataclass
 class GraphConfig:
     gradient_accumulation_steps: int = 1
-    # "auto": the backend fs.init chose, else "global"; "global": the driver runs the global IR
-    # over the shards it holds; "plans": every rank runs its lowered plan as actors on the
-    # backend fs.init chose (the local backend when none was)
+    # "auto" (= "plans"): every rank runs its lowered plan as actors on the backend fs.init
+    # chose, or on worker threads of this process when none was: the one way a graph runs;
+    # "global": the driver interprets the global IR over the shards it holds (graph/run.py, the
+    # single-controller simulation), kept as a reference the tests check the runtime against
     executor: str = "auto"
     # registers per edge of the per-rank plans: more than one lets the next micro-batch enter an
     # op while the last is still downstream (pipelining, with back-pressure)
@@ -173,7 +174,7 @@ class Graph:
             raise GraphError(f"config.executor must be 'auto', 'global' or 'plans', got {mode!r}")
         backend = runtime.current()
         prof = active()
-        if mode == "plans" or (mode == "auto" and (backend is not None or prof is not None)):
+        if mode != "global":  # one runtime: per-rank plans on the backend (worker threads here by default)
             record = bool(self.config.record_timeline) or prof is not None
             values, self.timeline = session.run(tensors, backend or runtime.local_backend(),
                                                 int(self.config.registers), record, int(self.config.bucket_bytes))
