@@ -77,26 +77,41 @@ RAY_OPTIONS = dict(num_cpus=os.cpu_count(), object_store_memory=100 << 20)
 FIRST_LOSSES = 3
 
 
+def windows():
+    """The data: windows of the standard library's bytes, batches addressed by step
+    (``flowsys.datasource``: a vocabulary module, so the torch processes read the same samples
+    without the flowsys user API)."""
+    from flowsys.datasource import Windows
+
+    return Windows(max_bytes=1 << 20, batch_size=GLOBAL_BATCH, block_size=CONFIG["block_size"])
+
+
 def batch() -> tuple[np.ndarray, np.ndarray]:
-    """The global batch every configuration trains on: (idx, targets), each (8, 128) int64."""
-    rng = np.random.default_rng(0)
-    shape = (GLOBAL_BATCH, CONFIG["block_size"])
-    return rng.integers(0, CONFIG["vocab_size"], shape), rng.integers(0, CONFIG["vocab_size"], shape)
+    """The global batch every configuration trains on, every step (step 0's windows): (idx,
+    targets), each (8, 128) int64."""
+    spec, box = windows(), ((0, GLOBAL_BATCH), (0, CONFIG["block_size"]))
+    return spec.read("x", 0, box), spec.read("y", 0, box)
 
 
-def flowsys_model():
+def flowsys_model(meta: bool = False):
+    """The seed-0 GPT; with ``meta``, built without values on the driver (its workers create
+    their shards: the same values)."""
     import flowsys as fs
 
     fs.manual_seed(0)
-    return fs.models.GPT(fs.models.GPTConfig(**CONFIG))
+    if not meta:
+        return fs.models.GPT(fs.models.GPTConfig(**CONFIG))
+    with fs.nn.meta_init():
+        return fs.models.GPT(fs.models.GPTConfig(**CONFIG))
 
 
 # ----------------------------------------------------------------------------------- flowsys
 def flowsys_step(layout: str, backend: str):
     """A compiled flowsys training step of the GPT on 2 ranks laid out as ``layout`` ("dp",
     "zero3" or "tp") on ``backend`` ("local" or "ray", started here unless it is the current
-    one); returns ``step(i) -> loss`` running training step ``i``. The batch is fed from the
-    driver (the same batch every step, as in bench_step)."""
+    one); returns ``step(i) -> loss`` running training step ``i``. The driver holds no values:
+    the workers create the parameters and read their rows of the batch themselves (the same
+    batch every step, as the torch configurations train on); a step's request is its number."""
     import flowsys as fs
     from flowsys import runtime
 
@@ -105,7 +120,7 @@ def flowsys_step(layout: str, backend: str):
         fs.init(backend=backend, **(RAY_OPTIONS if backend == "ray" else {}))
     place = fs.placement("cpu", list(range(RANKS)))
     data_parallel = layout in ("dp", "zero3")
-    model = flowsys_model()
+    model = flowsys_model(meta=True)
     model.to_global(place, fs.models.GPT.parallel_plan(place, dp_axis=0 if data_parallel else None,
                                                        tp_axis=None if data_parallel else 0))
     opt = fs.optim.AdamW(model.parameters(), **ADAMW)
@@ -124,10 +139,12 @@ def flowsys_step(layout: str, backend: str):
 
     train_step = TrainStep()
     sbp = (fs.sbp.split(0),) if data_parallel else (fs.sbp.broadcast,)
-    idx, tgt = (fs.tensor(a).to_global(place, sbp) for a in batch())
+    from flowsys.data import Batches
+
+    batches = Batches(windows())
 
     def step(i: int) -> float:
-        return float(train_step(idx, tgt))
+        return float(train_step(*batches.at(0, place, sbp)))
 
     return step
 

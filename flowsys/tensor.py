@@ -141,7 +141,9 @@ class Tensor:
         return t
 
     def to_local(self, rank: int) -> Tensor:
-        """Rank ``rank``'s shard of a global tensor, as a local tensor (not differentiable)."""
+        """Rank ``rank``'s shard of a global tensor, as a local tensor (not differentiable). A
+        parameter whose newest values live in the workers (a compiled step ran) is pulled
+        from them first."""
         if type(self._data) is not GlobalValue:
             raise PlacementError("to_local: this tensor is not global; .to_global(placement, sbp) makes one")
         check_rank(self._data, rank)
@@ -161,7 +163,9 @@ class Tensor:
 
     def numpy(self) -> np.ndarray:
         """The value as a NumPy array (a copy for GPU tensors, shared memory for CPU ones); the
-        logical value of a global tensor (gathered on the driver)."""
+        logical value of a global tensor (gathered on the driver). A parameter whose newest
+        values live in the workers is pulled from them first; a batch the workers read is read
+        here."""
         if type(self._data) is GlobalValue:
             return _device.to_numpy(self._data.logical())
         if type(self._data) is Symbol:

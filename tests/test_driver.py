@@ -15,6 +15,7 @@ from flowsys.data import ByteDataset
 from flowsys.models import GPT, GPTConfig
 from flowsys.sbp import broadcast as B, split
 from flowsys.tensor import stored
+from helpers import TrainStep
 
 CFG = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=4, n_embd=32)
 WIDE = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=4, n_embd=128)
@@ -42,18 +43,10 @@ def local_backend():
     fs.shutdown()
 
 
-class _Train(fs.Graph):
-    def __init__(self, model, opt, micro=1, zero=0):
-        super().__init__()
-        self.model = model
-        self.add_optimizer(opt)
-        self.config.gradient_accumulation_steps = micro
-        self.config.zero_stage = zero
-
-    def build(self, idx, targets):
-        _, loss = self.model(idx, targets)
-        loss.backward()
-        return loss
+def _Train(model, opt, micro=1, zero=0) -> TrainStep:
+    step = TrainStep(model, opt, micro)
+    step.config.zero_stage = zero
+    return step
 
 
 class _Eval(fs.Graph):

@@ -225,7 +225,8 @@ class Module:
 
     def state_dict(self) -> OrderedDict[str, Tensor]:
         """Name -> tensor (sharing memory for local tensors), PyTorch's names and shapes; tied
-        weights appear under each name."""
+        weights appear under each name. Parameters whose newest values live in the workers (a
+        compiled step ran) are pulled from them first (all at once)."""
         out: OrderedDict[str, Tensor] = OrderedDict()
         for name, t in self._state_items():
             shape = getattr(t, "state_shape", None)
