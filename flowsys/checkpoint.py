@@ -134,26 +134,26 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
     state_layouts = None if backend is None or optimizer is None else \
         _state_layouts(backend, optimizer, params, tensors, by_workers)
     state_by_workers = state_layouts is not None
+    names = {id(p): name for name, p in params.items()}
+    on_driver = [f"param/{n}" for n in params if n not in by_workers]
+    if optimizer is not None and not state_by_workers:
+        on_driver += [k for p in _trained(optimizer) for k in tensors if k.startswith(f"state/{names[id(p)]}/")]
+    with RankFiles(path) as files:  # everything read before anything changes
+        logical = {k: read_box(files, k, tensors[k], [[0, n] for n in tensors[k]["shape"]]) for k in on_driver}
     if by_workers or state_by_workers:
         check_visible(backend, path / "MANIFEST.json", (path / "MANIFEST.json").read_text())
         _load_by_workers(backend, path, tensors, params, by_workers, optimizer, state_layouts)
-    with RankFiles(path) as files:
-        def logical(key: str) -> np.ndarray:
-            info = tensors[key]
-            return read_box(files, key, info, [[0, n] for n in info["shape"]])
-
-        for name, p in params.items():
-            if name not in by_workers:
-                _assign(p, logical(f"param/{name}"))
-        if optimizer is not None and not state_by_workers:
-            names = {id(p): name for name, p in params.items()}
-            optimizer.state.clear()
-            for p in _trained(optimizer):
-                prefix = f"state/{names[id(p)]}/"
-                keys = {k[len(prefix):]: logical(k) for k in tensors if k.startswith(prefix)}
-                if keys:
-                    optimizer.state[id(p)] = _restate(p, keys)
-            optimizer._state_in_workers = None  # the next compiled step gives it to its workers, laid out as it needs
+    for name, p in params.items():
+        if name not in by_workers:
+            _assign(p, logical[f"param/{name}"])
+    if optimizer is not None and not state_by_workers:
+        optimizer.state.clear()
+        for p in _trained(optimizer):
+            prefix = f"state/{names[id(p)]}/"
+            keys = {k[len(prefix):]: v for k, v in logical.items() if k.startswith(prefix)}
+            if keys:
+                optimizer.state[id(p)] = _restate(p, keys)
+        optimizer._state_in_workers = None  # the next compiled step gives it to its workers, laid out as it needs
     set_rng_state(meta["rng"])
     return {"step": meta["step"], "extra": meta["extra"], "path": str(path)}
 

@@ -44,12 +44,16 @@ class GlobalValue:
     def shards(self) -> list | None:
         """One array per rank (None for a meta value: a layout without values)."""
         if self._shards is None and self.source is not None:
-            from flowsys.layout import shard_box  # noqa: PLC0415
-
-            mesh = self.placement.mesh
-            self._shards = [self.source.read(shard_box(self.shape, self.sbp, mesh, self.placement.coords(r)))
-                            for r in self.placement.ranks]
+            self._shards = [self._read(self.placement.coords(r)) for r in self.placement.ranks]
         return self._shards
+
+    def _read(self, coords):
+        """The shard at mesh ``coords``, read from the source (zeros where a partial sum holds
+        none of the value)."""
+        from flowsys.layout import holds_value, shard_box  # noqa: PLC0415
+
+        block = self.source.read(shard_box(self.shape, self.sbp, self.placement.mesh, coords))
+        return block if holds_value(self.sbp, coords) else self.xp.zeros_like(block)
 
     @shards.setter
     def shards(self, value: list | None) -> None:
@@ -81,8 +85,8 @@ class GlobalValue:
         """This value converted to another layout through the boxing planner (self if equal)."""
         if placement == self.placement and tuple(sbp) == self.sbp:
             return self
-        if self.shards is None:  # a meta value: the new layout, still without values
-            return GlobalValue(placement, sbp, self.shape, self.dtype, None)
+        if self._shards is None:  # a meta value, or one read from its source when asked: the new layout
+            return GlobalValue(placement, sbp, self.shape, self.dtype, None, self.source)
         p = boxing.plan(self.shape, self.dtype, self.placement, self.sbp, placement, tuple(sbp))
         return GlobalValue(placement, sbp, self.shape, self.dtype, boxing.execute(p, self.shards, self.xp))
 

@@ -231,6 +231,19 @@ def shard_values(spec: InitSpec, logical_shape: Sequence[int], dtype, placement,
     return _shard(spec, shape, dtype, placement, nd, placement.coords(rank))
 
 
+@dataclass(frozen=True)
+class Initial:
+    """A parameter's initial values as a source a global value reads blocks of (its
+    ``GlobalValue.source`` while nothing has made them): ``read(box)`` is ``materialize``."""
+
+    spec: InitSpec
+    shape: tuple
+    dtype: np.dtype
+
+    def read(self, box) -> np.ndarray:
+        return materialize(self.spec, self.shape, self.dtype, box)
+
+
 def all_shards(spec: InitSpec, logical_shape: Sequence[int], dtype, placement, sbp) -> list[np.ndarray]:
     """Every rank's :func:`shard_values`, in the placement's mesh order; a block several ranks
     hold (broadcast axes) is generated once and copied."""

@@ -105,7 +105,7 @@ def test_a_steady_step_moves_a_few_kib_per_rank_whatever_the_width(layout, data)
                 assert sent + back <= LIMIT, (name, rank, sent, back)
         sizes[name] = traffic[-1]
         # and the driver holds no parameter values: they were created in the workers and stay there
-        assert all(stored(p).shards is None for p in model.parameters())
+        assert all(stored(p)._shards is None for p in model.parameters())
     for rank, (sent, back) in sizes["wide"].items():  # 16x the parameters, not one byte more per step
         assert (sent, back) == sizes["narrow"][rank]
 
@@ -194,3 +194,23 @@ def test_compiled_evaluation_equals_eager_evaluation(data):
     eager = GPT(CFG)
     eager.load_state_dict(state)
     np.testing.assert_allclose(compiled, evaluate(eager, data, BATCH, CFG.block_size, 2), rtol=1e-5)
+
+
+def test_a_model_built_without_values_makes_them_where_and_when_they_are_needed(data):
+    fs.manual_seed(0)
+    want = {k: v.numpy() for k, v in GPT(CFG).state_dict().items()}
+    fs.manual_seed(0)
+    with nn.meta_init():
+        local = GPT(CFG)
+    fs.manual_seed(0)
+    with nn.meta_init():
+        laid = GPT(CFG)
+    P = fs.placement("cpu", [0, 1])
+    laid.to_global(P, GPT.parallel_plan(P, tp_axis=0))  # laid out after the block: still no values
+    assert all(stored(p)._shards is None for p in laid.parameters())
+    w = laid.transformer.h[0].mlp.c_fc.weight
+    np.testing.assert_array_equal(w.to_local(1).numpy(), want["transformer.h.0.mlp.c_fc.weight"][w.shape[0] // 2:])
+    for model in (local, laid):  # on the driver, from the initialisers
+        got = {k: v.numpy() for k, v in model.state_dict().items()}
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -31,7 +31,7 @@ from flowsys.errors import ConfigError
 from flowsys.functions import generator
 from flowsys.global_tensor import GlobalValue
 from flowsys.nn.module import Module, Parameter
-from flowsys.tensor import Tensor
+from flowsys.tensor import Tensor, stored
 
 _meta = threading.local()
 
@@ -61,6 +61,8 @@ def _init(t: Tensor, kind: str, params: tuple = ()) -> Tensor:
         t.init = spec
     if not is_meta():
         fill_(t, spec)
+    elif isinstance(t, Parameter) and type(stored(t)) is np.ndarray:
+        t._unmade = True  # its values are made from the spec when first needed (or by the workers)
     return t
 
 
@@ -92,7 +94,7 @@ def fill_(t: Tensor, spec: rng.InitSpec) -> Tensor:
     if type(d) is GlobalValue:
         xp = d.xp
         shards = [xp.asarray(v) for v in rng.all_shards(spec, d.shape, d.dtype, d.placement, d.sbp)]
-        if d.shards is None:
+        if d._shards is None:
             d.shards = shards
         else:
             for dst, src in zip(d.shards, shards):
@@ -123,7 +125,7 @@ def materialize_(module: Module) -> Module:
     for name, p in module.named_parameters():
         if p.init is not None:
             fill_(p, p.init)
-        elif type(p._data) is GlobalValue and p._data.shards is None:
+        elif type(stored(p)) is GlobalValue and stored(p)._shards is None:
             raise ConfigError(f"materialize_: parameter {name} {tuple(p.shape)} has neither values nor an init "
                               f"spec; give it one with nn.init (e.g. nn.init.zeros_) before to_global")
     return module

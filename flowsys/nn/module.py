@@ -17,6 +17,7 @@ import numpy as np
 
 from flowsys.errors import StateDictError
 from flowsys.graph.trace import Symbol
+from flowsys.rng import Initial
 from flowsys.tensor import Tensor
 
 
@@ -31,10 +32,11 @@ class Parameter(Tensor):
     (``numpy()``, ``state_dict()``, an eager op, ``fs.checkpoint.save``), which pulls the values
     from the workers on demand. Its shape, dtype and layout never need a pull."""
 
-    __slots__ = ("state_shape", "init", "_home")
+    __slots__ = ("state_shape", "init", "_home", "_unmade")
 
     def __init__(self, data, requires_grad: bool = True, state_shape: tuple[int, ...] | None = None):
         self._home = None  # the backend whose workers hold newer values than this copy
+        self._unmade = False  # built under nn.meta_init(): the local array holds no values yet, ``init`` says them
         array = data._data if isinstance(data, Tensor) else np.asarray(data, dtype=np.float32)
         super().__init__(array, requires_grad)
         # The shape this parameter has in state dicts, when the module stores it in another
@@ -52,6 +54,11 @@ class Parameter(Tensor):
         if self._home is not None and type(d) is not Symbol:
             self._home.pull(self)
             d = _STORED.__get__(self)
+        elif self._unmade and type(d) is np.ndarray:  # built without values: made when first needed
+            from flowsys.rng import materialize  # noqa: PLC0415
+
+            d[...] = materialize(self.init, d.shape, d.dtype)
+            self._unmade = False
         return d
 
     @_data.setter
@@ -59,6 +66,7 @@ class Parameter(Tensor):
         """New values (or a new layout) set here: what the workers held is superseded."""
         if self._home is not None:
             self._home.forget(self)
+        self._unmade = False
         _STORED.__set__(self, value)
 
     # what needs no values never pulls
@@ -343,8 +351,10 @@ class Module:
                     done.add(id(t))
                     full = f"{m_name}.{name}" if m_name else name
                     want = _plan_sbp(plan, full, broadcast) if plan is not None else (broadcast if sbp is None else sbp)
-                    if is_meta() and getattr(t, "init", None) is not None:  # layout only: shards come from t.init
-                        t._data = GlobalValue(placement, normalize_sbp(want, placement, t.shape), t.shape, t.dtype, None)
+                    if (is_meta() or getattr(t, "_unmade", False)) and getattr(t, "init", None) is not None:
+                        # layout only: a shard is made from t.init where (and when) it is needed
+                        t._data = GlobalValue(placement, normalize_sbp(want, placement, t.shape), t.shape, t.dtype,
+                                              None, Initial(t.init, tuple(t.shape), np.dtype(t.dtype)))
                     else:
                         t._data = t.detach().to_global(placement, want)._data
                     t.grad = None
@@ -452,9 +462,9 @@ def _moved_data(t: Tensor, placement):
     from flowsys.sbp import broadcast  # noqa: PLC0415
 
     d = t._data
-    if type(d) is GlobalValue and d.shards is None:
+    if type(d) is GlobalValue and d._shards is None:
         sbp = d.sbp if d.placement.mesh == placement.mesh else broadcast
-        return GlobalValue(placement, normalize_sbp(sbp, placement, d.shape), d.shape, d.dtype, None)
+        return GlobalValue(placement, normalize_sbp(sbp, placement, d.shape), d.shape, d.dtype, None, d.source)
     return _moved(t.detach(), placement)._data
 
 
