@@ -177,6 +177,7 @@ class RankRuntime:
         pieces; every other op of the compute phase is an actor."""
         self.hoisted = [op for op in self.compute_ops if op.per_step]
         self.hoisted_attrs = {op.id: decode_attrs(op.attrs) for op in self.hoisted}
+        self.hoisted_writers = Counter(v for op in self.hoisted for v in op.outputs)
         rest = [op for op in self.compute_ops if not op.per_step]
         self.actors = [_Actor(op, i, self._handler(op)) for i, op in enumerate(rest)]
         produced: dict[int, list[_Actor]] = {}
@@ -235,11 +236,7 @@ class RankRuntime:
         self.persistent = {vid: a for vid, a in fed.items() if vid not in inputs}
         if self.hoisted is None:
             self._build()
-        for op in self.hoisted:  # once per step, before the pieces
-            start = time.time()
-            self.current = f"{op.op} (op {op.id}, per step)"
-            self._run_blocking(op, self.hoisted_attrs[op.id], self.persistent, PER_STEP_PIECE)
-            self._note(op, PER_STEP_PIECE, start)
+        self._run_per_step()  # once per step, before the pieces
         self.piece_inputs = {vid: [_micro(a, i, k) for i in range(k)] for vid, a in fed.items() if vid in inputs}
         self.seeds = seeds
         self.k = k
@@ -617,16 +614,78 @@ class RankRuntime:
         e.step = _Awaited(e.group[step.peer], t)
         return None
 
-    def _run_blocking(self, op, attrs: dict, env: dict, piece: int) -> None:
-        """A per-step op, run before the pieces: every rank runs these in plan order, so blocking
-        on its communication is safe."""
-        out = self._handler(op)(op, attrs, [env[v] for v in op.inputs],
-                                env.get(op.outputs[0]) if op.outputs else None, piece)
-        if type(out) is _Comm:
-            result = self.comm._drive(out.gen, [self.index[r] for r in out.group], tag(op.channel, piece))
-            out = [result] * len(op.outputs)  # a collective's result (a send has none)
-        for v, o in zip(op.outputs, out):
-            env[v] = o
+    def _run_per_step(self) -> None:
+        """The per-step ops, before the pieces, in dataflow order: an op runs once its inputs are
+        here (a value with several writers, such as a move assembled from receives, once all
+        have run); its communication starts then and stays in flight with the others', so ZeRO
+        3's parameter gathers go out together instead of one round trip after another."""
+        env, mailbox, piece = self.persistent, self.comm.mailbox, PER_STEP_PIECE
+        written: Counter = Counter()
+        pending, inflight = list(enumerate(self.hoisted)), []
+
+        def ready(v: int) -> bool:
+            return v in env and written[v] == self.hoisted_writers[v]
+
+        def done(op, outs, start: float, end: float | None = None) -> None:
+            for v, o in zip(op.outputs, outs):
+                env[v] = o
+                written[v] += 1
+            self._note(op, piece, start, end)
+
+        def advance(e: _Phased, value) -> bool:  # until it waits for a message (False) or is done
+            try:
+                step = e.gen.send(value)
+                while isinstance(step, alg.Send):
+                    self.comm.post(step.array, self.index[e.group[step.peer]], e.tag)
+                    step = e.gen.send(None)
+            except StopIteration as stop:
+                op = self.hoisted[e.unit]
+                done(op, [stop.value] * len(op.outputs), e.start)  # a collective's result (a send has none)
+                return True
+            e.peer = e.group[step.peer]
+            return False
+
+        seen, idle_since = mailbox.arrivals, None
+        while pending or inflight:
+            progressed, waiting = False, []
+            for j, op in pending:
+                if not all(ready(v) for v in op.inputs) or (
+                        op.kind == "recv" and not mailbox.ready(self.index[op.peer], tag(op.channel, piece))):
+                    waiting.append((j, op))
+                    continue
+                progressed, start = True, time.time()
+                self.current = f"{op.op} (op {op.id}, per step)"
+                out = self._handler(op)(op, self.hoisted_attrs[op.id], [env[v] for v in op.inputs],
+                                        env.get(op.outputs[0]) if op.outputs else None, piece)
+                if type(out) is _Comm:
+                    e = _Phased(j, out.gen, tag(op.channel, piece), out.group, start)
+                    if not advance(e, None):
+                        inflight.append(e)
+                else:
+                    done(op, out, start)
+            pending = waiting
+            for e in list(inflight):
+                src = self.index[e.peer]
+                if mailbox.ready(src, e.tag):
+                    progressed = True
+                    if advance(e, mailbox.try_take(src, e.tag)):
+                        inflight.remove(e)
+            if progressed:
+                idle_since = None
+                continue
+            waits = [dict(op=self.hoisted[e.unit].id, name=self.hoisted[e.unit].op, piece=piece, peer=e.peer,
+                          group=list(self.hoisted[e.unit].group), channel=self.hoisted[e.unit].channel)
+                     for e in inflight]
+            waits += [dict(op=op.id, name="recv", piece=piece, peer=op.peer, group=[], channel=op.channel)
+                      for _, op in pending if op.kind == "recv" and all(ready(v) for v in op.inputs)]
+            now = time.monotonic()
+            idle_since = idle_since or now
+            if now - idle_since > self.timeout:
+                raise Stalled(self.rp.rank, waits, self.timeout)
+            try:
+                seen = mailbox.wait(seen, min(0.05, self.timeout))
+            except CommError as err:  # told to stop (another rank failed) or a peer unreachable
+                raise Stalled(self.rp.rank, waits, self.timeout, str(err)) from err
 
     # ------------------------------------------------------------------------ the handlers
     def _handler(self, op) -> Callable:
