@@ -1,7 +1,9 @@
-"""A GPT training step compiled once and run on a backend: the driver itself, worker threads,
-or one Ray actor per device talking gRPC — the same plan, the same losses.
+"""A GPT training step compiled once and run on a backend: worker threads, or one Ray actor per
+device talking gRPC — the same plan, the same losses. The driver only controls: the workers
+create the model's parameters, read their rows of each batch and keep the optimizer state; a
+step sends them its number.
 
-    python examples/distributed_gpt.py [--backend global|local|ray] [--steps 5] [--mesh 2x2]
+    python examples/distributed_gpt.py [--backend local|ray] [--steps 5] [--mesh 2x2]
     flowsys launch --nodes 4 examples/distributed_gpt.py      # on four simulated Ray nodes
 
 ``--mesh DPxTP`` lays the model out data x tensor parallel (Megatron-style) over DP*TP ranks.
@@ -36,33 +38,32 @@ class TrainStep(fs.Graph):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=["global", "local", "ray"], default=None,
+    ap.add_argument("--backend", choices=["local", "ray"], default=None,
                     help="default: ray under `flowsys launch`, else local")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--mesh", default="2x2", help="data x tensor parallel degrees, e.g. 2x2, 4x1, 1x2")
     args = ap.parse_args()
     dp, tp = (int(n) for n in args.mesh.lower().split("x"))
-    if args.backend != "global":
-        backend = fs.init(backend=args.backend)  # None: FLOWSYS_BACKEND (set by `flowsys launch`), else local
-        args.backend = backend.name
+    backend = fs.init(backend=args.backend)  # None: FLOWSYS_BACKEND (set by `flowsys launch`), else local
+    args.backend = backend.name
     if args.backend == "ray":
         import ray  # noqa: PLC0415
 
         print(f"Ray nodes: {sum(n['Alive'] for n in ray.nodes())}")
     fs.manual_seed(0)
-    model = GPT(CFG)
     placement = fs.placement("cpu", np.arange(dp * tp).reshape(dp, tp).tolist())
-    model.to_global(placement, GPT.parallel_plan(placement, dp_axis=0, tp_axis=1))
+    with fs.nn.meta_init():  # shapes and layouts only: each worker creates its own shards
+        model = GPT(CFG)
+        model.to_global(placement, GPT.parallel_plan(placement, dp_axis=0, tp_axis=1))
     step = TrainStep(model, model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3))
-    data = fs.data.ByteDataset.from_stdlib()
-    rng = np.random.default_rng(0)
+    batches = fs.data.ByteDataset.from_stdlib().batches(batch_size=8, block_size=CFG.block_size)
     batch = (fs.sbp.split(0), fs.sbp.broadcast)
     for i in range(args.steps):
-        idx, tgt = data.get_batch("train", 8, CFG.block_size, rng=rng)
         start = time.perf_counter()
-        loss = step(idx.to_global(placement, batch), tgt.to_global(placement, batch))
+        loss = step(*batches.at(i, placement, batch))  # each rank reads its rows of step i's batch
         print(f"step {i}  loss {float(loss):.4f}  {1e3 * (time.perf_counter() - start):.0f} ms  "
-              f"(backend {args.backend}, mesh {dp}x{tp})")
+              f"(backend {args.backend}, mesh {dp}x{tp}; {max(sum(t) for t in step.traffic.values())} bytes "
+              f"to and from a worker)")
     fs.shutdown()
 
 

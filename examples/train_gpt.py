@@ -13,8 +13,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 import flowsys as fs
 from flowsys import optim
 from flowsys.data import ByteDataset
@@ -54,11 +52,11 @@ def main(argv: list[str] | None = None) -> float:
     print(f"data: {data}")
     print(f"model: GPT {model.num_parameters():,} parameters, {config}")
 
-    rng = np.random.default_rng(args.seed)
+    batches = data.batches(args.batch_size, args.block_size, seed=args.seed)  # the samples of step i, as flowsys train draws them
     tokens_per_step = args.batch_size * args.block_size
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
-        x, y = data.get_batch("train", args.batch_size, args.block_size, rng=rng)
+        x, y = batches.at(step)
         _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
