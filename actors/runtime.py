@@ -19,7 +19,9 @@ Compute and communication actors share the contract. A collective or transfer is
 schedule from :mod:`comm.algorithms`; firing starts it, its sends are posted at once, and it
 parks on each receive until the message is in the mailbox, so any number of collectives are in
 flight together and no rank blocks another by the order it happens to pick. Messages carry a tag
-made of the op's channel and the piece, so the conversations never mix.
+made of the op's channel and the piece, so the conversations never mix. A bucket the plan names
+of the pieces' collectives (ZeRO's parameter all-gathers, its gradient reduce-scatters) is one
+actor: one collective per piece over its members' flattened concatenation, split back.
 
 The optimizer phase runs once per step on the gradients summed over the pieces, in dataflow
 order inside the same loop: a gradient is final when its producers have fired for the last
@@ -47,8 +49,10 @@ from comm import algorithms as alg
 from flowsys.boxing import STEPS, plan_collective, run_step
 from flowsys.device import contiguous
 from flowsys.errors import ArgumentError
+from flowsys.layout import bounds
 from flowsys.ops import OPS
 from flowsys.planformat import SeedMarker, decode_attrs
+from flowsys.sbp import parse
 
 OPTIMIZER_PIECE = (1 << 20) - 1  # the piece number optimizer-phase messages are tagged with
 PER_STEP_PIECE = (1 << 20) - 2   # ... and the messages of ops run once per step before the pieces
@@ -122,15 +126,17 @@ class Stalled(CommError):
 
 
 class _Actor:
-    __slots__ = ("op", "index", "attrs", "seeded", "run", "piece", "inputs", "outputs", "busy", "name", "late")
+    __slots__ = ("op", "index", "attrs", "seeded", "run", "piece", "inputs", "outputs", "busy", "name", "late",
+                 "members")
 
-    def __init__(self, op, index: int, run: Callable):
+    def __init__(self, op, index: int, run: Callable, members: list | None = None):
         self.op, self.index, self.run = op, index, run  # run: the op's handler in the dispatch table
+        self.members = members  # a bucket's collectives (op is the first), run as one; None: op alone
         self.attrs = decode_attrs(op.attrs)
         self.seeded = any(isinstance(v, SeedMarker) for v in self.attrs.values())  # dropout: per-piece seeds
         self.piece = 0                 # the next piece to fire for
         self.inputs: list[int] = []    # per-piece input values (persistent ones need no register)
-        self.outputs = list(op.outputs)
+        self.outputs = [v for m in members for v in m.outputs] if members else list(op.outputs)
         self.busy = False              # a communication schedule in flight
         self.name = op.op
         self.late = int(op.phase != "forward")  # scheduling priority: forward work first
@@ -178,8 +184,18 @@ class RankRuntime:
         self.hoisted = [op for op in self.compute_ops if op.per_step]
         self.hoisted_attrs = {op.id: decode_attrs(op.attrs) for op in self.hoisted}
         self.hoisted_writers = Counter(v for op in self.hoisted for v in op.outputs)
-        rest = [op for op in self.compute_ops if not op.per_step]
-        self.actors = [_Actor(op, i, self._handler(op)) for i, op in enumerate(rest)]
+        # a bucket of the pieces' collectives is one actor, at its first member's place
+        buckets: dict[int, list] = {}
+        for op in self.compute_ops:
+            if op.bucket and not op.per_step:
+                buckets.setdefault(op.bucket, []).append(op)
+        self.actors = []
+        for op in self.compute_ops:
+            if op.per_step or (op.bucket and op is not buckets[op.bucket][0]):
+                continue
+            members = buckets[op.bucket] if op.bucket else None
+            run = self._bucket_handler(op) if members else self._handler(op)
+            self.actors.append(_Actor(op, len(self.actors), run, members))
         produced: dict[int, list[_Actor]] = {}
         for a in self.actors:
             for v in a.outputs:
@@ -187,7 +203,7 @@ class RankRuntime:
         self.writers = {v: len(ws) for v, ws in produced.items()}
         self.consumers: dict[int, list[_Actor]] = {v: [] for v in produced}
         for a in self.actors:
-            a.inputs = [v for v in dict.fromkeys(a.op.inputs) if v in produced]
+            a.inputs = [v for v in dict.fromkeys(v for m in a.members or [a.op] for v in m.inputs) if v in produced]
             for v in a.inputs:
                 self.consumers[v].append(a)
         self.producers = produced
@@ -532,8 +548,11 @@ class RankRuntime:
         attrs = {k: self.seeds[p][v] if isinstance(v, SeedMarker) else v for k, v in a.attrs.items()} \
             if a.seeded else a.attrs
         outputs = a.outputs
-        out = a.run(op, attrs, [self._value(v, p) for v in op.inputs],
-                    self.regs[(outputs[0], p)] if outputs else None, p)
+        if a.members:  # a bucket: every member's input
+            out = a.run(a.members, [self._value(m.inputs[0], p) for m in a.members])
+        else:
+            out = a.run(op, attrs, [self._value(v, p) for v in op.inputs],
+                        self.regs[(outputs[0], p)] if outputs else None, p)
         if type(out) is _Comm:  # in flight: completes when its last message is in
             return self._start(a, out, start)
         for v, o in zip(outputs, out):
@@ -571,7 +590,12 @@ class RankRuntime:
         if not self._open[p]:  # the piece is done on this rank: the next may enter
             del self._open[p]
             woken.extend(b for b in self.actors if b.piece < self.k and not b.busy)
-        self._note(a.op, p, start)
+        if a.members:  # one firing of the bucket's collective, recorded for each member
+            end = time.time()
+            for m in a.members:
+                self._note(m, p, start, end)
+        else:
+            self._note(a.op, p, start)
         return woken
 
     def _free(self, v: int, p: int, woken: list[_Actor]) -> None:
@@ -608,8 +632,9 @@ class RankRuntime:
                 self.comm.post(step.array, self.index[e.group[step.peer]], t)
                 step = e.gen.send(None)
         except StopIteration as stop:
-            for v in a.outputs:  # a collective's result (a send has none)
-                self.regs[(v, p)] = stop.value
+            # a collective's result (a send has none); a bucket's, one per member
+            for v, x in zip(a.outputs, stop.value if a.members else [stop.value] * len(a.outputs)):
+                self.regs[(v, p)] = x
             return self._complete(a, p, e.start)
         e.step = _Awaited(e.group[step.peer], t)
         return None
@@ -695,6 +720,39 @@ class RankRuntime:
             raise ArgumentError(f"rank {self.rp.rank}: op {op.id} ({op.kind} {op.op!r}) has no handler in the "
                                 f"runtime (kinds: {', '.join(self.dispatch)}); re-lower the plan with this flowsys")
         return run
+
+    def _bucket_handler(self, op) -> Callable:
+        if op.kind == "collective" and op.op in ("all_gather", "reduce_scatter"):
+            return self._gather_bucket if op.op == "all_gather" else self._reduce_scatter_bucket
+        raise ArgumentError(f"rank {self.rp.rank}: op {op.id} ({op.kind} {op.op!r}) is in a bucket of the pieces' "
+                            f"collectives, which fuses only all_gather and reduce_scatter; re-lower the plan with "
+                            f"this flowsys")
+
+    def _gather_bucket(self, members: list, ins: list) -> _Comm:
+        """One ring all-gather of the concatenation of this rank's flattened shards; the result
+        (every rank's chunk, in group order) is split back into each member's gathered value
+        along its own axis, from every rank's shard shape (the ``shards`` attribute)."""
+        group = list(members[0].group)
+        flat = np.concatenate([contiguous(x).reshape(-1) for x in ins])
+        layout = []
+        for m in members:
+            attrs = decode_attrs(m.attrs)
+            layout.append((parse(attrs["src"]).axis, [tuple(s) for s in attrs["shards"]]))
+        return _Comm(_split_gathered(alg.ring_all_gather(group.index(self.rp.rank), len(group), flat), layout),
+                     group)
+
+    def _reduce_scatter_bucket(self, members: list, ins: list) -> _Comm:
+        """One ring reduce-scatter whose chunk ``i`` is the concatenation of every member's chunk
+        ``i`` (its ``array_split`` piece along its own axis), as each member's own would cut it."""
+        group = list(members[0].group)
+        n = len(group)
+        cuts = []
+        for m, x in zip(members, ins):
+            axis = parse(decode_attrs(m.attrs)["dst"]).axis
+            cuts.append([np.take(x, range(*bounds(x.shape[axis], n, i)), axis=axis) for i in range(n)])
+        chunks = [np.concatenate([c[i].reshape(-1) for c in cuts]) for i in range(n)]
+        shapes = [c[group.index(self.rp.rank)].shape for c in cuts]
+        return _Comm(_split_reduced(_ring_reduce_scatter_chunks(group.index(self.rp.rank), n, chunks), shapes), group)
 
     def _compute(self, op, attrs, ins, held, piece):
         spec = OPS[op.op]
@@ -793,6 +851,44 @@ class _Phased:
     group: list
     start: float
     peer: int = -1
+
+
+def _split_gathered(schedule, layout: list):
+    """A bucket's all-gather, then each member's gathered value: rank ``q``'s chunk holds every
+    member's shard on ``q`` in turn; a member's value is its shards concatenated along its axis."""
+    flat = yield from schedule
+    pieces: list[list] = [[] for _ in layout]
+    at = 0
+    for q in range(len(layout[0][1])):
+        for (_, shards), got in zip(layout, pieces):
+            n = int(np.prod(shards[q]))
+            got.append(flat[at:at + n].reshape(shards[q]))
+            at += n
+    return [np.concatenate(got, axis=axis) for (axis, _), got in zip(layout, pieces)]
+
+
+def _ring_reduce_scatter_chunks(me: int, n: int, chunks: list):
+    """``comm.algorithms.ring_reduce_scatter`` over chunks already cut (rank i ends with the
+    group's sum of chunk i): the same messages and the same order of additions."""
+    if n == 1:
+        return chunks[0]
+    right, left = (me + 1) % n, (me - 1) % n
+    for step in range(n - 1):
+        yield alg.Send(right, chunks[(me - step - 1) % n])
+        got = yield alg.Recv(left)
+        chunks[(me - step - 2) % n] += got
+    return chunks[me]
+
+
+def _split_reduced(schedule, shapes: list):
+    """A bucket's reduce-scatter, then each member's chunk of the sum."""
+    flat = yield from schedule
+    out, at = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(flat[at:at + n].reshape(shape))
+        at += n
+    return out
 
 
 def _one_send(peer: int, x: np.ndarray):

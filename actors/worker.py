@@ -1,12 +1,16 @@
 """The per-device worker: hosts one rank's plans and runs a step of them on request.
 
-A worker holds, between steps, the plans the driver loaded into it and the optimizer state of
-the parameters it updates. Each step the driver sends a ``StepRequest`` (protobuf bytes: the
-rank's inputs and parameters, this step's hyper-parameters and dropout seeds) and gets back a
-``StepResponse`` (the rank's outputs, its updated parameters, its actor timeline, or what went
-wrong). Parameters stay in the worker between steps: the driver sends one only when its copy
-differs from what the worker holds (the first step, a new layout, a change made by the user). The same class runs in a thread of the driver (the local backend, in-process transport)
-and as a Ray actor in its own process (the Ray backend, gRPC transport): the code path is one.
+A worker holds, between steps, the plans the driver loaded into it, its shards of the
+parameters and the optimizer state of those it updates. Each step the driver sends a
+``StepRequest`` (protobuf bytes: this step's hyper-parameters and dropout seeds, where to read
+the rank's block of the batch, and only what the worker cannot make itself: on a plan's first
+step its keys and constants, the initialisers of parameters it creates, values the user changed)
+and gets back a ``StepResponse`` (the rank's outputs, a digest of the samples it read, its actor
+timeline, or what went wrong). The driver pulls parameters (``get_params``) and optimizer state
+(``get_state``) only when asked for them; checkpoints are written and read here
+(``save_shards``, ``load_shards``). The same class runs in a thread of the driver (the local
+backend, in-process transport) and as a Ray actor in its own process (the Ray backend, gRPC
+transport): the code path is one.
 
 While a step runs, a status thread posts the op the rank is running to the driver whenever it
 changes (checked every 50 ms), so that if the process dies the driver can say what it was doing.

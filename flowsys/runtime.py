@@ -120,14 +120,14 @@ class Home:
         from flowsys.tensor import store, stored  # noqa: PLC0415
 
         live = {key: q for key, ref in self.params.items() if (q := ref()) is not None}
-        self.params.clear()
-        for q in live.values():
-            q._home = None
-        if self.generation != self.backend.generation:
+        if self.generation != self.backend.generation:  # they stay lost until new values are set
             what = f"a parameter of shape {p.shape}" if p is not None else f"{len(live)} parameters"
             raise GraphError(f"the values of {what} lived in the workers of the "
                              f"{self.backend.name} backend, which were restarted after a failure; load a checkpoint "
-                             f"(fs.checkpoint.load) to go on")
+                             f"(fs.checkpoint.load) or a state dict to go on")
+        self.params.clear()
+        for q in live.values():
+            q._home = None
         got: dict[str, dict[int, Any]] = {}
         for rank, dump in self.backend.get_params(sorted(live)).items():
             for e in dump.entries:

@@ -401,9 +401,10 @@ def _bound(costs: list[RankCost], span: float, driver: float) -> str:
 
 
 def _fuse_buckets(ops) -> list:
-    """The plan's ops with each gradient bucket's all-reduces as one collective (as the runtime
-    runs them): at its first member's place, over every member's input and output, with their
-    bytes summed, on the bucket's channel."""
+    """The plan's ops with each bucket's collectives as one collective (as the runtime runs
+    them: a gradient bucket's all-reduces, the pieces' parameter all-gathers and gradient
+    reduce-scatters): at its first member's place, over every member's input and output, with
+    their bytes summed, on the bucket's channel."""
     members: dict[int, list] = defaultdict(list)
     for op in ops:
         if op.bucket:
@@ -692,8 +693,12 @@ class _Simulation:
             n = len(op.group)
             f_time, m_time = 0.0, 2 * int(op.nbytes) / hw.memory_bandwidth
             x = ins[0] if len(ins) == 1 else ((sum(_numel(s) for s, _ in ins),), ins[0][1])  # a bucket: flat
+            attrs = decode_attrs(op.attrs)
+            if len(ins) > 1:  # a bucket's gather or reduce-scatter cuts its flat concatenation
+                attrs = {k: ("S(0)" if k in ("src", "dst") and v.startswith("S(") else v)
+                         for k, v in attrs.items() if k != "shards"}
             if hw.kernels == "measure" and ins and n * _nbytes(x) < _MEASURE_LIMIT:
-                f_time, m_time = 0.0, measure_collective(op.op, decode_attrs(op.attrs), x, n)
+                f_time, m_time = 0.0, measure_collective(op.op, attrs, x, n)
         else:  # recv, local steps: a copy
             f_time, m_time = 0.0, touched / hw.memory_bandwidth
         scale = hw.kernel_scale if hw.kernels == "measure" else 1.0

@@ -131,6 +131,7 @@ class _Lowering:
         for op in rp.ops:
             op.per_step = op.node in self.step_nodes
         self.bucket_gradients(rp)
+        self.bucket_piece_collectives(rp)
         rp.bytes_sent = sum(op.nbytes for op in rp.ops)
         self.estimate_memory(rp)
         return rp
@@ -171,6 +172,60 @@ class _Lowering:
                 if len(members) > 1:
                     for op in members:
                         op.bucket = members[0].channel + 1
+
+    def bucket_piece_collectives(self, rp) -> None:
+        """Fuse the pieces' collectives into buckets, as FSDP groups parameters into units: per
+        phase, group of ranks and dtype, consecutive (in plan order) up to ``bucket_bytes``
+
+        - ``all_gather``s of values held before the piece starts (ZeRO 3's gathers of parameter
+          shards, in forward and again in backward): the runtime fires the bucket once per piece,
+          one ring all-gather of the concatenation of this rank's flattened shards, and splits the
+          result back into each member's output along its own gather axis. A member's ``shards``
+          attribute names every group rank's shard shape, so that uneven splits split back.
+        - backward ``reduce_scatter``s whose output is a gradient (ZeRO 2 and 3): the bucket fires
+          once its last member's input is written, one ring reduce-scatter whose chunk for rank
+          ``i`` is the concatenation of every member's chunk ``i``.
+
+        A bucket is sized by the bytes of its members' group-wide values (the gathered outputs,
+        the partial sums), the same on every rank of the group, so every rank forms the same
+        buckets; its members carry its id (the first member's channel + 1)."""
+        if not self.bucket_bytes:
+            return
+        g = self.g
+        nodes = {n.id: n for n in g.nodes}
+        held = set(rp.variables.values()) | set(g.constants) | {v for op in rp.ops if op.per_step for v in op.outputs}
+        grads = set(g.grads.values())
+        sizes = {v.id: (math.prod(v.shape) * np.dtype(v.dtype).itemsize, v.dtype) for v in rp.values}
+        streams: dict[tuple, list] = {}
+        for op in rp.ops:
+            if op.kind != "collective" or op.per_step or op.bucket or op.phase not in ("forward", "backward"):
+                continue
+            if op.op == "all_gather" and op.inputs[0] in held and op.inputs[0] == nodes[op.node].inputs[0]:
+                nbytes, dtype = sizes[op.outputs[0]]
+            elif op.op == "reduce_scatter" and op.phase == "backward" and op.outputs[0] in grads:
+                nbytes, dtype = sizes[op.inputs[0]]
+            else:
+                continue
+            streams.setdefault((op.phase, op.op, tuple(op.group), dtype), []).append((nbytes, op))
+        for stream in streams.values():
+            buckets: list[list] = [[]]
+            filled = 0
+            for nbytes, op in stream:
+                if buckets[-1] and filled + nbytes > self.bucket_bytes:
+                    buckets.append([])
+                    filled = 0
+                buckets[-1].append(op)
+                filled += nbytes
+            for members in buckets:
+                if len(members) < 2:
+                    continue
+                for op in members:
+                    op.bucket = members[0].channel + 1
+                    if op.op == "all_gather":
+                        src = g.values[op.inputs[0]]
+                        attrs = decode_attrs(op.attrs)
+                        attrs["shards"] = tuple(self.local(src, q) for q in op.group)
+                        op.attrs = encode_attrs(attrs)
 
     def lower_op(self, n: Node, r: int, rp, declare) -> None:
         g = self.g
@@ -319,7 +374,8 @@ def lower(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES) -> pla
     """One physical plan per rank of a compiled (SBP-inferred, boxed) graph. ``registers`` is
     the register count of every per-micro-batch value: more than one lets the next micro-batch
     enter an op while the last is still downstream. ``bucket_bytes`` caps the gradient
-    all-reduces fused into one (0: each gradient alone)."""
+    all-reduces fused into one, and the pieces' parameter all-gathers and gradient
+    reduce-scatters fused into one (0: each alone)."""
     if not g.boxed:
         raise ValueError("lower: the graph has not been through the passes (insert_boxing) yet")
     return _Lowering(g, registers, bucket_bytes).lower()

@@ -186,9 +186,12 @@ def test_bucket_all_reduces_start_before_backward_ends(buckets, micro):
         assert min(f.start for f in mine if f.kind == "update") >= backward_ends
 
 
-def test_zero_2_updates_shards_and_gathers_while_backward_runs():
+def test_zero_2_updates_shards_and_gathers_while_backward_runs(buckets):
     # ZeRO 2 updates a copy of the parameter's shard: it need not wait for backward to end, nor
-    # does the all-gather of the updated shard; only the assign into the parameter does
+    # does the all-gather of the updated shard; only the assign into the parameter does. The
+    # gradients' reduce-scatters are bucketed: a cap that makes several buckets of the test GPT's
+    # (the default makes one, final only when backward ends)
+    buckets(SMALL)
     _, step = _train("dp2", 1, zero=2, steps=1, record=True)
     overlapped = []
     for x, y in _batches(3):  # the overlap depends on how the two ranks' threads interleave: one step of three

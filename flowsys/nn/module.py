@@ -83,7 +83,10 @@ class Parameter(Tensor):
         return "Parameter containing:\n" + super().__repr__()
 
     def copy_(self, src) -> Parameter:
-        """Overwrite the value in place; it is no longer what ``init`` describes."""
+        """Overwrite the value in place; it is no longer what ``init`` describes, and what the
+        workers held of it is superseded (nothing is pulled to be overwritten)."""
+        if self._home is not None:
+            self._home.forget(self)
         super().copy_(src)
         self.init = None
         return self
@@ -247,16 +250,17 @@ class Module:
         With ``strict``, missing, unexpected and wrongly shaped keys are all reported in one
         :class:`StateDictError` and nothing is changed.
         """
-        own = self.state_dict()
         targets = dict(self._state_items())
+        # the shapes state dicts have (no values needed: nothing is pulled from the workers)
+        own = {k: tuple(getattr(t, "state_shape", None) or t.shape) for k, t in targets.items()}
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         arrays, mismatched = {}, []
-        for k, target in own.items():
+        for k, shape in own.items():
             if k in state_dict:
                 a = _to_numpy(state_dict[k])
-                if tuple(a.shape) != tuple(target.shape):
-                    mismatched.append(f"{k}: checkpoint {tuple(a.shape)} vs model {tuple(target.shape)}")
+                if tuple(a.shape) != shape:
+                    mismatched.append(f"{k}: checkpoint {tuple(a.shape)} vs model {shape}")
                 else:
                     arrays[k] = a
         problems = []
