@@ -304,7 +304,7 @@ def _plan_save(backend, model, optimizer) -> tuple[dict, dict]:
     optimizer state ``("state", key, field)``, or an array the driver holds — and the tensors'
     metadata, from the layouts alone (nothing is pulled)."""
     from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
-    from flowsys.runtime import uid  # noqa: PLC0415
+    from flowsys.keys import uid  # noqa: PLC0415
     from flowsys.tensor import stored  # noqa: PLC0415
 
     per_rank: dict[int, dict] = {}
@@ -389,7 +389,7 @@ def _state_layouts(backend, optimizer, params: dict, tensors: dict, by_workers: 
     already, for every parameter the checkpoint has state of (homed there), with the same
     fields, in a layout recognised from their shard shapes (the one their update uses). None
     otherwise: the driver keeps it logical and the next step lays it out."""
-    from flowsys.runtime import uid  # noqa: PLC0415
+    from flowsys.keys import uid  # noqa: PLC0415
     from flowsys.tensor import stored  # noqa: PLC0415
 
     if getattr(optimizer, "_state_in_workers", None) is not backend \
@@ -427,7 +427,8 @@ def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_worker
     ``optimizer``'s state, laid out as ``state_layouts`` says, when given) need, straight into
     what it keeps; the driver then records those parameters as living there."""
     from flowsys.layout import local_shape, shard_box  # noqa: PLC0415
-    from flowsys.runtime import home, uid  # noqa: PLC0415
+    from flowsys.keys import uid  # noqa: PLC0415
+    from flowsys.runtime import home  # noqa: PLC0415
     from flowsys.tensor import stored  # noqa: PLC0415
 
     entries: dict[int, list] = {r: [] for r in range(backend.world)}

@@ -23,7 +23,20 @@ import threading
 import weakref
 from typing import Any
 
+import numpy as np
+
+import scheduler
+from actors.runtime import Timeline
+from actors.worker import decode, encode
 from flowsys.errors import ConfigError
+from flowsys.functions import next_seed
+from flowsys.global_tensor import GlobalValue
+from flowsys.graph.ir import GraphError
+from flowsys.keys import uid
+from flowsys.layout import shard_box
+from flowsys.optim.state import push_state, stateful
+from flowsys.planformat import plan_pb2
+from flowsys.tensor import store, stored
 
 _backend = None
 
@@ -112,12 +125,6 @@ class Home:
 
     def pull(self, p=None) -> None:
         """Bring every parameter homed here back into the driver's tensors (``p`` among them)."""
-        import numpy as np  # noqa: PLC0415
-
-        from actors.worker import decode  # noqa: PLC0415
-        from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
-        from flowsys.graph.ir import GraphError  # noqa: PLC0415
-        from flowsys.tensor import store, stored  # noqa: PLC0415
 
         live = {key: q for key, ref in self.params.items() if (q := ref()) is not None}
         if self.generation != self.backend.generation:  # they stay lost until new values are set
@@ -177,8 +184,6 @@ class Session:
         self.traffic: dict[int, tuple[int, int]] = {}  # per rank: bytes sent to it and back, last step
 
     def lower(self, registers: int, bucket_bytes: int):
-        import scheduler  # noqa: PLC0415
-
         if self.plan is None or self.registers != (registers, bucket_bytes):
             self.plan = scheduler.lower(self.ir, registers=registers, bucket_bytes=bucket_bytes)
             self.registers = (registers, bucket_bytes)
@@ -187,11 +192,6 @@ class Session:
 
     def run(self, tensors: list, backend, registers: int, record: bool, bucket_bytes: int) -> tuple[list, list]:
         """One step on ``backend``: the outputs and, when ``record``, the actor timeline."""
-        from actors.runtime import Timeline  # noqa: PLC0415
-        from actors.worker import decode  # noqa: PLC0415
-        from flowsys.functions import next_seed  # noqa: PLC0415
-        from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
-
         ir, params, optimizers = self.ir, self.params, self.optimizers
         plan = self.lower(registers, bucket_bytes)
         backend.ensure(max(rp.rank for rp in plan.ranks) + 1)
@@ -234,13 +234,6 @@ class Session:
 
     def _request(self, rp, tensors: list, backend, hyper: str, seeds: list, record: bool) -> bytes:
         """Rank ``rp.rank``'s request: what it cannot make or read itself."""
-        import numpy as np  # noqa: PLC0415
-
-        from actors.worker import encode  # noqa: PLC0415
-        from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
-        from flowsys.layout import shard_box  # noqa: PLC0415
-        from flowsys.tensor import stored  # noqa: PLC0415
-        from flowsys.planformat import plan_pb2  # noqa: PLC0415
 
         ir, r = self.ir, rp.rank
         req = plan_pb2.StepRequest(plan=self.key, hyper=hyper, seeds=seeds, seeds_per_piece=self.n_seeds,
@@ -289,8 +282,6 @@ class Session:
     def _check_state(self, backend) -> None:
         """Optimizer state: lost with restarted workers is an error; the driver's (eager steps, a
         loaded checkpoint) goes to the workers before their first update."""
-        from flowsys.graph.ir import GraphError  # noqa: PLC0415
-        from flowsys.optim.state import push_state, stateful  # noqa: PLC0415
 
         for opt in self.optimizers:
             if getattr(opt, "_state_in_workers", None) is backend and opt._state_generation != backend.generation \
@@ -305,27 +296,14 @@ class Session:
 
 
 def _local(value, rank: int):
-    from flowsys.global_tensor import GlobalValue  # noqa: PLC0415
 
     return value.local(rank) if type(value) is GlobalValue else value
 
 
 def _no_values(name: str, p):
-    from flowsys.graph.ir import GraphError  # noqa: PLC0415
 
     return GraphError(f"parameter {name!r} of shape {p.shape} has no values and no initialiser to create them "
                       f"from (built under nn.meta_init() and then replaced?); load a checkpoint or a state dict")
 
 
 _PLAN_KEYS = itertools.count()
-_UIDS: dict[int, int] = {}
-_NEXT_UID = itertools.count()
-
-
-def uid(obj) -> int:
-    """A number for ``obj`` that is never reused (ids are), forgotten when ``obj`` dies."""
-    key = id(obj)
-    if key not in _UIDS:
-        _UIDS[key] = next(_NEXT_UID)
-        weakref.finalize(obj, _UIDS.pop, key, None)
-    return _UIDS[key]

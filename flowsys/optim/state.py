@@ -10,7 +10,7 @@ import numpy as np
 
 from flowsys.global_tensor import GlobalValue, make_global
 from flowsys.ops.optim import state_fields
-from flowsys.runtime import uid
+from flowsys.keys import uid
 from flowsys.tensor import stored
 
 LOGICAL = "__logical__"  # optimizer state held as logical values until its first use lays it out
