@@ -27,10 +27,12 @@ import numpy as np
 
 from actors.runtime import RankRuntime, Stalled, pack_timeline
 from comm import Communicator
+from flowsys.datasource import Windows
 from flowsys.device import contiguous
 from flowsys.ops import OPS
 from flowsys.ops.optim import update_in_place
 from flowsys.planformat import decode_attrs, plan_pb2
+from flowsys.rng import InitSpec, materialize
 
 STATUS_TAG = 1  # worker -> driver: the op the rank is running (utf-8 text)
 
@@ -46,8 +48,6 @@ def encode(vid: int, array) -> plan_pb2.Tensor:
 
 def _initial(i: plan_pb2.Init) -> np.ndarray:
     """The block [start, stop) of a parameter's initial value, from its initialiser's spec."""
-    from flowsys.rng import InitSpec, materialize  # noqa: PLC0415
-
     spec = InitSpec.from_dict(json.loads(i.spec))
     return materialize(spec, tuple(i.shape), np.dtype(i.dtype), tuple(zip(i.start, i.stop)))
 
@@ -193,8 +193,7 @@ class Worker:
         return json.dumps([[e["name"], list(v.shape)] for e, (_, v) in zip(plan["entries"], values)]).encode()
 
     def _read(self, r: plan_pb2.Read) -> np.ndarray:
-        from flowsys.datasource import Windows  # noqa: PLC0415
-
+        """This rank's block of a batch field, read here (each data source opened once)."""
         spec = self._specs.get(r.spec)
         if spec is None:
             spec = self._specs[r.spec] = Windows.from_json(r.spec)
