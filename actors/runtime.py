@@ -362,18 +362,14 @@ class RankRuntime:
     def _advance_unit(self, e: _Phased, value) -> bool:
         """Step an optimizer collective until it waits for a message (False) or is done; a
         bucket's result is split back into its members' outputs."""
-        try:
-            step = e.gen.send(value)
-            while isinstance(step, alg.Send):
-                self.comm.post(step.array, self.index[e.group[step.peer]], e.tag)
-                step = e.gen.send(None)
-        except StopIteration as stop:
+        done, got = self._drive(e.gen, value, e.group, e.tag)
+        if done:
             ops = self.units[e.unit]
             if len(ops) == 1:
                 for v in ops[0].outputs:  # a collective's result (a send has none)
-                    self.env[v] = stop.value
+                    self.env[v] = got
             else:
-                flat, at = stop.value.reshape(-1), 0
+                flat, at = got.reshape(-1), 0
                 for o in ops:
                     shape = self.decls[o.outputs[0]][0]
                     n = int(np.prod(shape))
@@ -384,7 +380,7 @@ class RankRuntime:
                 self._note(o, OPTIMIZER_PIECE, e.start, end)
             self._unit_done(ops)
             return True
-        e.peer = e.group[step.peer]
+        e.peer = got
         return False
 
     def _unit_done(self, ops: list) -> None:
@@ -626,18 +622,26 @@ class RankRuntime:
         """Step a schedule until it waits for a message (None) or returns (the woken actors)."""
         a, p = e.actor, e.actor.piece
         t = tag(a.op.channel, p)
-        try:
-            step = e.gen.send(value)
-            while isinstance(step, alg.Send):
-                self.comm.post(step.array, self.index[e.group[step.peer]], t)
-                step = e.gen.send(None)
-        except StopIteration as stop:
+        done, got = self._drive(e.gen, value, e.group, t)
+        if done:
             # a collective's result (a send has none); a bucket's, one per member
-            for v, x in zip(a.outputs, stop.value if a.members else [stop.value] * len(a.outputs)):
+            for v, x in zip(a.outputs, got if a.members else [got] * len(a.outputs)):
                 self.regs[(v, p)] = x
             return self._complete(a, p, e.start)
-        e.step = _Awaited(e.group[step.peer], t)
+        e.step = _Awaited(got, t)
         return None
+
+    def _drive(self, gen, value, group: list, t: int) -> tuple[bool, Any]:
+        """Step a communication schedule, posting its sends (tagged ``t``), until it waits for
+        a message — (False, the global rank it waits for) — or returns: (True, its result)."""
+        try:
+            step = gen.send(value)
+            while isinstance(step, alg.Send):
+                self.comm.post(step.array, self.index[group[step.peer]], t)
+                step = gen.send(None)
+        except StopIteration as stop:
+            return True, stop.value
+        return False, group[step.peer]
 
     def _run_per_step(self) -> None:
         """The per-step ops, before the pieces, in dataflow order: an op runs once its inputs are
@@ -658,16 +662,12 @@ class RankRuntime:
             self._note(op, piece, start, end)
 
         def advance(e: _Phased, value) -> bool:  # until it waits for a message (False) or is done
-            try:
-                step = e.gen.send(value)
-                while isinstance(step, alg.Send):
-                    self.comm.post(step.array, self.index[e.group[step.peer]], e.tag)
-                    step = e.gen.send(None)
-            except StopIteration as stop:
+            finished, got = self._drive(e.gen, value, e.group, e.tag)
+            if finished:
                 op = self.hoisted[e.unit]
-                done(op, [stop.value] * len(op.outputs), e.start)  # a collective's result (a send has none)
+                done(op, [got] * len(op.outputs), e.start)  # a collective's result (a send has none)
                 return True
-            e.peer = e.group[step.peer]
+            e.peer = got
             return False
 
         seen, idle_since = mailbox.arrivals, None

@@ -160,15 +160,8 @@ class _Lowering:
                 nbytes, dtype = sizes[g]
                 streams.setdefault((tuple(op.group), dtype), []).append((final_at[g], i, nbytes, op))
         for stream in streams.values():
-            buckets: list[list] = [[]]
-            filled = 0
-            for _, _, nbytes, op in sorted(stream, key=lambda s: s[:2]):
-                if buckets[-1] and filled + nbytes > self.bucket_bytes:
-                    buckets.append([])
-                    filled = 0
-                buckets[-1].append(op)
-                filled += nbytes
-            for members in buckets:
+            for members in _fill([(nbytes, op) for _, _, nbytes, op in sorted(stream, key=lambda s: s[:2])],
+                                 self.bucket_bytes):
                 if len(members) > 1:
                     for op in members:
                         op.bucket = members[0].channel + 1
@@ -208,15 +201,7 @@ class _Lowering:
                 continue
             streams.setdefault((op.phase, op.op, tuple(op.group), dtype), []).append((nbytes, op))
         for stream in streams.values():
-            buckets: list[list] = [[]]
-            filled = 0
-            for nbytes, op in stream:
-                if buckets[-1] and filled + nbytes > self.bucket_bytes:
-                    buckets.append([])
-                    filled = 0
-                buckets[-1].append(op)
-                filled += nbytes
-            for members in buckets:
+            for members in _fill(stream, self.bucket_bytes):
                 if len(members) < 2:
                     continue
                 for op in members:
@@ -368,6 +353,20 @@ class _Lowering:
                     if made_in.get(v) == "forward" and v not in persistent}
             peak += (in_flight - 1) * sum(sizes[v] for v in kept)
         rp.memory.CopyFrom(plan_pb2.Memory(parameters=params, gradients=grads, optimizer_state=state, peak_activations=peak))
+
+
+def _fill(stream: list[tuple[int, Any]], cap: int) -> list[list]:
+    """``stream``'s ops ((bytes, op) in order) cut into consecutive buckets of at most ``cap``
+    bytes (an op larger than the cap alone)."""
+    buckets: list[list] = [[]]
+    filled = 0
+    for nbytes, op in stream:
+        if buckets[-1] and filled + nbytes > cap:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(op)
+        filled += nbytes
+    return buckets
 
 
 def lower(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES) -> plan_pb2.Plan:
