@@ -122,7 +122,7 @@ def check_layout(job: JobConfig, devices: int | None = None) -> None:
             raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(p, key)}")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if p.zero_stage and p.dp == 1:
+    if p.zero_stage and p.dp == 1 and p.tp == 1:  # (beside tensor parallelism: a data-parallel group of one)
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} shards over the data-parallel axis, but parallel.dp is 1")
     if devices is not None and p.devices != devices:
         raise ConfigError(f"parallel layout dp {p.dp} x tp {p.tp} x pp {p.pp} = {p.devices} devices does not fit "

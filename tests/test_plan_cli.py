@@ -88,3 +88,19 @@ def test_progress_lines_and_jsonl_metrics(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] == pytest.approx(summary["final_train_loss"])
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name, billions", [("megatron_1.7b", 1.7), ("megatron_18.4b", 18.4),
+                                            ("megatron_145.6b", 145.6), ("megatron_1t", 1008.0)])
+def test_published_configs_have_their_papers_layout_and_size(name, billions):
+    """Megatron-LM's Table 1 rows: the layout the table gives, and the parameter count it states
+    (in billions, to its one decimal)."""
+    from flowsys.models import GPT
+    from flowsys.nn import meta_init
+    from flowsys.train import check_layout, load_job
+
+    job = load_job(f"examples/configs/published/{name}.yaml")
+    check_layout(job)
+    with meta_init():
+        model = GPT(job.model)
+    assert round(model.num_parameters() / 1e9, 1) == billions

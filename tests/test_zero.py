@@ -14,18 +14,24 @@ RANKS = [0, 1, 2, 3]
 STEPS = 10
 
 
-def _train(stage, executor="global", mesh=RANKS, steps=STEPS, accumulation=1):
+def _train(stage, executor="global", mesh=RANKS, steps=STEPS, accumulation=1, dp_axis=0, tp_axis=None):
+    """Data parallel over ``mesh`` (a 1-D mesh) or, with ``tp_axis``, Megatron tensor parallel
+    along it and data parallel along ``dp_axis`` (None: tensor parallel only)."""
     fs.manual_seed(0)
     model = GPT(CFG)
     placement = fs.placement("cpu", mesh) if mesh is not None else None
-    if placement is not None:
+    batch = S(0)
+    if placement is not None and tp_axis is None:
         model.to_global(placement, B)
+    elif placement is not None:
+        model.to_global(placement, GPT.parallel_plan(placement, dp_axis=dp_axis, tp_axis=tp_axis))
+        batch = tuple(S(0) if k == dp_axis else B for k in range(placement.ndim))
     step = TrainStep(model, optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1), accumulation, executor)
     step.config.zero_stage = stage
     losses = []
     for x, y in _batches("gpt", n=steps):
         if placement is not None:
-            x, y = x.to_global(placement, S(0)), y.to_global(placement, S(0))
+            x, y = x.to_global(placement, batch), y.to_global(placement, batch)
         losses.append(float(step(x, y)))
     return losses, step
 
@@ -40,6 +46,31 @@ def single():
 def test_zero_losses_equal_one_device(single, stage, executor):
     losses, step = _train(stage, executor)
     np.testing.assert_allclose(losses, single, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("mesh, dp_axis", [([0, 1], None), ([[0, 1], [2, 3]], 0)], ids=["tp2", "dp2xtp2"])
+def test_zero_with_tensor_parallelism_equals_one_device(single, stage, mesh, dp_axis):
+    """Every ZeRO stage beside Megatron tensor parallelism (the tensor-parallel axis last): the
+    same losses as one device. With no data-parallel axis (tp2), ZeRO's group is one rank: nothing
+    is sharded, as DeepSpeed's ZeRO over a data-parallel world of one."""
+    tp_axis = len(np.shape(mesh)) - 1
+    losses, step = _train(stage, "plans", mesh=mesh, steps=4, dp_axis=dp_axis, tp_axis=tp_axis)
+    np.testing.assert_allclose(losses, single[:4], rtol=1e-4)
+    reduce_scatters = [n for n in step.ir.nodes if n.kind == "boxing" and "reduce_scatter" in n.op]
+    assert bool(reduce_scatters) == (dp_axis is not None)  # ZeRO reduces gradients into shards, only along dp
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_on_a_mesh_axis_with_an_unsplit_batch_is_an_error(stage):
+    """Everything broadcast along a mesh axis: a data-parallel axis whose batch was not split."""
+    placement = fs.placement("cpu", [0, 1])
+    model = GPT(CFG).to_global(placement, B)
+    step = TrainStep(model, optim.AdamW(model.parameters(), lr=1e-3), 1, "plans")
+    step.config.zero_stage = stage
+    x, y = next(iter(_batches("gpt", n=1)))
+    with pytest.raises(fs.GraphError, match="data-parallel mesh axis"):
+        step(x.to_global(placement, B), y.to_global(placement, B))
 
 
 def test_zero_2_with_gradient_accumulation(single):

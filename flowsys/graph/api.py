@@ -31,7 +31,7 @@ from flowsys.graph.run import Executor
 from flowsys.graph.trace import trace
 from flowsys.nn.module import Module
 from flowsys.runtime import Session
-from flowsys.tensor import Tensor
+from flowsys.tensor import Tensor, stored
 
 
 @dataclass
@@ -149,8 +149,12 @@ class Graph:
         trained = {id(p): p for opt in self._optimizers for group in opt.param_groups for p in group["params"]}
         if getattr(self, "_zero_axis", None) is None:
             inputs = [a._data for a in args if isinstance(a, Tensor) and type(a._data) is GlobalValue]
-            self._zero_axis = _passes.zero_axis(inputs, [p._data for p in trained.values()])
-            if self._zero_axis is None or any(type(p._data) is not GlobalValue for p in trained.values()):
+            variables = [stored(p) for p in trained.values()]
+            self._zero_axis = _passes.zero_axis(inputs, variables)
+            if self._zero_axis is None and all(type(v) is GlobalValue for v in variables) \
+                    and _passes.nothing_to_shard(inputs, variables):
+                return None  # tensor parallelism alone: a data-parallel group of one holds all of it
+            if self._zero_axis is None or any(type(v) is not GlobalValue for v in variables):
                 raise GraphError(
                     f"{type(self).__name__}: zero_stage=3 needs a data-parallel mesh axis: inputs split S(0) along a "
                     f"mesh axis every trained parameter is broadcast along (e.g. batch sbp (S(0), B) with parameters "

@@ -91,7 +91,21 @@ def autodiff(g: Graph, **_) -> Graph:
                     gi = Tensor(tracer.symbol_of(gi))
                 grads[i] = gi if i not in grads else grads[i] + gi
     var_grads = {vid: grads[vid]._data.value.id for vid in g.variables.values() if vid in grads}
-    return g.with_(values=dict(tracer.values), nodes=g.nodes + tuple(tracer.nodes),
+    new_nodes = list(tracer.nodes)
+    # A variable used on another placement (a pipeline stage borrowing it): its gradient's move
+    # back is linear, so the gradient is accumulated where it is made and moved once per step,
+    # by the update's own conversion (optimizer phase), not once per micro-batch.
+    made_by = {o: n for n in new_nodes for o in n.outputs}
+    used = {i for n in g.nodes + tuple(new_nodes) for i in n.inputs}
+    for vid, gid in var_grads.items():
+        n = made_by.get(gid)
+        if n is None or n.kind != "boxing" or n.attr.get("like") != vid or gid in used:
+            continue
+        src = tracer.values[n.inputs[0]]
+        if src.placement is not None and src.placement != tracer.values[vid].placement:
+            var_grads[vid] = src.id
+            new_nodes.remove(n)
+    return g.with_(values=dict(tracer.values), nodes=g.nodes + tuple(new_nodes),
                    constants={**g.constants, **tracer.constants}, grads=var_grads)
 
 
@@ -181,20 +195,74 @@ def make_optimizer_pass(params_by_name: dict) -> Callable[..., Graph]:
                     owner[id(p)] = (oi, gi, op, state_fields(op, group))
         ids = itertools.count(_next_id(g))
         values, nodes = dict(g.values), list(g.nodes)
+        grad_of = dict(g.grads)
+        for a, b in _tied_pairs(g, params_by_name):
+            _sum_tied(a, b, g, params_by_name, owner, values, nodes, grad_of, ids)
         for name, vid in g.variables.items():
-            if id(params_by_name[name]) not in owner or vid not in g.grads:
+            if id(params_by_name[name]) not in owner or vid not in grad_of:
                 continue
             oi, gi, op, state = owner[id(params_by_name[name])]
             var = values[vid]
             new = Value(next(ids), var.shape, var.dtype, var.placement, var.sbp)
             values[new.id] = new
             # "state": the arrays the op keeps per parameter (plans budget memory for them)
-            nodes.append(Node(next(ids), "update", op, (vid, g.grads[vid]), (new.id,),
+            nodes.append(Node(next(ids), "update", op, (vid, grad_of[vid]), (new.id,),
                               (("group", gi), ("optimizer", oi), ("state", state), ("variable", name)), "optimizer"))
         # a parameter the loss does not reach gets no update node and keeps its value, as in eager mode
         return g.with_(values=values, nodes=tuple(nodes))
 
     return optimizer_pass
+
+
+def _tied_pairs(g: Graph, params_by_name: dict) -> list[tuple[str, str]]:
+    """(primary, copy) variable names of the parameters tied by value (``Parameter.tied_to``)."""
+    name_of = {id(p): name for name, p in params_by_name.items()}
+    pairs = []
+    for name, p in params_by_name.items():
+        src = getattr(p, "tied_to", None)
+        if src is not None and id(src) in name_of and name in g.variables and name_of[id(src)] in g.variables:
+            pairs.append((name_of[id(src)], name))
+    return pairs
+
+
+def _sum_tied(a: str, b: str, g: Graph, params_by_name: dict, owner: dict, values: dict, nodes: list,
+              grad_of: dict, ids) -> None:
+    """Megatron's tied-embedding all-reduce, once per step in the optimizer phase: each copy's
+    accumulated gradient is laid out as its variable is, the two are exchanged between their
+    placements, and each side adds them (the same operands: the copies stay bitwise equal)."""
+    va, vb = g.variables[a], g.variables[b]
+    trained = (id(params_by_name[a]) in owner, id(params_by_name[b]) in owner)
+    if trained[0] != trained[1]:
+        raise GraphError(f"{b} is a copy of {a} tied by value, but the optimizer trains only "
+                         f"{a if trained[0] else b}; give the optimizer both (create it after model.pipeline(...), "
+                         f"from model.parameters())")
+    ga, gb = grad_of.get(va), grad_of.get(vb)
+    if not trained[0] or (ga is None and gb is None):
+        return
+
+    def pinned(src: int, like: int) -> int:
+        v, to = values[src], values[like]
+        if to.placement is None:
+            return src
+        out = Value(next(ids), v.shape, v.dtype, to.placement, to.sbp)
+        values[out.id] = out
+        nodes.append(Node(next(ids), "boxing", "to_global", (src,), (out.id,),
+                          (("placement", to.placement), ("sbp", to.sbp), ("tied", True)), "optimizer"))
+        return out.id
+
+    def add(x: int, y: int) -> int:
+        v = values[x]
+        out = Value(next(ids), v.shape, v.dtype, v.placement, None)
+        values[out.id] = out
+        nodes.append(Node(next(ids), "op", "add", (x, y), (out.id,), (), "optimizer"))
+        return out.id
+
+    la = pinned(ga, va) if ga is not None else None
+    lb = pinned(gb, vb) if gb is not None else None
+    b_at_a = pinned(lb, va) if lb is not None else None
+    a_at_b = pinned(la, vb) if la is not None else None
+    grad_of[va] = add(la, b_at_a) if la is not None and b_at_a is not None else (la if la is not None else b_at_a)
+    grad_of[vb] = add(a_at_b, lb) if a_at_b is not None and lb is not None else (lb if lb is not None else a_at_b)
 
 
 def zero_axis(inputs, variables) -> int | None:
@@ -213,6 +281,18 @@ def zero_axis(inputs, variables) -> int | None:
                for v in variables):
             return k
     return None
+
+
+def nothing_to_shard(inputs, variables) -> bool:
+    """Whether ZeRO has no data-parallel group to shard along: every mesh axis splits some input
+    or trained variable (tensor parallelism only), so a ZeRO stage is a group of one there, as
+    DeepSpeed's ZeRO over a data-parallel world of one. A mesh axis along which everything is
+    broadcast is not that: it is a data-parallel axis whose batch was not split."""
+    laid = [v for v in list(inputs) + list(variables) if v.placement is not None and v.sbp is not None]
+    if not laid:
+        return False
+    ndim = max(len(v.sbp) for v in laid)
+    return not any(all(k < len(v.sbp) and isinstance(v.sbp[k], Broadcast) for v in laid) for k in range(ndim))
 
 
 def zero_shard(v: Value, axis: int) -> tuple:
@@ -239,6 +319,8 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
         axis = g.zero_axis
     else:
         axis = zero_axis([g.values[i] for i in g.inputs], trained)
+    if axis is None and nothing_to_shard([g.values[i] for i in g.inputs], trained):
+        return g  # tensor parallelism alone: a data-parallel group of one holds all of it
     if axis is None:
         raise GraphError(f"zero_stage={zero_stage} needs a data-parallel mesh axis: the inputs must be split S(0) "
                          f"along a mesh axis the parameters are broadcast along (e.g. batch sbp (S(0), B) with "
@@ -287,7 +369,9 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
                 for m in late:
                     replace_in.setdefault(m.id, {}).update({i: again[i] for i in m.inputs if i in again})
         grad = n.inputs[1]
-        if zero_stage >= 2:  # reduce-scatter each micro-batch's gradient where it is produced
+        if zero_stage >= 2 and grad == g.grads.get(var.id) and values[grad].placement == var.placement:
+            # reduce-scatter each micro-batch's gradient where it is produced (a gradient made on
+            # another stage, or a tied copy's sum, goes to the shard once per step instead)
             node, grad_s = pinned(grad, shard, "backward")
             after.setdefault(producer[grad].id, []).append(node)
             grads[var.id] = grad_s
