@@ -48,18 +48,31 @@ def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def ring_all_reduce(me: int, n: int, x: np.ndarray) -> Schedule:
-    """Sum over the group, on every rank: a ring reduce-scatter then a ring all-gather, so each
-    rank sends 2(n-1)/n of the tensor (the bandwidth-optimal schedule)."""
+REDUCE_OPS = ("sum", "max")
+
+
+def _combine(op: str):
+    """The in-place reduction ``acc <- op(acc, got)`` of reduce op ``op`` ("sum" or "max")."""
+    if op == "sum":
+        return lambda acc, got: np.add(acc, got, out=acc)
+    if op == "max":
+        return lambda acc, got: np.maximum(acc, got, out=acc)
+    raise ValueError(f"unknown reduce op {op!r}; the collectives reduce with one of {REDUCE_OPS}")
+
+
+def ring_all_reduce(me: int, n: int, x: np.ndarray, op: str = "sum") -> Schedule:
+    """Reduce (``op``: "sum" or "max") over the group, on every rank: a ring reduce-scatter then
+    a ring all-gather, so each rank sends 2(n-1)/n of the tensor (the bandwidth-optimal schedule)."""
+    combine = _combine(op)
     if n == 1:
         return x.copy()
     flat = np.array(x, copy=True).reshape(-1)
     chunks = [flat[a:b] for a, b in _bounds(flat.size, n)]
     right, left = (me + 1) % n, (me - 1) % n
-    for step in range(n - 1):  # reduce-scatter: afterwards chunk (me + 1) % n is fully summed here
+    for step in range(n - 1):  # reduce-scatter: afterwards chunk (me + 1) % n is fully reduced here
         yield Send(right, chunks[(me - step) % n])
         got = yield Recv(left)
-        chunks[(me - step - 1) % n] += got
+        combine(chunks[(me - step - 1) % n], got)
     for step in range(n - 1):  # all-gather the summed chunks around the ring
         yield Send(right, chunks[(me + 1 - step) % n])
         chunks[(me - step) % n][...] = yield Recv(left)
@@ -78,8 +91,9 @@ def ring_all_gather(me: int, n: int, x: np.ndarray, axis: int = 0) -> Schedule:
     return np.concatenate(pieces, axis=axis) if n > 1 else x.copy()
 
 
-def ring_reduce_scatter(me: int, n: int, x: np.ndarray, axis: int = 0) -> Schedule:
-    """Rank i ends with piece i (``array_split`` along ``axis``) of the group's sum."""
+def ring_reduce_scatter(me: int, n: int, x: np.ndarray, axis: int = 0, op: str = "sum") -> Schedule:
+    """Rank i ends with piece i (``array_split`` along ``axis``) of the group's sum (or max)."""
+    combine = _combine(op)
     if n == 1:
         return x.copy()
     bounds = _bounds(x.shape[axis], n)
@@ -88,7 +102,7 @@ def ring_reduce_scatter(me: int, n: int, x: np.ndarray, axis: int = 0) -> Schedu
     for step in range(n - 1):  # after step s, chunk (me - s - 1) holds s + 2 addends
         yield Send(right, chunks[(me - step - 1) % n])
         got = yield Recv(left)
-        chunks[(me - step - 2) % n] += got
+        combine(chunks[(me - step - 2) % n], got)
     return chunks[me]
 
 

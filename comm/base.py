@@ -3,7 +3,7 @@
 A transport provides one thing: ``post(array, dst, tag)``, a non-blocking delivery of a copy of
 ``array`` into rank ``dst``'s :class:`Mailbox`, filed under (this rank, ``tag``). Everything else
 is built on it here, once: blocking ``send``/``recv`` (tag 0), and the collectives
-(``all_reduce``, ``all_gather``, ``reduce_scatter``, ``all_to_all``, ``broadcast``, ``barrier``),
+(``all_reduce`` and ``reduce_scatter`` with ``op="sum"`` or ``"max"``, ``all_gather``, ``all_to_all``, ``broadcast``, ``barrier``),
 which are the schedules of :mod:`comm.algorithms` driven over them, over the whole world or over
 a ``group`` (a list of global ranks in order, e.g. one row of a device mesh).
 
@@ -26,6 +26,11 @@ from comm import algorithms as alg
 
 class CommError(RuntimeError):
     """A collective that cannot complete: a missing peer, a deadlock, a timeout."""
+
+
+def _check_op(op: str, what: str) -> None:
+    if op not in alg.REDUCE_OPS:
+        raise CommError(f"{what}: unknown reduce op {op!r}; use one of {', '.join(map(repr, alg.REDUCE_OPS))}")
 
 
 class Mailbox:
@@ -126,14 +131,18 @@ class Communicator(abc.ABC):
         return self.mailbox.take(src, tag, self.timeout)
 
     # --------------------------------------------------------------------------- collectives
-    def all_reduce(self, x: np.ndarray, group: Sequence[int] | None = None) -> np.ndarray:
-        return self._run(alg.ring_all_reduce, group, x)
+    def all_reduce(self, x: np.ndarray, group: Sequence[int] | None = None, op: str = "sum") -> np.ndarray:
+        """The group's elementwise sum (``op="sum"``) or maximum (``op="max"``), on every rank."""
+        _check_op(op, "all_reduce")
+        return self._run(alg.ring_all_reduce, group, x, op=op)
 
     def all_gather(self, x: np.ndarray, axis: int = 0, group: Sequence[int] | None = None) -> np.ndarray:
         return self._run(alg.ring_all_gather, group, x, axis=axis)
 
-    def reduce_scatter(self, x: np.ndarray, axis: int = 0, group: Sequence[int] | None = None) -> np.ndarray:
-        return self._run(alg.ring_reduce_scatter, group, x, axis=axis)
+    def reduce_scatter(self, x: np.ndarray, axis: int = 0, group: Sequence[int] | None = None,
+                       op: str = "sum") -> np.ndarray:
+        _check_op(op, "reduce_scatter")
+        return self._run(alg.ring_reduce_scatter, group, x, axis=axis, op=op)
 
     def all_to_all(self, x: np.ndarray, split_axis: int, concat_axis: int,
                    group: Sequence[int] | None = None) -> np.ndarray:

@@ -23,7 +23,7 @@ How the base class's interface maps onto NCCL:
   hands rank i piece i of ``np.array_split`` along ``axis``. NCCL moves equal counts, so uneven
   pieces are zero-padded to the longest piece and cut back afterwards; ``all_gather`` and
   ``all_to_all`` first gather every rank's shape (one tiny all-gather). ``all_reduce`` and
-  ``reduce_scatter`` sum; NCCL sums int8/uint8/(u)int32/(u)int64/float16/32/64 (complex as pairs
+  ``reduce_scatter`` sum (or, with ``op="max"``, take the maximum: NCCL_MAX); NCCL sums int8/uint8/(u)int32/(u)int64/float16/32/64 (complex as pairs
   of floats) and a :class:`CommError` names anything else (cast first). All ranks must pass the
   same shape and dtype to these two, as NCCL's counts must agree.
 - **Sub-groups**: NCCL communicators are per group. The first call over a ``group`` creates one:
@@ -184,7 +184,14 @@ def _pad_along(xp, x, axis: int, length: int):
     return out
 
 
-def _check_summable(x, op: str) -> None:
+_REDUCE_OPS = {"sum": "NCCL_SUM", "max": "NCCL_MAX"}  # comm.algorithms.REDUCE_OPS, as NCCL names them
+
+
+def _check_summable(x, op: str, reduce_op: str = "sum") -> None:
+    if reduce_op not in _REDUCE_OPS:
+        raise CommError(f"{op}: unknown reduce op {reduce_op!r}; use one of {', '.join(map(repr, _REDUCE_OPS))}")
+    if reduce_op == "max" and x.dtype.kind == "c":
+        raise CommError(f"{op}: complex {x.dtype} arrays have no maximum; reduce their real parts instead")
     if x.dtype.name not in _SUM_TYPES:
         raise CommError(f"{op}: NCCL cannot sum {x.dtype} arrays (it sums {', '.join(_SUM_TYPES)}); "
                         f"cast the array first")
@@ -269,12 +276,12 @@ class NcclCommunicator(Communicator):
 
     # -------------------------------------------------------------------- collectives
     @_nccl_call
-    def all_reduce(self, x, group: Sequence[int] | None = None):
+    def all_reduce(self, x, group: Sequence[int] | None = None, op: str = "sum"):
         comm, _, _ = self._sub(group)
         x = self._to_device(x)
-        _check_summable(x, "all_reduce")
+        _check_summable(x, "all_reduce", op)
         out = self.xp.empty_like(x)
-        comm.all_reduce(x, out)
+        comm.all_reduce(x, out, op)
         self._wait(comm, "all_reduce")
         return out
 
@@ -296,10 +303,10 @@ class NcclCommunicator(Communicator):
         return self.xp.concatenate([gathered[i][_along(axis, 0, n)] for i, n in enumerate(lengths)], axis=axis)
 
     @_nccl_call
-    def reduce_scatter(self, x, axis: int = 0, group: Sequence[int] | None = None):
+    def reduce_scatter(self, x, axis: int = 0, group: Sequence[int] | None = None, op: str = "sum"):
         comm, me, group = self._sub(group)
         x = self._to_device(x)
-        _check_summable(x, "reduce_scatter")
+        _check_summable(x, "reduce_scatter", op)
         axis = _axis(axis, x, "reduce_scatter")
         bounds = alg._bounds(x.shape[axis], len(group))
         longest = bounds[0][1] - bounds[0][0]  # array_split: the first pieces are the longest
@@ -308,7 +315,7 @@ class NcclCommunicator(Communicator):
             front = self.xp.concatenate([_pad_along(self.xp, front[a:b], 0, longest) for a, b in bounds])
         packed = self.xp.ascontiguousarray(front)
         out = self.xp.empty((longest,) + packed.shape[1:], x.dtype)
-        comm.reduce_scatter(packed, out)
+        comm.reduce_scatter(packed, out, op)
         self._wait(comm, "reduce_scatter")
         a, b = bounds[me]
         return self.xp.ascontiguousarray(self.xp.moveaxis(out[:b - a], 0, axis))
@@ -520,15 +527,17 @@ class _CupyNccl:
         """(count, NCCL type) for summing ``array``: a complex number is two floats."""
         return array.size * (2 if array.dtype.kind == "c" else 1), getattr(self.nccl, _SUM_TYPES[array.dtype.name])
 
-    def all_reduce(self, send, recv) -> None:
+    def all_reduce(self, send, recv, op: str = "sum") -> None:
         if send.size:
             count, kind = self._summed(send)
-            self.comm.allReduce(send.data.ptr, recv.data.ptr, count, kind, self.nccl.NCCL_SUM, self._stream())
+            self.comm.allReduce(send.data.ptr, recv.data.ptr, count, kind, getattr(self.nccl, _REDUCE_OPS[op]),
+                                self._stream())
 
-    def reduce_scatter(self, send, recv) -> None:
+    def reduce_scatter(self, send, recv, op: str = "sum") -> None:
         if recv.size:
             count, kind = self._summed(recv)
-            self.comm.reduceScatter(send.data.ptr, recv.data.ptr, count, kind, self.nccl.NCCL_SUM, self._stream())
+            self.comm.reduceScatter(send.data.ptr, recv.data.ptr, count, kind, getattr(self.nccl, _REDUCE_OPS[op]),
+                                    self._stream())
 
     def all_gather(self, send, recv) -> None:
         if send.nbytes:

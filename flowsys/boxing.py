@@ -20,6 +20,11 @@ P → S      reduce-scatter                      (p-1)·T
 P → B      all-reduce                          2(p-1)·T
 =========  ==================================  ==========
 
+A partial maximum ``P(max)`` (what the max of a vocabulary-split row gives) converts as ``P``
+does, with op max: ``P(max) → B`` is ``all_reduce_max``, ``P(max) → S`` is
+``reduce_scatter_max``, ``P(max) → P`` goes through ``B``; ``B → P(max)`` is free (every rank
+keeps the value). Nothing else converts into ``P(max)``, nor does it move between placements.
+
 N-D SBPs convert mesh axis by mesh axis, outermost first; an inner mesh axis that splits the
 same tensor axis as a conversion is first gathered (its pieces nest inside the outer ones).
 Between different placements, every destination rank receives the intersections it needs
@@ -39,10 +44,10 @@ import numpy as np
 
 from comm import algorithms as _alg
 from comm import CommError, drive
-from flowsys.errors import ArgumentError, CommunicationError
+from flowsys.errors import ArgumentError, CommunicationError, SbpError
 from flowsys.layout import NdSbp, bounds, fmt, holds_value, is_replica, local_shape, shard_box
 from flowsys.placement import Placement
-from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split, parse
+from flowsys.sbp import Broadcast, PartialMax, PartialSum, SbpValue, Split, parse
 
 B, P = Broadcast(), PartialSum()
 
@@ -58,6 +63,12 @@ def cost(src: SbpValue, dst: SbpValue, nbytes: float, p1: int, p2: int | None = 
     """
     p2 = p1 if p2 is None else p2
     s, d = type(src), type(dst)
+    if s is PartialMax and d is not PartialMax:  # as P, reduced by max (P(max) -> P goes through B)
+        s = PartialSum
+        if d is PartialSum:
+            d = Broadcast
+    elif d is PartialMax:
+        d = PartialSum if s is PartialMax else Broadcast  # B -> P(max) keeps the value
     if same_devices:
         if s is Split and d is Split:
             return 0.0 if src == dst else (p1 - 1) / p1 * nbytes
@@ -126,6 +137,7 @@ _KIND = {
     (Split, Split): "all_to_all", (Split, Broadcast): "all_gather", (Split, PartialSum): "zeros",
     (Broadcast, Split): "slice", (Broadcast, PartialSum): "zeros",
     (PartialSum, Split): "reduce_scatter", (PartialSum, Broadcast): "all_reduce",
+    (PartialMax, Split): "reduce_scatter_max", (PartialMax, Broadcast): "all_reduce_max",
 }
 
 
@@ -134,6 +146,10 @@ def plan(shape: tuple[int, ...], dtype: np.dtype, src_placement: Placement, src_
          dst_placement: Placement, dst_sbp: NdSbp) -> Plan:
     """The steps converting a global tensor from one layout to another, with their bytes."""
     shape, dtype = tuple(shape), np.dtype(dtype)
+    if src_placement != dst_placement and any(isinstance(v, PartialMax) for v in src_sbp):
+        raise SbpError(f"boxing {fmt(src_sbp)} -> {fmt(dst_sbp)} of {dtype.name}{list(shape)}: a partial maximum "
+                       f"P(max) cannot move between placements {src_placement!r} and {dst_placement!r}; convert it "
+                       f"to B on its own placement first")
     if src_placement == dst_placement:
         steps = _same_placement_steps(shape, dtype, src_placement, tuple(src_sbp), tuple(dst_sbp))
         return Plan(shape, dtype, src_placement, tuple(src_sbp), dst_placement, tuple(dst_sbp), tuple(steps))
@@ -151,6 +167,15 @@ def _same_placement_steps(shape, dtype, placement: Placement, src: NdSbp, dst: N
         frm = state[k]
         if frm == to or (type(frm) is type(to) and not isinstance(to, Split)):
             return
+        if isinstance(to, PartialMax) or isinstance(frm, PartialMax) and isinstance(to, PartialSum):
+            if isinstance(frm, Broadcast):  # every rank keeps the value: the max of copies is the value
+                state[k] = to
+                return
+            if not isinstance(frm, PartialMax):
+                raise SbpError(f"boxing {fmt(src)} -> {fmt(dst)} of {dtype.name}{list(shape)}: only B or P(max) "
+                               f"converts into a partial maximum P(max) (mesh axis {k} holds {frm!r})")
+            convert(k, B)  # P(max) -> P: all-reduce by max, then rank 0 keeps the value
+        frm = state[k]
         kind = _KIND[(type(frm), type(to))]
         nbytes = sum(_group_bytes(shape, dtype, placement, tuple(state), k, group, frm, to)
                      for group in placement.groups(k))
@@ -322,6 +347,9 @@ STEPS: dict[str, tuple[str, Callable]] = {  # name -> (plan op kind, fn(attrs, m
     "take_shard": ("local", _take_shard),
     "identity": ("local", lambda attrs, me, n, x, xp: x),
     "all_reduce": ("collective", lambda attrs, me, n, x, xp: _alg.ring_all_reduce(me, n, x)),
+    "all_reduce_max": ("collective", lambda attrs, me, n, x, xp: _alg.ring_all_reduce(me, n, x, op="max")),
+    "reduce_scatter_max": ("collective", lambda attrs, me, n, x, xp:
+                           _alg.ring_reduce_scatter(me, n, x, axis=parse(attrs["dst"]).axis, op="max")),
     "all_gather": ("collective", lambda attrs, me, n, x, xp:
                    _alg.ring_all_gather(me, n, x, axis=parse(attrs["src"]).axis)),
     "reduce_scatter": ("collective", lambda attrs, me, n, x, xp:

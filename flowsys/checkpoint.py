@@ -69,10 +69,12 @@ def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: d
     else:
         per_rank, tensors = {}, {}
         names = {id(p): name for name, p in model.named_parameters()}
-        for name, p in model.named_parameters():
+        for name, p in _saved(model):
             tensors[f"param/{name}"] = _put(per_rank, f"param/{name}", p._data)
         if optimizer is not None:
             for p in _trained(optimizer):
+                if _is_copy(p, names):
+                    continue
                 for key, entry in _state_entries(p, optimizer.state.get(id(p)) or {}, names[id(p)]):
                     tensors[key] = _put(per_rank, key, entry)
         files = {}
@@ -119,11 +121,12 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
     meta = json.loads((path / "meta.json").read_text())
     tensors = meta["tensors"]
     params = dict(model.named_parameters())
-    missing = sorted(n for n in params if f"param/{n}" not in tensors)
+    saved_as = _saved_names(params)  # a tied copy loads what its primary saved
+    missing = sorted(n for n in params if f"param/{saved_as[n]}" not in tensors)
     if missing:
         raise StateDictError(f"checkpoint {path} lacks parameter(s) {missing}")
     for name, p in params.items():
-        shape = tuple(tensors[f"param/{name}"]["shape"])
+        shape = tuple(tensors[f"param/{saved_as[name]}"]["shape"])
         if shape != tuple(p.shape):
             raise StateDictError(f"checkpoint {path}: parameter {name} has shape {shape}, "
                                  f"the model's has {tuple(p.shape)}")
@@ -134,10 +137,11 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
     state_layouts = None if backend is None or optimizer is None else \
         _state_layouts(backend, optimizer, params, tensors, by_workers)
     state_by_workers = state_layouts is not None
-    names = {id(p): name for name, p in params.items()}
-    on_driver = [f"param/{n}" for n in params if n not in by_workers]
+    names = {id(p): saved_as[name] for name, p in params.items()}
+    on_driver = sorted({f"param/{saved_as[n]}" for n in params if n not in by_workers})
     if optimizer is not None and not state_by_workers:
-        on_driver += [k for p in _trained(optimizer) for k in tensors if k.startswith(f"state/{names[id(p)]}/")]
+        on_driver += sorted({k for p in _trained(optimizer) if id(p) in names for k in tensors
+                             if k.startswith(f"state/{names[id(p)]}/")})
     with RankFiles(path) as files:  # everything read before anything changes
         logical = {k: read_box(files, k, tensors[k], [[0, n] for n in tensors[k]["shape"]]) for k in on_driver}
     if by_workers or state_by_workers:
@@ -145,7 +149,7 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
         _load_by_workers(backend, path, tensors, params, by_workers, optimizer, state_layouts)
     for name, p in params.items():
         if name not in by_workers:
-            _assign(p, logical[f"param/{name}"])
+            _assign(p, logical[f"param/{saved_as[name]}"])
     if optimizer is not None and not state_by_workers:
         optimizer.state.clear()
         for p in _trained(optimizer):
@@ -295,6 +299,24 @@ def _lives_in(p, backend) -> bool:
     return getattr(p, "_home", None) is home(backend) and type(stored(p)) is GlobalValue
 
 
+def _saved(model):
+    """The parameters a checkpoint holds, by name: a tied copy (``Parameter.tied_to``, a pipeline's
+    tied embedding on the last stage) is its primary's, saved once under the primary's name."""
+    params = list(model.named_parameters())
+    names = {id(p): name for name, p in params}
+    return [(name, p) for name, p in params if not _is_copy(p, names)]
+
+
+def _is_copy(p, names: dict) -> bool:
+    return id(getattr(p, "tied_to", None)) in names
+
+
+def _saved_names(params: dict) -> dict[str, str]:
+    """Parameter name -> the name it is saved under (a tied copy: its primary's)."""
+    names = {id(p): name for name, p in params.items()}
+    return {name: names.get(id(getattr(p, "tied_to", None)), name) for name, p in params.items()}
+
+
 def _trained(optimizer):
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -310,7 +332,7 @@ def _plan_save(backend, model, optimizer) -> tuple[dict, dict]:
     per_rank: dict[int, dict] = {}
     tensors: dict[str, Any] = {}
     names = {id(p): name for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
+    for name, p in _saved(model):
         key = f"param/{name}"
         if getattr(p, "_home", None) is None:
             tensors[key] = _put(per_rank, key, p._data)
@@ -327,10 +349,12 @@ def _plan_save(backend, model, optimizer) -> tuple[dict, dict]:
         return per_rank, tensors
     if getattr(optimizer, "_state_in_workers", None) is not backend:  # the driver holds it
         for p in _trained(optimizer):
+            if _is_copy(p, names):
+                continue
             for key, entry in _state_entries(p, optimizer.state.get(id(p)) or {}, names[id(p)]):
                 tensors[key] = _put(per_rank, key, entry)
         return per_rank, tensors
-    keys = {f"{uid(optimizer)}/{uid(p)}": p for p in _trained(optimizer) if id(p) in names}
+    keys = {f"{uid(optimizer)}/{uid(p)}": p for p in _trained(optimizer) if id(p) in names and not _is_copy(p, names)}
     held = backend.describe_state(sorted(keys))
     for skey, p in keys.items():
         d, name = stored(p), names[id(p)]
@@ -396,12 +420,13 @@ def _state_layouts(backend, optimizer, params: dict, tensors: dict, by_workers: 
             or optimizer._state_generation != backend.generation:
         return None
     names = {id(p): name for name, p in params.items()}
+    saved_as = _saved_names(params)
     keys = {f"{uid(optimizer)}/{uid(p)}": p for p in _trained(optimizer) if id(p) in names}
     held = backend.describe_state(sorted(keys))
     layouts = {}
     for skey, p in keys.items():
         name = names[id(p)]
-        fields = {k.split("/", 2)[2] for k in tensors if k.startswith(f"state/{name}/")}
+        fields = {k.split("/", 2)[2] for k in tensors if k.startswith(f"state/{saved_as[name]}/")}
         if not fields:
             continue
         if name not in by_workers:
@@ -433,14 +458,15 @@ def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_worker
 
     entries: dict[int, list] = {r: [] for r in range(backend.world)}
     drop: list[str] = []
+    saved_as = _saved_names(params)
     for name, p in by_workers.items():
         d = stored(p)
         for r in d.placement.ranks:
             box = shard_box(d.shape, d.sbp, d.placement.mesh, d.placement.coords(r))
-            entries[r].append({"name": f"param/{name}", "box": [list(b) for b in box], "dtype": d.dtype.str,
+            entries[r].append({"name": f"param/{saved_as[name]}", "box": [list(b) for b in box], "dtype": d.dtype.str,
                                "into": ["param", str(uid(p))]})
     if state_layouts is not None:
-        names = {id(p): name for name, p in params.items()}
+        names = {id(p): saved_as[name] for name, p in params.items()}
         for p in _trained(optimizer):
             if id(p) not in names:
                 continue

@@ -4,7 +4,8 @@ An N-D SBP is applied mesh axis by mesh axis, outermost first: on a 2x2 mesh, ``
 cuts axis 0 in two for mesh row 0/1 and cuts each half in two again for the mesh column.
 Splits follow ``np.array_split`` (the first ``n % p`` pieces are one longer), so lengths that
 the ranks do not divide are fine. For ``P``, the rank whose coordinate on that mesh axis is 0
-holds the value when a logical value is distributed, and the others hold zeros.
+holds the value when a logical value is distributed, and the others hold zeros. For ``P(max)``
+(a partial maximum) every rank holds the value: the maximum of copies is the value.
 
 Shared vocabulary: imports nothing of flowsys beyond the SBP values, placements and errors.
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from flowsys.errors import SbpError
 from flowsys.ops.registry import Shard, Spec
 from flowsys.placement import Placement
-from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split
+from flowsys.sbp import Broadcast, PartialMax, PartialSum, SbpValue, Split
 
 NdSbp = tuple[SbpValue, ...]
 
@@ -34,7 +37,7 @@ def normalize_sbp(sbp, placement: Placement, shape: Sequence[int], *, what: str 
     A single value (not a tuple) applies to every mesh axis; a tuple must have one value per
     mesh axis. Split axes may be negative and must exist in the tensor.
     """
-    if isinstance(sbp, (Split, Broadcast, PartialSum)):
+    if isinstance(sbp, (Split, Broadcast, PartialSum, PartialMax)):
         values = (sbp,) * placement.ndim
     elif isinstance(sbp, (tuple, list)):
         values = tuple(sbp)
@@ -47,7 +50,7 @@ def normalize_sbp(sbp, placement: Placement, shape: Sequence[int], *, what: str 
                        f"or a tuple of them, got {sbp!r}")
     out = []
     for v in values:
-        if not isinstance(v, (Split, Broadcast, PartialSum)):
+        if not isinstance(v, (Split, Broadcast, PartialSum, PartialMax)):
             raise SbpError(f"{what}: {v!r} in {values!r} is not an SBP value")
         if isinstance(v, Split):
             nd = len(shape)
@@ -116,7 +119,19 @@ def distribute(xp, array, placement: Placement, nd_sbp: NdSbp) -> list:
 
 
 def assemble(xp, shards: Sequence, placement: Placement, nd_sbp: NdSbp, shape, dtype):
-    """The logical value: splits placed at their boxes, partial sums added, one copy of replicas."""
+    """The logical value: splits placed at their boxes, partial sums added, partial maxima
+    maxed, one copy of replicas."""
+    if any(isinstance(v, PartialMax) for v in nd_sbp):
+        if any(isinstance(v, PartialSum) for v in nd_sbp):
+            raise SbpError(f"assemble: {fmt(nd_sbp)} mixes a partial sum and a partial maximum, which have no "
+                           f"single logical value; convert one of them to B first")
+        out = xp.full(tuple(shape), -np.inf if np.dtype(dtype).kind == "f" else np.iinfo(dtype).min, dtype=dtype)
+        for rank, shard in zip(placement.ranks, shards):
+            c = placement.coords(rank)
+            if not is_replica(nd_sbp, c):
+                region = as_slices(shard_box(shape, nd_sbp, placement.mesh, c))
+                out[region] = xp.maximum(out[region], shard)
+        return out
     out = xp.zeros(tuple(shape), dtype=dtype)
     for rank, shard in zip(placement.ranks, shards):
         c = placement.coords(rank)

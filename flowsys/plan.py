@@ -5,7 +5,9 @@ The model is built with ``nn.meta_init()`` (shapes and layouts, no values), so a
 model on 1,024 devices compiles in seconds. Ranks are laid out stage-major: stage ``s`` of
 ``pp`` holds ranks ``s*dp*tp ... (s+1)*dp*tp - 1`` as a ``dp x tp`` mesh. Lowering is done for
 one rank per pipeline stage (the ranks of a stage have the same plan up to their coordinates)
-unless ``every_rank`` is asked for.
+unless ``every_rank`` is asked for: then once per distinct plan (``scheduler.lower``'s templates:
+ranks alike up to their coordinates share one), and every rank's plan is instantiated from its
+template only where the cost model needs them all.
 """
 
 from __future__ import annotations
@@ -115,9 +117,18 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
     hw = load_hardware(hardware, backend) if hardware else None
     # devices simulated on shared cores slow each other down: predict with every rank there
     every_rank = every_rank or (hw is not None and hw.cores_per_node is not None and devices <= 64)
-    chosen = sorted({int(pl.ranks[0]) for pl in placements}) if not every_rank else list(range(devices))
     t0 = time.perf_counter()
-    ranks = {r: lowering.rank_plan(r) for r in chosen}
+    templates = None
+    if not every_rank:
+        ranks = {r: lowering.rank_plan(r) for r in sorted({int(pl.ranks[0]) for pl in placements})}
+        stands_for = {r: [r] for r in ranks}
+    elif hw is None:  # every distinct plan, once
+        templates = lowering.templates()
+        ranks = {t.rank: t.plan for t in templates}
+        stands_for = {t.rank: t.ranks for t in templates}
+    else:  # the cost model simulates every rank's plan
+        ranks = {rp.rank: rp for rp in lowering.lower().ranks}
+        stands_for = {r: [r] for r in ranks}
     t_lower = time.perf_counter() - t0
     k = ir.micro_batches
     per_rank = []
@@ -128,17 +139,21 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
                 times = 1 if op.phase == "optimizer" or op.per_step else k
                 sent[op.op] += op.nbytes * times
         m = rp.memory
-        per_rank.append(dict(rank=r, stage=next(s for s, pl in enumerate(placements) if r in pl.ranks),
-                             ops=len(rp.ops), parameters=m.parameters, gradients=m.gradients,
-                             optimizer_state=m.optimizer_state, peak_activations=m.peak_activations,
-                             bytes_sent_per_step=dict(sorted(sent.items()))))
+        for q in stands_for[r]:  # the ranks a template stands for: the same figures
+            per_rank.append(dict(rank=q, stage=next(s for s, pl in enumerate(placements) if q in pl.ranks),
+                                 ops=len(rp.ops), parameters=m.parameters, gradients=m.gradients,
+                                 optimizer_state=m.optimizer_state, peak_activations=m.peak_activations,
+                                 bytes_sent_per_step=dict(sorted(sent.items()))))
+    per_rank.sort(key=lambda row: row["rank"])
     p = job.parallel
     summary = dict(devices=devices, layout=dict(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage,
                                                 micro_batches=p.micro_batches,
                                                 activation_checkpointing=p.activation_checkpointing),
-                   parameters=int(sum(q.size for q in model.parameters())), graph_nodes=len(ir.nodes),
+                   parameters=int(model.num_parameters()), graph_nodes=len(ir.nodes),
                    boxing_nodes=sum(n.kind == "boxing" for n in ir.nodes), compile_s=round(t_compile, 3),
                    lower_s=round(t_lower, 3), ranks=per_rank)
+    if templates is not None:
+        summary["templates"] = [dict(rank=t.rank, ranks=len(t.ranks)) for t in templates]
     if hw is not None:
         t0 = time.perf_counter()
         plan = plan_pb2.Plan(ranks=list(ranks.values()), micro_batches=k)
@@ -179,6 +194,9 @@ def format_plan(summary: dict[str, Any]) -> str:
         comm = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in r["bytes_sent_per_step"].items()) or "none"
         lines.append(f"{r['rank']:>6} {r['stage']:>5} {r['ops']:>6} {gib(r['parameters'])} {gib(r['gradients'])} "
                      f"{gib(r['optimizer_state'])} {gib(r['peak_activations'])} {gib(total)}  {comm}")
+    if summary.get("templates"):
+        lines.append(f"({len(summary['templates'])} distinct plans lowered for the {summary['devices']} ranks: "
+                     f"the ranks alike up to their coordinates share one)")
     if len(summary["ranks"]) < summary["devices"]:
         lines.append(f"(one rank per pipeline stage shown; the {summary['devices'] // lay['pp']} ranks of a stage "
                      f"have the same plan up to their coordinates)")

@@ -1,7 +1,10 @@
 """SBP values: how a logical tensor is laid out over one axis of a device mesh.
 
 ``S(i)`` splits tensor axis ``i`` across the mesh axis, ``B`` broadcasts (every rank holds the
-whole value) and ``P`` is a partial sum (the logical value is the sum over ranks). These are
+whole value) and ``P`` is a partial sum (the logical value is the sum over ranks). ``P(max)`` is
+a partial maximum (the logical value is the elementwise maximum over ranks): only ops produce it
+(e.g. the max of a vocabulary-split row, for cross entropy), and boxing turns it into ``B`` with
+an all-reduce of op max (``all_reduce_max``). These are
 tiny frozen values with the print forms used in logs, errors and ``explain()``.
 
 This module is shared vocabulary: it imports nothing else of flowsys.
@@ -35,10 +38,17 @@ class PartialSum:
         return "P"
 
 
-SbpValue = Split | Broadcast | PartialSum
+@dataclass(frozen=True, slots=True)
+class PartialMax:
+    def __repr__(self) -> str:
+        return "P(max)"
+
+
+SbpValue = Split | Broadcast | PartialSum | PartialMax
 
 broadcast = Broadcast()
 partial_sum = PartialSum()
+partial_max = PartialMax()
 
 
 def split(axis: int) -> Split:
@@ -53,7 +63,7 @@ class SbpTuple(tuple):
     __slots__ = ()
 
     def __eq__(self, other) -> bool:
-        if isinstance(other, (Split, Broadcast, PartialSum)):
+        if isinstance(other, (Split, Broadcast, PartialSum, PartialMax)):
             return len(self) == 1 and self[0] == other
         return tuple.__eq__(self, other)
 
@@ -71,9 +81,12 @@ def parse(text: str) -> SbpValue:
         return broadcast
     if text == "P":
         return partial_sum
+    if text == "P(max)":
+        return partial_max
     if text.startswith("S(") and text.endswith(")"):
         return split(int(text[2:-1]))
-    raise ValueError(f"not an SBP value: {text!r} (expected S(i), B or P)")
+    raise ValueError(f"not an SBP value: {text!r} (expected S(i), B, P or P(max))")
 
 
-__all__ = ["Split", "Broadcast", "PartialSum", "SbpValue", "SbpTuple", "split", "broadcast", "partial_sum", "parse"]
+__all__ = ["Split", "Broadcast", "PartialSum", "PartialMax", "SbpValue", "SbpTuple", "split", "broadcast",
+           "partial_sum", "partial_max", "parse"]

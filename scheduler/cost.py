@@ -797,7 +797,7 @@ class _Simulation:
 
 def _messages(name: str, n: int) -> int:
     """Messages one rank sends, one after another, in the collective's algorithm (comm.algorithms)."""
-    return {"all_reduce": 2 * (n - 1), "broadcast": max(1, math.ceil(math.log2(max(n, 2))))}.get(name, n - 1)
+    return {"all_reduce": 2 * (n - 1), "all_reduce_max": 2 * (n - 1), "broadcast": max(1, math.ceil(math.log2(max(n, 2))))}.get(name, n - 1)
 
 
 def _nbytes(decl: tuple[tuple[int, ...], np.dtype]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from flowsys.graph.ir import Graph, Node, Value
 from flowsys.layout import fmt, holds_value, local_shape, shard_box, shard_of
 from flowsys.ops import OPS
 from flowsys.placement import Placement
+from flowsys.sbp import Split
 from flowsys.sbp import broadcast as B
 from flowsys.planformat import decode_attrs, encode_attrs, plan_pb2
 
@@ -29,11 +31,19 @@ class _Lowering:
         self.registers = int(registers)
         self.bucket_bytes = int(bucket_bytes)
         self.op_ids = itertools.count()
-        self.value_ids = itertools.count(max(g.values, default=0) + 1)
+        self.first_value = max(g.values, default=0) + 1  # ids of the values boxing makes up start here
+        self.value_ids = itertools.count(self.first_value)
         self.channels: dict[Any, int] = {}
         placements = {v.placement for v in g.values.values() if v.placement is not None}
+        self.placements = sorted(placements, key=lambda p: (p.ranks, p.mesh))
         self.ranks = sorted({r for p in placements for r in p.ranks}) or [0]
         self.step_nodes = self.per_step_nodes()
+        self.holes: list | None = None  # while a template is lowered: its rank-dependent fields
+        self.moves: dict[int, dict[int, list]] = {}  # move node -> rank -> its (index, transfer)s
+        self.memo: dict[Any, str] = {}  # encoded attributes of template holes
+        self.coords_in = {p: dict(zip(p.ranks, zip(*(c.tolist() for c in np.unravel_index(np.arange(p.size), p.mesh)))))
+                          for p in self.placements}
+        self.group_in: dict[tuple, dict[int, tuple[int, ...]]] = {}
 
     def per_step_nodes(self) -> set[int]:
         """Nodes of the compute phase that read only per-step values (parameters, constants, and
@@ -61,10 +71,195 @@ class _Lowering:
         return self.channels.setdefault(key, len(self.channels))
 
     def lower(self) -> plan_pb2.Plan:
+        """Every rank's plan, each instantiated from its template (see ``templates``): the same
+        plan, byte for byte, as ``lower_rank_by_rank``."""
+        plan = plan_pb2.Plan(micro_batches=self.g.micro_batches)
+        of = {r: t for t in self.templates() for r in t.ranks}
+        op_base, value_base = next(self.op_ids), next(self.value_ids)
+        for r in self.ranks:
+            t = of[r]
+            rp = plan.ranks.add()
+            rp.CopyFrom(t.plan)
+            self.instantiate(t, r, rp, op_base, value_base - self.first_value)
+            op_base += len(rp.ops)
+            value_base += len(t.new_values)
+        self.op_ids, self.value_ids = itertools.count(op_base), itertools.count(value_base)
+        return plan
+
+    def lower_rank_by_rank(self) -> plan_pb2.Plan:
+        """Every rank's plan, each lowered on its own (the reference ``lower`` is checked against)."""
         plan = plan_pb2.Plan(micro_batches=self.g.micro_batches)
         for r in self.ranks:
             plan.ranks.append(self.rank_plan(r))
         return plan
+
+    # ------------------------------------------------------------------------------ templates
+    # A rank's plan depends on the rank only through: its registers (its pipeline stage), the
+    # placements it belongs to, the local shapes of the values (and boxing steps' states) split
+    # unevenly, on it and on its groups along each mesh axis (buckets' shards), which of its
+    # mesh-axis groups coincide (buckets are per group), and its part in each move between
+    # placements (which transfers it sends, receives or copies). Ranks alike
+    # in all of these have plans equal up to "holes": op and made-up value ids (consecutive per
+    # rank), collective groups and channels, shard indices and offsets in attributes, transfers'
+    # peers, boxes and origins. One representative per class is lowered (the template); the
+    # others are copies with the holes filled.
+
+    def signature(self, r: int) -> tuple:
+        """What ``r``'s plan depends on besides its holes (ranks with equal signatures share a template)."""
+        sig: list = [self.registers_on(r)]
+        groups: dict[tuple, int] = {}
+        for p in self.placements:
+            c = self.coords_in[p].get(r)
+            if c is None:
+                sig.append(None)
+                continue
+            states = self.uneven[p]
+            if states:
+                sig.append(tuple(self.remember(("shapes", p, k, c[:k] + c[k + 1:]), lambda k=k, c=c: tuple(
+                    tuple(local_shape(shape, nd, p.mesh, c[:k] + (i,) + c[k + 1:]) for shape, nd in states)
+                    for i in range(p.mesh[k]))) for k in range(p.ndim)))
+            sig.append(tuple(groups.setdefault(self.group_of(p, k, r), len(groups)) for k in range(p.ndim)))
+        sig.append(tuple(roles.get(r) for roles in self.move_roles))
+        return tuple(sig)
+
+    def templates(self) -> list[Template]:
+        """One lowered template per class of alike ranks (see ``signature``), in rank order."""
+        if not hasattr(self, "uneven"):
+            self.uneven = self.uneven_axes()
+            self.move_roles = [self.roles(n) for n in self.g.nodes if n.kind == "boxing" and self.is_move(n)]
+        classes: dict[tuple, list[int]] = {}
+        for r in self.ranks:
+            classes.setdefault(self.signature(r), []).append(r)
+        return [self.template(ranks) for ranks in classes.values()]
+
+    def template(self, ranks: list[int]) -> Template:
+        saved = self.op_ids, self.value_ids, self.channels
+        self.op_ids, self.value_ids, self.channels, self.holes = itertools.count(), itertools.count(self.first_value), {}, []
+        try:
+            rp = self.rank_plan(ranks[0])
+            holes = self.holes
+        finally:
+            (self.op_ids, self.value_ids, self.channels), self.holes = saved, None
+        made = [j for j, v in enumerate(rp.values) if v.id >= self.first_value]
+        made_ids = [(i, out, pos) for i, op in enumerate(rp.ops) for out, ids in ((False, op.inputs), (True, op.outputs))
+                    for pos, v in enumerate(ids) if v >= self.first_value]
+        by_channel = {rp.ops[i].channel: i for i, kind, _ in holes if kind in ("group", "move")}
+        buckets = [(i, by_channel[op.bucket - 1]) for i, op in enumerate(rp.ops) if op.bucket]
+        return Template(rp, ranks, holes, made, made_ids, buckets)
+
+    def instantiate(self, t: Template, r: int, rp, op_base: int, shift: int) -> None:
+        """Fill ``rp`` (a copy of ``t.plan``) in for rank ``r``: ids from ``op_base`` and made-up
+        values ``shift`` above the template's, channels numbered as rank-by-rank lowering does."""
+        rp.rank = r
+        ops = rp.ops
+        for i, op in enumerate(ops):
+            op.id = op_base + i
+        if shift:
+            for i, out, pos in t.made_ids:
+                (ops[i].outputs if out else ops[i].inputs)[pos] += shift
+            for j in t.new_values:
+                rp.values[j].id += shift
+        for i, kind, data in t.holes:
+            op = ops[i]
+            if kind == "group":
+                p, k, key = data
+                group = self.group_of(p, k, r)
+                op.group[:] = group
+                op.channel = self.channel((*key, group))
+            elif kind == "index":  # a shard's slice or zeros: its index along the mesh axis
+                p, k = data
+                index = self.coords_in[p][r][k]
+                op.attrs = self.remember(("index", op.attrs, index), lambda a=op.attrs, x=index: _with(a, index=x))
+            elif kind == "move":
+                n, j = data
+                i_t, tr = self.transfers_of(n, r)[j]
+                op.attrs = self.move_attrs(n, tr, r)
+                op.channel = self.channel((n.id, i_t))
+                if op.kind != "local":
+                    op.peer = tr.dst if op.kind == "send" else tr.src
+            else:  # "attrs": attributes computed from the rank's coordinates (op lower rules, take_shard)
+                n, p, axes, fn = data
+                c = self.coords_in[p][r]
+                op.attrs = self.remember((n.id, tuple(c[k] for k in axes)), lambda f=fn: f(r))
+        for i, j in t.buckets:
+            ops[i].bucket = ops[j].channel + 1
+
+    def remember(self, key, make) -> str:
+        out = self.memo.get(key)
+        if out is None:
+            out = self.memo[key] = make()
+        return out
+
+    def vary(self, rp, kind: str, *data) -> None:
+        """While a template is lowered: the op just appended has a rank-dependent ``kind`` of field."""
+        if self.holes is not None:
+            self.holes.append((len(rp.ops) - 1, kind, data))
+
+    def group_of(self, p: Placement, k: int, r: int) -> tuple[int, ...]:
+        table = self.group_in.get((p, k))
+        if table is None:
+            table = self.group_in[(p, k)] = {q: grp for grp in p.groups(k) for q in grp}
+        return table[r]
+
+    def uneven_axes(self) -> dict[Placement, list[tuple]]:
+        """Per placement, the (shape, N-D SBP) of values and boxing steps' states whose local
+        shape depends on the coordinates: a tensor axis split by mesh axes whose sizes do not divide it."""
+        out: dict[Placement, dict[tuple, None]] = {p: {} for p in self.placements}
+
+        def check(shape, nd_sbp, p: Placement) -> None:
+            along: dict[int, list[int]] = {}
+            for k, v in enumerate(nd_sbp):
+                if isinstance(v, Split):
+                    along.setdefault(v.axis, []).append(k)
+            if any(shape[a] % math.prod(p.mesh[k] for k in ks) for a, ks in along.items()):
+                out[p][(tuple(shape), tuple(nd_sbp))] = None
+
+        for v in self.g.values.values():
+            if v.placement is not None and v.sbp is not None:
+                check(v.shape, v.sbp, v.placement)
+        for n in self.g.nodes:
+            plan = n.attr.get("plan") if n.kind == "boxing" else None
+            if plan is not None and not self.is_move(n):
+                src = self.g.values[n.inputs[0]]
+                state = list(src.sbp)
+                for step in plan.steps:
+                    check(src.shape, tuple(B if j == step.mesh_axis else v for j, v in enumerate(state)), src.placement)
+                    state[step.mesh_axis] = step.dst
+                    check(src.shape, tuple(state), src.placement)
+        return {p: list(states) for p, states in out.items()}
+
+    def is_move(self, n: Node) -> bool:
+        return n.attr.get("plan") is not None and \
+            self.g.values[n.inputs[0]].placement != self.g.values[n.outputs[0]].placement
+
+    def transfers_of(self, n: Node, r: int) -> list:
+        """``r``'s part in move node ``n``: (index, transfer) of those it sends, receives or copies, in plan order."""
+        table = self.moves.get(n.id)
+        if table is None:
+            table = self.moves[n.id] = {}
+            for i, t in enumerate(n.attr["plan"].transfers):
+                table.setdefault(t.src, []).append((i, t))
+                if t.dst != t.src:
+                    table.setdefault(t.dst, []).append((i, t))
+        return table.get(r, [])
+
+    def roles(self, n: Node) -> dict[int, tuple]:
+        """Per rank, what its ops of move node ``n`` are, holes aside."""
+        itemsize = self.g.values[n.inputs[0]].dtype.itemsize
+        self.transfers_of(n, -1)
+        return {r: tuple(("copy" if t.src == t.dst else "send" if t.src == r else "recv", t.relay,
+                          math.prod(b - a for a, b in t.box) * itemsize) for _, t in mine)
+                for r, mine in self.moves[n.id].items()}
+
+    def move_attrs(self, n: Node, t, r: int) -> str:
+        g = self.g
+        src, dst = g.values[n.inputs[0]], g.values[n.outputs[0]]
+        src_origin = (tuple(a for a, _ in shard_box(src.shape, src.sbp, src.placement.mesh, src.placement.coords(r)))
+                      if self.lives_on(src, r) else None)
+        dst_origin = (tuple(a for a, _ in shard_box(dst.shape, dst.sbp, dst.placement.mesh, dst.placement.coords(r)))
+                      if self.lives_on(dst, r) else None)
+        return encode_attrs({"box": tuple(tuple(x) for x in t.box), "relay": t.relay,
+                             "src_origin": src_origin, "dst_origin": dst_origin})
 
     def registers_on(self, r: int) -> int:
         """Registers per value on rank ``r``: on pipeline stage ``s`` of ``p``, ``p - s``, so that a
@@ -218,17 +413,24 @@ class _Lowering:
         if not self.lives_on(outs[0], r):
             return
         ins = [g.values[i] for i in n.inputs]
-        attrs = n.attr
-        op = OPS[n.op]
-        if op.lower is not None and outs[0].placement is not None:
-            p = outs[0].placement
-            shard = shard_of([v.spec for v in ins], [v.sbp for v in ins], [v.spec for v in outs], [v.sbp for v in outs],
-                             p.mesh, p.coords(r))
-            attrs = op.lower(attrs, shard)
+        lowered = OPS[n.op].lower is not None and outs[0].placement is not None
+        attrs = self.op_attrs(n, r) if lowered else self.remember(n.id, lambda: encode_attrs(n.attr))
         for vid in n.inputs + n.outputs:
             declare(vid)
         rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="compute", op=n.op, inputs=n.inputs,
-                                  outputs=n.outputs, attrs=encode_attrs(attrs), phase=n.phase))
+                                  outputs=n.outputs, attrs=attrs, phase=n.phase))
+        if lowered:
+            p = outs[0].placement
+            self.vary(rp, "attrs", n, p, tuple(k for k in range(p.ndim) if any(
+                v.sbp is not None and isinstance(v.sbp[k], Split) for v in ins + outs)), lambda q: self.op_attrs(n, q))
+
+    def op_attrs(self, n: Node, r: int) -> str:
+        """The encoded attributes of op node ``n`` as its lower rule sets them for rank ``r``'s shard."""
+        ins, outs = [self.g.values[i] for i in n.inputs], [self.g.values[o] for o in n.outputs]
+        p = outs[0].placement
+        shard = shard_of([v.spec for v in ins], [v.sbp for v in ins], [v.spec for v in outs], [v.sbp for v in outs],
+                         p.mesh, p.coords(r))
+        return encode_attrs(OPS[n.op].lower(n.attr, shard))
 
     def lower_boxing(self, n: Node, r: int, rp, declare) -> None:
         g = self.g
@@ -238,11 +440,11 @@ class _Lowering:
             if self.lives_on(dst, r):
                 declare(n.inputs[0], src.shape, src.dtype)
                 declare(n.outputs[0])
-                box = shard_box(dst.shape, dst.sbp, dst.placement.mesh, dst.placement.coords(r))
-                holds = holds_value(dst.sbp, dst.placement.coords(r))
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="take_shard",
                                           inputs=n.inputs, outputs=n.outputs, phase=n.phase,
-                                          attrs=encode_attrs({"box": tuple(tuple(x) for x in box), "holds": holds})))
+                                          attrs=self.take_shard_attrs(dst, r)))
+                self.vary(rp, "attrs", n, dst.placement, tuple(range(dst.placement.ndim)),
+                          lambda q: self.take_shard_attrs(dst, q))
             return
         if src.placement != dst.placement:
             self.lower_move(n, plan, r, rp, declare)
@@ -269,6 +471,7 @@ class _Lowering:
                 attrs.update(parts=p.mesh[k], index=p.coords(r)[k], group_shape=group_shape)
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op=step.kind, inputs=[current],
                                           outputs=[out], attrs=encode_attrs(attrs), phase=n.phase))
+                self.vary(rp, "index", p, k)
             else:
                 group = p.group(r, along=step.mesh_axis)
                 n_groups = p.size // len(group)
@@ -276,11 +479,17 @@ class _Lowering:
                     id=next(self.op_ids), node=n.id, kind="collective", op=step.kind, inputs=[current], outputs=[out],
                     attrs=encode_attrs(attrs), phase=n.phase, group=list(group),
                     channel=self.channel((n.id, i, group)), nbytes=step.nbytes // (n_groups * len(group))))
+                self.vary(rp, "group", p, step.mesh_axis, (n.id, i))
             current = out
         if not plan.steps:  # nothing to do: the output is the input
             rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="identity", inputs=[current],
                                       outputs=n.outputs, phase=n.phase))
             declare(n.outputs[0])
+
+    def take_shard_attrs(self, dst: Value, r: int) -> str:
+        box = shard_box(dst.shape, dst.sbp, dst.placement.mesh, dst.placement.coords(r))
+        holds = holds_value(dst.sbp, dst.placement.coords(r))
+        return encode_attrs({"box": tuple(tuple(x) for x in box), "holds": holds})
 
     def lower_move(self, n: Node, plan, r: int, rp, declare) -> None:
         g = self.g
@@ -290,16 +499,10 @@ class _Lowering:
         if self.lives_on(dst, r):
             declare(n.outputs[0])
         itemsize = src.dtype.itemsize
-        src_origin = (tuple(a for a, _ in shard_box(src.shape, src.sbp, src.placement.mesh, src.placement.coords(r)))
-                      if self.lives_on(src, r) else None)
-        dst_origin = (tuple(a for a, _ in shard_box(dst.shape, dst.sbp, dst.placement.mesh, dst.placement.coords(r)))
-                      if self.lives_on(dst, r) else None)
         writes = 0
-        for i, t in enumerate(plan.transfers):
+        for j, (i, t) in enumerate(self.transfers_of(n, r)):  # in plan order
             nbytes = math.prod(b - a for a, b in t.box) * itemsize
-            attrs = encode_attrs({"box": tuple(tuple(x) for x in t.box), "relay": t.relay,
-                                  "src_origin": src_origin, "dst_origin": dst_origin})
-            common = dict(node=n.id, attrs=attrs, phase=n.phase, channel=self.channel((n.id, i)))
+            common = dict(node=n.id, attrs=self.move_attrs(n, t, r), phase=n.phase, channel=self.channel((n.id, i)))
             if t.src == r and t.dst == r:
                 writes += 1
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="local", op="copy_region", inputs=n.inputs,
@@ -307,10 +510,11 @@ class _Lowering:
             elif t.src == r:
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="send", op="send", peer=t.dst, nbytes=nbytes,
                                           inputs=n.outputs if t.relay else n.inputs, **common))
-            elif t.dst == r:
+            else:
                 writes += 1
                 rp.ops.append(plan_pb2.Op(id=next(self.op_ids), kind="recv", op="recv", peer=t.src, outputs=n.outputs,
                                           **common))
+            self.vary(rp, "move", n, j)
         if self.lives_on(dst, r) and not writes:  # a partial sum this rank holds none of: zeros
             rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="fill_zeros",
                                       outputs=n.outputs, phase=n.phase))
@@ -355,6 +559,29 @@ class _Lowering:
         rp.memory.CopyFrom(plan_pb2.Memory(parameters=params, gradients=grads, optimizer_state=state, peak_activations=peak))
 
 
+@dataclass
+class Template:
+    """A rank's lowered plan standing for ``ranks`` (its first is the one lowered), with what
+    differs between them: ``holes`` ((op index, kind, data) of rank-dependent fields),
+    ``new_values`` (indices in ``plan.values`` of values boxing made up) and ``made_ids`` ((op
+    index, output?, position) of their uses), ``buckets`` ((op, first member op) indices)."""
+
+    plan: Any
+    ranks: list[int]
+    holes: list = field(repr=False)
+    new_values: list[int] = field(repr=False)
+    made_ids: list[tuple] = field(repr=False)
+    buckets: list[tuple[int, int]] = field(repr=False)
+
+    @property
+    def rank(self) -> int:
+        return self.ranks[0]
+
+
+def _with(attrs: str, **changes) -> str:
+    return encode_attrs({**decode_attrs(attrs), **changes})
+
+
 def _fill(stream: list[tuple[int, Any]], cap: int) -> list[list]:
     """``stream``'s ops ((bytes, op) in order) cut into consecutive buckets of at most ``cap``
     bytes (an op larger than the cap alone)."""
@@ -378,3 +605,12 @@ def lower(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES) -> pla
     if not g.boxed:
         raise ValueError("lower: the graph has not been through the passes (insert_boxing) yet")
     return _Lowering(g, registers, bucket_bytes).lower()
+
+
+def lower_templates(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES) -> list[Template]:
+    """Every distinct rank's plan once: one :class:`Template` per class of ranks whose plans
+    differ only by their coordinates (rank numbers in groups and peers, shard indices and
+    offsets, ids), with the ranks it stands for. ``lower`` instantiates every rank from them."""
+    if not g.boxed:
+        raise ValueError("lower_templates: the graph has not been through the passes (insert_boxing) yet")
+    return _Lowering(g, registers, bucket_bytes).templates()

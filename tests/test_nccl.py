@@ -182,11 +182,13 @@ class FakeNccl:
             f"NCCL counts differ: {[(a.dtype, a.shape) for a in everyone]}"
         return everyone
 
-    def all_reduce(self, send, recv):
-        recv[...] = sum(self._everyone(send))
+    def all_reduce(self, send, recv, op="sum"):
+        everyone = self._everyone(send)
+        recv[...] = sum(everyone) if op == "sum" else np.maximum.reduce(everyone)
 
-    def reduce_scatter(self, send, recv):
-        total = sum(self._everyone(send)).reshape(-1)
+    def reduce_scatter(self, send, recv, op="sum"):
+        everyone = self._everyone(send)
+        total = (sum(everyone) if op == "sum" else np.maximum.reduce(everyone)).reshape(-1)
         k = recv.size
         assert total.size == k * len(self.world.slots)
         recv.reshape(-1)[...] = total[self.rank * k:(self.rank + 1) * k]

@@ -15,7 +15,7 @@ import pytest
 
 import flowsys as fs
 from flowsys.ops import OPS, SbpRow, Spec
-from flowsys.sbp import Broadcast, PartialSum, Split
+from flowsys.sbp import Broadcast, PartialMax, PartialSum, Split
 from flowsys.global_tensor import make_global, run_signature, signatures
 from flowsys.tensor import Tensor, apply
 from helpers import Arg, check_grad_fd, laid_out, make_inputs
@@ -97,6 +97,14 @@ CASES: dict[str, list[Case]] = {
     "log_softmax_grad": [Case(((3, 4), (3, 4)))],
     "cross_entropy": [Case(((4, 5), TARGETS)), Case(((2, 3, 5), np.array([[0, 1, 2], [4, 4, -1]])), {"ignore_index": -1})],
     "cross_entropy_grad": [Case(((4, 5), TARGETS, (4,)))],
+    # vocabulary-parallel (tests/test_vocab_parallel.py checks their composition against cross_entropy):
+    "vocab_embedding": [Case(((5, 3), np.array([[0, 4], [2, 0]])), {"vocab_size": 5})],
+    "vocab_embedding_grad": [Case(((2, 2, 3), np.array([[0, 4], [2, 0]])), {"vocab_size": 5, "shape": (5, 3)})],
+    "vocab_max": [Case(((3, 4),)), Case(((2, 3, 5),))],
+    "vocab_ce_parts": [Case(((4, 5), TARGETS, (4,)), {"vocab_size": 5}),
+                       Case(((2, 3, 5), np.array([[0, 1, 2], [4, 4, -1]]), (2, 3)), {"vocab_size": 5, "ignore_index": -1})],
+    "vocab_ce_parts_grad": [Case(((4, 5), TARGETS, (4,), (4,), (4,)))],
+    "vocab_max_grad": [Case((DISTINCT, (2, 3), (2, 3)))],
     "layer_norm": [Case(((2, 3, 4),)), Case(((2, 3, 4),), {"n_axes": 2, "eps": 1e-3})],
     "layer_norm_grad": [Case(((2, 3, 4), (2, 3, 4)), {"n_axes": 2})],
     "layer_norm_affine": [Case(((2, 3, 4), (4,), (4,))), Case(((2, 3, 4), (3, 4), (3, 4)), {"n_axes": 2, "eps": 1e-3}),
@@ -183,7 +191,7 @@ def test_sbp_rows_are_well_formed(name, case):
         assert isinstance(row.reason, str) and row.reason.strip(), f"{name}: row {row!r} gives no reason"
         assert len(row.ins) == len(specs) and len(row.outs) == len(out_specs), f"{name}: row {row!r} has the wrong arity"
         for value, spec in zip(row.ins + row.outs, specs + out_specs):
-            assert isinstance(value, (Split, Broadcast, PartialSum))
+            assert isinstance(value, (Split, Broadcast, PartialSum, PartialMax))
             if isinstance(value, Split):
                 assert 0 <= value.axis < spec.ndim, f"{name}: row {row!r} splits axis {value.axis} of {spec}"
     replicated = [r for r in rows if all(isinstance(v, Broadcast) for v in r.ins + r.outs)]
@@ -219,7 +227,7 @@ def test_every_signature_holds_shard_by_shard(name, case, mesh):
             want = np.asarray(want)
             msg = f"{name} on mesh {mesh}: signature {sig!r}, output {i}"
             np.testing.assert_allclose(got.logical(), want, rtol=1e-9, atol=1e-9, err_msg=msg)
-            if not any(isinstance(v, PartialSum) for v in got.sbp):
+            if not any(isinstance(v, (PartialSum, PartialMax)) for v in got.sbp):
                 for shard, expect in zip(got.shards, make_global(want, placement, got.sbp).shards):
                     np.testing.assert_allclose(shard, expect, rtol=1e-9, atol=1e-9, err_msg=msg + " (a shard)")
 

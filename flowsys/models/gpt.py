@@ -24,8 +24,8 @@ from flowsys.autograd import no_grad
 from flowsys.errors import ConfigError
 from flowsys.nn import functional as F
 from flowsys.optim import AdamW
-from flowsys.sbp import broadcast, split
-from flowsys.tensor import Tensor
+from flowsys.sbp import Split, broadcast, split
+from flowsys.tensor import Tensor, apply
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,33 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    # The embedding's rows (None: vocab_size): a vocabulary split over tensor parallelism pads to
+    # a multiple of 128 x tp (:meth:`padded_for`); the padded logits are -inf, state dicts keep
+    # vocab_size rows.
+    padded_vocab_size: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"GPTConfig: {name} must be positive, got {getattr(self, name)}")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise ConfigError(f"GPTConfig: padded_vocab_size ({self.padded_vocab_size}) must be at least "
+                              f"vocab_size ({self.vocab_size})")
         if self.n_embd % self.n_head:
             raise ConfigError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def table_size(self) -> int:
+        """Rows of the embedding table and columns of the logits (the padded vocabulary)."""
+        return self.padded_vocab_size or self.vocab_size
+
+    def padded_for(self, tp: int, multiple: int = 128) -> GPTConfig:
+        """This config with the vocabulary padded to a multiple of ``multiple`` x ``tp`` (Megatron-LM's
+        ``make_vocab_size_divisible_by``): even vocabulary shards on ``tp`` ranks."""
+        step = multiple * int(tp)
+        return dataclasses.replace(self, padded_vocab_size=-(-self.vocab_size // step) * step)
 
     @classmethod
     def from_dict(cls, values: dict) -> GPTConfig:
@@ -139,13 +157,13 @@ class GPT(nn.Module):
         # eager build, and each parameter is filled only from its final spec.
         with nn.meta_init():
             self.transformer = nn.ModuleDict(dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(config.table_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             ))
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(config.n_embd, config.table_size, bias=False)
             self.transformer["wte"].weight = self.lm_head.weight  # weight tying, as GPT-2
             self.apply(self._init_weights)
             for name, p in self.named_parameters():
@@ -175,24 +193,76 @@ class GPT(nn.Module):
             raise ConfigError(f"GPT: cannot forward a sequence of length {t}, block size is only {self.config.block_size}")
         tr = self.transformer
         pos = fsf.arange(t)
-        x = tr["drop"](tr["wte"](idx) + tr["wpe"](pos))
+        vocab_split = self._vocab_split()
+        if vocab_split:  # Megatron's vocab-parallel embedding: a partial sum over the vocabulary shards
+            tok = apply("vocab_embedding", tr["wte"].weight, idx, vocab_size=self.config.vocab_size)
+        else:
+            tok = tr["wte"](idx)
+        x = tr["drop"](tok + tr["wpe"](pos))
         for block in tr["h"]:
             x = block(x)
         x = tr["ln_f"](x)
         if targets is None:
-            return self.lm_head(x[:, -1:, :]), None
+            return self._mask_padding(self.lm_head(x[:, -1:, :])), None
         if not isinstance(targets, Tensor):
             targets = fsf.tensor(np.asarray(targets, dtype=np.int64))
-        logits = self.lm_head(x)
+        logits = self._mask_padding(self.lm_head(x))
         if logits.is_global and targets.is_global and targets.placement != logits.placement:  # a pipeline's last stage
             same = targets.placement.mesh == logits.placement.mesh
             targets = targets.to_global(placement=logits.placement, sbp=targets.sbp if same else broadcast)
+        if vocab_split:
+            return logits, vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size, ignore_index=-1)
         return logits, F.cross_entropy(logits, targets, ignore_index=-1)
+
+    def _vocab_split(self) -> bool:
+        """Whether the (tied) embedding is split along the vocabulary (``parallel_plan``'s tp)."""
+        w = self.lm_head.weight
+        if not w.is_global:
+            return False
+        sbp = w.sbp if w.sbp is not None else getattr(getattr(w._data, "value", None), "sbp", None)  # traced: a Symbol
+        return any(isinstance(v, Split) and v.axis == 0 for v in sbp or ())
+
+    def _mask_padding(self, logits: Tensor) -> Tensor:
+        """The padded vocabulary's logits set to -inf: they take no probability and no gradient."""
+        cfg = self.config
+        if cfg.table_size == cfg.vocab_size:
+            return logits
+        mask = np.zeros(cfg.table_size, dtype=np.float32)
+        mask[cfg.vocab_size:] = -np.inf
+        return logits + fsf.tensor(mask.astype(logits.dtype))
+
+    _TABLE_KEYS = ("transformer.wte.weight", "lm_head.weight")
+
+    def state_dict(self):
+        """nanoGPT's names and shapes: the padded vocabulary rows are left out."""
+        out = super().state_dict()
+        v = self.config.vocab_size
+        if self.config.table_size != v:
+            for k in self._TABLE_KEYS:
+                if k in out:
+                    out[k] = fsf.tensor(out[k].numpy()[:v])
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Loads nanoGPT's shapes; the padded vocabulary rows are zeros."""
+        cfg = self.config
+        if cfg.table_size != cfg.vocab_size:
+            state_dict = dict(state_dict)
+            for k in self._TABLE_KEYS:
+                if k in state_dict:
+                    a = nn.module._to_numpy(state_dict[k])
+                    if a.shape[0] == cfg.vocab_size:
+                        pad = np.zeros((cfg.table_size - cfg.vocab_size,) + a.shape[1:], dtype=a.dtype)
+                        state_dict[k] = np.concatenate([a, pad])
+        return super().load_state_dict(state_dict, strict)
 
     def pipeline(self, placements) -> GPT:
         """Split the model into ``len(placements)`` pipeline stages, stage ``s`` on
         ``placements[s]``: the embeddings with the first stage, the blocks in equal runs, the
-        final layer norm and the (tied) head with the last. Lay each stage out first (e.g.
+        final layer norm and the head with the last. With two stages or more the head's weight is
+        a copy of the token embedding tied by value, as Megatron-LM keeps it
+        (:meth:`nn.Module.set_stage` ``copy_tied``): no forward move of the embedding, and the two
+        copies' gradients summed once per step. Lay each stage out first (e.g.
         ``to_global`` with :meth:`parallel_plan` on a mesh of the stages' shape): parameters keep
         their SBP on a stage whose mesh has the same shape.
 
@@ -210,16 +280,21 @@ class GPT(nn.Module):
         for i, block in enumerate(tr["h"]):
             block.set_stage(i * n // layers, placements[i * n // layers])
         tr["ln_f"].set_stage(n - 1, placements[-1])
-        self.lm_head.set_stage(n - 1, placements[-1])
+        self.lm_head.set_stage(n - 1, placements[-1], copy_tied=True)  # Megatron's copy of the tied embedding
         return self
 
     @staticmethod
-    def parallel_plan(placement, *, dp_axis: int | None = None, tp_axis: int | None = None) -> dict:
+    def parallel_plan(placement, *, dp_axis: int | None = None, tp_axis: int | None = None,
+                      vocab_parallel: bool = False) -> dict:
         """A plan for :meth:`nn.Module.to_global`: data parallel along mesh axis ``dp_axis``
         (the batch is split there, parameters replicated) and Megatron-style tensor parallel
         along ``tp_axis`` (attention projections and ``c_fc`` column-split, both ``c_proj``
         row-split, layer-norm inputs replicated: one all-reduce after attention and one after
-        the MLP, forward and backward). Works for a block or a whole GPT.
+        the MLP, forward and backward). Works for a block or a whole GPT. With ``vocab_parallel``
+        the tied embedding and head split along the vocabulary on ``tp_axis``
+        (Megatron's vocab-parallel embedding: a partial sum, one all-reduce; the cross entropy
+        from an all-reduce of op max and two of op sum over the rows; pad the vocabulary with
+        :meth:`GPTConfig.padded_for` for even shards); without it they are replicated.
 
         >>> import flowsys as fs
         >>> plan = GPT.parallel_plan(fs.placement("cpu", [[0, 1], [2, 3]]), dp_axis=0, tp_axis=1)
@@ -240,6 +315,8 @@ class GPT(nn.Module):
             plan.update({"*.attn.c_attn.weight": nd(b, split(1)), "*.attn.c_attn.bias": nd(b, split(1)),
                          "*.mlp.c_fc.weight": nd(b, split(0)), "*.mlp.c_fc.bias": nd(b, split(0)),
                          "*.c_proj.weight": nd(b, split(1))})
+            if vocab_parallel:
+                plan.update({"transformer.wte.weight": nd(b, split(0)), "lm_head.weight": nd(b, split(0))})
         plan.update({"*.ln_1": nd(split(0), b), "*.ln_2": nd(split(0), b), "*.ln_f": nd(split(0), b)})
         return plan
 
@@ -268,3 +345,16 @@ class GPT(nn.Module):
             nxt = np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)[:, None]
             tokens = np.concatenate([tokens, nxt], axis=1)
         return fsf.tensor(tokens)
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, targets: Tensor, vocab_size: int, ignore_index: int = -100) -> Tensor:
+    """Mean cross entropy of logits split along the vocabulary (Megatron-LM's): the row maximum
+    is an all-reduce of op max (``vocab_max``'s ``P(max)``), the sum of exp(logit - max) and the
+    target's logit are partial sums over the vocabulary shards (``vocab_ce_parts``, then one
+    all-reduce each); the gradient is softmax minus one-hot on each shard, with no communication.
+    Equal to ``F.cross_entropy(logits[..., :vocab_size], targets)`` on any layout."""
+    m = apply("vocab_max", logits).detach()  # a constant shift: no gradient, no extra pass over the logits
+    total, picked = apply("vocab_ce_parts", logits, targets, m, vocab_size=vocab_size, ignore_index=ignore_index)
+    valid = (targets != ignore_index).astype(logits.dtype)
+    losses = (total.log() + m - picked) * valid
+    return losses.sum() / valid.sum()

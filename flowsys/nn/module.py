@@ -32,9 +32,13 @@ class Parameter(Tensor):
     (``numpy()``, ``state_dict()``, an eager op, ``fs.checkpoint.save``), which pulls the values
     from the workers on demand. Its shape, dtype and layout never need a pull."""
 
-    __slots__ = ("state_shape", "init", "_home", "_unmade")
+    __slots__ = ("state_shape", "init", "_home", "_unmade", "tied_to")
 
     def __init__(self, data, requires_grad: bool = True, state_shape: tuple[int, ...] | None = None):
+        # The parameter this one is a copy of, tied by value (a pipeline's tied embedding on the
+        # last stage, :meth:`Module.set_stage` with ``copy_tied``): one state in checkpoints,
+        # one gradient (the two copies' summed once per step), the same updates. None otherwise.
+        self.tied_to = None
         self._home = None  # the backend whose workers hold newer values than this copy
         self._unmade = False  # built under nn.meta_init(): the local array holds no values yet, ``init`` says them
         array = data._data if isinstance(data, Tensor) else np.asarray(data, dtype=np.float32)
@@ -221,7 +225,9 @@ class Module:
                     yield (f"{mod_name}.{name}" if mod_name else name), b
 
     def num_parameters(self) -> int:
-        return sum(p.size for p in self.parameters())
+        """Elements of the model's parameters, a tied copy (a pipeline's last stage's embedding)
+        counted once."""
+        return sum(p.size for p in self.parameters() if getattr(p, "tied_to", None) is None)
 
     # ------------------------------------------------------------------------- state dict
     def _state_items(self) -> Iterator[tuple[str, Tensor]]:
@@ -368,13 +374,21 @@ class Module:
     def forward(self, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} defines no forward()")
 
-    def set_stage(self, stage: int, placement) -> Module:
+    def set_stage(self, stage: int, placement, copy_tied: bool = False) -> Module:
         """Put this module on pipeline stage ``stage``, run on ``placement``: its parameters move
         there (keeping their SBP when the meshes have the same shape, else broadcast; a parameter
         an earlier stage already holds, such as a tied embedding, stays there and is moved to this
-        stage where this module uses it), and its tensor inputs are moved there when it is called.
-        In graph mode the moves are send/receive nodes between the stages' devices, and the
-        micro-batches (``gradient_accumulation_steps``) flow through the stages as a pipeline.
+        stage where this module uses it: its accumulated gradient moves back once per step), and
+        its tensor inputs are moved there when it is called. In graph mode the moves are
+        send/receive nodes between the stages' devices, and the micro-batches
+        (``gradient_accumulation_steps``) flow through the stages as a pipeline.
+
+        With ``copy_tied``, a parameter another stage holds gets a copy on this stage instead,
+        tied to it by value (Megatron-LM's tied embedding): made equal (from the same
+        initialiser, or the same values), its local gradient accumulated over the micro-batches,
+        the two gradients summed once per step (graph mode: an optimizer-phase exchange between
+        the two stages) and both updated alike. Checkpoints hold it once (under the first name)
+        and load it into both; ``state_dict`` lists it under each name, as a tied weight.
 
         >>> import flowsys as fs
         >>> layer = fs.nn.Linear(4, 4).set_stage(1, fs.placement("cpu", [1]))
@@ -390,15 +404,17 @@ class Module:
             raise ConfigError(f"{type(self).__name__}.set_stage: placement must be fs.placement(...), got {placement!r}")
         for m in self.modules():
             for table in (m._parameters, m._buffers):
-                for name, t in table.items():
+                for name, t in list(table.items()):
                     if t is None:
                         continue
                     held = _STAGE_OF.get(id(t))
                     if held is not None and held != stage:
-                        continue  # another stage holds it (a tied parameter): moved where used
+                        if copy_tied and isinstance(t, Parameter):  # a copy of its own here, tied by value
+                            table[name] = _tied_copy(t, placement)
+                            _hold(table[name], stage)
+                        continue  # else another stage holds it (a tied parameter): moved where used
                     if held is None:
-                        _STAGE_OF[id(t)] = stage
-                        weakref.finalize(t, _STAGE_OF.pop, id(t), None)
+                        _hold(t, stage)
                     t._data = _moved_data(t, placement)
                     t.grad = None
         object.__setattr__(self, "_stage", (stage, placement))
@@ -457,6 +473,60 @@ class Module:
 
 
 _STAGE_OF: dict[int, int] = {}  # parameter id -> the pipeline stage holding it
+
+
+def _hold(t: Tensor, stage: int) -> None:
+    _STAGE_OF[id(t)] = stage
+    weakref.finalize(t, _STAGE_OF.pop, id(t), None)
+
+
+def _tied_copy(p: Parameter, placement) -> Parameter:
+    """A copy of ``p`` on ``placement`` tied to it by value: the same initialiser (a worker
+    creates equal values from it) or, once ``p`` holds other values, those values."""
+    primary = p.tied_to if p.tied_to is not None else p
+    copy = Parameter(np.empty(0, dtype=np.float32), requires_grad=p.requires_grad, state_shape=p.state_shape)
+    copy._data = _moved_data(p, placement)
+    copy.init, copy.tied_to = p.init, primary
+    return copy
+
+
+def tied_source(p) -> Parameter | None:
+    """The parameter ``p`` is a tied copy of (None when it is none)."""
+    return getattr(p, "tied_to", None)
+
+
+def sum_tied_grads_(parameters) -> None:
+    """Eager mode's once-per-step sum of tied copies' gradients: each pair among ``parameters``
+    (a copy and its primary) gets the sum of the two local gradients, each in its own layout, so
+    that both take the same update. Idempotent until the gradients change."""
+    params = list(parameters)
+    by_id = {id(p): p for p in params}
+    for c in params:
+        a = by_id.get(id(tied_source(c)))
+        if a is None or (a.grad is None and c.grad is None):
+            continue
+        done = _SUMMED.get(id(c))
+        if done is not None and done[0]() is a.grad and done[1]() is c.grad:
+            continue
+        ga, gc = a.grad, c.grad
+        if ga is None or gc is None:
+            ga, gc = (ga if ga is not None else _moved_like(gc, a)), (gc if gc is not None else _moved_like(ga, c))
+            total_a, total_c = ga, gc
+        else:
+            total_a = ga + _moved_like(gc, a)
+            total_c = _moved_like(ga, c) + gc
+        a.grad, c.grad = total_a.detach(), total_c.detach()
+        _SUMMED[id(c)] = (weakref.ref(a.grad), weakref.ref(c.grad))
+
+
+_SUMMED: dict[int, tuple] = {}  # tied copy id -> weak references to the (primary, copy) gradients already summed
+
+
+def _moved_like(g: Tensor, p: Tensor) -> Tensor:
+    """Gradient ``g`` in parameter ``p``'s layout (a copy: no arithmetic)."""
+    if p.is_global:
+        return g.to_global(placement=p.placement, sbp=p.sbp).detach()
+    return Tensor(np.array(g.numpy())) if g.is_global else g.detach()
 
 
 def _moved_data(t: Tensor, placement):

@@ -417,3 +417,182 @@ def _sdpa_grad(b, g, out, q, k, v, *, is_causal=False, scale=None):
 def scaled_dot_product_attention(xp, q, k, v, *, is_causal=False, scale=None):
     """softmax(q k^T * scale [+ causal mask]) v, with PyTorch's top-left aligned causal mask."""
     return _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale)) @ v
+
+
+# ------------------------------------------------------------ vocabulary-parallel (Megatron-LM)
+# The embedding table and the tied head split along the vocabulary over tensor parallelism:
+# each rank holds the rows [offset, offset + local) of the table and the logits of those classes.
+# ``offset`` is the shard's place in the vocabulary, set per rank by the ``lower`` rules below.
+
+
+def _vocab_embedding_infer(table: Spec, idx: Spec, *, vocab_size, offset=0) -> Spec:
+    if idx.dtype.kind not in "iu":
+        raise DTypeError(f"vocab_embedding: token ids must be integers, got {idx}; cast them with .astype(fs.int64)")
+    if table.ndim != 2:
+        raise ShapeError(f"vocab_embedding: the table must be (vocab, dim), got {table.shape}")
+    return Spec(idx.shape + (table.shape[1],), table.dtype)
+
+
+def _vocab_embedding_rows(specs, attrs):
+    table, idx = specs
+    rows = [R.SbpRow((S(0), B), (P,), "each rank looks up the ids of its vocabulary slice, zeros for the others")]
+    rows += [R.SbpRow((B, S(i)), (S(i),), "each rank looks up its share of the ids") for i in range(idx.ndim)]
+    rows.append(R.SbpRow((S(1), B), (S(idx.ndim),), "each rank gathers its columns of the rows"))
+    return rows + [R.replicated(2), R.SbpRow((P, B), (P,), "gathering rows is linear in the table")]
+
+
+def _check_ids(xp, idx, vocab_size, op):
+    if idx.size and (int(idx.max()) >= vocab_size or int(idx.min()) < 0):
+        bad = int(idx.max()) if int(idx.max()) >= vocab_size else int(idx.min())
+        raise IndexOutOfRange(f"{op}: token id {bad} is out of range for a vocabulary of {vocab_size}; "
+                              f"valid ids are 0..{vocab_size - 1}")
+
+
+def _local_ids(xp, idx, offset, n):
+    """Ids relative to the slice [offset, offset + n), and the mask of those inside it."""
+    local = idx - offset
+    inside = (local >= 0) & (local < n)
+    return xp.where(inside, local, 0), inside
+
+
+@register("vocab_embedding", infer=_vocab_embedding_infer, sbp=_vocab_embedding_rows,
+          lower=lambda attrs, shard: {**attrs, "offset": int(shard.in_offsets[0][0])},
+          grad=lambda b, g, out, table, idx, *, vocab_size, offset=0: [
+              b.vocab_embedding_grad(g, idx, vocab_size=vocab_size, shape=tuple(table.shape)), None])
+def vocab_embedding(xp, table, idx, *, vocab_size, offset=0):
+    """Rows ``idx`` of ``table`` for the ids in this shard's slice [offset, offset + rows), zero
+    rows for the others: on a vocabulary-split table the sum over ranks is the embedding."""
+    _check_ids(xp, idx, vocab_size, "vocab_embedding")
+    local, inside = _local_ids(xp, idx, offset, table.shape[0])
+    out = xp.take(table, local, axis=0)
+    if not bool(inside.all()):
+        out *= inside[..., None].astype(out.dtype)
+    return out
+
+
+def _vocab_embedding_grad_rows(specs, attrs):
+    g, idx = specs
+    rows = [R.SbpRow((B, B), (S(0),), "each rank scatters only the ids of its vocabulary slice")]
+    rows += [R.SbpRow((S(i), S(i)), (P,), "each rank scatters its share of the ids; the total is the sum")
+             for i in range(idx.ndim)]
+    rows.append(R.SbpRow((S(idx.ndim), B), (S(1),), "each rank scatters its columns"))
+    return rows + [R.replicated(2), R.SbpRow((P, B), (P,), "scatter-add is linear in the gradient")]
+
+
+@register("vocab_embedding_grad", infer=lambda g, idx, *, vocab_size, shape, offset=0: Spec(tuple(shape), g.dtype),
+          sbp=_vocab_embedding_grad_rows,
+          lower=lambda attrs, shard: {**attrs, "shape": shard.outs[0].shape, "offset": int(shard.out_offsets[0][0])})
+def vocab_embedding_grad(xp, g, idx, *, vocab_size, shape, offset=0):
+    """Adjoint of vocab_embedding: this slice's rows of the scatter-add of ``g`` at ``idx``."""
+    local, inside = _local_ids(xp, idx.reshape(-1), offset, shape[0])
+    rows = g.reshape(idx.size, shape[1])
+    if not bool(inside.all()):
+        local, rows = local[inside], rows[inside]
+    out = xp.zeros(tuple(shape), dtype=g.dtype)
+    if xp is np:
+        np.add.at(out, local, rows)
+    else:
+        xp.add.at(out, local, rows)
+    return out
+
+
+def _vocab_max_infer(x: Spec) -> Spec:
+    if x.dtype.kind != "f" or x.ndim < 1:
+        raise DTypeError(f"vocab_max: takes floating-point logits (..., classes), got {x}")
+    return Spec(x.shape[:-1], x.dtype)
+
+
+def _vocab_max_rows(specs, attrs):
+    x = specs[0]
+    rows = [R.SbpRow((S(x.ndim - 1),), (R.PMAX,), "each rank's maximum over its classes; the row's is the largest")]
+    rows += [R.SbpRow((S(i),), (S(i),), "each row's maximum needs only that row") for i in range(x.ndim - 1)]
+    return rows + [R.replicated(1)]
+
+
+@register("vocab_max", infer=_vocab_max_infer, sbp=_vocab_max_rows,
+          grad=lambda b, g, out, x: [b.vocab_max_grad(x, out, g)])
+def vocab_max(xp, x):
+    """The maximum over the class axis: the shift that keeps cross entropy's exponentials finite
+    (cross entropy detaches it: its value does not depend on the shift)."""
+    return x.max(axis=-1)
+
+
+def _ce_parts_infer(x: Spec, t: Spec, m: Spec, *, vocab_size, ignore_index=-100, offset=0):
+    _ce_infer(x, t)
+    if m.shape != t.shape:
+        raise ShapeError(f"vocab_ce_parts: the row maxima {m.shape} must have the targets' shape {t.shape}")
+    return Spec(t.shape, x.dtype), Spec(t.shape, x.dtype)
+
+
+def _ce_parts_rows(specs, attrs):
+    x, t, m = specs
+    rows = [R.SbpRow((S(x.ndim - 1), B, B), (P, P), "each rank sums its classes' exponentials and picks the "
+                                                    "targets in its slice; the totals are sums")]
+    rows += [R.SbpRow((S(i), S(i), S(i)), (S(i), S(i)), "each row needs only that row") for i in range(t.ndim)]
+    return rows + [R.replicated(3, 2)]
+
+
+def _ce_parts_grad(b, g, out, x, t, m, *, vocab_size, ignore_index=-100, offset=0):
+    g_sum, g_pick = g
+    zeros = None
+    if g_sum is None or g_pick is None:
+        zeros = b.zeros_like(out[0])
+    gx = b.vocab_ce_parts_grad(x, t, m, zeros if g_sum is None else g_sum, zeros if g_pick is None else g_pick,
+                               ignore_index=ignore_index) if b.needs[0] else None
+    gm = b.neg(b.mul(g_sum, out[0])) if b.needs[2] and g_sum is not None else None  # d sum / d m = -sum
+    return [gx, None, gm]
+
+
+@register("vocab_ce_parts", infer=_ce_parts_infer, sbp=_ce_parts_rows, multi_output=True, grad=_ce_parts_grad,
+          lower=lambda attrs, shard: {**attrs, "offset": int(shard.in_offsets[0][-1])})
+def vocab_ce_parts(xp, x, t, m, *, vocab_size, ignore_index=-100, offset=0):
+    """Per row: the sum of exp(logit - m) over this shard's classes and the target's logit when
+    the target is in this shard's slice [offset, offset + classes) (else 0). Summed over the
+    ranks of a vocabulary split they give cross entropy: log(sum) + m - target logit."""
+    n = x.shape[-1]
+    rows, tf = x.reshape(-1, n), t.reshape(-1)
+    _check_targets(xp, tf, vocab_size, ignore_index)
+    local, inside = _local_ids(xp, tf, offset, n)
+    inside &= tf != ignore_index
+    picked = xp.where(inside, rows[xp.arange(rows.shape[0]), local], 0).astype(x.dtype, copy=False)
+    e = rows - m.reshape(-1, 1)
+    xp.exp(e, out=e)
+    return e.sum(axis=-1).reshape(t.shape), picked.reshape(t.shape)
+
+
+def _ce_parts_grad_rows(specs, attrs):
+    x, t = specs[0], specs[1]
+    rows = [R.SbpRow((S(x.ndim - 1), B, B, B, B), (S(x.ndim - 1),), "softmax minus one-hot on each rank's "
+                                                                    "classes: no communication")]
+    rows += [R.SbpRow((S(i),) * 5, (S(i),), "each row needs only that row") for i in range(t.ndim)]
+    return rows + [R.replicated(5, 1), R.SbpRow((B, B, B, P, P), (P,), "linear in the incoming gradients")]
+
+
+@register("vocab_ce_parts_grad", infer=lambda x, t, m, gs, gp, *, ignore_index=-100, offset=0: x,
+          sbp=_ce_parts_grad_rows, lower=lambda attrs, shard: {**attrs, "offset": int(shard.in_offsets[0][-1])})
+def vocab_ce_parts_grad(xp, x, t, m, g_sum, g_pick, *, ignore_index=-100, offset=0):
+    """The adjoint of vocab_ce_parts, ``g_sum * exp(logit - m) + g_pick * onehot(target)``, on this
+    shard's classes (cross entropy's g_pick is -g: softmax minus one-hot)."""
+    n = x.shape[-1]
+    rows, tf = x.reshape(-1, n), t.reshape(-1)
+    out = rows - m.reshape(-1, 1)
+    xp.exp(out, out=out)
+    out *= g_sum.reshape(-1, 1).astype(x.dtype, copy=False)
+    local, inside = _local_ids(xp, tf, offset, n)
+    inside &= tf != ignore_index
+    r = xp.arange(rows.shape[0])[inside]
+    out[r, local[inside]] += g_pick.reshape(-1)[inside].astype(x.dtype, copy=False)
+    return out.reshape(x.shape)
+
+
+def _vocab_max_grad_rows(specs, attrs):
+    x = specs[0]
+    rows = [R.SbpRow((S(x.ndim - 1), B, B), (S(x.ndim - 1),), "each rank marks where its classes hold the row maximum")]
+    rows += [R.SbpRow((S(i), S(i), S(i)), (S(i),), "each row needs only that row") for i in range(x.ndim - 1)]
+    return rows + [R.replicated(3), R.SbpRow((B, B, P), (P,), "linear in the incoming gradient")]
+
+
+@register("vocab_max_grad", infer=lambda x, m, g: Spec(x.shape, result_dtype(x, g)), sbp=_vocab_max_grad_rows)
+def vocab_max_grad(xp, x, m, g):
+    """The gradient of the row maximum: ``g`` where a logit equals it, zero elsewhere."""
+    return (x == m[..., None]) * g[..., None]

@@ -11,10 +11,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from flowsys.ops.registry import SbpRow, Spec
-from flowsys.sbp import Broadcast, PartialSum, SbpValue, Split
+from flowsys.sbp import Broadcast, PartialMax, PartialSum, SbpValue, Split
 
 B = Broadcast()
 P = PartialSum()
+PMAX = PartialMax()
 S = Split
 
 

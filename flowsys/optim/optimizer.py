@@ -58,6 +58,9 @@ class Optimizer:
                     p.grad.zero_()
 
     def step(self) -> None:
+        from flowsys.nn.module import sum_tied_grads_  # noqa: PLC0415
+
+        sum_tied_grads_(p for group in self.param_groups for p in group["params"])  # tied copies: one gradient
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -111,16 +114,26 @@ class AdamW(Optimizer):
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, eps: float = 1e-6) -> float:
-    """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm before."""
+    """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm before.
+
+    A parameter and its tied copy (``Parameter.tied_to``, a pipeline's tied embedding) are one
+    parameter: their gradients are summed first (as the optimizer's step would) and counted once."""
+    from flowsys.nn.module import sum_tied_grads_, tied_source  # noqa: PLC0415
+
     if isinstance(parameters, Tensor):  # one tensor, as torch takes (iterating it would give its rows)
         parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters = list(parameters)
+    sum_tied_grads_(parameters)
+    present = {id(p) for p in parameters}
+    counted = [p for p in parameters if id(tied_source(p)) not in present]
+    grads = [p.grad for p in counted if p.grad is not None]
+    copies = [p.grad for p in parameters if id(tied_source(p)) in present and p.grad is not None]
     if not grads:
         return 0.0
     total = math.sqrt(sum(_squared_norm(g) for g in grads))
     scale = max_norm / (total + eps)
     if scale < 1.0:
-        for g in grads:  # scaling is linear: every shard of any layout scales alike
+        for g in grads + copies:  # scaling is linear: every shard of any layout scales alike
             for a in g._data.shards if type(g._data) is GlobalValue else (g._data,):
                 a *= scale
     return total
