@@ -43,8 +43,9 @@ def build(job, placements, meta: bool = False):
     first = placements[0]
     ctx = nn.meta_init() if meta else _Null()
     with ctx:
-        model = GPT(job.model)
-        model.to_global(first, GPT.parallel_plan(first, dp_axis=0, tp_axis=1))
+        vocab = p.vocab_parallel and p.tp > 1  # the vocabulary padded for even shards, its padding masked
+        model = GPT(job.model.padded_for(p.tp) if vocab else job.model)
+        model.to_global(first, GPT.parallel_plan(first, dp_axis=0, tp_axis=1, vocab_parallel=vocab))
         if p.pp > 1:
             model.pipeline(placements)
     if p.activation_checkpointing:

@@ -70,6 +70,8 @@ class ParallelConfig:
     zero_stage: int = 0
     micro_batches: int = 1
     activation_checkpointing: bool = False
+    # with tp > 1: the embedding and tied head split along the (padded) vocabulary (Megatron-LM)
+    vocab_parallel: bool = True
 
     @property
     def devices(self) -> int:

@@ -76,7 +76,9 @@ def op_flops(name: str, ins: list[tuple[int, ...]], outs: list[tuple[int, ...]],
         return 2 * scores * q[-1] * products + 5 * scores  # + scale, mask, max, exp, normalise
     per_element = {"layer_norm": 8, "layer_norm_grad": 12, "layer_norm_affine": 10, "layer_norm_affine_grad": 16,
                    "gelu": 10, "gelu_grad": 14, "softmax": 5, "softmax_grad": 4, "log_softmax": 5,
-                   "log_softmax_grad": 4, "cross_entropy": 6, "cross_entropy_grad": 6, "exp": 1, "log": 1, "tanh": 4, "sqrt": 1, "pow": 2, "dropout": 3}
+                   "log_softmax_grad": 4, "cross_entropy": 6, "cross_entropy_grad": 6,
+                   # cross entropy over a split vocabulary: the same work in two ops (max; exp, sum, pick)
+                   "vocab_max": 1, "vocab_ce_parts": 5, "vocab_ce_parts_grad": 6, "exp": 1, "log": 1, "tanh": 4, "sqrt": 1, "pow": 2, "dropout": 3}
     if name in per_element:
         return per_element[name] * _numel(ins[0])
     if name in ("sgd_update", "adamw_update"):  # per element: decay, momentum, descent; Adam's moments and sqrt
