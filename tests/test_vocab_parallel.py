@@ -14,6 +14,7 @@ from flowsys.models import GPT, GPTConfig
 from flowsys.models.gpt import vocab_parallel_cross_entropy
 from flowsys.nn import functional as F
 from flowsys.sbp import broadcast as B, partial_max as PMAX, partial_sum as P, split as S
+from helpers import TrainStep
 
 CFG = GPTConfig(vocab_size=250, block_size=8, n_layer=1, n_head=2, n_embd=16)
 
@@ -106,18 +107,6 @@ def _batch(seed=0):
     return idx, tgt
 
 
-class _Step(fs.Graph):
-    def __init__(self, model, opt):
-        super().__init__()
-        self.model = model
-        self.add_optimizer(opt)
-
-    def build(self, x, y):
-        _, loss = self.model(x, y)
-        loss.backward()
-        return loss
-
-
 @pytest.fixture(scope="module")
 def reference():
     """One device: the loss, and the gradients recovered from one SGD step (lr 1)."""
@@ -146,7 +135,7 @@ def test_compiled_gpt_vocab_parallel_equals_one_device(reference, mesh, dp_axis,
     model.load_state_dict(before)
     model.to_global(pl, GPT.parallel_plan(pl, dp_axis=dp_axis, tp_axis=tp_axis, vocab_parallel=True))
     assert model.lm_head.weight.sbp[tp_axis] == S(0)
-    step = _Step(model, optim.SGD(model.parameters(), lr=1.0))
+    step = TrainStep(model, optim.SGD(model.parameters(), lr=1.0))
     batch = tuple(S(0) if k == dp_axis else B for k in range(pl.ndim))
     idx, tgt = _batch()
     loss = step(fs.tensor(idx).to_global(pl, batch), fs.tensor(tgt).to_global(pl, batch))
