@@ -127,7 +127,7 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
         raise StateDictError(f"checkpoint {path} lacks parameter(s) {missing}")
     for name, p in params.items():
         shape = tuple(tensors[f"param/{saved_as[name]}"]["shape"])
-        if shape != tuple(p.shape):
+        if shape != tuple(p.shape) and not _repadded(p, shape):
             raise StateDictError(f"checkpoint {path}: parameter {name} has shape {shape}, "
                                  f"the model's has {tuple(p.shape)}")
     if optimizer is not None and meta["optimizer"] is None:
@@ -142,8 +142,15 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
     if optimizer is not None and not state_by_workers:
         on_driver += sorted({k for p in _trained(optimizer) if id(p) in names for k in tensors
                              if k.startswith(f"state/{names[id(p)]}/")})
+    shape_of = {f"param/{saved_as[n]}": tuple(p.shape) for n, p in params.items()}  # (a padding may differ)
+    if optimizer is not None:
+        for p in _trained(optimizer):
+            if id(p) in names:
+                shape_of.update({k: tuple(p.shape) for k in tensors if k.startswith(f"state/{names[id(p)]}/")
+                                 and len(tensors[k]["shape"]) == p.ndim})
     with RankFiles(path) as files:  # everything read before anything changes
-        logical = {k: read_box(files, k, tensors[k], [[0, n] for n in tensors[k]["shape"]]) for k in on_driver}
+        logical = {k: read_box(files, k, tensors[k], [[0, n] for n in shape_of.get(k, tensors[k]["shape"])])
+                   for k in on_driver}
     if by_workers or state_by_workers:
         check_visible(backend, path / "MANIFEST.json", (path / "MANIFEST.json").read_text())
         _load_by_workers(backend, path, tensors, params, by_workers, optimizer, state_layouts)
@@ -160,6 +167,16 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
         optimizer._state_in_workers = None  # the next compiled step gives it to its workers, laid out as it needs
     set_rng_state(meta["rng"])
     return {"step": meta["step"], "extra": meta["extra"], "path": str(path)}
+
+
+def _repadded(p, saved: tuple) -> bool:
+    """Whether ``p`` takes a checkpoint of shape ``saved`` by its padding: they differ only in
+    the rows of axis 0 beyond ``p.valid_rows``, which are padding (the real rows are read, the
+    padding of the model starts at zero)."""
+    rows = getattr(p, "valid_rows", None)
+    shape = tuple(p.shape)
+    return (rows is not None and len(saved) == len(shape) and saved[1:] == shape[1:]
+            and saved[0] >= rows and shape[0] >= rows)
 
 
 def check_visible(backend, path: str | os.PathLike, token: str | None = None, world: int = 0) -> None:

@@ -149,3 +149,41 @@ def test_compiled_gpt_vocab_parallel_equals_one_device(reference, mesh, dp_axis,
         want = (want_grads[name] if name in want_grads else want_grads["lm_head.weight"]).reshape(got.shape)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
     assert after["lm_head.weight"].shape == (CFG.vocab_size, CFG.n_embd)
+
+
+def test_checkpoints_move_between_vocabulary_paddings(tmp_path):
+    """A job saved unpadded (dp4) resumes padded (tp4: 256 -> 512 rows) and back, as if it had
+    gone on: the real rows are read, the padding starts at zero."""
+    from flowsys import checkpoint
+    from flowsys.data import ByteDataset
+    from flowsys.plan import build, layout
+    from flowsys.train import load_job
+
+    fs.init(backend="local")
+    batches = ByteDataset.from_stdlib(1 << 18).batches(16, 64)
+    batch = (S(0), B)
+
+    def job(dp, tp):
+        j = load_job("examples/configs/tiny.yaml", {"parallel.dp": dp, "parallel.tp": tp, "parallel.zero_stage": 0})
+        first = layout(j)[0]
+        model, opt, step = build(j, [first], meta=True)
+        return first, model, opt, step
+
+    try:
+        first, model, opt, step = job(4, 1)
+        step(*batches.at(0, first, batch))
+        checkpoint.save(tmp_path, model, opt, step=1)
+        p4, padded, opt4, step4 = job(1, 4)
+        assert padded.lm_head.weight.shape[0] == 512 and model.lm_head.weight.shape[0] == 256
+        checkpoint.load(tmp_path, padded, opt4)
+        np.testing.assert_allclose(float(step4(*batches.at(1, p4, batch))), float(step(*batches.at(1, first, batch))),
+                                   rtol=1e-5)
+        checkpoint.save(tmp_path, padded, opt4, step=2)
+        back, again, opt1, step1 = job(4, 1)
+        checkpoint.load(tmp_path, again, opt1)
+        np.testing.assert_allclose(float(step1(*batches.at(2, back, batch))), float(step(*batches.at(2, first, batch))),
+                                   rtol=1e-5)
+        with pytest.raises(fs.StateDictError, match="has shape"):  # other than padding: still refused
+            checkpoint.load(tmp_path, GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=32)))
+    finally:
+        fs.shutdown()

@@ -165,6 +165,7 @@ class GPT(nn.Module):
             ))
             self.lm_head = nn.Linear(config.n_embd, config.table_size, bias=False)
             self.transformer["wte"].weight = self.lm_head.weight  # weight tying, as GPT-2
+            self.lm_head.weight.valid_rows = config.vocab_size  # the rest of the table is padding
             self.apply(self._init_weights)
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections

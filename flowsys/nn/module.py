@@ -32,13 +32,16 @@ class Parameter(Tensor):
     (``numpy()``, ``state_dict()``, an eager op, ``fs.checkpoint.save``), which pulls the values
     from the workers on demand. Its shape, dtype and layout never need a pull."""
 
-    __slots__ = ("state_shape", "init", "_home", "_unmade", "tied_to")
+    __slots__ = ("state_shape", "init", "_home", "_unmade", "tied_to", "valid_rows")
 
     def __init__(self, data, requires_grad: bool = True, state_shape: tuple[int, ...] | None = None):
         # The parameter this one is a copy of, tied by value (a pipeline's tied embedding on the
         # last stage, :meth:`Module.set_stage` with ``copy_tied``): one state in checkpoints,
         # one gradient (the two copies' summed once per step), the same updates. None otherwise.
         self.tied_to = None
+        # the rows that are state when the rest of axis 0 is padding (a vocabulary padded for
+        # tensor parallelism): checkpoints then move between paddings
+        self.valid_rows = None
         self._home = None  # the backend whose workers hold newer values than this copy
         self._unmade = False  # built under nn.meta_init(): the local array holds no values yet, ``init`` says them
         array = data._data if isinstance(data, Tensor) else np.asarray(data, dtype=np.float32)
@@ -486,7 +489,7 @@ def _tied_copy(p: Parameter, placement) -> Parameter:
     primary = p.tied_to if p.tied_to is not None else p
     copy = Parameter(np.empty(0, dtype=np.float32), requires_grad=p.requires_grad, state_shape=p.state_shape)
     copy._data = _moved_data(p, placement)
-    copy.init, copy.tied_to = p.init, primary
+    copy.init, copy.tied_to, copy.valid_rows = p.init, primary, p.valid_rows
     return copy
 
 
