@@ -305,7 +305,8 @@ def test_configure_optimizers_groups_like_nanogpt():
     fopt = fmodel.configure_optimizers(weight_decay=0.1, learning_rate=2e-3, betas=(0.9, 0.95))
     decay, no_decay = fopt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    shape = lambda p: p.state_shape or p.shape  # noqa: E731 - the shape torch's twin has
+    assert all(len(shape(p)) >= 2 for p in decay["params"]) and all(len(shape(p)) < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(fmodel.parameters()))
     tparams = [p for p in tmodel.parameters()]
     topt = torch.optim.AdamW([{"params": [p for p in tparams if p.dim() >= 2], "weight_decay": 0.1},
@@ -494,3 +495,17 @@ def test_forward_takes_numpy_and_lists():
     _, tloss = tmodel(torch.from_numpy(idx), torch.from_numpy(targets))
     assert loss_np.item() == loss_list.item() == pytest.approx(tloss.item(), rel=1e-5)
     np.testing.assert_array_equal(logits_np.numpy(), logits_list.numpy())
+
+
+def test_weight_decay_groups_are_nanogpts():
+    """Decayed: the parameters whose state-dict shape has 2 or more axes (matrices and
+    embeddings); the attention's bias, stored (3, C) for nanoGPT's (3C,), is not."""
+    from flowsys.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    decay, no_decay = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decayed == {n for n, t in model.state_dict().items() if t.ndim >= 2 and n in names.values()}
+    assert "transformer.h.0.attn.c_attn.bias" not in decayed and "transformer.h.0.attn.c_attn.weight" in decayed

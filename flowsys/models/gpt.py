@@ -322,10 +322,12 @@ class GPT(nn.Module):
         return plan
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
-        """AdamW with weight decay on matrices and embeddings only (nanoGPT's grouping)."""
+        """AdamW with weight decay on matrices and embeddings only (nanoGPT's grouping: by the
+        parameter's shape in state dicts, so the attention's bias, stored (3, C) for its
+        (3C,), is not decayed)."""
         params = [p for _, p in self.named_parameters()]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        decay = [p for p in params if len(p.state_shape or p.shape) >= 2]
+        no_decay = [p for p in params if len(p.state_shape or p.shape) < 2]
         return AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                      lr=learning_rate, betas=betas)
 
