@@ -281,6 +281,8 @@ class RankRuntime:
                 outs.append(np.asarray(self.sums[vid] / k).astype(self.decls[vid][1]) if k > 1 else self.sums[vid])
             elif vid in self.persistent:
                 outs.append(self.persistent[vid])
+            elif vid in self.env:  # made in the optimizer phase (the clipped gradients' global norm)
+                outs.append(self.env[vid])
             else:
                 outs.append(None)
         return outs

@@ -30,6 +30,7 @@ from comm import Communicator
 from flowsys.datasource import Windows
 from flowsys.device import contiguous
 from flowsys.ops import OPS
+from flowsys.ops.registry import dtype_text
 from flowsys.ops.optim import update_in_place
 from flowsys.planformat import decode_attrs, plan_pb2
 from flowsys.rng import InitSpec, materialize
@@ -43,7 +44,7 @@ class WireError(ValueError):
 
 def encode(vid: int, array) -> plan_pb2.Tensor:
     a = contiguous(array)
-    return plan_pb2.Tensor(id=vid, dtype=a.dtype.str, shape=list(a.shape), data=a.tobytes())
+    return plan_pb2.Tensor(id=vid, dtype=dtype_text(a.dtype), shape=list(a.shape), data=a.tobytes())
 
 
 def _initial(i: plan_pb2.Init) -> np.ndarray:
@@ -56,7 +57,7 @@ def decode(t: plan_pb2.Tensor) -> np.ndarray:
     """The array a ``Tensor`` message carries (a writable copy); never unpickles."""
     try:
         dtype = np.dtype(t.dtype)
-    except TypeError as e:
+    except (TypeError, ValueError, SyntaxError) as e:
         raise WireError(f"tensor {t.id}: unknown dtype {t.dtype!r}") from e
     if dtype.hasobject:
         raise WireError(f"tensor {t.id}: dtype {t.dtype!r} holds Python objects")
@@ -135,7 +136,7 @@ class Worker:
     def describe_state(self, keys: list[str]) -> bytes:
         """The shape and dtype of every field of the optimizer state kept for ``keys`` (JSON:
         key -> field -> [shape, dtype]): a checkpoint's layout without its values."""
-        return json.dumps({key: {f: [list(np.shape(v)), np.asarray(v).dtype.str] for f, v in self.state[key].items()}
+        return json.dumps({key: {f: [list(np.shape(v)), dtype_text(np.asarray(v).dtype)] for f, v in self.state[key].items()}
                            for key in keys if key in self.state}).encode()
 
     def sees(self, path: str, token: str) -> bool:

@@ -60,6 +60,7 @@ import weakref
 from concurrent import futures
 
 import grpc
+import ml_dtypes
 import numpy as np
 
 from comm import wire_pb2
@@ -70,6 +71,10 @@ DELIVER = f"/{SERVICE}/Deliver"
 SECRET_KEY = "flowsys-secret"
 SRC_KEY = "flowsys-src"
 DTYPE_KINDS = "biufc"  # bool, signed, unsigned, float, complex: plain bytes, nothing to unpickle
+# ml_dtypes' types are plain bytes too, but their kind is "V" and their code ("<V2") names raw
+# bytes: they travel by name.
+NAMED_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
 SHM_DIR = "/dev/shm"
 SHM_OK = os.path.isdir(SHM_DIR) and hasattr(os, "posix_fallocate")  # Linux
 SHM_MIN_BYTES = 64 << 10  # smaller messages ride inline in the header chunk even on one host
@@ -215,14 +220,14 @@ class GrpcCommunicator(Communicator):
         if self._closed:
             raise CommError(f"rank {self.rank}: the communicator is closed")
         array = np.asarray(array)
-        if array.dtype.kind not in DTYPE_KINDS:
+        if not _carried(array.dtype):
             raise CommError(f"rank {self.rank}: cannot send dtype {array.dtype} to rank {dst}; "
-                            f"the transport carries bool, integer, float and complex arrays")
+                            f"the transport carries bool, integer, float (bfloat16 too) and complex arrays")
         if peer.error is not None or peer.left:
             error = CommError(peer.error or f"rank {self.rank}: cannot send to rank {dst}, which has closed")
             self.mailbox.fail(error)
             raise error
-        header = wire_pb2.Chunk(has_header=True, src=self.rank, tag=tag, dtype=array.dtype.str,
+        header = wire_pb2.Chunk(has_header=True, src=self.rank, tag=tag, dtype=_dtype_text(array.dtype),
                                 shape=array.shape, nbytes=array.nbytes)
         segment = self._segment_for(peer, array.nbytes) if peer.use_shm and array.nbytes >= SHM_MIN_BYTES else None
         if segment is not None:
@@ -489,12 +494,20 @@ def _parse_src(text: str) -> int | None:
         return None
 
 
+def _carried(dtype: np.dtype) -> bool:
+    return dtype.kind in DTYPE_KINDS or any(dtype == d for d in NAMED_DTYPES.values())
+
+
+def _dtype_text(dtype: np.dtype) -> str:
+    return dtype.name if dtype.name in NAMED_DTYPES else dtype.str
+
+
 def _parse_dtype(text: str) -> np.dtype:
     try:
-        dtype = np.dtype(text)
+        dtype = NAMED_DTYPES[text] if text in NAMED_DTYPES else np.dtype(text)
     except (TypeError, ValueError, SyntaxError):
         raise _Malformed(f"unknown dtype {text!r}") from None
-    if dtype.kind not in DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+    if not _carried(dtype) or dtype.fields is not None or dtype.subdtype is not None:
         raise _Malformed(f"dtype {text!r} is not a plain bool, integer, float or complex type")
     return dtype
 

@@ -76,7 +76,8 @@ _HEADER_LEN = 3 + _MAX_NDIM
 _SUM_TYPES = {"int8": "NCCL_INT8", "uint8": "NCCL_UINT8", "int32": "NCCL_INT32", "uint32": "NCCL_UINT32",
               "int64": "NCCL_INT64", "uint64": "NCCL_UINT64", "float16": "NCCL_FLOAT16",
               "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
-              "complex64": "NCCL_FLOAT32", "complex128": "NCCL_FLOAT64"}
+              "complex64": "NCCL_FLOAT32", "complex128": "NCCL_FLOAT64",
+              "bfloat16": "NCCL_BFLOAT16"}  # where the installed CuPy holds bfloat16 arrays
 _SUBGROUP_TAG = -1  # the tag that carries a new sub-group's NCCL id from its first rank
 
 

@@ -41,7 +41,7 @@ del _from_environment
 
 # name -> the module it comes from; a subpackage maps to itself.
 _LAZY = {
-    **dict.fromkeys(["Tensor", "float32", "float64", "int32", "int64", "bool_"], "flowsys.tensor"),
+    **dict.fromkeys(["Tensor", "float32", "float64", "float16", "bfloat16", "int32", "int64", "bool_"], "flowsys.tensor"),
     **dict.fromkeys([
         "allclose", "arange", "argmax", "asarray", "astype", "broadcast_to", "concatenate", "exp", "expand_dims", "full",
         "log", "manual_seed", "matmul", "max", "maximum", "mean", "min", "minimum", "ones", "ones_like", "rand",
@@ -84,7 +84,7 @@ _sys.modules[__name__].__class__ = _Package
 __all__ = [
     # tensors and dtypes
     "Tensor", "tensor", "asarray", "zeros", "ones", "full", "zeros_like", "ones_like", "arange", "randn", "rand",
-    "randint", "manual_seed", "float32", "float64", "int32", "int64", "bool_",
+    "randint", "manual_seed", "float32", "float64", "float16", "bfloat16", "int32", "int64", "bool_",
     # array API
     "matmul", "exp", "log", "sqrt", "tanh", "maximum", "minimum", "where", "sum", "mean", "var", "max", "min",
     "argmax", "reshape", "transpose", "swapaxes", "expand_dims", "squeeze", "broadcast_to", "concatenate",

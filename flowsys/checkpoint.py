@@ -43,6 +43,7 @@ import numpy as np
 
 from flowsys.device import contiguous
 from flowsys.errors import ConfigError, StateDictError
+from flowsys.ops.registry import dtype_text
 from flowsys.optim.state import LOGICAL
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -480,7 +481,7 @@ def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_worker
         d = stored(p)
         for r in d.placement.ranks:
             box = shard_box(d.shape, d.sbp, d.placement.mesh, d.placement.coords(r))
-            entries[r].append({"name": f"param/{saved_as[name]}", "box": [list(b) for b in box], "dtype": d.dtype.str,
+            entries[r].append({"name": f"param/{saved_as[name]}", "box": [list(b) for b in box], "dtype": dtype_text(d.dtype),
                                "into": ["param", str(uid(p))]})
     if state_layouts is not None:
         names = {id(p): saved_as[name] for name, p in params.items()}
@@ -528,11 +529,11 @@ def _put(per_rank: dict, key: str, data, source=None, rank: int = 0) -> dict:
             per_rank.setdefault(rank, {})[key] = source(rank) if source else np.asarray(data.shards[i])
             boxes.append({"rank": rank, "box": [list(b) for b in box]})
         partial = any(isinstance(s, PartialSum) for s in data.sbp)
-        return {"shape": list(data.shape), "dtype": np.dtype(data.dtype).str, "placement": np.asarray(
+        return {"shape": list(data.shape), "dtype": dtype_text(data.dtype), "placement": np.asarray(
             _nested_ranks(p)).tolist(), "sbp": fmt(data.sbp), "partial": partial, "shards": boxes}
     a = np.asarray(data)
     per_rank.setdefault(rank, {})[key] = source(rank) if source else a
-    return {"shape": list(a.shape), "dtype": a.dtype.str, "placement": None, "sbp": None, "partial": False,
+    return {"shape": list(a.shape), "dtype": dtype_text(a.dtype), "placement": None, "sbp": None, "partial": False,
             "shards": [{"rank": rank, "box": [[0, n] for n in a.shape]}]}
 
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from flowsys.errors import FlowsysError
+from flowsys.errors import DTypeError, FlowsysError
 
 DEVICES = ("cpu", "cuda")
 
@@ -22,6 +22,19 @@ def array_module(device: str):
             raise FlowsysError("device 'cuda' needs CuPy: pip install 'flowsys[cuda]' on a machine with a GPU") from None
         return cupy
     raise FlowsysError(f"unknown device {device!r}; expected one of {DEVICES}")
+
+
+def to_device(array: np.ndarray, device: str):
+    """The NumPy ``array`` on ``device``. CuPy computes float16; bfloat16 only where the
+    installed CuPy can hold it."""
+    if device == "cpu":
+        return array
+    xp = array_module(device)
+    try:
+        return xp.asarray(array)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise DTypeError(f"device {device!r}: the installed CuPy cannot hold {array.dtype.name} arrays ({e}); keep "
+                         f"this tensor on 'cpu', or use fs.float16 on the GPU") from None
 
 
 def module_of(array):

@@ -83,9 +83,7 @@ def _place(array: np.ndarray, device: str, requires_grad: bool, placement=None, 
     if sbp is not None:
         raise PlacementError("sbp= needs placement= too, e.g. fs.randn(8, 4, placement=fs.placement('cpu', [0, 1]), "
                              "sbp=fs.sbp.split(0))")
-    if device != "cpu":
-        array = _device.array_module(device).asarray(array)
-    return Tensor(array, requires_grad)
+    return Tensor(_device.to_device(array, device), requires_grad)
 
 
 def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:

@@ -20,7 +20,7 @@ from flowsys import boxing
 from flowsys import device as _device
 from flowsys.errors import FlowsysError, PlacementError, SbpError
 from flowsys.layout import NdSbp, assemble, distribute, fmt, normalize_sbp, shard_of
-from flowsys.ops.registry import OpDef, SbpRow, Shard, Spec
+from flowsys.ops.registry import OpDef, SbpRow, Shard, Spec, is_floating
 from flowsys.placement import Placement
 from flowsys.sbp import Broadcast, PartialSum
 
@@ -152,7 +152,7 @@ def choose_signature(op: OpDef, specs: Sequence[Spec], attrs: dict, layouts: Seq
         outs = tuple(tuple(r.outs[j] for r in combo) for j in range(len(out_specs)))
         if pinned is not None and outs != pinned:
             continue
-        if any(isinstance(v, PartialSum) and s.dtype.kind not in "fiuc" for s, nd in zip(specs, ins) for v in nd):
+        if any(isinstance(v, PartialSum) and not (s.dtype.kind in "iuc" or is_floating(s.dtype)) for s, nd in zip(specs, ins) for v in nd):
             continue
         cost = sum(boxing.estimate(s.shape, s.dtype, placement, have, placement, want)
                    for s, have, want in zip(specs, layouts, ins))

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from flowsys.errors import SbpError
-from flowsys.ops.registry import Shard, Spec
+from flowsys.ops.registry import Shard, Spec, is_floating
 from flowsys.placement import Placement
 from flowsys.sbp import Broadcast, PartialMax, PartialSum, SbpValue, Split
 
@@ -125,7 +125,7 @@ def assemble(xp, shards: Sequence, placement: Placement, nd_sbp: NdSbp, shape, d
         if any(isinstance(v, PartialSum) for v in nd_sbp):
             raise SbpError(f"assemble: {fmt(nd_sbp)} mixes a partial sum and a partial maximum, which have no "
                            f"single logical value; convert one of them to B first")
-        out = xp.full(tuple(shape), -np.inf if np.dtype(dtype).kind == "f" else np.iinfo(dtype).min, dtype=dtype)
+        out = xp.full(tuple(shape), -np.inf if is_floating(dtype) else np.iinfo(dtype).min, dtype=dtype)
         for rank, shard in zip(placement.ranks, shards):
             c = placement.coords(rank)
             if not is_replica(nd_sbp, c):

@@ -61,6 +61,7 @@ def build(job, placements, meta: bool = False):
             self.add_optimizer(opt)
             self.config.gradient_accumulation_steps = p.micro_batches
             self.config.zero_stage = p.zero_stage
+            self.config.grad_clip = o.grad_clip  # clipping by the global norm, in the optimizer phase
 
         def build(self, idx, targets):
             _, loss = self.model(idx, targets)

@@ -30,6 +30,7 @@ import numpy as np
 
 from flowsys.errors import ArgumentError, DTypeError, ShapeError
 from flowsys.layout import holds_value, normalize_sbp, shard_box
+from flowsys.ops.registry import is_floating
 from flowsys.placement import Placement
 
 _MASK = (1 << 64) - 1
@@ -181,9 +182,9 @@ def materialize(spec: InitSpec, logical_shape: Sequence[int], dtype, box=None) -
     if not spec.is_random:
         value = spec.params[0] if spec.kind == "constant" else {"zeros": 0.0, "ones": 1.0}[spec.kind]
         return np.full(block, value, dtype=dtype)
-    if dtype.kind != "f":
+    if not is_floating(dtype):
         raise DTypeError(f"materialize: {spec!r} makes floating-point values, not {dtype.name}; "
-                         f"create the parameter as float16, float32 or float64")
+                         f"create the parameter as bfloat16, float16, float32 or float64")
     out = np.empty(block, dtype=dtype)
     if out.size == 0:
         return out

@@ -34,6 +34,7 @@ from flowsys.global_tensor import GlobalValue
 from flowsys.graph.ir import GraphError
 from flowsys.keys import uid
 from flowsys.layout import shard_box
+from flowsys.ops.registry import dtype_text
 from flowsys.optim.state import push_state, stateful
 from flowsys.planformat import plan_pb2
 from flowsys.tensor import store, stored
@@ -269,7 +270,7 @@ class Session:
                     raise _no_values(name, p)
                 box = shard_box(d.shape, d.sbp, d.placement.mesh, d.placement.coords(r))
                 req.inits.append(plan_pb2.Init(id=vid, spec=json.dumps(p.init.as_dict()), shape=list(d.shape),
-                                               dtype=d.dtype.str, start=[a for a, _ in box], stop=[b for _, b in box]))
+                                               dtype=dtype_text(d.dtype), start=[a for a, _ in box], stop=[b for _, b in box]))
             else:
                 mine = np.asarray(_local(p._data, r))  # (pulls first if the workers hold newer values)
                 if held is not None and held.shape == mine.shape and held.dtype == mine.dtype \

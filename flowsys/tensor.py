@@ -28,7 +28,7 @@ from flowsys.graph.trace import Symbol
 from flowsys.layout import fmt as _fmt_sbp
 from flowsys.layout import normalize_sbp
 from flowsys.ops import OPS, OpDef, Spec
-from flowsys.ops.registry import normalize_axis
+from flowsys.ops.registry import bfloat16, float16, is_floating, normalize_axis, promote_types
 from flowsys.placement import Placement
 from flowsys.sbp import PartialSum, SbpTuple
 from flowsys.sbp import broadcast as _B
@@ -212,7 +212,9 @@ class Tensor:
         if type(self._data) is Symbol:
             v = self._data.value
             return f"tensor(<traced value {v.id}: {v.dtype.name}{list(v.shape)}>)"
-        body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=20, prefix="tensor(")
+        shown = self.numpy()
+        shown = shown.astype(float32) if shown.dtype == bfloat16 else shown  # NumPy formats ml_dtypes' own way
+        body = np.array2string(shown, separator=", ", precision=4, threshold=20, prefix="tensor(")
         extra = "" if self.dtype == DEFAULT_FLOAT else f", dtype={self.dtype.name}"
         grad = ", requires_grad=True" if self.requires_grad else ""
         if type(self._data) is GlobalValue:
@@ -223,7 +225,7 @@ class Tensor:
 
     # ------------------------------------------------------------------------------- autograd
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
-        if requires_grad and self.dtype.kind != "f":
+        if requires_grad and not is_floating(self.dtype):
             raise GradError(f"only floating-point tensors can require gradients, got dtype {self.dtype}")
         if not requires_grad and self._node is not None:
             raise GradError("requires_grad_(False) on a non-leaf tensor; use .detach() instead")
@@ -348,7 +350,7 @@ class Tensor:
 
     def mean(self, axis=None, keepdims: bool = False):
         # sum * (1/n), with n from the (logical) shape: exact under any split of the reduced axes.
-        x = self if self.dtype.kind == "f" else self.astype(DEFAULT_FLOAT)
+        x = self if is_floating(self.dtype) else self.astype(DEFAULT_FLOAT)
         axes = range(self.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
         n = math.prod(self.shape[a] for a in axes)
         return x.sum(axis, keepdims) * (1.0 / n if n else math.nan)
@@ -406,6 +408,8 @@ class Tensor:
 
     float = lambda self: self.astype(float32)  # noqa: E731
     double = lambda self: self.astype(float64)  # noqa: E731
+    half = lambda self: self.astype(float16)  # noqa: E731
+    bfloat16 = lambda self: self.astype(bfloat16)  # noqa: E731
     long = lambda self: self.astype(int64)  # noqa: E731
 
     def to(self, device: str) -> Tensor:
@@ -414,8 +418,7 @@ class Tensor:
             return self
         if type(self._data) is GlobalValue:
             raise PlacementError(f"to: a global tensor moves with .to_global(placement=...), not .to({device!r})")
-        xp = _device.array_module(device)
-        return Tensor(xp.asarray(self.numpy()) if device != "cpu" else self.numpy(), self.requires_grad)
+        return Tensor(_device.to_device(self.numpy(), device), self.requires_grad)
 
     # in-place helpers used by optimizers and init (no autograd)
     def copy_(self, src) -> Tensor:
@@ -484,7 +487,7 @@ def _record(op: OpDef, inputs, attrs, outs, record: bool):
     if record:
         node = Node(op, inputs, attrs, tuple(o._data for o in outs))
         for i, o in enumerate(outs):
-            o._node, o._index, o.requires_grad = node, i, o._data.dtype.kind == "f"
+            o._node, o._index, o.requires_grad = node, i, is_floating(o._data.dtype)
     return outs if op.multi_output else outs[0]
 
 
@@ -578,7 +581,7 @@ def _add(prev: tuple[Any, bool], b, b_owned: bool) -> tuple[Any, bool]:
     if type(a) is GlobalValue or type(b) is GlobalValue:
         return apply("add", Tensor(a), Tensor(b))._data, False
     for acc, other, own in ((a, b, a_owned), (b, a, b_owned)):
-        if own and acc.shape == other.shape and acc.dtype == np.result_type(acc, other):
+        if own and acc.shape == other.shape and acc.dtype == promote_types(acc.dtype, other.dtype):
             acc += other
             return acc, True
     return a + b, type(a) is np.ndarray
@@ -647,7 +650,7 @@ def _operand(value, like: Tensor) -> Tensor:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return Tensor(xp.asarray(value, dtype=like.dtype if like.dtype != bool_ else int64))
     if isinstance(value, (float, np.floating)):
-        return Tensor(xp.asarray(value, dtype=like.dtype if like.dtype.kind == "f" else DEFAULT_FLOAT))
+        return Tensor(xp.asarray(value, dtype=like.dtype if is_floating(like.dtype) else DEFAULT_FLOAT))
     arr = xp.asarray(value)
     if arr.dtype == float64 and not isinstance(value, np.ndarray):
         arr = arr.astype(DEFAULT_FLOAT)
@@ -663,7 +666,7 @@ def _pair(t: Tensor, value) -> tuple[Tensor, Tensor]:
 
 
 def _float_pair(x: Tensor, y: Tensor):
-    if x.dtype.kind != "f" and y.dtype.kind != "f":  # true division of integers gives floats
+    if not is_floating(x.dtype) and not is_floating(y.dtype):  # true division of integers gives floats
         return x.astype(DEFAULT_FLOAT), y.astype(DEFAULT_FLOAT)
     return x, y
 

@@ -398,10 +398,7 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     from flowsys.plan import build, layout  # noqa: PLC0415
     from flowsys.sbp import broadcast, split  # noqa: PLC0415
 
-    o, p = job.optim, job.parallel
-    if o.grad_clip > 0:
-        raise ConfigError(f"optim.grad_clip={o.grad_clip}: gradient clipping is not part of compiled steps yet; "
-                          f"set optim.grad_clip=0 for a parallel layout (parallel.dp/tp/pp > 1)")
+    o, p = job.optim, job.parallel  # optim.grad_clip: clipped in the compiled step (plan.build)
     manual_seed(job.train.seed)
     data = ByteDataset.from_stdlib(job.data.max_bytes, job.data.val_fraction)
     if job.model.vocab_size < data.vocab_size:

@@ -85,6 +85,10 @@ def op_flops(name: str, ins: list[tuple[int, ...]], outs: list[tuple[int, ...]],
         return (4 if name == "sgd_update" else 12) * _numel(ins[0])
     if name in ("sum", "max", "min", "argmax"):
         return _numel(ins[0])
+    if name == "sum_squares":  # gradient clipping: a multiply and an add per element
+        return 2 * _numel(ins[0])
+    if name == "clip_scale":  # sqrt, add, divide, min of one scalar
+        return 4
     if name in ("add", "sub", "mul", "div", "maximum", "where", "neg", "relu", "eq", "ne", "lt", "le", "gt", "ge"):
         return out
     return 0  # data movement only: reshape, transpose, take, getitem, concatenate, casts, ...

@@ -124,6 +124,9 @@ CASES: dict[str, list[Case]] = {
                      Case(((3, 4, 2), (3, 4, 2), (3, 4, 2), Arg((3, 4, 2), low=0.0, high=1.0)),
                           {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1, "step": 5,
                            "maximize": True})],
+    "sum_squares": [Case(((2, 3, 4),)), Case(((5,),))],
+    "clip_scale": [Case((Arg((), low=0.5, high=4.0, dtype=np.float64),), {"max_norm": 1.0}),
+                   Case((Arg((), low=0.0, high=0.1, dtype=np.float64),), {"max_norm": 1.0, "dtype": "float64"})],
 }
 
 # Known bugs: (test, case id) -> reason. Each becomes a strict xfail, so a fix must remove its entry.

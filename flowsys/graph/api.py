@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,9 @@ class GraphConfig:
     # gradient all-reduces fused into one collective up to this many bytes, started while
     # backward runs (DDP's bucket_cap_mb; scheduler.lower's bucket_bytes; 0: one per gradient)
     bucket_bytes: int = 25 * 2**20
+    # clip the gradients to this global L2 norm before the updates (torch's clip_grad_norm_ with
+    # max_norm; 0: off): the norm over every gradient shard, replicated ones counted once
+    grad_clip: float = 0.0
 
 
 class Graph:
@@ -64,6 +68,7 @@ class Graph:
         self._compiled: dict[Any, tuple] = {}
         self._last = None
         self._key_last = None
+        self.last_grad_norm: float | None = None  # the global gradient norm before clipping (config.grad_clip)
         self.timeline: list = []  # actor firings of the last step run as per-rank plans (config.record_timeline)
 
     def add_optimizer(self, optimizer) -> None:
@@ -101,7 +106,10 @@ class Graph:
         stage = int(self.config.zero_stage)
         if stage not in (0, 1, 2, 3):
             raise GraphError(f"config.zero_stage must be 0, 1, 2 or 3, got {self.config.zero_stage!r}")
-        key = self._key(args) + (k, stage)
+        clip = float(self.config.grad_clip)
+        if not clip >= 0:
+            raise GraphError(f"config.grad_clip must be >= 0 (0: no clipping), got {self.config.grad_clip!r}")
+        key = self._key(args) + (k, stage, clip)
         if key not in self._compiled:
             params = self._parameters()
             owned = {id(p) for p in params.values()}
@@ -117,7 +125,7 @@ class Graph:
             micro = [_micro_input(a, k) for a in args]
             ir, n_seeds = trace(self.build, micro, params)
             ir = _passes.compile_graph(ir.with_(zero_axis=axis, stages=stages), params_by_name=params, optimizers=self._optimizers,
-                                       micro_batches=k, zero_stage=stage)
+                                       micro_batches=k, zero_stage=stage, grad_clip=clip)
             self._compiled[key] = (ir, Executor(ir, params, self._optimizers, n_seeds),
                                    Session(ir, params, self._optimizers, n_seeds))
         self._last = self._compiled[key][0]
@@ -167,7 +175,7 @@ class Graph:
     def __call__(self, *args):
         ir = self.compile(*args)
         k = int(self.config.gradient_accumulation_steps)
-        self._key_last = self._key(args) + (k, int(self.config.zero_stage))
+        self._key_last = self._key(args) + (k, int(self.config.zero_stage), float(self.config.grad_clip))
         _, executor, session = self._compiled[self._key_last]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
         from flowsys import runtime  # noqa: PLC0415
@@ -187,6 +195,8 @@ class Graph:
             outs = [Tensor(v) for v in values]
         else:
             outs = [Tensor(v) for v in executor.run(tensors)]
+        if any(n.kind == "op" and n.op == "clip_scale" for n in ir.nodes):  # clipping: its squared norm came last
+            self.last_grad_norm = math.sqrt(float(outs.pop().numpy()))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     @property

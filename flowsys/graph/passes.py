@@ -29,12 +29,15 @@ import itertools
 from dataclasses import replace as _replace
 from typing import Callable
 
+import numpy as np
+
 from flowsys import boxing
 from flowsys.global_tensor import choose_signature
 from flowsys.graph.ir import Graph, GraphError, Node, Value, verify
 from flowsys.graph.trace import Symbol, Tracer
 from flowsys.ops import OPS
 from flowsys.ops.optim import state_fields
+from flowsys.ops.registry import is_floating
 from flowsys.sbp import Broadcast, PartialSum
 
 
@@ -54,7 +57,7 @@ def autodiff(g: Graph, **_) -> Graph:
     needs = set(g.variables.values())  # values that depend on a trained variable
     for n in g.nodes:
         if any(i in needs for i in n.inputs):
-            needs.update(o for o in n.outputs if g.values[o].dtype.kind == "f")
+            needs.update(o for o in n.outputs if is_floating(g.values[o].dtype))
     if g.loss not in needs:
         raise GraphError("backward() inside build(): the loss does not depend on any parameter")
     tracer = Tracer(_next_id(g), phase="backward")
@@ -398,6 +401,92 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
     return g.with_(values=values, nodes=tuple(nodes), grads=grads)
 
 
+def make_clip_pass(params_by_name: dict) -> Callable[..., Graph]:
+    """The gradient clipping pass for these parameters (name -> Parameter)."""
+
+    def clip_grad(g: Graph, *, grad_clip: float = 0.0, **_) -> Graph:
+        """Clipping by the global norm (``config.grad_clip``, torch's ``clip_grad_norm_``): each
+        update's gradient in the layout the update reads it (its variable's, under ZeRO the
+        shard's), its squared sum (``sum_squares``: split -> partial sums), one float64 total per
+        placement, the stages' totals summed on the first one's, made B there (the all-reduce runs
+        over exactly the mesh axes the gradients were split along: a replicated shard counts once),
+        moved back to every placement, ``clip_scale`` and a ``mul`` of each gradient before its
+        update. A tied copy (``Parameter.tied_to``) is scaled but counted once."""
+        if not grad_clip:
+            return g
+        if not float(grad_clip) > 0:
+            raise GraphError(f"config.grad_clip is the largest global gradient norm, > 0 (0 turns clipping off); "
+                             f"got {grad_clip!r}")
+        updates = [n for n in g.nodes if n.kind == "update"]
+        if not updates:
+            return g
+        copies = {b for _, b in _tied_pairs(g, params_by_name)}
+        ids = itertools.count(_next_id(g))
+        values = dict(g.values)
+        new_nodes: list[Node] = []
+
+        def value(shape, dtype, placement, sbp=None) -> int:
+            v = Value(next(ids), tuple(shape), np.dtype(dtype), placement, tuple(sbp) if sbp is not None else None)
+            values[v.id] = v
+            return v.id
+
+        def op(name: str, ins: tuple, shape, dtype, placement, attrs=()) -> int:
+            out = value(shape, dtype, placement)
+            new_nodes.append(Node(next(ids), "op", name, ins, (out,), tuple(attrs), "optimizer"))
+            return out
+
+        def moved(src: int, placement, sbp) -> int:
+            v = values[src]
+            out = value(v.shape, v.dtype, placement, sbp)
+            new_nodes.append(Node(next(ids), "boxing", "to_global", (src,), (out,),
+                                  (("placement", placement), ("sbp", tuple(sbp))), "optimizer"))
+            return out
+
+        def broadcast(placement) -> tuple:
+            return (Broadcast(),) * placement.ndim
+
+        pinned_grad: dict[int, int] = {}
+        totals: dict = {}  # placement -> running float64 total of the squared sums there
+        for n in updates:
+            laid, grad = values[n.inputs[0]], n.inputs[1]
+            if laid.placement is not None:  # the layout the update reads it in (a no-op when it has it)
+                grad = moved(grad, laid.placement, laid.sbp)
+            pinned_grad[n.id] = grad
+            if n.attr.get("variable") in copies:
+                continue
+            sq = op("sum_squares", (grad,), (), np.float64, laid.placement)
+            have = totals.get(laid.placement)
+            totals[laid.placement] = sq if have is None else op("add", (have, sq), (), np.float64, laid.placement)
+        places = list(totals)
+        root = places[0]
+        total = totals[root]
+        for pl in places[1:]:  # pipeline stages: each stage's total summed on the first stage's placement
+            total = op("add", (total, moved(totals[pl], root, broadcast(root)) if root is not None else totals[pl]),
+                       (), np.float64, root)
+        if root is not None:
+            total = moved(total, root, broadcast(root))
+        scales: dict = {}
+        for n in updates:
+            laid, grad = values[n.inputs[0]], pinned_grad[n.id]
+            key = (laid.placement, np.dtype(values[grad].dtype).name)
+            if key not in scales:
+                at = total if laid.placement == root or laid.placement is None else \
+                    moved(total, laid.placement, broadcast(laid.placement))
+                scales[key] = op("clip_scale", (at,), (), key[1], laid.placement,
+                                 (("dtype", key[1]), ("eps", 1e-6), ("max_norm", float(grad_clip))))
+            pinned_grad[n.id] = op("mul", (grad, scales[key]), values[grad].shape, values[grad].dtype, laid.placement)
+        first = g.nodes.index(updates[0])
+        nodes = []
+        for m in g.nodes[:first] + tuple(new_nodes) + g.nodes[first:]:
+            if m.kind == "update":
+                m = _replace(m, inputs=(m.inputs[0], pinned_grad[m.id]) + m.inputs[2:])
+            nodes.append(m)
+        # the squared norm, B: the step's last output (Graph.last_grad_norm)
+        return g.with_(values=values, nodes=tuple(nodes), outputs=g.outputs + (total,))
+
+    return clip_grad
+
+
 def gradient_accumulation(g: Graph, *, micro_batches: int = 1, **_) -> Graph:
     """The graph was traced for one micro-batch (axis 0 of every input divided by
     ``micro_batches``); the forward and backward nodes run once per micro-batch, the
@@ -491,17 +580,19 @@ def insert_boxing(g: Graph, **_) -> Graph:
     return g.with_(values=values, nodes=tuple(nodes), outputs=outputs, loss=loss, grads=grads, boxed=True)
 
 
-PASS_ORDER = ("autodiff", "checkpointing", "optimizer", "zero", "gradient_accumulation", "infer_sbp", "insert_boxing")
+PASS_ORDER = ("autodiff", "checkpointing", "optimizer", "zero", "clip_grad", "gradient_accumulation", "infer_sbp",
+              "insert_boxing")
 
 
 def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batches: int = 1, zero_stage: int = 0,
-                  on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
+                  grad_clip: float = 0.0, on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
     """Run the passes in order, verifying after each."""
     passes = {"autodiff": autodiff, "checkpointing": checkpointing, "optimizer": make_optimizer_pass(params_by_name), "zero": zero,
-              "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing}
+              "clip_grad": make_clip_pass(params_by_name), "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing}
     verify(g, after="tracing")
     for name in PASS_ORDER:
-        g = passes[name](g, optimizers=optimizers, micro_batches=micro_batches, zero_stage=zero_stage)
+        g = passes[name](g, optimizers=optimizers, micro_batches=micro_batches, zero_stage=zero_stage,
+                         grad_clip=grad_clip)
         verify(g, after=name)
         if on_pass is not None:
             on_pass(name, g)

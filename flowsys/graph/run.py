@@ -42,7 +42,8 @@ class Executor:
             for var, gv in g.grads.items():
                 grads[var] = env[gv] if var not in grads else _add(grads[var], env[gv])
             for out, vid in zip(outputs, g.outputs):
-                out.append(env[vid])
+                if vid in env:  # (one the optimizer phase makes is taken after it)
+                    out.append(env[vid])
         # The optimizer phase runs once per step on the accumulated gradients: the boxing of each
         # gradient into its variable's layout (data parallelism's all-reduce), then the update.
         env = dict(base)
@@ -61,6 +62,9 @@ class Executor:
                 env[n.outputs[0]] = var
             else:
                 self._run_node(n, env, {})
+        for out, vid in zip(outputs, g.outputs):
+            if not out:
+                out.append(env[vid])
         return [_mean(vals) for vals in outputs]
 
     def _update(self, n: Node, env: dict) -> None:

@@ -19,6 +19,7 @@ from flowsys.global_tensor import GlobalValue, make_global, single_placement
 from flowsys.graph.ir import Graph, GraphError, Node, Value
 from flowsys.layout import normalize_sbp
 from flowsys.ops import OpDef
+from flowsys.ops.registry import is_floating
 from flowsys.planformat import SeedRef
 from flowsys.sbp import broadcast
 
@@ -111,7 +112,7 @@ class Tracer:
         results = []
         for v in outs:
             t = Tensor(Symbol(v))
-            t.requires_grad = needs_grad and v.dtype.kind == "f"
+            t.requires_grad = needs_grad and is_floating(v.dtype)
             results.append(t)
         return tuple(results) if op.multi_output else results[0]
 

@@ -13,7 +13,7 @@ from flowsys.errors import ArgumentError, DTypeError
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_blocks
-from flowsys.ops.registry import Spec, broadcast_shapes, register, result_dtype, sum_to_shape
+from flowsys.ops.registry import Spec, broadcast_shapes, is_floating, register, result_dtype, sum_to_shape
 
 B, P = R.B, R.P
 
@@ -34,7 +34,7 @@ def _compare(op):
 
 def _float_unary(op):
     def infer(x: Spec) -> Spec:
-        if x.dtype.kind not in "fc":
+        if not is_floating(x.dtype) and x.dtype.kind != "c":
             raise DTypeError(f"{op}: takes a floating-point tensor, got {x}; cast it with x.astype(fs.float32)")
         return x
 
@@ -158,13 +158,13 @@ def _astype_infer(x: Spec, *, dtype) -> Spec:
 
 
 def _astype_rows(specs, attrs):
-    float_to_float = specs[0].dtype.kind == "f" and np.dtype(attrs["dtype"]).kind == "f"
+    float_to_float = is_floating(specs[0].dtype) and is_floating(attrs["dtype"])
     partial = [((P,), "a float cast commutes with the sum (up to rounding)")] if float_to_float else []
     return R.pointwise(specs, partial)
 
 
-@register("astype", infer=_astype_infer, sbp=_astype_rows,
-          grad=lambda b, g, out, x, *, dtype: [b.astype(g, dtype=x.dtype) if x.dtype.kind == "f" else None])
+@register("astype", infer=_astype_infer, sbp=_astype_rows, low_precision="native",
+          grad=lambda b, g, out, x, *, dtype: [b.astype(g, dtype=x.dtype) if is_floating(x.dtype) else None])
 def astype(xp, x, *, dtype):
     return x.astype(dtype, copy=False)
 

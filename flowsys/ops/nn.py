@@ -15,14 +15,14 @@ from flowsys.errors import ArgumentError, DTypeError, IndexOutOfRange, ShapeErro
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_rows
-from flowsys.ops.registry import Spec, normalize_axis, register, result_dtype, sum_to_shape
+from flowsys.ops.registry import Spec, is_floating, normalize_axis, register, result_dtype, sum_to_shape
 
 B, P, S = R.B, R.P, R.S
 
 
 def _float_same(op):
     def infer(x: Spec, **attrs) -> Spec:
-        if x.dtype.kind != "f":
+        if not is_floating(x.dtype):
             raise DTypeError(f"{op}: takes a floating-point tensor, got {x}")
         if "axis" in attrs:
             normalize_axis(op, attrs["axis"], x.ndim)
@@ -80,7 +80,7 @@ def log_softmax_grad(xp, y, g, *, axis=-1):
 
 
 def _ce_infer(logits: Spec, targets: Spec, *, ignore_index=-100) -> Spec:
-    if logits.dtype.kind != "f":
+    if not is_floating(logits.dtype):
         raise DTypeError(f"cross_entropy: logits must be floating point, got {logits}")
     if targets.dtype.kind not in "iu":
         raise DTypeError(f"cross_entropy: targets must be integer class indices, got {targets}; "
@@ -164,7 +164,7 @@ def _ce_grad_block(xp, x, t, scale):
 
 
 def _ln_infer(x: Spec, *, n_axes=1, eps=1e-5) -> Spec:
-    if x.dtype.kind != "f":
+    if not is_floating(x.dtype):
         raise DTypeError(f"layer_norm: takes a floating-point tensor, got {x}")
     if not 1 <= n_axes <= x.ndim:
         raise ShapeError(f"layer_norm: cannot normalise the last {n_axes} axes of a tensor of shape {x.shape}")
@@ -497,7 +497,7 @@ def vocab_embedding_grad(xp, g, idx, *, vocab_size, shape, offset=0):
 
 
 def _vocab_max_infer(x: Spec) -> Spec:
-    if x.dtype.kind != "f" or x.ndim < 1:
+    if not is_floating(x.dtype) or x.ndim < 1:
         raise DTypeError(f"vocab_max: takes floating-point logits (..., classes), got {x}")
     return Spec(x.shape[:-1], x.dtype)
 

@@ -28,13 +28,13 @@ from flowsys.errors import ArgumentError, DTypeError, FlowsysError, ShapeError
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import BLOCK
-from flowsys.ops.registry import OpDef, Spec, register
+from flowsys.ops.registry import OpDef, Spec, is_floating, register
 
 
 def _check_operands(op: str, specs: tuple[Spec, ...], names: tuple[str, ...]) -> None:
     param = specs[0]
     for spec, name in zip(specs, names):
-        if spec.dtype.kind != "f":
+        if not is_floating(spec.dtype):
             raise DTypeError(f"{op}: {name} must be floating-point, got {spec}; an update steps float parameters")
         if spec.shape != param.shape:
             raise ShapeError(f"{op}: {name} {spec} does not match param {param}; an update is elementwise, so param, "
@@ -147,6 +147,49 @@ def _adamw_update(xp, p, g, m, v, tmp, decay, beta1, beta2, c2, eps, step):
     xp.divide(m, tmp, out=tmp)
     tmp *= step
     p -= tmp
+
+
+# ------------------------------------------------------------------ clipping by the global norm
+# torch.nn.utils.clip_grad_norm_ in a compiled step: each gradient's squared sum in float64 as
+# its update sees it (its layout), one total (the boxing planner reduces it over exactly the mesh
+# axes its shards were split along, so a replicated shard counts once), then the scale.
+
+
+def _sum_squares_infer(x: Spec) -> Spec:
+    if not is_floating(x.dtype):
+        raise DTypeError(f"sum_squares: takes a floating-point gradient, got {x}")
+    return Spec((), np.dtype(np.float64))
+
+
+def _sum_squares_rows(specs, attrs):
+    x = specs[0]
+    rows = [R.SbpRow((R.S(i),), (R.P,), "the squares of a split axis sum to per-rank partial sums")
+            for i in range(x.ndim)]
+    rows.append(R.replicated(1))  # no P row: squaring a partial sum is not a partial sum of squares
+    return rows
+
+
+@register("sum_squares", infer=_sum_squares_infer, sbp=_sum_squares_rows)
+def sum_squares(xp, x):
+    """The sum of ``x``'s squared elements, in float64 (a gradient's squared L2 norm)."""
+    x64 = x.astype(np.float64)
+    return xp.asarray(xp.sum(x64 * x64))
+
+
+def _clip_scale_infer(total: Spec, *, max_norm, eps=1e-6, dtype="float32") -> Spec:
+    if total.shape != ():
+        raise ShapeError(f"clip_scale: takes the squared global norm as a scalar, got {total}")
+    if not float(max_norm) > 0:
+        raise ArgumentError(f"clip_scale: max_norm must be > 0, got {max_norm}")
+    return Spec((), np.dtype(dtype))
+
+
+@register("clip_scale", infer=_clip_scale_infer, sbp=lambda specs, attrs: [R.replicated(1)])
+def clip_scale(xp, total, *, max_norm, eps=1e-6, dtype="float32"):
+    """``min(1, max_norm / (norm + eps))`` for the squared norm ``total``, as ``clip_grad_norm_``
+    scales (computed in float64, then cast to the gradients' dtype)."""
+    norm = xp.sqrt(xp.asarray(total, dtype=np.float64))
+    return xp.asarray(xp.minimum(1.0, float(max_norm) / (norm + float(eps))), dtype=dtype)
 
 
 # ----------------------------------------------------------------- optimizer state <-> op operands

@@ -17,13 +17,93 @@ flowsys beyond ``flowsys.sbp`` and ``flowsys.errors``, so every layer may use th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 from flowsys.errors import FlowsysError, ShapeError
 from flowsys.sbp import SbpValue
+
+
+# ------------------------------------------------------------------------------------ dtypes
+# bfloat16 comes from ml_dtypes: a NumPy dtype whose ``kind`` is "V", so "is it floating?" is
+# ``is_floating``, never ``dtype.kind == "f"``, and it travels and is saved by its name
+# (``dtype_text``), never by its code "<V2", which would read back as raw bytes.
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+float16 = np.dtype(np.float16)
+float32 = np.dtype(np.float32)
+LOW_FLOATS = (float16, bfloat16)  # computed in float32 by the kernels, rounded back once
+_LOW_SET = frozenset(LOW_FLOATS)
+
+
+def is_floating(dtype) -> bool:
+    """Whether ``dtype`` is a real floating type (float16/32/64 or bfloat16)."""
+    return dtype is not None and (np.dtype(dtype).kind == "f" or dtype == bfloat16)
+
+
+def dtype_text(dtype) -> str:
+    """How a dtype is written on the wire and in checkpoints: NumPy's code (``"<f4"``), or the
+    name of an ml_dtypes type (``"bfloat16"``; ``np.dtype`` reads both back)."""
+    dtype = np.dtype(dtype)
+    return dtype.name if dtype == bfloat16 else dtype.str
+
+
+def promote_types(*dtypes) -> np.dtype:
+    """The result dtype of an op on tensors of ``dtypes``, as PyTorch promotes: with a bfloat16
+    or float16 operand, a floating tensor's type wins over integer and bool tensors
+    (bf16 + int64 -> bf16), and bfloat16 meets float16 at float32; otherwise NumPy's rules."""
+    dtypes = [np.dtype(d) for d in dtypes]
+    floats = [d for d in dtypes if is_floating(d)]
+    if any(d in LOW_FLOATS for d in floats):
+        return functools.reduce(np.result_type, floats)
+    return np.result_type(*dtypes)
+
+
+def _low_precision(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` made right for bfloat16/float16 operands: NumPy rounds them after every ufunc,
+    accumulates sums in them and gives float32 for a bfloat16 matmul, so the kernel runs on
+    float32 copies and its float32 outputs are rounded back once to the operands' type (what
+    PyTorch's kernels do; an op's float64 result stays float64). An in-place kernel (``inplace=True``) writes its copies back. CuPy
+    computes float16 itself."""
+
+    @functools.wraps(kernel)
+    def run(xp, *arrays, **attrs):
+        for a in arrays:
+            if getattr(a, "dtype", None) in _LOW_SET:
+                return _in_float32(kernel, xp, arrays, attrs)
+        return kernel(xp, *arrays, **attrs)
+
+    return run
+
+
+def _in_float32(kernel, xp, arrays, attrs):
+    dtypes = [getattr(a, "dtype", None) for a in arrays]
+    low = {d for d in dtypes if d in _LOW_SET}
+    if xp is not np and bfloat16 not in low:
+        return kernel(xp, *arrays, **attrs)
+    wide = [a.astype(float32) if d in _LOW_SET else a for a, d in zip(arrays, dtypes)]
+    wider = any(is_floating(d) and d not in _LOW_SET for d in dtypes)
+    target = next(iter(low)) if len(low) == 1 and not wider else None  # mixed: float32 or wider is right
+    out = kernel(xp, *wide, **attrs)
+    written = {}
+    if attrs.get("inplace"):
+        for a, w in zip(arrays, wide):
+            if w is not a:
+                a[...] = w
+                written[id(w)] = a
+
+    def back(o):
+        if id(o) in written:
+            return written[id(o)]
+        if target is None or getattr(o, "dtype", None) != float32:
+            return o
+        return xp.asarray(o).astype(target)
+
+    return type(out)(back(o) for o in out) if isinstance(out, (tuple, list)) else back(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +181,19 @@ def register(
     grad: GradRule | None = None,
     multi_output: bool = False,
     lower: LowerRule | None = None,
+    low_precision: str = "float32",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``kernel`` as op ``name`` with its rules (one registration per op)."""
+    """Decorator registering ``kernel`` as op ``name`` with its rules (one registration per op).
+    ``low_precision``: ``"float32"`` (bfloat16/float16 operands computed in float32, see
+    ``_low_precision``) or ``"native"`` (the kernel takes them as they are, e.g. a cast)."""
 
     def deco(kernel: Callable[..., Any]) -> Callable[..., Any]:
         if name in OPS:
             raise FlowsysError(f"op {name!r} is registered twice; each op has one registration")
-        OPS[name] = OpDef(name, kernel, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower)
+        if low_precision not in ("float32", "native"):
+            raise FlowsysError(f"op {name!r}: low_precision is 'float32' or 'native', got {low_precision!r}")
+        run = _low_precision(kernel) if low_precision == "float32" else kernel
+        OPS[name] = OpDef(name, run, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower)
         return kernel
 
     return deco
@@ -146,7 +232,7 @@ def result_dtype(*specs: Spec) -> np.dtype:
     first = specs[0].dtype
     if all(s.dtype == first for s in specs):
         return first
-    return np.result_type(*(s.dtype for s in specs))
+    return promote_types(*(s.dtype for s in specs))
 
 
 def normalize_axis(op: str, axis: int, ndim: int) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 
 from flowsys.errors import DTypeError, IndexOutOfRange, ShapeError
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.registry import Spec, local_shape_attr, normalize_axis, register
+from flowsys.ops.registry import Spec, local_shape_attr, normalize_axis, promote_types, register
 
 B, P, S = R.B, R.P, R.S
 
@@ -145,7 +145,7 @@ def _concat_infer(*xs: Spec, axis=0) -> Spec:
             raise ShapeError(f"concatenate: shapes {shapes} differ outside axis {axis}; only the concatenation axis may differ")
     shape = list(xs[0].shape)
     shape[ax] = sum(s.shape[ax] for s in xs)
-    return Spec(tuple(shape), np.result_type(*(s.dtype for s in xs)))
+    return Spec(tuple(shape), promote_types(*(s.dtype for s in xs)))
 
 
 def _concat_rows(specs, attrs):
