@@ -751,7 +751,8 @@ class RankRuntime:
         cuts = []
         for m, x in zip(members, ins):
             axis = parse(decode_attrs(m.attrs)["dst"]).axis
-            cuts.append([np.take(x, range(*bounds(x.shape[axis], n, i)), axis=axis) for i in range(n)])
+            cuts.append([x[(slice(None),) * (axis % x.ndim) + (slice(*bounds(x.shape[axis], n, i)),)]
+                         for i in range(n)])
         chunks = [np.concatenate([c[i].reshape(-1) for c in cuts]) for i in range(n)]
         shapes = [c[group.index(self.rp.rank)].shape for c in cuts]
         return _Comm(_split_reduced(_ring_reduce_scatter_chunks(group.index(self.rp.rank), n, chunks), shapes), group)

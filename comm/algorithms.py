@@ -91,13 +91,18 @@ def ring_all_gather(me: int, n: int, x: np.ndarray, axis: int = 0) -> Schedule:
     return np.concatenate(pieces, axis=axis) if n > 1 else x.copy()
 
 
+def _cut(x: np.ndarray, axis: int, a: int, b: int) -> np.ndarray:
+    """``x[a:b]`` along ``axis``: a view (a range index would gather element by element)."""
+    return x[(slice(None),) * (axis % x.ndim) + (slice(a, b),)]
+
+
 def ring_reduce_scatter(me: int, n: int, x: np.ndarray, axis: int = 0, op: str = "sum") -> Schedule:
     """Rank i ends with piece i (``array_split`` along ``axis``) of the group's sum (or max)."""
     combine = _combine(op)
     if n == 1:
         return x.copy()
     bounds = _bounds(x.shape[axis], n)
-    chunks = [np.array(np.take(x, range(a, b), axis=axis), copy=True) for a, b in bounds]
+    chunks = [np.array(_cut(x, axis, a, b), copy=True) for a, b in bounds]
     right, left = (me + 1) % n, (me - 1) % n
     for step in range(n - 1):  # after step s, chunk (me - s - 1) holds s + 2 addends
         yield Send(right, chunks[(me - step - 1) % n])
@@ -110,7 +115,7 @@ def pairwise_all_to_all(me: int, n: int, x: np.ndarray, split_axis: int, concat_
     """Rank i cuts its tensor along ``split_axis`` into n pieces and sends piece j to rank j;
     it concatenates what it receives along ``concat_axis`` in group order."""
     bounds = _bounds(x.shape[split_axis], n)
-    mine = [np.take(x, range(a, b), axis=split_axis) for a, b in bounds]
+    mine = [_cut(x, split_axis, a, b) for a, b in bounds]
     received: list[np.ndarray | None] = [None] * n
     received[me] = mine[me]
     for step in range(1, n):
