@@ -29,11 +29,13 @@ from actors.runtime import RankRuntime, Stalled, pack_timeline
 from comm import Communicator
 from flowsys.datasource import Windows
 from flowsys.device import contiguous
+from flowsys.errors import StateDictError
 from flowsys.ops import OPS
 from flowsys.ops.registry import dtype_text
 from flowsys.ops.optim import update_in_place
 from flowsys.planformat import decode_attrs, plan_pb2
 from flowsys.rng import InitSpec, materialize
+from flowsys.shardfiles import RankFiles, read_box, write_shards
 
 STATUS_TAG = 1  # worker -> driver: the op the rank is running (utf-8 text)
 
@@ -153,9 +155,6 @@ class Worker:
         where it comes from (``field``): ``"param <key>"`` a resident parameter, ``"state <key>
         <field>"`` optimizer state, ``"inline"`` the value sent along. Returns what it wrote
         (JSON: file, size, tensor names and shapes; file null when it had nothing to write)."""
-        from flowsys.checkpoint import write_shards  # noqa: PLC0415
-        from flowsys.errors import StateDictError  # noqa: PLC0415
-
         arrays = {}
         for e in plan_pb2.StateDump.FromString(entries).entries:
             kind, *where = e.field.split(" ")
@@ -178,8 +177,6 @@ class Worker:
         goes: ``["param", key]`` or ``["state", key, field]``), ``drop_state`` (the optimizer
         state keys replaced). Everything is read before anything is replaced. Returns the names
         and shapes read (JSON)."""
-        from flowsys.checkpoint import RankFiles, read_box  # noqa: PLC0415
-
         plan = json.loads(entries)
         with RankFiles(directory) as files:
             values = [(e["into"], read_box(files, e["name"], plan["tensors"][e["name"]], e["box"]).astype(e["dtype"]))
