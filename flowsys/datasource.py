@@ -6,8 +6,8 @@ counter-based hash of ``(seed, s * batch_size + i)``, so it is the same sample i
 and any rank can read just its rows. The driver sends a worker the spec once and the step number
 each step; the worker reads the block of the batch its layout holds (:meth:`Windows.read`).
 
-This module is vocabulary: it imports nothing of flowsys but its errors, so a worker reads data
-without loading the user API.
+This module is vocabulary: it imports nothing of flowsys but its errors and the counter-based
+mix (`flowsys.rng`), so a worker reads data without loading the user API.
 
 >>> spec = Windows(max_bytes=1 << 16, batch_size=4, block_size=8)
 >>> x = spec.read("x", 3, ((0, 4), (0, 8)))
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from flowsys.errors import ConfigError
+from flowsys.rng import mix
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 FIELDS = ("x", "y")  # a window's inputs, and its next-token targets
@@ -63,10 +64,7 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
 
 def mix64(seed: int, counters: np.ndarray) -> np.ndarray:
     """splitmix64 of ``seed`` and each counter: independent 64-bit words, one per counter."""
-    z = counters.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 64))
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    return mix(counters.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 64)))
 
 
 _CORPORA: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}

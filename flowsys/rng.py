@@ -49,7 +49,7 @@ def _mix_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
+def mix(z: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser, in place on a uint64 array (products wrap modulo 2**64)."""
     z ^= z >> np.uint64(30)
     z *= np.uint64(_M1)
@@ -64,7 +64,7 @@ def bits(key: int, counters: np.ndarray) -> np.ndarray:
     z = counters.astype(np.uint64, copy=True)
     z *= np.uint64(_GOLDEN)
     z += np.uint64(_mix_int(int(key) & _MASK))  # unrelated streams for neighbouring keys
-    return _mix(z)
+    return mix(z)
 
 
 def uniform01(key: int, counters: np.ndarray, dtype=np.float64) -> np.ndarray:
