@@ -178,6 +178,7 @@ class Session:
     def __init__(self, ir, params: dict, optimizers: list, n_seeds: int):
         self.ir, self.params, self.optimizers, self.n_seeds = ir, params, optimizers, n_seeds
         self.plan = None
+        self.declared: dict[int, dict[int, tuple]] = {}
         self.registers = None
         self.key = None
         self.in_flight: dict[int, int] = {}
@@ -188,6 +189,8 @@ class Session:
         if self.plan is None or self.registers != (registers, bucket_bytes):
             self.plan = scheduler.lower(self.ir, registers=registers, bucket_bytes=bucket_bytes)
             self.registers = (registers, bucket_bytes)
+            # per rank, the local shape of every value its plan declares (read by every request)
+            self.declared = {rp.rank: {v.id: tuple(v.shape) for v in rp.values} for rp in self.plan.ranks}
             self.key = f"plan-{next(_PLAN_KEYS)}"
         return self.plan
 
@@ -235,12 +238,11 @@ class Session:
 
     def _request(self, rp, tensors: list, backend, hyper: str, seeds: list, record: bool) -> bytes:
         """Rank ``rp.rank``'s request: what it cannot make or read itself."""
-
         ir, r = self.ir, rp.rank
         req = plan_pb2.StepRequest(plan=self.key, hyper=hyper, seeds=seeds, seeds_per_piece=self.n_seeds,
                                    grads=dict(ir.grads), outputs=list(ir.outputs), record=record,
                                    micro_batches=ir.micro_batches)
-        declared = {v.id: tuple(v.shape) for v in rp.values}
+        declared = self.declared[r]
         if not backend.loaded(r, self.key):  # the plan's first step on this worker
             trainer = {id(p): oi for oi, opt in enumerate(self.optimizers) for g in opt.param_groups for p in g["params"]}
             req.static = json.dumps({
