@@ -126,7 +126,6 @@ class Home:
 
     def pull(self, p=None) -> None:
         """Bring every parameter homed here back into the driver's tensors (``p`` among them)."""
-
         live = {key: q for key, ref in self.params.items() if (q := ref()) is not None}
         if self.generation != self.backend.generation:  # they stay lost until new values are set
             what = f"a parameter of shape {p.shape}" if p is not None else f"{len(live)} parameters"
@@ -285,7 +284,6 @@ class Session:
     def _check_state(self, backend) -> None:
         """Optimizer state: lost with restarted workers is an error; the driver's (eager steps, a
         loaded checkpoint) goes to the workers before their first update."""
-
         for opt in self.optimizers:
             if getattr(opt, "_state_in_workers", None) is backend and opt._state_generation != backend.generation \
                     and stateful(opt):
