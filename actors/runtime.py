@@ -802,6 +802,8 @@ class RankRuntime:
         return [run_step(op.op, attrs, attrs.get("index", 0), attrs.get("parts", 1), ins[0])]
 
     def _update(self, op, attrs, ins, held, piece):  # in place; its output is the updated input
+        if len(ins) > 2 and not np.isfinite(ins[2]).all():  # fp16: a gradient overflowed; skip the step
+            return [ins[0]]
         self.update(op, ins[0], ins[1])
         return [ins[0]]
 

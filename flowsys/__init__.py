@@ -51,6 +51,7 @@ _LAZY = {
     "Graph": "flowsys.graph.api", "GraphConfig": "flowsys.graph.api", "GraphError": "flowsys.graph.ir",
     "init": "flowsys.runtime", "shutdown": "flowsys.runtime",
     "profile": "flowsys.profiler", "Profile": "flowsys.profiler",
+    "autocast": "flowsys.precision", "LossScaler": "flowsys.precision",
 }
 
 
@@ -91,6 +92,8 @@ __all__ = [
     "stack", "split", "take", "astype", "allclose",
     # autograd
     "no_grad", "enable_grad", "is_grad_enabled", "set_grad_enabled",
+    # mixed precision
+    "autocast", "LossScaler",
     # errors
     "FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError",
     "ConfigError", "PlacementError", "SbpError", "CommunicationError", "RankFailed",

@@ -48,8 +48,10 @@ from flowsys.shardfiles import RankFiles, read_box, write_shards
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
-def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: dict | None = None) -> Path:
-    """Write a checkpoint of ``model`` (and ``optimizer``'s state) as ``root/step_<step>``."""
+def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: dict | None = None,
+         loss_scaler=None) -> Path:
+    """Write a checkpoint of ``model`` (and ``optimizer``'s state, and an fp16 job's
+    ``loss_scaler``: its scale and counts) as ``root/step_<step>``."""
     from flowsys.functions import rng_state  # noqa: PLC0415
 
     backend = _workers_of(model, optimizer)
@@ -82,6 +84,7 @@ def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: d
             written = write_shards(final, rank, arrays)
             files[written["file"]] = written["size"]
     meta = {"step": step, "tensors": tensors, "rng": rng_state(), "extra": extra or {},
+            "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
             "optimizer": None if optimizer is None else {
                 "type": type(optimizer).__name__,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}}
@@ -103,10 +106,10 @@ def latest(root: str | os.PathLike) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def load(path: str | os.PathLike, model, optimizer=None) -> dict:
+def load(path: str | os.PathLike, model, optimizer=None, loss_scaler=None) -> dict:
     """Load the checkpoint at ``path`` (a step directory, or a root: its latest complete one)
-    into ``model`` and ``optimizer`` as they are laid out now; returns its step, RNG state and
-    extra. The RNG is restored too. Parameters whose values live in a backend's workers are
+    into ``model`` and ``optimizer`` (and ``loss_scaler``) as they are laid out now; returns its
+    step, RNG state and extra. The RNG is restored too. Parameters whose values live in a backend's workers are
     read by those workers, each the regions of its own shards."""
     from flowsys.functions import set_rng_state  # noqa: PLC0415
 
@@ -132,6 +135,9 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
                                  f"the model's has {tuple(p.shape)}")
     if optimizer is not None and meta["optimizer"] is None:
         raise StateDictError(f"checkpoint {path} holds no optimizer state")
+    if loss_scaler is not None and not meta.get("loss_scaler"):
+        raise StateDictError(f"checkpoint {path} holds no loss scale (saved by a job that did not train in fp16); "
+                             f"load it without loss_scaler= to start from the scaler's initial scale")
     backend = _workers_of(model, None)
     by_workers = {} if backend is None else {n: p for n, p in params.items() if _lives_in(p, backend)}
     state_layouts = None if backend is None or optimizer is None else \
@@ -165,6 +171,8 @@ def load(path: str | os.PathLike, model, optimizer=None) -> dict:
             if keys:
                 optimizer.state[id(p)] = _restate(p, keys)
         optimizer._state_in_workers = None  # the next compiled step gives it to its workers, laid out as it needs
+    if loss_scaler is not None:
+        loss_scaler.load_state_dict(meta["loss_scaler"])
     set_rng_state(meta["rng"])
     return {"step": meta["step"], "extra": meta["extra"], "path": str(path)}
 

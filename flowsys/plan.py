@@ -62,6 +62,8 @@ def build(job, placements, meta: bool = False):
             self.config.gradient_accumulation_steps = p.micro_batches
             self.config.zero_stage = p.zero_stage
             self.config.grad_clip = o.grad_clip  # clipping by the global norm, in the optimizer phase
+            self.config.precision = job.train.precision
+            self.config.grad_reduce_dtype = job.train.grad_reduce_dtype
 
         def build(self, idx, targets):
             _, loss = self.model(idx, targets)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from flowsys import device as _device
+from flowsys import precision as _precision
 from flowsys.autograd import is_grad_enabled, no_grad
 from flowsys.errors import DTypeError, GradError, PlacementError, ShapeError
 from flowsys.global_tensor import GlobalValue, apply_global, check_rank, make_global
@@ -53,6 +54,7 @@ class Node:
 class Tensor:
     __slots__ = ("_data", "requires_grad", "grad", "_node", "_index", "__weakref__")
     __array_priority__ = 1000  # numpy_array * tensor defers to Tensor.__rmul__
+    is_parameter = False  # nn.Parameter says True (a precision policy casts parameters once)
 
     def __init__(self, data, requires_grad: bool = False):
         self._data = data
@@ -464,6 +466,8 @@ _SLOT = Tensor.__dict__["_data"]
 def apply(name: str, *inputs: Tensor, **attrs) -> Any:
     """Run registered op ``name`` on tensors: validate, run the kernel, record for autograd."""
     op = OPS[name]
+    if getattr(_precision._local, "stack", None):  # under fs.autocast (or a traced precision policy)
+        inputs = _precision.cast_inputs(name, inputs)
     specs = tuple(Spec(t._data.shape, t._data.dtype) for t in inputs)
     out_spec = op.infer(*specs, **attrs)
     if _trace._active and any(type(t._data) is Symbol for t in inputs):
@@ -537,7 +541,7 @@ def run_backward(root: Tensor, seed) -> None:
         _accumulate_leaf(root, seed)
         return
     grads: dict[tuple[int, int], tuple[Any, bool]] = {(id(root._node), root._index): (seed, False)}
-    with no_grad():
+    with no_grad(), _precision.suspended():  # backward runs in the dtypes forward chose
         for node in reversed(_topo_nodes(root)):
             n_out = len(node.out_data)
             pending = [grads.pop((id(node), i), None) for i in range(n_out)]

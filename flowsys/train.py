@@ -29,6 +29,7 @@ from flowsys.errors import ConfigError
 from flowsys.functions import manual_seed
 from flowsys.models import GPT, GPTConfig
 from flowsys.optim import WarmupCosine, clip_grad_norm_
+from flowsys.precision import LossScaler, autocast, low_dtype
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class RunConfig:
     metrics: str = ""  # a JSONL file: one line per step (step, loss, lr, tokens/s, FLOP/s, MFU, elapsed)
     tensorboard: str = ""  # a TensorBoard log directory (when torch's SummaryWriter can be imported)
     hardware: str = ""  # the spec whose peak MFU is measured against (scheduler/hardware/); default: a GEMM probe here
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the compute dtype (fp32 master weights; fp16 scales the loss)
+    grad_reduce_dtype: str = "fp32"  # fp32 (main grads) | the compute dtype: gradients reduced across ranks in it
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,12 @@ def check_layout(job: JobConfig, devices: int | None = None) -> None:
         raise ConfigError(f"parallel.pp={p.pp} stages for model.n_layer={m.n_layer} blocks; use at most {m.n_layer}")
     if m.n_head % p.tp or m.n_embd % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_embd={m.n_embd}")
+    t = job.train
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+    if t.grad_reduce_dtype not in ("fp32", t.precision):
+        raise ConfigError(f"train.grad_reduce_dtype must be fp32 or the compute dtype train.precision="
+                          f"{t.precision!r}, got {t.grad_reduce_dtype!r}")
     k = job.checkpoint
     if k.every < 0 or k.max_restarts < 0:
         raise ConfigError(f"checkpoint.every and checkpoint.max_restarts must be >= 0, got {k.every} and {k.max_restarts}")
@@ -319,18 +328,19 @@ def _clock(seconds: float) -> str:
 EVAL_SEED = 1234  # the same validation windows every time, in every layout
 
 
-def evaluate(model: GPT, data: ByteDataset, batch_size: int, block_size: int, batches: int) -> float:
+def evaluate(model: GPT, data: ByteDataset, batch_size: int, block_size: int, batches: int,
+             precision: str = "fp32") -> float:
     """The mean validation loss over ``batches`` batches, eagerly on the driver."""
     model.eval()
     val = data.batches(batch_size, block_size, seed=EVAL_SEED, split="val")
-    with no_grad():
+    with no_grad(), autocast(low_dtype(precision), enabled=precision != "fp32"):
         losses = [model(*val.at(j))[1].item() for j in range(batches)]
     model.train()
     return float(np.mean(losses))
 
 
 def evaluate_compiled(model: GPT, data: ByteDataset, batch_size: int, block_size: int, batches: int,
-                      placement, sbp) -> float:
+                      placement, sbp, precision: str = "fp32") -> float:
     """The same mean validation loss as :func:`evaluate`, as a compiled forward-only step: the
     workers read the validation windows and run the model where its parameters are."""
     from flowsys.graph.api import Graph  # noqa: PLC0415
@@ -339,6 +349,7 @@ def evaluate_compiled(model: GPT, data: ByteDataset, batch_size: int, block_size
         def __init__(self):
             super().__init__()
             self.model = model
+            self.config.precision = precision
 
         def build(self, idx, targets):
             return self.model(idx, targets)[1]
@@ -368,21 +379,33 @@ def run(job: JobConfig, log=print) -> dict[str, Any]:
     bs, t = job.data.batch_size, job.model.block_size
     batches = data.batches(bs, t, seed=job.train.seed)  # the samples every layout sees at each step
     progress = Progress(job, log, *throughput_model(job, log))
+    precision = job.train.precision
+    scaler = LossScaler() if precision == "fp16" else None
     losses, t0 = [], time.perf_counter()
     for step in range(1, job.train.steps + 1):
         x, y = batches.at(step)
-        _, loss = model(x, y)
+        with autocast(low_dtype(precision), enabled=precision != "fp32"):
+            _, loss = model(x, y)
         opt.zero_grad()
-        loss.backward()
-        if o.grad_clip > 0:
-            clip_grad_norm_(model.parameters(), o.grad_clip)
         lr = opt.param_groups[0]["lr"]
-        opt.step()
+        if scaler is None:
+            loss.backward()
+        else:  # fp16: backward from the scaled loss, unscale, and skip a step that overflowed
+            (loss * scaler.scale).backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            for g in grads:
+                g._data *= np.float32(1.0 / scaler.scale)
+            finite = all(bool(np.isfinite(g.numpy()).all()) for g in grads)
+            scaler.update(finite)
+        if scaler is None or not scaler.last_skipped:
+            if o.grad_clip > 0:
+                clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
         sched.step()
         losses.append(loss.item())
         progress.step(step, losses[-1], lr)
     progress.close()
-    val = evaluate(model, data, bs, t, job.train.eval_batches)
+    val = evaluate(model, data, bs, t, job.train.eval_batches, precision)
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
                "unigram_entropy": data.unigram_entropy("val"),
                "tokens_per_s": job.train.steps * bs * t / (time.perf_counter() - t0)}
@@ -436,7 +459,7 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
                 f"{found.name if found is not None else 'the start'}")
             if found is None:  # nothing saved yet: the first step again, from the same start
                 raise ConfigError(f"no checkpoint under {ck.dir} to resume from after: {e}") from e
-            info = checkpoint.load(found, model, opt)
+            info = checkpoint.load(found, model, opt, loss_scaler=step.loss_scaler)
             i = info["step"] + 1  # the data is addressed by step: nothing else to restore
             losses, seen = losses[:info["step"]], seen[:info["step"]]
             sched.last_step = info["step"]
@@ -449,11 +472,11 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
         if ck.every and i % ck.every == 0:
             from flowsys import checkpoint  # noqa: PLC0415
 
-            checkpoint.save(ck.dir, model, opt, step=i, extra={"data_step": i})
+            checkpoint.save(ck.dir, model, opt, step=i, extra={"data_step": i}, loss_scaler=step.loss_scaler)
         i += 1
     progress.close()
     elapsed = time.perf_counter() - t0
-    val = evaluate_compiled(model, data, bs, t, job.train.eval_batches, first, batch)
+    val = evaluate_compiled(model, data, bs, t, job.train.eval_batches, first, batch, job.train.precision)
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
                "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": job.train.steps * bs * t / elapsed,
                "devices": p.devices, "backend": backend.name, "losses": losses, "restarts": restarts,

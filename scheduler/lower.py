@@ -51,7 +51,7 @@ class _Lowering:
         tied embedding sent to the last pipeline stage): once per step, not per micro-batch.
         Collectives stay per micro-batch (ZeRO 3 gathers parameters where they are used)."""
         g = self.g
-        known = set(g.variables.values()) | set(g.constants)
+        known = set(g.variables.values()) | set(g.constants) | ({g.loss_scale} if g.loss_scale is not None else set())
         out = set()
         for n in g.nodes:
             if n.phase == "optimizer" or not all(i in known for i in n.inputs):
@@ -298,7 +298,8 @@ class _Lowering:
         for vid in g.inputs:
             if self.lives_on(g.values[vid], r):
                 declare(vid)
-                rp.inputs.append(vid)
+                if vid != g.loss_scale:  # the loss scale is per step (held like a parameter), not per micro-batch
+                    rp.inputs.append(vid)
         for name, vid in g.variables.items():
             if self.lives_on(g.values[vid], r):
                 declare(vid)

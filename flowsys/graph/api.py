@@ -25,12 +25,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from flowsys.global_tensor import GlobalValue
+import numpy as np
+
+from flowsys.global_tensor import GlobalValue, make_global
 from flowsys.graph import passes as _passes
 from flowsys.graph.ir import GraphError
 from flowsys.graph.run import Executor
 from flowsys.graph.trace import trace
 from flowsys.nn.module import Module
+from flowsys.precision import LossScaler, low_dtype, precision_name, suspended
 from flowsys.runtime import Session
 from flowsys.tensor import Tensor, stored
 
@@ -57,6 +60,13 @@ class GraphConfig:
     # clip the gradients to this global L2 norm before the updates (torch's clip_grad_norm_ with
     # max_norm; 0: off): the norm over every gradient shard, replicated ones counted once
     grad_clip: float = 0.0
+    # the compute dtype (flowsys.precision): "fp32", "bf16" or "fp16". Matmuls and the activations
+    # they save in the low dtype, losses and softmax/layer norm reductions in float32, fp32 master
+    # weights and optimizer state; fp16 also scales the loss (Graph.loss_scaler)
+    precision: str = "fp32"
+    # the dtype gradients are reduced across ranks in: None (float32, Megatron's main grads) or
+    # the low dtype ("bf16" / "fp16", half the bytes, per micro-batch)
+    grad_reduce_dtype: str | None = None
 
 
 class Graph:
@@ -69,6 +79,8 @@ class Graph:
         self._last = None
         self._key_last = None
         self.last_grad_norm: float | None = None  # the global gradient norm before clipping (config.grad_clip)
+        # fp16: the dynamic loss scale (made on the first fp16 compile; set one to change its rules)
+        self.loss_scaler = None
         self.timeline: list = []  # actor firings of the last step run as per-rank plans (config.record_timeline)
 
     def add_optimizer(self, optimizer) -> None:
@@ -109,7 +121,15 @@ class Graph:
         clip = float(self.config.grad_clip)
         if not clip >= 0:
             raise GraphError(f"config.grad_clip must be >= 0 (0: no clipping), got {self.config.grad_clip!r}")
-        key = self._key(args) + (k, stage, clip)
+        precision = precision_name(self.config.precision)
+        reduce_in = self.config.grad_reduce_dtype
+        if reduce_in is not None and reduce_in not in ("fp32", precision) and low_dtype(reduce_in) != low_dtype(precision):
+            raise GraphError(f"config.grad_reduce_dtype is None or 'fp32' (float32 gradients) or the compute dtype "
+                             f"{precision!r}; got {reduce_in!r}")
+        reduce_low = reduce_in is not None and low_dtype(reduce_in) is not None
+        key = self._last_key = self._key(args) + (k, stage, clip, precision, reduce_low)
+        if precision == "fp16" and self.loss_scaler is None:
+            self.loss_scaler = LossScaler()
         if key not in self._compiled:
             params = self._parameters()
             owned = {id(p) for p in params.values()}
@@ -123,9 +143,11 @@ class Graph:
             axis = self._shard_parameters(args) if stage == 3 else None
             stages = self._stages()
             micro = [_micro_input(a, k) for a in args]
-            ir, n_seeds = trace(self.build, micro, params)
-            ir = _passes.compile_graph(ir.with_(zero_axis=axis, stages=stages), params_by_name=params, optimizers=self._optimizers,
-                                       micro_batches=k, zero_stage=stage, grad_clip=clip)
+            ir, n_seeds = trace(self.build, micro, params, precision=precision, loss_scaling=precision == "fp16")
+            with suspended():  # the compiler's own ops follow the traced dtypes, whatever autocast is around
+                ir = _passes.compile_graph(ir.with_(zero_axis=axis, stages=stages), params_by_name=params,
+                                           optimizers=self._optimizers, micro_batches=k, zero_stage=stage,
+                                           grad_clip=clip, grad_reduce_low=reduce_low)
             self._compiled[key] = (ir, Executor(ir, params, self._optimizers, n_seeds),
                                    Session(ir, params, self._optimizers, n_seeds))
         self._last = self._compiled[key][0]
@@ -174,10 +196,15 @@ class Graph:
 
     def __call__(self, *args):
         ir = self.compile(*args)
-        k = int(self.config.gradient_accumulation_steps)
-        self._key_last = self._key(args) + (k, int(self.config.zero_stage), float(self.config.grad_clip))
+        self._key_last = self._last_key
         _, executor, session = self._compiled[self._key_last]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
+        scale = None
+        if ir.loss_scale is not None:  # fp16: this step's loss scale, laid out as the loss
+            scale = self.loss_scaler.scale
+            v = ir.values[ir.loss_scale]
+            tensors.append(make_global(np.array(scale, np.float32), v.placement, v.sbp) if v.placement is not None
+                           else np.array(scale, np.float32))
         from flowsys import runtime  # noqa: PLC0415
         from flowsys.profiler import active  # noqa: PLC0415
 
@@ -196,7 +223,11 @@ class Graph:
         else:
             outs = [Tensor(v) for v in executor.run(tensors)]
         if any(n.kind == "op" and n.op == "clip_scale" for n in ir.nodes):  # clipping: its squared norm came last
-            self.last_grad_norm = math.sqrt(float(outs.pop().numpy()))
+            total = float(outs.pop().numpy())
+            finite = math.isfinite(total)
+            self.last_grad_norm = math.sqrt(total) / (scale or 1.0) if finite else math.inf
+            if scale is not None:  # a step with a non-finite gradient was skipped by the workers
+                self.loss_scaler.update(finite)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     @property

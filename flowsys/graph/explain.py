@@ -21,12 +21,16 @@ def explain(g: Graph) -> str:
     bytes it moves per step (micro-batch nodes count once per micro-batch), and totals."""
     lines = [f"graph: {sum(n.kind == 'op' for n in g.nodes)} ops, {len(boxing_nodes(g))} boxing nodes, "
              f"{sum(n.kind == 'update' for n in g.nodes)} updates, {g.micro_batches} micro-batch(es) per step"]
+    if g.precision != "fp32":
+        lines.append(f"precision {g.precision}: parameters cast once per step, matmuls and their activations in "
+                     f"{g.precision}, losses in float32; the updates step float32 master weights and state"
+                     + ("; the loss is scaled (fp16)" if g.loss_scale is not None else ""))
     lines.append(f"{'node':>6}  {'phase':9} {'op':30} {'inputs':40} -> outputs")
     total = 0
     per_kind = defaultdict(int)
     for n in g.nodes:
         ins = ", ".join(f"{g.values[i].dtype.name}{list(g.values[i].shape)} {_layout(g.values[i])}" for i in n.inputs)
-        outs = ", ".join(_layout(g.values[o]) for o in n.outputs)
+        outs = ", ".join(f"{g.values[o].dtype.name} {_layout(g.values[o])}" for o in n.outputs)
         if n.kind == "boxing":
             plan = n.attr.get("plan")
             times = g.micro_batches if n.phase != "optimizer" else 1
@@ -36,7 +40,11 @@ def explain(g: Graph) -> str:
                 per_kind[s.kind] += s.nbytes * times
             lines.append(f"{n.id:>6}  {n.phase:9} BOXING {n.op:23} {ins:40} -> {outs}   {nbytes} bytes/step")
         elif n.kind == "update":
-            lines.append(f"{n.id:>6}  {n.phase:9} {'update ' + n.op:30} {n.attr['variable']}")
+            var = g.values[n.inputs[0]]
+            state = ", ".join(n.attr.get("state", ()))
+            lines.append(f"{n.id:>6}  {n.phase:9} {'update ' + n.op:30} {n.attr['variable']}: master "
+                         f"{var.dtype.name}{list(var.shape)} {_layout(var)}, grad {g.values[n.inputs[1]].dtype.name}"
+                         + (f", state {state} in {var.dtype.name}" if state else ""))
         else:
             lines.append(f"{n.id:>6}  {n.phase:9} {n.op:30} {ins:40} -> {outs}")
     lines.append(f"boxing total: {total} bytes per step" + "".join(f"; {k} {v}" for k, v in sorted(per_kind.items())))

@@ -72,6 +72,8 @@ class Graph:
     zero_axis: int | None = None  # ZeRO stage 3: the data-parallel mesh axis the variables are split along
     stages: tuple = ()  # pipeline stages: (stage, ranks) pairs, in stage order
     boxed: bool = False  # set by insert_boxing: from then on every layout must match its consumer
+    precision: str = "fp32"  # the compute policy build() was traced under (flowsys.precision)
+    loss_scale: int | None = None  # fp16: the input holding the loss scale backward starts from
 
     def producer(self) -> dict[int, Node]:
         return {o: n for n in self.nodes for o in n.outputs}

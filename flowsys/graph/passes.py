@@ -67,9 +67,14 @@ def autodiff(g: Graph, **_) -> Graph:
         return Tensor(Symbol(tracer.values[vid]))
 
     loss = g.values[g.loss]
-    seed = _ones_like(loss)
-    grads: dict[int, Tensor] = {g.loss: Tensor(tracer.constant(seed))}
+    grads: dict[int, Tensor] = {}
     with tracer, no_grad():
+        if g.loss_scale is None:
+            grads[g.loss] = Tensor(tracer.constant(_ones_like(loss)))
+        else:  # fp16: backward starts from the loss scale (the gradients come out scaled by it)
+            seed = sym(g.loss_scale)
+            seed = seed if seed.dtype == loss.dtype else seed.astype(loss.dtype)
+            grads[g.loss] = seed if loss.shape == () else seed.reshape(loss.shape)
         for n in reversed(g.nodes):
             gouts = [grads.pop(o, None) for o in n.outputs]
             if all(x is None for x in gouts) or not any(i in needs for i in n.inputs):
@@ -309,6 +314,55 @@ def zero_shard(v: Value, axis: int) -> tuple:
     return tuple(Split(tensor_axis) if k == axis else s for k, s in enumerate(v.sbp))
 
 
+def main_grad_casts(g: Graph) -> dict[int, Node]:
+    """Per updated variable: the backward cast that makes its float32 gradient from the low-dtype
+    one (the gradient of the precision policy's cast of the parameter), where there is one."""
+    producer = g.producer()
+    out = {}
+    for n in g.nodes:
+        if n.kind != "update":
+            continue
+        cast = producer.get(n.inputs[1])
+        if cast is not None and cast.kind == "op" and cast.op == "astype" and cast.phase == "backward" \
+                and g.values[cast.inputs[0]].dtype.itemsize < g.values[cast.outputs[0]].dtype.itemsize:
+            out[n.inputs[0]] = cast
+    return out
+
+
+def precision(g: Graph, *, grad_reduce_low: bool = False, zero_stage: int = 0, **_) -> Graph:
+    """The precision policy's gradients (``config.precision``; the casts were traced): by default
+    each parameter's gradient is cast to float32 where backward makes it, so it is accumulated and
+    reduced across ranks in float32 (Megatron's main grads). ``grad_reduce_low`` moves the
+    reduction before that cast: each micro-batch's low-dtype gradient is reduced (all-reduced, or
+    under ZeRO 2/3 reduce-scattered) into its variable's layout, at half the bytes, then cast."""
+    if g.precision == "fp32" or not grad_reduce_low:
+        return g
+    casts = main_grad_casts(g)
+    if not casts:
+        return g
+    ids = itertools.count(_next_id(g))
+    values = dict(g.values)
+    trained = [g.values[v] for v in casts]
+    axis = g.zero_axis if zero_stage == 3 else zero_axis([g.values[i] for i in g.inputs], trained)
+    before: dict[int, Node] = {}
+    for vid, cast in casts.items():
+        var, low = values[vid], values[cast.inputs[0]]
+        if var.placement is None or low.placement not in (None, var.placement):
+            continue  # a local graph, or a gradient made on another pipeline stage: reduced once per step
+        sbp = zero_shard(var, axis) if zero_stage == 2 and axis is not None else var.sbp
+        out = Value(next(ids), low.shape, low.dtype, var.placement, tuple(sbp))
+        values[out.id] = out
+        before[cast.id] = Node(next(ids), "boxing", "to_global", (low.id,), (out.id,),
+                               (("placement", var.placement), ("sbp", tuple(sbp))), "backward")
+    nodes = []
+    for m in g.nodes:
+        if m.id in before:
+            nodes.append(before[m.id])
+            m = _replace(m, inputs=before[m.id].outputs)
+        nodes.append(m)
+    return g.with_(values=values, nodes=tuple(nodes))
+
+
 def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
     if not zero_stage:
         return g
@@ -353,21 +407,27 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
             # derived from the parameter alone (a transpose, a reshape), so no gathered copy
             # lives from forward to backward
             forward = [m for m in g.nodes if m.kind == "op" and m.phase == "forward"]
-            users = [m for m in forward if var.id in m.inputs]
+            src = var.id
+            users = [m for m in forward if src in m.inputs]
+            if len(users) == 1 and users[0].op == "astype" and \
+                    values[users[0].outputs[0]].dtype.itemsize < var.dtype.itemsize:
+                # the precision policy's cast (once per step): the shard is cast, the gathers move 2 bytes
+                src = users[0].outputs[0]
+                users = [m for m in forward if src in m.inputs]
             if users:
-                node, fwd = pinned(var.id, full, "forward")
+                node, fwd = pinned(src, full, "forward")
                 before.setdefault(users[0].id, []).append(node)
                 for m in users:
-                    replace_in.setdefault(m.id, {})[var.id] = fwd
-            derived, chain = {var.id}, []
+                    replace_in.setdefault(m.id, {})[src] = fwd
+            derived, chain = {src}, []
             for m in forward:
                 if any(i in derived for i in m.inputs) and all(i in derived or i in g.constants for i in m.inputs):
                     chain.append(m)
                     derived.update(m.outputs)
             late = [m for m in g.nodes if m.phase == "backward" and any(i in derived for i in m.inputs)]
             if late:
-                node, bwd = pinned(var.id, full, "backward", fresh=True)  # not the forward's gathered copy
-                clones, again = _recompute(chain, late, {var.id: bwd}, values, ids)
+                node, bwd = pinned(src, full, "backward", fresh=True)  # not the forward's gathered copy
+                clones, again = _recompute(chain, late, {src: bwd}, values, ids)
                 before.setdefault(late[0].id, []).extend([node] + clones)
                 for m in late:
                     replace_in.setdefault(m.id, {}).update({i: again[i] for i in m.inputs if i in again})
@@ -412,9 +472,9 @@ def make_clip_pass(params_by_name: dict) -> Callable[..., Graph]:
         over exactly the mesh axes the gradients were split along: a replicated shard counts once),
         moved back to every placement, ``clip_scale`` and a ``mul`` of each gradient before its
         update. A tied copy (``Parameter.tied_to``) is scaled but counted once."""
-        if not grad_clip:
+        if not grad_clip and g.loss_scale is None:
             return g
-        if not float(grad_clip) > 0:
+        if grad_clip and not float(grad_clip) > 0:
             raise GraphError(f"config.grad_clip is the largest global gradient norm, > 0 (0 turns clipping off); "
                              f"got {grad_clip!r}")
         updates = [n for n in g.nodes if n.kind == "update"]
@@ -466,20 +526,29 @@ def make_clip_pass(params_by_name: dict) -> Callable[..., Graph]:
         if root is not None:
             total = moved(total, root, broadcast(root))
         scales: dict = {}
+        at: dict = {}  # placement -> the total there
         for n in updates:
             laid, grad = values[n.inputs[0]], pinned_grad[n.id]
             key = (laid.placement, np.dtype(values[grad].dtype).name)
-            if key not in scales:
-                at = total if laid.placement == root or laid.placement is None else \
+            if laid.placement not in at:
+                at[laid.placement] = total if laid.placement == root or laid.placement is None else \
                     moved(total, laid.placement, broadcast(laid.placement))
-                scales[key] = op("clip_scale", (at,), (), key[1], laid.placement,
+            if key not in scales:
+                unscale = ()
+                if g.loss_scale is not None:  # fp16: the gradients are scaled by the loss scale
+                    s = values[g.loss_scale]
+                    unscale = (g.loss_scale if s.placement == laid.placement or laid.placement is None
+                               else moved(g.loss_scale, laid.placement, broadcast(laid.placement)),)
+                scales[key] = op("clip_scale", (at[laid.placement],) + unscale, (), key[1], laid.placement,
                                  (("dtype", key[1]), ("eps", 1e-6), ("max_norm", float(grad_clip))))
             pinned_grad[n.id] = op("mul", (grad, scales[key]), values[grad].shape, values[grad].dtype, laid.placement)
         first = g.nodes.index(updates[0])
         nodes = []
         for m in g.nodes[:first] + tuple(new_nodes) + g.nodes[first:]:
             if m.kind == "update":
-                m = _replace(m, inputs=(m.inputs[0], pinned_grad[m.id]) + m.inputs[2:])
+                # with loss scaling the update also reads the total: not finite, the step is skipped
+                finite = (at[values[m.inputs[0]].placement],) if g.loss_scale is not None else ()
+                m = _replace(m, inputs=(m.inputs[0], pinned_grad[m.id]) + m.inputs[2:] + finite)
             nodes.append(m)
         # the squared norm, B: the step's last output (Graph.last_grad_norm)
         return g.with_(values=values, nodes=tuple(nodes), outputs=g.outputs + (total,))
@@ -580,19 +649,21 @@ def insert_boxing(g: Graph, **_) -> Graph:
     return g.with_(values=values, nodes=tuple(nodes), outputs=outputs, loss=loss, grads=grads, boxed=True)
 
 
-PASS_ORDER = ("autodiff", "checkpointing", "optimizer", "zero", "clip_grad", "gradient_accumulation", "infer_sbp",
-              "insert_boxing")
+PASS_ORDER = ("autodiff", "checkpointing", "optimizer", "precision", "zero", "clip_grad", "gradient_accumulation",
+              "infer_sbp", "insert_boxing")
 
 
 def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batches: int = 1, zero_stage: int = 0,
-                  grad_clip: float = 0.0, on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
+                  grad_clip: float = 0.0, grad_reduce_low: bool = False,
+                  on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
     """Run the passes in order, verifying after each."""
-    passes = {"autodiff": autodiff, "checkpointing": checkpointing, "optimizer": make_optimizer_pass(params_by_name), "zero": zero,
-              "clip_grad": make_clip_pass(params_by_name), "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing}
+    passes = {"autodiff": autodiff, "checkpointing": checkpointing, "optimizer": make_optimizer_pass(params_by_name),
+              "precision": precision, "zero": zero, "clip_grad": make_clip_pass(params_by_name),
+              "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing}
     verify(g, after="tracing")
     for name in PASS_ORDER:
         g = passes[name](g, optimizers=optimizers, micro_batches=micro_batches, zero_stage=zero_stage,
-                         grad_clip=grad_clip)
+                         grad_clip=grad_clip, grad_reduce_low=grad_reduce_low)
         verify(g, after=name)
         if on_pass is not None:
             on_pass(name, g)

@@ -29,6 +29,9 @@ class Executor:
         base: dict[int, Any] = dict(g.constants)
         for name, vid in g.variables.items():
             base[vid] = self.params[name]._data
+        if g.loss_scale is not None:  # per step, not per micro-batch (the last input)
+            base[g.loss_scale] = inputs[-1]
+            inputs = inputs[:-1]
         micro = [_slices(x, k) for x in inputs]
         grads: dict[int, Any] = {}
         outputs: list[list] = [[] for _ in g.outputs]
@@ -74,6 +77,9 @@ class Executor:
         a = n.attr
         opt = self.optimizers[a["optimizer"]]
         target = env[n.inputs[0]]
+        env[n.outputs[0]] = target
+        if len(n.inputs) > 2 and not _finite(env[n.inputs[2]]):  # fp16: a gradient overflowed; skip the step
+            return
         opt.update_value(id(self.params[a["variable"]]), target, env[n.inputs[1]], opt.param_groups[a["group"]])
         env[n.outputs[0]] = target
 
@@ -134,3 +140,8 @@ def _mean(vals: list):
         logical = sum(x.logical() for x in vals) / len(vals)
         return make_global(logical.astype(v.dtype), v.placement, broadcast)
     return np.asarray(sum(vals) / len(vals)).astype(vals[0].dtype)
+
+
+def _finite(value) -> bool:
+    shards = value.shards if type(value) is GlobalValue else (value,)
+    return all(bool(np.isfinite(np.asarray(s)).all()) for s in shards)

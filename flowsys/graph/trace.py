@@ -178,8 +178,12 @@ def untraceable(what: str) -> GraphError:
         f"such as fs.where")
 
 
-def trace(fn, args, variables: dict[str, Any], start_id: int = 0) -> Graph:
-    """Trace ``fn(*args)`` with ``variables`` (name -> Parameter) made symbolic."""
+def trace(fn, args, variables: dict[str, Any], start_id: int = 0, precision: str = "fp32",
+          loss_scaling: bool = False) -> Graph:
+    """Trace ``fn(*args)`` with ``variables`` (name -> Parameter) made symbolic, under the
+    ``precision`` policy (``flowsys.precision``); ``loss_scaling`` adds a last input, the scalar
+    loss scale the backward pass starts from (fp16)."""
+    from flowsys.precision import autocast, low_dtype  # noqa: PLC0415
     from flowsys.tensor import Tensor, store, stored  # noqa: PLC0415
 
     tracer = Tracer(start_id)
@@ -201,7 +205,7 @@ def trace(fn, args, variables: dict[str, Any], start_id: int = 0) -> Graph:
             v = tracer.new_value(d.shape, d.dtype, pl, sbp)
             saved[name], var_ids[name] = d, v.id
             store(p, Symbol(v))
-        with tracer:
+        with tracer, autocast(low_dtype(precision), enabled=low_dtype(precision) is not None):
             out = fn(*sym_args)
     finally:
         for name, d in saved.items():
@@ -210,6 +214,12 @@ def trace(fn, args, variables: dict[str, Any], start_id: int = 0) -> Graph:
     if not outs or not all(isinstance(o, Tensor) and type(o._data) is Symbol for o in outs):
         got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"({', '.join(type(o).__name__ for o in outs)})"
         raise GraphError(f"Graph.build() must return a tensor computed inside it (or a tuple of them), got {got}")
+    scale = None
+    if loss_scaling and tracer.loss is not None:  # laid out as the loss is: where backward starts
+        loss = tracer.values[tracer.loss]
+        scale = tracer.new_value((), np.float32, loss.placement,
+                                 (broadcast,) * loss.placement.ndim if loss.placement is not None else None).id
+        inputs.append(scale)
     g = Graph(dict(tracer.values), tuple(tracer.nodes), tuple(inputs), var_ids, dict(tracer.constants),
-              tuple(o._data.value.id for o in outs), tracer.loss)
+              tuple(o._data.value.id for o in outs), tracer.loss, precision=precision, loss_scale=scale)
     return g, tracer.seeds

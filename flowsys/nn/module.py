@@ -33,6 +33,7 @@ class Parameter(Tensor):
     from the workers on demand. Its shape, dtype and layout never need a pull."""
 
     __slots__ = ("state_shape", "init", "_home", "_unmade", "tied_to", "valid_rows")
+    is_parameter = True
 
     def __init__(self, data, requires_grad: bool = True, state_shape: tuple[int, ...] | None = None):
         # The parameter this one is a copy of, tied by value (a pipeline's tied embedding on the

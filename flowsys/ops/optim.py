@@ -176,20 +176,30 @@ def sum_squares(xp, x):
     return xp.asarray(xp.sum(x64 * x64))
 
 
-def _clip_scale_infer(total: Spec, *, max_norm, eps=1e-6, dtype="float32") -> Spec:
-    if total.shape != ():
-        raise ShapeError(f"clip_scale: takes the squared global norm as a scalar, got {total}")
-    if not float(max_norm) > 0:
-        raise ArgumentError(f"clip_scale: max_norm must be > 0, got {max_norm}")
+def _clip_scale_infer(total: Spec, *loss_scale: Spec, max_norm, eps=1e-6, dtype="float32") -> Spec:
+    if total.shape != () or any(s.shape != () for s in loss_scale) or len(loss_scale) > 1:
+        raise ShapeError(f"clip_scale: takes the squared global norm as a scalar and, with loss scaling, the loss "
+                         f"scale as a scalar; got {(total, *loss_scale)}")
+    if not float(max_norm) >= 0:
+        raise ArgumentError(f"clip_scale: max_norm must be > 0 (0: no clipping, only unscaling), got {max_norm}")
+    if not loss_scale and not float(max_norm):
+        raise ArgumentError("clip_scale: with max_norm 0 (no clipping) it only unscales, so it needs the loss scale")
     return Spec((), np.dtype(dtype))
 
 
-@register("clip_scale", infer=_clip_scale_infer, sbp=lambda specs, attrs: [R.replicated(1)])
-def clip_scale(xp, total, *, max_norm, eps=1e-6, dtype="float32"):
-    """``min(1, max_norm / (norm + eps))`` for the squared norm ``total``, as ``clip_grad_norm_``
-    scales (computed in float64, then cast to the gradients' dtype)."""
-    norm = xp.sqrt(xp.asarray(total, dtype=np.float64))
-    return xp.asarray(xp.minimum(1.0, float(max_norm) / (norm + float(eps))), dtype=dtype)
+@register("clip_scale", infer=_clip_scale_infer, sbp=lambda specs, attrs: [R.replicated(len(specs))])
+def clip_scale(xp, total, *loss_scale, max_norm, eps=1e-6, dtype="float32"):
+    """The factor every gradient is multiplied by before its update: ``min(1, max_norm / (norm +
+    eps))`` for the squared norm ``total``, as ``clip_grad_norm_`` scales; with a loss scale ``s``
+    (fp16) the gradients and ``total`` are scaled, so the factor is ``1/s`` times the clipping of
+    the unscaled norm (``max_norm`` 0: unscaling only). Computed in float64, then cast to the
+    gradients' dtype."""
+    inv = 1.0 / xp.asarray(loss_scale[0], dtype=np.float64) if loss_scale else 1.0
+    factor = inv
+    if float(max_norm):
+        norm = xp.sqrt(xp.asarray(total, dtype=np.float64)) * inv
+        factor = xp.minimum(1.0, float(max_norm) / (norm + float(eps))) * inv
+    return xp.asarray(factor, dtype=dtype)
 
 
 # ----------------------------------------------------------------- optimizer state <-> op operands
