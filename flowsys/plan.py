@@ -163,7 +163,8 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
         plan = plan_pb2.Plan(ranks=list(ranks.values()), micro_batches=k)
         pred = predict(plan, hw, world=devices)
         flops = graph_flops(ir)
-        peak = hw.peak("float32") * (1 if hw.device == "cpu" else devices)  # simulated CPU devices share one peak
+        compute = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[job.train.precision]
+        peak = hw.peak(compute) * (1 if hw.device == "cpu" else devices)  # simulated CPU devices share one peak
         tokens = job.data.batch_size * job.model.block_size
         for r, cost in zip(per_rank, pred.ranks):
             total = r["parameters"] + r["gradients"] + r["optimizer_state"] + r["peak_activations"]

@@ -256,13 +256,14 @@ def measure_kernel(name: str, inputs: list[tuple[tuple[int, ...], np.dtype]], at
     a step kernels run slower (cold caches, fresh outputs): ``Hardware.kernel_scale`` says how
     much, as fitted by ``flowsys.calibrate``."""
     from flowsys.ops import OPS  # noqa: PLC0415
+    from flowsys.ops.registry import is_floating  # noqa: PLC0415
 
-    key = (name, tuple((s, d.str) for s, d in inputs), repr(sorted(attrs.items())))
+    key = (name, tuple((s, d.name) for s, d in inputs), repr(sorted(attrs.items())))
     if key not in _kernel_times:
         rng = np.random.default_rng(0)
         arrays = []
         for shape, dtype in inputs:
-            if dtype.kind == "f":
+            if is_floating(dtype):  # bfloat16 (ml_dtypes, kind "V") included
                 arrays.append(rng.standard_normal(shape).astype(dtype))
             elif dtype.kind == "b":
                 arrays.append(rng.random(shape) < 0.5)

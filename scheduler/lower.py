@@ -61,7 +61,8 @@ class _Lowering:
             else:
                 plan = n.attr.get("plan")
                 src, dst = g.values[n.inputs[0]], g.values[n.outputs[0]]
-                pure = n.kind == "boxing" and plan is not None and src.placement != dst.placement
+                pure = n.kind == "boxing" and plan is not None and (src.placement != dst.placement
+                                                                    or bool(n.attr.get("per_step")))
             if pure:
                 out.add(n.id)
                 known.update(n.outputs)
@@ -521,6 +522,27 @@ class _Lowering:
                                       outputs=n.outputs, phase=n.phase))
 
     # -------------------------------------------------------------------------------- memory
+    def low_copies(self, rp) -> dict[int, int]:
+        """Under a precision policy, per variable of this rank: the low-precision copy a step
+        computes with (its per-step cast, or the per-step gather of that cast under ZeRO 1/2)."""
+        if self.g.precision == "fp32":
+            return {}
+        variables = set(rp.variables.values())
+        copy: dict[int, int] = {}  # value -> the variable it is a per-step low-precision copy of
+        out: dict[int, int] = {}
+        for op in rp.ops:
+            if not op.per_step or len(op.inputs) != 1:
+                continue
+            src = op.inputs[0]
+            if op.op == "astype" and src in variables:
+                copy[op.outputs[0]] = src
+            elif op.kind in ("collective", "local") and src in copy:  # its gather (and the slices of one)
+                copy[op.outputs[0]] = copy[src]
+            else:
+                continue
+            out[copy[op.outputs[0]]] = op.outputs[0]
+        return out
+
     def estimate_memory(self, rp) -> None:
         sizes = {v.id: math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in rp.values}
         params = sum(sizes[v] for v in rp.variables.values())
@@ -530,7 +552,13 @@ class _Lowering:
         grads = sum(sizes.get(self.g.grads.get(variables[decode_attrs(op.attrs)["variable"]], -1), 0) for op in updated)
         # optimizer state: each array the update op keeps (the node's "state") is the size of what it updates
         state = sum(len(decode_attrs(op.attrs)["state"]) * sizes[op.inputs[0]] for op in updated)
-        persistent = set(rp.variables.values()) | set(self.g.constants)
+        # the gradient buffers are counted above, not again among the activations
+        persistent = set(rp.variables.values()) | set(self.g.constants) | set(self.g.grads.values())
+        copies = self.low_copies(rp)
+        if copies:  # a low precision: the weights are the per-step copies, the variables the float32 masters
+            masters = sum(sizes[v] for v in copies)
+            params, state = params - masters + sum(sizes[c] for c in copies.values()), state + masters
+            persistent |= set(copies.values())
         last_use: dict[int, int] = {}
         for i, op in enumerate(rp.ops):
             for v in op.inputs:

@@ -271,3 +271,34 @@ def test_job_keys_name_the_precision():
         check_layout(job_from_dict({}, {"train.precision": "fp8"}))
     with pytest.raises(ConfigError, match="train.grad_reduce_dtype"):
         check_layout(job_from_dict({}, {"train.precision": "bf16", "train.grad_reduce_dtype": "fp16"}))
+
+
+# ------------------------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize("zero, params, grads, optimizer", [
+    (0, 2.0, 4.0, 12.0), (1, 2.0, 4.0, 6.0), (2, 2.0, 2.0, 6.0), (3, 1.0, 2.0, 6.0)])
+def test_plan_memory_is_2_4_12_bytes_per_parameter_split_by_zero(zero, params, grads, optimizer):
+    """The ZeRO paper's 2 + 4 + 12 bytes per parameter (a float32 gradient), on dp2: ZeRO 1
+    splits the 12 (the float32 master and both moments), 2 also the gradient, 3 the weights."""
+    *_, step, _ = _compiled("bf16", "dp2", zero=zero, steps=1, opt="adamw")
+    n = sum(int(np.prod(p.shape)) for p in step.model.parameters())
+    for rp in step.plan().ranks:
+        m = rp.memory
+        assert (m.parameters / n, m.gradients / n, m.optimizer_state / n) == (params, grads, optimizer)
+
+
+def test_activations_take_half_the_bytes_in_a_pipeline_plan():
+    from flowsys.plan import plan_job
+    from flowsys.train import load_job
+
+    def plan(precision):
+        job = load_job("examples/configs/tiny_3d.yaml", {"train.precision": precision})
+        return {r["rank"]: r for r in plan_job(job, 8)["ranks"]}
+
+    full, half = plan("fp32"), plan("bf16")
+    for rank, r in half.items():
+        f = full[rank]
+        assert r["parameters"] * 2 == f["parameters"] and r["gradients"] == f["gradients"]
+        assert r["optimizer_state"] * 2 == f["optimizer_state"] * 3  # ZeRO 1 on dp 2: 12/2 against 8/2 bytes
+        assert 0.4 < r["peak_activations"] / f["peak_activations"] < 0.6

@@ -140,7 +140,11 @@ class Graph:
                             raise GraphError(f"{type(self).__name__}: an optimizer trains a parameter of shape {p.shape} "
                                              f"that no module of this graph holds; assign the model to the graph "
                                              f"(self.model = model)")
-            axis = self._shard_parameters(args) if stage == 3 else None
+            # ZeRO 3 keeps the parameters sharded; so do ZeRO 1 and 2 under a low precision, whose
+            # variables are the float32 masters (sharded like the optimizer state, as in the ZeRO
+            # paper) while the low-precision copy is gathered once per step
+            sharded = stage == 3 or (stage in (1, 2) and precision != "fp32")
+            axis = self._shard_parameters(args) if sharded else None
             stages = self._stages()
             micro = [_micro_input(a, k) for a in args]
             ir, n_seeds = trace(self.build, micro, params, precision=precision, loss_scaling=precision == "fp16")

@@ -164,8 +164,15 @@ def checkpointing(g: Graph, **_) -> Graph:
     values = dict(g.values)
     before: dict[int, list[Node]] = {}
     replace_in: dict[int, dict[int, int]] = {}
+    # what forward computes from parameters and constants alone (a weight's cast or transpose) is
+    # made once per step and kept for it: not recomputed
+    per_step = set(g.variables.values()) | set(g.constants)
+    for n in g.nodes:
+        if n.kind == "op" and n.phase == "forward" and all(i in per_step for i in n.inputs):
+            per_step.update(n.outputs)
     for scope in scopes:
-        chain = [n for n in g.nodes if n.scope == scope and n.phase == "forward" and n.kind == "op"]
+        chain = [n for n in g.nodes if n.scope == scope and n.phase == "forward" and n.kind == "op"
+                 and not all(o in per_step for o in n.outputs)]
         made = {o for n in chain for o in n.outputs}
         users = [n for n in g.nodes if n.phase == "backward" and any(i in made for i in n.inputs)]
         if not users:
@@ -372,7 +379,10 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
     if not updates:
         return g
     trained = [g.values[n.inputs[0]] for n in updates]
-    if zero_stage == 3:
+    # ZeRO 1/2 under a low precision: the variables are sharded float32 masters (laid out before
+    # tracing, as stage 3's); the low-precision copy is gathered once per step and kept for it
+    masters = zero_stage in (1, 2) and g.zero_axis is not None
+    if zero_stage == 3 or masters:
         axis = g.zero_axis
     else:
         axis = zero_axis([g.values[i] for i in g.inputs], trained)
@@ -386,11 +396,12 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
     ids = itertools.count(_next_id(g))
     values = dict(g.values)
 
-    def pinned(src: int, sbp: tuple, phase: str, fresh: bool = False) -> tuple[Node, int]:
+    def pinned(src: int, sbp: tuple, phase: str, fresh: bool = False, per_step: bool = False) -> tuple[Node, int]:
         v = values[src]
         out = Value(next(ids), v.shape, v.dtype, v.placement, tuple(sbp))
         values[out.id] = out
-        attrs = (("placement", v.placement), ("sbp", tuple(sbp))) + ((("fresh", True),) if fresh else ())
+        attrs = (("placement", v.placement), ("sbp", tuple(sbp))) + ((("fresh", True),) if fresh else ()) \
+            + ((("per_step", True),) if per_step else ())
         return Node(next(ids), "boxing", "to_global", (src,), (out.id,), attrs, phase), out.id
 
     before: dict[int, list[Node]] = {}  # node id -> nodes to insert just before it
@@ -401,7 +412,20 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
     for n in updates:
         var = values[n.inputs[0]]
         full = tuple(Broadcast() if k == axis else s for k, s in enumerate(var.sbp))
-        shard = var.sbp if zero_stage == 3 else zero_shard(var, axis)
+        shard = var.sbp if zero_stage == 3 or masters else zero_shard(var, axis)
+        if masters:
+            # the cast of the master shard gathered once per step, read by forward and backward
+            src = var.id
+            users = [m for m in g.nodes if m.kind == "op" and m.phase == "forward" and src in m.inputs]
+            if len(users) == 1 and users[0].op == "astype" and \
+                    values[users[0].outputs[0]].dtype.itemsize < var.dtype.itemsize:
+                src = users[0].outputs[0]
+            readers = [m for m in g.nodes if m.kind == "op" and m.phase != "optimizer" and src in m.inputs]
+            if readers:
+                node, whole = pinned(src, full, "forward", per_step=True)
+                before.setdefault(readers[0].id, []).append(node)
+                for m in readers:
+                    replace_in.setdefault(m.id, {})[src] = whole
         if zero_stage == 3:
             # gather where forward uses it; backward gathers again and recomputes what forward
             # derived from the parameter alone (a transpose, a reshape), so no gathered copy
@@ -439,7 +463,7 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
             after.setdefault(producer[grad].id, []).append(node)
             grads[var.id] = grad_s
             replace_in.setdefault(n.id, {})[grad] = grad_s
-        if zero_stage in (1, 2):  # update the shard, gather it back, assign it to the variable
+        if zero_stage in (1, 2) and not masters:  # update the shard, gather it back, assign it to the variable
             node, var_s = pinned(var.id, shard, "optimizer")
             before.setdefault(n.id, []).append(node)
             replace_in.setdefault(n.id, {})[var.id] = var_s
@@ -609,7 +633,7 @@ def insert_boxing(g: Graph, **_) -> Graph:
     nodes: list[Node] = []
     converted: dict[tuple, int] = {}  # (value, placement, sbp) -> converted value, reused
 
-    def convert(vid: int, placement, nd, phase: str, fresh: bool = False) -> int:
+    def convert(vid: int, placement, nd, phase: str, fresh: bool = False, per_step: bool = False) -> int:
         v = values[vid]
         if v.placement == placement and v.sbp == tuple(nd):
             return vid
@@ -622,7 +646,9 @@ def insert_boxing(g: Graph, **_) -> Graph:
             else:
                 plan = boxing.plan(v.shape, v.dtype, v.placement, v.sbp, placement, tuple(nd))
                 kinds = "+".join(s.kind for s in plan.steps) or "none"
-                nodes.append(Node(next(ids), "boxing", kinds, (vid,), (out.id,), (("plan", plan),), phase))
+                # per_step: run once per step and kept for it (ZeRO 1/2's gathered low-precision weights)
+                nodes.append(Node(next(ids), "boxing", kinds, (vid,), (out.id,),
+                                  (("plan", plan),) + ((("per_step", True),) if per_step else ()), phase))
             converted[key] = out.id
         return converted[key]
 
@@ -635,7 +661,8 @@ def insert_boxing(g: Graph, **_) -> Graph:
             nodes.append(_replace(n, inputs=ins))
         elif n.kind == "boxing":  # a pinned layout change: planned here, or dropped when it is the identity
             out = values[n.outputs[0]]
-            new = convert(ins[0], out.placement, out.sbp, n.phase, fresh=bool(n.attr.get("fresh")))
+            new = convert(ins[0], out.placement, out.sbp, n.phase, fresh=bool(n.attr.get("fresh")),
+                          per_step=bool(n.attr.get("per_step")))
             alias[n.outputs[0]] = new
         elif n.kind == "update":
             var = values[ins[0]]
