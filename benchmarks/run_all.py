@@ -11,7 +11,9 @@ Runs, each in a process of its own (so a crash or a hang in one is reported and 
   175B job for 1,024 (bench_compile.py);
 - ``overhead``: the runtime's cost per actor firing and of recording traces (bench_overhead.py);
 - ``pipeline``: pipeline idle fraction against the bubble formula (bench_pipeline.py);
-- ``costmodel``: predicted against measured step times, six layouts, two backends (bench_costmodel.py).
+- ``costmodel``: predicted against measured step times, six layouts, two backends (bench_costmodel.py);
+- ``precision``: the tiny GPT job's validation loss in bf16 and fp16 against fp32, one device and
+  dp2 x tp2 (bench_precision.py).
 
 Each script writes its own JSON under ``benchmarks/results/``; this one gathers them into
 ``benchmarks/results.json`` (with the machine it ran on) and ``benchmarks/results.md``, and with
@@ -42,6 +44,7 @@ BENCHMARKS = {  # name: (script, full arguments, --quick arguments)
     "overhead": ("bench_overhead.py", [], ["--repeats", "9"]),
     "pipeline": ("bench_pipeline.py", ["--backend", "ray", "--steps", "4"], ["--backend", "ray", "--steps", "3"]),
     "costmodel": ("bench_costmodel.py", [], ["--steps", "7"]),
+    "precision": ("bench_precision.py", ["--steps", "150"], ["--steps", "40"]),
 }
 
 
@@ -117,6 +120,11 @@ def rows_for(name: str, data: dict) -> list[tuple[str, str, str, str, str]]:
         return [("pipeline idle", f"{r['stages']} stages, {r['micro_batches']} micro-batches, {data['backend']}",
                  "idle " + ", ".join(f"{x:.2f}" for x in r["idle_measured"]), f"bubble {r['bubble_model']:.3f}",
                  f"worst {r['max_error_pp']} pp (target 10 pp)") for r in data["results"]]
+    if name == "precision":
+        return [("mixed precision", f"tiny GPT job, {r['layout']}, {r['steps']} steps, {p}",
+                 f"val loss {v['val_loss']:.4f}", f"fp32 {r['runs']['fp32']['val_loss']:.4f}",
+                 f"{v['val_loss_over_fp32']:.3f} (target within 3%)")
+                for r in data["results"] for p, v in r["runs"].items() if p != "fp32"]
     if name == "costmodel":
         return [("cost model", f"{r['layout']}, {r['backend']} backend", f"measured {r['measured_ms']:.1f} ms",
                  f"predicted {r['predicted_ms']:.1f} ms", f"{r['ratio']:.2f} (target 0.75-1.25)")

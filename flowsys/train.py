@@ -408,9 +408,19 @@ def run(job: JobConfig, log=print) -> dict[str, Any]:
     val = evaluate(model, data, bs, t, job.train.eval_batches, precision)
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
                "unigram_entropy": data.unigram_entropy("val"),
-               "tokens_per_s": job.train.steps * bs * t / (time.perf_counter() - t0)}
+               "tokens_per_s": job.train.steps * bs * t / (time.perf_counter() - t0), **_precision_summary(job, scaler)}
     log(json.dumps(summary))
     return summary
+
+
+def _precision_summary(job: JobConfig, scaler) -> dict[str, Any]:
+    """The summary's precision keys: fp16 adds its steps skipped for an overflow and its last scale."""
+    if job.train.precision == "fp32":
+        return {}
+    out: dict[str, Any] = {"precision": job.train.precision}
+    if scaler is not None:
+        out.update(skipped_steps=scaler.skipped_steps, loss_scale=scaler.scale)
+    return out
 
 
 def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
@@ -480,7 +490,8 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
                "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": job.train.steps * bs * t / elapsed,
                "devices": p.devices, "backend": backend.name, "losses": losses, "restarts": restarts,
-               "samples": seen, "samples_digest": hashlib.sha1(json.dumps(seen).encode()).hexdigest()[:16]}
+               "samples": seen, "samples_digest": hashlib.sha1(json.dumps(seen).encode()).hexdigest()[:16],
+               **_precision_summary(job, step.loss_scaler)}
     log(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "samples")}))
     return summary
 
