@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 import secrets
 import threading
 import time
@@ -300,10 +301,13 @@ class RayBackend(Backend):
             raise RankFailed(0, f"could not place {world} workers on the Ray cluster "
                                 f"({len(ray.nodes())} nodes): {e}") from e
         cls = ray.remote(RayWorker)
+        faults = {k: v for k, v in os.environ.items() if k in ("FLOWSYS_FAULT", "FLOWSYS_FAULT_MARK")}
         self.world = world
         self.workers = [
             cls.options(num_cpus=0.01, resources={k: v for k, v in bundle.items() if k != "CPU"},
                         max_concurrency=2, max_restarts=0, name=None,
+                        # the driver's fault-injection settings reach the workers (tests)
+                        runtime_env={"env_vars": faults} if faults else None,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
             .remote(r, world + 1, self.secret, self.timeout, self.shared_memory)
             for r in range(world)]
@@ -405,6 +409,7 @@ class RayWorker:
         comm = GrpcCommunicator(rank, world_size, secret, host=ray.util.get_node_ip_address(), timeout=timeout,
                                 shared_memory=shared_memory)
         self.worker = Worker(rank, comm, timeout)
+        self.worker.own_process = True
 
     def address(self) -> str:
         return self.worker.comm.address

@@ -158,6 +158,8 @@ class RankRuntime:
         # at most this many micro-batches in flight on the rank (the plan's register count)
         self.window = max(self.registers.values(), default=1)
         self.timeline: list[tuple[int, int, float, float]] = []  # (op, piece, start, end) when recording
+        self.on_phase: Callable[[str], None] | None = None  # called as each phase starts (fault injection)
+        self.phases_entered: set[str] = set()
         self.current: str = "idle"      # what this rank is doing, for failure reports
         ops = list(rank_plan.ops)
         self.compute_ops = [op for op in ops if op.phase != "optimizer"]
@@ -249,6 +251,7 @@ class RankRuntime:
         value does not live here). ``update(op, variable_array, grad_array)`` applies an update."""
         k = micro_batches
         inputs = set(self.rp.inputs)
+        self.phases_entered: set[str] = set()
         self.persistent = {vid: a for vid, a in fed.items() if vid not in inputs}
         if self.hoisted is None:
             self._build()
@@ -286,6 +289,12 @@ class RankRuntime:
             else:
                 outs.append(None)
         return outs
+
+    def _enter(self, phase: str) -> None:
+        """The step's first op of ``phase`` starts (``on_phase``: the fault-injection hook)."""
+        self.phases_entered.add(phase)
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     # ------------------------------------------------------------------- the optimizer phase
     def _begin_optimizer(self, update: Callable) -> None:
@@ -346,6 +355,8 @@ class RankRuntime:
         ops, env = self.units[j], self.env
         op, start = ops[0], time.time()
         self.current = f"{op.op} (op {op.id}, optimizer phase)"
+        if "optimizer" not in self.phases_entered:
+            self._enter("optimizer")
         # a bucket's all-reduces run as one collective over their concatenation
         ins = ([env[v] for v in op.inputs] if len(ops) == 1
                else [np.concatenate([env[o.inputs[0]].reshape(-1) for o in ops])])
@@ -452,6 +463,8 @@ class RankRuntime:
                 if a.busy or a.piece >= self.k or not self._can_fire(a):
                     continue
                 self.current = f"{a.op.op} (op {a.op.id}, piece {a.piece})"
+                if a.op.phase not in self.phases_entered:
+                    self._enter(a.op.phase)
                 woken = self._fire(a)
                 progressed = True
                 if not a.busy:
@@ -682,6 +695,8 @@ class RankRuntime:
                     continue
                 progressed, start = True, time.time()
                 self.current = f"{op.op} (op {op.id}, per step)"
+                if op.phase not in self.phases_entered:
+                    self._enter(op.phase)
                 out = self._handler(op)(op, self.hoisted_attrs[op.id], [env[v] for v in op.inputs],
                                         env.get(op.outputs[0]) if op.outputs else None, piece)
                 if type(out) is _Comm:

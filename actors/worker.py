@@ -69,6 +69,30 @@ def decode(t: plan_pb2.Tensor) -> np.ndarray:
     return np.frombuffer(t.data, dtype=dtype).reshape(shape).copy()
 
 
+# Fault injection for tests: FLOWSYS_FAULT="phase:rank[:step]" makes that rank's worker die when
+# it enters ``phase`` (one of FAULT_PHASES) at data step ``step`` (any step when left out), as a
+# killed process would: it exits at once when it runs in a process of its own (Ray), and raises
+# InjectedFault in a thread of the driver (the local backend). With FLOWSYS_FAULT_MARK naming a
+# file, the fault fires only while that file does not exist and creates it: once per job, so the
+# restarted worker runs on.
+FAULT_ENV, FAULT_MARK_ENV = "FLOWSYS_FAULT", "FLOWSYS_FAULT_MARK"
+FAULT_PHASES = ("forward", "backward", "optimizer", "checkpoint_pull", "checkpoint_write", "load")
+
+
+class InjectedFault(RuntimeError):
+    """The fault FLOWSYS_FAULT asked for, in a worker that shares the driver's process."""
+
+
+def parse_fault(text: str) -> tuple[str, int, int | None] | None:
+    """``(phase, rank, step or None)`` from FLOWSYS_FAULT's value (None when empty)."""
+    if not text:
+        return None
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in FAULT_PHASES or not all(p.isdigit() for p in parts[1:]):
+        raise ValueError(f"{FAULT_ENV}={text!r}: expected phase:rank[:step] with phase one of {FAULT_PHASES}")
+    return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None
+
+
 class Worker:
     """One rank's worker. ``comm`` is its transport endpoint; the driver is rank ``world_size - 1``
     of that transport (the device ranks come first)."""
@@ -84,9 +108,29 @@ class Worker:
         self.constants: dict[str, dict[int, np.ndarray]] = {}  # per plan: its constants
         self._specs: dict[str, object] = {}  # data sources by their JSON
         self._running: RankRuntime | None = None
+        self.own_process = False  # a Ray actor: an injected fault exits the process
+        self.data_step: int | None = None  # the data step of the last batch this worker read
+        self.fault = parse_fault(os.environ.get(FAULT_ENV, ""))
         self._status = threading.Thread(target=self._report, name=f"flowsys-status-{rank}", daemon=True)
         self._stop = threading.Event()
         self._status.start()
+
+    def fault_point(self, phase: str) -> None:
+        """Die here if FLOWSYS_FAULT names this phase, this rank and (when given) this step."""
+        if self.fault is None:
+            return
+        want, rank, step = self.fault
+        if want != phase or rank != self.rank or (step is not None and step != self.data_step):
+            return
+        mark = os.environ.get(FAULT_MARK_ENV)
+        if mark:
+            try:
+                os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return  # fired once already in this job
+        if self.own_process:
+            os._exit(70)
+        raise InjectedFault(f"rank {self.rank}: fault injected in {phase} at step {self.data_step} ({FAULT_ENV})")
 
     # ----------------------------------------------------------------------------- control
     def info(self) -> dict:
@@ -107,6 +151,7 @@ class Worker:
     def get_state(self, keys: list[str]) -> bytes:
         """The optimizer state kept for ``keys`` (a ``StateDump``; keys it holds nothing for are
         left out)."""
+        self.fault_point("checkpoint_pull")
         dump = plan_pb2.StateDump()
         for key in keys:
             for field, value in sorted(self.state.get(key, {}).items()):
@@ -115,6 +160,7 @@ class Worker:
 
     def set_state(self, dump: bytes, keys: list[str]) -> None:
         """Replace the optimizer state of ``keys`` with what ``dump`` holds (nothing: fresh)."""
+        self.fault_point("load")
         for key in keys:
             self.state.pop(key, None)
         for e in plan_pb2.StateDump.FromString(dump).entries:
@@ -124,6 +170,7 @@ class Worker:
     def get_params(self, keys: list[str]) -> bytes:
         """The parameter shards kept here for ``keys`` (a ``StateDump``, field ``value``; keys it
         holds nothing for are left out): what the driver pulls when it is asked for values."""
+        self.fault_point("checkpoint_pull")
         dump = plan_pb2.StateDump()
         for key in keys:
             if key in self.resident:
@@ -155,6 +202,7 @@ class Worker:
         where it comes from (``field``): ``"param <key>"`` a resident parameter, ``"state <key>
         <field>"`` optimizer state, ``"inline"`` the value sent along. Returns what it wrote
         (JSON: file, size, tensor names and shapes; file null when it had nothing to write)."""
+        self.fault_point("checkpoint_write")
         arrays = {}
         for e in plan_pb2.StateDump.FromString(entries).entries:
             kind, *where = e.field.split(" ")
@@ -177,6 +225,7 @@ class Worker:
         goes: ``["param", key]`` or ``["state", key, field]``), ``drop_state`` (the optimizer
         state keys replaced). Everything is read before anything is replaced. Returns the names
         and shapes read (JSON)."""
+        self.fault_point("load")
         plan = json.loads(entries)
         with RankFiles(directory) as files:
             values = [(e["into"], read_box(files, e["name"], plan["tensors"][e["name"]], e["box"]).astype(e["dtype"]))
@@ -222,6 +271,7 @@ class Worker:
                 rt = self.runtimes[req.plan] = RankRuntime(rp, self.comm, timeout=self.timeout)
             rt.record = req.record
             rt.timeline = []
+            rt.on_phase = self.fault_point if self.fault is not None else None
             fed = {t.id: decode(t) for t in req.feed}
             if req.static:  # the first step of this plan here: its keys and constants
                 self.static[req.plan] = json.loads(req.static)
@@ -230,6 +280,7 @@ class Worker:
                      **(json.loads(req.hyper) if req.hyper else {})}
             fed.update(self.constants.get(req.plan, {}))
             for r in req.reads:  # this rank's block of a batch, read here
+                self.data_step = r.step
                 fed[r.id] = self._read(r)
                 resp.digests.append(plan_pb2.Digest(id=r.id, row_start=r.start[0], row_stop=r.stop[0],
                                                     first_sum=int(fed[r.id][:, :1].sum()) if fed[r.id].ndim > 1 else 0))
