@@ -189,17 +189,23 @@ class LocalBackend(Backend):
         self.shutdown()
         self.world = world
         self.hub = InProcessHub(world + 1, timeout=self.timeout)  # rank `world` is the driver
-        self.workers = {r: Worker(r, self.hub.communicator(r), self.timeout) for r in range(world)}
+        self.workers = {r: Worker(r, self.hub.communicator(r), self.timeout, report=False) for r in range(world)}
         share_cores(world)  # the ranks are threads of this process: split the cores between them
 
     def _load(self, rank: int, key: str, plan: bytes) -> None:
         self.workers[rank].load(key, plan)
 
     def _call_all(self, method: str, *args, per_rank: dict | None = None) -> dict:
+        from actors.worker import InjectedFault  # noqa: PLC0415
+
         out = {}
         for r, w in self.workers.items():
             call = getattr(w, method)
-            out[r] = call(per_rank[r], *args) if per_rank is not None else call(*args)
+            try:
+                out[r] = call(per_rank[r], *args) if per_rank is not None else call(*args)
+            except InjectedFault as e:  # a worker "lost" here: as a dead process would be reported
+                self._broken()
+                raise RankFailed(r, e, method.replace("_", " ")) from e
         return out
 
     def _dispatch(self, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
@@ -260,14 +266,20 @@ class RayBackend(Backend):
     joins the cluster this process is already connected to, or starts a local one.
     ``shared_memory``: ranks on the same host pass tensors through shared memory (the gRPC
     call carries only the header); False sends every byte over gRPC streams.
+    ``tls``: the driver makes one certificate and key for the job (``comm.grpc_transport.make_tls``)
+    and every rank's transport, the driver's too, runs mutual TLS with it. The key reaches the
+    workers as an argument of their Ray constructor, as the job's secret does: TLS protects the
+    data plane when Ray's own channel is protected (Ray's TLS or token authentication).
     """
 
     name = "ray"
 
     def __init__(self, address: str | None = None, timeout: float = 30.0,
-                 shared_memory: bool = True, **init_kwargs: Any):
+                 shared_memory: bool = True, tls: bool = False, **init_kwargs: Any):
         super().__init__(timeout)
         import ray  # noqa: PLC0415
+
+        from comm.grpc_transport import make_tls  # noqa: PLC0415
 
         if not ray.is_initialized():
             init_kwargs.setdefault("include_dashboard", False)
@@ -276,6 +288,7 @@ class RayBackend(Backend):
         self.ray = ray
         self.shared_memory = shared_memory
         self.secret = secrets.token_hex(16)
+        self.tls = make_tls() if tls else None  # one per job, as the secret
         self.workers: list = []
         self.pg = None
         self.driver = None
@@ -309,11 +322,12 @@ class RayBackend(Backend):
                         # the driver's fault-injection settings reach the workers (tests)
                         runtime_env={"env_vars": faults} if faults else None,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
-            .remote(r, world + 1, self.secret, self.timeout, self.shared_memory)
+            .remote(r, world + 1, self.secret, self.timeout, self.shared_memory,
+                    *((self.tls.cert_pem, self.tls.key_pem) if self.tls is not None else ()))
             for r in range(world)]
         host = ray.util.get_node_ip_address()
         self.driver = GrpcCommunicator(world, world + 1, self.secret, host=host, timeout=self.timeout,
-                                       shared_memory=self.shared_memory)
+                                       shared_memory=self.shared_memory, tls=self.tls)
         addresses = self._get([w.address.remote() for w in self.workers], "start") + [self.driver.address]
         self._get([w.connect.remote(addresses) for w in self.workers], "connect")
         self.driver.connect(addresses)
@@ -332,10 +346,28 @@ class RayBackend(Backend):
         self._get([self.workers[rank].load.remote(key, plan)], "load their plans")
 
     def _call_all(self, method: str, *args, per_rank: dict | None = None) -> dict:
+        """Every worker's result; a worker that died is a ``RankFailed`` naming its rank (the
+        workers are then shut down, so the next step starts fresh ones), and an error a worker
+        raised is raised here as itself (a corrupt checkpoint stays a ``CheckpointCorrupt``)."""
+        ray = self.ray
         refs = {r: getattr(w, method).remote(*((per_rank[r],) if per_rank is not None else ()), *args)
                 for r, w in enumerate(self.workers)}
-        values = self._get(list(refs.values()), method.replace("_", " "))
-        return dict(zip(refs, values))
+        out, deadline = {}, time.monotonic() + max(60.0, self.timeout)
+        what = method.replace("_", " ")
+        for r, ref in refs.items():
+            try:
+                out[r] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.RayTaskError as e:  # the worker raised: its own error
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                if isinstance(cause, ray.exceptions.RayActorError):
+                    self.shutdown()
+                    raise RankFailed(r, f"the worker died while running {what}: {cause}") from e
+                raise cause from None
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                self.shutdown()
+                raise RankFailed(r, f"the worker {'died' if isinstance(e, ray.exceptions.RayActorError) else 'hung'} "
+                                    f"while running {what}: {type(e).__name__}: {e}") from e
+        return out
 
     def pids(self) -> dict[int, int]:
         return {i["rank"]: i["pid"] for i in self.info}
@@ -353,6 +385,7 @@ class RayBackend(Backend):
         stop_at = None
         while pending and time.monotonic() < (stop_at or deadline):
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
+            self._statuses(self.driver.mailbox)  # taken as they come: the mailbox stays bounded in a long step
             for ref in ready:
                 rank = refs[ref]
                 try:
@@ -399,15 +432,17 @@ class RayBackend(Backend):
 class RayWorker:
     """The Ray actor around a :class:`Worker`: its gRPC endpoint on the node's address."""
 
-    def __init__(self, rank: int, world_size: int, secret: str, timeout: float, shared_memory: bool):
+    def __init__(self, rank: int, world_size: int, secret: str, timeout: float, shared_memory: bool,
+                 tls_cert: bytes | None = None, tls_key: bytes | None = None):
         import ray  # noqa: PLC0415
 
-        from comm.grpc_transport import GrpcCommunicator  # noqa: PLC0415
+        from comm.grpc_transport import GrpcCommunicator, TlsConfig  # noqa: PLC0415
 
         self.node = ray.get_runtime_context().get_node_id()
         self.host = ray.util.get_node_ip_address()
+        tls = TlsConfig(tls_cert, tls_key) if tls_cert is not None else None  # the job's, made by the driver
         comm = GrpcCommunicator(rank, world_size, secret, host=ray.util.get_node_ip_address(), timeout=timeout,
-                                shared_memory=shared_memory)
+                                shared_memory=shared_memory, tls=tls)
         self.worker = Worker(rank, comm, timeout)
         self.worker.own_process = True
 

@@ -35,7 +35,7 @@ from flowsys.ops.registry import dtype_text
 from flowsys.ops.optim import update_in_place
 from flowsys.planformat import decode_attrs, plan_pb2
 from flowsys.rng import InitSpec, materialize
-from flowsys.shardfiles import RankFiles, read_box, write_shards
+from flowsys.shardfiles import CheckpointCorrupt, RankFiles, read_box, write_shards
 
 STATUS_TAG = 1  # worker -> driver: the op the rank is running (utf-8 text)
 
@@ -76,7 +76,8 @@ def decode(t: plan_pb2.Tensor) -> np.ndarray:
 # file, the fault fires only while that file does not exist and creates it: once per job, so the
 # restarted worker runs on.
 FAULT_ENV, FAULT_MARK_ENV = "FLOWSYS_FAULT", "FLOWSYS_FAULT_MARK"
-FAULT_PHASES = ("forward", "backward", "optimizer", "checkpoint_pull", "checkpoint_write", "load")
+FAULT_PHASES = ("forward", "backward", "optimizer", "checkpoint_pull", "checkpoint_write", "load",
+                "driver")  # "driver": the driving process itself exits as step ``step`` starts (flowsys.train)
 
 
 class InjectedFault(RuntimeError):
@@ -97,7 +98,7 @@ class Worker:
     """One rank's worker. ``comm`` is its transport endpoint; the driver is rank ``world_size - 1``
     of that transport (the device ranks come first)."""
 
-    def __init__(self, rank: int, comm: Communicator, timeout: float = 30.0):
+    def __init__(self, rank: int, comm: Communicator, timeout: float = 30.0, report: bool = True):
         self.rank, self.comm, self.timeout = rank, comm, timeout
         self.driver = comm.world_size - 1
         self.plans: dict[str, plan_pb2.RankPlan] = {}
@@ -113,7 +114,8 @@ class Worker:
         self.fault = parse_fault(os.environ.get(FAULT_ENV, ""))
         self._status = threading.Thread(target=self._report, name=f"flowsys-status-{rank}", daemon=True)
         self._stop = threading.Event()
-        self._status.start()
+        if report:  # (a worker thread of the driver is asked directly: nothing to post)
+            self._status.start()
 
     def fault_point(self, phase: str) -> None:
         """Die here if FLOWSYS_FAULT names this phase, this rank and (when given) this step."""
@@ -185,6 +187,7 @@ class Worker:
     def describe_state(self, keys: list[str]) -> bytes:
         """The shape and dtype of every field of the optimizer state kept for ``keys`` (JSON:
         key -> field -> [shape, dtype]): a checkpoint's layout without its values."""
+        self.fault_point("checkpoint_pull")
         return json.dumps({key: {f: [list(np.shape(v)), dtype_text(np.asarray(v).dtype)] for f, v in self.state[key].items()}
                            for key in keys if key in self.state}).encode()
 
@@ -201,7 +204,8 @@ class Worker:
         what it holds. ``entries`` (a ``StateDump``) names each tensor of the file (``key``) and
         where it comes from (``field``): ``"param <key>"`` a resident parameter, ``"state <key>
         <field>"`` optimizer state, ``"inline"`` the value sent along. Returns what it wrote
-        (JSON: file, size, tensor names and shapes; file null when it had nothing to write)."""
+        (JSON: file, size, tensor names and shapes, the file's sha256 and each tensor's crc32;
+        file null when it had nothing to write). The file is fsynced before it is reported."""
         self.fault_point("checkpoint_write")
         arrays = {}
         for e in plan_pb2.StateDump.FromString(entries).entries:
@@ -220,24 +224,38 @@ class Worker:
 
     def load_shards(self, entries: bytes, directory: str) -> bytes:
         """Read this rank's shards of parameters and optimizer state from the checkpoint in
-        ``directory`` into what it keeps. ``entries`` (JSON): ``tensors`` (the checkpoint's
-        metadata of those it reads), ``entries`` (per shard: tensor name, box, dtype, and where it
-        goes: ``["param", key]`` or ``["state", key, field]``), ``drop_state`` (the optimizer
-        state keys replaced). Everything is read before anything is replaced. Returns the names
-        and shapes read (JSON)."""
+        ``directory``, in two calls, so that no rank takes anything unless every rank read and
+        checked its part. First ``entries`` (JSON): ``tensors`` (the checkpoint's metadata of
+        those it reads), ``entries`` (per shard: tensor name, box, dtype, and where it goes:
+        ``["param", key]`` or ``["state", key, field]``), ``drop_state`` (the optimizer state
+        keys replaced), ``crc32`` (the manifest's checksums of what it reads, per file and
+        tensor): it reads and checks them and keeps them aside; returns ``{"read": [[name,
+        shape], ...]}``, or ``{"corrupt": message}`` when a checksum differs. Then ``{"apply":
+        true}`` replaces what it keeps with what it read (``false`` drops it)."""
         self.fault_point("load")
+
         plan = json.loads(entries)
-        with RankFiles(directory) as files:
-            values = [(e["into"], read_box(files, e["name"], plan["tensors"][e["name"]], e["box"]).astype(e["dtype"]))
-                      for e in plan["entries"]]
-        for key in plan["drop_state"]:
-            self.state.pop(key, None)
-        for into, value in values:
-            if into[0] == "param":
-                self.resident[into[1]] = value
-            else:
-                self.state.setdefault(into[1], {})[into[2]] = value.item() if value.ndim == 0 else value
-        return json.dumps([[e["name"], list(v.shape)] for e, (_, v) in zip(plan["entries"], values)]).encode()
+        if "apply" in plan:
+            staged, self._loaded = getattr(self, "_loaded", None), None
+            if plan["apply"] and staged is not None:
+                drop, values = staged
+                for key in drop:
+                    self.state.pop(key, None)
+                for into, value in values:
+                    if into[0] == "param":
+                        self.resident[into[1]] = value
+                    else:
+                        self.state.setdefault(into[1], {})[into[2]] = value.item() if value.ndim == 0 else value
+            return b"[]"
+        self._loaded = None
+        try:
+            with RankFiles(directory, plan.get("crc32")) as files:
+                values = [(e["into"], read_box(files, e["name"], plan["tensors"][e["name"]], e["box"])
+                           .astype(e["dtype"])) for e in plan["entries"]]
+        except CheckpointCorrupt as e:
+            return json.dumps({"corrupt": str(e)}).encode()
+        self._loaded = (plan["drop_state"], values)
+        return json.dumps({"read": [[e["name"], list(v.shape)] for e, (_, v) in zip(plan["entries"], values)]}).encode()
 
     def _read(self, r: plan_pb2.Read) -> np.ndarray:
         """This rank's block of a batch field, read here (each data source opened once)."""

@@ -10,6 +10,12 @@ a ``group`` (a list of global ranks in order, e.g. one row of a device mesh).
 Tags keep concurrent conversations apart: the actor runtime runs several collectives and
 transfers at once, each under its own tag, and takes a message only when its tag is asked for.
 Messages with the same (source, tag) arrive in the order they were posted.
+
+What may wait in a mailbox is bounded per source rank (:data:`DEFAULT_MAX_MESSAGES` messages and
+:data:`DEFAULT_MAX_BYTES` bytes, far above what a correct run leaves unconsumed; change them with
+:meth:`Communicator.set_limits`): a peer that sends more fails the mailbox with a
+:class:`CommError` naming it, and the transport refuses the message, so a misbehaving peer costs
+an error, never unbounded memory or a blocked sender.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import numpy as np
 
 from comm import algorithms as alg
 
+DEFAULT_MAX_MESSAGES = 65_536  # per source rank; the workers' status reports alone reach thousands in a long step
+DEFAULT_MAX_BYTES = 8 << 30  # per source rank
+
 
 class CommError(RuntimeError):
     """A collective that cannot complete: a missing peer, a deadlock, a timeout."""
@@ -35,18 +44,66 @@ def _check_op(op: str, what: str) -> None:
 
 class Mailbox:
     """The messages that have arrived at one rank, filed by (source rank, tag). Thread-safe:
-    transports put from their receiving threads, the rank takes from its own."""
+    transports put from their receiving threads, the rank takes from its own.
 
-    def __init__(self, rank: int = 0):
+    At most ``max_messages`` messages and ``max_bytes`` bytes from one source wait here at once;
+    a put beyond that fails the mailbox (and raises) with a :class:`CommError` naming the source.
+
+    >>> box = Mailbox(rank=1, max_messages=2)
+    >>> for i in range(2): box.put(0, 7, np.full(3, i))
+    >>> box.put(0, 8, np.zeros(3))
+    Traceback (most recent call last):
+    comm.base.CommError: rank 1: rank 0 sent more than 2 unconsumed messages; ...
+    """
+
+    def __init__(self, rank: int = 0, max_messages: int = DEFAULT_MAX_MESSAGES, max_bytes: int = DEFAULT_MAX_BYTES):
         self.rank = rank
         self._boxes: dict[tuple[int, int], deque] = {}
         self._cv = threading.Condition()
         self.arrivals = 0  # grows with every put: lets a waiter sleep until something new arrives
         self._error: BaseException | None = None
+        self._held: dict[int, list[int]] = {}  # per source: [messages, bytes] waiting here
+        self.max_messages, self.max_bytes = 0, 0
+        self.set_limits(max_messages, max_bytes)
+
+    def set_limits(self, max_messages: int | None = None, max_bytes: int | None = None) -> None:
+        """Bound what may wait here per source rank (None keeps a bound as it is)."""
+        for name, value in (("max_messages", max_messages), ("max_bytes", max_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise CommError(f"rank {self.rank}: {name}={value!r} must be a positive integer")
+        with self._cv:
+            self.max_messages = self.max_messages if max_messages is None else max_messages
+            self.max_bytes = self.max_bytes if max_bytes is None else max_bytes
+
+    def admit(self, src: int, nbytes: int) -> None:
+        """Raise (and fail the mailbox with) a :class:`CommError` if one more message of
+        ``nbytes`` from ``src`` would exceed the bounds; transports ask before they allocate."""
+        with self._cv:
+            self._admit(src, nbytes)
+
+    def _admit(self, src: int, nbytes: int) -> None:
+        messages, held = self._held.get(src, (0, 0))
+        if messages + 1 > self.max_messages:
+            over = f"more than {self.max_messages} unconsumed messages"
+        elif held + nbytes > self.max_bytes:
+            over = (f"more than {self.max_bytes} unconsumed bytes ({held} waiting, then a message of {nbytes})")
+        else:
+            return
+        error = CommError(f"rank {self.rank}: rank {src} sent {over}; a correct run takes what it is sent, so rank "
+                          f"{src} misbehaves or this rank stopped taking (raise the bounds with "
+                          f"Communicator.set_limits(max_messages=..., max_bytes=...) if this much may wait)")
+        if self._error is None:
+            self._error = error
+        self._cv.notify_all()
+        raise error
 
     def put(self, src: int, tag: int, array: np.ndarray) -> None:
         with self._cv:
+            self._admit(src, array.nbytes)
             self._boxes.setdefault((src, tag), deque()).append(array)
+            held = self._held.setdefault(src, [0, 0])
+            held[0] += 1
+            held[1] += array.nbytes
             self.arrivals += 1
             self._cv.notify_all()
 
@@ -74,6 +131,9 @@ class Mailbox:
             array = box.popleft()
             if not box:
                 del self._boxes[(src, tag)]
+            held = self._held[src]
+            held[0] -= 1
+            held[1] -= array.nbytes
             return array
 
     def take(self, src: int, tag: int, timeout: float) -> np.ndarray:
@@ -118,6 +178,12 @@ class Communicator(abc.ABC):
 
     def close(self) -> None:
         """Release the transport's resources (threads, sockets)."""
+
+    def set_limits(self, max_messages: int | None = None, max_bytes: int | None = None) -> None:
+        """Bound the messages and bytes that may wait unconsumed from each source rank (defaults
+        :data:`DEFAULT_MAX_MESSAGES` and :data:`DEFAULT_MAX_BYTES`; None keeps a bound as it is).
+        A peer that sends more fails this rank's mailbox with a :class:`CommError` naming it."""
+        self.mailbox.set_limits(max_messages, max_bytes)
 
     # ------------------------------------------------------------------- point to point
     def send(self, array: np.ndarray, dst: int, tag: int = 0) -> None:

@@ -7,7 +7,10 @@ Two ways to drive the same per-rank schedules of :mod:`comm.algorithms`:
   no threads, and it counts the bytes each message carries.
 - :class:`InProcessHub` and :class:`InProcessCommunicator` give each rank a blocking
   communicator with mailboxes, for ranks that run as threads (actors in the local backend);
-  a receive that waits too long fails with the peer's rank instead of hanging.
+  a receive that waits too long fails with the peer's rank instead of hanging. Each mailbox
+  keeps the per-source bounds of :class:`~comm.base.Mailbox` as the gRPC transport's do: a
+  ``send`` beyond them raises the receiver's :class:`~comm.base.CommError` in the sender (and
+  fails the receiver's mailbox), so tests exercise them without sockets.
 """
 
 from __future__ import annotations
@@ -93,10 +96,12 @@ class InProcessHub:
         return self._comms[rank]
 
     def deliver(self, src: int, dst: int, tag: int, array: np.ndarray) -> None:
+        mailbox = self._comms[dst].mailbox
+        mailbox.admit(src, np.asarray(array).nbytes)  # before the copy: over the bounds costs no memory
         data = np.array(array, copy=True)
         with self._lock:
             self.bytes_sent += data.nbytes
-        self._comms[dst].mailbox.put(src, tag, data)
+        mailbox.put(src, tag, data)
 
 
 class InProcessCommunicator(Communicator):

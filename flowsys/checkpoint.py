@@ -10,11 +10,17 @@ A checkpoint is a directory ``root/step_000012/``:
 - ``meta.json`` — per tensor its logical shape, dtype, placement (mesh of ranks) and SBP, and
   which rank holds which box of it; the step, the RNG state and what the caller adds (the data
   position);
-- ``MANIFEST.json`` — written last, naming every file with its size. A directory without it is
-  an interrupted write and is never loaded.
+- ``MANIFEST.json`` — written last, naming every file with its size, its sha256, and the crc32
+  of every tensor in it.
 
-Every file is written to a temporary name and renamed into place, so a crash leaves either a
-complete checkpoint or one without a manifest. Loading assembles each tensor's logical value
+A step is written into a fresh hidden directory ``root/.step_000012.tmp-<random>`` (every file
+fsynced, then the directory; the manifest written to a temporary name, fsynced and renamed) and
+renamed to ``step_000012`` only when complete, so a crash leaves a hidden directory that is never
+loaded, and a second writer of the same step fails at that rename instead of mixing its shards
+in. ``lock(root, job_id)`` keeps one job writing a root. Loading checks every tensor it reads
+against its crc32 before anything changes (``CheckpointCorrupt`` names the directory, file and
+tensor); ``verify`` checks a whole checkpoint, ``latest_verified`` finds the newest that passes,
+``prune`` keeps the newest few. Loading assembles each tensor's logical value
 from the boxes saved (partial sums added) and lays it out as the model's parameter is laid out
 *now*: save under dp2 x tp2, load as tp4, a pipeline split, or one device. Nothing is unpickled:
 tensors are safetensors, the rest JSON.
@@ -31,10 +37,15 @@ writes the files itself.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +54,22 @@ import numpy as np
 from flowsys.errors import ConfigError, StateDictError
 from flowsys.ops.registry import dtype_text
 from flowsys.optim.state import LOGICAL
-from flowsys.shardfiles import RankFiles, read_box, write_shards
+from flowsys.shardfiles import CheckpointCorrupt, RankFiles, check_tensor, checksums, fsync, read_box, write_shards
+
+__all__ = ["CheckpointCorrupt", "DirectoryLock", "check_visible", "check_writable", "latest", "latest_verified",
+           "load", "lock", "prune", "save", "verify"]
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_TMP_DIR = re.compile(r"^\.step_(\d{6,})\.tmp-[0-9a-f]+$")  # a step being written (or deleted)
 
 
 def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: dict | None = None,
          loss_scaler=None) -> Path:
     """Write a checkpoint of ``model`` (and ``optimizer``'s state, and an fp16 job's
-    ``loss_scaler``: its scale and counts) as ``root/step_<step>``."""
-    from flowsys.functions import rng_state  # noqa: PLC0415
-
+    ``loss_scaler``: its scale and counts) as ``root/step_<step>``: written whole into a hidden
+    directory, fsynced, then renamed, so ``root/step_<step>`` exists only complete. A step that
+    exists already is a ``ConfigError``, also when another writer renamed it into place while
+    this one wrote."""
     backend = _workers_of(model, optimizer)
     if backend is None and optimizer is not None and getattr(optimizer, "_state_in_workers", None) is not None:
         from flowsys.optim.state import pull_state  # noqa: PLC0415
@@ -63,11 +79,29 @@ def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: d
     final = root / f"step_{step:06d}"
     if (final / "MANIFEST.json").exists():
         raise ConfigError(f"checkpoint {final} exists already; save under another step")
-    final.mkdir(parents=True, exist_ok=True)
+    if final.is_dir() and any(final.iterdir()):
+        raise ConfigError(f"{final} exists without a manifest (an interrupted write by an older flowsys, or files "
+                          f"put there by hand); delete it to save step {step} there")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".step_{step:06d}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        _save_into(tmp, backend, model, optimizer, step, extra, loss_scaler)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _save_into(directory: Path, backend, model, optimizer, step: int, extra, loss_scaler) -> None:
+    """Write the checkpoint's files into ``directory``, every one fsynced, the manifest last."""
+    from flowsys.functions import rng_state  # noqa: PLC0415
+
     if backend is not None:
-        check_visible(backend, final)
+        check_visible(backend, directory)
         per_rank, tensors = _plan_save(backend, model, optimizer)
-        files = _write_by_workers(backend, final, per_rank, tensors)
+        written = _write_by_workers(backend, directory, per_rank, tensors)
     else:
         per_rank, tensors = {}, {}
         names = {id(p): name for name, p in model.named_parameters()}
@@ -79,38 +113,304 @@ def save(root: str | os.PathLike, model, optimizer=None, step: int = 0, extra: d
                     continue
                 for key, entry in _state_entries(p, optimizer.state.get(id(p)) or {}, names[id(p)]):
                     tensors[key] = _put(per_rank, key, entry)
-        files = {}
-        for rank, arrays in sorted(per_rank.items()):
-            written = write_shards(final, rank, arrays)
-            files[written["file"]] = written["size"]
+        written = [write_shards(directory, rank, arrays) for rank, arrays in sorted(per_rank.items())]
     meta = {"step": step, "tensors": tensors, "rng": rng_state(), "extra": extra or {},
             "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
             "optimizer": None if optimizer is None else {
                 "type": type(optimizer).__name__,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}}
-    files["meta.json"] = _write_json(final / "meta.json", meta)
-    _write_json(final / "MANIFEST.json", {"step": step, "files": files})  # last: the checkpoint is complete
-    return final
+    written.append(_write_json(directory / "meta.json", meta))
+    fsync(directory)  # every file is on disk before the manifest says so
+    _write_json(directory / "MANIFEST.json", {  # last: the checkpoint is complete
+        "step": step, "files": {w["file"]: w["size"] for w in written},
+        "sha256": {w["file"]: w["sha256"] for w in written},
+        "crc32": {w["file"]: w["crc32"] for w in written if "crc32" in w}})
+    fsync(directory)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final`` (atomic; it fails if ``final`` is there and not
+    empty), and make the rename durable."""
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if (final / "MANIFEST.json").exists() or (final.is_dir() and any(final.iterdir())):
+            raise ConfigError(f"checkpoint {final} was written by another writer while this save wrote it (as "
+                              f"{tmp.name}); this save is discarded and {final} is the other writer's: one job writes "
+                              f"a checkpoint directory (fs.checkpoint.lock)") from e
+        raise ConfigError(f"cannot rename {tmp} to {final}: {e}") from e
+    fsync(final.parent)
 
 
 def latest(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under ``root`` (None if there is none)."""
+    return next((d for _, d in _steps(root) if _complete(d)), None)
+
+
+def _steps(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every ``step_<N>`` directory under ``root``, complete or not, the newest first."""
     root = Path(root)
     if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name))]
+    return sorted(found, reverse=True)
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Check the checkpoint directory ``path`` whole, on the driver: its manifest, every file's
+    size and sha256, every tensor's crc32, and that every shard ``meta.json`` places is in its
+    file. Incomplete is a ``ConfigError``, corrupt a ``CheckpointCorrupt``, each naming what
+    failed. (A checkpoint written before checksums were recorded is checked for what it has:
+    the sizes, and that every file parses.)
+
+        fs.checkpoint.verify("ckpt/step_000012")
+    """
+    path = Path(path)
+    why = _incomplete(path)
+    if why:
+        raise ConfigError(f"checkpoint {path} is incomplete: {why}")
+    manifest = _manifest(path)
+    meta = _meta(path, manifest)
+    sha256, crc32 = manifest.get("sha256"), manifest.get("crc32")
+    held = {}
+    for name in sorted(set(manifest["files"]) - {"meta.json"}):
+        got_sha, got_crc = held[name] = checksums(path / name)
+        if crc32 is not None:
+            want = crc32.get(name, {})
+            for key in sorted(set(want) | set(got_crc)):
+                if key not in got_crc:
+                    raise CheckpointCorrupt(f"checkpoint {path}: {name} lacks {key}, which its manifest records")
+                check_tensor(path, name, key, got_crc[key], want.get(key))
+        if sha256 is not None and got_sha != sha256.get(name):
+            raise CheckpointCorrupt(f"checkpoint {path}: {name} has sha256 {got_sha[:16]}..., the manifest recorded "
+                                    f"{(sha256.get(name) or 'none')[:16]}...: its tensors check, its header or padding "
+                                    f"differs from what was written; load an earlier checkpoint")
+    for key, info in sorted(meta["tensors"].items()):
+        for s in info["shards"]:
+            name = f"rank_{s['rank']}.safetensors"
+            if key not in held.get(name, ("", {}))[1]:
+                raise CheckpointCorrupt(f"checkpoint {path}: meta.json places {key} in {name}, which "
+                                        f"{'lacks it' if name in held else 'its manifest does not name'}")
+
+
+def latest_verified(root: str | os.PathLike, warn=print) -> Path | None:
+    """The newest checkpoint under ``root`` that passes :func:`verify` (None if none does);
+    ``warn(message)`` for each newer one skipped, naming what failed. It reads every file of
+    the checkpoints it checks.
+
+        found = fs.checkpoint.latest_verified("ckpt", warn=log.warning)
+    """
+    for _, d in _steps(root):
+        try:
+            verify(d)
+        except (ConfigError, StateDictError, OSError) as e:
+            warn(f"skipping checkpoint {d.name}, falling back to an older one: {e}")
+            continue
+        return d
+    return None
+
+
+class DirectoryLock:
+    """The one-writer lock of a checkpoint root (``root/LOCK``), taken by :func:`lock`. Leaving
+    the ``with``, or ``release()``, removes the file if it still names this holder (a lock taken
+    again by the same job in the same process leaves it to the outer one). ``took_over``: the
+    message when a dead holder's lock was taken over, else None."""
+
+    def __init__(self, path: Path, holder: dict, owned: bool, took_over: str | None = None):
+        self.path, self.holder, self.owned, self.took_over = path, holder, owned, took_over
+
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if not self.owned:
+            return
+        self.owned = False
+        if _holder(self.path) == self.holder:  # (not taken over since)
+            self.path.unlink(missing_ok=True)
+            fsync(self.path.parent)
+
+
+def lock(root: str | os.PathLike, job_id: str, warn=print) -> DirectoryLock:
+    """Make job ``job_id`` the one writer of the checkpoint root ``root``: creates ``root/LOCK``
+    (JSON: job_id, host, pid, time) atomically. Held by the same job: fine. Held by a process of
+    this host that is running: ``ConfigError`` naming it. By one that is gone: taken over,
+    ``warn(message)`` and ``took_over`` saying so. By another host: ``ConfigError`` (whether it
+    still runs cannot be told from here): delete the LOCK file if that job is gone.
+
+        with fs.checkpoint.lock("ckpt", job_id="gpt2-run-7"):
+            ...  # save, prune
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "LOCK"
+    me = {"job_id": str(job_id), "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    for _ in range(5):  # (a holder may release, or another taker replace, between our looks)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+                f.flush()
+                os.fsync(f.fileno())
+            fsync(root)
+            return DirectoryLock(path, me, owned=True)
+        held = _holder(path)
+        if held is None:
+            continue  # released meanwhile
+        if not isinstance(held, dict) or not {"job_id", "host", "pid"} <= set(held):
+            raise ConfigError(f"{path} is unreadable ({held!r}): a job may be taking it, or died doing so; one job "
+                              f"writes a checkpoint directory: delete {path} if no job writes {root}")
+        who = f"job {held['job_id']!r} (pid {held['pid']} on host {held['host']}, since {_when(held.get('time'))})"
+        if held["job_id"] == me["job_id"]:
+            if (held["host"], held["pid"]) == (me["host"], me["pid"]):
+                return DirectoryLock(path, held, owned=False)  # taken again by this process: the outer one releases
+            if _replace_lock(path, me):  # the same job, restarted
+                return DirectoryLock(path, me, owned=True)
+            continue
+        if held["host"] != me["host"]:
+            raise ConfigError(f"checkpoint directory {root} is locked by {who}: one job writes a checkpoint directory, "
+                              f"and from host {me['host']} it cannot be told whether that job still runs; if it is "
+                              f"gone, delete {path} and start again, else give this job another checkpoint directory")
+        if _alive(int(held["pid"])):
+            raise ConfigError(f"checkpoint directory {root} is being written by {who}, which is running: one job "
+                              f"writes a checkpoint directory; stop that job or give this one another checkpoint "
+                              f"directory")
+        if _replace_lock(path, me):
+            message = f"took over {path} from {who}, which is no longer running"
+            warn(message)
+            return DirectoryLock(path, me, owned=True, took_over=message)
+    raise ConfigError(f"could not take {path}: other processes keep taking and releasing it; one job writes a "
+                      f"checkpoint directory")
+
+
+def _holder(path: Path):
+    """What ``path`` (a LOCK file) says (None when there is none; the text when not JSON)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return None
-    complete = []
-    for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and _complete(d):
-            complete.append((int(m.group(1)), d))
-    return max(complete)[1] if complete else None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _replace_lock(path: Path, me: dict) -> bool:
+    """Put this holder's LOCK in place of the one there (atomically); whether it is ours after
+    (another taker may have replaced it in between)."""
+    tmp = path.with_name(f".LOCK.tmp-{secrets.token_hex(4)}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(me))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync(path.parent)
+    return _holder(path) == me
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _when(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else "an unknown time"
+
+
+def prune(root: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints under ``root`` (0: keep all),
+    never the newest one that passes :func:`verify` (when deleting, it verifies the newest until
+    one passes); and the hidden directories of steps older than the newest complete one that
+    nothing touched since it was written (writes that died: with one writer per root, see
+    :func:`lock`, none is in progress). What it deleted.
+
+        fs.checkpoint.prune("ckpt", keep=3)
+    """
+    if keep < 0:
+        raise ConfigError(f"prune keeps {keep} checkpoints: give a number >= 0 (0 keeps all)")
+    root = Path(root)
+    complete = [(n, d) for n, d in _steps(root) if _complete(d)]
+    if not keep or not complete:
+        return []
+    doomed = complete[keep:]
+    if doomed:
+        for n, d in complete:  # the newest that verifies stays
+            try:
+                verify(d)
+            except (ConfigError, StateDictError, OSError):
+                continue
+            doomed = [(m, e) for m, e in doomed if m != n]
+            break
+    newest, written = complete[0][0], (complete[0][1] / "MANIFEST.json").stat().st_mtime
+    stale = [d for d in root.iterdir() if (m := _TMP_DIR.match(d.name)) and int(m.group(1)) < newest
+             and _last_touched(d) < written]
+    removed = []
+    for _, d in doomed:
+        gone = root / f".step_{d.name[5:]}.tmp-{secrets.token_hex(4)}"
+        os.rename(d, gone)  # no longer a checkpoint at once; a crash mid-delete leaves a stale hidden one
+        shutil.rmtree(gone, ignore_errors=True)
+        removed.append(d)
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    if removed:
+        fsync(root)
+    return removed
+
+
+def _last_touched(d: Path) -> float:
+    """When ``d`` or anything directly in it last changed."""
+    times = [d.stat().st_mtime]
+    for e in d.iterdir():
+        try:
+            times.append(e.stat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return max(times)
+
+
+def check_writable(root: str | os.PathLike) -> None:
+    """Create ``root`` if need be and prove this process can write, fsync and delete a file
+    there; else a ``ConfigError`` naming the directory and the OS error.
+
+        fs.checkpoint.check_writable("ckpt")
+    """
+    root = Path(root)
+    probe = root / f".flowsys-writable-{secrets.token_hex(4)}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, b"flowsys")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise ConfigError(f"checkpoint directory {root} is not writable: {type(e).__name__}: {e}; give a directory "
+                          f"this job can create, sync and delete files in") from e
 
 
 def load(path: str | os.PathLike, model, optimizer=None, loss_scaler=None) -> dict:
     """Load the checkpoint at ``path`` (a step directory, or a root: its latest complete one)
     into ``model`` and ``optimizer`` (and ``loss_scaler``) as they are laid out now; returns its
     step, RNG state and extra. The RNG is restored too. Parameters whose values live in a backend's workers are
-    read by those workers, each the regions of its own shards."""
+    read by those workers, each the regions of its own shards. Every tensor read is checked
+    against the crc32 its manifest recorded (and ``meta.json`` against its sha256) before anything
+    changes: a mismatch is a ``CheckpointCorrupt`` naming the directory, file and tensor."""
     from flowsys.functions import set_rng_state  # noqa: PLC0415
 
     path = Path(path)
@@ -119,9 +419,11 @@ def load(path: str | os.PathLike, model, optimizer=None, loss_scaler=None) -> di
         if found is None:
             raise ConfigError(f"no complete checkpoint under {path}")
         path = found
-    if not _complete(path):
-        raise ConfigError(f"checkpoint {path} is incomplete (no manifest, or a file is missing or truncated)")
-    meta = json.loads((path / "meta.json").read_text())
+    why = _incomplete(path)
+    if why:
+        raise ConfigError(f"checkpoint {path} is incomplete: {why}")
+    manifest = _manifest(path)
+    meta = _meta(path, manifest)
     tensors = meta["tensors"]
     params = dict(model.named_parameters())
     saved_as = _saved_names(params)  # a tied copy loads what its primary saved
@@ -154,12 +456,12 @@ def load(path: str | os.PathLike, model, optimizer=None, loss_scaler=None) -> di
             if id(p) in names:
                 shape_of.update({k: tuple(p.shape) for k in tensors if k.startswith(f"state/{names[id(p)]}/")
                                  and len(tensors[k]["shape"]) == p.ndim})
-    with RankFiles(path) as files:  # everything read before anything changes
+    with RankFiles(path, manifest.get("crc32")) as files:  # everything read (and checked) before anything changes
         logical = {k: read_box(files, k, tensors[k], [[0, n] for n in shape_of.get(k, tensors[k]["shape"])])
                    for k in on_driver}
     if by_workers or state_by_workers:
         check_visible(backend, path / "MANIFEST.json", (path / "MANIFEST.json").read_text())
-        _load_by_workers(backend, path, tensors, params, by_workers, optimizer, state_layouts)
+        _load_by_workers(backend, path, tensors, params, by_workers, optimizer, state_layouts, manifest.get("crc32"))
     for name, p in params.items():
         if name not in by_workers:
             _assign(p, logical[f"param/{saved_as[name]}"])
@@ -334,9 +636,9 @@ def _plan_save(backend, model, optimizer) -> tuple[dict, dict]:
     return per_rank, tensors
 
 
-def _write_by_workers(backend, directory: Path, per_rank: dict, tensors: dict) -> dict[str, int]:
-    """Every rank writes its file at once; each file's size, once every rank reported what it
-    wrote and it is what the metadata says."""
+def _write_by_workers(backend, directory: Path, per_rank: dict, tensors: dict) -> list[dict]:
+    """Every rank writes its file at once; what each wrote (``write_shards``: file, size,
+    checksums), once every rank reported and it is what the metadata says."""
     from actors.worker import encode  # noqa: PLC0415
     from flowsys.planformat import plan_pb2  # noqa: PLC0415
 
@@ -350,7 +652,7 @@ def _write_by_workers(backend, directory: Path, per_rank: dict, tensors: dict) -
                 dump.entries.append(plan_pb2.StateEntry(key=name, field="inline", value=encode(0, what)))
         entries[rank] = dump.SerializeToString()
     reports = backend.save_shards(str(directory), entries)
-    files = {}
+    written = []
     for rank, report in sorted(reports.items()):
         expected = {name: [b - a for a, b in next(s["box"] for s in tensors[name]["shards"] if s["rank"] == rank)]
                     for name in per_rank.get(rank, {})}
@@ -358,8 +660,8 @@ def _write_by_workers(backend, directory: Path, per_rank: dict, tensors: dict) -
             raise StateDictError(f"checkpoint {directory}: rank {rank} wrote {report['tensors']}, the layouts say "
                                  f"{expected}")
         if report["file"] is not None:
-            files[report["file"]] = report["size"]
-    return files
+            written.append(report)
+    return written
 
 
 def _state_layouts(backend, optimizer, params: dict, tensors: dict, by_workers: dict) -> dict | None:
@@ -402,10 +704,12 @@ def _state_layouts(backend, optimizer, params: dict, tensors: dict, by_workers: 
 
 
 def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_workers: dict, optimizer,
-                     state_layouts: dict | None) -> None:
+                     state_layouts: dict | None, crc32: dict | None) -> None:
     """Every worker reads the regions of the checkpoint its shards of ``by_workers`` (and of
-    ``optimizer``'s state, laid out as ``state_layouts`` says, when given) need, straight into
-    what it keeps; the driver then records those parameters as living there."""
+    ``optimizer``'s state, laid out as ``state_layouts`` says, when given) need, checked against
+    ``crc32`` (the manifest's); once every worker read and checked its part, all of them take it
+    into what they keep (else none does: a ``CheckpointCorrupt``); the driver then records those
+    parameters as living there."""
     from flowsys.layout import local_shape, shard_box  # noqa: PLC0415
     from flowsys.keys import uid  # noqa: PLC0415
     from flowsys.runtime import home  # noqa: PLC0415
@@ -434,9 +738,23 @@ def _load_by_workers(backend, path: Path, tensors: dict, params: dict, by_worker
                     box = [] if sbp is None else shard_box(d.shape, sbp, d.placement.mesh, d.placement.coords(r))
                     entries[r].append({"name": k, "box": [list(b) for b in box], "dtype": dtype,
                                        "into": ["state", skey, field]})
-    payload = {r: json.dumps({"tensors": {n: tensors[n] for n in sorted({e["name"] for e in es})},
-                              "entries": es, "drop_state": drop}).encode() for r, es in entries.items()}
-    backend.load_shards(str(path), payload)
+    payload = {}
+    for r, es in entries.items():
+        read = sorted({e["name"] for e in es})
+        checks = None if crc32 is None else {}
+        for n in read if crc32 is not None else ():
+            for s in tensors[n]["shards"]:
+                file = f"rank_{s['rank']}.safetensors"
+                if n in crc32.get(file, {}):
+                    checks.setdefault(file, {})[n] = crc32[file][n]
+        payload[r] = json.dumps({"tensors": {n: tensors[n] for n in read}, "entries": es, "drop_state": drop,
+                                 "crc32": checks}).encode()
+    reports = backend.load_shards(str(path), payload)
+    corrupt = sorted((r, got["corrupt"]) for r, got in reports.items() if isinstance(got, dict) and "corrupt" in got)
+    backend.load_shards(str(path), {r: json.dumps({"apply": not corrupt}).encode() for r in entries})
+    if corrupt:
+        rank, why = corrupt[0]
+        raise CheckpointCorrupt(f"{why} (read by rank {rank}; nothing was loaded)")
     h = home(backend)
     for name, p in by_workers.items():
         d, key = stored(p), str(uid(p))
@@ -551,19 +869,55 @@ def _restate(p, keys: dict[str, np.ndarray]) -> dict:
     return {LOGICAL: {k: (v.item() if v.ndim == 0 else v.astype(d.dtype)) for k, v in keys.items()}}
 
 
-def _write_json(path: Path, value) -> int:
+def _write_json(path: Path, value) -> dict:
+    """Write ``value`` as JSON to a temporary name, fsync it and rename it into place; its file
+    name, size and sha256 (what a manifest records)."""
+    data = json.dumps(value, indent=1, sort_keys=True).encode()
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    return path.stat().st_size
+    return {"file": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _manifest(d: Path) -> dict:
+    return json.loads((d / "MANIFEST.json").read_text())
+
+
+def _meta(d: Path, manifest: dict) -> dict:
+    """The checkpoint's ``meta.json``, checked against the sha256 its manifest recorded."""
+    data = (d / "meta.json").read_bytes()
+    want = manifest.get("sha256", {}).get("meta.json")
+    got = hashlib.sha256(data).hexdigest()
+    if want is not None and got != want:
+        raise CheckpointCorrupt(f"checkpoint {d}: meta.json has sha256 {got[:16]}..., the manifest recorded "
+                                f"{want[:16]}... when it was written: the file is corrupt; load an earlier checkpoint "
+                                f"(fs.checkpoint.latest_verified)")
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise CheckpointCorrupt(f"checkpoint {d}: meta.json is not JSON ({e}): the file is corrupt") from e
+
+
+def _incomplete(d: Path) -> str | None:
+    """Why ``d`` is not a complete checkpoint (None if it is): no manifest, or a file it names
+    missing or of another size."""
+    if not (d / "MANIFEST.json").exists():
+        return "it has no MANIFEST.json (its write was interrupted)"
+    try:
+        files = _manifest(d)["files"]
+        sizes = {name: (d / name).stat().st_size if (d / name).exists() else None for name, size in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its MANIFEST.json is unreadable ({type(e).__name__}: {e})"
+    for name, size in sorted(files.items()):
+        if sizes[name] is None:
+            return f"{name}, which its manifest names, is missing"
+        if sizes[name] != size:
+            return f"{name} has {sizes[name]} bytes, its manifest says {size} (truncated or rewritten)"
+    return None
 
 
 def _complete(d: Path) -> bool:
-    manifest = d / "MANIFEST.json"
-    if not manifest.exists():
-        return False
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
-    return all((d / name).exists() and (d / name).stat().st_size == size for name, size in files.items())
+    return _incomplete(d) is None

@@ -56,7 +56,7 @@ def launch(cfg: LaunchConfig, script: str, args: list[str]) -> int:
     cfg.check()
     if not os.path.exists(script):
         raise ConfigError(f"launch: no script {script!r}")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's authentication settings (RAY_AUTH_MODE, RAY_AUTH_TOKEN) are the user's: kept as they are
     cluster = None
     try:
         if cfg.address is None:
@@ -69,7 +69,7 @@ def launch(cfg: LaunchConfig, script: str, args: list[str]) -> int:
                "FLOWSYS_DEVICE": cfg.device, "FLOWSYS_MAX_RESTARTS": str(cfg.max_restarts)}
         if cfg.profile:
             env["FLOWSYS_PROFILE"] = os.path.abspath(cfg.profile)
-        return subprocess.call([sys.executable, script, *args], env=env)
+        return _run_forwarding_signals([sys.executable, script, *args], env)
     finally:
         if cluster is not None:
             import ray  # noqa: PLC0415
@@ -103,6 +103,32 @@ def _local_cluster(cfg: LaunchConfig):
     print(f"flowsys launch: cluster up at {cluster.address} in {time.monotonic() - start:.1f} s",
           file=sys.stderr, flush=True)
     return cluster, cluster.address
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run the driver; SIGTERM and SIGINT sent to the launcher go on to it (a preempted job's
+    driver saves a checkpoint after its current step), then the launcher waits for it to exit."""
+    import signal  # noqa: PLC0415
+
+    child = subprocess.Popen(cmd, env=env)
+    previous = {}
+
+    def forward(signum, frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: no forwarding
+            pass
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:
+            child.kill()
 
 
 def _check_cluster(cfg: LaunchConfig, address: str) -> None:

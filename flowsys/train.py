@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ class RunConfig:
     tensorboard: str = ""  # a TensorBoard log directory (when torch's SummaryWriter can be imported)
     hardware: str = ""  # the spec whose peak MFU is measured against (scheduler/hardware/); default: a GEMM probe here
     precision: str = "fp32"  # fp32 | bf16 | fp16: the compute dtype (fp32 master weights; fp16 scales the loss)
+    # a NaN/inf loss or gradient: "stop" ends the job naming the step, the loss and the last good
+    # checkpoint; "skip" leaves that step's update out and goes on (fp16 overflows are the loss
+    # scaler's business either way)
+    on_nonfinite: str = "stop"
     grad_reduce_dtype: str = "fp32"  # fp32 (main grads) | the compute dtype: gradients reduced across ranks in it
 
 
@@ -90,6 +95,10 @@ class ClusterConfig:
     nodes: int = 1
     devices_per_node: int = 1
     address: str = ""
+    # TLS between the workers (gRPC): the driver makes a certificate for the job and every rank
+    # pins it. It protects the data plane when Ray's own channel, which carries the key, is
+    # protected too (Ray's TLS or token authentication)
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,11 @@ class CheckpointConfig:
     dir: str = ""
     every: int = 0
     max_restarts: int = 0
+    # run again, a job goes on from the latest complete, verified checkpoint in dir ("auto"; a
+    # corrupt one is skipped with a warning), must ("must": none, or a corrupt latest, is an
+    # error) or refuses a dir that holds checkpoints ("never")
+    resume: str = "auto"
+    keep: int = 0  # the newest checkpoints kept (0: all)
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,12 @@ def check_layout(job: JobConfig, devices: int | None = None) -> None:
         raise ConfigError("checkpoint.dir must name a directory when checkpoint.every or checkpoint.max_restarts is set")
     if k.max_restarts and not k.every:
         raise ConfigError("checkpoint.max_restarts needs checkpoints to resume from: set checkpoint.every")
+    if k.resume not in ("auto", "never", "must"):
+        raise ConfigError(f"checkpoint.resume must be auto, never or must, got {k.resume!r}")
+    if k.keep < 0:
+        raise ConfigError(f"checkpoint.keep must be >= 0 (0 keeps every checkpoint), got {k.keep}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     c = job.cluster
     if c.backend not in ("local", "ray"):
         raise ConfigError(f"cluster.backend must be 'local' or 'ray', got {c.backend!r}")
@@ -257,6 +277,7 @@ class Progress:
         self.tokens = job.data.batch_size * job.model.block_size
         self.flops, self.peak = flops_per_step, peak_flops
         self.t0 = self.last = time.perf_counter()
+        self.first: int | None = None  # the first step this process runs (a resumed job starts later)
         self.window: list[float] = []  # step times since the last line
         self.metrics = open(job.train.metrics, "a") if job.train.metrics else None  # noqa: SIM115
         self.board = None
@@ -273,11 +294,14 @@ class Progress:
         elapsed, step_s = now - self.t0, now - self.last
         self.last = now
         self.window.append(step_s)
-        rate = i * self.tokens / elapsed
+        if self.first is None:
+            self.first = i
+        done = i - self.first + 1
+        rate = done * self.tokens / elapsed
         flops_per_s = self.flops / step_s if step_s > 0 else 0.0
         mfu = flops_per_s / self.peak if self.peak else 0.0
         if self.metrics is not None:
-            self.metrics.write(json.dumps({"step": i, "loss": loss, "lr": lr, "tokens_per_s": rate, "step_s": step_s,
+            self.metrics.write(json.dumps({"step": i, "loss": _json_float(loss), "lr": lr, "tokens_per_s": rate, "step_s": step_s,
                                            "flops_per_step": self.flops, "flops_per_s": flops_per_s, "mfu": mfu,
                                            "elapsed_s": elapsed}) + "\n")
             self.metrics.flush()
@@ -286,7 +310,7 @@ class Progress:
             self.board.add_scalar("tokens_per_s", rate, i)
             self.board.add_scalar("mfu", mfu, i)
         if i % self.every == 0 or i == self.steps:
-            eta = elapsed / i * (self.steps - i)
+            eta = elapsed / done * (self.steps - i)
             steps, seconds = len(self.window), sum(self.window)
             self.window = []
             throughput = ""
@@ -397,7 +421,11 @@ def run(job: JobConfig, log=print) -> dict[str, Any]:
                 g._data *= np.float32(1.0 / scaler.scale)
             finite = all(bool(np.isfinite(g.numpy()).all()) for g in grads)
             scaler.update(finite)
-        if scaler is None or not scaler.last_skipped:
+        bad = not math.isfinite(loss.item())
+        if bad and job.train.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"step {step}: the loss is {loss.item()} (train.on_nonfinite: stop); lower the learning "
+                                f"rate, clip gradients (optim.grad_clip) or set train.on_nonfinite: skip")
+        if (scaler is None or not scaler.last_skipped) and not bad:
             if o.grad_clip > 0:
                 clip_grad_norm_(model.parameters(), o.grad_clip)
             opt.step()
@@ -425,73 +453,266 @@ def _precision_summary(job: JobConfig, scaler) -> dict[str, Any]:
 
 def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
     """The job's layout compiled as one graph (``flowsys.plan.build``) and run on the backend
-    ``fs.init`` chose (Ray under ``flowsys launch``, else worker threads here)."""
+    ``fs.init`` chose (Ray under ``flowsys launch``, else worker threads here).
+
+    With a checkpoint directory it never loses work: run again, it goes on from the latest
+    complete, verified checkpoint (``checkpoint.resume``); a worker lost in any phase (a step,
+    a checkpoint's pull or write, a load) restarts the job from there, at most
+    ``checkpoint.max_restarts`` times; SIGTERM (preemption) saves a checkpoint at the end of the
+    current step and exits."""
     from flowsys import runtime  # noqa: PLC0415
     from flowsys.errors import RankFailed  # noqa: PLC0415
     from flowsys.plan import build, layout  # noqa: PLC0415
     from flowsys.sbp import broadcast, split  # noqa: PLC0415
 
-    o, p = job.optim, job.parallel  # optim.grad_clip: clipped in the compiled step (plan.build)
+    o, p, ck = job.optim, job.parallel, job.checkpoint  # optim.grad_clip: clipped in the compiled step (plan.build)
     manual_seed(job.train.seed)
     data = ByteDataset.from_stdlib(job.data.max_bytes, job.data.val_fraction)
     if job.model.vocab_size < data.vocab_size:
         raise ConfigError(f"model.vocab_size {job.model.vocab_size} is smaller than the data's {data.vocab_size} byte tokens")
     placements = layout(job)
     model, opt, step = build(job, placements, meta=True)  # the workers create their own shards
-    backend = runtime.current() or runtime.init()
-    if job.checkpoint.dir and job.checkpoint.every:  # the workers write and read their own checkpoint files
+    step.config.skip_nonfinite = job.train.on_nonfinite == "skip"
+    if job.cluster.tls:
+        if job.cluster.backend != "ray" and os.environ.get("FLOWSYS_BACKEND") != "ray":
+            raise ConfigError("cluster.tls: true encrypts the gRPC transport between Ray workers; set "
+                              "cluster.backend: ray (the local backend's workers are threads of this process)")
+        backend = runtime.init("ray", tls=True)
+    else:
+        backend = runtime.current() or runtime.init()
+    saving = bool(ck.dir and ck.every)
+    lock = None
+    if saving:  # the workers write and read their own checkpoint files
         from flowsys import checkpoint  # noqa: PLC0415
 
-        checkpoint.check_visible(backend, job.checkpoint.dir, world=p.devices)
+        checkpoint.check_writable(ck.dir)
+        lock = checkpoint.lock(ck.dir, _job_id(), warn=log)  # (says so when it takes a dead job's lock over)
+        checkpoint.check_visible(backend, ck.dir, world=p.devices)
     sched = WarmupCosine(opt, o.warmup_steps, job.train.steps, min_lr=o.lr * o.min_lr_ratio)
     log(f"model: GPT, {model.num_parameters():,} parameters on {p.devices} devices (dp {p.dp} x tp {p.tp} x pp {p.pp}, "
         f"ZeRO {p.zero_stage}, {p.micro_batches} micro-batch(es)) on the {backend.name} backend; data: {data}")
     bs, t = job.data.batch_size, job.model.block_size
     batches = data.batches(bs, t, seed=job.train.seed)  # step i's samples, read by the workers
     first, batch = placements[0], (split(0), broadcast)
-    ck = job.checkpoint
     max_restarts = max(ck.max_restarts, int(os.environ.get("FLOWSYS_MAX_RESTARTS", "0")) if ck.every else 0)
     progress = Progress(job, log, *throughput_model(job, log))
-    losses, seen, t0 = [], [], time.perf_counter()
-    restarts, i = 0, 1
-    while i <= job.train.steps:
-        lr = opt.param_groups[0]["lr"]
-        try:
-            loss = step(*batches.at(i, first, batch))
-        except RankFailed as e:
-            if restarts >= max_restarts:
-                raise
-            restarts += 1
-            from flowsys import checkpoint  # noqa: PLC0415
-
-            found = checkpoint.latest(ck.dir)
-            log(f"step {i}: {e}; restart {restarts}/{max_restarts} from "
-                f"{found.name if found is not None else 'the start'}")
-            if found is None:  # nothing saved yet: the first step again, from the same start
-                raise ConfigError(f"no checkpoint under {ck.dir} to resume from after: {e}") from e
-            info = checkpoint.load(found, model, opt, loss_scaler=step.loss_scaler)
-            i = info["step"] + 1  # the data is addressed by step: nothing else to restore
-            losses, seen = losses[:info["step"]], seen[:info["step"]]
-            sched.last_step = info["step"]
-            sched._apply()
-            continue
-        sched.step()
-        losses.append(float(loss))
-        seen.append(step.samples_digest[0])  # a fingerprint of the samples this step saw, made where they are
-        progress.step(i, losses[-1], lr)
-        if ck.every and i % ck.every == 0:
-            from flowsys import checkpoint  # noqa: PLC0415
-
-            checkpoint.save(ck.dir, model, opt, step=i, extra={"data_step": i}, loss_scaler=step.loss_scaler)
-        i += 1
-    progress.close()
+    run = _Run(job, model, opt, step, sched, log)
+    preempted = _Preemption()
+    restarts, t0, failed = 0, time.perf_counter(), None
+    try:
+        while True:
+            try:
+                if failed is not None:  # a worker was lost: back to the latest verified checkpoint
+                    run.recover(failed, restarts, max_restarts)
+                elif saving and run.resumed_from is None and run.trained == 0:
+                    run.resume_at_start()
+                while run.i <= job.train.steps:
+                    i, lr = run.i, opt.param_groups[0]["lr"]
+                    _driver_fault(i)
+                    loss = float(step(*batches.at(i, first, batch)))
+                    sched.step()
+                    run.losses.append(loss)
+                    run.seen.append(step.samples_digest[0])  # a fingerprint of the samples, made where they are
+                    progress.step(i, loss, lr)
+                    if not math.isfinite(loss) or step.last_step_skipped:
+                        run.nonfinite(i, loss)
+                    if saving and (i % ck.every == 0 or preempted.now):
+                        run.save(i)
+                    run.i += 1
+                    run.trained += 1
+                    if preempted.now:
+                        log(f"SIGTERM: stopped after step {i}" + (f", saved {run.last_saved}; run the job again to "
+                                                                  f"go on from there" if saving else ""))
+                        raise SystemExit(143)
+                val = evaluate_compiled(model, data, bs, t, job.train.eval_batches, first, batch, job.train.precision)
+                break
+            except RankFailed as e:
+                if restarts >= max_restarts:
+                    raise
+                restarts += 1
+                failed = e
+    finally:
+        preempted.restore()
+        progress.close()
+        if lock is not None:
+            lock.release()
     elapsed = time.perf_counter() - t0
-    val = evaluate_compiled(model, data, bs, t, job.train.eval_batches, first, batch, job.train.precision)
-    summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
-               "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": job.train.steps * bs * t / elapsed,
+    losses, seen = run.losses, run.seen
+    summary = {"steps": job.train.steps, "final_train_loss": losses[-1] if losses else float("nan"), "val_loss": val,
+               "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": run.trained * bs * t / elapsed,
                "devices": p.devices, "backend": backend.name, "losses": losses, "restarts": restarts,
+               "resumed_from": run.resumed_from, "skipped_steps": step.skipped_steps,
                "samples": seen, "samples_digest": hashlib.sha1(json.dumps(seen).encode()).hexdigest()[:16],
                **_precision_summary(job, step.loss_scaler)}
-    log(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "samples")}))
+    log(json.dumps({k: _json_float(v) if isinstance(v, float) else v for k, v in summary.items()
+                    if k not in ("losses", "samples")}))
     return summary
 
+
+class NonFiniteLoss(ConfigError):
+    """``train.on_nonfinite: stop`` met a NaN or infinite loss or gradient."""
+
+
+def _driver_fault(i: int) -> None:
+    """Tests: FLOWSYS_FAULT=driver:0:<step> kills this driver as step ``i`` starts (once per job
+    with FLOWSYS_FAULT_MARK), as a lost node or a kill -9 would."""
+    from actors.worker import FAULT_ENV, FAULT_MARK_ENV, parse_fault  # noqa: PLC0415
+
+    fault = parse_fault(os.environ.get(FAULT_ENV, ""))
+    if fault is None or fault[0] != "driver" or fault[2] not in (None, i):
+        return
+    mark = os.environ.get(FAULT_MARK_ENV)
+    if mark:
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os._exit(70)
+
+
+def _job_id() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}-{time.time_ns():x}"
+
+
+class _Run:
+    """A parallel job's progress and how it is saved and got back: the next step, the losses and
+    sample digests so far (saved in every checkpoint, so a resumed run reports the whole run)."""
+
+    def __init__(self, job: JobConfig, model, opt, step, sched, log):
+        self.job, self.model, self.opt, self.step, self.sched, self.log = job, model, opt, step, sched, log
+        self.i, self.losses, self.seen = 1, [], []
+        self.last_saved: str | None = None
+        self.resumed_from: str | None = None
+        self.trained = 0  # steps run by this process (tokens/s)
+
+    def resume_at_start(self) -> None:
+        """``checkpoint.resume``: go on from the directory's latest verified checkpoint (auto),
+        insist on one (must), or refuse a directory that holds some (never)."""
+        from flowsys import checkpoint  # noqa: PLC0415
+
+        ck = self.job.checkpoint
+        if ck.resume == "never":
+            found = checkpoint.latest(ck.dir)
+            if found is not None:
+                raise ConfigError(f"checkpoint.dir {ck.dir} holds checkpoints already (latest {found.name}) and "
+                                  f"checkpoint.resume is never; use another directory, or resume: auto to go on")
+            return
+        if ck.resume == "must":
+            found = checkpoint.latest(ck.dir)
+            if found is None:
+                raise ConfigError(f"checkpoint.resume is must, but {ck.dir} holds no complete checkpoint")
+            checkpoint.verify(found)  # a corrupt latest one is refused, naming the file and tensor
+        else:
+            found = self.latest_verified()
+            if found is None:
+                return
+        self.load(found)
+        self.resumed_from = found.name
+        self.log(f"resuming from {found} (step {self.i - 1} of {self.job.train.steps})")
+
+    def latest_verified(self):
+        """The latest checkpoint that verifies; newer ones that do not (corrupt, incomplete) are
+        moved aside (``.step_<N>.corrupt-<time>``, kept for a look), so that the job can save
+        those steps again."""
+        from flowsys import checkpoint  # noqa: PLC0415
+
+        root = Path(self.job.checkpoint.dir)
+        found = checkpoint.latest_verified(root, warn=lambda m: self.log(f"warning: {m}"))
+        for d in sorted(root.glob("step_*")):
+            if d.is_dir() and (found is None or d.name > found.name):
+                aside = root / f".{d.name}.corrupt-{time.time_ns():x}"
+                d.rename(aside)
+                self.log(f"warning: moved {d.name} aside to {aside.name}: it does not verify")
+        return found
+
+    def load(self, found) -> None:
+        from flowsys import checkpoint  # noqa: PLC0415
+
+        info = checkpoint.load(found, self.model, self.opt, loss_scaler=self.step.loss_scaler)
+        done = info["step"]
+        extra = info["extra"]
+        self.i = done + 1  # the data is addressed by step: nothing else to restore
+        self.losses = [_float(v) for v in extra.get("losses", [])][:done]
+        self.seen = list(extra.get("samples", []))[:done]
+        self.step.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.sched.last_step = done
+        self.sched._apply()
+
+    def save(self, i: int) -> None:
+        from flowsys import checkpoint  # noqa: PLC0415
+
+        ck = self.job.checkpoint
+        path = checkpoint.save(ck.dir, self.model, self.opt, step=i, loss_scaler=self.step.loss_scaler,
+                               extra={"data_step": i, "losses": [_json_float(v) for v in self.losses],
+                                      "samples": self.seen, "skipped_steps": self.step.skipped_steps})
+        self.last_saved = str(path)
+        if ck.keep:
+            checkpoint.prune(ck.dir, ck.keep)
+
+    def recover(self, error, restarts: int, max_restarts: int) -> None:
+        """After a lost worker: the latest verified checkpoint again (a worker lost while it is
+        loaded is one more restart), or, with none saved yet, the start."""
+        ck = self.job.checkpoint
+        found = self.latest_verified() if ck.dir else None
+        self.log(f"step {self.i}: {error}; restart {restarts}/{max_restarts} from "
+                 f"{found.name if found is not None else 'the start'}")
+        if found is not None:
+            self.load(found)
+            return
+        from flowsys.tensor import stored  # noqa: PLC0415
+
+        if any(getattr(stored(p), "_shards", None) is not None for p in self.model.parameters()):
+            raise ConfigError(f"no checkpoint under {ck.dir or '(no checkpoint.dir)'} to resume from after: {error}") \
+                from error
+        # nothing saved yet, and the driver holds no values: fresh workers make the parameters
+        # from their initialisers again; the optimizer and the schedule start over
+        self.opt.state.clear()
+        self.opt._state_in_workers = None
+        self.i, self.losses, self.seen, self.step.skipped_steps = 1, [], [], 0
+        if self.step.loss_scaler is not None:
+            self.step.loss_scaler = type(self.step.loss_scaler)()
+        self.sched.last_step = 0
+        self.sched._apply()
+
+    def nonfinite(self, i: int, loss: float) -> None:
+        """``train.on_nonfinite``: stop, naming the step, the loss and the last good checkpoint;
+        or go on (skip: the step's update was left out)."""
+        if self.job.train.on_nonfinite == "skip":
+            self.log(f"step {i}: loss {loss}, a non-finite gradient: update skipped (train.on_nonfinite: skip)")
+            return
+        where = self.last_saved or self.resumed_from
+        raise NonFiniteLoss(f"step {i}: the loss is {loss} (a NaN or infinite loss or gradient); stopping "
+                            f"(train.on_nonfinite: stop). Last good checkpoint: {where or 'none saved'}; lower the "
+                            f"learning rate, clip gradients (optim.grad_clip) or set train.on_nonfinite: skip")
+
+
+def _float(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _json_float(v: float):
+    return v if math.isfinite(v) else None  # JSON has no NaN: null
+
+
+class _Preemption:
+    """SIGTERM (a preempted node, a cluster manager's stop) asks the job to stop after the
+    current step, saving first; the previous handler comes back afterwards."""
+
+    def __init__(self):
+        import signal  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        self.now = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.now = True
+
+    def restore(self) -> None:
+        import signal  # noqa: PLC0415
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

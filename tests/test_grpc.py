@@ -4,9 +4,11 @@
   path) and over the gRPC stream only (the cross-host path), and sends of every supported kind of
   array (0-d, empty, non-contiguous, big-endian, bool, complex) arriving bit for bit;
 - a 256 MiB tensor goes rank 0 -> rank 1 -> rank 0 intact on both paths;
-- a raw gRPC client: a call with a wrong or no secret is refused ``UNAUTHENTICATED``, a malformed
-  message ``INVALID_ARGUMENT``, and nothing reaches the mailbox; the server keeps serving, and
-  takes several messages on one stream;
+- a raw gRPC client (speaking for rank 0 to a rank 1 that rank 0 has no stream to: a rank takes
+  one stream per source): a call with a wrong or no secret is refused ``UNAUTHENTICATED``, a
+  malformed message ``INVALID_ARGUMENT``, and nothing reaches the mailbox; the server keeps
+  serving, and takes several messages on one stream; a message past the mailbox's bounds is
+  refused ``RESOURCE_EXHAUSTED`` and fails the mailbox, naming rank 0;
 - a closed peer makes the sender's ``send`` and ``recv`` raise a ``CommError`` naming it within a
   second or two, not after the timeout, and so does a killed one, even for a rank that only
   receives from it; tags keep conversations apart; order per (source, tag) holds;
@@ -20,6 +22,7 @@ import contextlib
 import doctest
 import gc
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -36,7 +39,7 @@ from comm import grpc_transport as gt
 from comm import wire_pb2
 from comm.grpc_transport import DELIVER, SECRET_KEY, SRC_KEY, GrpcCommunicator
 
-SECRET = "test-secret"
+SECRET = f"test-secret-{secrets.token_hex(4)}"  # its own job id: concurrent runs share /dev/shm
 AS_RANK_0 = ((SECRET_KEY, SECRET), (SRC_KEY, "0"))  # a raw client's metadata
 PATHS = {"shm": dict(shared_memory=True), "stream": dict(shared_memory=False, chunk_bytes=16 << 10)}
 needs_shm = pytest.mark.skipif(not gt.SHM_OK, reason="no /dev/shm here")
@@ -53,6 +56,27 @@ def world(n: int, **kwargs):
     finally:
         for c in comms:
             c.close()
+
+
+@contextlib.contextmanager
+def receiver(**kwargs):
+    """Rank 1 of 2, serving and connected to nobody: a raw client may speak for rank 0."""
+    b = GrpcCommunicator(1, 2, SECRET, **kwargs)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@contextlib.contextmanager
+def sender_to(b: GrpcCommunicator):
+    """A real rank 0 with a stream to ``b`` (rank 1)."""
+    a = GrpcCommunicator(0, 2, SECRET)
+    try:
+        a.connect([a.address, b.address])
+        yield a
+    finally:
+        a.close()
 
 
 def on_ranks(comms, fn, timeout: float = 30.0) -> list:
@@ -179,7 +203,7 @@ def refused(call, chunks, metadata) -> grpc.StatusCode:
                                       (("other-key", SECRET), (SRC_KEY, "0"))],
                          ids=["wrong", "missing", "other-key"])
 def test_call_without_the_secret_is_refused(metadata):
-    with world(2) as (_, b), raw_client(b.address) as call:
+    with receiver() as b, raw_client(b.address) as call:
         arrived = b.mailbox.arrivals
         assert refused(call, message(), metadata) == grpc.StatusCode.UNAUTHENTICATED
         assert b.mailbox.arrivals == arrived and b.mailbox.pending() == []
@@ -206,22 +230,19 @@ MALFORMED = {
     "a bad message after a good one": message() + [b"\xff\xff\xff\xff"],
     "shm name not ours": message(nbytes=16, data=b"", shm_name="../../etc/passwd"),
     "shm and stream bytes": message(shm_name="fsys_" + "0" * 24),
+    "shm name of no segment": message(nbytes=16, data=b"", shm_name="fsys_" + "0" * 24),  # see test_transport_limits
 }
 
 
 @pytest.mark.timeout(30)
 def test_malformed_messages_are_rejected_and_the_server_keeps_serving():
-    with world(2) as (a, b), raw_client(b.address) as call:
+    with receiver() as b, raw_client(b.address) as call:
         arrived = b.mailbox.arrivals
         for case, chunks in MALFORMED.items():
             assert refused(call, chunks, AS_RANK_0) == grpc.StatusCode.INVALID_ARGUMENT, case
         for src in ["7", "1", "-1", "zero"]:  # out of range, the receiver itself, not a number
             assert refused(call, message(), ((SECRET_KEY, SECRET), (SRC_KEY, src))) == grpc.StatusCode.INVALID_ARGUMENT
         assert refused(call, message(), ((SECRET_KEY, SECRET),)) == grpc.StatusCode.INVALID_ARGUMENT  # no src
-        missing = message(nbytes=16, data=b"", shm_name="fsys_" + "0" * 24)  # well formed, not on this host
-        assert refused(call, missing, AS_RANK_0) == grpc.StatusCode.FAILED_PRECONDITION
-        too_big = message(dtype="<f8", shape=(1 << 59,), nbytes=1 << 62, data=b"")  # 4 EiB: no room for it
-        assert refused(call, too_big, AS_RANK_0) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert b.mailbox.arrivals == arrived + 1  # only the good message before a bad one
         assert b.mailbox.pending() == [(0, 0)]
         b.recv(0)
@@ -231,18 +252,24 @@ def test_malformed_messages_are_rejected_and_the_server_keeps_serving():
                  + [wire_pb2.Chunk(data=b"c").SerializeToString()]
                  + [wire_pb2.Chunk(has_header=True, src=0, goodbye=True).SerializeToString()])  # a sender closing
         call(iter(three), metadata=AS_RANK_0, timeout=10)
-        a.send(np.full(3, 7.0), 1, tag=5)
-        np.testing.assert_array_equal(b.recv(0, tag=5), np.arange(4, dtype=np.float32))
-        assert b.recv(0, tag=5).shape == (2, 0)
-        assert b.recv(0, tag=5).tobytes() == b"abc"
-        np.testing.assert_array_equal(b.recv(0, tag=5), np.full(3, 7.0))
+        with sender_to(b) as a:  # the real rank 0, once the raw client's stream is over
+            a.send(np.full(3, 7.0), 1, tag=5)
+            np.testing.assert_array_equal(b.recv(0, tag=5), np.arange(4, dtype=np.float32))
+            assert b.recv(0, tag=5).shape == (2, 0)
+            assert b.recv(0, tag=5).tobytes() == b"abc"
+            np.testing.assert_array_equal(b.recv(0, tag=5), np.full(3, 7.0))
+        # past the mailbox's bounds, before any memory is taken for it: refused, and the mailbox fails
+        too_big = message(dtype="<f8", shape=(1 << 59,), nbytes=1 << 62, data=b"")  # 4 EiB
+        assert refused(call, too_big, AS_RANK_0) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(comm.CommError, match=r"rank 1: rank 0 sent more than \d+ unconsumed bytes"):
+            b.recv(0, tag=6)
 
 
 @pytest.mark.timeout(30)
 def test_a_stream_that_ends_without_goodbye_means_its_sender_died():
     """A closing communicator ends each stream with a goodbye chunk; a stream cut off without
     one (the sender's process died) fails the receiver's mailbox, naming the sender."""
-    with world(2) as (a, b), raw_client(b.address) as call:
+    with receiver() as b, raw_client(b.address) as call:
         call(iter(message(tag=3)), metadata=AS_RANK_0, timeout=10)  # a message, then the stream just ends
         np.testing.assert_array_equal(b.mailbox.try_take(0, 3), np.arange(4, dtype=np.float32))
         with pytest.raises(comm.CommError, match=r"from rank 0 ended without a goodbye"):
@@ -381,16 +408,15 @@ def test_received_arrays_are_never_overwritten_and_segments_are_reused():
 
 @needs_shm
 @pytest.mark.timeout(30)
-def test_peer_that_cannot_open_the_segment_fails_loudly(monkeypatch):
-    """Ranks that name the same host but do not share /dev/shm: the sender learns why, and what to do."""
+def test_peer_that_cannot_open_the_segment_fails_loudly():
+    """Ranks that name the same host but do not share /dev/shm (each stream's metadata names the
+    sender's): the sender learns why, and what to do, and its segment is not left behind."""
     with world(2, timeout=30.0) as (a, b):
-        def elsewhere(name, nbytes, dropped):
-            raise FileNotFoundError(f"no {name} on this host")
-
-        monkeypatch.setattr(b, "_from_segment", elsewhere)
+        b.shm_space = "another host's /dev/shm"
         a.send(np.arange(100_000, dtype=np.float64), 1)
         with pytest.raises(comm.CommError, match="rank 1 cannot open rank 0's shared memory.*shared_memory=False"):
             a.recv(1)
+        assert not [n for n in os.listdir(gt.SHM_DIR) if a.job_id in n]
 
 
 # ------------------------------------------------------------------------------------- usage

@@ -67,6 +67,10 @@ class GraphConfig:
     # the dtype gradients are reduced across ranks in: None (float32, Megatron's main grads) or
     # the low dtype ("bf16" / "fp16", half the bytes, per micro-batch)
     grad_reduce_dtype: str | None = None
+    # skip the update of a step whose gradients hold an inf or NaN (the in-plan "all finite"
+    # test fp16 uses, for any precision): parameters and optimizer state stay as they were
+    # (Graph.last_step_skipped); off, such a step updates as asked
+    skip_nonfinite: bool = False
 
 
 class Graph:
@@ -81,6 +85,8 @@ class Graph:
         self.last_grad_norm: float | None = None  # the global gradient norm before clipping (config.grad_clip)
         # fp16: the dynamic loss scale (made on the first fp16 compile; set one to change its rules)
         self.loss_scaler = None
+        self.last_step_skipped = False  # the last step's update was skipped for a non-finite gradient
+        self.skipped_steps = 0  # such steps, in all (fp16's overflows and config.skip_nonfinite's)
         self.timeline: list = []  # actor firings of the last step run as per-rank plans (config.record_timeline)
 
     def add_optimizer(self, optimizer) -> None:
@@ -127,7 +133,8 @@ class Graph:
             raise GraphError(f"config.grad_reduce_dtype is None or 'fp32' (float32 gradients) or the compute dtype "
                              f"{precision!r}; got {reduce_in!r}")
         reduce_low = reduce_in is not None and low_dtype(reduce_in) is not None
-        key = self._last_key = self._key(args) + (k, stage, clip, precision, reduce_low)
+        skip = bool(self.config.skip_nonfinite)
+        key = self._last_key = self._key(args) + (k, stage, clip, precision, reduce_low, skip)
         if precision == "fp16" and self.loss_scaler is None:
             self.loss_scaler = LossScaler()
         if key not in self._compiled:
@@ -151,7 +158,7 @@ class Graph:
             with suspended():  # the compiler's own ops follow the traced dtypes, whatever autocast is around
                 ir = _passes.compile_graph(ir.with_(zero_axis=axis, stages=stages), params_by_name=params,
                                            optimizers=self._optimizers, micro_batches=k, zero_stage=stage,
-                                           grad_clip=clip, grad_reduce_low=reduce_low)
+                                           grad_clip=clip, grad_reduce_low=reduce_low, skip_nonfinite=skip)
             self._compiled[key] = (ir, Executor(ir, params, self._optimizers, n_seeds),
                                    Session(ir, params, self._optimizers, n_seeds))
         self._last = self._compiled[key][0]
@@ -226,11 +233,14 @@ class Graph:
             outs = [Tensor(v) for v in values]
         else:
             outs = [Tensor(v) for v in executor.run(tensors)]
-        if any(n.kind == "op" and n.op == "clip_scale" for n in ir.nodes):  # clipping: its squared norm came last
+        if ir.norm_output:  # clipping, loss scaling or skipping: the squared norm came last
             total = float(outs.pop().numpy())
             finite = math.isfinite(total)
             self.last_grad_norm = math.sqrt(total) / (scale or 1.0) if finite else math.inf
-            if scale is not None:  # a step with a non-finite gradient was skipped by the workers
+            skipping = scale is not None or bool(self.config.skip_nonfinite)
+            self.last_step_skipped = skipping and not finite  # the workers left every update out
+            self.skipped_steps += self.last_step_skipped
+            if scale is not None:
                 self.loss_scaler.update(finite)
         return outs[0] if len(outs) == 1 else tuple(outs)
 

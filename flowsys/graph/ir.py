@@ -74,6 +74,7 @@ class Graph:
     boxed: bool = False  # set by insert_boxing: from then on every layout must match its consumer
     precision: str = "fp32"  # the compute policy build() was traced under (flowsys.precision)
     loss_scale: int | None = None  # fp16: the input holding the loss scale backward starts from
+    norm_output: bool = False  # the last output is the squared global gradient norm (clip_grad pass)
 
     def producer(self) -> dict[int, Node]:
         return {o: n for n in self.nodes for o in n.outputs}

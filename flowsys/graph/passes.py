@@ -488,7 +488,7 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
 def make_clip_pass(params_by_name: dict) -> Callable[..., Graph]:
     """The gradient clipping pass for these parameters (name -> Parameter)."""
 
-    def clip_grad(g: Graph, *, grad_clip: float = 0.0, **_) -> Graph:
+    def clip_grad(g: Graph, *, grad_clip: float = 0.0, skip_nonfinite: bool = False, **_) -> Graph:
         """Clipping by the global norm (``config.grad_clip``, torch's ``clip_grad_norm_``): each
         update's gradient in the layout the update reads it (its variable's, under ZeRO the
         shard's), its squared sum (``sum_squares``: split -> partial sums), one float64 total per
@@ -496,7 +496,8 @@ def make_clip_pass(params_by_name: dict) -> Callable[..., Graph]:
         over exactly the mesh axes the gradients were split along: a replicated shard counts once),
         moved back to every placement, ``clip_scale`` and a ``mul`` of each gradient before its
         update. A tied copy (``Parameter.tied_to``) is scaled but counted once."""
-        if not grad_clip and g.loss_scale is None:
+        skipping = g.loss_scale is not None or skip_nonfinite  # updates skipped when the norm is not finite
+        if not grad_clip and not skipping:
             return g
         if grad_clip and not float(grad_clip) > 0:
             raise GraphError(f"config.grad_clip is the largest global gradient norm, > 0 (0 turns clipping off); "
@@ -557,6 +558,8 @@ def make_clip_pass(params_by_name: dict) -> Callable[..., Graph]:
             if laid.placement not in at:
                 at[laid.placement] = total if laid.placement == root or laid.placement is None else \
                     moved(total, laid.placement, broadcast(laid.placement))
+            if key not in scales and not grad_clip and g.loss_scale is None:
+                continue  # only the non-finite test: the gradients stay as they are
             if key not in scales:
                 unscale = ()
                 if g.loss_scale is not None:  # fp16: the gradients are scaled by the loss scale
@@ -571,11 +574,11 @@ def make_clip_pass(params_by_name: dict) -> Callable[..., Graph]:
         for m in g.nodes[:first] + tuple(new_nodes) + g.nodes[first:]:
             if m.kind == "update":
                 # with loss scaling the update also reads the total: not finite, the step is skipped
-                finite = (at[values[m.inputs[0]].placement],) if g.loss_scale is not None else ()
+                finite = (at[values[m.inputs[0]].placement],) if skipping else ()
                 m = _replace(m, inputs=(m.inputs[0], pinned_grad[m.id]) + m.inputs[2:] + finite)
             nodes.append(m)
         # the squared norm, B: the step's last output (Graph.last_grad_norm)
-        return g.with_(values=values, nodes=tuple(nodes), outputs=g.outputs + (total,))
+        return g.with_(values=values, nodes=tuple(nodes), outputs=g.outputs + (total,), norm_output=True)
 
     return clip_grad
 
@@ -681,7 +684,7 @@ PASS_ORDER = ("autodiff", "checkpointing", "optimizer", "precision", "zero", "cl
 
 
 def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batches: int = 1, zero_stage: int = 0,
-                  grad_clip: float = 0.0, grad_reduce_low: bool = False,
+                  grad_clip: float = 0.0, grad_reduce_low: bool = False, skip_nonfinite: bool = False,
                   on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
     """Run the passes in order, verifying after each."""
     passes = {"autodiff": autodiff, "checkpointing": checkpointing, "optimizer": make_optimizer_pass(params_by_name),
@@ -690,7 +693,7 @@ def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batche
     verify(g, after="tracing")
     for name in PASS_ORDER:
         g = passes[name](g, optimizers=optimizers, micro_batches=micro_batches, zero_stage=zero_stage,
-                         grad_clip=grad_clip, grad_reduce_low=grad_reduce_low)
+                         grad_clip=grad_clip, grad_reduce_low=grad_reduce_low, skip_nonfinite=skip_nonfinite)
         verify(g, after=name)
         if on_pass is not None:
             on_pass(name, g)
