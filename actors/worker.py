@@ -80,6 +80,18 @@ FAULT_PHASES = ("forward", "backward", "optimizer", "checkpoint_pull", "checkpoi
                 "driver")  # "driver": the driving process itself exits as step ``step`` starts (flowsys.train)
 
 
+def fault_due() -> bool:
+    """Whether a matching fault fires now: always, or with FLOWSYS_FAULT_MARK only the first
+    time in the job (the mark file is created then)."""
+    mark = os.environ.get(FAULT_MARK_ENV)
+    if mark:
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+    return True
+
+
 class InjectedFault(RuntimeError):
     """The fault FLOWSYS_FAULT asked for, in a worker that shares the driver's process."""
 
@@ -124,12 +136,8 @@ class Worker:
         want, rank, step = self.fault
         if want != phase or rank != self.rank or (step is not None and step != self.data_step):
             return
-        mark = os.environ.get(FAULT_MARK_ENV)
-        if mark:
-            try:
-                os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return  # fired once already in this job
+        if not fault_due():
+            return
         if self.own_process:
             os._exit(70)
         raise InjectedFault(f"rank {self.rank}: fault injected in {phase} at step {self.data_step} ({FAULT_ENV})")

@@ -156,3 +156,33 @@ def _check_cluster(cfg: LaunchConfig, address: str) -> None:
     finally:
         ray.shutdown()
 
+
+
+# ---------------------------------------------------------------- the processes a launch started
+def descendants(root: int) -> list[int]:
+    """The processes below ``root`` (children, their children, ...), in pid order (Linux
+    ``/proc``): what a launch started, for tools and tests that stop only their own processes."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            out.append(pid)
+            todo.append(pid)
+    return sorted(out)
+
+
+def cmdline(pid: int) -> str:
+    """The command line of process ``pid`` ("" when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -542,6 +542,7 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
                "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": run.trained * bs * t / elapsed,
                "devices": p.devices, "backend": backend.name, "losses": losses, "restarts": restarts,
                "resumed_from": run.resumed_from, "skipped_steps": step.skipped_steps,
+               "transport_id": _transport_id(backend),
                "samples": seen, "samples_digest": hashlib.sha1(json.dumps(seen).encode()).hexdigest()[:16],
                **_precision_summary(job, step.loss_scaler)}
     log(json.dumps({k: _json_float(v) if isinstance(v, float) else v for k, v in summary.items()
@@ -556,18 +557,21 @@ class NonFiniteLoss(ConfigError):
 def _driver_fault(i: int) -> None:
     """Tests: FLOWSYS_FAULT=driver:0:<step> kills this driver as step ``i`` starts (once per job
     with FLOWSYS_FAULT_MARK), as a lost node or a kill -9 would."""
-    from actors.worker import FAULT_ENV, FAULT_MARK_ENV, parse_fault  # noqa: PLC0415
+    from actors.worker import FAULT_ENV, fault_due, parse_fault  # noqa: PLC0415
 
     fault = parse_fault(os.environ.get(FAULT_ENV, ""))
-    if fault is None or fault[0] != "driver" or fault[2] not in (None, i):
-        return
-    mark = os.environ.get(FAULT_MARK_ENV)
-    if mark:
-        try:
-            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-    os._exit(70)
+    if fault is not None and fault[0] == "driver" and fault[2] in (None, i) and fault_due():
+        os._exit(70)
+
+
+def _transport_id(backend) -> str | None:
+    """The id the gRPC transport puts in this job's shared-memory names (None: no gRPC)."""
+    secret = getattr(backend, "secret", None)
+    if secret is None:
+        return None
+    from comm.grpc_transport import job_id  # noqa: PLC0415
+
+    return job_id(secret)
 
 
 def _job_id() -> str:

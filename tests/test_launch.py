@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from flowsys.launch import cmdline, descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
@@ -141,7 +143,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_loses_nothing(t
         deadline = time.monotonic() + 200
         while time.monotonic() < deadline and not (metrics.exists() and '"step": 4' in metrics.read_text()):
             time.sleep(0.1)
-        victims = [pid for pid in _descendants(job.pid) if "RayWorker" in _cmdline(pid)]  # ours only
+        victims = [pid for pid in descendants(job.pid) if "RayWorker" in cmdline(pid)]  # ours only
         assert victims, "no worker process to kill"
         os.kill(victims[-1], signal.SIGKILL)
         out, err = job.communicate(timeout=240)
@@ -158,29 +160,3 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_loses_nothing(t
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-5)
     assert b["samples_digest"] == a["samples_digest"]  # no sample skipped or repeated
 
-
-def _descendants(root: int) -> list[int]:
-    """The processes below ``root`` (children, their children, ...), in pid order."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            out.append(pid)
-            todo.append(pid)
-    return sorted(out)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
