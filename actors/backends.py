@@ -99,6 +99,11 @@ class Backend(abc.ABC):
         """Whether every worker reads ``token`` from the file ``path``, by rank."""
         return self._call_all("sees", path, token)
 
+    def check_data(self, spec: str) -> dict[int, str]:
+        """Whether every worker can read the data source ``spec`` (a ``Windows`` as JSON), by
+        rank: "" where it can, else the error it met."""
+        return self._call_all("check_data", spec)
+
     def save_shards(self, directory: str, entries: dict[int, bytes]) -> dict[int, dict]:
         """Every worker writes its checkpoint file into ``directory`` from what it holds
         (``entries[rank]``: see ``Worker.save_shards``); what each wrote, by rank."""
@@ -481,6 +486,9 @@ class RayWorker:
 
     def sees(self, path: str, token: str) -> bool:
         return self.worker.sees(path, token)
+
+    def check_data(self, spec: str) -> str:
+        return self.worker.check_data(spec)
 
     def save_shards(self, entries: bytes, directory: str) -> bytes:
         return self.worker.save_shards(entries, directory)

@@ -207,6 +207,15 @@ class Worker:
         except OSError:
             return False
 
+    def check_data(self, spec: str) -> str:
+        """Whether this worker reads the data source ``spec`` (a ``Windows`` as JSON) as the
+        driver does: "" if so, else what is wrong (a missing or different file)."""
+        try:
+            Windows.from_json(spec).check()
+        except Exception as e:  # noqa: BLE001 - reported to the driver, which names the node
+            return f"{type(e).__name__}: {e}"
+        return ""
+
     def save_shards(self, entries: bytes, directory: str) -> bytes:
         """Write this rank's ``rank_<r>.safetensors`` of a checkpoint into ``directory`` from
         what it holds. ``entries`` (a ``StateDump``) names each tensor of the file (``key``) and

@@ -1,38 +1,54 @@
 """The ``flowsys`` command line.
 
-    flowsys train JOB.yaml [section.key=value ...]   # config-driven GPT training
-    flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--profile TRACE.json]
-                   train.py [args]
-
+    flowsys train JOB.yaml [section.key=value ...]   # config-driven GPT training (--help lists every key)
     flowsys plan JOB.yaml --devices N [--hardware SPEC] [--every-rank] [--json] [section.key=value ...]
+    flowsys launch [--nodes N] [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--profile TRACE.json]
+                   (script.py [args] | -- flowsys train JOB.yaml [...])
+    flowsys prepare SRC --out DIR [...]               # text -> token shards for data.source
+    flowsys generate CHECKPOINT --prompt TEXT [...]   # sample from a trained model
+    flowsys export CHECKPOINT --to hf-gpt2 OUT        # a Hugging Face GPT-2 model directory
+    flowsys --version
+
+Errors are one line naming what is wrong (exit 2); Ctrl-C ends a command with one line (exit 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import signal
 import sys
+import threading
 
-from flowsys.errors import FlowsysError
+from flowsys import __version__
+from flowsys.errors import ConfigError, FlowsysError
 
-
-def _parse_overrides(items: list[str]) -> dict[str, object]:
-    import yaml  # noqa: PLC0415
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise FlowsysError(f"override {item!r} is not key=value (e.g. train.steps=50)")
-        out[key] = yaml.safe_load(value)
-    return out
+# subcommands whose module gives add_arguments(parser) and main(args) -> int, imported only when
+# the subcommand runs (`flowsys --help` stays fast)
+MODULES = {
+    "prepare": ("flowsys.prepare", "tokenize text files or JSONL into train.bin/val.bin for data.source"),
+    "generate": ("flowsys.generate", "sample text from a checkpoint of a trained model"),
+    "export": ("flowsys.export", "write a checkpoint as a Hugging Face GPT-2 model directory"),
+}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """The argument parser; the costly parts (the job schema for ``train --help``, a module's
+    own arguments) only for the ``command`` being run."""
     ap = argparse.ArgumentParser(prog="flowsys", description="flowsys: distributed-first dataflow training")
-    sub = ap.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a GPT from a job file")
-    train.add_argument("job", help="YAML job file (sections: model, optim, data, train)")
-    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    ap.add_argument("--version", action="version", version=f"flowsys {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    epilog = None
+    if command == "train":
+        from flowsys.job import describe_schema  # noqa: PLC0415 - imports the model: only for train
+
+        epilog = describe_schema() + "\n\nValues are YAML 1.2 (3e-4 is a float; yes/no are strings)."
+    train = sub.add_parser("train", help="train a GPT from a job file", epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Train a GPT from a YAML job file on one device or a parallel layout.")
+    train.add_argument("job", help="YAML job file (sections: model, optim, data, train, parallel, cluster, checkpoint)")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, e.g. train.steps=50")
     plan = sub.add_parser("plan", help="compile a job for N devices without running it")
     plan.add_argument("job", help="YAML job file")
     plan.add_argument("--devices", type=int, required=True)
@@ -41,53 +57,110 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--hardware", default=None, metavar="SPEC",
                       help="predict step time, tokens/s, MFU and memory fit on this hardware spec "
                            "(cpu, a100-80g, h100-80g, or a YAML file)")
-    plan.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    launch = sub.add_parser("launch", help="run a script as the driver of a (local, simulated) Ray cluster")
-    launch.add_argument("--nodes", type=int, required=True, help="Ray nodes (simulated here without --address)")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides")
+    launch = sub.add_parser("launch", help="run a script or a flowsys command as the driver of a Ray cluster",
+                            usage="flowsys launch [options] (script.py [args] | -- flowsys COMMAND [args])")
+    launch.add_argument("--nodes", type=int, default=1, help="Ray nodes (simulated here without --address; default 1)")
     launch.add_argument("--devices-per-node", type=int, default=1)
     launch.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    launch.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    launch.add_argument("--address", default=None, help="join this Ray cluster (host:port) instead of starting one")
     launch.add_argument("--max-restarts", type=int, default=0,
                         help="times a checkpointing `flowsys train` job resumes after a lost worker")
     launch.add_argument("--profile", default=None, metavar="TRACE.json",
                         help="record every actor firing on every rank; write one Chrome/Perfetto trace here")
-    launch.add_argument("script", help="the training script")
-    launch.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
-    args = ap.parse_args(argv)
+    launch.add_argument("script", help="the training script, or (after --) flowsys")
+    launch.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    for name, (module, summary) in MODULES.items():
+        parser = sub.add_parser(name, help=summary, description=summary)
+        if name == command:
+            _module(name).add_arguments(parser)
+    return ap
 
+
+def _module(name: str):
+    module = MODULES[name][0]
     try:
-        if args.command == "train":
-            import os  # noqa: PLC0415
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ConfigError(f"this flowsys has no {module} module, so no `flowsys {name}`") from None
 
-            from flowsys.train import load_job, run  # noqa: PLC0415 - keep `flowsys --help` fast
 
-            job = load_job(args.job, _parse_overrides(args.overrides))
-            c = job.cluster
-            if c.backend == "ray" and os.environ.get("FLOWSYS_BACKEND") != "ray":  # not launched yet: launch
-                from flowsys.launch import LaunchConfig, launch as run_launch  # noqa: PLC0415
+def _train(args) -> int:
+    from flowsys.job import load_job, parse_overrides  # noqa: PLC0415 - keep `flowsys --help` fast
 
-                cfg = LaunchConfig(c.nodes, c.devices_per_node, "cpu", c.address or None)
-                return run_launch(cfg, __file__, ["train", args.job, *args.overrides])
-            run(job)
-        elif args.command == "plan":
-            import json  # noqa: PLC0415
+    job = load_job(args.job, parse_overrides(args.overrides))
+    c = job.cluster
+    if c.backend == "ray" and os.environ.get("FLOWSYS_BACKEND") != "ray":  # not launched yet: launch
+        from flowsys.launch import LaunchConfig, launch  # noqa: PLC0415
 
-            from flowsys.plan import format_plan, plan_job  # noqa: PLC0415
-            from flowsys.train import load_job  # noqa: PLC0415
+        cfg = LaunchConfig(c.nodes, c.devices_per_node, "cpu", c.address or None)
+        return launch(cfg, "flowsys", ["train", args.job, *args.overrides])
+    from flowsys.train import run  # noqa: PLC0415
 
-            summary = plan_job(load_job(args.job, _parse_overrides(args.overrides)), args.devices, args.every_rank,
-                               hardware=args.hardware)
-            print(json.dumps(summary, indent=2) if args.json else format_plan(summary))
-        elif args.command == "launch":
-            from flowsys.launch import LaunchConfig, launch as run_launch  # noqa: PLC0415
-
-            cfg = LaunchConfig(args.nodes, args.devices_per_node, args.device, args.address, args.max_restarts,
-                               profile=args.profile)
-            return run_launch(cfg, args.script, args.args)
-    except FlowsysError as e:
-        print(f"flowsys {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    run(job)
     return 0
+
+
+def _plan(args) -> int:
+    import json  # noqa: PLC0415
+
+    from flowsys.job import load_job, parse_overrides  # noqa: PLC0415
+    from flowsys.plan import format_plan, plan_job  # noqa: PLC0415
+
+    summary = plan_job(load_job(args.job, parse_overrides(args.overrides)), args.devices, args.every_rank,
+                       hardware=args.hardware)
+    print(json.dumps(summary, indent=2) if args.json else format_plan(summary))
+    return 0
+
+
+def _launch(args) -> int:
+    from flowsys.launch import LaunchConfig, launch  # noqa: PLC0415
+
+    cfg = LaunchConfig(args.nodes, args.devices_per_node, args.device, args.address, args.max_restarts,
+                       profile=args.profile)
+    return launch(cfg, args.script, args.args)
+
+
+COMMANDS = {"train": _train, "plan": _plan, "launch": _launch}
+
+
+def _interrupt(signum, frame) -> None:
+    """The first Ctrl-C stops the command; more while it cleans up are ignored (a launched
+    driver gets one from the terminal and one passed on by ``flowsys launch``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    try:
+        parser = _parser(command)
+    except FlowsysError as e:  # a subcommand whose module is missing
+        print(f"flowsys {command}: error: {e}", file=sys.stderr)
+        return 2
+    args, extra = parser.parse_known_args(argv)
+    if extra and command in ("train", "plan") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra  # overrides after an option: flowsys plan JOB --devices 8 train.steps=5
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message and exit status
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
+    try:
+        if args.command in MODULES:
+            return int(_module(args.command).main(args) or 0)
+        return COMMANDS[args.command](args)
+    except FlowsysError as e:
+        print(f"flowsys {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flowsys {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

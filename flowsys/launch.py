@@ -1,12 +1,13 @@
-"""``flowsys launch``: run a training script as the driver of a Ray cluster.
+"""``flowsys launch``: run a training script, or a ``flowsys`` command, as the driver of a Ray cluster.
 
-    flowsys launch --nodes N [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--max-restarts R]
-                   [--profile TRACE.json] train.py [args]
+    flowsys launch [--nodes N] [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--max-restarts R]
+                   [--profile TRACE.json] (train.py [args] | -- flowsys train JOB.yaml [overrides])
 
-Without ``--address`` it starts a local Ray cluster that simulates ``N`` nodes on this machine
-(one Ray node each, ``K`` devices per node), runs the script, and tears the cluster down. With
-one, it joins that cluster and first checks it has the nodes and devices asked for. The script
-runs in a process of its own with ``FLOWSYS_BACKEND=ray`` and the cluster's address in
+Without ``--address`` it starts a local Ray cluster that simulates ``N`` nodes (default 1) on
+this machine (one Ray node each, ``K`` devices per node), runs the driver, and tears the cluster
+down, also after Ctrl-C. With one, it first checks that something answers there (within
+seconds, naming the address) and that the cluster has the nodes and devices asked for. The
+driver runs in a process (and process group) of its own with ``FLOWSYS_BACKEND=ray`` and the cluster's address in
 ``FLOWSYS_ADDRESS`` and ``RAY_ADDRESS``: ``fs.init()`` and graphs that never call it run on
 the cluster, and ``ray.init()`` joins it. The exit code is the script's. With ``--profile``,
 every compiled step the script runs is recorded (``fs.profile``) and one Chrome/Perfetto trace
@@ -19,9 +20,12 @@ its worker nodes (see ``cluster_configs/``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -52,10 +56,10 @@ class LaunchConfig:
 
 
 def launch(cfg: LaunchConfig, script: str, args: list[str]) -> int:
-    """Run ``script`` with ``args`` as the driver of the cluster ``cfg`` describes; its exit code."""
+    """Run ``script`` with ``args`` as the driver of the cluster ``cfg`` describes; its exit code.
+    ``script`` is a Python file, or ``flowsys`` (``flowsys launch -- flowsys train JOB.yaml``)."""
     cfg.check()
-    if not os.path.exists(script):
-        raise ConfigError(f"launch: no script {script!r}")
+    command = driver_command(script, args)
     # Ray's authentication settings (RAY_AUTH_MODE, RAY_AUTH_TOKEN) are the user's: kept as they are
     cluster = None
     try:
@@ -63,19 +67,49 @@ def launch(cfg: LaunchConfig, script: str, args: list[str]) -> int:
             cluster, address = _local_cluster(cfg)
         else:
             address = cfg.address
+            probe_address(address)
             _check_cluster(cfg, address)
         env = {**os.environ, "FLOWSYS_BACKEND": "ray", "FLOWSYS_ADDRESS": address, "RAY_ADDRESS": address,
                "FLOWSYS_NODES": str(cfg.nodes), "FLOWSYS_DEVICES_PER_NODE": str(cfg.devices_per_node),
                "FLOWSYS_DEVICE": cfg.device, "FLOWSYS_MAX_RESTARTS": str(cfg.max_restarts)}
         if cfg.profile:
             env["FLOWSYS_PROFILE"] = os.path.abspath(cfg.profile)
-        return _run_forwarding_signals([sys.executable, script, *args], env)
+        return _run_forwarding_signals(command, env)
     finally:
         if cluster is not None:
             import ray  # noqa: PLC0415
 
             ray.shutdown()
             cluster.shutdown()
+
+
+def driver_command(script: str, args: list[str]) -> list[str]:
+    """The driver's command line: a Python file run by this interpreter, or a ``flowsys``
+    command run as ``python -m flowsys.cli`` (the same flowsys as the launcher's)."""
+    if script == "flowsys":
+        if not args:
+            raise ConfigError("launch: `-- flowsys` needs a command, e.g. -- flowsys train JOB.yaml")
+        return [sys.executable, "-m", "flowsys.cli", *args]
+    if not os.path.isfile(script):
+        raise ConfigError(f"launch: no script {script!r}; give a Python file, or -- flowsys train JOB.yaml")
+    return [sys.executable, script, *args]
+
+
+def probe_address(address: str, timeout: float = 10.0) -> None:
+    """Something accepts connections at the Ray address ``address`` (``host:port``, the GCS;
+    ``ray://host:port``, the client server), or a ConfigError names it within ``timeout``
+    seconds: Ray itself retries an unreachable address for many minutes."""
+    if address == "auto":
+        return  # Ray finds the cluster started on this machine
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"launch: --address {address!r} is not host:port (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ConfigError(f"launch: no Ray cluster answers at {address} ({reason}); start one there "
+                          f"(`ray start --head --port {port}`) or give the head node's address") from None
 
 
 def _local_cluster(cfg: LaunchConfig):
@@ -110,7 +144,9 @@ def _run_forwarding_signals(cmd: list[str], env: dict) -> int:
     driver saves a checkpoint after its current step), then the launcher waits for it to exit."""
     import signal  # noqa: PLC0415
 
-    child = subprocess.Popen(cmd, env=env)
+    # a process group of its own: a terminal's Ctrl-C reaches the launcher, which passes it on
+    # once (not twice), and tears the cluster down when the driver has stopped
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
     previous = {}
 
     def forward(signum, frame) -> None:
@@ -131,15 +167,30 @@ def _run_forwarding_signals(cmd: list[str], env: dict) -> int:
             child.kill()
 
 
+@contextlib.contextmanager
+def _stderr_aside():
+    """File descriptor 2 (native code's logging too) into a temporary file meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as aside:
+        os.dup2(aside.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _check_cluster(cfg: LaunchConfig, address: str) -> None:
     """The cluster at ``address`` has the nodes and devices asked for, or a ConfigError says
     what it has."""
     import ray  # noqa: PLC0415
 
     try:
-        ray.init(address=address, log_to_driver=False)
+        with _stderr_aside():  # Ray's native client logs a warning a second while it retries
+            ray.init(address=address, log_to_driver=False)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"launch: cannot join the Ray cluster at {address!r}: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"launch: cannot join the Ray cluster at {address!r}: {type(e).__name__}: {e}") from None
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         key = "GPU" if cfg.device == "cuda" else DEVICE_RESOURCE

@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 
 from flowsys.errors import ConfigError
+from flowsys.job import JobConfig, check_layout
+from flowsys.placement import placement
 
 
-def layout(job, devices: int | None = None):
+def layout(job: JobConfig, devices: int | None = None):
     """The stage placements of ``job.parallel``: a list of ``dp x tp`` placements."""
-    from flowsys.placement import placement  # noqa: PLC0415
-    from flowsys.train import check_layout  # noqa: PLC0415
-
     check_layout(job, devices)
     p = job.parallel
     ranks = np.arange(p.devices).reshape(p.pp, p.dp, p.tp)

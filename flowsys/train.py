@@ -1,346 +1,222 @@
 """Config-driven GPT training: what ``flowsys train JOB.yaml`` runs.
 
-A job is a YAML mapping of flat, typed sections; unknown sections or keys are errors::
+The job itself (its typed sections, YAML 1.2 files, ``section.key=value`` overrides, layout
+checks) is :mod:`flowsys.job`; its names are re-exported here. This module runs a job: one loop
+for one device and every layout. The job's step is compiled (``flowsys.plan.build``) and run on
+the backend ``fs.init`` chose (Ray under ``flowsys launch``, else worker threads here), so
+checkpoints, resume, ``train.on_nonfinite``, precision and metrics work the same on one device
+as on many.
 
-    model: {vocab_size: 256, block_size: 64, n_layer: 2, n_head: 4, n_embd: 128}
-    optim: {lr: 3.0e-3, weight_decay: 0.1, betas: [0.9, 0.95], warmup_steps: 30, grad_clip: 1.0}
-    data:  {source: stdlib, max_bytes: 4194304, batch_size: 16, val_fraction: 0.1}
-    train: {steps: 300, seed: 0, eval_batches: 8, log_every: 25}
-
-Overrides on the command line use dotted keys: ``flowsys train job.yaml train.steps=50``.
+>>> from flowsys.train import job_from_dict, run
+>>> summary = run(job_from_dict({}, {"train.steps": 2, "train.eval_batches": 1}))  # doctest: +SKIP
+>>> sorted(summary)[:3]  # doctest: +SKIP
+['backend', 'devices', 'final_train_loss']
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
+import platform
+import shutil
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flowsys import checkpoint, data as datasets, runtime
 from flowsys.autograd import no_grad
 from flowsys.data import ByteDataset
-from flowsys.errors import ConfigError
+from flowsys.errors import ConfigError, RankFailed
 from flowsys.functions import manual_seed
-from flowsys.models import GPT, GPTConfig
-from flowsys.optim import WarmupCosine, clip_grad_norm_
-from flowsys.precision import LossScaler, autocast, low_dtype
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = "stdlib"
-    max_bytes: int = 4 << 20
-    batch_size: int = 16
-    val_fraction: float = 0.1
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    steps: int = 300
-    seed: int = 0
-    eval_batches: int = 8
-    log_every: int = 25
-    metrics: str = ""  # a JSONL file: one line per step (step, loss, lr, tokens/s, FLOP/s, MFU, elapsed)
-    tensorboard: str = ""  # a TensorBoard log directory (when torch's SummaryWriter can be imported)
-    hardware: str = ""  # the spec whose peak MFU is measured against (scheduler/hardware/); default: a GEMM probe here
-    precision: str = "fp32"  # fp32 | bf16 | fp16: the compute dtype (fp32 master weights; fp16 scales the loss)
-    # a NaN/inf loss or gradient: "stop" ends the job naming the step, the loss and the last good
-    # checkpoint; "skip" leaves that step's update out and goes on (fp16 overflows are the loss
-    # scaler's business either way)
-    on_nonfinite: str = "stop"
-    grad_reduce_dtype: str = "fp32"  # fp32 (main grads) | the compute dtype: gradients reduced across ranks in it
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """The layout: data x tensor parallel inside each of ``pp`` pipeline stages."""
-
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    zero_stage: int = 0
-    micro_batches: int = 1
-    activation_checkpointing: bool = False
-    # with tp > 1: the embedding and tied head split along the (padded) vocabulary (Megatron-LM)
-    vocab_parallel: bool = True
-
-    @property
-    def devices(self) -> int:
-        return self.dp * self.tp * self.pp
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Where a parallel job runs: ``local`` (worker threads here) or ``ray`` (one Ray actor per
-    device on ``nodes`` simulated nodes, or on the cluster at ``address``)."""
-
-    backend: str = "local"
-    nodes: int = 1
-    devices_per_node: int = 1
-    address: str = ""
-    # TLS between the workers (gRPC): the driver makes a certificate for the job and every rank
-    # pins it. It protects the data plane when Ray's own channel, which carries the key, is
-    # protected too (Ray's TLS or token authentication)
-    tls: bool = False
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """Checkpoints of a parallel job every ``every`` steps under ``dir`` (0: none); after a lost
-    worker the job resumes from the latest complete one, at most ``max_restarts`` times."""
-
-    dir: str = ""
-    every: int = 0
-    max_restarts: int = 0
-    # run again, a job goes on from the latest complete, verified checkpoint in dir ("auto"; a
-    # corrupt one is skipped with a warning), must ("must": none, or a corrupt latest, is an
-    # error) or refuses a dir that holds checkpoints ("never")
-    resume: str = "auto"
-    keep: int = 0  # the newest checkpoints kept (0: all)
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128))
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: RunConfig = field(default_factory=RunConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-
-_SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "data": DataConfig, "train": RunConfig,
-             "parallel": ParallelConfig, "cluster": ClusterConfig, "checkpoint": CheckpointConfig}
-_LATER: dict[str, str] = {}
-
-
-def check_layout(job: JobConfig, devices: int | None = None) -> None:
-    """The parallel layout fits the model, the batch and (when given) the device count, or a
-    ConfigError names the key and what would fit."""
-    p, m = job.parallel, job.model
-    for key in ("dp", "tp", "pp", "micro_batches"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(p, key)}")
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if p.zero_stage and p.dp == 1 and p.tp == 1:  # (beside tensor parallelism: a data-parallel group of one)
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} shards over the data-parallel axis, but parallel.dp is 1")
-    if devices is not None and p.devices != devices:
-        raise ConfigError(f"parallel layout dp {p.dp} x tp {p.tp} x pp {p.pp} = {p.devices} devices does not fit "
-                          f"{devices} devices; choose dp, tp and pp whose product is {devices}")
-    if p.pp > m.n_layer:
-        raise ConfigError(f"parallel.pp={p.pp} stages for model.n_layer={m.n_layer} blocks; use at most {m.n_layer}")
-    if m.n_head % p.tp or m.n_embd % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_embd={m.n_embd}")
-    t = job.train
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
-    if t.grad_reduce_dtype not in ("fp32", t.precision):
-        raise ConfigError(f"train.grad_reduce_dtype must be fp32 or the compute dtype train.precision="
-                          f"{t.precision!r}, got {t.grad_reduce_dtype!r}")
-    k = job.checkpoint
-    if k.every < 0 or k.max_restarts < 0:
-        raise ConfigError(f"checkpoint.every and checkpoint.max_restarts must be >= 0, got {k.every} and {k.max_restarts}")
-    if (k.every or k.max_restarts) and not k.dir:
-        raise ConfigError("checkpoint.dir must name a directory when checkpoint.every or checkpoint.max_restarts is set")
-    if k.max_restarts and not k.every:
-        raise ConfigError("checkpoint.max_restarts needs checkpoints to resume from: set checkpoint.every")
-    if k.resume not in ("auto", "never", "must"):
-        raise ConfigError(f"checkpoint.resume must be auto, never or must, got {k.resume!r}")
-    if k.keep < 0:
-        raise ConfigError(f"checkpoint.keep must be >= 0 (0 keeps every checkpoint), got {k.keep}")
-    if t.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
-    c = job.cluster
-    if c.backend not in ("local", "ray"):
-        raise ConfigError(f"cluster.backend must be 'local' or 'ray', got {c.backend!r}")
-    if c.nodes < 1 or c.devices_per_node < 1:
-        raise ConfigError(f"cluster.nodes and cluster.devices_per_node must be at least 1, got {c.nodes} and "
-                          f"{c.devices_per_node}")
-    if c.backend == "ray" and c.nodes * c.devices_per_node < p.devices:
-        raise ConfigError(f"cluster: {c.nodes} node(s) x {c.devices_per_node} device(s) cannot hold the layout's "
-                          f"{p.devices} devices (parallel dp x tp x pp); raise cluster.nodes")
-    bs = job.data.batch_size
-    if bs % p.micro_batches or (bs // p.micro_batches) % p.dp:
-        raise ConfigError(f"data.batch_size={bs} must split into parallel.micro_batches={p.micro_batches} "
-                          f"micro-batches of a multiple of parallel.dp={p.dp} samples")
-
-
-def _coerce(section: str, cls, key: str, value: Any) -> Any:
-    """``value`` as the type of ``cls.key``'s default; a ConfigError naming the key if it is not one."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[key]
-    default = f.default
-    if default is dataclasses.MISSING:  # a required field: its annotation gives the type
-        default = {"int": 0, "float": 0.0, "bool": False, "str": ""}.get(str(f.type), None)
-    want = type(default).__name__
-
-    def bad() -> ConfigError:
-        return ConfigError(f"job key {section}.{key}: expected {want}, got {value!r} ({type(value).__name__})")
-
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)) or len(value) != len(default) or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise bad()
-        return tuple(float(v) for v in value)
-    if isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad()
-        return value
-    if isinstance(default, float):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise bad()
-        return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise bad()
-    return value
-
-
-def job_from_dict(values: dict[str, Any], overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Build a :class:`JobConfig`; unknown sections and keys are a :class:`ConfigError`."""
-    merged: dict[str, dict[str, Any]] = {k: dict(v or {}) for k, v in (values or {}).items()}
-    for dotted, v in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        if not key:
-            raise ConfigError(f"override {dotted}={v!r}: use section.key=value, e.g. train.steps=50")
-        merged.setdefault(section, {})[key] = v
-    for section in merged:
-        if section in _LATER:
-            raise ConfigError(f"job section {section!r} needs {_LATER[section]}, which this version does not have yet")
-        if section not in _SECTIONS:
-            raise ConfigError(f"unknown job section {section!r}; known sections are {sorted(_SECTIONS)}")
-    built = {}
-    defaults = JobConfig()
-    for section, cls in _SECTIONS.items():
-        given = merged.get(section, {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ConfigError(f"job section {section!r}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        base = dataclasses.asdict(getattr(defaults, section))
-        base.update({k: _coerce(section, cls, k, v) for k, v in given.items()})
-        built[section] = cls(**base)
-    if built["data"].source != "stdlib":
-        raise ConfigError(f"data.source {built['data'].source!r} is not known; the built-in corpus is 'stdlib'")
-    job = JobConfig(**built)
-    check_layout(job)
-    return job
-
-
-def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
-    import yaml  # noqa: PLC0415 - only the CLI needs it
-
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"job file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"job file {path}: expected a mapping of sections, got {type(values).__name__}")
-    return job_from_dict(values, overrides)
+from flowsys.graph.api import Graph
+from flowsys.job import (  # noqa: F401 - re-exported: `from flowsys.train import load_job` keeps working
+    CheckpointConfig, ClusterConfig, DataConfig, JobConfig, OptimConfig, ParallelConfig, RunConfig, check_layout,
+    dump_job, job_from_dict, job_to_dict, load_job, parse_overrides,
+)
+from flowsys.models import GPT
+from flowsys.optim import WarmupCosine
+from flowsys.plan import build, layout, model_flops
+from flowsys.precision import autocast, low_dtype
+from flowsys.sbp import broadcast, split
+from flowsys.tensor import stored
 
 
 class Progress:
     """The live progress of a training run: a line every ``log_every`` steps (step, loss,
-    tokens/s, model FLOP/s and MFU, ETA; redrawn in place on a terminal), and the metrics of
-    every step as JSONL and, when asked and installed, to TensorBoard.
+    tokens/s, model FLOP/s and MFU, ETA) or, when printing to a terminal, a progress bar (tqdm)
+    that writes those lines above it; and the metrics of every step as JSONL and, when asked and
+    installed, to TensorBoard.
 
-    MFU is the model's FLOPs per step (from the compiled graph, ``flowsys.plan.model_flops``)
-    per second of step, over the peak FLOP/s of what it runs on: the machine's GEMM peak for
-    CPU devices (simulated devices share it), or the hardware spec's per-device peak times the
-    devices."""
+    Tokens/s and FLOP/s come from the same window: the steps since the last line (per step in
+    the metrics), the process's first step left out when there are others (it compiles). MFU is
+    the model's FLOPs per step (from the compiled graph, ``flowsys.plan.model_flops``) per
+    second, over the peak of :func:`throughput_model`; it is never clamped."""
 
-    def __init__(self, job: JobConfig, log=print, flops_per_step: int = 0, peak_flops: float = 0.0):
+    def __init__(self, job: JobConfig, log=print, flops_per_step: int = 0, peak_flops: float = 0.0,
+                 bar: bool | None = None):
         self.steps, self.every, self.log = job.train.steps, job.train.log_every, log
         self.tokens = job.data.batch_size * job.model.block_size
         self.flops, self.peak = flops_per_step, peak_flops
         self.t0 = self.last = time.perf_counter()
         self.first: int | None = None  # the first step this process runs (a resumed job starts later)
         self.window: list[float] = []  # step times since the last line
-        self.metrics = open(job.train.metrics, "a") if job.train.metrics else None  # noqa: SIM115
+        self.use_bar = (log is print and sys.stdout.isatty()) if bar is None else bar
+        self.bar = None
+        self.metrics = None
+        if job.train.metrics:
+            Path(job.train.metrics).parent.mkdir(parents=True, exist_ok=True)
+            self.metrics = open(job.train.metrics, "a")  # noqa: SIM115 - closed by close()
         self.board = None
         if job.train.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional, and slow to import
 
                 self.board = SummaryWriter(job.train.tensorboard)
             except Exception as e:  # noqa: BLE001 - optional: say why and go on
                 log(f"train.tensorboard: not writing TensorBoard logs ({type(e).__name__}: {e})")
 
+    def write(self, message: str) -> None:
+        """A line of the job's log (above the bar, when there is one)."""
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            self.log(message)
+
+    def rates(self, seconds: list[float]) -> tuple[float, float, float]:
+        """Tokens/s, FLOP/s and MFU over steps that took ``seconds``."""
+        total = sum(seconds)
+        if total <= 0:
+            return 0.0, 0.0, 0.0
+        tokens, flops = self.tokens * len(seconds) / total, self.flops * len(seconds) / total
+        return tokens, flops, flops / self.peak if self.peak else 0.0
+
     def step(self, i: int, loss: float, lr: float) -> None:
         now = time.perf_counter()
-        elapsed, step_s = now - self.t0, now - self.last
+        step_s = now - self.last
         self.last = now
-        self.window.append(step_s)
         if self.first is None:
-            self.first = i
-        done = i - self.first + 1
-        rate = done * self.tokens / elapsed
-        flops_per_s = self.flops / step_s if step_s > 0 else 0.0
-        mfu = flops_per_s / self.peak if self.peak else 0.0
+            self.first = i  # (its time includes compiling: not in the window)
+            if self.use_bar:
+                from tqdm import tqdm  # noqa: PLC0415 - only on a terminal
+
+                size = shutil.get_terminal_size()  # (80 x 24 where the terminal reports none: tqdm would draw nothing)
+                self.bar = tqdm(total=self.steps, initial=i - 1, unit="step", ncols=size.columns, nrows=size.lines,
+                                file=sys.stdout)
+        else:
+            self.window.append(step_s)
+        tokens_per_s, flops_per_s, mfu = self.rates([step_s])
         if self.metrics is not None:
-            self.metrics.write(json.dumps({"step": i, "loss": _json_float(loss), "lr": lr, "tokens_per_s": rate, "step_s": step_s,
-                                           "flops_per_step": self.flops, "flops_per_s": flops_per_s, "mfu": mfu,
-                                           "elapsed_s": elapsed}) + "\n")
+            self.metrics.write(json.dumps({"step": i, "loss": _json_float(loss), "lr": lr, "tokens_per_s": tokens_per_s,
+                                           "step_s": step_s, "flops_per_step": self.flops, "flops_per_s": flops_per_s,
+                                           "mfu": mfu, "elapsed_s": now - self.t0}) + "\n")
             self.metrics.flush()
         if self.board is not None:
             self.board.add_scalar("loss", loss, i)
-            self.board.add_scalar("tokens_per_s", rate, i)
+            self.board.add_scalar("tokens_per_s", tokens_per_s, i)
             self.board.add_scalar("mfu", mfu, i)
+        window = self.window or [step_s]  # (empty: this is the process's first step)
+        tokens_per_s, flops_per_s, mfu = self.rates(window)
+        throughput = f"{tokens_per_s:,.0f} tok/s"
+        if self.flops:
+            throughput += f"  {flops_per_s / 1e9:,.2f} GFLOP/s" + (f"  MFU {mfu:.1%}" if self.peak else "")
+        if self.bar is not None:
+            short = f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s" + (f", MFU {mfu:.1%}" if self.flops and self.peak else "")
+            self.bar.set_postfix_str(short, refresh=False)
+            self.bar.update(1)
         if i % self.every == 0 or i == self.steps:
-            eta = elapsed / done * (self.steps - i)
-            steps, seconds = len(self.window), sum(self.window)
+            eta = sum(window) / len(window) * (self.steps - i)
             self.window = []
-            throughput = ""
-            if self.flops and seconds > 0:  # over the steps since the last line
-                achieved = self.flops * steps / seconds
-                throughput = f"  {achieved / 1e9:,.2f} GFLOP/s" + (f"  MFU {achieved / self.peak:.1%}" if self.peak else "")
-            self.log(f"step {i:>5}/{self.steps}  loss {loss:.4f}  {rate:,.0f} tok/s{throughput}  ETA {_clock(eta)}")
+            self.write(f"step {i:>5}/{self.steps}  loss {loss:.4f}  {throughput}  ETA {_clock(eta)}")
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         if self.metrics is not None:
             self.metrics.close()
+            self.metrics = None
         if self.board is not None:
             self.board.close()
+            self.board = None
+
+
+_COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def throughput_model(job: JobConfig, log=print) -> tuple[int, float]:
     """The model FLOPs of one training step of ``job`` (from its compiled graph) and the peak
-    FLOP/s its MFU is measured against (see :class:`Progress`)."""
-    from flowsys.plan import model_flops  # noqa: PLC0415
-    from scheduler.cost import load_hardware, probe_gemm  # noqa: PLC0415
+    FLOP/s its MFU is measured against: ``train.hardware``'s peak for the compute dtype (per
+    device, times the devices; simulated CPU devices share one), else this machine's
+    :func:`machine_peak` (simulated devices share its cores)."""
+    from scheduler.cost import load_hardware  # noqa: PLC0415 - the cost model loads only here
 
     flops = model_flops(job)
     if job.train.hardware:
         hw = load_hardware(job.train.hardware)
-        peak = hw.peak("float32") * (1 if hw.device == "cpu" else job.parallel.devices)
-        source = f"{hw.name} spec"
-    else:  # CPU devices simulated on this machine share its cores: the machine's GEMM peak
-        peak, source = probe_gemm(), "a float32 GEMM on this machine"
+        dtype = _COMPUTE[job.train.precision]
+        devices = 1 if hw.device == "cpu" else job.parallel.devices
+        peak = hw.peak(dtype) * devices
+        source = f"the {hw.name} spec's {dtype} peak" + (f" x {devices} devices" if devices > 1 else "")
+    else:
+        peak, source = machine_peak(log), "this machine's float32 GEMM peak, best of several probes, cached"
     log(f"model FLOPs per step: {flops / 1e9:,.3f} GFLOP; peak {peak / 1e9:,.1f} GFLOP/s ({source})")
     return flops, peak
+
+
+PEAK_SIZES = (512, 768, 1024, 1536)  # square float32 GEMMs; the best of them is the peak
+
+
+def peak_cache() -> Path:
+    """Where :func:`machine_peak` keeps its measurement: ``$XDG_CACHE_HOME/flowsys/peak.json``
+    (default ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowsys" / "peak.json"
+
+
+def machine_peak(log=print) -> float:
+    """This machine's float32 GEMM peak FLOP/s: the best of several probes
+    (``scheduler.cost.probe_gemm``, each the best of five), measured once per machine and then
+    read from :func:`peak_cache`. One probe on a busy machine can be off by a factor of several;
+    the best of several, kept, is a stable yardstick (delete the file to measure again)."""
+    from scheduler.cost import probe_gemm  # noqa: PLC0415 - the cost model loads only here
+
+    path, key = peak_cache(), _machine_key()
+    try:
+        table = json.loads(path.read_text())
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("float32_flops"), (int, float)) and entry["float32_flops"] > 0:
+        return float(entry["float32_flops"])
+    probes = [probe_gemm(np.float32, n) for n in PEAK_SIZES]
+    table[key] = {"float32_flops": max(probes), "probes": probes, "sizes": list(PEAK_SIZES),
+                  "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log(f"warning: could not cache the GEMM peak in {path} ({e}); it is measured again next time")
+    return max(probes)
+
+
+def _machine_key() -> str:
+    """What the peak depends on: the host, its CPU, its cores, and the BLAS NumPy uses."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{platform.node()} | {cpu} | {os.cpu_count()} cores | numpy {np.__version__}"
 
 
 def _clock(seconds: float) -> str:
@@ -367,8 +243,6 @@ def evaluate_compiled(model: GPT, data: ByteDataset, batch_size: int, block_size
                       placement, sbp, precision: str = "fp32") -> float:
     """The same mean validation loss as :func:`evaluate`, as a compiled forward-only step: the
     workers read the validation windows and run the model where its parameters are."""
-    from flowsys.graph.api import Graph  # noqa: PLC0415
-
     class EvalStep(Graph):
         def __init__(self):
             super().__init__()
@@ -387,89 +261,56 @@ def evaluate_compiled(model: GPT, data: ByteDataset, batch_size: int, block_size
     return float(np.mean(losses))
 
 
+
+def open_data(job: JobConfig, log=print):
+    """The job's dataset (``data.source``: the stdlib bytes, a prepared directory, a mixture),
+    checked against the model's vocabulary."""
+    d = job.data
+    data = datasets.open_source(d.source, max_bytes=d.max_bytes, val_fraction=d.val_fraction, log=log)
+    if job.model.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size {job.model.vocab_size} is smaller than the data's {data.vocab_size} "
+                          f"tokens; set model.vocab_size: {data.vocab_size} or more")
+    return data
+
+
+def check_data(backend, data, world: int) -> None:
+    """Every worker reads the job's data itself: each must see the same files as the driver
+    (a prepared directory on every node), or a ConfigError names the rank, its node and why."""
+    if not hasattr(data, "windows"):  # the stdlib corpus: every node has Python's own library
+        return
+    backend.ensure(world)
+    bad = {r: why for r, why in backend.check_data(data.windows().as_json()).items() if why}
+    if bad:
+        r, why = min(bad.items())
+        node = getattr(backend, "nodes", dict)().get(r, "this machine") if hasattr(backend, "nodes") else "this machine"
+        raise ConfigError(f"data.source {data.source!r}: rank {r} (node {node}) cannot read the data as the driver "
+                          f"does: {why}. Every node needs the prepared directory at the same path")
+
+
+def save_config(job: JobConfig) -> Path | None:
+    """The resolved job as ``config.yaml`` beside ``train.metrics`` (None without metrics)."""
+    if not job.train.metrics:
+        return None
+    path = Path(job.train.metrics).parent / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_job(job))
+    return path
+
+
 def run(job: JobConfig, log=print) -> dict[str, Any]:
-    """Train, evaluate, and return a summary (losses, validation loss, entropy, throughput)."""
-    if job.parallel.devices > 1:
-        return run_parallel(job, log)
-    manual_seed(job.train.seed)
-    data = ByteDataset.from_stdlib(job.data.max_bytes, job.data.val_fraction)
-    if job.model.vocab_size < data.vocab_size:
-        raise ConfigError(f"model.vocab_size {job.model.vocab_size} is smaller than the data's {data.vocab_size} byte tokens")
-    model = GPT(job.model)
-    o = job.optim
-    opt = model.configure_optimizers(o.weight_decay, o.lr, o.betas)
-    sched = WarmupCosine(opt, o.warmup_steps, job.train.steps, min_lr=o.lr * o.min_lr_ratio)
-    log(f"model: GPT, {model.num_parameters():,} parameters; data: {data}")
-    bs, t = job.data.batch_size, job.model.block_size
-    batches = data.batches(bs, t, seed=job.train.seed)  # the samples every layout sees at each step
-    progress = Progress(job, log, *throughput_model(job, log))
-    precision = job.train.precision
-    scaler = LossScaler() if precision == "fp16" else None
-    losses, t0 = [], time.perf_counter()
-    for step in range(1, job.train.steps + 1):
-        x, y = batches.at(step)
-        with autocast(low_dtype(precision), enabled=precision != "fp32"):
-            _, loss = model(x, y)
-        opt.zero_grad()
-        lr = opt.param_groups[0]["lr"]
-        if scaler is None:
-            loss.backward()
-        else:  # fp16: backward from the scaled loss, unscale, and skip a step that overflowed
-            (loss * scaler.scale).backward()
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            for g in grads:
-                g._data *= np.float32(1.0 / scaler.scale)
-            finite = all(bool(np.isfinite(g.numpy()).all()) for g in grads)
-            scaler.update(finite)
-        bad = not math.isfinite(loss.item())
-        if bad and job.train.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"step {step}: the loss is {loss.item()} (train.on_nonfinite: stop); lower the learning "
-                                f"rate, clip gradients (optim.grad_clip) or set train.on_nonfinite: skip")
-        if (scaler is None or not scaler.last_skipped) and not bad:
-            if o.grad_clip > 0:
-                clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
-        sched.step()
-        losses.append(loss.item())
-        progress.step(step, losses[-1], lr)
-    progress.close()
-    val = evaluate(model, data, bs, t, job.train.eval_batches, precision)
-    summary = {"steps": job.train.steps, "final_train_loss": losses[-1], "val_loss": val,
-               "unigram_entropy": data.unigram_entropy("val"),
-               "tokens_per_s": job.train.steps * bs * t / (time.perf_counter() - t0), **_precision_summary(job, scaler)}
-    log(json.dumps(summary))
-    return summary
+    """Train ``job`` on one device or any layout, evaluate, and return a summary (losses,
+    validation loss, unigram entropy, throughput, devices, backend, restarts, samples).
 
-
-def _precision_summary(job: JobConfig, scaler) -> dict[str, Any]:
-    """The summary's precision keys: fp16 adds its steps skipped for an overflow and its last scale."""
-    if job.train.precision == "fp32":
-        return {}
-    out: dict[str, Any] = {"precision": job.train.precision}
-    if scaler is not None:
-        out.update(skipped_steps=scaler.skipped_steps, loss_scale=scaler.scale)
-    return out
-
-
-def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
-    """The job's layout compiled as one graph (``flowsys.plan.build``) and run on the backend
-    ``fs.init`` chose (Ray under ``flowsys launch``, else worker threads here).
-
-    With a checkpoint directory it never loses work: run again, it goes on from the latest
-    complete, verified checkpoint (``checkpoint.resume``); a worker lost in any phase (a step,
-    a checkpoint's pull or write, a load) restarts the job from there, at most
-    ``checkpoint.max_restarts`` times; SIGTERM (preemption) saves a checkpoint at the end of the
-    current step and exits."""
-    from flowsys import runtime  # noqa: PLC0415
-    from flowsys.errors import RankFailed  # noqa: PLC0415
-    from flowsys.plan import build, layout  # noqa: PLC0415
-    from flowsys.sbp import broadcast, split  # noqa: PLC0415
-
+    The layout is compiled as one graph (``flowsys.plan.build``; the workers create their
+    shards) and run on the backend ``fs.init`` chose. With a checkpoint directory it never loses
+    work: run again, it goes on from the latest complete, verified checkpoint
+    (``checkpoint.resume``); a worker lost in any phase (a step, a checkpoint's pull or write, a
+    load) restarts the job from there, at most ``checkpoint.max_restarts`` times; SIGTERM
+    (preemption) saves a checkpoint at the end of the current step and exits."""
     o, p, ck = job.optim, job.parallel, job.checkpoint  # optim.grad_clip: clipped in the compiled step (plan.build)
+    _check_launched_cluster(job)
     manual_seed(job.train.seed)
-    data = ByteDataset.from_stdlib(job.data.max_bytes, job.data.val_fraction)
-    if job.model.vocab_size < data.vocab_size:
-        raise ConfigError(f"model.vocab_size {job.model.vocab_size} is smaller than the data's {data.vocab_size} byte tokens")
+    data = open_data(job, log)
     placements = layout(job)
     model, opt, step = build(job, placements, meta=True)  # the workers create their own shards
     step.config.skip_nonfinite = job.train.on_nonfinite == "skip"
@@ -480,49 +321,51 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
         backend = runtime.init("ray", tls=True)
     else:
         backend = runtime.current() or runtime.init()
+    check_data(backend, data, p.devices)
     saving = bool(ck.dir and ck.every)
     lock = None
     if saving:  # the workers write and read their own checkpoint files
-        from flowsys import checkpoint  # noqa: PLC0415
-
         checkpoint.check_writable(ck.dir)
         lock = checkpoint.lock(ck.dir, _job_id(), warn=log)  # (says so when it takes a dead job's lock over)
         checkpoint.check_visible(backend, ck.dir, world=p.devices)
     sched = WarmupCosine(opt, o.warmup_steps, job.train.steps, min_lr=o.lr * o.min_lr_ratio)
-    log(f"model: GPT, {model.num_parameters():,} parameters on {p.devices} devices (dp {p.dp} x tp {p.tp} x pp {p.pp}, "
-        f"ZeRO {p.zero_stage}, {p.micro_batches} micro-batch(es)) on the {backend.name} backend; data: {data}")
+    log(f"model: GPT, {model.num_parameters():,} parameters on {p.devices} device(s) (dp {p.dp} x tp {p.tp} x pp "
+        f"{p.pp}, ZeRO {p.zero_stage}, {p.micro_batches} micro-batch(es)) on the {backend.name} backend; data: {data}")
+    saved_config = save_config(job)
+    if saved_config is not None:
+        log(f"config: {saved_config}")
     bs, t = job.data.batch_size, job.model.block_size
     batches = data.batches(bs, t, seed=job.train.seed)  # step i's samples, read by the workers
     first, batch = placements[0], (split(0), broadcast)
     max_restarts = max(ck.max_restarts, int(os.environ.get("FLOWSYS_MAX_RESTARTS", "0")) if ck.every else 0)
     progress = Progress(job, log, *throughput_model(job, log))
-    run = _Run(job, model, opt, step, sched, log)
+    state = _Run(job, model, opt, step, sched, progress.write)
     preempted = _Preemption()
     restarts, t0, failed = 0, time.perf_counter(), None
     try:
         while True:
             try:
                 if failed is not None:  # a worker was lost: back to the latest verified checkpoint
-                    run.recover(failed, restarts, max_restarts)
-                elif saving and run.resumed_from is None and run.trained == 0:
-                    run.resume_at_start()
-                while run.i <= job.train.steps:
-                    i, lr = run.i, opt.param_groups[0]["lr"]
+                    state.recover(failed, restarts, max_restarts)
+                elif saving and state.resumed_from is None and state.trained == 0:
+                    state.resume_at_start()
+                while state.i <= job.train.steps:
+                    i, lr = state.i, opt.param_groups[0]["lr"]
                     _driver_fault(i)
                     loss = float(step(*batches.at(i, first, batch)))
                     sched.step()
-                    run.losses.append(loss)
-                    run.seen.append(step.samples_digest[0])  # a fingerprint of the samples, made where they are
+                    state.losses.append(loss)
+                    state.seen.append(step.samples_digest[0])  # a fingerprint of the samples, made where they are
                     progress.step(i, loss, lr)
                     if not math.isfinite(loss) or step.last_step_skipped:
-                        run.nonfinite(i, loss)
+                        state.nonfinite(i, loss)
                     if saving and (i % ck.every == 0 or preempted.now):
-                        run.save(i)
-                    run.i += 1
-                    run.trained += 1
+                        state.save(i)
+                    state.i += 1
+                    state.trained += 1
                     if preempted.now:
-                        log(f"SIGTERM: stopped after step {i}" + (f", saved {run.last_saved}; run the job again to "
-                                                                  f"go on from there" if saving else ""))
+                        progress.write(f"SIGTERM: stopped after step {i}" + (
+                            f", saved {state.last_saved}; run the job again to go on from there" if saving else ""))
                         raise SystemExit(143)
                 val = evaluate_compiled(model, data, bs, t, job.train.eval_batches, first, batch, job.train.precision)
                 break
@@ -537,11 +380,11 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
         if lock is not None:
             lock.release()
     elapsed = time.perf_counter() - t0
-    losses, seen = run.losses, run.seen
+    losses, seen = state.losses, state.seen
     summary = {"steps": job.train.steps, "final_train_loss": losses[-1] if losses else float("nan"), "val_loss": val,
-               "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": run.trained * bs * t / elapsed,
+               "unigram_entropy": data.unigram_entropy("val"), "tokens_per_s": state.trained * bs * t / elapsed,
                "devices": p.devices, "backend": backend.name, "losses": losses, "restarts": restarts,
-               "resumed_from": run.resumed_from, "skipped_steps": step.skipped_steps,
+               "resumed_from": state.resumed_from, "skipped_steps": step.skipped_steps,
                "transport_id": _transport_id(backend),
                "samples": seen, "samples_digest": hashlib.sha1(json.dumps(seen).encode()).hexdigest()[:16],
                **_precision_summary(job, step.loss_scaler)}
@@ -549,6 +392,28 @@ def run_parallel(job: JobConfig, log=print) -> dict[str, Any]:
                     if k not in ("losses", "samples")}))
     return summary
 
+
+def _check_launched_cluster(job: JobConfig) -> None:
+    """Under ``flowsys launch``: the launched cluster holds the layout's devices (else Ray would
+    wait for workers it cannot place)."""
+    nodes, per_node = os.environ.get("FLOWSYS_NODES"), os.environ.get("FLOWSYS_DEVICES_PER_NODE")
+    if os.environ.get("FLOWSYS_BACKEND") != "ray" or not (nodes and per_node):
+        return
+    have, need = int(nodes) * int(per_node), job.parallel.devices
+    if have < need:
+        raise ConfigError(f"the launched cluster has {nodes} node(s) x {per_node} device(s) = {have}, fewer than the "
+                          f"{need} devices of the layout (parallel dp x tp x pp); launch with --nodes "
+                          f"{-(-need // int(per_node))} or a smaller layout")
+
+
+def _precision_summary(job: JobConfig, scaler) -> dict[str, Any]:
+    """The summary's precision keys: fp16 adds its steps skipped for an overflow and its last scale."""
+    if job.train.precision == "fp32":
+        return {}
+    out: dict[str, Any] = {"precision": job.train.precision}
+    if scaler is not None:
+        out.update(skipped_steps=scaler.skipped_steps, loss_scale=scaler.scale)
+    return out
 
 class NonFiniteLoss(ConfigError):
     """``train.on_nonfinite: stop`` met a NaN or infinite loss or gradient."""
@@ -592,8 +457,6 @@ class _Run:
     def resume_at_start(self) -> None:
         """``checkpoint.resume``: go on from the directory's latest verified checkpoint (auto),
         insist on one (must), or refuse a directory that holds some (never)."""
-        from flowsys import checkpoint  # noqa: PLC0415
-
         ck = self.job.checkpoint
         if ck.resume == "never":
             found = checkpoint.latest(ck.dir)
@@ -618,8 +481,6 @@ class _Run:
         """The latest checkpoint that verifies; newer ones that do not (corrupt, incomplete) are
         moved aside (``.step_<N>.corrupt-<time>``, kept for a look), so that the job can save
         those steps again."""
-        from flowsys import checkpoint  # noqa: PLC0415
-
         root = Path(self.job.checkpoint.dir)
         found = checkpoint.latest_verified(root, warn=lambda m: self.log(f"warning: {m}"))
         for d in sorted(root.glob("step_*")):
@@ -630,8 +491,6 @@ class _Run:
         return found
 
     def load(self, found) -> None:
-        from flowsys import checkpoint  # noqa: PLC0415
-
         info = checkpoint.load(found, self.model, self.opt, loss_scaler=self.step.loss_scaler)
         done = info["step"]
         extra = info["extra"]
@@ -643,12 +502,11 @@ class _Run:
         self.sched._apply()
 
     def save(self, i: int) -> None:
-        from flowsys import checkpoint  # noqa: PLC0415
-
         ck = self.job.checkpoint
         path = checkpoint.save(ck.dir, self.model, self.opt, step=i, loss_scaler=self.step.loss_scaler,
                                extra={"data_step": i, "losses": [_json_float(v) for v in self.losses],
-                                      "samples": self.seen, "skipped_steps": self.step.skipped_steps})
+                                      "samples": self.seen, "skipped_steps": self.step.skipped_steps,
+                                      "job": job_to_dict(self.job)})  # what the checkpoint is of (generate, export)
         self.last_saved = str(path)
         if ck.keep:
             checkpoint.prune(ck.dir, ck.keep)
@@ -663,8 +521,6 @@ class _Run:
         if found is not None:
             self.load(found)
             return
-        from flowsys.tensor import stored  # noqa: PLC0415
-
         if any(getattr(stored(p), "_shards", None) is not None for p in self.model.parameters()):
             raise ConfigError(f"no checkpoint under {ck.dir or '(no checkpoint.dir)'} to resume from after: {error}") \
                 from error
@@ -703,9 +559,6 @@ class _Preemption:
     current step, saving first; the previous handler comes back afterwards."""
 
     def __init__(self):
-        import signal  # noqa: PLC0415
-        import threading  # noqa: PLC0415
-
         self.now = False
         self._previous = None
         if threading.current_thread() is threading.main_thread():
@@ -715,8 +568,6 @@ class _Preemption:
         self.now = True
 
     def restore(self) -> None:
-        import signal  # noqa: PLC0415
-
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
