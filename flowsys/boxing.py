@@ -6,7 +6,7 @@ of :mod:`comm`. Eager global tensors and (later) the graph compiler call these s
 and signature choice ranks candidate signatures by ``plan(...).nbytes``.
 
 Same placement, per mesh axis (T = bytes of the tensor the ranks of that mesh axis share, p =
-their number), as in DESIGN.md's table:
+their number), as in this table (OneFlow's boxing costs):
 
 =========  ==================================  ==========
 from → to  how                                 bytes
@@ -57,7 +57,7 @@ B, P = Broadcast(), PartialSum()
 
 def cost(src: SbpValue, dst: SbpValue, nbytes: float, p1: int, p2: int | None = None, *,
          same_devices: bool = True) -> float:
-    """Bytes moved converting one mesh axis from ``src`` to ``dst`` (DESIGN.md's table).
+    """Bytes moved converting one mesh axis from ``src`` to ``dst`` (the table above).
 
     ``nbytes`` is T, the logical bytes; ``p1``/``p2`` the producer/consumer device counts.
     """

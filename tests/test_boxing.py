@@ -1,4 +1,4 @@
-"""The boxing planner: every conversion of DESIGN.md's table on 1-D and 2-D meshes and between
+"""The boxing planner: every conversion of the boxing cost table (flowsys/boxing.py) on 1-D and 2-D meshes and between
 placements gives the right logical value, and moves exactly the bytes the table says."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def check_layout(out: GlobalValue, a: np.ndarray):
 
 # ------------------------------------------------------------------------- the cost function
 
-TABLE_SAME = {  # (from, to) -> bytes as a function of (T, p), DESIGN.md's "same devices" column
+TABLE_SAME = {  # (from, to) -> bytes as a function of (T, p), the table's "same devices" column
     ("S(0)", "S(0)"): lambda t, p: 0, ("S(0)", "S(1)"): lambda t, p: (p - 1) / p * t,
     ("S(0)", "B"): lambda t, p: (p - 1) * t, ("S(0)", "P"): lambda t, p: 0,
     ("B", "S(0)"): lambda t, p: 0, ("B", "B"): lambda t, p: 0, ("B", "P"): lambda t, p: 0,

@@ -1,4 +1,4 @@
-"""Import-time boundaries (DESIGN.md, "Direction of imports"), each checked in a fresh interpreter:
+"""Import-time boundaries (docs/architecture.md, "Packages": the direction of imports), each checked in a fresh interpreter:
 the shared vocabulary loads nothing of the user API, a worker's modules run without ``nn``,
 ``optim`` or ``Graph``, ``scheduler`` and ``actors`` do not use each other, and ``comm`` uses
 nothing of ours. ``import flowsys`` itself is light: its public names load on first use."""
