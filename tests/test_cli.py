@@ -273,12 +273,12 @@ def test_the_machine_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ with Ray
 @pytest.mark.timeout(240)
-def test_launch_runs_a_flowsys_train_command_on_a_simulated_cluster(tmp_path):
+def test_launch_runs_a_flowsys_train_command_on_a_cluster(tmp_path, ray_cluster):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(dump_job(job_from_dict(TINY, {"parallel.dp": 2})))
     trace = tmp_path / "trace.json"
-    done = _flowsys("launch", "--nodes", "2", "--profile", trace, "--", "flowsys", "train", job_file,
-                    "train.steps=2", timeout=220)
+    done = _flowsys("launch", "--nodes", "2", "--address", ray_cluster.address, "--profile", trace, "--", "flowsys",
+                    "train", job_file, "train.steps=2", timeout=220)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
     assert (summary["backend"], summary["devices"], summary["steps"]) == ("ray", 2, 2)

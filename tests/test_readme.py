@@ -7,7 +7,8 @@ order, each once, in one scratch directory that sees the repository's ``examples
 finds what an earlier one wrote (the checkpoint ``flowsys generate`` reads). Quick mode:
 ``flowsys train`` gets ``train.steps=2 train.eval_batches=1`` (and ``checkpoint.every=2`` when it
 names a checkpoint directory), example scripts ``--steps 2``, and ``--nodes`` is at most 4.
-Install, test and cluster-provisioning lines are skipped. ``RAY_ADDRESS=local``: a script that
+Install, test and cluster-provisioning lines are skipped. A launch joins the test session's Ray
+cluster (2 nodes, 2 devices each at most) instead of starting its own. ``RAY_ADDRESS=local``: a script that
 starts Ray starts its own cluster, as on a machine that runs nothing else, instead of joining
 another that runs here.
 
@@ -77,15 +78,28 @@ def readme_commands(text: str) -> list[str]:
     return out
 
 
-def quick(command: str) -> list[str]:
-    """The command's argv in quick mode, run by this interpreter."""
+def quick(command: str, address: str | None = None) -> list[str]:
+    """The command's argv in quick mode, run by this interpreter. With ``address`` (the test
+    session's Ray cluster of 2 nodes) a launch joins that cluster instead of starting one, its
+    devices as 2 nodes of up to 2 devices each (the same 4 ranks at most)."""
     words = shlex.split(command)
     words = ([sys.executable, "-m", "flowsys.cli"] if words[0] == "flowsys" else [sys.executable]) + words[1:]
     for i, w in enumerate(words[:-1]):
         if w == "--nodes":
-            words[i + 1] = str(min(int(words[i + 1]), 4))
-    words = [f"cluster.nodes={min(int(w.split('=', 1)[1]), 4)}" if w.startswith("cluster.nodes=") else w
-             for w in words]
+            nodes = min(int(words[i + 1]), 4)
+            words[i + 1] = str(nodes)
+            if address is not None and "--address" not in words:
+                words[i + 1:i + 2] = [str(min(nodes, 2)), "--devices-per-node", str(max(1, nodes // 2)),
+                                      "--address", address]
+            break
+    for i, w in enumerate(words):
+        if w.startswith("cluster.nodes="):
+            nodes = min(int(w.split("=", 1)[1]), 4)
+            words[i] = f"cluster.nodes={nodes}"
+            if address is not None:
+                words[i:i + 1] = [f"cluster.nodes={min(nodes, 2)}", f"cluster.devices_per_node={max(1, nodes // 2)}",
+                                  f"cluster.address={address}"]
+            break
     if "train" in words and any(w.endswith((".yaml", ".yml")) for w in words):  # flowsys train, or launched
         words += QUICK_STEPS + (["checkpoint.every=2"] if any(w.startswith("checkpoint.dir=") for w in words) else [])
     elif any(w.startswith("examples/") and w.endswith(".py") for w in words):  # the script's own arguments
@@ -117,17 +131,19 @@ def test_the_readme_has_its_commands():
         "launch", "--nodes", "4", "--", "flowsys", "train", "job.yaml", "checkpoint.dir=ck", *QUICK_STEPS,
         "checkpoint.every=2"]
     assert quick("python examples/parallel_gpt.py")[1:] == ["examples/parallel_gpt.py", "--steps", "2"]
+    assert quick("flowsys launch --nodes 4 examples/x.py", "A:1")[3:] == [
+        "launch", "--nodes", "2", "--devices-per-node", "2", "--address", "A:1", "examples/x.py", "--steps", "2"]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("command", [_param(c) for c in COMMANDS])
-def test_readme_command_runs(command, workdir):
+def test_readme_command_runs(command, workdir, ray_cluster):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("FLOWSYS_BACKEND", None)
     # a session of its own: on a timeout the command and everything it started (a launched Ray
     # cluster) are stopped together, by the group of the process this test started
-    proc = subprocess.Popen(quick(command), cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(quick(command, ray_cluster.address), cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=540)
@@ -135,7 +151,7 @@ def test_readme_command_runs(command, workdir):
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"`{command}` did not finish in 540 s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"`{command}` ({shlex.join(quick(command))}) exited {proc.returncode}:\n{out[-4000:]}"
+    assert proc.returncode == 0, f"`{command}` ({shlex.join(quick(command, ray_cluster.address))}) exited {proc.returncode}:\n{out[-4000:]}"
 
 
 def _outside(doc: Path, text: str) -> list[str]:
