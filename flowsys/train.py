@@ -407,13 +407,11 @@ def _check_launched_cluster(job: JobConfig) -> None:
 
 
 def _precision_summary(job: JobConfig, scaler) -> dict[str, Any]:
-    """The summary's precision keys: fp16 adds its steps skipped for an overflow and its last scale."""
+    """The summary's precision keys: fp16 adds its last loss scale (its skipped steps are the
+    summary's ``skipped_steps``)."""
     if job.train.precision == "fp32":
         return {}
-    out: dict[str, Any] = {"precision": job.train.precision}
-    if scaler is not None:
-        out.update(skipped_steps=scaler.skipped_steps, loss_scale=scaler.scale)
-    return out
+    return {"precision": job.train.precision, **({"loss_scale": scaler.scale} if scaler is not None else {})}
 
 class NonFiniteLoss(ConfigError):
     """``train.on_nonfinite: stop`` met a NaN or infinite loss or gradient."""

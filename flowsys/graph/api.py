@@ -134,7 +134,7 @@ class Graph:
                              f"{precision!r}; got {reduce_in!r}")
         reduce_low = reduce_in is not None and low_dtype(reduce_in) is not None
         skip = bool(self.config.skip_nonfinite)
-        key = self._last_key = self._key(args) + (k, stage, clip, precision, reduce_low, skip)
+        key = self._compiled_key = self._key(args) + (k, stage, clip, precision, reduce_low, skip)
         if precision == "fp16" and self.loss_scaler is None:
             self.loss_scaler = LossScaler()
         if key not in self._compiled:
@@ -207,7 +207,7 @@ class Graph:
 
     def __call__(self, *args):
         ir = self.compile(*args)
-        self._key_last = self._last_key
+        self._key_last = self._compiled_key  # (the step the reports below describe)
         _, executor, session = self._compiled[self._key_last]
         tensors = [a._data for a in args if isinstance(a, Tensor)]
         scale = None

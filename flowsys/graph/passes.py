@@ -404,6 +404,21 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
             + ((("per_step", True),) if per_step else ())
         return Node(next(ids), "boxing", "to_global", (src,), (out.id,), attrs, phase), out.id
 
+    forward = [m for m in g.nodes if m.kind == "op" and m.phase == "forward"]
+    readers: dict[int, list[Node]] = {}  # value -> the op nodes reading it, in graph order
+    for m in g.nodes:
+        if m.kind == "op":
+            for i in dict.fromkeys(m.inputs):
+                readers.setdefault(i, []).append(m)
+
+    def gathered(var: Value) -> int:
+        """What a sharded variable's gathers move: its precision cast when that is its only
+        forward use (cast once per step, so the gathers move the low dtype), else itself."""
+        users = [m for m in readers.get(var.id, ()) if m.phase == "forward"]
+        if len(users) == 1 and users[0].op == "astype" and values[users[0].outputs[0]].dtype.itemsize < var.dtype.itemsize:
+            return users[0].outputs[0]
+        return var.id
+
     before: dict[int, list[Node]] = {}  # node id -> nodes to insert just before it
     after: dict[int, list[Node]] = {}
     replace_in: dict[int, dict[int, int]] = {}  # node id -> {old input: new input}
@@ -415,29 +430,19 @@ def zero(g: Graph, *, zero_stage: int = 0, **_) -> Graph:
         shard = var.sbp if zero_stage == 3 or masters else zero_shard(var, axis)
         if masters:
             # the cast of the master shard gathered once per step, read by forward and backward
-            src = var.id
-            users = [m for m in g.nodes if m.kind == "op" and m.phase == "forward" and src in m.inputs]
-            if len(users) == 1 and users[0].op == "astype" and \
-                    values[users[0].outputs[0]].dtype.itemsize < var.dtype.itemsize:
-                src = users[0].outputs[0]
-            readers = [m for m in g.nodes if m.kind == "op" and m.phase != "optimizer" and src in m.inputs]
-            if readers:
+            src = gathered(var)
+            used = [m for m in readers.get(src, ()) if m.phase != "optimizer"]
+            if used:
                 node, whole = pinned(src, full, "forward", per_step=True)
-                before.setdefault(readers[0].id, []).append(node)
-                for m in readers:
+                before.setdefault(used[0].id, []).append(node)
+                for m in used:
                     replace_in.setdefault(m.id, {})[src] = whole
         if zero_stage == 3:
             # gather where forward uses it; backward gathers again and recomputes what forward
             # derived from the parameter alone (a transpose, a reshape), so no gathered copy
             # lives from forward to backward
-            forward = [m for m in g.nodes if m.kind == "op" and m.phase == "forward"]
-            src = var.id
-            users = [m for m in forward if src in m.inputs]
-            if len(users) == 1 and users[0].op == "astype" and \
-                    values[users[0].outputs[0]].dtype.itemsize < var.dtype.itemsize:
-                # the precision policy's cast (once per step): the shard is cast, the gathers move 2 bytes
-                src = users[0].outputs[0]
-                users = [m for m in forward if src in m.inputs]
+            src = gathered(var)
+            users = [m for m in readers.get(src, ()) if m.phase == "forward"]
             if users:
                 node, fwd = pinned(src, full, "forward")
                 before.setdefault(users[0].id, []).append(node)
