@@ -150,8 +150,9 @@ class RankRuntime:
     """
 
     def __init__(self, rank_plan, comm: Communicator, index: dict[int, int] | None = None,
-                 timeout: float = 60.0, record: bool = True):
+                 timeout: float = 60.0, record: bool = True, clock: Callable[[], float] = time.time):
         self.rp, self.comm, self.timeout, self.record = rank_plan, comm, timeout, record
+        self.clock = clock  # the firings' timestamps: wall time, or the cost model's simulated clock
         self.index = index if index is not None else {r: r for r in range(comm.world_size)}
         self.decls = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rank_plan.values}
         self.registers = {v.id: max(1, getattr(v, "registers", 1) or 1) for v in rank_plan.values}
@@ -256,6 +257,7 @@ class RankRuntime:
         if self.hoisted is None:
             self._build()
         self._run_per_step()  # once per step, before the pieces
+        self.current = "the micro-batches"
         self.piece_inputs = {vid: [_micro(a, i, k) for i in range(k)] for vid, a in fed.items() if vid in inputs}
         self.seeds = seeds
         self.k = k
@@ -353,7 +355,7 @@ class RankRuntime:
 
     def _run_unit(self, j: int) -> None:
         ops, env = self.units[j], self.env
-        op, start = ops[0], time.time()
+        op, start = ops[0], self.clock()
         self.current = f"{op.op} (op {op.id}, optimizer phase)"
         if "optimizer" not in self.phases_entered:
             self._enter("optimizer")
@@ -388,7 +390,7 @@ class RankRuntime:
                     n = int(np.prod(shape))
                     self.env[o.outputs[0]] = flat[at:at + n].reshape(shape)
                     at += n
-            end = time.time()
+            end = self.clock()
             for o in ops:  # one firing of the bucket's collective, recorded for each member
                 self._note(o, OPTIMIZER_PIECE, e.start, end)
             self._unit_done(ops)
@@ -484,11 +486,12 @@ class RankRuntime:
             moved, finished = self._arrived(wake)
             done += finished
             progressed = self._drive_optimizer() or moved or progressed
-            # receives whose message arrived
+            # receives whose message arrived and that may fire (not when the rank's window or the
+            # receive's register is full: that would spin instead of waiting)
             if not progressed:
                 for a in self.actors:
                     if a.op.kind == "recv" and not a.busy and a.piece < self.k and a.index not in queued \
-                            and mailbox.ready(self.index[a.op.peer], tag(a.op.channel, a.piece)):
+                            and self._can_fire(a):
                         queued.add(a.index)
                         heapq.heappush(ready, (a.late, a.piece, a.index))
                         progressed = True
@@ -546,7 +549,7 @@ class RankRuntime:
     def _fire(self, a: _Actor) -> list[_Actor]:
         """Fire ``a`` for its next piece; the actors that may have become ready."""
         op, p = a.op, a.piece
-        start = time.time()
+        start = self.clock()
         if p not in self._open:
             self._open[p] = len(self.actors)  # firings left before this piece is done here
         for v in a.outputs:  # claim the output registers
@@ -602,7 +605,7 @@ class RankRuntime:
             del self._open[p]
             woken.extend(b for b in self.actors if b.piece < self.k and not b.busy)
         if a.members:  # one firing of the bucket's collective, recorded for each member
-            end = time.time()
+            end = self.clock()
             for m in a.members:
                 self._note(m, p, start, end)
         else:
@@ -621,7 +624,7 @@ class RankRuntime:
 
     def _note(self, op, piece: int, start: float, end: float | None = None) -> None:
         if self.record:
-            self.timeline.append((op.id, piece, start, time.time() if end is None else end))
+            self.timeline.append((op.id, piece, start, self.clock() if end is None else end))
 
     # ------------------------------------------------------------------- communication actors
     def _start(self, a: _Actor, comm: _Comm, start: float) -> list[_Actor]:
@@ -693,7 +696,7 @@ class RankRuntime:
                         op.kind == "recv" and not mailbox.ready(self.index[op.peer], tag(op.channel, piece))):
                     waiting.append((j, op))
                     continue
-                progressed, start = True, time.time()
+                progressed, start = True, self.clock()
                 self.current = f"{op.op} (op {op.id}, per step)"
                 if op.phase not in self.phases_entered:
                     self._enter(op.phase)
@@ -750,7 +753,7 @@ class RankRuntime:
         (every rank's chunk, in group order) is split back into each member's gathered value
         along its own axis, from every rank's shard shape (the ``shards`` attribute)."""
         group = list(members[0].group)
-        flat = np.concatenate([contiguous(x).reshape(-1) for x in ins])
+        flat = np.concatenate([x.reshape(-1) for x in ins])
         layout = []
         for m in members:
             attrs = decode_attrs(m.attrs)

@@ -8,7 +8,7 @@ For each backend, ``flowsys.calibrate.calibrate`` first measures the runtime's t
 probe graphs (a chain of trivial ops, a one-layer GPT, a matmul/GELU/layer-norm mix on 1, 2 and
 4 ranks, all-gathers between two ranks); none of them is a model judged here. Then, per layout,
 the tiny GPT (2 layers, width 64, 4 heads, vocab 256, 64 tokens, batch 16, AdamW) is compiled,
-``scheduler.cost.predict`` predicts its step from the plan, and the median of ``--steps`` timed
+``flowsys.plan.predict`` (the actor runtime on a simulated clock) predicts its step from the plan, and the median of ``--steps`` timed
 steps (after 3 warm-up steps) is measured. The ratio is predicted / measured; the target is
 within 25 % (0.75 to 1.25) for every layout.
 
@@ -32,7 +32,7 @@ from flowsys.calibrate import as_yaml, calibrate
 from flowsys.placement import placement
 from flowsys.plan import build
 from flowsys.train import job_from_dict
-from scheduler.cost import predict
+from flowsys.plan import predict
 
 MODEL = dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True)
 LAYOUTS = {"single": {}, "dp2": dict(dp=2), "tp2": dict(tp=2), "pp2 x 4 micro-batches": dict(pp=2, micro_batches=4),

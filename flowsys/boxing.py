@@ -346,14 +346,17 @@ STEPS: dict[str, tuple[str, Callable]] = {  # name -> (plan op kind, fn(attrs, m
     "zeros": ("local", _zeros),
     "take_shard": ("local", _take_shard),
     "identity": ("local", lambda attrs, me, n, x, xp: x),
-    "all_reduce": ("collective", lambda attrs, me, n, x, xp: _alg.ring_all_reduce(me, n, x)),
-    "all_reduce_max": ("collective", lambda attrs, me, n, x, xp: _alg.ring_all_reduce(me, n, x, op="max")),
-    "reduce_scatter_max": ("collective", lambda attrs, me, n, x, xp:
-                           _alg.ring_reduce_scatter(me, n, x, axis=parse(attrs["dst"]).axis, op="max")),
+    # ``node_size`` (attrs, > 1): the hierarchical schedules (node, then rail); else the flat rings
+    "all_reduce": ("collective", lambda attrs, me, n, x, xp:
+                   _alg.hierarchical_all_reduce(me, n, x, attrs.get("node_size", 1))),
+    "all_reduce_max": ("collective", lambda attrs, me, n, x, xp:
+                       _alg.hierarchical_all_reduce(me, n, x, attrs.get("node_size", 1), op="max")),
+    "reduce_scatter_max": ("collective", lambda attrs, me, n, x, xp: _alg.hierarchical_reduce_scatter(
+        me, n, x, attrs.get("node_size", 1), axis=parse(attrs["dst"]).axis, op="max")),
     "all_gather": ("collective", lambda attrs, me, n, x, xp:
-                   _alg.ring_all_gather(me, n, x, axis=parse(attrs["src"]).axis)),
-    "reduce_scatter": ("collective", lambda attrs, me, n, x, xp:
-                       _alg.ring_reduce_scatter(me, n, x, axis=parse(attrs["dst"]).axis)),
+                   _alg.hierarchical_all_gather(me, n, x, attrs.get("node_size", 1), axis=parse(attrs["src"]).axis)),
+    "reduce_scatter": ("collective", lambda attrs, me, n, x, xp: _alg.hierarchical_reduce_scatter(
+        me, n, x, attrs.get("node_size", 1), axis=parse(attrs["dst"]).axis)),
     "all_to_all": ("collective", lambda attrs, me, n, x, xp: _alg.pairwise_all_to_all(
         me, n, x, split_axis=parse(attrs["dst"]).axis, concat_axis=parse(attrs["src"]).axis)),
 }

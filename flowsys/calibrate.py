@@ -34,7 +34,8 @@ import numpy as np
 from flowsys.graph.api import Graph
 from flowsys.placement import placement
 from flowsys.sbp import broadcast, split
-from scheduler.cost import Hardware, Link, clear_kernel_times, feed_bytes, load_hardware, predict
+from flowsys.plan import predict
+from scheduler.cost import Hardware, Link, clear_kernel_times, feed_bytes, load_hardware
 
 
 class _Probe(Graph):

@@ -1,7 +1,8 @@
 """The ``flowsys`` command line.
 
     flowsys train JOB.yaml [section.key=value ...]   # config-driven GPT training (--help lists every key)
-    flowsys plan JOB.yaml --devices N [--hardware SPEC] [--every-rank] [--json] [section.key=value ...]
+    flowsys plan JOB.yaml --devices N [--hardware SPEC [--trace PATH]] [--every-rank] [--json] [section.key=value ...]
+    flowsys plan JOB.yaml --devices N --auto [--hardware SPEC] [--top K] [--simulate K] [--time-budget S] [--json]
     flowsys launch [--nodes N] [--devices-per-node K] [--device cpu|cuda] [--address ADDR] [--profile TRACE.json]
                    (script.py [args] | -- flowsys train JOB.yaml [...])
     flowsys prepare SRC --out DIR [...]               # text -> token shards for data.source
@@ -53,10 +54,20 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     plan.add_argument("job", help="YAML job file")
     plan.add_argument("--devices", type=int, required=True)
     plan.add_argument("--every-rank", action="store_true", help="lower every rank, not one per pipeline stage")
+    plan.add_argument("--auto", action="store_true",
+                      help="search the layout (dp, tp, pp, ZeRO, micro-batches, checkpointing) for the devices; "
+                           "predicts on --hardware, else the job's train.hardware, else cpu")
+    plan.add_argument("--top", type=int, default=5, help="with --auto: layouts shown (default 5)")
+    plan.add_argument("--simulate", type=int, default=8,
+                      help="with --auto: layouts the cost model simulates after the analytic pre-filter (default 8)")
+    plan.add_argument("--time-budget", type=float, default=200.0, metavar="S",
+                      help="with --auto: start no simulation after S seconds, once one has run (default 200)")
     plan.add_argument("--json", action="store_true", help="print the summary as JSON")
     plan.add_argument("--hardware", default=None, metavar="SPEC",
                       help="predict step time, tokens/s, MFU and memory fit on this hardware spec "
-                           "(cpu, a100-80g, h100-80g, or a YAML file)")
+                           "(cpu, a100-40g, a100-80g, h100-80g, h200, or a YAML file)")
+    plan.add_argument("--trace", default=None, metavar="PATH",
+                      help="with --hardware: write the simulated step as a Perfetto trace (fs.profile's format)")
     plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides")
     launch = sub.add_parser("launch", help="run a script or a flowsys command as the driver of a Ray cluster",
                             usage="flowsys launch [options] (script.py [args] | -- flowsys COMMAND [args])")
@@ -109,8 +120,21 @@ def _plan(args) -> int:
     from flowsys.job import load_job, parse_overrides  # noqa: PLC0415
     from flowsys.plan import format_plan, plan_job  # noqa: PLC0415
 
+    if args.auto:
+        from flowsys.autoplan import format_search, search  # noqa: PLC0415
+
+        if args.trace or args.every_rank:
+            raise ConfigError("flowsys plan: --auto searches the layout; run plan with --trace or --every-rank "
+                              "on the layout it finds (its overrides are printed)")
+        result = search(load_job(args.job, parse_overrides(args.overrides)), args.devices, args.hardware,
+                        top=args.top, simulate=args.simulate, time_budget=args.time_budget)
+        print(json.dumps(result.to_dict(), indent=2) if args.json else format_search(result))
+        return 0
+    if args.trace and not args.hardware:
+        raise ConfigError("flowsys plan: --trace writes the predicted step, so it needs --hardware SPEC "
+                          "(e.g. --hardware a100-80g)")
     summary = plan_job(load_job(args.job, parse_overrides(args.overrides)), args.devices, args.every_rank,
-                       hardware=args.hardware)
+                       hardware=args.hardware, trace=args.trace)
     print(json.dumps(summary, indent=2) if args.json else format_plan(summary))
     return 0
 

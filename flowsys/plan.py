@@ -102,13 +102,37 @@ def model_flops(job) -> int:
     return graph_flops(_compile(job, job.parallel.devices)[2])
 
 
+def predict(plan, hw, **options):
+    """The cost model's prediction of one step of ``plan`` on ``hw``: the actor runtime run on a
+    simulated clock (``actors.sim.predict``), with each distinct kernel timed on this machine
+    where the spec says ``kernels: measure``."""
+    from actors.sim import predict as simulate  # noqa: PLC0415
+    from scheduler.cost import measure_collective, measure_kernel  # noqa: PLC0415
+
+    if hw.kernels == "measure":
+        options.setdefault("kernel_time", measure_kernel)
+        options.setdefault("collective_time", measure_collective)
+    return simulate(plan, hw, **options)
+
+
+def write_trace(pred, path, plan, ir=None) -> str:
+    """The simulated step as a Chrome / Perfetto trace in ``fs.profile``'s format (a process per
+    rank, a track per actor, times from the step's start on the simulated clock)."""
+    from flowsys.profiler import Profile  # noqa: PLC0415
+
+    prof = Profile(path)
+    boxing = {n.id: n.op for n in ir.nodes if n.kind == "boxing"} if ir is not None else {}
+    prof.add("predicted", pred.timeline, boxing)
+    return prof.save(path)
+
+
 def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None = None,
-             backend: str | None = None) -> dict[str, Any]:
+             backend: str | None = None, trace: str | None = None) -> dict[str, Any]:
     """Compile without running; the summary ``flowsys plan`` prints. With ``hardware`` (a spec
     name or YAML path, see ``scheduler/hardware/``), also the cost model's prediction: step
     time, tokens/s, MFU, what bounds the step, and whether each rank's memory fits."""
     from flowsys.planformat import plan_pb2  # noqa: PLC0415
-    from scheduler.cost import graph_flops, load_hardware, predict  # noqa: PLC0415
+    from scheduler.cost import graph_flops, load_hardware, megatron_flops  # noqa: PLC0415
     from scheduler.lower import _Lowering  # noqa: PLC0415
 
     if devices < 1:
@@ -160,7 +184,11 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
     if hw is not None:
         t0 = time.perf_counter()
         plan = plan_pb2.Plan(ranks=list(ranks.values()), micro_batches=k)
-        pred = predict(plan, hw, world=devices)
+        # a stage's first rank stands for the stage's other ranks, unless every rank is simulated
+        reps = None if every_rank else {int(pl.ranks[0]): [int(q) for q in pl.ranks] for pl in placements}
+        pred = predict(plan, hw, world=devices, stands_for=reps, record=trace is not None)
+        if trace is not None:
+            summary["trace"] = write_trace(pred, trace, plan, ir)
         flops = graph_flops(ir)
         compute = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[job.train.precision]
         peak = hw.peak(compute) * (1 if hw.device == "cpu" else devices)  # simulated CPU devices share one peak
@@ -170,8 +198,14 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
             r["predicted"] = dict(finish_s=cost.finish_s, compute_s=cost.compute_s, comm_wait_s=cost.comm_s,
                                   shared_cores_s=cost.shared_s, idle_s=cost.idle_s, flops=cost.flops,
                                   fits=total <= hw.memory)
+        m = job.model  # Megatron-LM's count (Eq. 3, full recompute): the figure its papers report per GPU
+        eq3 = megatron_flops(job.data.batch_size, m.block_size, m.n_layer, m.n_embd, m.vocab_size)
+        gpus = 1 if hw.device == "cpu" else devices
         summary["prediction"] = dict(hardware=hw.name, step_s=pred.step_s, tokens_per_s=tokens / pred.step_s,
                                      model_flops=flops, mfu=flops / (pred.step_s * peak), bound=pred.bound,
+                                     megatron_flops=eq3, tflops_per_gpu=flops / pred.step_s / gpus / 1e12,
+                                     tflops_per_gpu_eq3=eq3 / pred.step_s / gpus / 1e12,
+                                     simulated_micro_batches=pred.micro_batches,
                                      driver_s=pred.overhead_s, device_memory=hw.memory,
                                      predict_s=round(time.perf_counter() - t0, 3))
     return summary
@@ -209,6 +243,9 @@ def format_plan(summary: dict[str, Any]) -> str:
         lines.append(f"predicted on {pred['hardware']}: {pred['step_s'] * 1e3:,.2f} ms per step, "
                      f"{pred['tokens_per_s']:,.0f} tokens/s, MFU {pred['mfu']:.1%} "
                      f"({pred['model_flops'] / 1e12:,.3f} TFLOP per step); bound by {pred['bound']}")
+        lines.append(f"TFLOP/s per device: {pred['tflops_per_gpu_eq3']:,.1f} counted as Megatron-LM does (Eq. 3, "
+                     f"{pred['megatron_flops'] / 1e12:,.0f} TFLOP per step), {pred['tflops_per_gpu']:,.1f} by "
+                     f"flowsys's own count; simulated in {pred['predict_s']:.1f} s")
         lines.append(f"{'rank':>6} {'finish ms':>10} {'compute ms':>11} {'comm wait ms':>13} {'shared ms':>10} "
                      f"{'idle ms':>9}  memory")
         for r in summary["ranks"]:

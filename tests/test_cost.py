@@ -15,7 +15,9 @@ from flowsys.models import GPT, GPTConfig
 from flowsys.plan import model_flops, plan_job
 from flowsys.train import job_from_dict, run
 from helpers import TrainStep
-from scheduler.cost import Hardware, Link, available, graph_flops, load_hardware, op_flops, predict
+from actors.sim import Simulator
+from flowsys.plan import predict
+from scheduler.cost import Hardware, Link, available, graph_flops, load_hardware, op_flops
 
 B, S = fs.sbp.broadcast, fs.sbp.split
 
@@ -160,7 +162,9 @@ def test_ranks_sharing_cores_slow_each_other_down():
     measured = alone.replace(cores_per_node=2, parallel_ranks={1: 1.0, 2: 1.5})
     pred = predict(chain.plan(), measured)
     assert pred.step_s == pytest.approx(t * 2 / 1.5)
-    assert pred.ranks[0].shared_s == pytest.approx(t * (2 / 1.5 - 1))  # time spent waiting for a core
+    # time spent waiting for a core (a firing runs at the speed for the ranks busy as it starts,
+    # so the rank whose first firing started alone waited a little less)
+    assert max(r.shared_s for r in pred.ranks) == pytest.approx(t * (2 / 1.5 - 1))
 
 
 class Stages(fs.Graph):
@@ -200,12 +204,10 @@ def test_a_pipeline_pays_its_bubble(stages, micro):
 
 
 def test_long_pipelines_are_extended_exactly():
-    from scheduler.cost import _Simulation
-
     g = Stages(2, 40)
     g.compile(g.x)
     hw = _ideal(memory_bandwidth=float("inf"))
-    full = _Simulation(g.plan(), hw, 2)
+    full = Simulator(g.plan(), hw, 2)
     full.run()
     extended = predict(g.plan(), hw)  # 40 micro-batches: simulated at 6 and 8, extended linearly
     assert extended.step_s == pytest.approx(max(c.finish_s for c in full.costs()), rel=1e-6)

@@ -244,7 +244,8 @@ def test_default_buckets_of_a_wider_model_overlap_backward():
 
 # --------------------------------------------------------------------------- cost model
 def test_the_cost_model_overlaps_bucket_all_reduces_with_backward():
-    from scheduler.cost import Hardware, Link, _Simulation, predict
+    from actors.sim import Simulator, predict
+    from scheduler.cost import Hardware, Link
 
     placement = fs.placement("cpu", [0, 1])
     layers = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)])
@@ -270,14 +271,14 @@ def test_the_cost_model_overlaps_bucket_all_reduces_with_backward():
                   wire_bandwidth=float("inf"))
     plan = scheduler.lower(g.ir, bucket_bytes=2 * 8 * 8 * 4)  # two gradients a bucket
     assert [len(b) for b in _bucketed(plan)[0]] == [2, 2, 2]
-    sim = _Simulation(plan, hw, 2)
+    sim = Simulator(plan, hw, 2, record=True)
     sim.run()
-    tasks = sim.tasks[0]
-    backward_ends = max(t.done for t in tasks if t.op.phase == "backward")
-    reduces = sorted(t.done for t in tasks if t.op.kind == "collective" and t.op.phase == "optimizer")
+    fired = [f for f in sim.timeline() if f.rank == 0]
+    backward_ends = max(f.end for f in fired if f.phase == "backward")
+    reduces = sorted({f.end for f in fired if f.kind == "collective" and f.phase == "optimizer"})
     assert len(reduces) == 3  # one collective a bucket
     assert reduces[0] < backward_ends
-    assert max(t.done for t in tasks if t.op.kind == "update") >= backward_ends
+    assert max(f.end for f in fired if f.kind == "update") >= backward_ends
     # three collectives' firings instead of six: the step is shorter by their overhead
     alone = predict(scheduler.lower(g.ir, bucket_bytes=0), hw).step_s
     assert predict(plan, hw).step_s == pytest.approx(alone - 3e-3, rel=1e-6)

@@ -13,7 +13,8 @@ from flowsys.errors import ArgumentError, DTypeError
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_blocks
-from flowsys.ops.registry import Spec, broadcast_shapes, is_floating, register, result_dtype, sum_to_shape
+from flowsys.ops.registry import (Cost, Spec, broadcast_shapes, flops_per_output, is_floating, moved, register,
+                                  result_dtype, sum_to_shape)
 
 B, P = R.B, R.P
 
@@ -51,23 +52,29 @@ def _pointwise_rows(*partial):
 
 _no_partial = _pointwise_rows()
 
+# The family's cost: one operation per output element, each input read and the output written
+# once; the ops that make more per element (pow, tanh, gelu) register their own count.
+_ELEMENTWISE = flops_per_output(1)
+
 # --------------------------------------------------------------------------------- arithmetic
 
 
 @register("add", infer=_binary("add"), sbp=_pointwise_rows(((P, P), "the sum of partial sums is a partial sum of the sum")),
+          cost=_ELEMENTWISE,
           grad=lambda b, g, out, x, y: [sum_to_shape(b, g, x.shape), sum_to_shape(b, g, y.shape)])
 def add(xp, x, y):
     return xp.add(x, y)
 
 
 @register("sub", infer=_binary("sub"), sbp=_pointwise_rows(((P, P), "the difference of partial sums is a partial sum")),
+          cost=_ELEMENTWISE,
           grad=lambda b, g, out, x, y: [sum_to_shape(b, g, x.shape),
                                         sum_to_shape(b, b.neg(g), y.shape) if b.needs[1] else None])
 def sub(xp, x, y):
     return xp.subtract(x, y)
 
 
-@register("mul", infer=_binary("mul"),
+@register("mul", infer=_binary("mul"), cost=_ELEMENTWISE,
           sbp=_pointwise_rows(((P, B), "mul is linear in its first operand"), ((B, P), "mul is linear in its second operand")),
           grad=lambda b, g, out, x, y: [sum_to_shape(b, b.mul(g, y), x.shape) if b.needs[0] else None,
                                         sum_to_shape(b, b.mul(g, x), y.shape) if b.needs[1] else None])
@@ -76,13 +83,14 @@ def mul(xp, x, y):
 
 
 @register("div", infer=_binary("div"), sbp=_pointwise_rows(((P, B), "dividing by a replicated value is linear")),
+          cost=_ELEMENTWISE,
           grad=lambda b, g, out, x, y: [sum_to_shape(b, b.div(g, y), x.shape) if b.needs[0] else None,
                                         sum_to_shape(b, b.neg(b.mul(g, b.div(out, y))), y.shape) if b.needs[1] else None])
 def div(xp, x, y):
     return xp.true_divide(x, y)
 
 
-@register("neg", infer=_same, sbp=_pointwise_rows(((P,), "neg is linear")),
+@register("neg", infer=_same, sbp=_pointwise_rows(((P,), "neg is linear")), cost=_ELEMENTWISE,
           grad=lambda b, g, out, x: [b.neg(g)])
 def neg(xp, x):
     return xp.negative(x)
@@ -97,28 +105,30 @@ def _pow_grad(b, g, out, x, y):
     return [gx, gy]
 
 
-@register("pow", infer=_binary("pow"), sbp=_no_partial, grad=_pow_grad)
+@register("pow", infer=_binary("pow"), sbp=_no_partial, grad=_pow_grad, cost=flops_per_output(2))
 def pow_(xp, x, y):
     return xp.power(x, y)
 
 
-@register("exp", infer=_float_unary("exp"), sbp=_no_partial, grad=lambda b, g, out, x: [b.mul(g, out)])
+@register("exp", infer=_float_unary("exp"), sbp=_no_partial, grad=lambda b, g, out, x: [b.mul(g, out)],
+          cost=_ELEMENTWISE)
 def exp(xp, x):
     return xp.exp(x)
 
 
-@register("log", infer=_float_unary("log"), sbp=_no_partial, grad=lambda b, g, out, x: [b.div(g, x)])
+@register("log", infer=_float_unary("log"), sbp=_no_partial, grad=lambda b, g, out, x: [b.div(g, x)],
+          cost=_ELEMENTWISE)
 def log(xp, x):
     return xp.log(x)
 
 
-@register("sqrt", infer=_float_unary("sqrt"), sbp=_no_partial,
+@register("sqrt", infer=_float_unary("sqrt"), sbp=_no_partial, cost=_ELEMENTWISE,
           grad=lambda b, g, out, x: [b.div(b.mul(g, 0.5), out)])
 def sqrt(xp, x):
     return xp.sqrt(x)
 
 
-@register("tanh", infer=_float_unary("tanh"), sbp=_no_partial,
+@register("tanh", infer=_float_unary("tanh"), sbp=_no_partial, cost=flops_per_output(4),
           grad=lambda b, g, out, x: [b.mul(g, b.sub(1.0, b.mul(out, out)))])
 def tanh(xp, x):
     return xp.tanh(x)
@@ -132,7 +142,7 @@ def _maximum_grad(b, g, out, x, y):
     return [gx, gy]
 
 
-@register("maximum", infer=_binary("maximum"), sbp=_no_partial, grad=_maximum_grad)
+@register("maximum", infer=_binary("maximum"), sbp=_no_partial, grad=_maximum_grad, cost=_ELEMENTWISE)
 def maximum(xp, x, y):
     return xp.maximum(x, y)
 
@@ -143,7 +153,7 @@ def _where_infer(c: Spec, x: Spec, y: Spec) -> Spec:
     return Spec(broadcast_shapes("where", c, x, y), result_dtype(x, y))
 
 
-@register("where", infer=_where_infer,
+@register("where", infer=_where_infer, cost=_ELEMENTWISE,
           sbp=_pointwise_rows(((B, P, P), "selecting with a replicated mask is linear in the selected values")),
           grad=lambda b, g, out, c, x, y: [
               None,
@@ -163,7 +173,12 @@ def _astype_rows(specs, attrs):
     return R.pointwise(specs, partial)
 
 
-@register("astype", infer=_astype_infer, sbp=_astype_rows, low_precision="native",
+def _astype_cost(ins, outs, attrs):
+    """A copy into the new type; none when the type is already right (``copy=False``)."""
+    return Cost(0, 0 if ins[0].dtype == outs[0].dtype else moved(ins, outs))
+
+
+@register("astype", infer=_astype_infer, sbp=_astype_rows, low_precision="native", cost=_astype_cost,
           grad=lambda b, g, out, x, *, dtype: [b.astype(g, dtype=x.dtype) if is_floating(x.dtype) else None])
 def astype(xp, x, *, dtype):
     return x.astype(dtype, copy=False)
@@ -174,11 +189,11 @@ def astype(xp, x, *, dtype):
 
 for _name, _fn in [("eq", "equal"), ("ne", "not_equal"), ("lt", "less"), ("le", "less_equal"),
                    ("gt", "greater"), ("ge", "greater_equal")]:
-    register(_name, infer=_compare(_name), sbp=_no_partial)(
+    register(_name, infer=_compare(_name), sbp=_no_partial, cost=_ELEMENTWISE)(
         (lambda f: lambda xp, x, y: getattr(xp, f)(x, y))(_fn))
 
 
-@register("logical_not", infer=lambda x: Spec(x.shape, np.dtype(bool)), sbp=_no_partial)
+@register("logical_not", infer=lambda x: Spec(x.shape, np.dtype(bool)), sbp=_no_partial, cost=_ELEMENTWISE)
 def logical_not(xp, x):
     return xp.logical_not(x)
 
@@ -186,7 +201,7 @@ def logical_not(xp, x):
 # --------------------------------------------------------------------------------- activations
 
 
-@register("relu", infer=_same, sbp=_no_partial,
+@register("relu", infer=_same, sbp=_no_partial, cost=_ELEMENTWISE,
           grad=lambda b, g, out, x: [b.where(b.gt(x, 0.0), g, 0.0)])
 def relu(xp, x):
     return xp.maximum(x, 0)
@@ -217,7 +232,7 @@ def _gelu_infer(x: Spec, *, approximate: str = "none") -> Spec:
     return _float_unary("gelu")(x)
 
 
-@register("gelu", infer=_gelu_infer, sbp=_no_partial,
+@register("gelu", infer=_gelu_infer, sbp=_no_partial, cost=flops_per_output(10),
           grad=lambda b, g, out, x, *, approximate="none": [b.gelu_grad(x, out, g, approximate=approximate)])
 def gelu(xp, x, *, approximate="none"):
     if fused.usable(xp, x):
@@ -232,6 +247,7 @@ def _gelu(xp, x, approximate):
 
 
 @register("gelu_grad", infer=lambda x, y, g, *, approximate="none": Spec(x.shape, result_dtype(x, g)),
+          cost=flops_per_output(14),
           sbp=_pointwise_rows(((B, B, P), "the gradient is linear in the incoming gradient")))
 def gelu_grad(xp, x, y, g, *, approximate="none"):
     """g * d gelu(x)/dx, reusing the forward output ``y = x * cdf(x)``: cdf = y / x, so the

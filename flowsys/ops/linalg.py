@@ -9,7 +9,7 @@ import numpy as np
 
 from flowsys.errors import ShapeError
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.registry import SbpRow, Spec, register, result_dtype, sum_to_shape
+from flowsys.ops.registry import Cost, SbpRow, Spec, moved, numel, register, result_dtype, sum_to_shape
 from flowsys.sbp import PartialSum, Split
 
 B, P, S = R.B, R.P, R.S
@@ -76,7 +76,13 @@ def _matmul_grad(b, g, out, x, y):
     return [gx, gy]
 
 
-@register("matmul", infer=lambda a, b: Spec(_matmul_shape(a, b), result_dtype(a, b)), sbp=_matmul_rows, grad=_matmul_grad)
+def _matmul_cost(ins, outs, attrs):
+    """Every output element is a dot product over k (1-D operands included: NumPy's rules)."""
+    return Cost(2 * numel(outs[0]) * ins[0].shape[-1], moved(ins, outs), gemm=True)
+
+
+@register("matmul", infer=lambda a, b: Spec(_matmul_shape(a, b), result_dtype(a, b)), sbp=_matmul_rows,
+          grad=_matmul_grad, cost=_matmul_cost)
 def matmul(xp, a, b):
     if b.ndim == 2 and a.ndim > 2:
         # One large GEMM instead of a batch of small ones.
@@ -141,9 +147,14 @@ def _grad_weight_subscripts(g: Spec, x: Spec) -> tuple[tuple[str, str], str]:
     return (out_sub, x_sub), w_sub
 
 
+def _linear_grad_cost(ins, outs, attrs):
+    """Both gradients of linear: every element of ``g`` meets every in-feature once."""
+    return Cost(2 * numel(ins[0]) * outs[0].shape[-1], moved(ins, outs), gemm=True)
+
+
 @register("linear_grad_input",
           infer=lambda g, w: Spec(g.shape[:g.ndim - (w.ndim - 1)] + w.shape[-1:], result_dtype(g, w)),
-          sbp=lambda specs, attrs: R.einsum(*_grad_input_subscripts(*specs), specs))
+          sbp=lambda specs, attrs: R.einsum(*_grad_input_subscripts(*specs), specs), cost=_linear_grad_cost)
 def linear_grad_input(xp, g, w):
     """``g @ w`` over all of the weight's out-feature axes: linear's input gradient, one GEMM."""
     batch = g.shape[:g.ndim - (w.ndim - 1)]
@@ -153,7 +164,7 @@ def linear_grad_input(xp, g, w):
 
 @register("linear_grad_weight",
           infer=lambda g, x: Spec(g.shape[x.ndim - 1:] + x.shape[-1:], result_dtype(g, x)),
-          sbp=lambda specs, attrs: R.einsum(*_grad_weight_subscripts(*specs), specs))
+          sbp=lambda specs, attrs: R.einsum(*_grad_weight_subscripts(*specs), specs), cost=_linear_grad_cost)
 def linear_grad_weight(xp, g, x):
     """``g.T @ x`` summed over the batch axes: linear's weight gradient, one GEMM, in the
     weight's own (out..., in) layout."""
@@ -166,7 +177,13 @@ def linear_grad_weight(xp, g, x):
     return out
 
 
-@register("linear", infer=_linear_infer, sbp=_linear_rows, grad=_linear_grad)
+def _linear_cost(ins, outs, attrs):
+    """Fused: the product ``x @ w.T`` and the bias added to each output element."""
+    out = numel(outs[0])
+    return Cost(2 * out * ins[0].shape[-1] + out, moved(ins, outs), gemm=True)
+
+
+@register("linear", infer=_linear_infer, sbp=_linear_rows, grad=_linear_grad, cost=_linear_cost)
 def linear(xp, x, w, b):
     """``x @ w.T + b`` with a PyTorch (out_features, in_features) weight: one GEMM, the bias
     added in place into its output (PyTorch's addmm). A weight (out..., in) gives outputs

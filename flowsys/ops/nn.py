@@ -15,7 +15,8 @@ from flowsys.errors import ArgumentError, DTypeError, IndexOutOfRange, ShapeErro
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_rows
-from flowsys.ops.registry import Spec, is_floating, normalize_axis, register, result_dtype, sum_to_shape
+from flowsys.ops.registry import (Cost, Spec, copy_cost, flops_per_input, gather_cost, is_floating, moved, nbytes,
+                                  normalize_axis, numel, register, result_dtype, scatter_add_cost, sum_to_shape)
 
 B, P, S = R.B, R.P, R.S
 
@@ -39,7 +40,12 @@ def _along_axis_rows(*partial):
 # ------------------------------------------------------------------------------------- softmax
 
 
-@register("softmax", infer=_float_same("softmax"), sbp=_along_axis_rows(),
+# FLOPs per element of the first input: softmax finds the max, subtracts it, exponentiates, sums
+# and divides; its gradient multiplies, sums, subtracts and multiplies.
+_SOFTMAX, _SOFTMAX_GRAD = 5, 4
+
+
+@register("softmax", infer=_float_same("softmax"), sbp=_along_axis_rows(), cost=flops_per_input(_SOFTMAX),
           grad=lambda b, g, out, x, *, axis=-1: [b.softmax_grad(out, g, axis=axis)])
 def softmax(xp, x, *, axis=-1):
     if normalize_axis("softmax", axis, x.ndim) == x.ndim - 1 and fused.usable(xp, x):
@@ -50,7 +56,7 @@ def softmax(xp, x, *, axis=-1):
 
 
 @register("softmax_grad", infer=lambda y, g, *, axis=-1, scale=1.0: Spec(y.shape, result_dtype(y, g)),
-          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")))
+          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")), cost=flops_per_input(_SOFTMAX_GRAD))
 def softmax_grad(xp, y, g, *, axis=-1, scale=1.0):
     """``scale`` times the gradient of softmax at output ``y`` (attention folds its scale in)."""
     if normalize_axis("softmax_grad", axis, y.ndim) == y.ndim - 1 and y.shape == g.shape and fused.usable(xp, y, g):
@@ -62,7 +68,7 @@ def softmax_grad(xp, y, g, *, axis=-1, scale=1.0):
     return out
 
 
-@register("log_softmax", infer=_float_same("log_softmax"), sbp=_along_axis_rows(),
+@register("log_softmax", infer=_float_same("log_softmax"), sbp=_along_axis_rows(), cost=flops_per_input(_SOFTMAX),
           grad=lambda b, g, out, x, *, axis=-1: [b.log_softmax_grad(out, g, axis=axis)])
 def log_softmax(xp, x, *, axis=-1):
     shifted = x - x.max(axis=axis, keepdims=True)
@@ -71,7 +77,7 @@ def log_softmax(xp, x, *, axis=-1):
 
 
 @register("log_softmax_grad", infer=lambda y, g, *, axis=-1: Spec(y.shape, result_dtype(y, g)),
-          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")))
+          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")), cost=flops_per_input(_SOFTMAX_GRAD))
 def log_softmax_grad(xp, y, g, *, axis=-1):
     return g - xp.exp(y) * g.sum(axis=axis, keepdims=True)
 
@@ -106,7 +112,11 @@ def _check_targets(xp, t, n_classes, ignore_index):
             f"(and is not ignore_index={ignore_index})")
 
 
-@register("cross_entropy", infer=_ce_infer, sbp=_ce_rows,
+# Fused: log-softmax over the classes, then the target's entry picked (per element of the logits).
+_CROSS_ENTROPY = _SOFTMAX + 1
+
+
+@register("cross_entropy", infer=_ce_infer, sbp=_ce_rows, cost=flops_per_input(_CROSS_ENTROPY),
           grad=lambda b, g, out, logits, t, *, ignore_index=-100: [
               b.cross_entropy_grad(logits, t, g, ignore_index=ignore_index), None])
 def cross_entropy(xp, logits, targets, *, ignore_index=-100):
@@ -138,7 +148,8 @@ def _ce_grad_rows(specs, attrs):
     return rows + [R.replicated(3), R.SbpRow((B, B, P), (P,), "linear in the incoming gradient")]
 
 
-@register("cross_entropy_grad", infer=lambda logits, t, g, *, ignore_index=-100: logits, sbp=_ce_grad_rows)
+@register("cross_entropy_grad", infer=lambda logits, t, g, *, ignore_index=-100: logits, sbp=_ce_grad_rows,
+          cost=flops_per_input(_CROSS_ENTROPY))  # softmax again, minus the one-hot, times the gradient
 def cross_entropy_grad(xp, logits, targets, g, *, ignore_index=-100):
     n_classes = logits.shape[-1]
     x = logits.reshape(-1, n_classes)
@@ -191,7 +202,12 @@ def _ln_stats(xp, x, n_axes, eps):
     return xc, rstd, mean
 
 
-@register("layer_norm", infer=_ln_infer, sbp=_ln_rows,
+# FLOPs per element of layer norm (two row statistics, centring, scaling) and of its gradient,
+# which makes half as many again.
+_LAYER_NORM, _LAYER_NORM_GRAD = 8, 12
+
+
+@register("layer_norm", infer=_ln_infer, sbp=_ln_rows, cost=flops_per_input(_LAYER_NORM),
           grad=lambda b, g, out, x, *, n_axes=1, eps=1e-5: [b.layer_norm_grad(x, g, n_axes=n_axes, eps=eps)])
 def layer_norm(xp, x, *, n_axes=1, eps=1e-5):
     """(x - mean) / sqrt(var + eps) over the last ``n_axes`` axes (the affine part is separate)."""
@@ -203,7 +219,8 @@ def layer_norm(xp, x, *, n_axes=1, eps=1e-5):
 
 
 @register("layer_norm_grad", infer=lambda x, g, *, n_axes=1, eps=1e-5: Spec(x.shape, result_dtype(x, g)),
-          sbp=lambda specs, attrs: _ln_rows(specs, attrs, ((B, P), "linear in the incoming gradient")))
+          sbp=lambda specs, attrs: _ln_rows(specs, attrs, ((B, P), "linear in the incoming gradient")),
+          cost=flops_per_input(_LAYER_NORM_GRAD))
 def layer_norm_grad(xp, x, g, *, n_axes=1, eps=1e-5):
     if x.shape == g.shape and fused.usable(xp, x, g):
         return fused.layer_norm_grad(x, g, math.prod(x.shape[x.ndim - n_axes:]), eps)
@@ -243,6 +260,7 @@ def _ln_affine_grad_rows(specs, attrs):
 
 
 @register("layer_norm_affine", infer=_ln_affine_infer, sbp=_ln_affine_rows,
+          cost=flops_per_input(_LAYER_NORM + 2),  # fused: layer_norm, then * w + b
           grad=lambda b, g, out, x, w, bias, *, n_axes=1, eps=1e-5: list(
               b.layer_norm_affine_grad(x, w, g, n_axes=n_axes, eps=eps)))
 def layer_norm_affine(xp, x, w, b, *, n_axes=1, eps=1e-5):
@@ -257,7 +275,8 @@ def _ln_affine_grad_infer(x: Spec, w: Spec, g: Spec, *, n_axes=1, eps=1e-5):
     return Spec(x.shape, dtype), Spec(w.shape, dtype), Spec(w.shape, dtype)
 
 
-@register("layer_norm_affine_grad", infer=_ln_affine_grad_infer, sbp=_ln_affine_grad_rows, multi_output=True)
+@register("layer_norm_affine_grad", infer=_ln_affine_grad_infer, sbp=_ln_affine_grad_rows, multi_output=True,
+          cost=flops_per_input(_LAYER_NORM_GRAD + 4))  # fused: layer_norm_grad of g * w; dw += g * y; db += g
 def layer_norm_affine_grad(xp, x, w, g, *, n_axes=1, eps=1e-5):
     """The gradients of layer_norm_affine for input, weight and bias."""
     if fused.usable(xp, x, w, g) and g.shape == x.shape:
@@ -306,7 +325,7 @@ def _dropout_lower(attrs, shard):
           sbp=lambda specs, attrs: R.pointwise(specs, [((P,), "with a fixed mask, dropout is linear")],
                                                reason="the mask is a function of the logical index"),
           grad=lambda b, g, out, x, *, p, seed, offset=None, logical_shape=None: [b.dropout(g, p=p, seed=seed)],
-          lower=_dropout_lower)
+          lower=_dropout_lower, cost=flops_per_input(3))  # the mask's compare, the scale, the select
 def dropout(xp, x, *, p, seed, offset=None, logical_shape=None):
     """Zero each element with probability ``p`` (mask from ``seed``), scale the rest by 1/(1-p)."""
     if p >= 1.0:
@@ -395,7 +414,14 @@ def _probs_grad(b, g, out, q, k, *, is_causal=False, scale=None):
     return [gq, gk]
 
 
-@register("sdpa_probs", infer=_probs_infer, sbp=_sdpa_rows, grad=_probs_grad)
+def _probs_cost(ins, outs, attrs):
+    """The product ``q k^T``, then 5 per score (scale, mask, max, exp, normalise); the scores are
+    written by the product, then read and written again by the softmax."""
+    q, scores = ins[0], outs[0]
+    return Cost((2 * q.shape[-1] + 5) * numel(scores), moved(ins, outs) + 2 * nbytes(scores), gemm=True)
+
+
+@register("sdpa_probs", infer=_probs_infer, sbp=_sdpa_rows, grad=_probs_grad, cost=_probs_cost)
 def sdpa_probs(xp, q, k, *, is_causal=False, scale=None):
     """softmax(q k^T * scale) with the causal mask: the attention weights."""
     return _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale))
@@ -413,7 +439,16 @@ def _sdpa_grad(b, g, out, q, k, v, *, is_causal=False, scale=None):
     return _probs_grad(b, b.matmul(g, _swap(b, v)), p, q, k, is_causal=is_causal, scale=s) + [gv]
 
 
-@register("scaled_dot_product_attention", infer=_sdpa_infer, sbp=_sdpa_rows, grad=_sdpa_grad)
+def _sdpa_cost(ins, outs, attrs):
+    """Fused: sdpa_probs, then the product of its probabilities (kept inside) with ``v``."""
+    q, k, v = ins
+    probs = _probs_infer(q, k)
+    first = _probs_cost([q, k], [probs], attrs)
+    return Cost(first.flops + 2 * numel(probs) * v.shape[-1],
+                first.bytes + nbytes(probs) + nbytes(v) + nbytes(outs[0]), gemm=True)
+
+
+@register("scaled_dot_product_attention", infer=_sdpa_infer, sbp=_sdpa_rows, grad=_sdpa_grad, cost=_sdpa_cost)
 def scaled_dot_product_attention(xp, q, k, v, *, is_causal=False, scale=None):
     """softmax(q k^T * scale [+ causal mask]) v, with PyTorch's top-left aligned causal mask."""
     return _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale)) @ v
@@ -455,7 +490,7 @@ def _local_ids(xp, idx, offset, n):
     return xp.where(inside, local, 0), inside
 
 
-@register("vocab_embedding", infer=_vocab_embedding_infer, sbp=_vocab_embedding_rows,
+@register("vocab_embedding", infer=_vocab_embedding_infer, sbp=_vocab_embedding_rows, cost=gather_cost,
           lower=lambda attrs, shard: {**attrs, "offset": int(shard.in_offsets[0][0])},
           grad=lambda b, g, out, table, idx, *, vocab_size, offset=0: [
               b.vocab_embedding_grad(g, idx, vocab_size=vocab_size, shape=tuple(table.shape)), None])
@@ -480,7 +515,7 @@ def _vocab_embedding_grad_rows(specs, attrs):
 
 
 @register("vocab_embedding_grad", infer=lambda g, idx, *, vocab_size, shape, offset=0: Spec(tuple(shape), g.dtype),
-          sbp=_vocab_embedding_grad_rows,
+          sbp=_vocab_embedding_grad_rows, cost=scatter_add_cost,
           lower=lambda attrs, shard: {**attrs, "shape": shard.outs[0].shape, "offset": int(shard.out_offsets[0][0])})
 def vocab_embedding_grad(xp, g, idx, *, vocab_size, shape, offset=0):
     """Adjoint of vocab_embedding: this slice's rows of the scatter-add of ``g`` at ``idx``."""
@@ -509,7 +544,7 @@ def _vocab_max_rows(specs, attrs):
     return rows + [R.replicated(1)]
 
 
-@register("vocab_max", infer=_vocab_max_infer, sbp=_vocab_max_rows,
+@register("vocab_max", infer=_vocab_max_infer, sbp=_vocab_max_rows, cost=flops_per_input(1),
           grad=lambda b, g, out, x: [b.vocab_max_grad(x, out, g)])
 def vocab_max(xp, x):
     """The maximum over the class axis: the shift that keeps cross entropy's exponentials finite
@@ -544,6 +579,7 @@ def _ce_parts_grad(b, g, out, x, t, m, *, vocab_size, ignore_index=-100, offset=
 
 
 @register("vocab_ce_parts", infer=_ce_parts_infer, sbp=_ce_parts_rows, multi_output=True, grad=_ce_parts_grad,
+          cost=flops_per_input(_CROSS_ENTROPY - 1),  # cross entropy's work without the max (vocab_max)
           lower=lambda attrs, shard: {**attrs, "offset": int(shard.in_offsets[0][-1])})
 def vocab_ce_parts(xp, x, t, m, *, vocab_size, ignore_index=-100, offset=0):
     """Per row: the sum of exp(logit - m) over this shard's classes and the target's logit when
@@ -569,7 +605,8 @@ def _ce_parts_grad_rows(specs, attrs):
 
 
 @register("vocab_ce_parts_grad", infer=lambda x, t, m, gs, gp, *, ignore_index=-100, offset=0: x,
-          sbp=_ce_parts_grad_rows, lower=lambda attrs, shard: {**attrs, "offset": int(shard.in_offsets[0][-1])})
+          sbp=_ce_parts_grad_rows, lower=lambda attrs, shard: {**attrs, "offset": int(shard.in_offsets[0][-1])},
+          cost=flops_per_input(_CROSS_ENTROPY))
 def vocab_ce_parts_grad(xp, x, t, m, g_sum, g_pick, *, ignore_index=-100, offset=0):
     """The adjoint of vocab_ce_parts, ``g_sum * exp(logit - m) + g_pick * onehot(target)``, on this
     shard's classes (cross entropy's g_pick is -g: softmax minus one-hot)."""
@@ -592,7 +629,10 @@ def _vocab_max_grad_rows(specs, attrs):
     return rows + [R.replicated(3), R.SbpRow((B, B, P), (P,), "linear in the incoming gradient")]
 
 
-@register("vocab_max_grad", infer=lambda x, m, g: Spec(x.shape, result_dtype(x, g)), sbp=_vocab_max_grad_rows)
+# No FLOPs of its own: cross entropy's count (vocab_ce_parts_grad's) holds them, so that a split
+# vocabulary does not change the model's FLOPs; its time is the bytes it moves.
+@register("vocab_max_grad", infer=lambda x, m, g: Spec(x.shape, result_dtype(x, g)), sbp=_vocab_max_grad_rows,
+          cost=copy_cost)
 def vocab_max_grad(xp, x, m, g):
     """The gradient of the row maximum: ``g`` where a logit equals it, zero elsewhere."""
     return (x == m[..., None]) * g[..., None]

@@ -28,7 +28,7 @@ from flowsys.errors import ArgumentError, DTypeError, FlowsysError, ShapeError
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import BLOCK
-from flowsys.ops.registry import OpDef, Spec, is_floating, register
+from flowsys.ops.registry import Cost, OpDef, Spec, flops_per_input, is_floating, moved, register
 
 
 def _check_operands(op: str, specs: tuple[Spec, ...], names: tuple[str, ...]) -> None:
@@ -67,7 +67,10 @@ def _sgd_infer(param: Spec, grad: Spec, *state: Spec, lr, momentum=0.0, dampenin
     return (param, param) if momentum else (param,)
 
 
-@register("sgd_update", infer=_sgd_infer, multi_output=True, sbp=_update_rows(lambda a: 2 if a.get("momentum") else 1))
+# An update's bytes: the parameter, its gradient and each state array read once, the parameter
+# and each state array written once (in place or not), as flops_per_input counts them.
+@register("sgd_update", infer=_sgd_infer, multi_output=True, sbp=_update_rows(lambda a: 2 if a.get("momentum") else 1),
+          cost=flops_per_input(4))  # per element: decay, momentum, descent
 def sgd_update(xp, param, grad, *momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
                nesterov=False, maximize=False, inplace=False):
     """(param,) or, with momentum, (param, momentum_buffer) after one step of ``torch.optim.SGD``.
@@ -105,7 +108,8 @@ def _adamw_infer(param: Spec, grad: Spec, exp_avg: Spec, exp_avg_sq: Spec, *, st
     return param, param, param
 
 
-@register("adamw_update", infer=_adamw_infer, multi_output=True, sbp=_update_rows(lambda a: 3))
+@register("adamw_update", infer=_adamw_infer, multi_output=True, sbp=_update_rows(lambda a: 3),
+          cost=flops_per_input(12))  # per element: decay, the two moments, the square root and the step
 def adamw_update(xp, param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=1e-2, maximize=False, inplace=False):
     """(param, exp_avg, exp_avg_sq) after update number ``step`` of ``torch.optim.AdamW``."""
@@ -169,7 +173,8 @@ def _sum_squares_rows(specs, attrs):
     return rows
 
 
-@register("sum_squares", infer=_sum_squares_infer, sbp=_sum_squares_rows)
+@register("sum_squares", infer=_sum_squares_infer, sbp=_sum_squares_rows,
+          cost=flops_per_input(2))  # a multiply and an add per element
 def sum_squares(xp, x):
     """The sum of ``x``'s squared elements, in float64 (a gradient's squared L2 norm)."""
     x64 = x.astype(np.float64)
@@ -187,7 +192,8 @@ def _clip_scale_infer(total: Spec, *loss_scale: Spec, max_norm, eps=1e-6, dtype=
     return Spec((), np.dtype(dtype))
 
 
-@register("clip_scale", infer=_clip_scale_infer, sbp=lambda specs, attrs: [R.replicated(len(specs))])
+@register("clip_scale", infer=_clip_scale_infer, sbp=lambda specs, attrs: [R.replicated(len(specs))],
+          cost=lambda ins, outs, attrs: Cost(4, moved(ins, outs)))  # sqrt, add, divide, min of one scalar
 def clip_scale(xp, total, *loss_scale, max_norm, eps=1e-6, dtype="float32"):
     """The factor every gradient is multiplied by before its update: ``min(1, max_norm / (norm +
     eps))`` for the squared norm ``total``, as ``clip_grad_norm_`` scales; with a loss scale ``s``

@@ -10,7 +10,8 @@ import numpy as np
 
 from flowsys.errors import ShapeError
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.registry import Spec, local_shape_attr, normalize_axes, register, sum_to_shape
+from flowsys.ops.registry import (Spec, flops_per_input, local_shape_attr, normalize_axes, register, sum_to_shape,
+                                  view_cost)
 
 
 def _reduced_shape(shape, axes, keepdims):
@@ -49,7 +50,11 @@ def _sum_rows(specs, attrs):
     return R.reduction(x, normalize_axes("sum", attrs.get("axis"), x.ndim), attrs.get("keepdims", False), linear=True)
 
 
-@register("sum", infer=_reduce_infer("sum", empty_ok=True), sbp=_sum_rows, grad=_sum_grad)
+# The family's cost: one operation (an add or a compare) per element reduced.
+_REDUCTION = flops_per_input(1)
+
+
+@register("sum", infer=_reduce_infer("sum", empty_ok=True), sbp=_sum_rows, grad=_sum_grad, cost=_REDUCTION)
 def sum_(xp, x, *, axis=None, keepdims=False):
     dtype = np.int64 if x.dtype.kind in "bi" else None
     return xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
@@ -69,12 +74,12 @@ def _extreme_rows(specs, attrs):
     return R.reduction(x, normalize_axes("max", attrs.get("axis"), x.ndim), attrs.get("keepdims", False), linear=False)
 
 
-@register("max", infer=_reduce_infer("max", empty_ok=False), sbp=_extreme_rows, grad=_extreme_grad)
+@register("max", infer=_reduce_infer("max", empty_ok=False), sbp=_extreme_rows, grad=_extreme_grad, cost=_REDUCTION)
 def max_(xp, x, *, axis=None, keepdims=False):
     return xp.max(x, axis=axis, keepdims=keepdims)
 
 
-@register("min", infer=_reduce_infer("min", empty_ok=False), sbp=_extreme_rows, grad=_extreme_grad)
+@register("min", infer=_reduce_infer("min", empty_ok=False), sbp=_extreme_rows, grad=_extreme_grad, cost=_REDUCTION)
 def min_(xp, x, *, axis=None, keepdims=False):
     return xp.min(x, axis=axis, keepdims=keepdims)
 
@@ -91,7 +96,7 @@ def _argmax_rows(specs, attrs):
     return R.reduction(x, normalize_axes("argmax", attrs.get("axis"), x.ndim), attrs.get("keepdims", False), linear=False)
 
 
-@register("argmax", infer=_argmax_infer, sbp=_argmax_rows)
+@register("argmax", infer=_argmax_infer, sbp=_argmax_rows, cost=_REDUCTION)
 def argmax(xp, x, *, axis=None, keepdims=False):
     return xp.argmax(x, axis=axis, keepdims=keepdims).astype(np.int64, copy=False)
 
@@ -118,7 +123,7 @@ def _broadcast_to_rows(specs, attrs):
     return rows
 
 
-@register("broadcast_to", infer=_broadcast_to_infer, sbp=_broadcast_to_rows, lower=local_shape_attr(),
+@register("broadcast_to", infer=_broadcast_to_infer, sbp=_broadcast_to_rows, lower=local_shape_attr(), cost=view_cost,
           grad=lambda b, g, out, x, *, shape: [sum_to_shape(b, g, x.shape)])
 def broadcast_to(xp, x, *, shape):
     return xp.broadcast_to(x, shape)

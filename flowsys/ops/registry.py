@@ -9,7 +9,9 @@ Each op is registered once with
 - its **SBP signature rows**: under which input SBPs running it shard by shard gives the right
   logical result, each row with its one-line reason;
 - for the few ops whose attributes describe the logical tensor (a target shape, a mask seed's
-  positions), a **lower** rule giving a shard's attributes from its local shapes and offsets.
+  positions), a **lower** rule giving a shard's attributes from its local shapes and offsets;
+- its **cost**: the FLOPs one application makes and the bytes its kernel moves, on the specs it
+  runs on (what the cost model times and MFU counts; ``flowsys.ops.cost`` asks any op by name).
 
 This module and the op families beside it are shared vocabulary: they import nothing of
 flowsys beyond ``flowsys.sbp`` and ``flowsys.errors``, so every layer may use them.
@@ -18,6 +20,7 @@ flowsys beyond ``flowsys.sbp`` and ``flowsys.errors``, so every layer may use th
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -159,6 +162,21 @@ LowerRule = Callable[[dict[str, Any], Shard], dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
+class Cost:
+    """What one application of an op costs: ``flops`` (a multiply and an add count as two),
+    ``bytes`` its kernel reads plus writes, and ``gemm``: whether it is a matrix product, bound
+    by the matrix units' peak rather than by memory."""
+
+    flops: int = 0
+    bytes: int = 0
+    gemm: bool = False
+
+
+# cost(ins, outs, attrs) -> Cost, on the specs of one application (logical, or one rank's shard).
+CostRule = Callable[[list[Spec], list[Spec], dict[str, Any]], Cost]
+
+
+@dataclass(frozen=True, slots=True)
 class OpDef:
     name: str
     kernel: Callable[..., Any]
@@ -168,6 +186,7 @@ class OpDef:
     multi_output: bool = False
     doc: str = field(default="", compare=False)
     lower: LowerRule | None = None
+    cost: CostRule | None = None
 
 
 OPS: dict[str, OpDef] = {}
@@ -182,10 +201,12 @@ def register(
     multi_output: bool = False,
     lower: LowerRule | None = None,
     low_precision: str = "float32",
+    cost: CostRule | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``kernel`` as op ``name`` with its rules (one registration per op).
     ``low_precision``: ``"float32"`` (bfloat16/float16 operands computed in float32, see
-    ``_low_precision``) or ``"native"`` (the kernel takes them as they are, e.g. a cast)."""
+    ``_low_precision``) or ``"native"`` (the kernel takes them as they are, e.g. a cast).
+    ``cost``: FLOPs and bytes of one application (without one: :func:`copy_cost`)."""
 
     def deco(kernel: Callable[..., Any]) -> Callable[..., Any]:
         if name in OPS:
@@ -193,7 +214,7 @@ def register(
         if low_precision not in ("float32", "native"):
             raise FlowsysError(f"op {name!r}: low_precision is 'float32' or 'native', got {low_precision!r}")
         run = _low_precision(kernel) if low_precision == "float32" else kernel
-        OPS[name] = OpDef(name, run, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower)
+        OPS[name] = OpDef(name, run, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower, cost)
         return kernel
 
     return deco
@@ -202,6 +223,54 @@ def register(
 def local_shape_attr(name: str = "shape") -> LowerRule:
     """Lower rule of ops with a target-shape attribute: a shard targets its own output shape."""
     return lambda attrs, shard: {**attrs, name: shard.outs[0].shape}
+
+
+def numel(spec: Spec) -> int:
+    return math.prod(spec.shape)
+
+
+def nbytes(spec: Spec) -> int:
+    return math.prod(spec.shape) * spec.dtype.itemsize
+
+
+def moved(ins: list[Spec], outs: list[Spec]) -> int:
+    """Bytes of a kernel that reads each input once and writes each output once."""
+    return sum(map(nbytes, ins)) + sum(map(nbytes, outs))
+
+
+def copy_cost(ins: list[Spec], outs: list[Spec], attrs: dict[str, Any]) -> Cost:
+    """An op without arithmetic that reads its inputs and writes its outputs once (and the cost
+    of an op registered without a rule)."""
+    return Cost(0, moved(ins, outs))
+
+
+def view_cost(ins: list[Spec], outs: list[Spec], attrs: dict[str, Any]) -> Cost:
+    """A kernel returning a view of its input (NumPy and CuPy alike): nothing moves."""
+    return Cost()
+
+
+def gather_cost(ins: list[Spec], outs: list[Spec], attrs: dict[str, Any]) -> Cost:
+    """A gather of rows ``(table, ids)``: the ids read, and each output row read from the table
+    and written (the rest of the table is not touched)."""
+    return Cost(0, nbytes(ins[1]) + 2 * nbytes(outs[0]))
+
+
+def scatter_add_cost(ins: list[Spec], outs: list[Spec], attrs: dict[str, Any]) -> Cost:
+    """A scatter-add of ``(g, ids)``: the output zeroed, the ids and ``g`` read, and each of
+    ``g``'s rows added into the output (read and written)."""
+    return Cost(0, nbytes(outs[0]) + nbytes(ins[1]) + 3 * nbytes(ins[0]))
+
+
+def flops_per_input(n: int) -> CostRule:
+    """Cost rule of an op doing ``n`` FLOPs per element of its first input, reading its inputs
+    and writing its outputs once."""
+    return lambda ins, outs, attrs: Cost(n * numel(ins[0]), moved(ins, outs))
+
+
+def flops_per_output(n: int) -> CostRule:
+    """Cost rule of an op doing ``n`` FLOPs per element of its first output (elementwise ops
+    with broadcasting), reading its inputs and writing its outputs once."""
+    return lambda ins, outs, attrs: Cost(n * numel(outs[0]), moved(ins, outs))
 
 
 def get_op(name: str) -> OpDef:

@@ -8,7 +8,8 @@ import numpy as np
 
 from flowsys.errors import DTypeError, IndexOutOfRange, ShapeError
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.registry import Spec, local_shape_attr, normalize_axis, promote_types, register
+from flowsys.ops.registry import (Cost, Spec, copy_cost, gather_cost, local_shape_attr, nbytes, normalize_axis,
+                                  promote_types, register, scatter_add_cost, view_cost)
 
 B, P, S = R.B, R.P, R.S
 
@@ -60,8 +61,10 @@ def _reshape_rows(specs, attrs):
     return rows + _linear_rows()(specs, attrs)
 
 
+# No arithmetic in this family: its ops cost the bytes they move. reshape counts a copy: a view
+# of a contiguous input, it copies one that is not (what a transpose gives).
 @register("reshape", infer=lambda x, *, shape: Spec(_resolve_shape(x, shape), x.dtype), sbp=_reshape_rows,
-          lower=local_shape_attr(),
+          lower=local_shape_attr(), cost=copy_cost,
           grad=lambda b, g, out, x, *, shape: [b.reshape(g, shape=tuple(x.shape))])
 def reshape(xp, x, *, shape):
     return xp.reshape(x, shape)
@@ -87,7 +90,7 @@ def _transpose_rows(specs, attrs):
 
 
 @register("transpose", infer=lambda x, *, axes=None: Spec(tuple(x.shape[p] for p in _perm(x, axes)), x.dtype),
-          sbp=_transpose_rows,
+          sbp=_transpose_rows, cost=view_cost,
           grad=lambda b, g, out, x, *, axes=None: [b.transpose(g, axes=tuple(np.argsort(_perm(x, axes)).tolist()))])
 def transpose(xp, x, *, axes=None):
     return xp.transpose(x, axes)
@@ -108,7 +111,12 @@ def _getitem_grad(b, g, out, x, *, index):
     return [b.getitem_grad(g, index=index, shape=tuple(x.shape))]
 
 
-@register("getitem", infer=_getitem_infer, sbp=_linear_rows(), grad=_getitem_grad)
+def _getitem_cost(ins, outs, attrs):
+    """Basic indexing gives a view; advanced indexing gathers (reads and writes) the output."""
+    return Cost(0, 2 * nbytes(outs[0])) if _is_advanced(attrs.get("index", ())) else Cost()
+
+
+@register("getitem", infer=_getitem_infer, sbp=_linear_rows(), grad=_getitem_grad, cost=_getitem_cost)
 def getitem(xp, x, *, index):
     return x[index]
 
@@ -119,6 +127,7 @@ def _is_advanced(index) -> bool:
 
 
 @register("getitem_grad", infer=lambda g, *, index, shape: Spec(tuple(shape), g.dtype), sbp=_linear_rows(),
+          cost=lambda ins, outs, attrs: Cost(0, nbytes(outs[0]) + 2 * nbytes(ins[0])),  # zeros, then g written in
           grad=lambda b, gg, out, g, *, index, shape: [b.getitem(gg, index=index)])
 def getitem_grad(xp, g, *, index, shape):
     """Scatter ``g`` into zeros of ``shape`` at ``index``, adding where indices repeat."""
@@ -162,7 +171,7 @@ def _concat_grad(b, g, out, *xs, axis=0):
     return list(b.split(g, indices_or_sections=bounds, axis=ax))
 
 
-@register("concatenate", infer=_concat_infer, sbp=_concat_rows, grad=_concat_grad)
+@register("concatenate", infer=_concat_infer, sbp=_concat_rows, grad=_concat_grad, cost=copy_cost)
 def concatenate(xp, *xs, axis=0):
     return xp.concatenate(xs, axis=axis)
 
@@ -221,12 +230,13 @@ def _split_grad(b, gs, outs, x, *, indices_or_sections, axis=0):
     return [total]
 
 
-@register("split", infer=_split_infer, sbp=_split_rows, grad=_split_grad, multi_output=True)
+@register("split", infer=_split_infer, sbp=_split_rows, grad=_split_grad, multi_output=True, cost=view_cost)
 def split(xp, x, *, indices_or_sections, axis=0):
     return tuple(xp.split(x, indices_or_sections, axis=axis))
 
 
-@register("zeros_like", infer=lambda x: x, sbp=lambda specs, attrs: R.pointwise(specs, [((P,), "zero is a partial sum of zeros")]))
+@register("zeros_like", infer=lambda x: x, sbp=lambda specs, attrs: R.pointwise(specs, [((P,), "zero is a partial sum of zeros")]),
+          cost=lambda ins, outs, attrs: Cost(0, nbytes(outs[0])))  # writes zeros, reads nothing
 def zeros_like(xp, x):
     return xp.zeros_like(x)
 
@@ -258,7 +268,7 @@ def _take_rows(specs, attrs):
     return rows
 
 
-@register("take", infer=_take_infer, sbp=_take_rows,
+@register("take", infer=_take_infer, sbp=_take_rows, cost=gather_cost,
           grad=lambda b, g, out, a, idx, *, axis=0: [b.take_grad(g, idx, axis=axis, shape=tuple(a.shape)), None])
 def take(xp, a, idx, *, axis=0):
     n = a.shape[axis]
@@ -283,7 +293,7 @@ def _take_grad_rows(specs, attrs):
 
 
 @register("take_grad", infer=lambda g, idx, *, axis=0, shape: Spec(tuple(shape), g.dtype), sbp=_take_grad_rows,
-          lower=local_shape_attr(),
+          lower=local_shape_attr(), cost=scatter_add_cost,
           grad=lambda b, gg, out, g, idx, *, axis=0, shape: [b.take(gg, idx, axis=axis), None])
 def take_grad(xp, g, idx, *, axis=0, shape):
     """Adjoint of take: add each gathered slice of ``g`` back at its index (repeats accumulate)."""
