@@ -201,7 +201,7 @@ def _pruned_by(job: JobConfig, lay: Layout, hw: Hardware) -> str | None:
 
 # ------------------------------------------------------------------------------------ analytic
 @dataclass(frozen=True)
-class _Model:
+class ModelFigures:
     """What the estimates need of the job, computed once per search."""
 
     flops: float        # model FLOPs of a step without recompute (flowsys's count)
@@ -211,7 +211,7 @@ class _Model:
     lowp: bool          # a low precision: float32 masters beside the compute copies
 
 
-def _analyse(job: JobConfig) -> _Model:
+def analyse(job: JobConfig) -> ModelFigures:
     m, t = job.model, job.train
     # counted on the graph of the job on one device, no recompute: the same for every layout
     one = dataclasses.replace(job, parallel=ParallelConfig(vocab_parallel=job.parallel.vocab_parallel))
@@ -219,7 +219,7 @@ def _analyse(job: JobConfig) -> _Model:
     # forward FLOPs per token: a block's GEMMs (24 h^2) and attention (4 s h); the head's 2 h V
     blocks = m.n_layer * (24 * m.n_embd ** 2 + 4 * m.block_size * m.n_embd)
     head = 2 * m.n_embd * m.vocab_size
-    return _Model(float(flops), blocks / (blocks + head), COMPUTE[t.precision], ITEMSIZE[t.precision],
+    return ModelFigures(float(flops), blocks / (blocks + head), COMPUTE[t.precision], ITEMSIZE[t.precision],
                   t.precision != "fp32")
 
 
@@ -241,7 +241,7 @@ def _stage_parameters(job: JobConfig, lay: Layout) -> float:
     return blocks + embed + 2 * h  # (pp 1: one tied table; pp > 1: the first stage's or the last's copy)
 
 
-def memory_estimate(job: JobConfig, lay: Layout, model: _Model) -> float:
+def memory_estimate(job: JobConfig, lay: Layout, model: ModelFigures) -> float:
     """Bytes per device of the biggest stage: parameters, gradients and optimizer state (AdamW,
     float32 masters under a low precision) as the ZeRO stage shards them over dp, and the
     activations of the micro-batches in flight, all of them or each block's input under
@@ -272,7 +272,7 @@ def _ring(nbytes: float, n: int, link) -> float:
     return 2 * (n - 1) / n * nbytes / link.bandwidth + 2 * (n - 1) * link.latency
 
 
-def step_estimate(job: JobConfig, lay: Layout, hw: Hardware, model: _Model) -> float:
+def step_estimate(job: JobConfig, lay: Layout, hw: Hardware, model: ModelFigures) -> float:
     """A roofline estimate of the step in seconds: the biggest stage's FLOPs (with recompute) at
     the device's peak, plus the runtime's work per firing, the tensor-parallel all-reduces (four
     per block and micro-batch, six with recompute) and the pipeline's sends, stretched by the
@@ -309,12 +309,12 @@ def step_estimate(job: JobConfig, lay: Layout, hw: Hardware, model: _Model) -> f
 
 
 def candidates(job: JobConfig, devices: int, hw: Hardware,
-               model: _Model | None = None) -> tuple[list[Candidate], int, Counter]:
+               model: ModelFigures | None = None) -> tuple[list[Candidate], int, Counter]:
     """The pre-filter: every layout of ``devices`` (see :func:`layouts`) is pruned with a reason
     or kept with its memory and step estimate. Returns the kept candidates fastest first (ties:
     the lower ZeRO stage, checkpointing off), how many layouts were considered, and the prune
     counts per reason (a :data:`REASONS` description)."""
-    model = model or _analyse(job)
+    model = model or analyse(job)
     kept, pruned, considered = [], Counter(), 0
     for lay in layouts(job, devices):
         considered += 1
@@ -379,7 +379,7 @@ def search(job: JobConfig, devices: int, hardware: str | None = None, *, top: in
     t0 = time.perf_counter()
     hardware = hardware or default_hardware(job)
     hw = load_hardware(hardware)
-    model = _analyse(job)
+    model = analyse(job)
     kept, considered, pruned = candidates(job, devices, hw, model)
     if not kept:
         why = ", ".join(f"{reason}: {n}" for reason, n in pruned.most_common())
@@ -412,10 +412,9 @@ def search(job: JobConfig, devices: int, hardware: str | None = None, *, top: in
         if own is None:
             try:
                 check_layout(job, devices)
-                own = _simulate(job, Candidate(mine, 0.0, 0.0), devices, hardware, hw)
+                cand = Candidate(mine, memory_estimate(job, mine, model), step_estimate(job, mine, hw, model))
+                own = _simulate(sbp_variants(job, mine)[0], cand, devices, hardware, hw)
                 runs += 1
-                own = dataclasses.replace(own, estimate_s=step_estimate(job, mine, hw, model),
-                                          memory_estimate=memory_estimate(job, mine, model))
                 ranked.append(own)
             except FlowsysError as e:
                 failed[f"{mine} (the job's own)"] = " ".join(str(e).split())
@@ -433,14 +432,16 @@ def format_search(result: SearchResult) -> str:
              f"pruned {sum(result.pruned.values())}, simulated {result.simulated} in {result.seconds:.1f} s"]
     if result.pruned:
         lines.append("pruned: " + "; ".join(f"{reason}: {n}" for reason, n in result.pruned.items()))
+    shown = [*result.top, *([result.own] if result.own else [])]
+    unit, scale = ("GiB", 2**30) if max(r.memory for r in shown) >= 2**30 else ("MiB", 2**20)
     header = (f"{'#':>3} {'dp':>5} {'tp':>3} {'pp':>3} {'zero':>4} {'micro-batches':>13} {'ckpt':>4} "
-              f"{'step ms':>12} {'TFLOP/s/GPU':>11} {'memory GiB':>10} {'estimate ms':>12}  fits")
+              f"{'step ms':>12} {'TFLOP/s/GPU':>11} {'memory ' + unit:>10} {'estimate ms':>12}  fits")
 
     def row(label: str, r: Ranked) -> str:
         lay = r.layout
         return (f"{label:>3} {lay.dp:>5} {lay.tp:>3} {lay.pp:>3} {lay.zero_stage:>4} {lay.micro_batches:>13} "
                 f"{'on' if lay.activation_checkpointing else 'off':>4} {r.step_s * 1e3:>12,.2f} "
-                f"{r.tflops_per_device:>11.2f} {r.memory / 2**30:>10.3f} {r.estimate_s * 1e3:>12,.2f}  "
+                f"{r.tflops_per_device:>11.2f} {r.memory / scale:>10.3f} {r.estimate_s * 1e3:>12,.2f}  "
                 f"{'yes' if r.fits else 'NO'}")
 
     lines.append(header)
