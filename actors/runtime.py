@@ -210,6 +210,7 @@ class RankRuntime:
             for v in a.inputs:
                 self.consumers[v].append(a)
         self.producers = produced
+        self.receivers = [a for a in self.actors if a.op.kind == "recv"]
         # activations: forward values a backward op reads; the pieces holding one are in flight
         self.saved = {v for v, ws in produced.items() if any(w.op.phase == "forward" for w in ws)
                       and any(c.op.phase == "backward" for c in self.consumers[v])}
@@ -271,6 +272,13 @@ class RankRuntime:
         self.grad_values = {g for g in grads.values() if g in self.producers}
         self.sums: dict[int, Any] = {}
         self.inflight: list[_Inflight] = []  # communication schedules waiting for a message
+        self._pieces_seen = -1  # the mailbox's arrivals when those were last looked at
+        # schedules in flight by the (source, tag) of the message each waits for, and those a
+        # message came for (actors.runtime's _collect fills them from the mailbox's drain)
+        self._waiting: dict[tuple[int, int], Any] = {}
+        self._due_pieces: list[_Inflight] = []
+        self._due_units: list[_Phased] = []
+        self.comm.mailbox.drain()  # what came before this step belongs to no schedule of it yet
         for a in self.actors:
             a.piece, a.busy = 0, False
         self._holding: dict[int, int] = {}  # piece -> activations of it held
@@ -312,6 +320,7 @@ class RankRuntime:
         self.opt_written: Counter = Counter()
         self.opt_left = len(self.units)
         self.computing = True
+        self._opt_seen = -1  # the mailbox's arrivals when the optimizer's waits were last looked at
 
     def _final(self, v: int, x: np.ndarray) -> None:
         """Gradient ``v`` is summed over every piece: the optimizer phase may use it."""
@@ -330,7 +339,11 @@ class RankRuntime:
         (tagged with their channel and ``OPTIMIZER_PIECE``, apart from the pieces' messages)."""
         mailbox = self.comm.mailbox
         progressed = False
-        for j in list(self.opt_recvs):
+        # what is waiting for a message can move only if one came since the last look (a
+        # schedule that moves takes every message already here before it waits again)
+        arrived = mailbox.arrivals != self._opt_seen
+        self._opt_seen = mailbox.arrivals
+        for j in list(self.opt_recvs) if arrived else ():
             op = self.units[j][0]
             if mailbox.ready(self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE)):
                 self.opt_recvs.remove(j)
@@ -345,13 +358,45 @@ class RankRuntime:
             else:
                 self._run_unit(j)
                 progressed = True
-        for e in list(self.opt_inflight):
-            src = self.index[e.peer]
-            if mailbox.ready(src, e.tag):
+        if arrived:
+            self._collect()
+        due, self._due_units = self._due_units, []
+        for e in due:
+            if e.peer is not None and self._pump_unit(e):
                 progressed = True
-                if self._advance_unit(e, mailbox.try_take(src, e.tag)):
+                if e.peer is None:
                     self.opt_inflight.remove(e)
         return progressed
+
+    def _pump_unit(self, e: _Phased) -> bool:
+        """Advance an optimizer collective over every message of it already here, then file it
+        under the message it waits for: whether it moved (``e.peer`` is None once it is done)."""
+        mailbox, moved = self.comm.mailbox, False
+        key = (self.index[e.peer], e.tag)
+        if self._waiting.get(key) is e:
+            del self._waiting[key]
+        while mailbox.ready(*key):
+            moved = True
+            if self._advance_unit(e, mailbox.try_take(*key)):
+                e.peer = None
+                return True
+            key = (self.index[e.peer], e.tag)
+        self._waiting[key] = e
+        return moved
+
+    def _collect(self) -> None:
+        """Look at the messages that came since the last look (the mailbox's ``drain``) and mark
+        the schedules waiting for them due: the pieces' and the optimizer's conversations in
+        flight are many (a bucket's, a ring's), so each arrival moves only its own."""
+        keys = self.comm.mailbox.drain()
+        if keys is None:  # more came than the mailbox kept: every conversation may have moved
+            self._due_pieces.extend(self.inflight)
+            self._due_units.extend(self.opt_inflight)
+            return
+        for key in keys:
+            e = self._waiting.pop(key, None)
+            if e is not None:
+                (self._due_pieces if type(e) is _Inflight else self._due_units).append(e)
 
     def _run_unit(self, j: int) -> None:
         ops, env = self.units[j], self.env
@@ -367,7 +412,9 @@ class RankRuntime:
         if type(out) is _Comm:  # in flight with the pieces and the other units
             e = _Phased(j, out.gen, tag(op.bucket - 1 if op.bucket else op.channel, OPTIMIZER_PIECE), out.group, start)
             if not self._advance_unit(e, None):
-                self.opt_inflight.append(e)
+                self._pump_unit(e)  # its first message may be here already
+                if e.peer is not None:
+                    self.opt_inflight.append(e)
             return
         for v, o in zip(op.outputs, out):
             env[v] = o
@@ -485,13 +532,12 @@ class RankRuntime:
             polled = mailbox.arrivals
             moved, finished = self._arrived(wake)
             done += finished
-            progressed = self._drive_optimizer() or moved or progressed
+            progressed = self._drive_optimizer() or moved or progressed or bool(self._due_pieces)
             # receives whose message arrived and that may fire (not when the rank's window or the
             # receive's register is full: that would spin instead of waiting)
             if not progressed:
-                for a in self.actors:
-                    if a.op.kind == "recv" and not a.busy and a.piece < self.k and a.index not in queued \
-                            and self._can_fire(a):
+                for a in self.receivers:
+                    if not a.busy and a.piece < self.k and a.index not in queued and self._can_fire(a):
                         queued.add(a.index)
                         heapq.heappush(ready, (a.late, a.piece, a.index))
                         progressed = True
@@ -512,17 +558,35 @@ class RankRuntime:
         any moved, and how many firings it completed (their actors are woken)."""
         mailbox = self.comm.mailbox
         moved, finished = False, 0
-        for e in list(self.inflight):
-            src = self.index[e.step.peer_rank]
-            if not mailbox.ready(src, e.step.tag):
-                continue
-            moved = True
-            woken = self._advance(e, mailbox.try_take(src, e.step.tag))
+        if mailbox.arrivals != self._pieces_seen:  # something came: file it
+            self._pieces_seen = mailbox.arrivals
+            self._collect()
+        due, self._due_pieces = self._due_pieces, []
+        for e in due:
+            stepped, woken = self._pump(e)
+            moved = moved or stepped
             if woken is not None:
                 self.inflight.remove(e)
                 finished += 1
                 wake(woken + [e.actor])
         return moved, finished
+
+    def _pump(self, e: _Inflight) -> tuple[bool, list[_Actor] | None]:
+        """Advance a schedule in flight over every message of it already here, then file it
+        under the message it waits for: whether it moved, and the woken actors once it is done
+        (None while it waits)."""
+        mailbox, moved = self.comm.mailbox, False
+        key = (self.index[e.step.peer_rank], e.step.tag)
+        if self._waiting.get(key) is e:
+            del self._waiting[key]
+        while mailbox.ready(*key):
+            moved = True
+            woken = self._advance(e, mailbox.try_take(*key))
+            if woken is not None:
+                return True, woken
+            key = (self.index[e.step.peer_rank], e.step.tag)
+        self._waiting[key] = e
+        return moved, None
 
     # ------------------------------------------------------------------------------ firing
     def _can_fire(self, a: _Actor) -> bool:
@@ -631,6 +695,8 @@ class RankRuntime:
         a.busy = True
         entry = _Inflight(a, comm.gen, None, start, comm.group)
         woken = self._advance(entry, None)
+        if woken is None:
+            _, woken = self._pump(entry)  # what it waits for may be here already
         if woken is None:
             self.inflight.append(entry)
             return []

@@ -169,6 +169,7 @@ class _Mailbox:
         self.boxes: dict[tuple[int, int], deque] = {}
         self.cursor: dict[tuple[int, int], int] = defaultdict(int)  # messages taken from a representative's posts
         self.arrivals = 0
+        self.new: list[tuple[int, int]] = []  # (source, tag) arrived since the runtime's last drain
 
     def _entry(self, src: int, tag: int):
         """(arrival time, array) of the next message from ``src`` under ``tag``, or None."""
@@ -182,7 +183,7 @@ class _Mailbox:
         if posts and key[0] == "p2p":  # a transfer of one boxing node: its sends go out together
             n = min(n, len(posts) - 1)
         if posts is None or len(posts) <= n:
-            sim.watchers[key].add(self.rank)
+            sim.watchers[key].add((self.rank, src, tag))
             return None
         sent, array, latency = posts[n]
         return sent + latency, array  # by symmetry ``src`` sent it as the representative sent its own
@@ -193,7 +194,7 @@ class _Mailbox:
             return False
         if entry[0] <= self.sim.now:
             return True
-        self.sim.wake(self.rank, entry[0])
+        self.sim.wake(self.rank, entry[0], (src, tag))
         return False
 
     def try_take(self, src: int, tag: int):
@@ -217,6 +218,14 @@ class _Mailbox:
         while not self.ready(src, tag):
             self.wait(self.arrivals, timeout)
         return self.try_take(src, tag)
+
+    def arrived(self, key: tuple[int, int]) -> None:
+        self.arrivals += 1
+        self.new.append(key)
+
+    def drain(self) -> list[tuple[int, int]]:
+        new, self.new = self.new, []
+        return new
 
     def wait(self, seen: int, timeout: float) -> int:
         if self.arrivals == seen:
@@ -365,7 +374,7 @@ class Simulator:
         self.events: list = []
         self.seq = 0
         self.board: dict[tuple[int, int], list] = defaultdict(list)  # (sender, tag) -> its posts to ranks not simulated
-        self.watchers: dict[tuple[int, int], set[int]] = defaultdict(set)
+        self.watchers: dict[tuple, set[tuple[int, int, int]]] = defaultdict(set)  # board key -> (rank, src, tag) asking
         self.link_free: dict[tuple[int, bool], float] = defaultdict(float)  # (rank, inter-node) -> when its link is free
         self.cost = {rp.rank: RankCost(rank=rp.rank, memory={
             "parameters": rp.memory.parameters, "gradients": rp.memory.gradients,
@@ -405,11 +414,11 @@ class Simulator:
             self._at(0.0, r, "resume")
         self.errors: list[BaseException] = []
         while self.events:
-            when, _, r, kind = heapq.heappop(self.events)
+            when, _, r, kind, key = heapq.heappop(self.events)
             self.now = max(self.now, when)
             state = self.state.get(r)
             if kind == "arrive":  # a message is in: the rank sees it when it next polls
-                self.runtimes[r].comm.mailbox.arrivals += 1
+                self.runtimes[r].comm.mailbox.arrived(key)
                 if state != "waiting":
                     continue
             elif state in ("done", "failed"):
@@ -446,17 +455,17 @@ class Simulator:
         self.state[r] = "running"
         self.greenlets[r].switch()
 
-    def _at(self, when: float, r: int, kind: str) -> None:
+    def _at(self, when: float, r: int, kind: str, key: tuple[int, int] | None = None) -> None:
         self.seq += 1
-        heapq.heappush(self.events, (when, self.seq, r, kind))
+        heapq.heappush(self.events, (when, self.seq, r, kind, key))
 
-    def wake(self, r: int, when: float) -> None:
-        """A message for rank ``r`` arrives at ``when``: its mailbox counts it then, and the
-        rank is resumed if it waits."""
-        key = (r, when)
-        if key not in self.wakes:
-            self.wakes.add(key)
-            self._at(when, r, "arrive")
+    def wake(self, r: int, when: float, key: tuple[int, int]) -> None:
+        """The message (source, tag) ``key`` for rank ``r`` arrives at ``when``: its mailbox
+        counts it then, and the rank is resumed if it waits."""
+        once = (r, when, key)
+        if once not in self.wakes:
+            self.wakes.add(once)
+            self._at(when, r, "arrive", key)
 
     def block(self, r: int) -> None:
         """Rank ``r`` has nothing to do until a message arrives: switch to the event loop."""
@@ -517,12 +526,12 @@ class Simulator:
             box = self.runtimes[dst].comm.mailbox.boxes.setdefault((src, tag), deque())
             arrival = sent + link.latency
             box.append((arrival, array))
-            self.wake(dst, arrival)
+            self.wake(dst, arrival, (src, tag))
         key = self.board_key(src, src, tag, self.send_node)
         if dst not in self.present or key[0] == "p2p":  # what the ranks it stands for receive
             self.board[key].append((sent, array, link.latency))
-            for b in self.watchers.pop(key, ()):
-                self.wake(b, sent + link.latency)  # the earliest it may be there; polled again then
+            for b, asked, asked_tag in self.watchers.pop(key, ()):  # the earliest it may be there
+                self.wake(b, sent + link.latency, (asked, asked_tag))
         if link.overhead:
             self.spend(src, link.overhead)
 

@@ -33,6 +33,9 @@ DEFAULT_MAX_MESSAGES = 65_536  # per source rank; the workers' status reports al
 DEFAULT_MAX_BYTES = 8 << 30  # per source rank
 
 
+NEW_KEYS_LIMIT = 65536  # arrivals a mailbox remembers by key between drains
+
+
 class CommError(RuntimeError):
     """A collective that cannot complete: a missing peer, a deadlock, a timeout."""
 
@@ -61,6 +64,7 @@ class Mailbox:
         self._boxes: dict[tuple[int, int], deque] = {}
         self._cv = threading.Condition()
         self.arrivals = 0  # grows with every put: lets a waiter sleep until something new arrives
+        self._new: list[tuple[int, int]] | None = []  # (source, tag) put since the last drain
         self._error: BaseException | None = None
         self._held: dict[int, list[int]] = {}  # per source: [messages, bytes] waiting here
         self.max_messages, self.max_bytes = 0, 0
@@ -105,6 +109,10 @@ class Mailbox:
             held[0] += 1
             held[1] += array.nbytes
             self.arrivals += 1
+            if self._new is not None:
+                self._new.append((src, tag))
+                if len(self._new) > NEW_KEYS_LIMIT:  # nobody drains: stop keeping them
+                    self._new = None
             self._cv.notify_all()
 
     def fail(self, error: BaseException) -> None:
@@ -154,6 +162,14 @@ class Mailbox:
             self._cv.wait_for(lambda: self.arrivals > seen or self._error is not None, timeout)
             self.check()
             return self.arrivals
+
+    def drain(self) -> list[tuple[int, int]] | None:
+        """The (source, tag) of the messages put since the last drain, in arrival order, so a
+        reader with many conversations in flight looks only at the ones that moved; None when
+        more came than were kept (look at every conversation)."""
+        with self._cv:
+            new, self._new = self._new, []
+            return new
 
     def pending(self) -> list[tuple[int, int]]:
         """(source, tag) of every message not taken yet."""
