@@ -341,25 +341,20 @@ class RankRuntime:
         progressed = False
         # what is waiting for a message can move only if one came since the last look (a
         # schedule that moves takes every message already here before it waits again)
-        arrived = mailbox.arrivals != self._opt_seen
-        self._opt_seen = mailbox.arrivals
-        for j in list(self.opt_recvs) if arrived else ():
-            op = self.units[j][0]
-            if mailbox.ready(self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE)):
-                self.opt_recvs.remove(j)
-                self.opt_ready.append(j)
+        if mailbox.arrivals != self._opt_seen:
+            self._opt_seen = mailbox.arrivals
+            self._collect()  # receives whose message came are ready; collectives it moved are due
         while self.opt_ready:
             j = self.opt_ready.popleft()
             op = self.units[j][0]
             if self.computing and self.writes_parameter[j]:
                 self.opt_deferred.append(j)
-            elif op.kind == "recv" and not mailbox.ready(self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE)):
+            elif op.kind == "recv" and not mailbox.ready(*(key := (self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE)))):
                 self.opt_recvs.append(j)
+                self._waiting[key] = _Receiving(j)
             else:
                 self._run_unit(j)
                 progressed = True
-        if arrived:
-            self._collect()
         due, self._due_units = self._due_units, []
         for e in due:
             if e.peer is not None and self._pump_unit(e):
@@ -392,10 +387,15 @@ class RankRuntime:
         if keys is None:  # more came than the mailbox kept: every conversation may have moved
             self._due_pieces.extend(self.inflight)
             self._due_units.extend(self.opt_inflight)
+            self.opt_ready.extend(self.opt_recvs)  # each looks at its mailbox again
+            self.opt_recvs.clear()
             return
         for key in keys:
             e = self._waiting.pop(key, None)
-            if e is not None:
+            if type(e) is _Receiving:  # an optimizer-phase receive: its message is here
+                self.opt_recvs.remove(e.unit)
+                self.opt_ready.append(e.unit)
+            elif e is not None:
                 (self._due_pieces if type(e) is _Inflight else self._due_units).append(e)
 
     def _run_unit(self, j: int) -> None:
@@ -927,6 +927,13 @@ class _Inflight:
     step: _Awaited | None
     start: float
     group: list
+
+
+@dataclass(slots=True)
+class _Receiving:
+    """An optimizer-phase receive filed under the message it waits for."""
+
+    unit: int
 
 
 @dataclass(slots=True)

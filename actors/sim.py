@@ -285,6 +285,7 @@ class SimRankRuntime(RankRuntime):
                          clock=lambda: sim.now)
         self.sim = sim
         self.seconds: dict[int, tuple[float, float, int]] = {}  # op id -> (seconds, memory-bound part, flops)
+        self.nulls: dict[int, list] = {}
 
     def _charge(self, op) -> None:
         if op.id not in self.seconds:
@@ -318,7 +319,10 @@ class SimRankRuntime(RankRuntime):
         return super()._recv(op, attrs, ins, held, piece)
 
     def _null(self, op) -> list:
-        return [NullArray(*self.decls[v]) for v in op.outputs]
+        out = self.nulls.get(op.id)  # null values hold no data: one set per op serves every piece
+        if out is None:
+            out = self.nulls[op.id] = [NullArray(*self.decls[v]) for v in op.outputs]
+        return out
 
     def _compute(self, op, attrs, ins, held, piece):
         self._charge(op)
@@ -640,7 +644,7 @@ def predict(plan, hw, *, world: int | None = None, feed_bytes: int | None = None
     a response per rank). With ``record``, the prediction carries the simulated timeline."""
     k = max(1, plan.micro_batches)
     window = max((max([max(1, v.registers or 1) for v in rp.values] or [1]) for rp in plan.ranks), default=1)
-    k1 = 2 * window + 2
+    k1 = window + 2  # once W pieces are in, 1F1B's steady state: each window of pieces adds the same
     opts = dict(stands_for=stands_for, kernel_time=kernel_time, collective_time=collective_time)
     if k <= k1 + window:
         sim = Simulator(plan, hw, world, record=record, **opts)
