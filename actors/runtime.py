@@ -283,6 +283,7 @@ class RankRuntime:
             a.piece, a.busy = 0, False
         self._holding: dict[int, int] = {}  # piece -> activations of it held
         self._open: dict[int, int] = {}  # pieces entered and not done on this rank -> firings left
+        self._window_blocked: dict[int, _Actor] = {}  # actors whose piece could not enter the full window
         self.peak_in_flight = 0  # most micro-batches holding activations at once, this step
         self._begin_optimizer(update)
         self._loop()
@@ -592,6 +593,7 @@ class RankRuntime:
     def _can_fire(self, a: _Actor) -> bool:
         p = a.piece
         if p not in self._open and len(self._open) >= self.window:
+            self._window_blocked[a.index] = a  # woken when a piece is done here
             return False  # the rank already works on as many micro-batches as it has registers
         for v in a.inputs:
             if self.written.get((v, p), 0) < self.writers[v]:
@@ -667,7 +669,8 @@ class RankRuntime:
         self._open[p] -= 1
         if not self._open[p]:  # the piece is done on this rank: the next may enter
             del self._open[p]
-            woken.extend(b for b in self.actors if b.piece < self.k and not b.busy)
+            woken.extend(self._window_blocked.values())  # the actors the full window held back
+            self._window_blocked.clear()
         if a.members:  # one firing of the bucket's collective, recorded for each member
             end = self.clock()
             for m in a.members:

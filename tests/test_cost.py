@@ -203,13 +203,14 @@ def test_a_pipeline_pays_its_bubble(stages, micro):
     assert all(a <= b + 1e-9 for a, b in zip(idle, idle[1:])) and idle[-1] > 0  # later stages wait longer
 
 
-def test_long_pipelines_are_extended_exactly():
-    g = Stages(2, 40)
+@pytest.mark.parametrize("stages,micro", [(2, 40), (4, 24), (8, 20)])
+def test_long_pipelines_are_extended_exactly(stages, micro):
+    g = Stages(stages, micro)
     g.compile(g.x)
     hw = _ideal(memory_bandwidth=float("inf"))
-    full = Simulator(g.plan(), hw, 2)
+    full = Simulator(g.plan(), hw, stages)
     full.run()
-    extended = predict(g.plan(), hw)  # 40 micro-batches: simulated at 6 and 8, extended linearly
+    extended = predict(g.plan(), hw)  # simulated at W/2 + 2 and one more, extended linearly
     assert extended.step_s == pytest.approx(max(c.finish_s for c in full.costs()), rel=1e-6)
 
 
