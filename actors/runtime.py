@@ -38,7 +38,7 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -736,35 +736,70 @@ class RankRuntime:
         have run); its communication starts then and stays in flight with the others', so ZeRO
         3's parameter gathers go out together instead of one round trip after another."""
         env, mailbox, piece = self.persistent, self.comm.mailbox, PER_STEP_PIECE
+        hoisted, writers = self.hoisted, self.hoisted_writers
         written: Counter = Counter()
-        pending, inflight = list(enumerate(self.hoisted)), []
-
-        def ready(v: int) -> bool:
-            return v in env and written[v] == self.hoisted_writers[v]
+        # an op runs once its inputs are here: a count of the missing ones per op, and the ops
+        # each value still owes (values are final when all their writers have run)
+        missing, owed = [0] * len(hoisted), defaultdict(list)
+        for j, op in enumerate(hoisted):
+            for v in dict.fromkeys(op.inputs):
+                if not (v in env and writers[v] == 0):
+                    missing[j] += 1
+                    owed[v].append(j)
+        queue = deque(j for j, m in enumerate(missing) if not m)
+        waiting: dict[tuple[int, int], Any] = {}  # (source, tag) -> a receive's op index, or a schedule
+        left = [len(hoisted)]
+        mailbox.drain()  # from here on, each message that comes moves only its own conversation
 
         def done(op, outs, start: float, end: float | None = None) -> None:
             for v, o in zip(op.outputs, outs):
                 env[v] = o
                 written[v] += 1
+                if written[v] == writers[v]:
+                    for j in owed.pop(v, ()):
+                        missing[j] -= 1
+                        if not missing[j]:
+                            queue.append(j)
             self._note(op, piece, start, end)
+            left[0] -= 1
 
         def advance(e: _Phased, value) -> bool:  # until it waits for a message (False) or is done
             finished, got = self._drive(e.gen, value, e.group, e.tag)
             if finished:
-                op = self.hoisted[e.unit]
+                op = hoisted[e.unit]
                 done(op, [got] * len(op.outputs), e.start)  # a collective's result (a send has none)
                 return True
             e.peer = got
             return False
 
+        def pump(e: _Phased) -> bool:  # take every message of it already here, then file it
+            moved, key = False, (self.index[e.peer], e.tag)
+            while mailbox.ready(*key):
+                moved = True
+                if advance(e, mailbox.try_take(*key)):
+                    return True
+                key = (self.index[e.peer], e.tag)
+            waiting[key] = e
+            return moved
+
+        def per_step_waits() -> list[dict]:  # what this rank waits for, for the failure report
+            waits = [dict(op=hoisted[x.unit].id, name=hoisted[x.unit].op, piece=piece, peer=x.peer,
+                          group=list(hoisted[x.unit].group), channel=hoisted[x.unit].channel)
+                     for x in waiting.values() if type(x) is not int]
+            return waits + [dict(op=hoisted[x].id, name="recv", piece=piece, peer=hoisted[x].peer, group=[],
+                                 channel=hoisted[x].channel) for x in waiting.values() if type(x) is int]
+
         seen, idle_since = mailbox.arrivals, None
-        while pending or inflight:
-            progressed, waiting = False, []
-            for j, op in pending:
-                if not all(ready(v) for v in op.inputs) or (
-                        op.kind == "recv" and not mailbox.ready(self.index[op.peer], tag(op.channel, piece))):
-                    waiting.append((j, op))
-                    continue
+        while left[0]:
+            progressed = False
+            while queue:
+                j = queue.popleft()
+                op = hoisted[j]
+                if op.kind == "recv":
+                    key = (self.index[op.peer], tag(op.channel, piece))
+                    if not mailbox.ready(*key):
+                        waiting[key] = j
+                        continue
                 progressed, start = True, self.clock()
                 self.current = f"{op.op} (op {op.id}, per step)"
                 if op.phase not in self.phases_entered:
@@ -774,32 +809,32 @@ class RankRuntime:
                 if type(out) is _Comm:
                     e = _Phased(j, out.gen, tag(op.channel, piece), out.group, start)
                     if not advance(e, None):
-                        inflight.append(e)
+                        pump(e)
                 else:
                     done(op, out, start)
-            pending = waiting
-            for e in list(inflight):
-                src = self.index[e.peer]
-                if mailbox.ready(src, e.tag):
+            keys = mailbox.drain()
+            if keys is None:  # more came than the mailbox kept: look at every conversation
+                due = list(waiting.values())
+                waiting.clear()
+            else:
+                due = [waiting.pop(k) for k in keys if k in waiting]
+            for x in due:
+                if type(x) is int:
+                    queue.append(x)  # a receive whose message came
                     progressed = True
-                    if advance(e, mailbox.try_take(src, e.tag)):
-                        inflight.remove(e)
-            if progressed:
+                elif pump(x):
+                    progressed = True
+            if progressed or queue:
                 idle_since = None
                 continue
-            waits = [dict(op=self.hoisted[e.unit].id, name=self.hoisted[e.unit].op, piece=piece, peer=e.peer,
-                          group=list(self.hoisted[e.unit].group), channel=self.hoisted[e.unit].channel)
-                     for e in inflight]
-            waits += [dict(op=op.id, name="recv", piece=piece, peer=op.peer, group=[], channel=op.channel)
-                      for _, op in pending if op.kind == "recv" and all(ready(v) for v in op.inputs)]
             now = time.monotonic()
             idle_since = idle_since or now
             if now - idle_since > self.timeout:
-                raise Stalled(self.rp.rank, waits, self.timeout)
+                raise Stalled(self.rp.rank, per_step_waits(), self.timeout)
             try:
                 seen = mailbox.wait(seen, min(0.05, self.timeout))
             except CommError as err:  # told to stop (another rank failed) or a peer unreachable
-                raise Stalled(self.rp.rank, waits, self.timeout, str(err)) from err
+                raise Stalled(self.rp.rank, per_step_waits(), self.timeout, str(err)) from err
 
     # ------------------------------------------------------------------------ the handlers
     def _handler(self, op) -> Callable:
