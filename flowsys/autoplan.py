@@ -364,7 +364,8 @@ def search(job: JobConfig, devices: int, hardware: str | None = None, *, top: in
     path; None: :func:`default_hardware`): the pre-filter ranks every layout, the best
     ``simulate`` (one per ``dp, tp, pp, micro-batches`` family that fits) are predicted by
     :func:`flowsys.plan.plan_job`, and the ``top`` of those by predicted step time come back,
-    fitting layouts first. ``time_budget`` (seconds) stops simulating early, after at least one.
+    fitting layouts first. ``time_budget`` (seconds) stops simulating early, after at least one, when the
+    next simulation and the job's own might not fit in it (each may take as long as the longest so far).
     The job's own layout, when valid for ``devices``, is simulated too (``result.own``).
 
     >>> from flowsys.job import job_from_dict
@@ -389,19 +390,22 @@ def search(job: JobConfig, devices: int, hardware: str | None = None, *, top: in
     ranked: list[Ranked] = []
     failed: dict[str, str] = {}
     fitting: set[tuple[int, int, int, int]] = set()  # families with a simulated layout that fits
-    runs = 0
+    runs, longest = 0, 0.0  # the longest simulation so far: the next one (and the job's own) may take as long
     for cand in kept:
-        if runs >= simulate or (time_budget is not None and runs and time.perf_counter() - t0 > time_budget):
+        if runs >= simulate or (time_budget is not None and runs
+                                and time.perf_counter() - t0 + 2 * longest > time_budget):
             break
         if cand.layout.family in fitting:
             continue
         runs += 1
         for variant in sbp_variants(job, cand.layout):
+            t1 = time.perf_counter()
             try:
                 r = _simulate(variant, cand, devices, hardware, hw)
             except FlowsysError as e:
                 failed[str(cand.layout)] = " ".join(str(e).split())
                 continue
+            longest = max(longest, time.perf_counter() - t1)
             ranked.append(r)
             if r.fits:
                 fitting.add(cand.layout.family)
