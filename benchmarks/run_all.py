@@ -13,7 +13,8 @@ Runs, each in a process of its own (so a crash or a hang in one is reported and 
 - ``pipeline``: pipeline idle fraction against the bubble formula (bench_pipeline.py);
 - ``costmodel``: predicted against measured step times, six layouts, two backends (bench_costmodel.py);
 - ``precision``: the tiny GPT job's validation loss in bf16 and fp16 against fp32, one device and
-  dp2 x tp2 (bench_precision.py).
+  dp2 x tp2 (bench_precision.py);
+- ``published``: ``flowsys plan`` against Megatron-LM's Table 1 rows on a100-80g (bench_published.py).
 
 Each script writes its own JSON under ``benchmarks/results/``; this one gathers them into
 ``benchmarks/results.json`` (with the machine it ran on) and ``benchmarks/results.md``, and with
@@ -45,6 +46,7 @@ BENCHMARKS = {  # name: (script, full arguments, --quick arguments)
     "pipeline": ("bench_pipeline.py", ["--backend", "ray", "--steps", "4"], ["--backend", "ray", "--steps", "3"]),
     "costmodel": ("bench_costmodel.py", [], ["--steps", "7"]),
     "precision": ("bench_precision.py", ["--steps", "150"], ["--steps", "40"]),
+    "published": ("bench_published.py", [], ["--rows", "1.7b", "18.4b"]),
 }
 
 
@@ -125,6 +127,11 @@ def rows_for(name: str, data: dict) -> list[tuple[str, str, str, str, str]]:
                  f"val loss {v['val_loss']:.4f}", f"fp32 {r['runs']['fp32']['val_loss']:.4f}",
                  f"{v['val_loss_over_fp32']:.3f} (target within 3%)")
                 for r in data["results"] for p, v in r["runs"].items() if p != "fp32"]
+    if name == "published":
+        return [("plan vs published", f"Megatron-LM {r['row']} on {r['gpus']} GPUs (Table 1), {data['hardware']}",
+                 f"{r['tflops_per_gpu_eq3']:.1f} TFLOP/s per GPU (Eq. 3), simulated in {r['simulate_s']:.1f} s",
+                 f"paper {r['paper_tflops_per_gpu']:.0f}", f"{r['ratio']:.2f} (target 0.75-1.25)")
+                for r in data["rows"]]
     if name == "costmodel":
         return [("cost model", f"{r['layout']}, {r['backend']} backend", f"measured {r['measured_ms']:.1f} ms",
                  f"predicted {r['predicted_ms']:.1f} ms", f"{r['ratio']:.2f} (target 0.75-1.25)")

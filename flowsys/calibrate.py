@@ -134,14 +134,17 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     # kernels inside a step against kernels timed alone (warm): one factor, fitted on a
     # one-layer GPT (not a model the calibration is judged on)
     probe, (idx,) = _probe_gpt()
-    for _ in range(3):  # a fit at a bound means a disturbed measurement (timed while the machine
-        # was busy with something else): measure the kernels and the probe again
+    scales = []
+    for _ in range(3):  # three fits, their median: one measurement disturbed by the machine (the
+        # first after the warm-up often is) would otherwise set the factor for every kernel; a fit
+        # at a bound is such a measurement: the kernels are timed again
         _, span_probe = _measure(probe, (idx, idx), repeats)
         scale = _fit(lambda k: _span(probe.plan(), hw.replace(kernel_scale=k)), span_probe, 0.5, 5.0)
         if 0.5 < scale < 5.0:
-            break
-        clear_kernel_times()
-    hw = hw.replace(kernel_scale=scale)
+            scales.append(scale)
+        else:
+            clear_kernel_times()
+    hw = hw.replace(kernel_scale=statistics.median(scales) if scales else scale)
     step_overhead = hw.step_overhead
 
     mix, steady = _Mix(60), max(repeats, 11)  # the sharing probes decide the most: measured longest
