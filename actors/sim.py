@@ -44,7 +44,6 @@ from typing import Any, Callable
 import numpy as np
 
 from actors.runtime import RankRuntime, Stalled, Timeline, _Comm, _one_send
-from comm import CommError
 from flowsys.errors import ConfigError
 from flowsys.ops.cost import op_cost
 from flowsys.planformat import decode_attrs
@@ -436,7 +435,7 @@ class Simulator:
                 raise self.errors[0]
         stuck = [r for r in self.runtimes if self.state.get(r) != "done"]
         if stuck:
-            waits = "; ".join(str(self.runtimes[r]._stalled("never woken on the simulated clock")) for r in stuck)
+            waits = "; ".join(_stuck(self.runtimes[r]) for r in stuck)
             raise Stalled(stuck[0], [], 0.0, f"the simulated step deadlocked ({len(stuck)} rank(s) wait "
                                              f"forever): {waits}")
 
@@ -618,6 +617,14 @@ class Simulator:
         from actors.runtime import pack_timeline  # noqa: PLC0415
 
         return Timeline(self.plan, {r: pack_timeline(rt.timeline) for r, rt in self.runtimes.items()})
+
+
+def _stuck(rt: SimRankRuntime) -> str:
+    """What a rank the simulation could not wake waits for (its phase when it is not yet in the
+    pieces, whose waits the runtime lists)."""
+    if not hasattr(rt, "inflight"):  # still in the per-step ops
+        return f"rank {rt.rp.rank}: never woken on the simulated clock in {rt.current}"
+    return str(rt._stalled("never woken on the simulated clock"))
 
 
 def _nbytes(decl) -> int:

@@ -248,6 +248,22 @@ def laid_out(a: np.ndarray, nd, placement, rng=0) -> GlobalValue:
     return GlobalValue(placement, nd, a.shape, a.dtype, shards)
 
 
+class SumStep(fs.Graph):
+    """A one-input training step on per-rank plans: ``model(x).sum()`` as the loss, SGD at
+    ``lr`` (the cost-model tests' data-parallel step)."""
+
+    def __init__(self, model, lr: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.add_optimizer(fs.optim.SGD(model.parameters(), lr=lr))
+        self.config.executor = "plans"
+
+    def build(self, x):
+        loss = self.model(x).sum()
+        loss.backward()
+        return loss
+
+
 class TrainStep(fs.Graph):
     """The graph-mode training step every test writes the same way: ``model(idx, targets)``
     returns ``(logits, loss)``; backward; the optimizer's update."""

@@ -14,7 +14,7 @@ from flowsys.errors import ConfigError
 from flowsys.models import GPT, GPTConfig
 from flowsys.plan import model_flops, plan_job
 from flowsys.train import job_from_dict, run
-from helpers import TrainStep
+from helpers import SumStep, TrainStep
 from actors.sim import Simulator
 from flowsys.plan import predict
 from scheduler.cost import Hardware, Link, available, graph_flops, load_hardware, op_flops
@@ -219,19 +219,7 @@ def test_optimizer_phase_collectives_are_in_flight_together():
     layers = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)])
     layers.to_global(P, B)
 
-    class DP(fs.Graph):
-        def __init__(self):
-            super().__init__()
-            self.layers = layers
-            self.add_optimizer(optim.SGD(layers.parameters(), lr=0.0))
-            self.config.executor = "plans"
-
-        def build(self, x):
-            loss = self.layers(x).sum()
-            loss.backward()
-            return loss
-
-    g = DP()
+    g = SumStep(layers)
     g.compile(fs.randn(4, 8).to_global(P, S(0)))
     latency = 1e-2
     hw = _ideal(intra_node=Link(float("inf"), latency), memory_bandwidth=float("inf"), peak_flops={"float32": 1e30})

@@ -13,7 +13,9 @@ from actors.runtime import OPTIMIZER_PIECE, PER_STEP_PIECE
 from actors.sim import NullArray, Simulator, predict
 from comm import algorithms as alg
 from comm.inprocess import run_group
-from flowsys import nn, optim
+from flowsys import nn
+from helpers import SumStep
+from test_cost import Stages
 from scheduler.cost import Hardware, Link
 from scheduler.lower import _Lowering
 
@@ -40,29 +42,11 @@ class Chain(fs.Graph):
         return x
 
 
-class Pipeline(fs.Graph):
-    """``stages`` linear stages on ranks 0..stages-1, one register per edge."""
-
-    def __init__(self, stages, micro, width=32, rows=16):
-        super().__init__()
-        fs.manual_seed(0)
-        self.placements = [fs.placement("cpu", [s]) for s in range(stages)]
-        self.blocks = nn.ModuleList([nn.Linear(width, width, bias=False) for _ in range(stages)])
-        for s, block in enumerate(self.blocks):
-            block.set_stage(s, self.placements[s])
-        self.add_optimizer(optim.SGD(self.blocks.parameters(), lr=0.01))
-        self.config.gradient_accumulation_steps = micro
-        self.config.registers = 1
-        self.config.executor = "plans"
-        self.config.record_timeline = True
-        self.x = fs.randn(micro * rows, width).to_global(self.placements[0], B)
-
-    def build(self, x):
-        for block in self.blocks:
-            x = block(x)
-        loss = (x * x).mean()
-        loss.backward()
-        return loss
+def Pipeline(stages, micro):
+    """``stages`` linear stages on ranks 0..stages-1 (test_cost's), its firings recorded."""
+    g = Stages(stages, micro, width=32, rows=16)
+    g.config.record_timeline = True
+    return g
 
 
 def _order(timeline, rank):
@@ -122,19 +106,7 @@ def test_data_parallel_all_reduce_costs_the_ring_schedule():
     fs.manual_seed(0)
     model = nn.Linear(256, 256, bias=False).to_global(P, B)
 
-    class Step(fs.Graph):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.add_optimizer(optim.SGD(model.parameters(), lr=0.1))
-            self.config.executor = "plans"
-
-        def build(self, x):
-            loss = self.model(x).sum()
-            loss.backward()
-            return loss
-
-    step = Step()
+    step = SumStep(model, lr=0.1)
     step.compile(fs.randn(64, 256).to_global(P, S(0)))
     pred = predict(step.plan(), _ideal())
     _, sent = run_group(alg.ring_all_reduce, [np.zeros(256 * 256, np.float32)] * 2)
