@@ -162,6 +162,7 @@ class RankRuntime:
         self.on_phase: Callable[[str], None] | None = None  # called as each phase starts (fault injection)
         self.phases_entered: set[str] = set()
         self.current: str = "idle"      # what this rank is doing, for failure reports
+        self.in_per_step = False        # running the per-step ops (the cost model's waits are communication)
         ops = list(rank_plan.ops)
         self.compute_ops = [op for op in ops if op.phase != "optimizer"]
         self.optimizer_ops = [op for op in ops if op.phase == "optimizer"]
@@ -257,8 +258,9 @@ class RankRuntime:
         self.persistent = {vid: a for vid, a in fed.items() if vid not in inputs}
         if self.hoisted is None:
             self._build()
+        self.in_per_step = True
         self._run_per_step()  # once per step, before the pieces
-        self.current = "the micro-batches"
+        self.in_per_step = False
         self.piece_inputs = {vid: [_micro(a, i, k) for i in range(k)] for vid, a in fed.items() if vid in inputs}
         self.seeds = seeds
         self.k = k

@@ -455,7 +455,7 @@ class Simulator:
         if r in self.waiting_since:
             waited = self.now - self.waiting_since.pop(r)
             rt = self.runtimes[r]
-            if getattr(rt, "inflight", None) or getattr(rt, "opt_inflight", None) or "per step" in rt.current:
+            if getattr(rt, "inflight", None) or getattr(rt, "opt_inflight", None) or rt.in_per_step:
                 self.cost[r].comm_s += waited
             else:
                 self.cost[r].idle_s += waited
@@ -622,7 +622,7 @@ class Simulator:
 def _stuck(rt: SimRankRuntime) -> str:
     """What a rank the simulation could not wake waits for (its phase when it is not yet in the
     pieces, whose waits the runtime lists)."""
-    if not hasattr(rt, "inflight"):  # still in the per-step ops
+    if rt.in_per_step or not hasattr(rt, "inflight"):  # still in the per-step ops
         return f"rank {rt.rp.rank}: never woken on the simulated clock in {rt.current}"
     return str(rt._stalled("never woken on the simulated clock"))
 
