@@ -61,7 +61,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     plan.add_argument("--simulate", type=int, default=8,
                       help="with --auto: layouts the cost model simulates after the analytic pre-filter (default 8)")
     plan.add_argument("--time-budget", type=float, default=200.0, metavar="S",
-                      help="with --auto: after the first simulation, start none that might end past S seconds, the job.s own layout included (default 200)")
+                      help="with --auto: after the first simulation, start none that might end past S seconds, the job's own layout included (default 200)")
     plan.add_argument("--json", action="store_true", help="print the summary as JSON")
     plan.add_argument("--hardware", default=None, metavar="SPEC",
                       help="predict step time, tokens/s, MFU and memory fit on this hardware spec "
