@@ -274,7 +274,7 @@ class RankRuntime:
         self.grad_values = {g for g in grads.values() if g in self.producers}
         self.sums: dict[int, Any] = {}
         self.inflight: list[_Inflight] = []  # communication schedules waiting for a message
-        self._pieces_seen = -1  # the mailbox's arrivals when those were last looked at
+        self._seen = -1  # the mailbox's arrivals when the schedules in flight were last looked at
         # schedules in flight by the (source, tag) of the message each waits for, and those a
         # message came for (actors.runtime's _collect fills them from the mailbox's drain)
         self._waiting: dict[tuple[int, int], Any] = {}
@@ -323,7 +323,6 @@ class RankRuntime:
         self.opt_written: Counter = Counter()
         self.opt_left = len(self.units)
         self.computing = True
-        self._opt_seen = -1  # the mailbox's arrivals when the optimizer's waits were last looked at
 
     def _final(self, v: int, x: np.ndarray) -> None:
         """Gradient ``v`` is summed over every piece: the optimizer phase may use it."""
@@ -344,9 +343,7 @@ class RankRuntime:
         progressed = False
         # what is waiting for a message can move only if one came since the last look (a
         # schedule that moves takes every message already here before it waits again)
-        if mailbox.arrivals != self._opt_seen:
-            self._opt_seen = mailbox.arrivals
-            self._collect()  # receives whose message came are ready; collectives it moved are due
+        self._collect()  # receives whose message came are ready; collectives it moved are due
         while self.opt_ready:
             j = self.opt_ready.popleft()
             op = self.units[j][0]
@@ -367,26 +364,22 @@ class RankRuntime:
         return progressed
 
     def _pump_unit(self, e: _Phased) -> bool:
-        """Advance an optimizer collective over every message of it already here, then file it
-        under the message it waits for: whether it moved (``e.peer`` is None once it is done)."""
-        mailbox, moved = self.comm.mailbox, False
-        key = (self.index[e.peer], e.tag)
-        if self._waiting.get(key) is e:
-            del self._waiting[key]
-        while mailbox.ready(*key):
-            moved = True
-            if self._advance_unit(e, mailbox.try_take(*key)):
-                e.peer = None
-                return True
-            key = (self.index[e.peer], e.tag)
-        self._waiting[key] = e
+        """:meth:`_pump` for an optimizer collective: whether it moved (``e.peer`` is None once
+        it is done)."""
+        moved, finished = self._pump(e, lambda x, message: self._advance_unit(x, message) or None)
+        if finished:
+            e.peer = None
         return moved
 
     def _collect(self) -> None:
         """Look at the messages that came since the last look (the mailbox's ``drain``) and mark
         the schedules waiting for them due: the pieces' and the optimizer's conversations in
         flight are many (a bucket's, a ring's), so each arrival moves only its own."""
-        keys = self.comm.mailbox.drain()
+        mailbox = self.comm.mailbox
+        if mailbox.arrivals == self._seen:  # nothing came
+            return
+        self._seen = mailbox.arrivals
+        keys = mailbox.drain()
         if keys is None:  # more came than the mailbox kept: every conversation may have moved
             self._due_pieces.extend(self.inflight)
             self._due_units.extend(self.opt_inflight)
@@ -559,11 +552,8 @@ class RankRuntime:
     def _arrived(self, wake: Callable) -> tuple[bool, int]:
         """Advance the pieces' communication in flight whose awaited message is here: whether
         any moved, and how many firings it completed (their actors are woken)."""
-        mailbox = self.comm.mailbox
         moved, finished = False, 0
-        if mailbox.arrivals != self._pieces_seen:  # something came: file it
-            self._pieces_seen = mailbox.arrivals
-            self._collect()
+        self._collect()
         due, self._due_pieces = self._due_pieces, []
         for e in due:
             stepped, woken = self._pump(e)
@@ -574,22 +564,32 @@ class RankRuntime:
                 wake(woken + [e.actor])
         return moved, finished
 
-    def _pump(self, e: _Inflight) -> tuple[bool, list[_Actor] | None]:
-        """Advance a schedule in flight over every message of it already here, then file it
-        under the message it waits for: whether it moved, and the woken actors once it is done
-        (None while it waits)."""
+    def _pump(self, e, advance: Callable | None = None, waiting: dict | None = None) -> tuple[bool, Any]:
+        """Advance a schedule in flight (a piece's, an optimizer unit's, a per-step op's) over
+        every message of it already here, then file it in ``waiting`` (default: the step's)
+        under the message it waits for: whether it moved, and ``advance``'s result once it is
+        done (None while it waits). ``advance(e, message)`` (default: a piece's) returns None
+        until the schedule is done."""
+        advance = advance or self._advance
+        waiting = self._waiting if waiting is None else waiting
         mailbox, moved = self.comm.mailbox, False
-        key = (self.index[e.step.peer_rank], e.step.tag)
-        if self._waiting.get(key) is e:
-            del self._waiting[key]
+        key = self._awaited(e)
+        if waiting.get(key) is e:
+            del waiting[key]
         while mailbox.ready(*key):
             moved = True
-            woken = self._advance(e, mailbox.try_take(*key))
-            if woken is not None:
-                return True, woken
-            key = (self.index[e.step.peer_rank], e.step.tag)
-        self._waiting[key] = e
+            result = advance(e, mailbox.try_take(*key))
+            if result is not None:
+                return True, result
+            key = self._awaited(e)
+        waiting[key] = e
         return moved, None
+
+    def _awaited(self, e) -> tuple[int, int]:
+        """The (communicator rank, tag) of the message schedule ``e`` waits for."""
+        if type(e) is _Inflight:
+            return self.index[e.step.peer_rank], e.step.tag
+        return self.index[e.peer], e.tag
 
     # ------------------------------------------------------------------------------ firing
     def _can_fire(self, a: _Actor) -> bool:
@@ -775,14 +775,7 @@ class RankRuntime:
             return False
 
         def pump(e: _Phased) -> bool:  # take every message of it already here, then file it
-            moved, key = False, (self.index[e.peer], e.tag)
-            while mailbox.ready(*key):
-                moved = True
-                if advance(e, mailbox.try_take(*key)):
-                    return True
-                key = (self.index[e.peer], e.tag)
-            waiting[key] = e
-            return moved
+            return self._pump(e, lambda x, message: advance(x, message) or None, waiting)[0]
 
         def per_step_waits() -> list[dict]:  # what this rank waits for, for the failure report
             waits = [dict(op=hoisted[x.unit].id, name=hoisted[x.unit].op, piece=piece, peer=x.peer,
@@ -879,7 +872,7 @@ class RankRuntime:
                          for i in range(n)])
         chunks = [np.concatenate([c[i].reshape(-1) for c in cuts]) for i in range(n)]
         shapes = [c[group.index(self.rp.rank)].shape for c in cuts]
-        return _Comm(_split_reduced(_ring_reduce_scatter_chunks(group.index(self.rp.rank), n, chunks), shapes), group)
+        return _Comm(_split_reduced(alg.ring_reduce_scatter_chunks(group.index(self.rp.rank), n, chunks), shapes), group)
 
     def _compute(self, op, attrs, ins, held, piece):
         spec = OPS[op.op]
@@ -1001,19 +994,6 @@ def _split_gathered(schedule, layout: list):
             got.append(flat[at:at + n].reshape(shards[q]))
             at += n
     return [np.concatenate(got, axis=axis) for (axis, _), got in zip(layout, pieces)]
-
-
-def _ring_reduce_scatter_chunks(me: int, n: int, chunks: list):
-    """``comm.algorithms.ring_reduce_scatter`` over chunks already cut (rank i ends with the
-    group's sum of chunk i): the same messages and the same order of additions."""
-    if n == 1:
-        return chunks[0]
-    right, left = (me + 1) % n, (me - 1) % n
-    for step in range(n - 1):
-        yield alg.Send(right, chunks[(me - step - 1) % n])
-        got = yield alg.Recv(left)
-        chunks[(me - step - 2) % n] += got
-    return chunks[me]
 
 
 def _split_reduced(schedule, shapes: list):

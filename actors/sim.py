@@ -46,7 +46,8 @@ import numpy as np
 from actors.runtime import RankRuntime, Stalled, Timeline, _Comm, _one_send
 from flowsys.errors import ConfigError
 from flowsys.ops.cost import op_cost
-from flowsys.planformat import decode_attrs
+from flowsys.ops.registry import is_floating
+from flowsys.planformat import REQUEST_BYTES, decode_attrs
 
 try:  # the simulation's coroutines
     import greenlet
@@ -173,47 +174,49 @@ class _Mailbox:
         self.arrivals = 0
         self.new: list[tuple[int, int]] = []  # (source, tag) arrived since the runtime's last drain
 
-    def _entry(self, src: int, tag: int):
-        """(arrival time, array) of the next message from ``src`` under ``tag``, or None."""
+    def _arrived(self, src: int, tag: int):
+        """(array, its board key or None for a message in a box) of the next message from
+        ``src`` under ``tag`` if the clock has reached its arrival; else None, and the rank is
+        woken when it arrives (or, not posted yet, when it is)."""
         sim = self.sim
         if src in sim.present:
             box = self.boxes.get((src, tag))
-            return box[0] if box else None
-        key = sim.board_key(self.rank, sim.rep.get(src, self.rank), tag, sim.recv_node)
-        posts = sim.board.get(key)
-        n = self.cursor[key]
-        if posts and key[0] == "p2p":  # a transfer of one boxing node: its sends go out together
-            n = min(n, len(posts) - 1)
-        if posts is None or len(posts) <= n:
-            sim.watchers[key].add((self.rank, src, tag))
+            if not box:
+                return None
+            arrival, array = box[0]
+            key = None
+        else:
+            key = sim.board_key(self.rank, sim.rep.get(src, self.rank), tag, sim.recv_node)
+            posts = sim.board.get(key)
+            n = self.cursor[key]
+            if posts and key[0] == "p2p":  # a transfer of one boxing node: its sends go out together
+                n = min(n, len(posts) - 1)
+            if posts is None or len(posts) <= n:
+                sim.watchers[key].add((self.rank, src, tag))
+                return None
+            sent, array, latency = posts[n]
+            arrival = sent + latency  # by symmetry ``src`` sent it as the representative sent its own
+        if arrival > sim.now:
+            sim.wake(self.rank, arrival, (src, tag))
             return None
-        sent, array, latency = posts[n]
-        return sent + latency, array  # by symmetry ``src`` sent it as the representative sent its own
+        return array, key
 
     def ready(self, src: int, tag: int) -> bool:
-        entry = self._entry(src, tag)
-        if entry is None:
-            return False
-        if entry[0] <= self.sim.now:
-            return True
-        self.sim.wake(self.rank, entry[0], (src, tag))
-        return False
+        return self._arrived(src, tag) is not None
 
     def try_take(self, src: int, tag: int):
-        if not self.ready(src, tag):
+        got = self._arrived(src, tag)
+        if got is None:
             return None
-        sim = self.sim
-        if src in sim.present:
+        array, key = got
+        if key is None:
             box = self.boxes[(src, tag)]
-            _, array = box.popleft()
+            box.popleft()
             if not box:
                 del self.boxes[(src, tag)]
         else:
-            key = sim.board_key(self.rank, sim.rep.get(src, self.rank), tag, sim.recv_node)
-            posts = sim.board[key]
-            array = posts[min(self.cursor[key], len(posts) - 1)][1]
             self.cursor[key] += 1
-        sim.receive_overhead(self.rank, src)
+        self.sim.receive_overhead(self.rank, src)
         return array
 
     def take(self, src: int, tag: int, timeout: float):
@@ -299,25 +302,30 @@ class SimRankRuntime(RankRuntime):
         cost.firings += 1
         self.sim.spend(self.rp.rank, seconds, overhead=self.sim.hw.op_overhead)
 
+    def _communicate(self, work: float = 0.0) -> None:
+        """A communication firing: the runtime's work per firing, plus ``work`` of its own."""
+        overhead = self.sim.hw.op_overhead
+        self.sim.spend(self.rp.rank, overhead + work, overhead=overhead)
+
     def _collective(self, op, attrs, ins, held, piece):
         sim = self.sim
         work = 0.0
         if sim.collective_time is not None and len(op.group) > 1:  # the algorithm's copies and sums here
             x = ins[0]
             work = sim.hw.kernel_scale * sim.collective_time(op.op, attrs, (x.shape, x.dtype), len(op.group))
-        sim.spend(self.rp.rank, sim.hw.op_overhead + work, overhead=sim.hw.op_overhead)
+        self._communicate(work)
         return super()._collective(op, attrs, ins, held, piece)
 
     def _gather_bucket(self, members, ins):
-        self.sim.spend(self.rp.rank, self.sim.hw.op_overhead)
+        self._communicate()
         return super()._gather_bucket(members, ins)
 
     def _reduce_scatter_bucket(self, members, ins):
-        self.sim.spend(self.rp.rank, self.sim.hw.op_overhead)
+        self._communicate()
         return super()._reduce_scatter_bucket(members, ins)
 
     def _recv(self, op, attrs, ins, held, piece):
-        self.sim.spend(self.rp.rank, self.sim.hw.op_overhead)
+        self._communicate()
         return super()._recv(op, attrs, ins, held, piece)
 
     def _null(self, op) -> list:
@@ -354,7 +362,7 @@ class SimRankRuntime(RankRuntime):
         return held if held is not None else NullArray(*self.decls[op.outputs[0]])
 
     def _send(self, op, attrs, ins, held, piece):
-        self.sim.spend(self.rp.rank, self.sim.hw.op_overhead)
+        self._communicate()
         x = ins[0]
         if not attrs["relay"]:
             x = NullArray(tuple(hi - lo for lo, hi in attrs["box"]), x.dtype)
@@ -409,7 +417,6 @@ class Simulator:
         self.parallel = ((parallel if isinstance(parallel, dict) else {1: 1.0, 2: parallel})
                          if hw.cores_per_node else None)
         self.busy_on_node: dict[int, int] = defaultdict(int)
-        self.fast = 0  # firings that ended with nothing else due meanwhile (no switch needed)
 
     # -------------------------------------------------------------------------- the event loop
     def run(self) -> None:
@@ -504,7 +511,6 @@ class Simulator:
             self.main.switch()
         else:  # nothing else happens before this firing ends: the clock just moves on
             self.now = until
-            self.fast += 1
         if self.parallel:
             self.busy_on_node[node] -= 1
 
@@ -568,17 +574,14 @@ class Simulator:
         outs = [decls[v] for v in op.outputs if v in decls]
         attrs = decode_attrs(op.attrs) if op.attrs else {}
         dtype = _float_dtype(ins + outs)
-        if op.kind in ("compute", "update"):
+        if op.kind in ("compute", "update"):  # the op's own cost rule (an update's counts its state)
             c = op_cost(op.op, ins, outs, attrs)
             flops, nbytes, gemm = c.flops, c.bytes, c.gemm
-            if op.kind == "update":  # it reads and writes the parameter and each state array, reads the gradient
-                nbytes = (3 + 2 * len(attrs.get("state", ()))) * _nbytes(ins[0]) if ins else 0
         else:  # assign, zeros, a region copied, a local boxing step: a copy
             flops, gemm = 0, False
             nbytes = sum(_nbytes(x) for x in outs) + (sum(_nbytes(x) for x in ins) if op.kind != "fill_zeros" else 0)
-        peak = hw.gemm_peak(dtype) if gemm and hasattr(hw, "gemm_peak") else hw.peak(dtype)
-        bandwidth = hw.achieved_bandwidth() if hasattr(hw, "achieved_bandwidth") else hw.memory_bandwidth
-        f_time, m_time = flops / peak, nbytes / bandwidth
+        peak = hw.gemm_peak(dtype) if gemm else hw.peak(dtype)
+        f_time, m_time = flops / peak, nbytes / hw.achieved_bandwidth()
         if self.kernel_time is not None and op.kind == "compute":
             measured = self.kernel_time(op.op, [decls[v] for v in op.inputs], attrs)
             if measured:
@@ -629,14 +632,11 @@ def _stuck(rt: SimRankRuntime) -> str:
 
 def _nbytes(decl) -> int:
     shape, dtype = decl
-    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 def _float_dtype(decls) -> str:
-    for _, dtype in decls:
-        if dtype.kind == "f" or dtype.name == "bfloat16":
-            return dtype.name
-    return "float32"
+    return next((dtype.name for _, dtype in decls if is_floating(dtype)), "float32")
 
 
 class _NoSeeds:
@@ -647,9 +647,6 @@ class _NoSeeds:
 
 
 # ------------------------------------------------------------------------------- prediction
-REQUEST_BYTES = 1024  # a step's request to one rank and its response: step number, seeds, hyper-parameters, losses
-
-
 def predict(plan, hw, *, world: int | None = None, feed_bytes: int | None = None,
             stands_for: dict[int, list[int]] | None = None, record: bool = False,
             kernel_time: Callable | None = None, collective_time: Callable | None = None) -> Prediction:
@@ -664,19 +661,18 @@ def predict(plan, hw, *, world: int | None = None, feed_bytes: int | None = None
     # same time (checked exact against the full simulation, tests/test_cost.py, and on the
     # published 145.6B and 1T rows against a start at W + 2)
     k1 = window // 2 + 2
-    period = 1
     opts = dict(stands_for=stands_for, kernel_time=kernel_time, collective_time=collective_time)
-    if k <= k1 + period:
+    if k <= k1 + 1:
         sim = Simulator(plan, hw, world, record=record, **opts)
         sim.run()
         costs = sim.costs()
     else:  # many micro-batches: the schedule is periodic once the pipeline is full, so simulate
-        # two short runs and extend their difference linearly to k
+        # two short runs, a piece apart, and extend their difference linearly to k
         first = Simulator(plan, hw, world, micro_batches=k1, **opts)
         first.run()
-        sim = Simulator(plan, hw, world, micro_batches=k1 + period, record=record, **opts)
+        sim = Simulator(plan, hw, world, micro_batches=k1 + 1, record=record, **opts)
         sim.run()
-        costs = [_extend(a, b, (k - k1) / period) for a, b in zip(first.costs(), sim.costs())]
+        costs = [_extend(a, b, k - k1) for a, b in zip(first.costs(), sim.costs())]
     n = world or len(plan.ranks)
     if feed_bytes is None:
         feed_bytes = REQUEST_BYTES * n

@@ -125,17 +125,18 @@ def _cut(x: np.ndarray, axis: int, a: int, b: int) -> np.ndarray:
 
 def ring_reduce_scatter(me: int, n: int, x: np.ndarray, axis: int = 0, op: str = "sum") -> Schedule:
     """Rank i ends with piece i (``array_split`` along ``axis``) of the group's sum (or max)."""
-    combine = _combine(op)
+    _combine(op)
     if n == 1:
         return x.copy()
-    bounds = _bounds(x.shape[axis], n)
-    chunks = [_copy(_cut(x, axis, a, b)) for a, b in bounds]
-    right, left = (me + 1) % n, (me - 1) % n
-    for step in range(n - 1):  # after step s, chunk (me - s - 1) holds s + 2 addends
-        yield Send(right, chunks[(me - step - 1) % n])
-        got = yield Recv(left)
-        combine(chunks[(me - step - 2) % n], got)
-    return chunks[me]
+    chunks = [_copy(_cut(x, axis, a, b)) for a, b in _bounds(x.shape[axis], n)]
+    return (yield from ring_reduce_scatter_chunks(me, n, chunks, op))
+
+
+def ring_reduce_scatter_chunks(me: int, n: int, chunks: list, op: str = "sum") -> Schedule:
+    """:func:`ring_reduce_scatter` over chunks already cut (reduced in place): rank i ends with
+    the group's reduction of chunk i. After step s, chunk (me - s - 1) holds s + 2 operands."""
+    (mine,) = yield from _ring_reduce_scatter_bundles(me, list(range(n)), [[c] for c in chunks], _combine(op))
+    return mine
 
 
 def pairwise_all_to_all(me: int, n: int, x: np.ndarray, split_axis: int, concat_axis: int) -> Schedule:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from comm.algorithms import Recv, Send
+from comm.algorithms import Recv, Send, _copy
 from comm.base import CommError, Communicator
 
 
@@ -50,7 +50,7 @@ def drive(schedules: list) -> tuple[list[Any], int]:
         try:
             step = gen.send(value)
             while isinstance(step, Send):
-                data = np.array(step.array, copy=True)
+                data = _copy(step.array)  # the receiver's own copy, of the sender's array type
                 sent += data.nbytes
                 mailbox.setdefault((me, step.peer), deque()).append(data)
                 step = gen.send(None)

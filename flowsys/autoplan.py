@@ -38,11 +38,8 @@ from typing import Any
 from flowsys.errors import ConfigError, FlowsysError
 from flowsys.job import JobConfig, ParallelConfig, check_layout
 from flowsys.plan import model_flops, plan_job
+from flowsys.precision import compute_dtype
 from scheduler.hardware import Hardware, load_hardware
-
-# The compute dtype of each train.precision, and the bytes of its activations and weights copies
-COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # Actor firings of one micro-batch on a rank, counted on flowsys's compiled GPT (a block's
 # forward and backward ops with their boxing; recompute and precision casts add theirs): the
@@ -219,7 +216,7 @@ def analyse(job: JobConfig) -> ModelFigures:
     # forward FLOPs per token: a block's GEMMs (24 h^2) and attention (4 s h); the head's 2 h V
     blocks = m.n_layer * (24 * m.n_embd ** 2 + 4 * m.block_size * m.n_embd)
     head = 2 * m.n_embd * m.vocab_size
-    return ModelFigures(float(flops), blocks / (blocks + head), COMPUTE[t.precision], ITEMSIZE[t.precision],
+    return ModelFigures(float(flops), blocks / (blocks + head), compute_dtype(t.precision).name, compute_dtype(t.precision).itemsize,
                   t.precision != "fp32")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from flowsys.errors import ConfigError
 from flowsys.job import JobConfig, check_layout
 from flowsys.placement import placement
+from flowsys.precision import compute_dtype
 
 
 def layout(job: JobConfig, devices: int | None = None):
@@ -190,8 +191,8 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
         if trace is not None:
             summary["trace"] = write_trace(pred, trace, plan, ir)
         flops = graph_flops(ir)
-        compute = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[job.train.precision]
-        peak = hw.peak(compute) * (1 if hw.device == "cpu" else devices)  # simulated CPU devices share one peak
+        gpus = 1 if hw.device == "cpu" else devices  # simulated CPU devices share one peak
+        peak = hw.peak(compute_dtype(job.train.precision).name) * gpus
         tokens = job.data.batch_size * job.model.block_size
         for r, cost in zip(per_rank, pred.ranks):
             total = r["parameters"] + r["gradients"] + r["optimizer_state"] + r["peak_activations"]
@@ -200,7 +201,6 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
                                   fits=total <= hw.memory)
         m = job.model  # Megatron-LM's count (Eq. 3, full recompute): the figure its papers report per GPU
         eq3 = megatron_flops(job.data.batch_size, m.block_size, m.n_layer, m.n_embd, m.vocab_size)
-        gpus = 1 if hw.device == "cpu" else devices
         summary["prediction"] = dict(hardware=hw.name, step_s=pred.step_s, tokens_per_s=tokens / pred.step_s,
                                      model_flops=flops, mfu=flops / (pred.step_s * peak), bound=pred.bound,
                                      megatron_flops=eq3, tflops_per_gpu=flops / pred.step_s / gpus / 1e12,

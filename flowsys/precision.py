@@ -70,6 +70,11 @@ def low_dtype(precision) -> np.dtype | None:
                         f"fs.float16), got {precision!r}")
 
 
+def compute_dtype(precision) -> np.dtype:
+    """The dtype a precision computes in: float32 for ``"fp32"``, else its low dtype."""
+    return low_dtype(precision) or float32
+
+
 def precision_name(dtype) -> str:
     """``"fp32"``, ``"bf16"`` or ``"fp16"`` for a compute dtype (None: float32)."""
     dtype = low_dtype(dtype)

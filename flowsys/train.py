@@ -43,7 +43,7 @@ from flowsys.job import (  # noqa: F401 - re-exported: `from flowsys.train impor
 from flowsys.models import GPT
 from flowsys.optim import WarmupCosine
 from flowsys.plan import build, layout, model_flops
-from flowsys.precision import autocast, low_dtype
+from flowsys.precision import autocast, compute_dtype, low_dtype
 from flowsys.sbp import broadcast, split
 from flowsys.tensor import stored
 
@@ -147,9 +147,6 @@ class Progress:
             self.board = None
 
 
-_COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def throughput_model(job: JobConfig, log=print) -> tuple[int, float]:
     """The model FLOPs of one training step of ``job`` (from its compiled graph) and the peak
     FLOP/s its MFU is measured against: ``train.hardware``'s peak for the compute dtype (per
@@ -160,7 +157,7 @@ def throughput_model(job: JobConfig, log=print) -> tuple[int, float]:
     flops = model_flops(job)
     if job.train.hardware:
         hw = load_hardware(job.train.hardware)
-        dtype = _COMPUTE[job.train.precision]
+        dtype = compute_dtype(job.train.precision).name
         devices = 1 if hw.device == "cpu" else job.parallel.devices
         peak = hw.peak(dtype) * devices
         source = f"the {hw.name} spec's {dtype} peak" + (f" x {devices} devices" if devices > 1 else "")

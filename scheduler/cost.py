@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from flowsys.ops.cost import graph_flops, op_flops  # noqa: F401 - the op registry's cost rules, re-exported
+from flowsys.planformat import REQUEST_BYTES
 from scheduler.hardware import (  # noqa: F401 - the spec's names, re-exported for ``from scheduler.cost import``
     _MEASURE_LIMIT,
     HARDWARE_DIR,
@@ -31,8 +32,6 @@ from scheduler.hardware import (  # noqa: F401 - the spec's names, re-exported f
     probe_gemm,
     probe_memory_bandwidth,
 )
-
-REQUEST_BYTES = 1024  # a step's request to one rank and its response: step number, seeds, hyper-parameters, losses
 
 
 def feed_bytes(rank_plan, fed_inputs: bool = False) -> int:

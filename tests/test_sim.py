@@ -119,58 +119,10 @@ def test_data_parallel_all_reduce_costs_the_ring_schedule():
     assert alone.step_s == pytest.approx(pred.step_s, rel=1e-9)
 
 
-def _drive(schedules):
-    """Every rank's schedule stepped in one thread, messages passed as they are (not copied, so
-    shape-only arrays stay so): (results, bytes sent)."""
-    from collections import deque
-
-    boxes, results, sent = {}, {}, 0
-    pending = {me: (g, None) for me, g in enumerate(schedules)}  # rank -> (schedule, the value to send it)
-    while pending:
-        for me, (g, value) in list(pending.items()):
-            try:
-                step = g.send(value)
-                while isinstance(step, alg.Send):
-                    boxes.setdefault((me, step.peer), deque()).append(step.array)
-                    sent += step.array.nbytes
-                    step = g.send(None)
-            except StopIteration as stop:
-                results[me] = stop.value
-                del pending[me]
-                continue
-            pending[me] = (g, step.peer)  # waits for a message from step.peer
-        for me, (g, peer) in list(pending.items()):
-            pending[me] = (_Waiting(g, peer), None)
-        progressed = True
-        while progressed:
-            progressed = False
-            for me, (w, _) in list(pending.items()):
-                box = boxes.get((w.peer, me))
-                if box:
-                    progressed = True
-                    try:
-                        step = w.gen.send(box.popleft())
-                        while isinstance(step, alg.Send):
-                            boxes.setdefault((me, step.peer), deque()).append(step.array)
-                            sent += step.array.nbytes
-                            step = w.gen.send(None)
-                        pending[me] = (_Waiting(w.gen, step.peer), None)
-                    except StopIteration as stop:
-                        results[me] = stop.value
-                        del pending[me]
-        assert not pending, "the schedules deadlocked"
-    return [results[me] for me in range(len(schedules))], sent
-
-
-class _Waiting:
-    def __init__(self, gen, peer):
-        self.gen, self.peer = gen, peer
-
-
 def test_null_arrays_run_the_collective_schedules_without_data():
-    outs, sent = _drive([alg.ring_all_reduce(me, 4, NullArray((1000,), np.float32)) for me in range(4)])
+    outs, sent = run_group(alg.ring_all_reduce, [NullArray((1000,), np.float32)] * 4)
     assert all(o.shape == (1000,) for o in outs) and sent == 4 * 2 * 3 * 250 * 4
-    outs, _ = _drive([alg.ring_all_gather(me, 3, NullArray((3, 5), np.float16)) for me in range(3)])
+    outs, _ = run_group(alg.ring_all_gather, [NullArray((3, 5), np.float16)] * 3)
     assert outs[0].shape == (9, 5) and outs[0].dtype == np.float16
     with pytest.raises(TypeError, match="no data"):
         np.asarray(NullArray((2,), np.float32))

@@ -28,7 +28,7 @@ from flowsys.errors import ArgumentError, DTypeError, FlowsysError, ShapeError
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import BLOCK
-from flowsys.ops.registry import Cost, OpDef, Spec, flops_per_input, is_floating, moved, register
+from flowsys.ops.registry import Cost, OpDef, Spec, flops_per_input, is_floating, moved, nbytes, numel, register
 
 
 def _check_operands(op: str, specs: tuple[Spec, ...], names: tuple[str, ...]) -> None:
@@ -67,10 +67,21 @@ def _sgd_infer(param: Spec, grad: Spec, *state: Spec, lr, momentum=0.0, dampenin
     return (param, param) if momentum else (param,)
 
 
-# An update's bytes: the parameter, its gradient and each state array read once, the parameter
-# and each state array written once (in place or not), as flops_per_input counts them.
+def _update_cost(flops: int) -> Callable:
+    """An update's cost: ``flops`` per element; the parameter, its gradient and each state array
+    read once, the parameter and each state array written once (in place or not). In a plan the
+    state stays in the worker, named by the op's ``state`` attribute rather than passed as
+    inputs and outputs: it is read and written all the same."""
+
+    def cost(ins: list[Spec], outs: list[Spec], attrs: dict[str, Any]) -> Cost:
+        kept = 2 * len(attrs.get("state", ())) * nbytes(ins[0])
+        return Cost(flops * numel(ins[0]), moved(ins, outs) + kept)
+
+    return cost
+
+
 @register("sgd_update", infer=_sgd_infer, multi_output=True, sbp=_update_rows(lambda a: 2 if a.get("momentum") else 1),
-          cost=flops_per_input(4))  # per element: decay, momentum, descent
+          cost=_update_cost(4))  # per element: decay, momentum, descent
 def sgd_update(xp, param, grad, *momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
                nesterov=False, maximize=False, inplace=False):
     """(param,) or, with momentum, (param, momentum_buffer) after one step of ``torch.optim.SGD``.
@@ -109,7 +120,7 @@ def _adamw_infer(param: Spec, grad: Spec, exp_avg: Spec, exp_avg_sq: Spec, *, st
 
 
 @register("adamw_update", infer=_adamw_infer, multi_output=True, sbp=_update_rows(lambda a: 3),
-          cost=flops_per_input(12))  # per element: decay, the two moments, the square root and the step
+          cost=_update_cost(12))  # per element: decay, the two moments, the square root and the step
 def adamw_update(xp, param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=1e-2, maximize=False, inplace=False):
     """(param, exp_avg, exp_avg_sq) after update number ``step`` of ``torch.optim.AdamW``."""
