@@ -21,8 +21,14 @@ PUBLISHED = ROOT / "examples" / "configs" / "published"
 # row: (config, GPUs, the paper's TFLOP/s per GPU), Table 1 of arXiv 2104.04473
 ROWS = {
     "1.7b": ("megatron_1.7b.yaml", 32, 137.0),
+    "3.6b": ("megatron_3.6b.yaml", 64, 138.0),
+    "7.5b": ("megatron_7.5b.yaml", 128, 142.0),
     "18.4b": ("megatron_18.4b.yaml", 256, 135.0),
+    "39.1b": ("megatron_39.1b.yaml", 512, 138.0),
+    "76.1b": ("megatron_76.1b.yaml", 1024, 140.0),
     "145.6b": ("megatron_145.6b.yaml", 1536, 148.0),
+    "310.1b": ("megatron_310.1b.yaml", 1920, 155.0),
+    "529.6b": ("megatron_529.6b.yaml", 2520, 163.0),
     "1t": ("megatron_1t.yaml", 3072, 163.0),
 }
 

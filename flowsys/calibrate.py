@@ -7,8 +7,9 @@ reproduces their measured times:
 - ``op_overhead`` and ``step_overhead``: a chain of trivial ops on one rank at two lengths (the
   slope is the runtime's cost per actor firing beyond its kernel; the driver's share of a step
   is its time outside the ranks' firings);
-- ``kernel_scale``: a one-layer GPT of a small transformer's shapes on one rank (kernels run
-  slower inside a step than timed alone and warm: cold caches, fresh outputs);
+- ``kernel_scale`` and ``op_overhead`` again: a one-layer GPT of a small transformer's shapes
+  on one rank at two batch sizes (kernels run slower inside a step than timed alone and warm:
+  cold caches, fresh outputs; a real op's firing costs more than a trivial one's);
 - ``wire_bandwidth``: a step whose 4 MiB input the driver sends;
 - ``rank_overhead``: a matmul/GELU/layer-norm mix on 1, 2 and 4 ranks at once (how the
   driver's share grows per rank; the mix's throughput is the first guess of ``parallel_ranks``);
@@ -94,6 +95,15 @@ def _span(plan, hw) -> float:
     return max((c.finish_s for c in predict(plan, hw).ranks), default=0.0)
 
 
+def _linear_terms(plan, hw) -> tuple[float, float, float]:
+    """A one-rank plan's simulated span as ``z + kernel_scale * k + op_overhead * f`` (exact on
+    one rank, where firings run one after another): (z, k, f), from three simulations."""
+    z = _span(plan, hw.replace(kernel_scale=0.0, op_overhead=0.0))
+    k = _span(plan, hw.replace(kernel_scale=1.0, op_overhead=0.0)) - z
+    f = _span(plan, hw.replace(kernel_scale=0.0, op_overhead=1e-3)) - z
+    return z, k, f / 1e-3
+
+
 def _median_time(fn, args, repeats: int) -> float:
     fn(*args)
     times = []
@@ -131,25 +141,45 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     op_overhead = ((span_long - _span(long_.plan(), free)) - (span_short - _span(short.plan(), free))) / firings
     hw = hw.replace(op_overhead=max(0.0, op_overhead), step_overhead=max(0.0, t_short - span_short))
 
-    # kernels inside a step against kernels timed alone (warm): one factor, fitted on a
-    # one-layer GPT (not a model the calibration is judged on)
-    probe, (idx,) = _probe_gpt()
-    scales = []
+    # kernels inside a step against kernels timed alone (warm), and the runtime's work per firing
+    # of a real op (its inputs, outputs and attributes: more than the chain's trivial ops): a
+    # one-layer GPT (not a model the calibration is judged on) at two batch sizes, the same
+    # firings with kernels 4x apart; its span is linear in both terms, so the two spans fix both
+    small, (i_small,) = _probe_gpt(rows=8)
+    large, (i_large,) = _probe_gpt(rows=32)
+    terms, fits = None, []
     for _ in range(3):  # three fits, their median: one measurement disturbed by the machine (the
-        # first after the warm-up often is) would otherwise set the factor for every kernel; a fit
-        # at a bound is such a measurement: the kernels are timed again
-        _, span_probe = _measure(probe, (idx, idx), repeats)
-        scale = _fit(lambda k: _span(probe.plan(), hw.replace(kernel_scale=k)), span_probe, 0.5, 5.0)
+        # first after the warm-up often is) would otherwise set the terms for every kernel; a fit
+        # out of bounds is such a measurement: the kernels are timed again
+        spans = [_measure(small, (i_small, i_small), repeats)[1], _measure(large, (i_large, i_large), repeats)[1]]
+        terms = terms or [_linear_terms(small.plan(), hw), _linear_terms(large.plan(), hw)]
+        (z0, k0, f0), (z1, k1, f1) = terms
+        det = k1 * f0 - k0 * f1
+        scale = ((spans[1] - z1) * f0 - (spans[0] - z0) * f1) / det if det else 0.0
+        firing = ((spans[0] - z0) - scale * k0) / f0 if f0 else 0.0
         if 0.5 < scale < 5.0:
-            scales.append(scale)
+            fits.append((scale, max(firing, hw.op_overhead)))
         else:
             clear_kernel_times()
-    hw = hw.replace(kernel_scale=statistics.median(scales) if scales else scale)
+            terms = None
+    if fits:
+        hw = hw.replace(kernel_scale=statistics.median(f[0] for f in fits),
+                        op_overhead=statistics.median(f[1] for f in fits))
+    else:  # no clean pair: one factor from the large probe alone
+        span = _measure(large, (i_large, i_large), repeats)[1]
+        hw = hw.replace(kernel_scale=_fit(lambda k: _span(large.plan(), hw.replace(kernel_scale=k)), span, 0.5, 5.0))
     step_overhead = hw.step_overhead
 
-    mix, steady = _Mix(60), max(repeats, 11)  # the sharing probes decide the most: measured longest
-    _, span_mix = _measure(mix, (fs.randn(512, 64).to_global(one, broadcast),
-                                 fs.randn(64, 64).to_global(one, broadcast)), steady)
+    # ranks at once: the same mix on 1, 2 and 4 ranks, three interleaved rounds (one disturbed
+    # measurement would otherwise decide), medians per rank count
+    steady, mixes = max(repeats, 11), {}
+    for n in (1, 2, 4):
+        mesh = placement("cpu", list(range(n)))
+        mixes[n] = (_Mix(60), (fs.randn(512 * n, 64).to_global(mesh, split(0) if n > 1 else broadcast),
+                               fs.randn(64, 64).to_global(mesh, broadcast)))
+    rounds = [{n: _measure(g, a, steady) for n, (g, a) in mixes.items()} for _ in range(3)]
+    span_mix = {n: statistics.median(r[n][1] for r in rounds) for n in mixes}
+    outside = {n: statistics.median(r[n][0] - r[n][1] for r in rounds) for n in mixes}
 
     # the driver's feed: a step whose 4 MiB input the driver sends (a user's own tensor; a
     # worker reads a job's batches itself and parameters stay in the workers)
@@ -159,17 +189,12 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     extra = max(1e-6, (t_train - span_train) - step_overhead)
     hw = hw.replace(wire_bandwidth=sum(feed_bytes(rp, fed_inputs=True) for rp in train.plan().ranks) / extra)
 
-    # ranks at once: the same mix on 1, 2 and 4 ranks; the throughput of n ranks together, in
-    # ranks at full speed
-    parallel, driver = {1: 1.0}, {}
-    for n in (2, 4):
-        mesh = placement("cpu", list(range(n)))
-        w = fs.randn(64, 64).to_global(mesh, broadcast)
-        t, span = _measure(_Mix(60), (fs.randn(512 * n, 64).to_global(mesh, split(0)), w), steady)
-        parallel[n] = float(np.clip(n * span_mix / span, 0.25, hw.cores_per_node or 1))
-        driver[n] = t - span
-    # the driver's cost per rank: how its share of a step grows from 2 to 4 ranks
-    hw = hw.replace(parallel_ranks=parallel, rank_overhead=max(0.0, (driver[4] - driver[2]) / 2))
+    # the throughput of n ranks together, in ranks at full speed; the driver's cost per rank: how
+    # its share of a step grows with the ranks (the least-squares slope over 1, 2 and 4)
+    parallel = {n: float(np.clip(n * span_mix[1] / span_mix[n], 0.25, hw.cores_per_node or 1)) if n > 1 else 1.0
+                for n in mixes}
+    slope = float(np.polyfit(list(outside), list(outside.values()), 1)[0])
+    hw = hw.replace(parallel_ranks=parallel, rank_overhead=max(0.0, slope))
 
     # the link between two ranks: the transport's CPU work per message from many small
     # all-gathers in flight at once, the latency from the same number one after another, the

@@ -560,6 +560,8 @@ def run_backward(root: Tensor, seed) -> None:
                     continue
                 if g.shape != t.shape:
                     raise GradError(f"internal: gradient rule of {node.op.name} gave shape {g.shape} for an input of shape {t.shape}")
+                if g.dtype != t.dtype:  # an op that promoted (float16 @ float32): the input's dtype, as PyTorch
+                    g, own = g.astype(t.dtype), True
                 if t._node is None:
                     _accumulate_leaf(t, g._data, own)
                 else:

@@ -262,3 +262,46 @@ def test_a_new_input_shape_or_layout_compiles_again():
     assert len(step._compiled) == 1
     step(fs.ones(8, 6), fs.ones(8, 3))
     assert len(step._compiled) == 2 and step.ir.values[step.ir.inputs[0]].shape == (8, 6)
+
+
+class _Promoting(nn.Module):
+    """A float16 weight met by float32 data: matmul promotes, so the weight's gradient is
+    computed in float32 and must come back in float16 (PyTorch's rule: a gradient has its
+    input's dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(fs.tensor(np.linspace(-1, 1, 24, dtype=np.float16).reshape(6, 4)))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_a_gradient_through_a_promoting_op_has_its_inputs_dtype_eager_and_compiled():
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    want = (x.T @ np.ones((8, 4), np.float32)).astype(np.float16)  # d sum(x @ w) / dw
+    model = _Promoting()
+    (model(fs.tensor(x))).sum().backward()
+    assert model.w.grad.dtype == np.float16
+    np.testing.assert_array_equal(model.w.grad.numpy(), want)
+
+    class Step(fs.Graph):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+            self.add_optimizer(optim.SGD(m.parameters(), lr=1.0))
+
+        def build(self, x):
+            loss = self.m(x).sum()
+            loss.backward()
+            return loss
+
+    placement = fs.placement("cpu", [0, 1])
+    model = _Promoting()
+    model.to_global(placement, {"w": (S(1),)})  # split by columns: tensor parallelism
+    step = Step(model)
+    step(fs.tensor(x).to_global(placement, (B,)))
+    assert model.w.dtype == np.float16
+    np.testing.assert_allclose(model.w.numpy().astype(np.float32),
+                               (np.linspace(-1, 1, 24, dtype=np.float16).reshape(6, 4) - want).astype(np.float32),
+                               rtol=1e-3)

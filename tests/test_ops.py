@@ -845,6 +845,31 @@ def test_sdpa_additive_float_mask_and_mask_free_composed_path():
              rtol=2e-5)
 
 
+
+def test_sdpa_with_dropout_is_the_fused_probabilities_dropped_then_times_v():
+    """Training with dropout: one fused scale-mask-softmax, dropout on its probabilities, then
+    ``@ v`` (Megatron-LM's order); values and gradients equal the same steps written out."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 6, 4)) for _ in range(3))
+
+    def run(fn):
+        fs.manual_seed(7)
+        ts = [fs.tensor(a, requires_grad=True) for a in (q, k, v)]
+        out = fn(*ts)
+        (out * fs.tensor(np.arange(out.size, dtype=np.float64).reshape(out.shape))).sum().backward()
+        return [out.numpy()] + [t.grad.numpy() for t in ts]
+
+    def written_out(q, k, v):
+        causal = fs.tensor(np.tril(np.ones((6, 6), bool)))
+        att = F.softmax(fs.where(causal, (q @ k.swapaxes(-1, -2)) * 0.5, fs.tensor(-np.inf)), axis=-1)
+        return F.dropout(att, 0.3) @ v
+
+    got = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True))
+    for a, b in zip(got, run(written_out)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert (got[0] != run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))[0]).any()
+
+
 # ----------------------------------------------------------------- float64 finite differences
 
 FD_CASES = {

@@ -90,8 +90,11 @@ def test_progress_lines_and_jsonl_metrics(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("name, billions", [("megatron_1.7b", 1.7), ("megatron_18.4b", 18.4),
-                                            ("megatron_145.6b", 145.6), ("megatron_1t", 1008.0)])
+@pytest.mark.parametrize("name, billions", [("megatron_1.7b", 1.7), ("megatron_3.6b", 3.6), ("megatron_7.5b", 7.5),
+                                            ("megatron_18.4b", 18.4), ("megatron_39.1b", 39.1),
+                                            ("megatron_76.1b", 76.1), ("megatron_145.6b", 145.6),
+                                            ("megatron_310.1b", 310.1), ("megatron_529.6b", 529.6),
+                                            ("megatron_1t", 1008.0)])
 def test_published_configs_have_their_papers_layout_and_size(name, billions):
     """Megatron-LM's Table 1 rows: the layout the table gives, and the parameter count it states
     (in billions, to its one decimal)."""

@@ -97,6 +97,8 @@ def autodiff(g: Graph, **_) -> Graph:
                     continue
                 if type(gi._data) is not Symbol:
                     gi = Tensor(tracer.symbol_of(gi))
+                if gi.dtype != g.values[i].dtype:  # an op that promoted: the input's own dtype
+                    gi = gi.astype(g.values[i].dtype)
                 grads[i] = gi if i not in grads else grads[i] + gi
     var_grads = {vid: grads[vid]._data.value.id for vid in g.variables.values() if vid in grads}
     new_nodes = list(tracer.nodes)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from flowsys.errors import ArgumentError, ShapeError
 from flowsys.functions import next_seed, take, tensor
 from flowsys.tensor import Tensor, apply
@@ -98,7 +100,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Ten
                                  training: bool = True) -> Tensor:
     """softmax(q kᵀ · scale + mask) v over (..., seq, head_dim) tensors, as PyTorch's.
 
-    Without a mask or dropout this is one fused op; otherwise it is composed of registered ops.
+    Without a mask or dropout this is one fused op; with dropout it is the fused probabilities
+    (``sdpa_probs``), dropout, then ``@ v``, as Megatron-LM runs it; with a mask it is composed of
+    registered ops.
     ``attn_mask`` is a bool tensor (True = attend) or an additive float tensor.
 
     The fused op keeps nothing but its inputs and recomputes the probabilities in the backward
@@ -106,16 +110,20 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Ten
     sequences. Where they are no larger than q, k and v together, the probabilities are kept
     for the backward pass instead (``sdpa_probs``, then ``@ v``).
     """
-    if attn_mask is None and (dropout_p == 0.0 or not training):
-        tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-        if tq * tk <= (tq + 2 * tk) * d:
-            return apply("sdpa_probs", q, k, is_causal=is_causal, scale=scale) @ v
-        return apply("scaled_dot_product_attention", q, k, v, is_causal=is_causal, scale=scale)
+    if attn_mask is None:
+        if dropout_p == 0.0 or not training:
+            tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+            if tq * tk <= (tq + 2 * tk) * d:
+                return apply("sdpa_probs", q, k, is_causal=is_causal, scale=scale) @ v
+            return apply("scaled_dot_product_attention", q, k, v, is_causal=is_causal, scale=scale)
+        # Megatron-LM's order: one fused scale-mask-softmax, dropout on its probabilities, then @ v.
+        att = apply("sdpa_probs", q, k, is_causal=is_causal, scale=scale)
+        return dropout(att, dropout_p, training) @ v
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     att = (q @ k.swapaxes(-1, -2)) * s
     if is_causal:
         tq, tk = att.shape[-2:]
-        causal = tensor([[j <= i for j in range(tk)] for i in range(tq)])
+        causal = tensor(np.tril(np.ones((tq, tk), dtype=bool)))
         att = apply("where", causal, att, tensor(-math.inf, dtype=att.dtype))
     if attn_mask is not None:
         if attn_mask.dtype.kind == "b":
