@@ -16,9 +16,13 @@ reproduces their measured times:
 - the ``intra_node`` link: many small all-gathers between 2 ranks in flight at once (the
   transport's CPU work per message), the same one after another (latency), and 4 MiB ones
   (bandwidth);
-- ``parallel_ranks``: the one-layer GPT data parallel over 2 and 4 ranks (what n busy ranks of
-  one machine achieve together while they also communicate: below 1 under one interpreter
-  lock, up to the cores for processes).
+- ``parallel_ranks``: the one-layer GPT data parallel over 2 ranks and over 2 x 2 with its
+  layers split in pairs (what n busy ranks of one machine achieve together while they also
+  wait on each other: below 1 under one interpreter lock, up to the cores for processes).
+
+Probes whose fits trade off or decide much (the two GPT sizes, the rank counts, the link's
+message probes) are measured in interleaved rounds and their medians used: on a shared machine
+one disturbed measurement would otherwise set a term for every prediction.
 
 None of the probes is a model the calibration is then judged on (``benchmarks/bench_costmodel.py``
 compares predictions with two-layer GPT steps). ``as_yaml`` writes the result as a hardware spec.
@@ -202,8 +206,8 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     two = placement("cpu", [0, 1])
     small = fs.zeros((2,)).to_global(two, split(0))
     fan, ring = _Fan(20), _Ring(20)
-    _, span_fan = _measure(fan, (small,), repeats)
-    _, span_ring = _measure(ring, (small,), repeats)
+    rounds = [(_measure(fan, (small,), repeats)[1], _measure(ring, (small,), repeats)[1]) for _ in range(3)]
+    span_fan, span_ring = (statistics.median(r[i] for r in rounds) for i in (0, 1))  # interleaved rounds
 
     def with_link(bandwidth=float("inf"), latency=0.0, overhead=0.0):
         lk = Link(bandwidth, latency, overhead)
@@ -220,10 +224,12 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     link = Link(1.0 / inverse if inverse else 1e12, latency, overhead)
     hw = hw.replace(intra_node=link, inter_node=link)
 
-    # ranks at once while they also communicate: the one-layer GPT data parallel over 2 and 4
-    # ranks, the throughput of n busy ranks fitted to it (the mix above has no messages)
-    for n in (2, 4):
-        step, (idx,) = _probe_gpt(dp=n)
+    # ranks at once while they also communicate: the one-layer GPT data parallel over 2 ranks,
+    # and over 2 x 2 (its layers split in pairs: messages within the layers, as well as the
+    # gradients' at the end); the throughput of n busy ranks fitted to it (the mix above has no
+    # messages, and ranks that wait on each other within a layer share the cores less well)
+    for n, (dp, tp) in ((2, (2, 1)), (4, (2, 2))):
+        step, (idx,) = _probe_gpt(dp=dp, tp=tp)
         _, span = _measure(step, (idx, idx), steady)
         fitted = _fit(lambda q: _span(step.plan(), hw.replace(parallel_ranks={**hw.parallel_ranks, n: q})),
                       span, 0.25, float(hw.cores_per_node or 1), increasing=False)
@@ -231,18 +237,18 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     return hw.replace(name=f"{hw.name} ({backend} backend, calibrated)")
 
 
-def _probe_gpt(rows: int = 8, block: int = 64, width: int = 64, dp: int = 1):
-    """A one-layer GPT with vocabulary 128, data parallel over ``dp`` devices, and its input:
-    kernels of a small transformer's shapes (by default 8 sequences of 64 tokens per device,
-    width 64)."""
+def _probe_gpt(rows: int = 8, block: int = 64, width: int = 64, dp: int = 1, tp: int = 1):
+    """A one-layer GPT with vocabulary 128, data parallel over ``dp`` devices (each group of
+    ``tp`` splitting its layers), and its input: kernels of a small transformer's shapes (by
+    default 8 sequences of 64 tokens per data-parallel rank, width 64)."""
     import flowsys as fs  # noqa: PLC0415
     from flowsys.plan import build, layout  # noqa: PLC0415
     from flowsys.train import job_from_dict  # noqa: PLC0415
 
     job = job_from_dict({"model": dict(vocab_size=128, block_size=block, n_layer=1, n_head=4, n_embd=width),
-                         "data": {"batch_size": rows * dp}, "parallel": {"dp": dp}})
+                         "data": {"batch_size": rows * dp}, "parallel": {"dp": dp, "tp": tp}})
     fs.manual_seed(0)
-    placements = layout(job, dp)
+    placements = layout(job, dp * tp)
     _, _, step = build(job, placements)
     step.config.executor = "plans"
     idx = fs.tensor(np.random.default_rng(0).integers(0, 128, (rows * dp, block)))
