@@ -14,10 +14,13 @@ as 8, 7, 8, 7), so the biggest stage holds ``ceil(n_layer / pp)`` blocks.
 
 ZeRO stage and checkpointing only trade speed for memory, so of each ``dp, tp, pp,
 micro-batches`` family only its best-estimated member is simulated, unless it turns out not to
-fit (then the next one is). Per-op SBP choices are not searched: every candidate passes through
-:func:`sbp_variants`, which today gives the greedy rule (Megatron's tensor-parallel layout of
-``GPT.parallel_plan``, with the job's ``vocab_parallel``): the seam where a graph search over
-per-op signatures would add variants.
+fit (then the next one is). Per-op SBP choices: every candidate passes through
+:func:`sbp_variants`, which gives the greedy rule (Megatron's tensor-parallel layout of
+``GPT.parallel_plan``, with the job's ``vocab_parallel``) and, with tensor parallelism, the
+same layout with the layer norms' inputs split along the sequence (the compiler derives
+sequence parallelism's reduce-scatters and all-gathers from those signatures); the simulator
+judges each. A search over every op's signature (OneFlow's, Alpa's) is not done: the greedy
+per-op inference picks the rest.
 
 >>> from flowsys.job import job_from_dict
 >>> job = job_from_dict({"model": {"n_layer": 2, "n_head": 4, "n_embd": 64}})
@@ -69,6 +72,7 @@ class Layout:
     zero_stage: int
     micro_batches: int
     activation_checkpointing: bool
+    sequence_parallel: bool = False  # a per-op SBP choice (sbp_variants): layer norms split along the sequence
 
     @property
     def devices(self) -> int:
@@ -91,7 +95,8 @@ class Layout:
 
     def __str__(self) -> str:
         return (f"dp {self.dp} x tp {self.tp} x pp {self.pp}, ZeRO {self.zero_stage}, {self.micro_batches} "
-                f"micro-batch(es), checkpointing {'on' if self.activation_checkpointing else 'off'}")
+                f"micro-batch(es), checkpointing {'on' if self.activation_checkpointing else 'off'}"
+                + (", sequence parallel" if self.sequence_parallel else ""))
 
 
 @dataclass(frozen=True)
@@ -171,11 +176,18 @@ def layouts(job: JobConfig, devices: int):
                         yield Layout(dp, tp, pp, zero, m, ckpt)
 
 
-def sbp_variants(job: JobConfig, layout: Layout) -> tuple[JobConfig, ...]:
-    """The jobs a layout stands for, one per choice of per-op SBP signatures. Today one: the
-    greedy rule (``GPT.parallel_plan``'s Megatron layout, the job's ``vocab_parallel``). A
-    graph search over per-op signatures (OneFlow's, Alpa's) would return its variants here."""
-    return (layout.apply(job),)
+def sbp_variants(job: JobConfig, layout: Layout) -> tuple[Layout, ...]:
+    """The layouts a point of the grid stands for, one per choice of per-op SBP signatures that
+    the simulator then judges: the greedy rule (``GPT.parallel_plan``'s Megatron layout, the
+    job's ``vocab_parallel``: every layer norm, dropout and residual add on all tokens, one
+    all-reduce after each row-split layer) and, with ``tp > 1`` and a sequence that splits over
+    it, the layer norms' inputs split along the sequence (``sequence_parallel``: those ops on
+    1/tp of the tokens, each all-reduce a reduce-scatter and an all-gather; Megatron-LM's
+    sequence parallelism, which the SBP compiler derives from those signatures alone)."""
+    greedy = dataclasses.replace(layout, sequence_parallel=False)
+    if layout.tp > 1 and job.model.block_size % layout.tp == 0:
+        return greedy, dataclasses.replace(layout, sequence_parallel=True)
+    return (greedy,)
 
 
 def _pruned_by(job: JobConfig, lay: Layout, hw: Hardware) -> str | None:
@@ -346,7 +358,8 @@ def _simulate(job: JobConfig, cand: Candidate, devices: int, hardware: str, hw: 
 
 def _own_layout(job: JobConfig) -> Layout:
     p = job.parallel
-    return Layout(p.dp, p.tp, p.pp, p.zero_stage, p.micro_batches, p.activation_checkpointing)
+    return Layout(p.dp, p.tp, p.pp, p.zero_stage, p.micro_batches, p.activation_checkpointing,
+                  p.sequence_parallel and p.tp > 1)
 
 
 def default_hardware(job: JobConfig) -> str:
@@ -388,33 +401,39 @@ def search(job: JobConfig, devices: int, hardware: str | None = None, *, top: in
     failed: dict[str, str] = {}
     fitting: set[tuple[int, int, int, int]] = set()  # families with a simulated layout that fits
     runs, longest = 0, 0.0  # the longest simulation so far: the next one (and the job's own) may take as long
+    mine = _own_layout(job)
+
+    def out_of_time() -> bool:  # the next simulation (and the job's own, still to come) might end past the budget
+        more = 1 if any(r.layout == mine for r in ranked) or mine.devices != devices else 2
+        return time_budget is not None and runs > 0 and time.perf_counter() - t0 + more * longest > time_budget
+
     for cand in kept:
-        if runs >= simulate or (time_budget is not None and runs
-                                and time.perf_counter() - t0 + 2 * longest > time_budget):
+        if runs >= simulate or out_of_time():
             break
         if cand.layout.family in fitting:
             continue
-        runs += 1
         for variant in sbp_variants(job, cand.layout):
+            if runs >= simulate or out_of_time():
+                break
+            runs += 1
             t1 = time.perf_counter()
             try:
-                r = _simulate(variant, cand, devices, hardware, hw)
+                r = _simulate(variant.apply(job), dataclasses.replace(cand, layout=variant), devices, hardware, hw)
             except FlowsysError as e:
-                failed[str(cand.layout)] = " ".join(str(e).split())
+                failed[str(variant)] = " ".join(str(e).split())
                 continue
             longest = max(longest, time.perf_counter() - t1)
             ranked.append(r)
             if r.fits:
                 fitting.add(cand.layout.family)
     own = None
-    mine = _own_layout(job)
     if mine.devices == devices:
         own = next((r for r in ranked if r.layout == mine), None)
         if own is None:
             try:
                 check_layout(job, devices)
                 cand = Candidate(mine, memory_estimate(job, mine, model), step_estimate(job, mine, hw, model))
-                own = _simulate(sbp_variants(job, mine)[0], cand, devices, hardware, hw)
+                own = _simulate(mine.apply(job), cand, devices, hardware, hw)
                 runs += 1
                 ranked.append(own)
             except FlowsysError as e:
@@ -435,13 +454,14 @@ def format_search(result: SearchResult) -> str:
         lines.append("pruned: " + "; ".join(f"{reason}: {n}" for reason, n in result.pruned.items()))
     shown = [*result.top, *([result.own] if result.own else [])]
     unit, scale = ("GiB", 2**30) if max(r.memory for r in shown) >= 2**30 else ("MiB", 2**20)
-    header = (f"{'#':>3} {'dp':>5} {'tp':>3} {'pp':>3} {'zero':>4} {'micro-batches':>13} {'ckpt':>4} "
+    header = (f"{'#':>3} {'dp':>5} {'tp':>3} {'pp':>3} {'zero':>4} {'micro-batches':>13} {'ckpt':>4} {'seq':>3} "
               f"{'step ms':>12} {'TFLOP/s/GPU':>11} {'memory ' + unit:>10} {'estimate ms':>12}  fits")
 
     def row(label: str, r: Ranked) -> str:
         lay = r.layout
         return (f"{label:>3} {lay.dp:>5} {lay.tp:>3} {lay.pp:>3} {lay.zero_stage:>4} {lay.micro_batches:>13} "
-                f"{'on' if lay.activation_checkpointing else 'off':>4} {r.step_s * 1e3:>12,.2f} "
+                f"{'on' if lay.activation_checkpointing else 'off':>4} {'on' if lay.sequence_parallel else 'off':>3} "
+                f"{r.step_s * 1e3:>12,.2f} "
                 f"{r.tflops_per_device:>11.2f} {r.memory / scale:>10.3f} {r.estimate_s * 1e3:>12,.2f}  "
                 f"{'yes' if r.fits else 'NO'}")
 
@@ -453,5 +473,6 @@ def format_search(result: SearchResult) -> str:
         lines.append(f"failed to compile: {lay}: {why}")
     best = result.best
     lines.append(f"best: {best.layout}; run it with: {' '.join(best.layout.overrides())}")
-    lines.append("(per-op SBP choices are not searched: each layout uses GPT.parallel_plan's greedy rule)")
+    lines.append("(per-op SBP: each tp layout is simulated with GPT.parallel_plan's greedy signatures and with "
+                 "the layer norms split along the sequence, seq on)")
     return "\n".join(lines)

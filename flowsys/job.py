@@ -90,6 +90,9 @@ class ParallelConfig:
     micro_batches: int = _key(1, "micro-batches per step (gradient accumulation, pipeline)")
     activation_checkpointing: bool = _key(False, "recompute each block's activations in backward")
     vocab_parallel: bool = _key(True, "with tp > 1: embedding and tied head split along the vocabulary")
+    sequence_parallel: bool = _key(False, "with tp > 1: layer norms, dropout and the residual stream split "
+                                          "along the sequence over tp (a reduce-scatter and an all-gather "
+                                          "in place of each all-reduce)")
 
     @property
     def devices(self) -> int:
@@ -350,6 +353,9 @@ def check_layout(job: JobConfig, devices: int | None = None) -> None:
         raise ConfigError(f"parallel.pp={p.pp} stages for model.n_layer={m.n_layer} blocks; use at most {m.n_layer}")
     if m.n_head % p.tp or m.n_embd % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_embd={m.n_embd}")
+    if p.sequence_parallel and p.tp > 1 and m.block_size % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel splits the sequence over parallel.tp={p.tp}, which must divide "
+                          f"model.block_size={m.block_size}; choose a tp that divides it or sequence_parallel=false")
     t = job.train
     for key in ("steps", "log_every", "eval_batches"):
         if getattr(t, key) < 1:

@@ -45,7 +45,8 @@ def build(job, placements, meta: bool = False):
     with ctx:
         vocab = p.vocab_parallel and p.tp > 1  # the vocabulary padded for even shards, its padding masked
         model = GPT(job.model.padded_for(p.tp) if vocab else job.model)
-        model.to_global(first, GPT.parallel_plan(first, dp_axis=0, tp_axis=1, vocab_parallel=vocab))
+        model.to_global(first, GPT.parallel_plan(first, dp_axis=0, tp_axis=1, vocab_parallel=vocab,
+                                                 sequence_parallel=p.sequence_parallel and p.tp > 1))
         if p.pp > 1:
             model.pipeline(placements)
     if p.activation_checkpointing:

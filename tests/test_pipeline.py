@@ -20,13 +20,15 @@ def _batches(n, batch=8):
                fs.tensor(rng.integers(0, CFG.vocab_size, (batch, CFG.block_size))))
 
 
-def _train(micro, steps=10, stages=None, executor="plans", mesh3d=False, zero=0, checkpoint=False, vocab=False):
+def _train(micro, steps=10, stages=None, executor="plans", mesh3d=False, zero=0, checkpoint=False, vocab=False,
+           sequence=False):
     fs.manual_seed(0)
     model = GPT(CFG)
     first = None
     if mesh3d:  # data x tensor parallel inside each of two pipeline stages, 8 ranks
         p0, p1 = fs.placement("cpu", [[0, 1], [2, 3]]), fs.placement("cpu", [[4, 5], [6, 7]])
-        model.to_global(p0, GPT.parallel_plan(p0, dp_axis=0, tp_axis=1, vocab_parallel=vocab))
+        model.to_global(p0, GPT.parallel_plan(p0, dp_axis=0, tp_axis=1, vocab_parallel=vocab,
+                                              sequence_parallel=sequence))
         model.pipeline([p0, p1])
         first = p0
     elif stages:
@@ -124,6 +126,15 @@ def test_3d_parallel_gpt_with_every_zero_stage_and_a_split_vocabulary(single, ze
     copied onto the last stage: every layout combination runs, equal to one device."""
     losses, _ = _train(4, steps=3, mesh3d=True, zero=zero, vocab=True)
     np.testing.assert_allclose(losses, single[4][:3], rtol=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_3d_parallel_gpt_with_sequence_parallelism_zero_1_and_checkpointing(single):
+    """dp2 x tp2 x pp2 with the layer norms split along the sequence on each stage (the
+    residual stream crosses the stage boundary in its sequence slices): equal to one device."""
+    losses, step = _train(4, steps=3, mesh3d=True, zero=1, checkpoint=True, vocab=True, sequence=True)
+    np.testing.assert_allclose(losses, single[4][:3], rtol=1e-4)
+    assert "reduce_scatter" in step.explain()
 
 
 def test_overlapping_stage_placements_are_refused():

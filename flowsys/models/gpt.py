@@ -286,7 +286,7 @@ class GPT(nn.Module):
 
     @staticmethod
     def parallel_plan(placement, *, dp_axis: int | None = None, tp_axis: int | None = None,
-                      vocab_parallel: bool = False) -> dict:
+                      vocab_parallel: bool = False, sequence_parallel: bool = False) -> dict:
         """A plan for :meth:`nn.Module.to_global`: data parallel along mesh axis ``dp_axis``
         (the batch is split there, parameters replicated) and Megatron-style tensor parallel
         along ``tp_axis`` (attention projections and ``c_fc`` column-split, both ``c_proj``
@@ -295,7 +295,12 @@ class GPT(nn.Module):
         the tied embedding and head split along the vocabulary on ``tp_axis``
         (Megatron's vocab-parallel embedding: a partial sum, one all-reduce; the cross entropy
         from an all-reduce of op max and two of op sum over the rows; pad the vocabulary with
-        :meth:`GPTConfig.padded_for` for even shards); without it they are replicated.
+        :meth:`GPTConfig.padded_for` for even shards); without it they are replicated. With
+        ``sequence_parallel`` the layer norms' inputs split along the sequence on ``tp_axis``
+        (Megatron-LM's sequence parallelism, as per-op signatures: the layer norms, dropout and
+        residual adds run on a 1/tp slice of the tokens, each all-reduce becomes a
+        reduce-scatter into that slice and an all-gather before the next column-split layer,
+        and the layer norms' gradients are summed over tp).
 
         >>> import flowsys as fs
         >>> plan = GPT.parallel_plan(fs.placement("cpu", [[0, 1], [2, 3]]), dp_axis=0, tp_axis=1)
@@ -318,7 +323,10 @@ class GPT(nn.Module):
                          "*.c_proj.weight": nd(b, split(1))})
             if vocab_parallel:
                 plan.update({"transformer.wte.weight": nd(b, split(0)), "lm_head.weight": nd(b, split(0))})
-        plan.update({"*.ln_1": nd(split(0), b), "*.ln_2": nd(split(0), b), "*.ln_f": nd(split(0), b)})
+        tokens = split(1) if sequence_parallel and tp_axis is not None else b
+        plan.update({"*.ln_1": nd(split(0), tokens), "*.ln_2": nd(split(0), tokens), "*.ln_f": nd(split(0), b)})
+        if tokens is not b:  # the column-split layers take every token: an all-gather of the activations
+            plan.update({"*.attn.c_attn": nd(split(0), b), "*.mlp.c_fc": nd(split(0), b)})
         return plan
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
