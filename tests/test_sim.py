@@ -4,6 +4,7 @@ trace has the real trace's tracks; and a 2-D layout's collectives run as comm's 
 shape-only arrays."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -97,6 +98,12 @@ def test_the_simulated_trace_is_a_profile_trace(tmp_path):
     tracks = lambda t: {(e["pid"], e["args"]["name"]) for e in t["traceEvents"] if e["name"] == "thread_name"}
     assert tracks(sim) == tracks(real)
     assert sum(e["ph"] == "X" for e in sim["traceEvents"]) == sum(e["ph"] == "X" for e in real["traceEvents"])
+    # the same firings on the same tracks: each event's rank, actor and name, with multiplicity
+    def firings(trace):
+        names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+        return Counter((e["pid"], names[e["pid"], e["tid"]], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X")
+
+    assert firings(sim) == firings(real)
     assert path.endswith("step.json")
 
 
