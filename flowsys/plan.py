@@ -142,8 +142,9 @@ def plan_job(job, devices: int, every_rank: bool = False, hardware: str | None =
     t0 = time.perf_counter()
     placements, model, ir = _compile(job, devices)
     t_compile = time.perf_counter() - t0
-    lowering = _Lowering(ir)
     hw = load_hardware(hardware, backend) if hardware else None
+    # on a spec's nodes, collectives spanning nodes run the hierarchical schedules (node, then rail)
+    lowering = _Lowering(ir, devices_per_node=hw.devices_per_node if hw is not None and hw.device != "cpu" else 1)
     # devices simulated on shared cores slow each other down: predict with every rank there
     every_rank = every_rank or (hw is not None and hw.cores_per_node is not None and devices <= 64)
     t0 = time.perf_counter()

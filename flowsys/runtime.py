@@ -184,19 +184,21 @@ class Session:
         self.digests: dict[int, int] = {}  # per input read by the workers: the sum of its samples' first tokens
         self.traffic: dict[int, tuple[int, int]] = {}  # per rank: bytes sent to it and back, last step
 
-    def lower(self, registers: int, bucket_bytes: int):
-        if self.plan is None or self.registers != (registers, bucket_bytes):
-            self.plan = scheduler.lower(self.ir, registers=registers, bucket_bytes=bucket_bytes)
-            self.registers = (registers, bucket_bytes)
+    def lower(self, registers: int, bucket_bytes: int, devices_per_node: int = 1):
+        if self.plan is None or self.registers != (registers, bucket_bytes, devices_per_node):
+            self.plan = scheduler.lower(self.ir, registers=registers, bucket_bytes=bucket_bytes,
+                                        devices_per_node=devices_per_node)
+            self.registers = (registers, bucket_bytes, devices_per_node)
             # per rank, the local shape of every value its plan declares (read by every request)
             self.declared = {rp.rank: {v.id: tuple(v.shape) for v in rp.values} for rp in self.plan.ranks}
             self.key = f"plan-{next(_PLAN_KEYS)}"
         return self.plan
 
-    def run(self, tensors: list, backend, registers: int, record: bool, bucket_bytes: int) -> tuple[list, list]:
+    def run(self, tensors: list, backend, registers: int, record: bool, bucket_bytes: int,
+            devices_per_node: int = 1) -> tuple[list, list]:
         """One step on ``backend``: the outputs and, when ``record``, the actor timeline."""
         ir, params, optimizers = self.ir, self.params, self.optimizers
-        plan = self.lower(registers, bucket_bytes)
+        plan = self.lower(registers, bucket_bytes, devices_per_node)
         backend.ensure(max(rp.rank for rp in plan.ranks) + 1)
         k = ir.micro_batches
         seeds = [next_seed() for _ in range(self.n_seeds * k)]  # piece by piece, as the global executor draws them

@@ -22,7 +22,7 @@ BUCKET_BYTES = 25 * 2**20
 
 
 class _Lowering:
-    def __init__(self, g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES, devices_per_node: int = 1):
         if int(registers) < 1:
             raise ValueError(f"lower: registers must be at least 1, got {registers}")
         if int(bucket_bytes) < 0:
@@ -30,6 +30,8 @@ class _Lowering:
         self.g = g
         self.registers = int(registers)
         self.bucket_bytes = int(bucket_bytes)
+        self.devices_per_node = max(1, int(devices_per_node))
+        self.node_sizes: dict[tuple, int] = {}
         self.op_ids = itertools.count()
         self.first_value = max(g.values, default=0) + 1  # ids of the values boxing makes up start here
         self.value_ids = itertools.count(self.first_value)
@@ -477,6 +479,9 @@ class _Lowering:
             else:
                 group = p.group(r, along=step.mesh_axis)
                 n_groups = p.size // len(group)
+                node_size = self.node_size(p, k)
+                if node_size > 1:  # the hierarchical schedules: within each node, then along the rails
+                    attrs["node_size"] = node_size
                 rp.ops.append(plan_pb2.Op(
                     id=next(self.op_ids), node=n.id, kind="collective", op=step.kind, inputs=[current], outputs=[out],
                     attrs=encode_attrs(attrs), phase=n.phase, group=list(group),
@@ -487,6 +492,25 @@ class _Lowering:
             rp.ops.append(plan_pb2.Op(id=next(self.op_ids), node=n.id, kind="local", op="identity", inputs=[current],
                                       outputs=n.outputs, phase=n.phase))
             declare(n.outputs[0])
+
+    def node_size(self, p: Placement, k: int) -> int:
+        """How many consecutive members of every group along mesh axis ``k`` of ``p`` share a
+        node (ranks ``devices_per_node`` at a time): the collectives' ``node_size``, when every
+        group has the same two-level shape (whole runs of that many per node, each node once);
+        else 1, the flat rings."""
+        key = (p, k)
+        if key not in self.node_sizes:
+            size, nodes = 0, self.devices_per_node
+            for r in p.ranks:
+                group = p.group(int(r), along=k)
+                runs = [len(list(members)) for _, members in itertools.groupby(m // nodes for m in group)]
+                distinct = len({m // nodes for m in group}) == len(runs)
+                if not distinct or len(set(runs)) != 1 or (size and runs[0] != size):
+                    size = 1
+                    break
+                size = runs[0]
+            self.node_sizes[key] = size if 1 < size < len(p.group(int(p.ranks[0]), along=k)) else 1
+        return self.node_sizes[key]
 
     def take_shard_attrs(self, dst: Value, r: int) -> str:
         box = shard_box(dst.shape, dst.sbp, dst.placement.mesh, dst.placement.coords(r))
@@ -625,21 +649,25 @@ def _fill(stream: list[tuple[int, Any]], cap: int) -> list[list]:
     return buckets
 
 
-def lower(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES) -> plan_pb2.Plan:
+def lower(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES, devices_per_node: int = 1) -> plan_pb2.Plan:
     """One physical plan per rank of a compiled (SBP-inferred, boxed) graph. ``registers`` is
     the register count of every per-micro-batch value: more than one lets the next micro-batch
     enter an op while the last is still downstream. ``bucket_bytes`` caps the gradient
     all-reduces fused into one, and the pieces' parameter all-gathers and gradient
-    reduce-scatters fused into one (0: each alone)."""
+    reduce-scatters fused into one (0: each alone). With ``devices_per_node`` > 1 (ranks
+    numbered node by node), a collective whose group spans nodes in equal runs carries
+    ``node_size``: it runs the hierarchical schedules of ``comm.algorithms`` (within each node,
+    then along each rank's rail between nodes; the pieces' fused buckets stay flat rings)."""
     if not g.boxed:
         raise ValueError("lower: the graph has not been through the passes (insert_boxing) yet")
-    return _Lowering(g, registers, bucket_bytes).lower()
+    return _Lowering(g, registers, bucket_bytes, devices_per_node).lower()
 
 
-def lower_templates(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES) -> list[Template]:
+def lower_templates(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES,
+                    devices_per_node: int = 1) -> list[Template]:
     """Every distinct rank's plan once: one :class:`Template` per class of ranks whose plans
     differ only by their coordinates (rank numbers in groups and peers, shard indices and
     offsets, ids), with the ranks it stands for. ``lower`` instantiates every rank from them."""
     if not g.boxed:
         raise ValueError("lower_templates: the graph has not been through the passes (insert_boxing) yet")
-    return _Lowering(g, registers, bucket_bytes).templates()
+    return _Lowering(g, registers, bucket_bytes, devices_per_node).templates()

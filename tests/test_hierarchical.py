@@ -270,3 +270,51 @@ def test_boxing_step_with_node_size(name, src, dst):
                                   for me, x in enumerate(xs)])
     for got, w in zip(via_run_step, want):
         np.testing.assert_allclose(got, w, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- from lowering
+def _gpt_step(dp: int, tp: int, devices_per_node: int):
+    import flowsys as fs
+    from flowsys.plan import build, layout
+    from flowsys.train import job_from_dict
+
+    job = job_from_dict({"model": dict(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16),
+                         "data": {"batch_size": 8}, "parallel": {"dp": dp, "tp": tp}})
+    placements = layout(job, dp * tp)
+    fs.manual_seed(0)
+    _, _, step = build(job, placements)
+    step.config.devices_per_node = devices_per_node
+    idx = np.random.default_rng(0).integers(0, 64, (8, 8))
+    x = fs.tensor(idx).to_global(placements[0], (fs.sbp.split(0), fs.sbp.broadcast))
+    return step, x
+
+
+def test_lowering_marks_collectives_that_span_nodes_and_the_runtime_runs_them():
+    """dp4 x tp2 on nodes of 4 ranks (rank = 2 d + t): a data-parallel group (0 2 4 6) has two
+    members per node, so its collectives carry node_size 2; a tensor-parallel pair lives in one
+    node and stays a flat ring. The runtime runs the hierarchical plan to the flat plan's losses."""
+    from flowsys.planformat.attrs import decode_attrs
+
+    losses = {}
+    for per_node in (1, 4):
+        step, x = _gpt_step(4, 2, per_node)
+        losses[per_node] = [step(x, x).item() for _ in range(3)]
+        sizes = {}
+        for rp in step.plan().ranks:
+            for op in rp.ops:
+                if op.kind == "collective":
+                    sizes.setdefault(len(op.group), set()).add(decode_attrs(op.attrs).get("node_size", 1))
+        assert sizes[2] == {1}  # the tp pairs
+        assert sizes[4] == ({1} if per_node == 1 else {2})  # the dp groups
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-6)
+    # one member per node, or the whole group in one node: flat
+    assert {decode_attrs(op.attrs).get("node_size", 1) for rp in _lowered(4, 2, 2) for op in rp.ops
+            if op.kind == "collective" and len(op.group) == 4} == {1}
+    assert {decode_attrs(op.attrs).get("node_size", 1) for rp in _lowered(4, 2, 8) for op in rp.ops
+            if op.kind == "collective"} == {1}
+
+
+def _lowered(dp, tp, per_node):
+    step, x = _gpt_step(dp, tp, per_node)
+    step(x, x)
+    return step.plan().ranks

@@ -57,6 +57,9 @@ class GraphConfig:
     # gradient all-reduces fused into one collective up to this many bytes, started while
     # backward runs (DDP's bucket_cap_mb; scheduler.lower's bucket_bytes; 0: one per gradient)
     bucket_bytes: int = 25 * 2**20
+    # ranks per node (numbered node by node): a collective whose group spans nodes runs the
+    # hierarchical schedules, within each node and then along each rank's rail (1: flat rings)
+    devices_per_node: int = 1
     # clip the gradients to this global L2 norm before the updates (torch's clip_grad_norm_ with
     # max_norm; 0: off): the norm over every gradient shard, replicated ones counted once
     grad_clip: float = 0.0
@@ -227,7 +230,8 @@ class Graph:
         if mode != "global":  # one runtime: per-rank plans on the backend (worker threads here by default)
             record = bool(self.config.record_timeline) or prof is not None
             values, self.timeline = session.run(tensors, backend or runtime.local_backend(),
-                                                int(self.config.registers), record, int(self.config.bucket_bytes))
+                                                int(self.config.registers), record, int(self.config.bucket_bytes),
+                                                int(self.config.devices_per_node))
             if prof is not None:
                 prof.add(type(self).__name__, self.timeline, {n.id: n.op for n in ir.nodes if n.kind == "boxing"})
             outs = [Tensor(v) for v in values]
@@ -273,7 +277,8 @@ class Graph:
         """The per-rank physical plans (a protobuf ``flowsys.planformat.Plan``) of the last call."""
         import scheduler  # noqa: PLC0415
 
-        return scheduler.lower(self.ir, registers=int(self.config.registers), bucket_bytes=int(self.config.bucket_bytes))
+        return scheduler.lower(self.ir, registers=int(self.config.registers), bucket_bytes=int(self.config.bucket_bytes),
+                               devices_per_node=int(self.config.devices_per_node))
 
     # ------------------------------------------------------------------------------- reports
     @property
