@@ -31,8 +31,8 @@ def buckets(monkeypatch):
     """Lower every plan with bucket cap ``n``, whatever the graph's ``config.bucket_bytes`` says
     (the helpers here build graphs with the default)."""
     def use(n: int) -> None:
-        monkeypatch.setattr(scheduler, "lower", lambda g, registers=1, bucket_bytes=None: _real_lower(
-            g, registers=registers, bucket_bytes=n))
+        monkeypatch.setattr(scheduler, "lower", lambda g, registers=1, bucket_bytes=None, **options: _real_lower(
+            g, registers=registers, bucket_bytes=n, **options))
     return use
 
 
