@@ -223,7 +223,8 @@ _MEASURE_LIMIT = 256 << 20  # kernels touching more bytes than this are not time
 def measure_kernel(name: str, inputs: list[tuple[tuple[int, ...], np.dtype]], attrs: dict) -> float:
     """Seconds one registered op's kernel takes on inputs of these shapes and dtypes on this
     machine (best of five, warm, after a warm-up), measured once per process per distinct call.
-    Integer inputs are zeros (valid indices for every gather), floats are normal samples. Inside
+    Integer inputs are zeros (valid indices for every gather), floats are uniform in [0.5, 1.5)
+    (in every op's domain: a log or a square root of a negative sample would time NaN paths). Inside
     a step kernels run slower (cold caches, fresh outputs): ``Hardware.kernel_scale`` says how
     much, as fitted by ``flowsys.calibrate``."""
     from flowsys.ops import OPS  # noqa: PLC0415
@@ -235,7 +236,7 @@ def measure_kernel(name: str, inputs: list[tuple[tuple[int, ...], np.dtype]], at
         arrays = []
         for shape, dtype in inputs:
             if is_floating(dtype):  # bfloat16 (ml_dtypes, kind "V") included
-                arrays.append(rng.standard_normal(shape).astype(dtype))
+                arrays.append(rng.uniform(0.5, 1.5, shape).astype(dtype))
             elif dtype.kind == "b":
                 arrays.append(rng.random(shape) < 0.5)
             else:

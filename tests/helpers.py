@@ -279,3 +279,16 @@ class TrainStep(fs.Graph):
         _, loss = self.model(idx, targets)
         loss.backward()
         return loss
+
+
+def one_device_reference(cfg, idx: np.ndarray, tgt: np.ndarray) -> tuple[dict, float, dict]:
+    """A GPT of ``cfg`` seeded 0 on one device, eager: its state dict before the step, the loss
+    on (``idx``, ``tgt``) and every parameter's gradient (what a laid-out run must reproduce)."""
+    from flowsys.models import GPT
+
+    fs.manual_seed(0)
+    model = GPT(cfg)
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    _, loss = model(fs.tensor(idx), fs.tensor(tgt))
+    loss.backward()
+    return before, loss.item(), {n: p.grad.numpy().copy() for n, p in model.named_parameters()}

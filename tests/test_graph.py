@@ -285,21 +285,12 @@ def test_a_gradient_through_a_promoting_op_has_its_inputs_dtype_eager_and_compil
     assert model.w.grad.dtype == np.float16
     np.testing.assert_array_equal(model.w.grad.numpy(), want)
 
-    class Step(fs.Graph):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-            self.add_optimizer(optim.SGD(m.parameters(), lr=1.0))
-
-        def build(self, x):
-            loss = self.m(x).sum()
-            loss.backward()
-            return loss
+    from helpers import SumStep
 
     placement = fs.placement("cpu", [0, 1])
     model = _Promoting()
     model.to_global(placement, {"w": (S(1),)})  # split by columns: tensor parallelism
-    step = Step(model)
+    step = SumStep(model, lr=1.0)
     step(fs.tensor(x).to_global(placement, (B,)))
     assert model.w.dtype == np.float16
     np.testing.assert_allclose(model.w.numpy().astype(np.float32),

@@ -15,6 +15,7 @@ import scheduler
 from flowsys import nn, optim
 from flowsys.models.gpt import GPT, GPTConfig
 from scheduler.lower import BUCKET_BYTES
+from helpers import SumStep
 from test_graph import TrainStep
 
 B, S = fs.sbp.broadcast, fs.sbp.split
@@ -251,18 +252,7 @@ def test_the_cost_model_overlaps_bucket_all_reduces_with_backward():
     layers = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)])
     layers.to_global(placement, B)
 
-    class DP(fs.Graph):
-        def __init__(self):
-            super().__init__()
-            self.layers = layers
-            self.add_optimizer(optim.SGD(layers.parameters(), lr=0.0))
-
-        def build(self, x):
-            loss = self.layers(x).sum()
-            loss.backward()
-            return loss
-
-    g = DP()
+    g = SumStep(layers)
     g.compile(fs.randn(4, 8).to_global(placement, S(0)))
     # every firing costs 1 ms, a message 0.1 ms: the first bucket is reduced long before backward ends
     hw = Hardware(name="ideal", device="cuda", peak_flops={"float32": 1e30}, memory_bandwidth=float("inf"),

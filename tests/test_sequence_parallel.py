@@ -15,7 +15,7 @@ from flowsys.errors import ConfigError
 from flowsys.job import check_layout, job_from_dict
 from flowsys.models import GPT, GPTConfig
 from flowsys.sbp import broadcast as B, split as S
-from helpers import TrainStep
+from helpers import TrainStep, one_device_reference
 
 CFG = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
@@ -27,14 +27,8 @@ def _batch():
 
 @pytest.fixture(scope="module")
 def reference():
-    """One device: the loss, and the gradients recovered from one SGD step (lr 1)."""
-    fs.manual_seed(0)
-    model = GPT(CFG)
-    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-    idx, tgt = _batch()
-    _, loss = model(fs.tensor(idx), fs.tensor(tgt))
-    loss.backward()
-    return before, loss.item(), {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    """One device: the state before, the loss and every gradient."""
+    return one_device_reference(CFG, *_batch())
 
 
 @pytest.mark.parametrize("mesh,dp_axis,tp_axis,vocab", [([0, 1], None, 0, False), ([[0, 1], [2, 3]], 0, 1, True)],

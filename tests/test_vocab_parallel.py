@@ -14,7 +14,7 @@ from flowsys.models import GPT, GPTConfig
 from flowsys.models.gpt import vocab_parallel_cross_entropy
 from flowsys.nn import functional as F
 from flowsys.sbp import broadcast as B, partial_max as PMAX, partial_sum as P, split as S
-from helpers import TrainStep
+from helpers import TrainStep, one_device_reference
 
 CFG = GPTConfig(vocab_size=250, block_size=8, n_layer=1, n_head=2, n_embd=16)
 
@@ -109,15 +109,8 @@ def _batch(seed=0):
 
 @pytest.fixture(scope="module")
 def reference():
-    """One device: the loss, and the gradients recovered from one SGD step (lr 1)."""
-    fs.manual_seed(0)
-    model = GPT(CFG)
-    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-    idx, tgt = _batch()
-    _, loss = model(fs.tensor(idx), fs.tensor(tgt))
-    loss.backward()
-    grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
-    return before, loss.item(), grads
+    """One device: the state before, the loss and every gradient."""
+    return one_device_reference(CFG, *_batch())
 
 
 @pytest.mark.parametrize("mesh,dp_axis,tp_axis,padded", [
