@@ -28,7 +28,7 @@ import numpy as np
 
 from flowsys.global_tensor import GlobalValue
 from flowsys.layout import as_slices, shard_box
-from flowsys.sbp import PartialSum
+from flowsys.sbp import PartialSum, broadcast, split
 import torch
 
 import flowsys as fs
@@ -292,3 +292,12 @@ def one_device_reference(cfg, idx: np.ndarray, tgt: np.ndarray) -> tuple[dict, f
     _, loss = model(fs.tensor(idx), fs.tensor(tgt))
     loss.backward()
     return before, loss.item(), {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+
+
+def one_sgd_step(model, placement, dp_axis, idx: np.ndarray, tgt: np.ndarray) -> tuple[TrainStep, float]:
+    """One compiled step of ``model`` with SGD at lr 1 (each update is minus the gradient), the
+    batch split along mesh axis ``dp_axis`` (None: whole on every rank): the step and its loss."""
+    step = TrainStep(model, fs.optim.SGD(model.parameters(), lr=1.0))
+    batch = tuple(split(0) if k == dp_axis else broadcast for k in range(placement.ndim))
+    loss = step(fs.tensor(idx).to_global(placement, batch), fs.tensor(tgt).to_global(placement, batch))
+    return step, loss.item()

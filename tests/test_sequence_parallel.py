@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 import flowsys as fs
-from flowsys import optim
 from flowsys.autoplan import Layout, format_search, sbp_variants, search
 from flowsys.errors import ConfigError
 from flowsys.job import check_layout, job_from_dict
 from flowsys.models import GPT, GPTConfig
 from flowsys.sbp import broadcast as B, split as S
-from helpers import TrainStep, one_device_reference
+from helpers import one_device_reference, one_sgd_step
 
 CFG = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
@@ -40,11 +39,8 @@ def test_sequence_parallel_gpt_equals_one_device_and_trades_each_all_reduce(refe
     model.load_state_dict(before)
     model.to_global(pl, GPT.parallel_plan(pl, dp_axis=dp_axis, tp_axis=tp_axis, vocab_parallel=vocab,
                                           sequence_parallel=True))
-    step = TrainStep(model, optim.SGD(model.parameters(), lr=1.0))
-    batch = tuple(S(0) if k == dp_axis else B for k in range(pl.ndim))
-    idx, tgt = _batch()
-    loss = step(fs.tensor(idx).to_global(pl, batch), fs.tensor(tgt).to_global(pl, batch))
-    np.testing.assert_allclose(loss.item(), want_loss, rtol=1e-5)
+    step, loss = one_sgd_step(model, pl, dp_axis, *_batch())
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     after = model.state_dict()
     for name, _ in model.named_parameters():
         got = before[name] - after[name].numpy()  # SGD with lr 1: the gradient

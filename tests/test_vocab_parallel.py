@@ -9,12 +9,12 @@ import pytest
 import flowsys as fs
 from comm import algorithms as alg
 from comm.inprocess import InProcessHub, run_group
-from flowsys import boxing, optim
+from flowsys import boxing
 from flowsys.models import GPT, GPTConfig
 from flowsys.models.gpt import vocab_parallel_cross_entropy
 from flowsys.nn import functional as F
 from flowsys.sbp import broadcast as B, partial_max as PMAX, partial_sum as P, split as S
-from helpers import TrainStep, one_device_reference
+from helpers import one_device_reference, one_sgd_step
 
 CFG = GPTConfig(vocab_size=250, block_size=8, n_layer=1, n_head=2, n_embd=16)
 
@@ -128,11 +128,8 @@ def test_compiled_gpt_vocab_parallel_equals_one_device(reference, mesh, dp_axis,
     model.load_state_dict(before)
     model.to_global(pl, GPT.parallel_plan(pl, dp_axis=dp_axis, tp_axis=tp_axis, vocab_parallel=True))
     assert model.lm_head.weight.sbp[tp_axis] == S(0)
-    step = TrainStep(model, optim.SGD(model.parameters(), lr=1.0))
-    batch = tuple(S(0) if k == dp_axis else B for k in range(pl.ndim))
-    idx, tgt = _batch()
-    loss = step(fs.tensor(idx).to_global(pl, batch), fs.tensor(tgt).to_global(pl, batch))
-    np.testing.assert_allclose(loss.item(), want_loss, rtol=1e-5)
+    step, loss = one_sgd_step(model, pl, dp_axis, *_batch())
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     text = step.explain()
     assert "all_reduce_max" in text
     after = model.state_dict()
