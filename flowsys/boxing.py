@@ -167,6 +167,9 @@ def _same_placement_steps(shape, dtype, placement: Placement, src: NdSbp, dst: N
         frm = state[k]
         if frm == to or (type(frm) is type(to) and not isinstance(to, Split)):
             return
+        if placement.mesh[k] == 1:  # one rank along the axis: every layout of it is the whole value
+            state[k] = to
+            return
         if isinstance(to, PartialMax) or isinstance(frm, PartialMax) and isinstance(to, PartialSum):
             if isinstance(frm, Broadcast):  # every rank keeps the value: the max of copies is the value
                 state[k] = to
