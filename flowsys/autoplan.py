@@ -228,8 +228,8 @@ def analyse(job: JobConfig) -> ModelFigures:
     # forward FLOPs per token: a block's GEMMs (24 h^2) and attention (4 s h); the head's 2 h V
     blocks = m.n_layer * (24 * m.n_embd ** 2 + 4 * m.block_size * m.n_embd)
     head = 2 * m.n_embd * m.vocab_size
-    return ModelFigures(float(flops), blocks / (blocks + head), compute_dtype(t.precision).name, compute_dtype(t.precision).itemsize,
-                  t.precision != "fp32")
+    dtype = compute_dtype(t.precision)
+    return ModelFigures(float(flops), blocks / (blocks + head), dtype.name, dtype.itemsize, t.precision != "fp32")
 
 
 def _vocab(job: JobConfig, tp: int) -> tuple[int, int]:

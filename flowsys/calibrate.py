@@ -95,6 +95,15 @@ def _measure(graph, args, repeats: int) -> tuple[float, float]:
     return t, statistics.median(spans)
 
 
+def _interleaved(probes: list, repeats: int, rounds: int = 3) -> list[tuple[float, float]]:
+    """Each ``(graph, args)`` of ``probes`` measured ``rounds`` times in turn (a disturbance of
+    the machine then spoils one round of every probe, not every round of one): per probe, the
+    medians over the rounds of its time outside the ranks' firings and of its span."""
+    runs = [[_measure(g, a, repeats) for g, a in probes] for _ in range(rounds)]
+    return [(statistics.median(r[i][0] - r[i][1] for r in runs), statistics.median(r[i][1] for r in runs))
+            for i in range(len(probes))]
+
+
 def _span(plan, hw) -> float:
     return max((c.finish_s for c in predict(plan, hw).ranks), default=0.0)
 
@@ -174,16 +183,14 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
         hw = hw.replace(kernel_scale=_fit(lambda k: _span(large.plan(), hw.replace(kernel_scale=k)), span, 0.5, 5.0))
     step_overhead = hw.step_overhead
 
-    # ranks at once: the same mix on 1, 2 and 4 ranks, three interleaved rounds (one disturbed
-    # measurement would otherwise decide), medians per rank count
-    steady, mixes = max(repeats, 11), {}
-    for n in (1, 2, 4):
-        mesh = placement("cpu", list(range(n)))
-        mixes[n] = (_Mix(60), (fs.randn(512 * n, 64).to_global(mesh, split(0) if n > 1 else broadcast),
-                               fs.randn(64, 64).to_global(mesh, broadcast)))
-    rounds = [{n: _measure(g, a, steady) for n, (g, a) in mixes.items()} for _ in range(3)]
-    span_mix = {n: statistics.median(r[n][1] for r in rounds) for n in mixes}
-    outside = {n: statistics.median(r[n][0] - r[n][1] for r in rounds) for n in mixes}
+    # ranks at once: the same mix on 1, 2 and 4 ranks, in interleaved rounds
+    steady, counts = max(repeats, 11), (1, 2, 4)
+    meshes = [placement("cpu", list(range(n))) for n in counts]
+    mixes = _interleaved([(_Mix(60), (fs.randn(512 * n, 64).to_global(mesh, split(0)),
+                                      fs.randn(64, 64).to_global(mesh, broadcast)))
+                          for n, mesh in zip(counts, meshes)], steady)
+    outside = {n: m[0] for n, m in zip(counts, mixes)}
+    span_mix = {n: m[1] for n, m in zip(counts, mixes)}
 
     # the driver's feed: a step whose 4 MiB input the driver sends (a user's own tensor; a
     # worker reads a job's batches itself and parameters stay in the workers)
@@ -196,7 +203,7 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     # the throughput of n ranks together, in ranks at full speed; the driver's cost per rank: how
     # its share of a step grows with the ranks (the least-squares slope over 1, 2 and 4)
     parallel = {n: float(np.clip(n * span_mix[1] / span_mix[n], 0.25, hw.cores_per_node or 1)) if n > 1 else 1.0
-                for n in mixes}
+                for n in counts}
     slope = float(np.polyfit(list(outside), list(outside.values()), 1)[0])
     hw = hw.replace(parallel_ranks=parallel, rank_overhead=max(0.0, slope))
 
@@ -206,8 +213,7 @@ def calibrate(backend: str = "local", *, repeats: int = 7, base: str = "cpu") ->
     two = placement("cpu", [0, 1])
     small = fs.zeros((2,)).to_global(two, split(0))
     fan, ring = _Fan(20), _Ring(20)
-    rounds = [(_measure(fan, (small,), repeats)[1], _measure(ring, (small,), repeats)[1]) for _ in range(3)]
-    span_fan, span_ring = (statistics.median(r[i] for r in rounds) for i in (0, 1))  # interleaved rounds
+    (_, span_fan), (_, span_ring) = _interleaved([(fan, (small,)), (ring, (small,))], repeats)
 
     def with_link(bandwidth=float("inf"), latency=0.0, overhead=0.0):
         lk = Link(bandwidth, latency, overhead)

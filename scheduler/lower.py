@@ -500,16 +500,13 @@ class _Lowering:
         else 1, the flat rings."""
         key = (p, k)
         if key not in self.node_sizes:
-            size, nodes = 0, self.devices_per_node
-            for r in p.ranks:
-                group = p.group(int(r), along=k)
-                runs = [len(list(members)) for _, members in itertools.groupby(m // nodes for m in group)]
-                distinct = len({m // nodes for m in group}) == len(runs)
-                if not distinct or len(set(runs)) != 1 or (size and runs[0] != size):
-                    size = 1
-                    break
-                size = runs[0]
-            self.node_sizes[key] = size if 1 < size < len(p.group(int(p.ranks[0]), along=k)) else 1
+            sizes = set()
+            for group in p.groups(k):
+                nodes = [m // self.devices_per_node for m in group]
+                runs = [len(list(run)) for _, run in itertools.groupby(nodes)]
+                sizes.add(runs[0] if len(set(runs)) == 1 and len(runs) == len(set(nodes)) else 1)
+            size = sizes.pop() if len(sizes) == 1 else 1
+            self.node_sizes[key] = size if 1 < size < p.mesh[k] else 1
         return self.node_sizes[key]
 
     def take_shard_attrs(self, dst: Value, r: int) -> str:
