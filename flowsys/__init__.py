@@ -39,14 +39,43 @@ del _settle_blas_threads
 _from_environment()  # flowsys launch --profile
 del _from_environment
 
+__array_api_version__ = "2024.12"
+
+
+# The Array API standard's names, each defined by flowsys.array_api (its __all__ is this list;
+# tests/test_array_api.py checks they agree): listed here so that importing flowsys stays light.
+_ARRAY_API = (
+    "__array_namespace_info__", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float32", "float64", "complex64", "complex128", "e", "inf", "nan", "pi", "newaxis",
+    # elementwise
+    "abs", "acos", "acosh", "add", "asin", "asinh", "atan", "atan2", "atanh", "bitwise_and", "bitwise_invert",
+    "bitwise_left_shift", "bitwise_or", "bitwise_right_shift", "bitwise_xor", "ceil", "clip", "conj", "copysign",
+    "cos", "cosh", "divide", "equal", "exp", "expm1", "floor", "floor_divide", "greater", "greater_equal", "hypot",
+    "imag", "isfinite", "isinf", "isnan", "less", "less_equal", "log", "log1p", "log2", "log10", "logaddexp",
+    "logical_and", "logical_not", "logical_or", "logical_xor", "maximum", "minimum", "multiply", "negative",
+    "nextafter", "not_equal", "positive", "pow", "real", "reciprocal", "remainder", "round", "sign", "signbit", "sin",
+    "sinh", "square", "sqrt", "subtract", "tan", "tanh", "trunc",
+    # statistics, searching, sets, sorting
+    "sum", "prod", "mean", "var", "std", "max", "min", "cumulative_sum", "cumulative_prod", "argmax", "argmin",
+    "count_nonzero", "any", "all", "where", "searchsorted", "nonzero", "unique_all", "unique_counts",
+    "unique_inverse", "unique_values", "argsort", "sort", "diff",
+    # manipulation, linear algebra, indexing
+    "broadcast_to", "broadcast_shapes", "broadcast_arrays", "concat", "expand_dims", "flip", "moveaxis",
+    "permute_dims", "repeat", "reshape", "roll", "squeeze", "stack", "tile", "unstack", "matmul", "matrix_transpose",
+    "tensordot", "vecdot", "take", "take_along_axis",
+    # data types and creation
+    "astype", "can_cast", "result_type", "isdtype", "finfo", "iinfo", "empty", "empty_like", "full_like", "eye",
+    "linspace", "meshgrid", "tril", "triu", "from_dlpack",
+)
+
+
 # name -> the module it comes from; a subpackage maps to itself.
 _LAZY = {
-    **dict.fromkeys(["Tensor", "float32", "float64", "float16", "bfloat16", "int32", "int64", "bool_"], "flowsys.tensor"),
+    **dict.fromkeys(["Tensor", "float16", "bfloat16", "bool_"], "flowsys.tensor"),
     **dict.fromkeys([
-        "allclose", "arange", "argmax", "asarray", "astype", "broadcast_to", "concatenate", "exp", "expand_dims", "full",
-        "log", "manual_seed", "matmul", "max", "maximum", "mean", "min", "minimum", "ones", "ones_like", "rand",
-        "randint", "randn", "reshape", "split", "sqrt", "squeeze", "stack", "sum", "swapaxes", "take", "tanh",
-        "tensor", "transpose", "var", "where", "zeros", "zeros_like"], "flowsys.functions"),
+        "arange", "asarray", "full", "manual_seed", "ones", "ones_like", "rand", "randint", "randn", "tensor", "zeros",
+        "zeros_like", "concatenate", "split", "swapaxes", "transpose", "allclose"], "flowsys.functions"),
+    **dict.fromkeys(_ARRAY_API, "flowsys.array_api"),
     **{name: f"flowsys.{name}" for name in ("nn", "optim", "models", "data", "checkpoint")},
     "Graph": "flowsys.graph.api", "GraphConfig": "flowsys.graph.api", "GraphError": "flowsys.graph.ir",
     "init": "flowsys.runtime", "shutdown": "flowsys.runtime",
@@ -85,11 +114,9 @@ _sys.modules[__name__].__class__ = _Package
 __all__ = [
     # tensors and dtypes
     "Tensor", "tensor", "asarray", "zeros", "ones", "full", "zeros_like", "ones_like", "arange", "randn", "rand",
-    "randint", "manual_seed", "float32", "float64", "float16", "bfloat16", "int32", "int64", "bool_",
-    # array API
-    "matmul", "exp", "log", "sqrt", "tanh", "maximum", "minimum", "where", "sum", "mean", "var", "max", "min",
-    "argmax", "reshape", "transpose", "swapaxes", "expand_dims", "squeeze", "broadcast_to", "concatenate",
-    "stack", "split", "take", "astype", "allclose",
+    "randint", "manual_seed", "float16", "bfloat16", "bool_",
+    # the Array API standard, and NumPy names beyond it
+    "__array_api_version__", *_ARRAY_API, "transpose", "swapaxes", "concatenate", "split", "allclose",
     # autograd
     "no_grad", "enable_grad", "is_grad_enabled", "set_grad_enabled",
     # mixed precision

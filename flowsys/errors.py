@@ -15,6 +15,11 @@ class ShapeError(FlowsysError, ValueError):
     """Operand shapes that do not fit the op (matmul inner sizes, broadcasting, axes)."""
 
 
+class AxisError(ShapeError, IndexError):
+    """An axis, or an index, outside the shape it addresses. Both a ``ValueError`` and an
+    ``IndexError``, as NumPy's ``AxisError`` (the Array API standard asks for ``IndexError``)."""
+
+
 class DTypeError(FlowsysError, TypeError):
     """An operand of a dtype the op does not take (e.g. float class targets)."""
 

@@ -7,13 +7,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from flowsys import device as _device
-from flowsys.errors import FlowsysError, PlacementError
+from flowsys.errors import ArgumentError, DTypeError, PlacementError
 from flowsys.global_tensor import make_global
 from flowsys.sbp import broadcast
-from flowsys.tensor import DEFAULT_FLOAT, Tensor, _operand, apply, float64, int64
+from flowsys.tensor import DEFAULT_FLOAT, Tensor, apply, float64, int64
 
 # ------------------------------------------------------------------------------------- random
 
@@ -75,7 +77,7 @@ def _shape(shape) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def _place(array: np.ndarray, device: str, requires_grad: bool, placement=None, sbp=None) -> Tensor:
+def _place(array: np.ndarray, device: str | None, requires_grad: bool, placement=None, sbp=None) -> Tensor:
     """A leaf tensor holding ``array``: local on ``device``, or, given a ``placement``, global
     with ``array`` as its logical value laid out as ``sbp`` (broadcast by default)."""
     if placement is not None:
@@ -83,7 +85,27 @@ def _place(array: np.ndarray, device: str, requires_grad: bool, placement=None, 
     if sbp is not None:
         raise PlacementError("sbp= needs placement= too, e.g. fs.randn(8, 4, placement=fs.placement('cpu', [0, 1]), "
                              "sbp=fs.sbp.split(0))")
-    return Tensor(_device.to_device(array, device), requires_grad)
+    return Tensor(_device.to_device(array, device or "cpu"), requires_grad)
+
+
+def _defaults(arr: np.ndarray) -> np.ndarray:
+    """Python data NumPy read as float64 / complex128 takes the default float32 / complex64."""
+    if arr.dtype == float64:
+        return arr.astype(DEFAULT_FLOAT)
+    if arr.dtype == np.complex128:
+        return arr.astype(np.complex64)
+    return arr
+
+
+def _from_python(data, dtype) -> np.ndarray:
+    try:
+        arr = np.array(data, dtype=dtype)
+    except OverflowError:
+        raise ArgumentError(f"a Python integer does not fit int64 (or the dtype {dtype}): {data!r}"[:300]) from None
+    if arr.dtype == object:
+        raise DTypeError(f"cannot make a tensor from {type(data).__name__} data (ragged lists, or objects that are "
+                         f"not numbers): {data!r}"[:300])
+    return arr if dtype is not None else _defaults(arr)
 
 
 def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
@@ -96,54 +118,89 @@ def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu", p
         data = data.numpy()
     elif hasattr(data, "detach") and hasattr(data, "cpu"):  # a torch tensor
         data = data.detach().cpu().numpy()
-    arr = np.array(data, dtype=dtype)
-    if dtype is None and arr.dtype == float64 and not isinstance(data, np.ndarray):
-        arr = arr.astype(DEFAULT_FLOAT)
+    arr = np.array(data, dtype=dtype) if isinstance(data, np.ndarray) else _from_python(data, dtype)
     return _place(arr, device, requires_grad, placement, sbp)
 
 
-def asarray(data, dtype=None, device: str = "cpu") -> Tensor:
-    """Like ``np.asarray``: keeps a NumPy array's dtype and shares its memory when it can."""
-    if isinstance(data, Tensor):
-        return data if dtype is None else data.astype(dtype)
-    if isinstance(data, np.ndarray):
-        return _place(np.asarray(data, dtype=dtype), device, False)
-    return tensor(data, dtype=dtype, device=device)
+def asarray(obj, /, *, dtype=None, device=None, copy=None) -> Tensor:
+    """The standard's ``asarray``: a tensor, a NumPy array (its dtype kept, its memory shared
+    when it can be), any object with ``__dlpack__`` or the buffer protocol, or Python data
+    (float32, complex64 and int64 by default). ``copy=True`` always copies; ``copy=False``
+    never does, and raises where it would have to."""
+    dtype = None if dtype is None else np.dtype(dtype)
+    if isinstance(obj, Tensor):
+        if (dtype is None or dtype == obj.dtype) and not copy:
+            return obj if device is None or device == obj.device else obj.to(device)
+        if copy is False:
+            raise ArgumentError(f"asarray: copy=False but a {obj.dtype} tensor becomes {dtype}: that needs a copy")
+        out = obj.astype(dtype or obj.dtype, copy=True)
+        return out if device is None else out.to(device)
+    if not isinstance(obj, (np.ndarray, np.generic)) and (hasattr(obj, "__dlpack__") or isinstance(obj, memoryview)
+                                                         or hasattr(obj, "__array__")):
+        obj = np.asarray(obj)
+    if isinstance(obj, (np.ndarray, np.generic)):
+        if copy is False:
+            arr = np.asarray(obj, dtype=dtype)
+            if isinstance(obj, np.ndarray) and not np.shares_memory(arr, obj) and arr.size:
+                raise ArgumentError(f"asarray: copy=False but the {obj.dtype} array becomes {dtype}: that needs a copy")
+        else:
+            arr = np.array(obj, dtype=dtype, copy=bool(copy) or None)
+        return _place(np.asarray(arr), device, False)
+    if copy is False:
+        raise ArgumentError(f"asarray: copy=False, but {type(obj).__name__} data must be copied into a tensor")
+    return _place(_from_python(obj, dtype), device, False)
 
 
-def zeros(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
-    return _place(np.zeros(_shape(shape), _dtype(dtype)), device, requires_grad, placement, sbp)
+def zeros(shape, *more, dtype=None, device=None, requires_grad: bool = False, placement=None, sbp=None) -> Tensor:
+    """Zeros of ``shape`` (a tuple, or the sizes as arguments: ``zeros(2, 3)``)."""
+    return _place(np.zeros(_shape((shape,) + more), _dtype(dtype)), device, requires_grad, placement, sbp)
 
 
-def ones(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
-    return _place(np.ones(_shape(shape), _dtype(dtype)), device, requires_grad, placement, sbp)
+def ones(shape, *more, dtype=None, device=None, requires_grad: bool = False, placement=None, sbp=None) -> Tensor:
+    return _place(np.ones(_shape((shape,) + more), _dtype(dtype)), device, requires_grad, placement, sbp)
 
 
-def full(shape, fill_value, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
+def _fill_dtype(fill_value) -> np.dtype:
+    if isinstance(fill_value, (bool, np.bool_)):
+        return np.dtype(np.bool_)
+    if isinstance(fill_value, (int, np.integer)):
+        return int64
+    if isinstance(fill_value, complex):
+        return np.dtype(np.complex64)
+    return DEFAULT_FLOAT
+
+
+def full(shape, fill_value, *, dtype=None, device=None, requires_grad: bool = False, placement=None,
+         sbp=None) -> Tensor:
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    if dtype is None:
-        dtype = int64 if isinstance(fill_value, int) and not isinstance(fill_value, bool) else (
-            np.bool_ if isinstance(fill_value, bool) else DEFAULT_FLOAT)
-    return _place(np.full(shape, fill_value, _dtype(dtype)), device, requires_grad, placement, sbp)
+    if isinstance(fill_value, Tensor):
+        fill_value = fill_value.item()
+    dtype = _fill_dtype(fill_value) if dtype is None else np.dtype(dtype)
+    return _place(np.full(shape, fill_value, dtype), device, requires_grad, placement, sbp)
 
 
-def zeros_like(x: Tensor, dtype=None) -> Tensor:
+def zeros_like(x: Tensor, /, *, dtype=None, device=None) -> Tensor:
     """Zeros of ``x``'s shape, device or placement and SBP."""
-    return _place(np.zeros(x.shape, _dtype(dtype, x.dtype)), x.device, False, x.placement, x.sbp)
+    return _place(np.zeros(x.shape, _dtype(dtype, x.dtype)), device or x.device, False, x.placement, x.sbp)
 
 
-def ones_like(x: Tensor, dtype=None) -> Tensor:
+def ones_like(x: Tensor, /, *, dtype=None, device=None) -> Tensor:
     """Ones of ``x``'s shape, device or placement and SBP (for ``P``, the ones are the sum)."""
-    return _place(np.ones(x.shape, _dtype(dtype, x.dtype)), x.device, False, x.placement, x.sbp)
+    return _place(np.ones(x.shape, _dtype(dtype, x.dtype)), device or x.device, False, x.placement, x.sbp)
 
 
-def arange(start, stop=None, step=1, dtype=None, device: str = "cpu", placement=None, sbp=None) -> Tensor:
-    """Like ``np.arange``; integer arguments give int64."""
+def arange(start, /, stop=None, step=1, *, dtype=None, device=None, placement=None, sbp=None) -> Tensor:
+    """Like ``np.arange``; integer arguments give int64, others float32."""
     if stop is None:
         start, stop = 0, start
     ints = all(isinstance(v, (int, np.integer)) for v in (start, stop, step))
-    return _place(np.arange(start, stop, step, dtype=_dtype(dtype, int64 if ints else DEFAULT_FLOAT)), device, False,
-                  placement, sbp)
+    dtype = _dtype(dtype, int64 if ints else DEFAULT_FLOAT)
+    if ints or dtype.kind in "iu":
+        values = np.arange(start, stop, step, dtype=dtype)
+    else:  # computed in float64 and rounded once, so the count is the standard's ceil((stop - start) / step)
+        n = max(math.ceil((stop - start) / step), 0)
+        values = (start + step * np.arange(n, dtype=np.float64)).astype(dtype)
+    return _place(values, device, False, placement, sbp)
 
 
 def randn(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu", placement=None, sbp=None) -> Tensor:
@@ -164,128 +221,30 @@ def randint(low: int, high: int, shape, device: str = "cpu", placement=None, sbp
     return _place(_rng.integers(low, high, size=shape, dtype=np.int64), device, False, placement, sbp)
 
 
-# ---------------------------------------------------------------------------------- array API
-
-
-def _t(x, like: Tensor | None = None) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    return _operand(x, like) if like is not None else tensor(x)
-
-
-def matmul(a, b) -> Tensor:
-    a = _t(a)
-    return apply("matmul", a, _t(b, a))
-
-
-def exp(x) -> Tensor:
-    return _t(x).exp()
-
-
-def log(x) -> Tensor:
-    return _t(x).log()
-
-
-def sqrt(x) -> Tensor:
-    return _t(x).sqrt()
-
-
-def tanh(x) -> Tensor:
-    return _t(x).tanh()
-
-
-def maximum(x, y) -> Tensor:
-    x = _t(x, y if isinstance(y, Tensor) else None)
-    return apply("maximum", x, _t(y, x))
-
-
-def minimum(x, y) -> Tensor:
-    # Convert a Python scalar against the other operand first, as maximum does, so it keeps that dtype.
-    x = _t(x, y if isinstance(y, Tensor) else None)
-    return -maximum(-x, -_t(y, x))
-
-
-def where(condition, x, y) -> Tensor:
-    """Elements of ``x`` where ``condition`` holds, else of ``y`` (broadcasting)."""
-    like = x if isinstance(x, Tensor) else y if isinstance(y, Tensor) else None
-    x = _t(x, like)
-    y = _t(y, x)
-    return apply("where", _t(condition), x, y)
-
-
-def sum(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - NumPy's name
-    return _t(x).sum(axis, keepdims)
-
-
-def mean(x, axis=None, keepdims: bool = False) -> Tensor:
-    return _t(x).mean(axis, keepdims)
-
-
-def var(x, axis=None, keepdims: bool = False, ddof: int = 0) -> Tensor:
-    return _t(x).var(axis, keepdims, ddof)
-
-
-def max(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - NumPy's name
-    return _t(x).max(axis, keepdims)
-
-
-def min(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - NumPy's name
-    return _t(x).min(axis, keepdims)
-
-
-def argmax(x, axis=None, keepdims: bool = False) -> Tensor:
-    return _t(x).argmax(axis, keepdims)
-
-
-def reshape(x, shape) -> Tensor:
-    return _t(x).reshape(shape)
+# ------------------------------------------------------------------------- NumPy names beyond the standard
+# (the standard's functions are in flowsys.array_api)
 
 
 def transpose(x, axes=None) -> Tensor:
-    return _t(x).transpose(axes) if axes is not None else _t(x).transpose()
+    x = x if isinstance(x, Tensor) else tensor(x)
+    return x.transpose(axes) if axes is not None else x.transpose()
 
 
 def swapaxes(x, a: int, b: int) -> Tensor:
-    return _t(x).swapaxes(a, b)
-
-
-def expand_dims(x, axis: int) -> Tensor:
-    return _t(x).expand_dims(axis)
-
-
-def squeeze(x, axis=None) -> Tensor:
-    return _t(x).squeeze(axis)
-
-
-def broadcast_to(x, shape) -> Tensor:
-    return apply("broadcast_to", _t(x), shape=tuple(shape))
+    return (x if isinstance(x, Tensor) else tensor(x)).swapaxes(a, b)
 
 
 def concatenate(xs, axis: int = 0) -> Tensor:
-    xs = [_t(x) for x in xs]
-    if not xs:
-        raise FlowsysError("concatenate: needs at least one tensor")
-    return apply("concatenate", *xs, axis=axis)
+    """NumPy's name for the standard's ``concat``."""
+    from flowsys.array_api import concat  # noqa: PLC0415 - array_api builds on this module
 
-
-def stack(xs, axis: int = 0) -> Tensor:
-    return concatenate([_t(x).expand_dims(axis) for x in xs], axis=axis)
+    return concat(xs, axis=axis)
 
 
 def split(x, indices_or_sections, axis: int = 0) -> list[Tensor]:
     """Like ``np.split``: ``sections`` equal parts, or cut before each index in a list."""
     ios = indices_or_sections if isinstance(indices_or_sections, int) else tuple(int(i) for i in indices_or_sections)
-    return list(apply("split", _t(x), indices_or_sections=ios, axis=axis))
-
-
-def take(a, indices, axis: int = 0) -> Tensor:
-    """Like ``np.take`` with an axis: ``take(table, ids)`` is an embedding lookup."""
-    idx = indices if isinstance(indices, Tensor) else tensor(np.asarray(indices, dtype=np.int64))
-    return apply("take", _t(a), idx, axis=axis)
-
-
-def astype(x, dtype) -> Tensor:
-    return _t(x).astype(dtype)
+    return list(apply("split", x if isinstance(x, Tensor) else tensor(x), indices_or_sections=ios, axis=axis))
 
 
 def allclose(a, b, rtol: float = 1e-5, atol: float = 1e-8) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+import flowsys as _flowsys
 from flowsys import device as _device
 from flowsys import precision as _precision
 from flowsys.autograd import is_grad_enabled, no_grad
@@ -29,7 +30,7 @@ from flowsys.graph.trace import Symbol
 from flowsys.layout import fmt as _fmt_sbp
 from flowsys.layout import normalize_sbp
 from flowsys.ops import OPS, OpDef, Spec
-from flowsys.ops.registry import bfloat16, float16, is_floating, normalize_axis, promote_types
+from flowsys.ops.registry import bfloat16, float16, is_floating, normalize_axes, normalize_axis, promote_types
 from flowsys.placement import Placement
 from flowsys.sbp import PartialSum, SbpTuple
 from flowsys.sbp import broadcast as _B
@@ -320,9 +321,55 @@ class Tensor:
         return apply("ge", *_pair(self, o))
 
     def __invert__(self):
-        if self.dtype != bool_:
-            raise DTypeError(f"~ takes a bool tensor, got {self.dtype}")
-        return apply("logical_not", self)
+        return apply("bitwise_invert", self)
+
+    def __abs__(self):
+        return apply("abs", self)
+
+    def __pos__(self):
+        return apply("positive", self)
+
+    def __floordiv__(self, o):
+        return apply("floor_divide", *_pair(self, o))
+
+    def __rfloordiv__(self, o):
+        return apply("floor_divide", *_pair(self, o)[::-1])
+
+    def __mod__(self, o):
+        return apply("remainder", *_pair(self, o))
+
+    def __rmod__(self, o):
+        return apply("remainder", *_pair(self, o)[::-1])
+
+    def __and__(self, o):
+        return apply("bitwise_and", *_pair(self, o))
+
+    def __rand__(self, o):
+        return apply("bitwise_and", *_pair(self, o)[::-1])
+
+    def __or__(self, o):
+        return apply("bitwise_or", *_pair(self, o))
+
+    def __ror__(self, o):
+        return apply("bitwise_or", *_pair(self, o)[::-1])
+
+    def __xor__(self, o):
+        return apply("bitwise_xor", *_pair(self, o))
+
+    def __rxor__(self, o):
+        return apply("bitwise_xor", *_pair(self, o)[::-1])
+
+    def __lshift__(self, o):
+        return apply("bitwise_left_shift", *_pair(self, o))
+
+    def __rlshift__(self, o):
+        return apply("bitwise_left_shift", *_pair(self, o)[::-1])
+
+    def __rshift__(self, o):
+        return apply("bitwise_right_shift", *_pair(self, o))
+
+    def __rrshift__(self, o):
+        return apply("bitwise_right_shift", *_pair(self, o)[::-1])
 
     def __getitem__(self, index):
         return apply("getitem", self, index=_normalize_index(index))
@@ -344,24 +391,24 @@ class Tensor:
         return apply("relu", self)
 
     def abs(self):
-        # maximum splits tied gradients in half, so d|x|/dx is 0 at 0, as in PyTorch.
-        return apply("maximum", self, -self)
+        return apply("abs", self)  # d|x|/dx is sign(x): 0 at 0, as in PyTorch
 
     def sum(self, axis=None, keepdims: bool = False):
         return apply("sum", self, axis=_axis_attr(axis), keepdims=keepdims)
 
     def mean(self, axis=None, keepdims: bool = False):
         # sum * (1/n), with n from the (logical) shape: exact under any split of the reduced axes.
-        x = self if is_floating(self.dtype) else self.astype(DEFAULT_FLOAT)
-        axes = range(self.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
-        n = math.prod(self.shape[a] for a in axes)
+        x = self if is_floating(self.dtype) or self.dtype.kind == "c" else self.astype(DEFAULT_FLOAT)
+        n = math.prod(self.shape[a] for a in normalize_axes("mean", _axis_attr(axis), self.ndim))
         return x.sum(axis, keepdims) * (1.0 / n if n else math.nan)
 
-    def var(self, axis=None, keepdims: bool = False, ddof: int = 0):
+    def var(self, axis=None, keepdims: bool = False, ddof: float = 0):
+        """The variance with ``ddof`` degrees of freedom removed (the standard's ``correction``)."""
+        if not is_floating(self.dtype):
+            raise DTypeError(f"var: takes a real floating-point tensor, got {self.dtype}; cast with .astype(fs.float32)")
         centred = self - self.mean(axis, keepdims=True)
-        axes = range(self.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
-        n = math.prod(self.shape[a] for a in axes)
-        return (centred * centred).sum(axis, keepdims) * (1.0 / max(n - ddof, 0) if n - ddof > 0 else math.nan)
+        n = math.prod(self.shape[a] for a in normalize_axes("var", _axis_attr(axis), self.ndim))
+        return (centred * centred).sum(axis, keepdims) * (1.0 / (n - ddof) if n - ddof > 0 else math.nan)
 
     def max(self, axis=None, keepdims: bool = False):
         return apply("max", self, axis=_axis_attr(axis), keepdims=keepdims)
@@ -370,7 +417,8 @@ class Tensor:
         return apply("min", self, axis=_axis_attr(axis), keepdims=keepdims)
 
     def argmax(self, axis=None, keepdims: bool = False):
-        return apply("argmax", self, axis=axis, keepdims=keepdims)
+        return apply("argmax", self, axis=None if axis is None else normalize_axis("argmax", axis, self.ndim),
+                     keepdims=keepdims)
 
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
@@ -404,9 +452,12 @@ class Tensor:
             raise ShapeError(f"squeeze: axis {axis} of shape {self.shape} has size {self.shape[axis]}, not 1")
         return self.reshape(self.shape[:axis] + self.shape[axis + 1:])
 
-    def astype(self, dtype):
+    def astype(self, dtype, copy: bool = False):
+        """This tensor as ``dtype`` (itself when the type is right, unless ``copy``)."""
         dtype = np.dtype(dtype)
-        return self if dtype == self.dtype else apply("astype", self, dtype=dtype)
+        if dtype == self.dtype:
+            return apply("astype", self, dtype=dtype, copy=True) if copy else self
+        return apply("astype", self, dtype=dtype)
 
     float = lambda self: self.astype(float32)  # noqa: E731
     double = lambda self: self.astype(float64)  # noqa: E731
@@ -443,6 +494,56 @@ class Tensor:
         for a in self._data.shards if type(self._data) is GlobalValue else (self._data,):
             a[...] = 0
         return self
+
+
+    # ------------------------------------------------------------------------------- Array API
+    @property
+    def mT(self) -> Tensor:
+        """The matrix transpose: the last two axes swapped."""
+        if self.ndim < 2:
+            raise ShapeError(f"mT: takes a stack of matrices (2 or more dimensions), got shape {self.shape}")
+        return self.swapaxes(-1, -2)
+
+    def __array_namespace__(self, *, api_version: str | None = None):
+        """The module whose functions take this tensor: ``flowsys`` (the Array API standard)."""
+        if api_version not in (None, "2021.12", "2022.12", "2023.12", "2024.12"):
+            raise ValueError(f"flowsys implements the Array API standard 2024.12 (and earlier); got {api_version!r}")
+        return _flowsys
+
+    def to_device(self, device, /, *, stream=None) -> Tensor:
+        return self.to(device)
+
+    def __complex__(self) -> complex:
+        return complex(self.item())
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """Hand the value to another library without a copy (a global tensor's logical value)."""
+        kw = {k: v for k, v in (("stream", stream), ("max_version", max_version), ("dl_device", dl_device),
+                                ("copy", copy)) if v is not None}
+        return self._dlpack_source().__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._dlpack_source().__dlpack_device__()
+
+    def _dlpack_source(self):
+        value = self.numpy()  # a traced tensor has no value to share: a clear GraphError
+        return value if self.is_global or self.device == "cpu" else stored(self)
+
+    def __setitem__(self, index, value) -> None:
+        """Write ``value`` into this tensor at ``index`` (NumPy's rules), outside autograd: a
+        tensor that requires grad, or was computed by a recorded op, is not written in place."""
+        if self.requires_grad or self._node is not None:
+            raise GradError(f"__setitem__: this tensor (shape {self.shape}) is part of autograd (requires_grad or "
+                            f"computed from one that does); write into x.detach() or under a copy instead")
+        current = self.numpy()  # a traced tensor raises a GraphError here
+        value = value.numpy() if isinstance(value, Tensor) else value
+        index = _normalize_index(index)
+        if self.is_global:
+            current = current.copy()
+            current[index] = value
+            self.copy_(current)
+        else:
+            self._data[index] = self.xp.asarray(value) if self.device != "cpu" else value
 
 
 # ------------------------------------------------------------------------------------ apply
@@ -656,7 +757,11 @@ def _operand(value, like: Tensor) -> Tensor:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return Tensor(xp.asarray(value, dtype=like.dtype if like.dtype != bool_ else int64))
     if isinstance(value, (float, np.floating)):
-        return Tensor(xp.asarray(value, dtype=like.dtype if is_floating(like.dtype) else DEFAULT_FLOAT))
+        return Tensor(xp.asarray(value, dtype=like.dtype if is_floating(like.dtype) or like.dtype.kind == "c"
+                                 else DEFAULT_FLOAT))
+    if isinstance(value, (complex, np.complexfloating)):
+        dtype = like.dtype if like.dtype.kind == "c" else np.dtype(np.complex128 if like.dtype == float64 else np.complex64)
+        return Tensor(xp.asarray(value, dtype=dtype))
     arr = xp.asarray(value)
     if arr.dtype == float64 and not isinstance(value, np.ndarray):
         arr = arr.astype(DEFAULT_FLOAT)
@@ -668,11 +773,13 @@ def _pair(t: Tensor, value) -> tuple[Tensor, Tensor]:
     tensor makes the tensor float32 first (PyTorch's rule: the result is float32, not float64)."""
     if isinstance(value, (float, np.floating)) and t.dtype.kind in "biu":
         t = t.astype(DEFAULT_FLOAT)
+    elif isinstance(value, (complex, np.complexfloating)) and t.dtype.kind in "biu":
+        t = t.astype(np.complex64)
     return t, _operand(value, t)
 
 
 def _float_pair(x: Tensor, y: Tensor):
-    if not is_floating(x.dtype) and not is_floating(y.dtype):  # true division of integers gives floats
+    if x.dtype.kind in "biu" and y.dtype.kind in "biu":  # true division of integers gives floats
         return x.astype(DEFAULT_FLOAT), y.astype(DEFAULT_FLOAT)
     return x, y
 

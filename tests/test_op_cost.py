@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flowsys.ops import OPS, Spec
+from flowsys.ops.math import BINARY, UNARY
 from flowsys.ops.cost import graph_flops, op_cost, op_flops
 from flowsys.ops.registry import Cost
 from flowsys.plan import _compile, model_flops
@@ -57,6 +58,19 @@ SAMPLES = {
     "adamw_update": ((X, X, X, X), {"step": 1}),
     "clip_scale": ((Spec((), np.dtype(np.float64)),), {"max_norm": 1.0}),
 }
+# The Array API families (flowsys/ops/math.py, flowsys/ops/arrays.py)
+I32, BOOL6 = Spec((4, 8), np.dtype(np.int32)), MASK
+_BY_CATEGORY = {"integer or boolean": I32, "integer": I32, "boolean": BOOL6}
+SAMPLES.update({name: ((_BY_CATEGORY.get(table[name][1], X),) * n, {})
+                for table, n in ((UNARY, 1), (BINARY, 2)) for name in table})
+SAMPLES.update({
+    "prod": ((X,), {"axis": 1}), "argmin": ((X,), {"axis": 1}), "cumulative_sum": ((X,), {"axis": 1}),
+    "cumulative_prod": ((X,), {"axis": 1}), "flip": ((X,), {"axis": (1,)}), "roll": ((X,), {"shift": 1, "axis": 1}),
+    "argsort": ((X,), {"axis": 1}), "take_along_axis": ((X, Spec((4, 8), i64)), {"axis": 1}),
+    "take_along_axis_grad": ((X, Spec((4, 8), i64)), {"axis": 1, "shape": (4, 8)}),
+    "searchsorted": ((W, X), {}), "tril": ((X,), {}), "triu": ((X,), {}), "repeat": ((X,), {"repeats": 2, "axis": 1}),
+    "repeat_grad": ((Spec((4, 16), f32),), {"repeats": 2, "axis": 1, "shape": (4, 8)}),
+})
 GEMMS = {"matmul", "linear", "linear_grad_input", "linear_grad_weight", "scaled_dot_product_attention", "sdpa_probs"}
 
 

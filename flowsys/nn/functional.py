@@ -13,7 +13,8 @@ import math
 import numpy as np
 
 from flowsys.errors import ArgumentError, ShapeError
-from flowsys.functions import next_seed, take, tensor
+from flowsys.array_api import take
+from flowsys.functions import next_seed, tensor
 from flowsys.tensor import Tensor, apply
 
 

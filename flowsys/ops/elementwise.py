@@ -163,7 +163,7 @@ def where(xp, c, x, y):
     return xp.where(c, x, y)
 
 
-def _astype_infer(x: Spec, *, dtype) -> Spec:
+def _astype_infer(x: Spec, *, dtype, copy=False) -> Spec:
     return Spec(x.shape, np.dtype(dtype))
 
 
@@ -174,14 +174,15 @@ def _astype_rows(specs, attrs):
 
 
 def _astype_cost(ins, outs, attrs):
-    """A copy into the new type; none when the type is already right (``copy=False``)."""
-    return Cost(0, 0 if ins[0].dtype == outs[0].dtype else moved(ins, outs))
+    """A copy into the new type; none when the type is already right (unless ``copy`` asks)."""
+    return Cost(0, 0 if ins[0].dtype == outs[0].dtype and not attrs.get("copy") else moved(ins, outs))
 
 
 @register("astype", infer=_astype_infer, sbp=_astype_rows, low_precision="native", cost=_astype_cost,
-          grad=lambda b, g, out, x, *, dtype: [b.astype(g, dtype=x.dtype) if is_floating(x.dtype) else None])
-def astype(xp, x, *, dtype):
-    return x.astype(dtype, copy=False)
+          grad=lambda b, g, out, x, *, dtype, copy=False: [b.astype(g, dtype=x.dtype) if is_floating(x.dtype) else None])
+def astype(xp, x, *, dtype, copy=False):
+    """``x`` as ``dtype``: the same array when the type is right, unless ``copy`` asks for a new one."""
+    return x.astype(dtype, copy=copy)
 
 
 # --------------------------------------------------------------------------------- comparisons

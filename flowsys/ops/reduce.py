@@ -10,6 +10,7 @@ import numpy as np
 
 from flowsys.errors import ShapeError
 from flowsys.ops import sbp_rules as R
+from flowsys.ops.arrays import accumulation_dtype
 from flowsys.ops.registry import (Spec, flops_per_input, local_shape_attr, normalize_axes, register, sum_to_shape,
                                   view_cost)
 
@@ -21,14 +22,12 @@ def _reduced_shape(shape, axes, keepdims):
 
 
 def _reduce_infer(op, *, empty_ok):
-    def infer(x: Spec, *, axis=None, keepdims=False) -> Spec:
+    def infer(x: Spec, *, axis=None, keepdims=False, dtype=None) -> Spec:
         axes = normalize_axes(op, axis, x.ndim)
         if not empty_ok and any(x.shape[a] == 0 for a in axes):
             raise ShapeError(f"{op}: cannot reduce over an empty axis of a tensor of shape {x.shape}")
-        dtype = x.dtype
-        if op == "sum" and dtype.kind in "bi":
-            dtype = np.dtype(np.int64)
-        return Spec(_reduced_shape(x.shape, axes, keepdims), dtype)
+        out = accumulation_dtype(op, x.dtype, dtype) if op == "sum" else x.dtype
+        return Spec(_reduced_shape(x.shape, axes, keepdims), out)
 
     return infer
 
@@ -41,8 +40,9 @@ def _expand_back(b, g, x, axis, keepdims):
     return g
 
 
-def _sum_grad(b, g, out, x, *, axis=None, keepdims=False):
-    return [b.broadcast_to(_expand_back(b, g, x, axis, keepdims), shape=tuple(x.shape))]
+def _sum_grad(b, g, out, x, *, axis=None, keepdims=False, dtype=None):
+    g = b.broadcast_to(_expand_back(b, g, x, axis, keepdims), shape=tuple(x.shape))
+    return [g if g.dtype == x.dtype else b.astype(g, dtype=x.dtype)]
 
 
 def _sum_rows(specs, attrs):
@@ -55,9 +55,8 @@ _REDUCTION = flops_per_input(1)
 
 
 @register("sum", infer=_reduce_infer("sum", empty_ok=True), sbp=_sum_rows, grad=_sum_grad, cost=_REDUCTION)
-def sum_(xp, x, *, axis=None, keepdims=False):
-    dtype = np.int64 if x.dtype.kind in "bi" else None
-    return xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
+def sum_(xp, x, *, axis=None, keepdims=False, dtype=None):
+    return xp.sum(x, axis=axis, keepdims=keepdims, dtype=accumulation_dtype("sum", x.dtype, dtype))
 
 
 def _extreme_grad(b, g, out, x, *, axis=None, keepdims=False):

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from flowsys.errors import FlowsysError, ShapeError
+from flowsys.errors import AxisError, FlowsysError, ShapeError
 from flowsys.sbp import SbpValue
 
 
@@ -305,9 +305,10 @@ def result_dtype(*specs: Spec) -> np.dtype:
 
 
 def normalize_axis(op: str, axis: int, ndim: int) -> int:
-    if not -ndim <= axis < max(ndim, 1):
-        raise ShapeError(f"{op}: axis {axis} is out of range for a tensor of {ndim} dimensions")
-    return axis % max(ndim, 1)
+    if not -ndim <= axis < ndim:
+        raise AxisError(f"{op}: axis {axis} is out of range for a tensor of {ndim} dimensions"
+                        + (" (a 0-d tensor has no axes: pass axis=None)" if ndim == 0 else ""))
+    return axis % ndim
 
 
 def normalize_axes(op: str, axis, ndim: int) -> tuple[int, ...]:
@@ -318,7 +319,7 @@ def normalize_axes(op: str, axis, ndim: int) -> tuple[int, ...]:
         axis = (int(axis),)
     out = tuple(sorted({normalize_axis(op, int(a), ndim) for a in axis}))
     if len(out) != len(axis):
-        raise ShapeError(f"{op}: repeated axis in {axis}")
+        raise AxisError(f"{op}: repeated axis in {axis} for a tensor of {ndim} dimensions")
     return out
 
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from flowsys.errors import DTypeError, IndexOutOfRange, ShapeError
+from flowsys.errors import AxisError, DTypeError, IndexOutOfRange, ShapeError
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.registry import (Cost, Spec, copy_cost, gather_cost, local_shape_attr, nbytes, normalize_axis,
                                   promote_types, register, scatter_add_cost, view_cost)
@@ -103,7 +103,7 @@ def _getitem_infer(x: Spec, *, index) -> Spec:
     try:
         shape = np.broadcast_to(np.empty((), x.dtype), x.shape)[index].shape
     except IndexError as e:
-        raise ShapeError(f"getitem: index {index!r} does not fit a tensor of shape {x.shape}: {e}") from None
+        raise AxisError(f"getitem: index {index!r} does not fit a tensor of shape {x.shape}: {e}") from None
     return Spec(tuple(shape), x.dtype)
 
 
