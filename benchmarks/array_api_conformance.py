@@ -49,6 +49,11 @@ UPSTREAM = "https://github.com/data-apis/array-api-tests"
 API_VERSION = "2024.12"
 START, END = "<!-- array-api:start -->", "<!-- array-api:end -->"
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+# Copies of the suite we have matched file by file against upstream's history: the sha256 this
+# script computes over the copy -> the upstream commit (a copy without .git does not record it).
+KNOWN_COPIES = {
+    "810819b9167e1701c9c24715ddaf97aee0c1cabcabb6bae8073dd84131a4b29d": "55fcc60179efa2680ddd6cd926ddf17b83530e2b",
+}
 
 
 def suite_identity(suite: Path) -> dict:
@@ -70,8 +75,9 @@ def suite_identity(suite: Path) -> dict:
         commit = v.get("full-revisionid")
     except Exception:  # unexpanded keywords (NotThisMethod), no git, or no _version.py
         pass
-    return {"sha256": digest.hexdigest(), "files_hashed": len(files), "version": version,
-            "upstream_commit": commit}
+    sha = digest.hexdigest()
+    return {"sha256": sha, "files_hashed": len(files), "version": version,
+            "upstream_commit": commit or KNOWN_COPIES.get(sha)}
 
 
 def first_line(text: str, limit: int = 200) -> str:
@@ -153,7 +159,8 @@ def run_suite(args: argparse.Namespace, suite: Path, tmp: Path) -> dict:
 
 def readme_section(res: dict) -> str:
     ident, t = res["suite"], res["totals"]
-    which = (f"commit `{ident['upstream_commit'][:12]}`, " if ident["upstream_commit"] else "") + \
+    commit = ident["upstream_commit"]
+    which = (f"commit [`{commit[:12]}`]({UPSTREAM}/tree/{commit}), " if commit else "") + \
         f"suite sha256 `{ident['sha256'][:12]}`"
     lines = [f"The Python array API standard's own test suite ([data-apis/array-api-tests]({UPSTREAM}), {which}), "
              f"run against `{res['module']}` for standard version {res['api_version']} with "
@@ -163,7 +170,10 @@ def readme_section(res: dict) -> str:
     for name, c in [*res["files"].items(), ("total", t)]:
         pct = "-" if c["pass_pct"] is None else c["pass_pct"]
         lines.append(f"| {name} | {c['passed']} | {c['failed'] + c['error']} | {c['skipped']} | {pct} |")
-    lines += ["", f"`{res['invocation']}` ({res['date']}, {res['seconds']:.0f} s)."]
+    words = shlex.split(res["invocation"])  # the suite's local path is no path of this repository
+    words = [("PATH" if i and words[i - 1] == "--suite" else "--suite=PATH" if w.startswith("--suite=") else w)
+             for i, w in enumerate(words)]
+    lines += ["", f"`{shlex.join(words)}` ({res['date']}, {res['seconds']:.0f} s)."]
     return "\n".join(lines) + "\n"
 
 

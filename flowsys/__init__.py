@@ -21,7 +21,7 @@ import types as _types
 from flowsys import sbp
 from flowsys.autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from flowsys.errors import (
-    ArgumentError, CommunicationError, ConfigError, DTypeError, FlowsysError, GradError, IndexOutOfRange, PlacementError,
+    ArgumentError, AxisError, CommunicationError, ConfigError, DTypeError, FlowsysError, GradError, IndexOutOfRange, PlacementError,
     RankFailed, SbpError, ShapeError, StateDictError,
 )
 from flowsys.placement import Placement, placement
@@ -122,7 +122,7 @@ __all__ = [
     # mixed precision
     "autocast", "LossScaler",
     # errors
-    "FlowsysError", "ShapeError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError",
+    "FlowsysError", "ShapeError", "AxisError", "DTypeError", "ArgumentError", "IndexOutOfRange", "GradError", "StateDictError",
     "ConfigError", "PlacementError", "SbpError", "CommunicationError", "RankFailed",
     # global tensors
     "placement", "Placement",

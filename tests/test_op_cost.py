@@ -60,7 +60,8 @@ SAMPLES = {
 }
 # The Array API families (flowsys/ops/math.py, flowsys/ops/arrays.py)
 I32, BOOL6 = Spec((4, 8), np.dtype(np.int32)), MASK
-_BY_CATEGORY = {"integer or boolean": I32, "integer": I32, "boolean": BOOL6}
+_BY_CATEGORY = {"integer or boolean": I32, "integer": I32, "boolean": BOOL6,
+                "complex floating-point": Spec((4, 8), np.dtype(np.complex64))}
 SAMPLES.update({name: ((_BY_CATEGORY.get(table[name][1], X),) * n, {})
                 for table, n in ((UNARY, 1), (BINARY, 2)) for name in table})
 SAMPLES.update({

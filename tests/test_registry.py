@@ -136,10 +136,11 @@ UNIT = Arg((2, 3), low=-0.9, high=0.9)
 _DOMAIN = {"acos": UNIT, "asin": UNIT, "atanh": UNIT, "acosh": Arg((2, 3), low=1.1, high=3.0),
            "log1p": POS, "log2": POS, "log10": POS, "reciprocal": POS, "abs": DISTINCT, "sign": DISTINCT,
            "floor": DISTINCT, "ceil": DISTINCT, "trunc": DISTINCT, "round": DISTINCT}
-_BY_CATEGORY = {"integer or boolean": INT, "integer": Arg((2, 3), dtype=np.int32, low=0, high=3), "boolean": BOOL}
-# Ops whose gradient is zero on real inputs (piecewise constant, or the imaginary part): finite
+_BY_CATEGORY = {"integer or boolean": INT, "integer": Arg((2, 3), dtype=np.int32, low=0, high=3), "boolean": BOOL,
+                "complex floating-point": Arg((2, 3), dtype=np.complex64)}
+# Ops whose gradient is zero (piecewise constant): finite
 # differences cannot tell that from any other rule; test_zero_gradients checks them instead.
-ZERO_GRADIENT = ("ceil", "floor", "trunc", "round", "sign", "floor_divide", "imag")
+ZERO_GRADIENT = ("ceil", "floor", "trunc", "round", "sign", "floor_divide")
 for _name, (_fn, _cat, *_rest) in UNARY.items():
     CASES[_name] = [Case((_BY_CATEGORY.get(_cat, _DOMAIN.get(_name, (2, 3))),), grad=_name not in ZERO_GRADIENT)]
 _SECOND = {"floor_divide": Arg((3,), low=0.5, high=2.0), "remainder": Arg((3,), low=0.5, high=2.0),

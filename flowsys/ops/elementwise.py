@@ -13,6 +13,7 @@ from flowsys.errors import ArgumentError, DTypeError
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_blocks
+from flowsys.ops.math import check_category, complex_from
 from flowsys.ops.registry import (Cost, Spec, broadcast_shapes, flops_per_output, is_floating, moved, register,
                                   result_dtype, sum_to_shape)
 
@@ -90,7 +91,15 @@ def div(xp, x, y):
     return xp.true_divide(x, y)
 
 
-@register("neg", infer=_same, sbp=_pointwise_rows(((P,), "neg is linear")), cost=_ELEMENTWISE,
+def _numeric(op):
+    def infer(x: Spec) -> Spec:
+        check_category(op, "numeric", x)
+        return x
+
+    return infer
+
+
+@register("neg", infer=_numeric("-x (neg)"), sbp=_pointwise_rows(((P,), "neg is linear")), cost=_ELEMENTWISE,
           grad=lambda b, g, out, x: [b.neg(g)])
 def neg(xp, x):
     return xp.negative(x)
@@ -131,7 +140,12 @@ def sqrt(xp, x):
 @register("tanh", infer=_float_unary("tanh"), sbp=_no_partial, cost=flops_per_output(4),
           grad=lambda b, g, out, x: [b.mul(g, b.sub(1.0, b.mul(out, out)))])
 def tanh(xp, x):
-    return xp.tanh(x)
+    out = xp.tanh(x)
+    if x.dtype.kind == "c":  # the standard's +-1 +- 0j at an infinite real part (NumPy's zero has the wrong sign)
+        a, b = x.real, x.imag
+        edge = xp.isinf(a) & xp.isfinite(b)
+        out = xp.where(edge, complex_from(xp, xp.copysign(1.0, a), xp.copysign(0.0, xp.sin(2 * b)), x.dtype), out)
+    return out
 
 
 def _maximum_grad(b, g, out, x, y):
@@ -192,11 +206,6 @@ for _name, _fn in [("eq", "equal"), ("ne", "not_equal"), ("lt", "less"), ("le", 
                    ("gt", "greater"), ("ge", "greater_equal")]:
     register(_name, infer=_compare(_name), sbp=_no_partial, cost=_ELEMENTWISE)(
         (lambda f: lambda xp, x, y: getattr(xp, f)(x, y))(_fn))
-
-
-@register("logical_not", infer=lambda x: Spec(x.shape, np.dtype(bool)), sbp=_no_partial, cost=_ELEMENTWISE)
-def logical_not(xp, x):
-    return xp.logical_not(x)
 
 
 # --------------------------------------------------------------------------------- activations

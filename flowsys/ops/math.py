@@ -33,6 +33,7 @@ CATEGORIES = {
     "integer or boolean": lambda d: d.kind in "biu",
     "real floating-point": is_floating,
     "floating-point": lambda d: is_floating(d) or d.kind == "c",
+    "complex floating-point": lambda d: d.kind == "c",
     "real-valued": lambda d: d.kind in "iu" or is_floating(d),
     "real-valued or boolean": lambda d: d.kind in "biu" or is_floating(d),
     "numeric": lambda d: d.kind in "iuc" or is_floating(d),
@@ -45,6 +46,7 @@ _FIX = {
     "integer or boolean": "cast with x.astype(fs.int64)",
     "real floating-point": "cast with x.astype(fs.float32)",
     "floating-point": "cast with x.astype(fs.float32)",
+    "complex floating-point": "a real tensor's imaginary part is fs.zeros_like(x)",
     "real-valued": "take the real part (fs.real) or the magnitude (fs.abs) first",
     "real-valued or boolean": "take the real part (fs.real) or the magnitude (fs.abs) first",
     "numeric": "cast with x.astype(fs.int64)",
@@ -115,10 +117,11 @@ UNARY = {
     "cosh": ("cosh", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.sinh(x))], (), 4),
     "expm1": ("expm1", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.add(out, 1.0))], (), 4),
     "floor": ("floor", "real-valued", _SAME, _zero, (), 1),
-    "imag": ("imag", "numeric", _REAL, _zero, (_LINEAR,), 1),  # of a real tensor: zeros
+    "imag": ("imag", "complex floating-point", _REAL, None, (_LINEAR,), 1),
     "isfinite": ("isfinite", "numeric", _BOOL, None, (), 1),
     "isinf": ("isinf", "numeric", _BOOL, None, (), 1),
     "isnan": ("isnan", "numeric", _BOOL, None, (), 1),
+    "logical_not": ("logical_not", "boolean", _BOOL, None, (), 1),
     "log1p": ("log1p", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.add(x, 1.0))], (), 4),
     "log2": ("log2", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.mul(x, math.log(2.0)))], (), 4),
     "log10": ("log10", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.mul(x, math.log(10.0)))], (), 4),
@@ -138,8 +141,8 @@ UNARY = {
 
 def _unary_kernel(fn):
     def kernel(xp, x):
-        if fn in ("real", "imag") and x.dtype.kind != "c":  # NumPy's real of a real array is a view of it
-            return xp.array(x) if fn == "real" else xp.zeros_like(x)
+        if fn == "real" and x.dtype.kind != "c":  # NumPy's real of a real array is a view of it
+            return xp.array(x)
         if fn == "reciprocal" and x.dtype.kind == "c":  # NumPy's reciprocal of complex 0 is nan, not inf
             return xp.divide(x.dtype.type(1), x)
         if fn == "expm1" and x.dtype.kind == "c":
@@ -156,11 +159,17 @@ def _complex_expm1(xp, z):
     with np.errstate(all="ignore"):
         re = xp.expm1(a) * xp.cos(b) - 2.0 * xp.sin(b / 2) ** 2
         im = xp.exp(a) * xp.sin(b)
-        re, im = xp.where(b == 0, xp.expm1(a), re), xp.where(b == 0, b, im)  # real axis: keep b's signed zero
+        # the real axis: expm1 of a (+0 for a zero, as the standard has it), b's signed zero kept
+        re, im = xp.where(b == 0, xp.where(a == 0, 0.0, xp.expm1(a)), re), xp.where(b == 0, b, im)
         wild = ~xp.isfinite(b)
         re = xp.where(wild & (a == -xp.inf), -1.0, xp.where(wild & (a == xp.inf), xp.inf, re))
         im = xp.where(wild & (a == -xp.inf), 0.0, xp.where(wild & (a == xp.inf), xp.nan, im))
-    out = xp.empty(z.shape, z.dtype)
+    return complex_from(xp, re, im, z.dtype)
+
+
+def complex_from(xp, re, im, dtype):
+    """The complex array ``re + im j``, signed zeros kept (``re + 1j * im`` would lose them)."""
+    out = xp.empty(xp.broadcast_shapes(re.shape, im.shape), dtype)
     out.real, out.imag = re, im
     return out
 
