@@ -128,7 +128,7 @@ def clip(x, /, min=None, max=None):  # noqa: A002 - the standard's names
 
 
 def _axes(op: str, x: Tensor, axis) -> tuple[int, ...]:
-    return normalize_axes(op, axis, x.ndim)
+    return normalize_axes(op, axis, x.shape)
 
 
 def sum(x, /, axis=None, *, dtype=None, keepdims: builtins.bool = False):  # noqa: A001
@@ -170,7 +170,7 @@ def _scan(op, x, axis, dtype, include_initial):
         if x.ndim != 1:
             raise AxisError(f"{op}: axis=None takes a 1-D tensor, got shape {x.shape}; pass axis=")
         axis = 0
-    axis = normalize_axis(op, axis, x.ndim)
+    axis = normalize_axis(op, axis, x.shape)
     return apply(op, x, axis=axis, include_initial=builtins.bool(include_initial),
                  dtype=None if dtype is None else np.dtype(dtype))
 
@@ -191,7 +191,7 @@ def cumulative_prod(x, /, *, axis=None, dtype=None, include_initial: builtins.bo
 def argmax(x, /, *, axis=None, keepdims: builtins.bool = False):
     x = _t(x)
     if axis is not None:
-        axis = normalize_axis("argmax", axis, x.ndim)
+        axis = normalize_axis("argmax", axis, x.shape)
     elif x.size == 0:
         raise ShapeError(f"argmax: an empty tensor (shape {x.shape}) has no largest element")
     return apply("argmax", x, axis=axis, keepdims=keepdims)
@@ -199,7 +199,7 @@ def argmax(x, /, *, axis=None, keepdims: builtins.bool = False):
 
 def argmin(x, /, *, axis=None, keepdims: builtins.bool = False):
     x = _t(x)
-    return apply("argmin", x, axis=None if axis is None else normalize_axis("argmin", axis, x.ndim), keepdims=keepdims)
+    return apply("argmin", x, axis=None if axis is None else normalize_axis("argmin", axis, x.shape), keepdims=keepdims)
 
 
 def count_nonzero(x, /, *, axis=None, keepdims: builtins.bool = False):
@@ -298,13 +298,13 @@ def unique_values(x, /):
 def argsort(x, /, *, axis=-1, descending: builtins.bool = False, stable: builtins.bool = True):
     """Indices that sort ``x`` along ``axis``; always stable (ties keep their order)."""
     x = _t(x)
-    return apply("argsort", x, axis=normalize_axis("argsort", axis, x.ndim), descending=builtins.bool(descending))
+    return apply("argsort", x, axis=normalize_axis("argsort", axis, x.shape), descending=builtins.bool(descending))
 
 
 def sort(x, /, *, axis=-1, descending: builtins.bool = False, stable: builtins.bool = True):
     """``x`` sorted along ``axis``: a gather by :func:`argsort`, so it has a gradient."""
     x = _t(x)
-    axis = normalize_axis("sort", axis, x.ndim)
+    axis = normalize_axis("sort", axis, x.shape)
     return apply("take_along_axis", x, argsort(x, axis=axis, descending=descending), axis=axis)
 
 
@@ -359,7 +359,7 @@ def expand_dims(x, /, axis=0):
 
 def flip(x, /, *, axis=None):
     x = _t(x)
-    return apply("flip", x, axis=None if axis is None else normalize_axes("flip", axis, x.ndim))
+    return apply("flip", x, axis=None if axis is None else normalize_axes("flip", axis, x.shape))
 
 
 def moveaxis(x, source, destination, /):
@@ -368,8 +368,8 @@ def moveaxis(x, source, destination, /):
     dst = (destination,) if isinstance(destination, int) else tuple(destination)
     if len(src) != len(dst):
         raise AxisError(f"moveaxis: {len(src)} source axes but {len(dst)} destinations")
-    src = [normalize_axis("moveaxis", a, x.ndim) for a in src]
-    dst = [normalize_axis("moveaxis", a, x.ndim) for a in dst]
+    src = [normalize_axis("moveaxis", a, x.shape) for a in src]
+    dst = [normalize_axis("moveaxis", a, x.shape) for a in dst]
     if len(set(src)) != len(src) or len(set(dst)) != len(dst):
         raise AxisError(f"moveaxis: repeated axis in {source} or {destination}")
     order = [a for a in range(x.ndim) if a not in src]
@@ -381,7 +381,7 @@ def moveaxis(x, source, destination, /):
 def permute_dims(x, /, axes):
     x = _t(x)
     axes = tuple(int(a) for a in axes)
-    if sorted(normalize_axis("permute_dims", a, x.ndim) for a in axes) != list(range(x.ndim)):
+    if sorted(normalize_axis("permute_dims", a, x.shape) for a in axes) != list(range(x.ndim)):
         raise AxisError(f"permute_dims: {axes} is not a permutation of the {x.ndim} axes of shape {x.shape}")
     return apply("transpose", x, axes=axes)
 
@@ -395,7 +395,7 @@ def repeat(x, repeats, /, *, axis=None):
     if not isinstance(repeats, int):
         repeats = tuple(int(r) for r in np.asarray(repeats).reshape(-1))
     if axis is not None:
-        axis = normalize_axis("repeat", axis, x.ndim)
+        axis = normalize_axis("repeat", axis, x.shape)
     return apply("repeat", x, repeats=repeats, axis=axis)
 
 
@@ -410,8 +410,8 @@ def roll(x, /, shift, *, axis=None):
     x = _t(x)
     shift = int(shift) if isinstance(shift, (int, np.integer)) else tuple(int(s) for s in shift)
     if axis is not None:
-        axis = normalize_axis("roll", axis, x.ndim) if isinstance(axis, (int, np.integer)) else \
-            tuple(normalize_axis("roll", a, x.ndim) for a in axis)
+        axis = normalize_axis("roll", axis, x.shape) if isinstance(axis, (int, np.integer)) else \
+            tuple(normalize_axis("roll", a, x.shape) for a in axis)
         if isinstance(axis, tuple) and isinstance(shift, int):
             shift = (shift,) * len(axis)
     return apply("roll", x, shift=shift, axis=axis)
@@ -422,7 +422,7 @@ def squeeze(x, /, axis=None):
     x = _t(x)
     if axis is None:
         return x.reshape(tuple(d for d in x.shape if d != 1))
-    axes = normalize_axes("squeeze", axis, x.ndim)
+    axes = normalize_axes("squeeze", axis, x.shape)
     for a in axes:
         if x.shape[a] != 1:
             raise ShapeError(f"squeeze: axis {a} of shape {x.shape} has size {x.shape[a]}, not 1")
@@ -457,7 +457,7 @@ def tile(x, repetitions, /):
 def unstack(x, /, *, axis=0):
     """The slices of ``x`` along ``axis``, as a tuple."""
     x = _t(x)
-    axis = normalize_axis("unstack", axis, x.ndim)
+    axis = normalize_axis("unstack", axis, x.shape)
     return tuple(x[(slice(None),) * axis + (i,)] for i in range(x.shape[axis]))
 
 
@@ -485,8 +485,8 @@ def tensordot(x1, x2, /, *, axes=2):
             raise ArgumentError(f"tensordot: axes must be non-negative, got {axes}")
         a1, a2 = list(range(x1.ndim - axes, x1.ndim)), list(range(axes))
     else:
-        a1 = [normalize_axis("tensordot", a, x1.ndim) for a in axes[0]]
-        a2 = [normalize_axis("tensordot", a, x2.ndim) for a in axes[1]]
+        a1 = [normalize_axis("tensordot", a, x1.shape) for a in axes[0]]
+        a2 = [normalize_axis("tensordot", a, x2.shape) for a in axes[1]]
     for i, j in zip(a1, a2):
         if x1.shape[i] != x2.shape[j] and 1 not in (x1.shape[i], x2.shape[j]):
             raise ShapeError(f"tensordot: axis {i} of {x1.shape} and axis {j} of {x2.shape} differ in size")
@@ -510,7 +510,7 @@ def vecdot(x1, x2, /, *, axis=-1):
     x1, x2 = _t(x1), _t(x2)
     if not -builtins.min(x1.ndim, x2.ndim) <= axis < 0 and not 0 <= axis < builtins.min(x1.ndim, x2.ndim):
         raise AxisError(f"vecdot: axis {axis} is out of range for shapes {x1.shape} and {x2.shape}")
-    a1, a2 = normalize_axis("vecdot", axis, x1.ndim), normalize_axis("vecdot", axis, x2.ndim)
+    a1, a2 = normalize_axis("vecdot", axis, x1.shape), normalize_axis("vecdot", axis, x2.shape)
     if x1.shape[a1] != x2.shape[a2]:
         raise ShapeError(f"vecdot: axis {axis} has size {x1.shape[a1]} in {x1.shape} but {x2.shape[a2]} in {x2.shape}")
     if x1.dtype.kind == "c":
@@ -531,12 +531,12 @@ def take(x, indices, /, *, axis=None):
     if axis is None:
         axis = 0
     idx = indices if isinstance(indices, Tensor) else asarray(np.asarray(indices, dtype=np.int64))
-    return apply("take", x, idx, axis=normalize_axis("take", axis, x.ndim))
+    return apply("take", x, idx, axis=normalize_axis("take", axis, x.shape))
 
 
 def take_along_axis(x, indices, /, *, axis=-1):
     x = _t(x)
-    return apply("take_along_axis", x, _t(indices), axis=normalize_axis("take_along_axis", axis, x.ndim))
+    return apply("take_along_axis", x, _t(indices), axis=normalize_axis("take_along_axis", axis, x.shape))
 
 
 # ------------------------------------------------------------------------------------ utility
@@ -545,7 +545,7 @@ def take_along_axis(x, indices, /, *, axis=-1):
 def diff(x, /, *, axis=-1, n=1, prepend=None, append=None):
     """The ``n``-th forward difference along ``axis``, with ``prepend``/``append`` joined first."""
     x = _t(x)
-    axis = normalize_axis("diff", axis, x.ndim)
+    axis = normalize_axis("diff", axis, x.shape)
     if n < 0:
         raise ArgumentError(f"diff: n must be non-negative, got {n}")
     parts = [p for p in (prepend, x, append) if p is not None]

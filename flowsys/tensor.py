@@ -399,7 +399,7 @@ class Tensor:
     def mean(self, axis=None, keepdims: bool = False):
         # sum * (1/n), with n from the (logical) shape: exact under any split of the reduced axes.
         x = self if is_floating(self.dtype) or self.dtype.kind == "c" else self.astype(DEFAULT_FLOAT)
-        n = math.prod(self.shape[a] for a in normalize_axes("mean", _axis_attr(axis), self.ndim))
+        n = math.prod(self.shape[a] for a in normalize_axes("mean", _axis_attr(axis), self.shape))
         return x.sum(axis, keepdims) * (1.0 / n if n else math.nan)
 
     def var(self, axis=None, keepdims: bool = False, ddof: float = 0):
@@ -407,7 +407,7 @@ class Tensor:
         if not is_floating(self.dtype):
             raise DTypeError(f"var: takes a real floating-point tensor, got {self.dtype}; cast with .astype(fs.float32)")
         centred = self - self.mean(axis, keepdims=True)
-        n = math.prod(self.shape[a] for a in normalize_axes("var", _axis_attr(axis), self.ndim))
+        n = math.prod(self.shape[a] for a in normalize_axes("var", _axis_attr(axis), self.shape))
         return (centred * centred).sum(axis, keepdims) * (1.0 / (n - ddof) if n - ddof > 0 else math.nan)
 
     def max(self, axis=None, keepdims: bool = False):
@@ -417,7 +417,7 @@ class Tensor:
         return apply("min", self, axis=_axis_attr(axis), keepdims=keepdims)
 
     def argmax(self, axis=None, keepdims: bool = False):
-        return apply("argmax", self, axis=None if axis is None else normalize_axis("argmax", axis, self.ndim),
+        return apply("argmax", self, axis=None if axis is None else normalize_axis("argmax", axis, self.shape),
                      keepdims=keepdims)
 
     def reshape(self, *shape):
@@ -447,7 +447,7 @@ class Tensor:
             return self.reshape(tuple(d for d in self.shape if d != 1))
         if self.ndim == 0:
             raise ShapeError(f"squeeze: a 0-d tensor has no axis {axis}")
-        axis = normalize_axis("squeeze", axis, self.ndim)
+        axis = normalize_axis("squeeze", axis, self.shape)
         if self.shape[axis] != 1:
             raise ShapeError(f"squeeze: axis {axis} of shape {self.shape} has size {self.shape[axis]}, not 1")
         return self.reshape(self.shape[:axis] + self.shape[axis + 1:])

@@ -48,7 +48,7 @@ def accumulation_dtype(op: str, dtype: np.dtype, requested=None) -> np.dtype:
 
 
 def _prod_infer(x: Spec, *, axis=None, keepdims=False, dtype=None) -> Spec:
-    axes = normalize_axes("prod", axis, x.ndim)
+    axes = normalize_axes("prod", axis, x.shape)
     shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape)) if keepdims else \
         tuple(d for i, d in enumerate(x.shape) if i not in axes)
     return Spec(shape, accumulation_dtype("prod", x.dtype, dtype))
@@ -56,7 +56,7 @@ def _prod_infer(x: Spec, *, axis=None, keepdims=False, dtype=None) -> Spec:
 
 def _prod_rows(specs, attrs):
     x = specs[0]
-    return R.reduction(x, normalize_axes("prod", attrs.get("axis"), x.ndim), attrs.get("keepdims", False), linear=False)
+    return R.reduction(x, normalize_axes("prod", attrs.get("axis"), x.shape), attrs.get("keepdims", False), linear=False)
 
 
 @register("prod", infer=_prod_infer, sbp=_prod_rows, cost=flops_per_input(1))
@@ -65,7 +65,7 @@ def prod(xp, x, *, axis=None, keepdims=False, dtype=None):
 
 
 def _argmin_infer(x: Spec, *, axis=None, keepdims=False) -> Spec:
-    axes = normalize_axes("argmin", axis, x.ndim)
+    axes = normalize_axes("argmin", axis, x.shape)
     if any(x.shape[a] == 0 for a in axes) or (axis is None and 0 in x.shape):
         raise ShapeError(f"argmin: cannot reduce over an empty axis of a tensor of shape {x.shape}")
     if axis is None:
@@ -77,7 +77,7 @@ def _argmin_infer(x: Spec, *, axis=None, keepdims=False) -> Spec:
 
 def _argmin_rows(specs, attrs):
     x = specs[0]  # indices along a split axis would be shard-local: only kept axes split
-    return R.reduction(x, normalize_axes("argmin", attrs.get("axis"), x.ndim), attrs.get("keepdims", False),
+    return R.reduction(x, normalize_axes("argmin", attrs.get("axis"), x.shape), attrs.get("keepdims", False),
                        linear=False)
 
 
@@ -91,7 +91,7 @@ def argmin(xp, x, *, axis=None, keepdims=False):
 
 def _scan_infer(op):
     def infer(x: Spec, *, axis, include_initial=False, dtype=None) -> Spec:
-        ax = normalize_axis(op, axis, x.ndim)
+        ax = normalize_axis(op, axis, x.shape)
         shape = list(x.shape)
         shape[ax] += bool(include_initial)
         return Spec(tuple(shape), accumulation_dtype(op, x.dtype, dtype))
@@ -133,7 +133,7 @@ def _with_initial(xp, out, axis, include_initial, value):
 
 
 def _flip_infer(x: Spec, *, axis=None) -> Spec:
-    normalize_axes("flip", axis, x.ndim)
+    normalize_axes("flip", axis, x.shape)
     return x
 
 
@@ -147,7 +147,7 @@ def _roll_infer(x: Spec, *, shift, axis=None) -> Spec:
     if axis is not None:
         axes = (axis,) if isinstance(axis, int) else tuple(axis)
         for a in axes:
-            normalize_axis("roll", a, x.ndim)
+            normalize_axis("roll", a, x.shape)
         if not isinstance(shift, int) and len(shift) != len(axes):
             raise ShapeError(f"roll: {len(shift)} shifts for {len(axes)} axes; give one shift per axis")
     elif not isinstance(shift, int):
@@ -168,7 +168,7 @@ def roll(xp, x, *, shift, axis=None):
 def _argsort_infer(x: Spec, *, axis=-1, descending=False, stable=True) -> Spec:
     if x.dtype.kind == "c":
         raise DTypeError(f"argsort: complex values have no order, got {x}; sort fs.real(x) or fs.abs(x)")
-    normalize_axis("argsort", axis, x.ndim)
+    normalize_axis("argsort", axis, x.shape)
     return Spec(x.shape, np.dtype(np.int64))
 
 
@@ -186,7 +186,7 @@ def argsort(xp, x, *, axis=-1, descending=False, stable=True):
 def _take_along_infer(x: Spec, idx: Spec, *, axis=-1) -> Spec:
     if idx.dtype.kind not in "iu":
         raise DTypeError(f"take_along_axis: indices must be integers, got {idx}; cast them with .astype(fs.int64)")
-    ax = normalize_axis("take_along_axis", axis, x.ndim)
+    ax = normalize_axis("take_along_axis", axis, x.shape)
     if idx.ndim != x.ndim:
         raise ShapeError(f"take_along_axis: indices of shape {idx.shape} for a tensor of shape {x.shape}: "
                          f"both need {x.ndim} dimensions")
@@ -204,7 +204,7 @@ def _take_along_infer(x: Spec, idx: Spec, *, axis=-1) -> Spec:
 
 def _take_along_rows(specs, attrs):
     x, idx = specs
-    ax = normalize_axis("take_along_axis", attrs.get("axis", -1), x.ndim)
+    ax = normalize_axis("take_along_axis", attrs.get("axis", -1), x.shape)
     rows = [R.SbpRow((S(i), S(i)), (S(i),), "gathering along another axis keeps this one split")
             for i in range(x.ndim) if i != ax and x.shape[i] == idx.shape[i]]
     return rows + [R.replicated(2), R.SbpRow((P, B), (P,), "gathering is linear in the values")]
@@ -294,7 +294,7 @@ for _name in ("tril", "triu"):
 
 
 def _repeat_infer(x: Spec, *, repeats, axis=None) -> Spec:
-    n = x.shape[normalize_axis("repeat", axis, x.ndim)] if axis is not None else int(np.prod(x.shape))
+    n = x.shape[normalize_axis("repeat", axis, x.shape)] if axis is not None else int(np.prod(x.shape))
     if isinstance(repeats, int):
         if repeats < 0:
             raise ArgumentError(f"repeat: repeats must be non-negative, got {repeats}")

@@ -23,7 +23,7 @@ def _reduced_shape(shape, axes, keepdims):
 
 def _reduce_infer(op, *, empty_ok):
     def infer(x: Spec, *, axis=None, keepdims=False, dtype=None) -> Spec:
-        axes = normalize_axes(op, axis, x.ndim)
+        axes = normalize_axes(op, axis, x.shape)
         if not empty_ok and any(x.shape[a] == 0 for a in axes):
             raise ShapeError(f"{op}: cannot reduce over an empty axis of a tensor of shape {x.shape}")
         out = accumulation_dtype(op, x.dtype, dtype) if op == "sum" else x.dtype
@@ -34,7 +34,7 @@ def _reduce_infer(op, *, empty_ok):
 
 def _expand_back(b, g, x, axis, keepdims):
     """Reshape a reduced gradient so it broadcasts against ``x`` again."""
-    axes = normalize_axes("sum", axis, x.ndim)
+    axes = normalize_axes("sum", axis, x.shape)
     if not keepdims:
         g = b.reshape(g, shape=_reduced_shape(x.shape, axes, True))
     return g
@@ -47,7 +47,7 @@ def _sum_grad(b, g, out, x, *, axis=None, keepdims=False, dtype=None):
 
 def _sum_rows(specs, attrs):
     x = specs[0]
-    return R.reduction(x, normalize_axes("sum", attrs.get("axis"), x.ndim), attrs.get("keepdims", False), linear=True)
+    return R.reduction(x, normalize_axes("sum", attrs.get("axis"), x.shape), attrs.get("keepdims", False), linear=True)
 
 
 # The family's cost: one operation (an add or a compare) per element reduced.
@@ -70,7 +70,7 @@ def _extreme_grad(b, g, out, x, *, axis=None, keepdims=False):
 
 def _extreme_rows(specs, attrs):
     x = specs[0]
-    return R.reduction(x, normalize_axes("max", attrs.get("axis"), x.ndim), attrs.get("keepdims", False), linear=False)
+    return R.reduction(x, normalize_axes("max", attrs.get("axis"), x.shape), attrs.get("keepdims", False), linear=False)
 
 
 @register("max", infer=_reduce_infer("max", empty_ok=False), sbp=_extreme_rows, grad=_extreme_grad, cost=_REDUCTION)
@@ -92,7 +92,7 @@ def _argmax_infer(x: Spec, *, axis=None, keepdims=False) -> Spec:
 def _argmax_rows(specs, attrs):
     # Indices along a split axis would be shard-local, so only the kept axes may be split.
     x = specs[0]
-    return R.reduction(x, normalize_axes("argmax", attrs.get("axis"), x.ndim), attrs.get("keepdims", False), linear=False)
+    return R.reduction(x, normalize_axes("argmax", attrs.get("axis"), x.shape), attrs.get("keepdims", False), linear=False)
 
 
 @register("argmax", infer=_argmax_infer, sbp=_argmax_rows, cost=_REDUCTION)

@@ -304,22 +304,26 @@ def result_dtype(*specs: Spec) -> np.dtype:
     return promote_types(*(s.dtype for s in specs))
 
 
-def normalize_axis(op: str, axis: int, ndim: int) -> int:
+def normalize_axis(op: str, axis: int, ndim: int | tuple[int, ...]) -> int:
+    """``axis`` as a non-negative index (``ndim``: the rank, or the shape, which the error names)."""
+    shape, ndim = (ndim, len(ndim)) if isinstance(ndim, tuple) else (None, ndim)
     if not -ndim <= axis < ndim:
-        raise AxisError(f"{op}: axis {axis} is out of range for a tensor of {ndim} dimensions"
-                        + (" (a 0-d tensor has no axes: pass axis=None)" if ndim == 0 else ""))
+        where = f"shape {shape} ({ndim} dimensions)" if shape is not None else f"{ndim} dimensions"
+        raise AxisError(f"{op}: axis {axis} is out of range for a tensor of {where}; valid axes are "
+                        + (f"-{ndim}..{ndim - 1}" if ndim else "none (a 0-d tensor: pass axis=None)"))
     return axis % ndim
 
 
-def normalize_axes(op: str, axis, ndim: int) -> tuple[int, ...]:
+def normalize_axes(op: str, axis, ndim: int | tuple[int, ...]) -> tuple[int, ...]:
     """``axis`` as NumPy takes it (None, int or tuple) -> sorted tuple of non-negative axes."""
     if axis is None:
-        return tuple(range(ndim))
+        return tuple(range(len(ndim) if isinstance(ndim, tuple) else ndim))
     if isinstance(axis, (int, np.integer)):
         axis = (int(axis),)
     out = tuple(sorted({normalize_axis(op, int(a), ndim) for a in axis}))
     if len(out) != len(axis):
-        raise AxisError(f"{op}: repeated axis in {axis} for a tensor of {ndim} dimensions")
+        raise AxisError(f"{op}: repeated axis in {axis} for a tensor of {'shape ' if isinstance(ndim, tuple) else ''}"
+                        f"{ndim}{'' if isinstance(ndim, tuple) else ' dimensions'}")
     return out
 
 
