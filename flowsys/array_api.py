@@ -175,12 +175,12 @@ def _scan(op, x, axis, dtype, include_initial):
                  dtype=None if dtype is None else np.dtype(dtype))
 
 
-def cumulative_sum(x, /, *, axis=None, dtype=None, include_initial: builtins.bool = False):
+def cumulative_sum(x, /, axis=None, *, dtype=None, include_initial: builtins.bool = False):
     """Running sums along ``axis`` (required unless ``x`` is 1-D); ``include_initial`` puts a zero first."""
     return _scan("cumulative_sum", x, axis, dtype, include_initial)
 
 
-def cumulative_prod(x, /, *, axis=None, dtype=None, include_initial: builtins.bool = False):
+def cumulative_prod(x, /, axis=None, *, dtype=None, include_initial: builtins.bool = False):
     """Running products along ``axis``; ``include_initial`` puts a one first. No gradient rule."""
     return _scan("cumulative_prod", x, axis, dtype, include_initial)
 
@@ -188,7 +188,7 @@ def cumulative_prod(x, /, *, axis=None, dtype=None, include_initial: builtins.bo
 # ----------------------------------------------------------------------------------- searching
 
 
-def argmax(x, /, *, axis=None, keepdims: builtins.bool = False):
+def argmax(x, /, axis=None, *, keepdims: builtins.bool = False):
     x = _t(x)
     if axis is not None:
         axis = normalize_axis("argmax", axis, x.shape)
@@ -197,23 +197,23 @@ def argmax(x, /, *, axis=None, keepdims: builtins.bool = False):
     return apply("argmax", x, axis=axis, keepdims=keepdims)
 
 
-def argmin(x, /, *, axis=None, keepdims: builtins.bool = False):
+def argmin(x, /, axis=None, *, keepdims: builtins.bool = False):
     x = _t(x)
     return apply("argmin", x, axis=None if axis is None else normalize_axis("argmin", axis, x.shape), keepdims=keepdims)
 
 
-def count_nonzero(x, /, *, axis=None, keepdims: builtins.bool = False):
+def count_nonzero(x, /, axis=None, *, keepdims: builtins.bool = False):
     """The number of non-zero elements (int64), a sum: exact on a split axis."""
     x = _t(x)
     return apply("sum", apply("ne", x, _operand(0, x)), axis=_axis_attr(axis), keepdims=keepdims)
 
 
-def any(x, /, *, axis=None, keepdims: builtins.bool = False):  # noqa: A001
+def any(x, /, axis=None, *, keepdims: builtins.bool = False):  # noqa: A001
     """Whether any element is true (non-zero): a count compared with 0, so a split axis works."""
     return apply("gt", count_nonzero(x, axis=axis, keepdims=keepdims), _t(0))
 
 
-def all(x, /, *, axis=None, keepdims: builtins.bool = False):  # noqa: A001
+def all(x, /, axis=None, *, keepdims: builtins.bool = False):  # noqa: A001
     """Whether every element is true (non-zero): the zeros counted, compared with 0."""
     x = _t(x)
     zeros = apply("sum", apply("eq", x, _operand(0, x)), axis=_axis_attr(axis), keepdims=keepdims)
@@ -295,13 +295,13 @@ def unique_values(x, /):
 # ------------------------------------------------------------------------------------- sorting
 
 
-def argsort(x, /, *, axis=-1, descending: builtins.bool = False, stable: builtins.bool = True):
+def argsort(x, /, axis=-1, *, descending: builtins.bool = False, stable: builtins.bool = True):
     """Indices that sort ``x`` along ``axis``; always stable (ties keep their order)."""
     x = _t(x)
     return apply("argsort", x, axis=normalize_axis("argsort", axis, x.shape), descending=builtins.bool(descending))
 
 
-def sort(x, /, *, axis=-1, descending: builtins.bool = False, stable: builtins.bool = True):
+def sort(x, /, axis=-1, *, descending: builtins.bool = False, stable: builtins.bool = True):
     """``x`` sorted along ``axis``: a gather by :func:`argsort`, so it has a gradient."""
     x = _t(x)
     axis = normalize_axis("sort", axis, x.shape)
@@ -332,7 +332,7 @@ def broadcast_arrays(*arrays) -> list[Tensor]:
     return [a if a.shape == shape else broadcast_to(a, shape) for a in arrays]
 
 
-def concat(arrays, /, *, axis=0):
+def concat(arrays, /, axis=0):
     """Join tensors along an existing ``axis`` (``axis=None``: flattened first)."""
     arrays = [_t(a) for a in arrays]
     if not arrays:
@@ -357,7 +357,7 @@ def expand_dims(x, /, axis=0):
     return x.reshape(tuple(shape))
 
 
-def flip(x, /, *, axis=None):
+def flip(x, /, axis=None):
     x = _t(x)
     return apply("flip", x, axis=None if axis is None else normalize_axes("flip", axis, x.shape))
 
@@ -386,7 +386,7 @@ def permute_dims(x, /, axes):
     return apply("transpose", x, axes=axes)
 
 
-def repeat(x, repeats, /, *, axis=None):
+def repeat(x, repeats, /, axis=None):
     """Each element repeated ``repeats`` times (an int, or one count per element along ``axis``;
     ``axis=None`` repeats the flattened tensor). A tensor of counts is read: eager only."""
     x = _t(x)
@@ -429,7 +429,7 @@ def squeeze(x, /, axis=None):
     return x.reshape(tuple(d for i, d in enumerate(x.shape) if i not in axes))
 
 
-def stack(arrays, /, *, axis=0):
+def stack(arrays, /, axis=0):
     """Join tensors of one shape along a new ``axis``."""
     arrays = [_t(a) for a in arrays]
     if not arrays:
@@ -454,7 +454,7 @@ def tile(x, repetitions, /):
     return broadcast_to(x.reshape(inter), target).reshape(tuple(r * d for r, d in zip(reps, shape)))
 
 
-def unstack(x, /, *, axis=0):
+def unstack(x, /, axis=0):
     """The slices of ``x`` along ``axis``, as a tuple."""
     x = _t(x)
     axis = normalize_axis("unstack", axis, x.shape)
@@ -504,7 +504,7 @@ def tensordot(x1, x2, /, *, axes=2):
     return out.reshape(tuple(x1.shape[i] for i in free1) + tuple(x2.shape[j] for j in free2))
 
 
-def vecdot(x1, x2, /, *, axis=-1):
+def vecdot(x1, x2, /, axis=-1):
     """The dot product of vectors along ``axis`` (the first operand conjugated), broadcasting
     the other axes."""
     x1, x2 = _t(x1), _t(x2)
@@ -523,7 +523,7 @@ def vecdot(x1, x2, /, *, axis=-1):
 # ----------------------------------------------------------------------------------- indexing
 
 
-def take(x, indices, /, *, axis=None):
+def take(x, indices, /, axis=None):
     """Slices of ``x`` at ``indices`` along ``axis``: ``take(table, ids)`` is an embedding lookup.
     Without ``axis``, axis 0 (the standard asks for ``axis`` unless ``x`` is 1-D; flowsys keeps
     its earlier default rather than flattening as NumPy does)."""
@@ -534,7 +534,7 @@ def take(x, indices, /, *, axis=None):
     return apply("take", x, idx, axis=normalize_axis("take", axis, x.shape))
 
 
-def take_along_axis(x, indices, /, *, axis=-1):
+def take_along_axis(x, indices, /, axis=-1):
     x = _t(x)
     return apply("take_along_axis", x, _t(indices), axis=normalize_axis("take_along_axis", axis, x.shape))
 
@@ -542,7 +542,7 @@ def take_along_axis(x, indices, /, *, axis=-1):
 # ------------------------------------------------------------------------------------ utility
 
 
-def diff(x, /, *, axis=-1, n=1, prepend=None, append=None):
+def diff(x, /, axis=-1, *, n=1, prepend=None, append=None):
     """The ``n``-th forward difference along ``axis``, with ``prepend``/``append`` joined first."""
     x = _t(x)
     axis = normalize_axis("diff", axis, x.shape)
