@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 import flowsys as fs
 import flowsys.array_api as A
 from flowsys.sbp import broadcast, split
+from helpers import check_grad_fd
 
 PROPERTY = settings(max_examples=25, deadline=None)
 xps.set_array_api_strict_flags(api_version="2024.12")
@@ -67,8 +68,9 @@ def test_the_namespace_is_flowsys():
 def test_the_package_lists_every_name_array_api_defines():
     assert sorted(A.__all__) == sorted(fs._ARRAY_API)
     assert all(hasattr(fs, n) for n in fs._ARRAY_API)
-    # the standard's 145 names less its extensions: flowsys has no partial linalg or fft
-    assert not hasattr(fs, "linalg") and not hasattr(fs, "fft")
+    # the linalg extension is whole; fft is not there at all (flowsys adds no partial extension)
+    assert sorted(fs.linalg.__all__) == sorted(n for n in dir(fs.linalg) if n in fs.linalg.__all__)
+    assert len(fs.linalg.__all__) == 23 and not hasattr(fs, "fft")
 
 
 def test_inspection_and_dtype_kinds():
@@ -279,7 +281,17 @@ GLOBAL_CASES = {
     "tensordot": lambda x: fs.tensordot(x, x, axes=([0], [0])),
     "vecdot": lambda x: fs.vecdot(x, x, axis=1),
     "repeat": lambda x: fs.repeat(x, 2, axis=1),
+    "vector_norm": lambda x: fs.linalg.vector_norm(x, axis=1, ord=3),
+    "inv+det of Gram matrices": lambda x: fs.linalg.inv(_gram(x)) * fs.linalg.det(_gram(x))[..., None, None],
+    "cholesky+svdvals": lambda x: fs.linalg.cholesky(_gram(x)) + fs.linalg.svdvals(x.reshape((2, 2, 6)))[..., None],
+    "solve": lambda x: fs.linalg.solve(_gram(x), x.reshape((2, 2, 6))),
 }
+
+
+def _gram(x):
+    """Symmetric positive-definite 2x2 matrices, a batch of two, from ``x`` (4, 6)."""
+    m = x.reshape((2, 2, 6))
+    return fs.matmul(m, fs.matrix_transpose(m)) + fs.eye(2, dtype=x.dtype)
 
 
 @pytest.mark.parametrize("layout", [broadcast, split(0), split(1)], ids=["B", "S0", "S1"])
@@ -354,3 +366,32 @@ def test_value_dependent_functions_run_eagerly_on_global_tensors():
     assert r.values.placement == MESH and r.values.sbp == (broadcast,)
     assert r.inverse_indices.shape == a.shape and r.counts.dtype == fs.int64
     assert [i.tolist() for i in fs.nonzero(fs.asarray([[0, 2], [3, 0]]))] == [[0, 1], [1, 0]]
+
+
+@pytest.mark.parametrize("name", ["cholesky", "eigvalsh"])
+def test_symmetric_matrix_gradients_match_finite_differences(name):
+    """cholesky and eigvalsh read one triangle of their (symmetric) input, so their gradient is
+    checked through a symmetric positive-definite function of the input."""
+    fn = getattr(fs.linalg, name)
+    check_grad_fd(lambda a: fn(fs.matmul(a, fs.matrix_transpose(a)) + fs.eye(3, dtype=a.dtype)), [(3, 3)])
+    check_grad_fd(lambda a: fn(fs.matmul(a, fs.matrix_transpose(a)) + fs.eye(3, dtype=a.dtype)), [(2, 3, 3)])
+
+
+def test_linalg_functions_against_numpy():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, 4, 4))
+    t = fs.asarray(a)
+    _check(fs.linalg.inv(t), np.linalg.inv(a), "inv")
+    _check(fs.linalg.slogdet(t).logabsdet, np.linalg.slogdet(a).logabsdet, "slogdet")
+    _check(fs.linalg.matrix_power(t, 3), np.linalg.matrix_power(a, 3), "matrix_power")
+    _check(fs.linalg.matrix_power(t, -2), np.linalg.matrix_power(a, -2), "matrix_power(-2)")
+    _check(fs.linalg.pinv(t[0, :, :3]), np.linalg.pinv(a[0, :, :3]), "pinv")
+    _check(fs.linalg.matrix_rank(t), np.linalg.matrix_rank(a), "matrix_rank")
+    _check(fs.linalg.trace(t, offset=1), np.trace(a, offset=1, axis1=-2, axis2=-1), "trace")
+    _check(fs.linalg.diagonal(t, offset=-1), np.diagonal(a, offset=-1, axis1=-2, axis2=-1), "diagonal")
+    for order in ("fro", "nuc", 1, -1, 2, -2, np.inf, -np.inf):
+        _check(fs.linalg.matrix_norm(t, ord=order), np.linalg.norm(a, ord=order, axis=(-2, -1)), f"matrix_norm {order}")
+    for order in (1, 2, 3, 0, np.inf, -np.inf):
+        _check(fs.linalg.vector_norm(t, axis=-1, ord=order), np.linalg.norm(a, ord=order, axis=-1), f"vector_norm {order}")
+    _check(fs.linalg.cross(t[..., :3], t[..., 1:]), np.cross(a[..., :3], a[..., 1:]), "cross")
+    _check(fs.linalg.outer(t[0, 0], t[0, 1]), np.outer(a[0, 0], a[0, 1]), "outer")

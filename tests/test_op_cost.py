@@ -72,6 +72,10 @@ SAMPLES.update({
     "searchsorted": ((W, X), {}), "tril": ((X,), {}), "triu": ((X,), {}), "repeat": ((X,), {"repeats": 2, "axis": 1}),
     "repeat_grad": ((Spec((4, 16), f32),), {"repeats": 2, "axis": 1, "shape": (4, 8)}),
 })
+M4 = Spec((4, 4), f32)
+SAMPLES.update({name: ((M4,), {}) for name in ("inv", "det", "slogdet", "cholesky", "eigh", "eigvalsh")})
+SAMPLES.update({"qr": ((X,), {}), "svd": ((X,), {}), "svdvals": ((X,), {}), "pinv": ((X, Spec((), f32)), {}),
+                "solve": ((M4, Spec((4, 2), f32)), {})})
 GEMMS = {"matmul", "linear", "linear_grad_input", "linear_grad_weight", "scaled_dot_product_attention", "sdpa_probs"}
 
 
