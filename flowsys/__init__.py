@@ -76,7 +76,7 @@ _LAZY = {
         "arange", "asarray", "full", "manual_seed", "ones", "ones_like", "rand", "randint", "randn", "tensor", "zeros",
         "zeros_like", "concatenate", "split", "swapaxes", "transpose", "allclose"], "flowsys.functions"),
     **dict.fromkeys(_ARRAY_API, "flowsys.array_api"),
-    **{name: f"flowsys.{name}" for name in ("nn", "optim", "models", "data", "checkpoint", "linalg")},
+    **{name: f"flowsys.{name}" for name in ("nn", "optim", "models", "data", "checkpoint", "linalg", "fft")},
     "Graph": "flowsys.graph.api", "GraphConfig": "flowsys.graph.api", "GraphError": "flowsys.graph.ir",
     "init": "flowsys.runtime", "shutdown": "flowsys.runtime",
     "profile": "flowsys.profiler", "Profile": "flowsys.profiler",
@@ -129,5 +129,5 @@ __all__ = [
     # graph mode and where it runs
     "Graph", "GraphConfig", "GraphError", "init", "shutdown", "profile", "Profile",
     # subpackages
-    "nn", "optim", "models", "data", "sbp", "checkpoint", "linalg",
+    "nn", "optim", "models", "data", "sbp", "checkpoint", "linalg", "fft",
 ]

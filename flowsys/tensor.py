@@ -397,10 +397,11 @@ class Tensor:
         return apply("sum", self, axis=_axis_attr(axis), keepdims=keepdims)
 
     def mean(self, axis=None, keepdims: bool = False):
-        # sum * (1/n), with n from the (logical) shape: exact under any split of the reduced axes.
+        # sum / n, with n from the (logical) shape: exact under any split of the reduced axes, and
+        # NumPy's rounding (a division, not a multiplication by 1/n).
         x = self if is_floating(self.dtype) or self.dtype.kind == "c" else self.astype(DEFAULT_FLOAT)
         n = math.prod(self.shape[a] for a in normalize_axes("mean", _axis_attr(axis), self.shape))
-        return x.sum(axis, keepdims) * (1.0 / n if n else math.nan)
+        return x.sum(axis, keepdims) / n if n else x.sum(axis, keepdims) * math.nan
 
     def var(self, axis=None, keepdims: bool = False, ddof: float = 0):
         """The variance with ``ddof`` degrees of freedom removed (the standard's ``correction``)."""

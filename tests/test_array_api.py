@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+
 import array_api_compat
 import array_api_strict as xps
 import numpy as np
@@ -19,7 +21,8 @@ import flowsys.array_api as A
 from flowsys.sbp import broadcast, split
 from helpers import check_grad_fd
 
-PROPERTY = settings(max_examples=25, deadline=None)
+# FLOWSYS_HYPOTHESIS_EXAMPLES=400 for a longer search than CI's
+PROPERTY = settings(max_examples=int(os.environ.get("FLOWSYS_HYPOTHESIS_EXAMPLES", 25)), deadline=None)
 xps.set_array_api_strict_flags(api_version="2024.12")
 
 DTYPES = {k: fs.__array_namespace_info__().dtypes()[k] for k in fs.__array_namespace_info__().dtypes()}
@@ -68,9 +71,9 @@ def test_the_namespace_is_flowsys():
 def test_the_package_lists_every_name_array_api_defines():
     assert sorted(A.__all__) == sorted(fs._ARRAY_API)
     assert all(hasattr(fs, n) for n in fs._ARRAY_API)
-    # the linalg extension is whole; fft is not there at all (flowsys adds no partial extension)
+    # both extensions, whole (flowsys adds no partial extension)
     assert sorted(fs.linalg.__all__) == sorted(n for n in dir(fs.linalg) if n in fs.linalg.__all__)
-    assert len(fs.linalg.__all__) == 23 and not hasattr(fs, "fft")
+    assert len(fs.linalg.__all__) == 23 and len(fs.fft.__all__) == 14
 
 
 def test_inspection_and_dtype_kinds():
@@ -395,3 +398,26 @@ def test_linalg_functions_against_numpy():
         _check(fs.linalg.vector_norm(t, axis=-1, ord=order), np.linalg.norm(a, ord=order, axis=-1), f"vector_norm {order}")
     _check(fs.linalg.cross(t[..., :3], t[..., 1:]), np.cross(a[..., :3], a[..., 1:]), "cross")
     _check(fs.linalg.outer(t[0, 0], t[0, 1]), np.outer(a[0, 0], a[0, 1]), "outer")
+
+
+def test_fft_functions_against_numpy_and_on_a_split_batch():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((4, 6)) + 1j * rng.standard_normal((4, 6))
+    r = a.real.copy()
+    t = fs.asarray(a)
+    for name in ("fft", "ifft", "hfft"):
+        _check(getattr(fs.fft, name)(t, n=5, axis=0, norm="ortho"), getattr(np.fft, name)(a, n=5, axis=0, norm="ortho"),
+               name)
+    for name in ("rfft", "ihfft"):
+        _check(getattr(fs.fft, name)(fs.asarray(r)), getattr(np.fft, name)(r), name)
+    _check(fs.fft.irfft(t, n=8), np.fft.irfft(a, n=8), "irfft")
+    for name in ("fftn", "ifftn", "irfftn"):
+        _check(getattr(fs.fft, name)(t, s=(3, 4)), getattr(np.fft, name)(a, s=(3, 4)), name)
+    _check(fs.fft.rfftn(fs.asarray(r), axes=(1,)), np.fft.rfftn(r, axes=(1,)), "rfftn")
+    _check(fs.fft.fftfreq(5, d=0.5), np.fft.fftfreq(5, d=0.5), "fftfreq")
+    _check(fs.fft.fftshift(t, axes=(1,)), np.fft.fftshift(a, axes=(1,)), "fftshift")
+    assert fs.fft.fft(fs.asarray(r, dtype=fs.float32)).dtype == fs.complex64
+    g = fs.asarray(a).to_global(MESH, split(0))
+    out = fs.fft.fft(g, axis=1)
+    assert out.sbp == (split(0),), "the batch axis stays split: each rank transforms its rows"
+    np.testing.assert_allclose(out.numpy(), np.fft.fft(a, axis=1), rtol=1e-12, atol=1e-12)

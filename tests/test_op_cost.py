@@ -9,6 +9,7 @@ import pytest
 
 from flowsys.ops import OPS, Spec
 from flowsys.ops.math import BINARY, UNARY
+from flowsys.ops.spectral import TRANSFORMS
 from flowsys.ops.cost import graph_flops, op_cost, op_flops
 from flowsys.ops.registry import Cost
 from flowsys.plan import _compile, model_flops
@@ -76,6 +77,8 @@ M4 = Spec((4, 4), f32)
 SAMPLES.update({name: ((M4,), {}) for name in ("inv", "det", "slogdet", "cholesky", "eigh", "eigvalsh")})
 SAMPLES.update({"qr": ((X,), {}), "svd": ((X,), {}), "svdvals": ((X,), {}), "pinv": ((X, Spec((), f32)), {}),
                 "solve": ((M4, Spec((4, 2), f32)), {})})
+SAMPLES.update({op: ((Spec((4, 8), np.dtype(np.complex64)) if cat == "floating-point" else X,), {"axes": (1,)})
+                for op, (cat, _out, _rule) in TRANSFORMS.items()})
 GEMMS = {"matmul", "linear", "linear_grad_input", "linear_grad_weight", "scaled_dot_product_attention", "sdpa_probs"}
 
 

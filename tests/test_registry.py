@@ -16,6 +16,7 @@ import pytest
 import flowsys as fs
 from flowsys.ops import OPS, SbpRow, Spec
 from flowsys.ops.math import BINARY, UNARY
+from flowsys.ops.spectral import TRANSFORMS
 from flowsys.sbp import Broadcast, PartialMax, PartialSum, Split
 from flowsys.global_tensor import make_global, run_signature, signatures
 from flowsys.tensor import Tensor, apply
@@ -190,6 +191,14 @@ CASES.update({
     "svdvals": [Case((WELL,)), Case(((2, 3, 2),))],
     "pinv": [Case(((3, 2), np.array(1e-10)))],
 })
+
+# The fft extension's transforms (flowsys/ops/spectral.py): complex or real input by the table.
+_COMPLEX = Arg((2, 4), dtype=np.complex128)
+CASES.update({op: [Case((_COMPLEX if cat == "floating-point" else (2, 4),), {"axes": (1,)}),
+                   Case((_COMPLEX if cat == "floating-point" else (2, 4),),
+                        {"s": (3, 6) if op.endswith("n") else (6,), "axes": (0, 1) if op.endswith("n") else (0,),
+                         "norm": "ortho"})]
+              for op, (cat, _out, _rule) in TRANSFORMS.items()})
 
 # Known bugs: (test, case id) -> reason. Each becomes a strict xfail, so a fix must remove its entry.
 KNOWN_BUGS: dict[tuple[str, str], str] = {}

@@ -99,7 +99,7 @@ def _numeric(op):
     return infer
 
 
-@register("neg", infer=_numeric("-x (neg)"), sbp=_pointwise_rows(((P,), "neg is linear")), cost=_ELEMENTWISE,
+@register("neg", infer=_numeric("negative (-x)"), sbp=_pointwise_rows(((P,), "neg is linear")), cost=_ELEMENTWISE,
           grad=lambda b, g, out, x: [b.neg(g)])
 def neg(xp, x):
     return xp.negative(x)
