@@ -127,10 +127,6 @@ def clip(x, /, min=None, max=None):  # noqa: A002 - the standard's names
 # --------------------------------------------------------------------------------- statistics
 
 
-def _axes(op: str, x: Tensor, axis) -> tuple[int, ...]:
-    return normalize_axes(op, axis, x.shape)
-
-
 def sum(x, /, axis=None, *, dtype=None, keepdims: builtins.bool = False):  # noqa: A001
     """Integers and bools sum in int64 (uint64 for unsigned), floats in their own type."""
     x = _t(x)

@@ -79,3 +79,6 @@ def test_attributes_encode_canonically():
     enc = planformat.encode_attrs({"b": (1, slice(None, 2)), "a": np.arange(3), "dtype": np.dtype("float32")})
     assert enc == ('{"a":{"array":[0,1,2],"dtype":"int64"},"b":{"tuple":[1,{"slice":[null,2,null]}]},'
                    '"dtype":{"dtype":"float32"}}')
+    index = (Ellipsis, np.array([0, 1]), slice(1, None))  # fs.linalg.diagonal's gather, x[..., rows, 1:]
+    back = planformat.decode_attrs(planformat.encode_attrs({"index": index}))["index"]
+    assert back[0] is Ellipsis and back[1].tolist() == [0, 1] and back[2] == slice(1, None)

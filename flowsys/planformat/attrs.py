@@ -34,7 +34,7 @@ class SeedMarker(int):
 
 
 def encode_attrs(attrs: dict[str, Any]) -> str:
-    """Canonical JSON of op attributes (tuples, slices, arrays, dtypes, seeds kept apart)."""
+    """Canonical JSON of op attributes (tuples, slices, ``...``, arrays, dtypes, seeds kept apart)."""
     return json.dumps({k: _encode(v) for k, v in sorted(attrs.items())}, sort_keys=True, separators=(",", ":"))
 
 
@@ -54,6 +54,8 @@ def _encode(v):
         return [_encode(x) for x in v]
     if isinstance(v, slice):
         return {"slice": [v.start, v.stop, v.step]}
+    if v is Ellipsis:
+        return {"ellipsis": True}
     if isinstance(v, np.ndarray):
         return {"array": v.tolist(), "dtype": v.dtype.name}
     if isinstance(v, np.dtype):
@@ -73,6 +75,8 @@ def _decode(v):
             return tuple(_decode(x) for x in v["tuple"])
         if "slice" in v:
             return slice(*v["slice"])
+        if "ellipsis" in v:
+            return Ellipsis
         if "array" in v:
             return np.array(v["array"], dtype=v["dtype"])
         if "dtype" in v:
