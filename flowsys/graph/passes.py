@@ -96,7 +96,7 @@ def autodiff(g: Graph, **_) -> Graph:
                 if gi is None or i not in needs:
                     continue
                 if type(gi._data) is not Symbol:
-                    gi = Tensor(tracer.symbol_of(gi))
+                    gi = Tensor(tracer.symbol_of(gi._data))
                 if gi.dtype != g.values[i].dtype:  # an op that promoted: the input's own dtype
                     gi = gi.astype(g.values[i].dtype)
                 grads[i] = gi if i not in grads else grads[i] + gi
