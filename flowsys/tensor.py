@@ -5,8 +5,8 @@ what differs between them the value's kind says (``flowsys.value``). Every opera
 through :func:`apply`, which validates with the op's inference rule, has the inputs' kind run
 it (a kernel, the kernel rank by rank, a traced node) and, when grad mode is on and an input
 requires grad, records a :class:`~flowsys.autodiff.Node`. ``backward()`` walks the nodes in
-reverse topological order and calls each op's gradient rule with a builder that applies
-registered ops to tensors (the same rules graph mode uses on IR).
+reverse topological order (:func:`flowsys.autodiff.walk`, which the graph's autodiff pass
+shares) and calls each op's gradient rule with a builder that applies registered ops to tensors.
 
 >>> import flowsys as fs
 >>> x = fs.tensor([[1., 2.], [3., 4.]], requires_grad=True)
@@ -24,7 +24,7 @@ import numpy as np
 
 from flowsys import device as _device
 from flowsys import precision as _precision
-from flowsys.autodiff import Node
+from flowsys.autodiff import Engine, Node, walk
 from flowsys.autograd import no_grad
 from flowsys.errors import DTypeError, GradError, PlacementError, ShapeError
 from flowsys.global_tensor import make_global
@@ -542,58 +542,54 @@ def _topo_nodes(root: Tensor) -> list[Node]:
 
 
 def run_backward(root: Tensor, seed) -> None:
-    """Reverse mode over the tape from ``root``. Each pending gradient is kept with whether this
-    pass owns its array outright (a fresh kernel output handed to one consumer): an owned array
-    becomes a leaf's ``.grad`` without a copy and takes further contributions in place, as
-    PyTorch's engine steals a gradient buffer nothing else references."""
+    """Reverse mode over the tape from ``root``, seeded with the value ``seed``."""
     if root._node is None:  # a leaf: its gradient is the seed itself
         _accumulate_leaf(root, seed)
         return
-    grads: dict[tuple[int, int], tuple[Any, bool]] = {(id(root._node), root._index): (seed, False)}
+    pending = {(id(root._node), root._index): (Tensor(seed), False)}
     with no_grad(), _precision.suspended():  # backward runs in the dtypes forward chose
-        for node in reversed(_topo_nodes(root)):
-            n_out = len(node.out_data)
-            pending = [grads.pop((id(node), i), None) for i in range(n_out)]
-            if all(p is None for p in pending):
-                continue
-            g_t = [Tensor(p[0]) if p is not None else None for p in pending]
-            outs = [Tensor(o) for o in node.out_data]
-            b = _Builder(tuple(t.requires_grad for t in node.inputs))
-            if node.op.multi_output:
-                in_grads = node.op.grad(b, tuple(g_t), tuple(outs), *node.inputs, **node.attrs)
-            else:
-                in_grads = node.op.grad(b, g_t[0], outs[0], *node.inputs, **node.attrs)
-            owned = _owned_grads(node, pending, in_grads)
-            for t, g, own in zip(node.inputs, in_grads, owned):
-                if g is None or not t.requires_grad:
-                    continue
-                if g.shape != t.shape:
-                    raise GradError(f"internal: gradient rule of {node.op.name} gave shape {g.shape} for an input of shape {t.shape}")
-                if g.dtype != t.dtype:  # an op that promoted (float16 @ float32): the input's dtype, as PyTorch
-                    g, own = g.astype(t.dtype), True
-                if t._node is None:
-                    _accumulate_leaf(t, g._data, own)
-                else:
-                    key = (id(t._node), t._index)
-                    prev = grads.get(key)
-                    grads[key] = (g._data, own) if prev is None else _add(prev, g._data, own)
+        walk(_topo_nodes(root), pending, _TAPE, _Builder)
 
 
-def _owned_grads(node: Node, pending, in_grads) -> list[bool]:
-    """Which arrays of ``in_grads`` this backward pass owns: NumPy arrays that own their
-    memory, are not forward data of the node, appear once among the node's input gradients,
-    and are either new or an owned incoming gradient passed through (as ``add`` does)."""
-    forward = {id(t._data) for t in node.inputs} | {id(o) for o in node.out_data}
-    incoming = {id(p[0]): p[1] for p in pending if p is not None}
-    arrays = [g._data if g is not None else None for g in in_grads]
-    return [type(a) is np.ndarray and a.flags.owndata and a.flags.writeable and id(a) not in forward
-            and incoming.get(id(a), True) and sum(x is a for x in arrays) == 1 for a in arrays]
+class _Tape(Engine):
+    """The eager tape's side of :func:`~flowsys.autodiff.walk`. A pending gradient is kept with
+    whether this pass owns its array outright (a fresh kernel output handed to one consumer): an
+    owned array becomes a leaf's ``.grad`` without a copy and takes further contributions in
+    place, as PyTorch's engine steals a gradient buffer nothing else references."""
+
+    def outputs(self, node: Node) -> list:
+        return [(id(node), i) for i in range(len(node.out_data))]
+
+    def applied(self, node: Node):
+        return node.op, node.inputs, [Tensor(o) for o in node.out_data], node.attrs
+
+    def owned(self, node: Node, pending, in_grads) -> list[bool]:
+        """NumPy arrays that own their memory, are not forward data of the node, appear once
+        among the node's input gradients, and are either new or an owned incoming gradient
+        passed through (as ``add`` does)."""
+        forward = {id(t._data) for t in node.inputs} | {id(o) for o in node.out_data}
+        incoming = {id(p[0]._data): p[1] for p in pending if p is not None}
+        arrays = [g._data if g is not None else None for g in in_grads]
+        return [type(a) is np.ndarray and a.flags.owndata and a.flags.writeable and id(a) not in forward
+                and incoming.get(id(a), True) and sum(x is a for x in arrays) == 1 for a in arrays]
+
+    def accumulate(self, pending: dict, t: Tensor, g: Tensor, owned: bool) -> None:
+        if t._node is None:
+            _accumulate_leaf(t, g._data, owned)
+            return
+        key = (id(t._node), t._index)
+        prev = pending.get(key)
+        pending[key] = (g, owned) if prev is None else _add(prev, g._data, owned)
 
 
-def _add(prev: tuple[Any, bool], b, b_owned: bool) -> tuple[Any, bool]:
+_TAPE = _Tape()
+
+
+def _add(prev: tuple[Tensor, bool], b, b_owned: bool) -> tuple[Tensor, bool]:
     """Sum two gradient contributions as the kind of higher priority does."""
-    a, a_owned = prev
-    return _ruling((a, b)).add(a, a_owned, b, b_owned)
+    a, a_owned = prev[0]._data, prev[1]
+    total, owned = _ruling((a, b)).add(a, a_owned, b, b_owned)
+    return Tensor(total), owned
 
 
 def _accumulate_leaf(t: Tensor, g, owned: bool = False) -> None:
