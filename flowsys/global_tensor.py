@@ -18,11 +18,13 @@ import numpy as np
 
 from flowsys import boxing
 from flowsys import device as _device
-from flowsys.errors import FlowsysError, PlacementError, SbpError
+from flowsys.errors import FlowsysError, PlacementError, SbpError, ShapeError
 from flowsys.layout import NdSbp, assemble, distribute, fmt, normalize_sbp, shard_of
+from flowsys.ops import OPS
 from flowsys.ops.registry import OpDef, SbpRow, Shard, Spec, is_floating
 from flowsys.placement import Placement
-from flowsys.sbp import Broadcast, PartialSum
+from flowsys.sbp import Broadcast, PartialSum, SbpTuple
+from flowsys.value import ValueKind, register
 
 
 class GlobalValue:
@@ -258,11 +260,93 @@ def signatures(op: OpDef, specs: Sequence[Spec], attrs: dict, placement: Placeme
     return found
 
 
-def check_rank(value: GlobalValue, rank: int) -> None:
-    if rank not in value.placement.ranks:
-        raise PlacementError(
-            f"to_local: rank {rank} is not in the tensor's {value.placement!r}; pick one of {list(value.placement.ranks)}")
+class GlobalKind(ValueKind):
+    """A global tensor's value: ops run by :func:`apply_global`, gradients laid out as the
+    values they belong to, in-place writes shard by shard."""
 
+    priority = 1
+
+    def device(self, v: GlobalValue) -> str:
+        return v.placement.type
+
+    def xp(self, v: GlobalValue):
+        return v.xp
+
+    def placement(self, v: GlobalValue) -> Placement:
+        return v.placement
+
+    def sbp(self, v: GlobalValue) -> SbpTuple:
+        return SbpTuple(v.sbp)
+
+    def logical(self, v: GlobalValue):
+        return v.logical()
+
+    def run(self, op: OpDef, datas, attrs: dict, out_spec) -> list[GlobalValue]:
+        return apply_global(op, datas, attrs, out_spec)
+
+    def to_global(self, v: GlobalValue, placement: Placement | None, sbp) -> GlobalValue:
+        """Converted by the boxing planner (same placement: collectives; another placement:
+        point-to-point moves); unset arguments keep their current value."""
+        placement = v.placement if placement is None else placement
+        nd = v.sbp if sbp is None else normalize_sbp(sbp, placement, v.shape)
+        if sbp is None and placement.ndim != len(nd):
+            raise PlacementError(f"to_global: the new {placement!r} has {placement.ndim} mesh axes but the tensor's "
+                                 f"SBP {fmt(nd)} has {len(nd)}; pass sbp= for the new mesh")
+        return v.with_layout(placement, nd)
+
+    def to_local(self, v: GlobalValue, rank: int):
+        if rank not in v.placement.ranks:
+            raise PlacementError(
+                f"to_local: rank {rank} is not in the tensor's {v.placement!r}; pick one of {list(v.placement.ranks)}")
+        return v.local(rank)
+
+    def to_device(self, v: GlobalValue, device: str):
+        raise PlacementError(f"to: a global tensor moves with .to_global(placement=...), not .to({device!r})")
+
+    def broadcast(self, v: GlobalValue, array) -> GlobalValue:
+        return make_global(array, v.placement, Broadcast())
+
+    def layout_grad(self, v: GlobalValue, g) -> GlobalValue:
+        """As PyTorch's DTensor redistribute: a partial-sum input's gradient is replicated (the
+        gradient of a sum reaches every addend whole)."""
+        want = tuple(Broadcast() if isinstance(s, PartialSum) else s for s in v.sbp)
+        g = g if type(g) is GlobalValue else self.broadcast(v, g)
+        return g.with_layout(v.placement, want)
+
+    def accumulate(self, v: GlobalValue, acc, g, owned: bool) -> GlobalValue:
+        """The gradient takes the parameter's layout: for a replicated parameter used under a
+        split batch this is the data-parallel all-reduce (P -> B)."""
+        g = g if type(g) is GlobalValue else self.broadcast(v, g)
+        g = g.with_layout(v.placement, v.sbp)
+        if g.dtype != v.dtype:
+            g = GlobalValue(g.placement, g.sbp, g.shape, v.dtype, [s.astype(v.dtype) for s in g.shards])
+        if acc is None:
+            return g.copy()
+        for a, s in zip(acc.shards, g.shards):
+            a += s
+        return acc
+
+    def add(self, a, a_owned: bool, b, b_owned: bool) -> tuple[GlobalValue, bool]:
+        op = OPS["add"]
+        return self.run(op, (a, b), {}, op.infer(Spec(a.shape, a.dtype), Spec(b.shape, b.dtype)))[0], False
+
+    def copy_(self, v: GlobalValue, src) -> None:
+        """``v`` takes the logical value ``src``."""
+        src = _device.to_numpy(src)
+        if tuple(src.shape) != v.shape:
+            raise ShapeError(f"copy_: source shape {tuple(src.shape)} does not match {v.shape}")
+        for shard, new in zip(v.shards, make_global(src.astype(v.dtype), v.placement, v.sbp).shards):
+            shard[...] = new
+
+    def zero_(self, v: GlobalValue) -> None:
+        for a in v.shards:
+            a[...] = 0
+
+    def repr_suffix(self, v: GlobalValue) -> str:
+        return f", placement={v.placement!r}, sbp={fmt(v.sbp)}"
+
+
+register(GlobalValue, GlobalKind())
 
 __all__ = ["GlobalValue", "Signature", "make_global", "choose_signature", "signatures", "apply_global", "run_signature",
            "common_placement"]

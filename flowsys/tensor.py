@@ -1,9 +1,12 @@
-"""The tensor: an array on a device plus the tape that reverse-mode autograd walks.
+"""The tensor: a value on a device plus the tape that reverse-mode autograd walks.
 
-Every operation goes through :func:`apply`, which validates with the op's inference rule, runs
-its kernel and, when grad mode is on and an input requires grad, records a :class:`Node`.
-``backward()`` walks the nodes in reverse topological order and calls each op's gradient rule
-with a builder that applies registered ops to tensors (the same rules graph mode uses on IR).
+The value is an eager array, a global value or, while ``Graph.build()`` is traced, a symbol;
+what differs between them the value's kind says (``flowsys.value``). Every operation goes
+through :func:`apply`, which validates with the op's inference rule, has the inputs' kind run
+it (a kernel, the kernel rank by rank, a traced node) and, when grad mode is on and an input
+requires grad, records a :class:`~flowsys.autodiff.Node`. ``backward()`` walks the nodes in
+reverse topological order (:func:`flowsys.autodiff.walk`, which the graph's autodiff pass
+shares) and calls each op's gradient rule with a builder that applies registered ops to tensors.
 
 >>> import flowsys as fs
 >>> x = fs.tensor([[1., 2.], [3., 4.]], requires_grad=True)
@@ -22,18 +25,15 @@ import numpy as np
 import flowsys as _flowsys
 from flowsys import device as _device
 from flowsys import precision as _precision
-from flowsys.autograd import is_grad_enabled, no_grad
+from flowsys.autodiff import Engine, Node, walk
+from flowsys.autograd import no_grad
 from flowsys.errors import DTypeError, GradError, PlacementError, ShapeError
-from flowsys.global_tensor import GlobalValue, apply_global, check_rank, make_global
-from flowsys.graph import trace as _trace
-from flowsys.graph.trace import Symbol
-from flowsys.layout import fmt as _fmt_sbp
-from flowsys.layout import normalize_sbp
+from flowsys.global_tensor import make_global
 from flowsys.ops import OPS, OpDef, Spec
 from flowsys.ops.registry import bfloat16, float16, is_floating, normalize_axes, normalize_axis, promote_types
 from flowsys.placement import Placement
-from flowsys.sbp import PartialSum, SbpTuple
 from flowsys.sbp import broadcast as _B
+from flowsys.value import KINDS, ValueKind
 
 float32 = np.dtype(np.float32)
 float64 = np.dtype(np.float64)
@@ -41,15 +41,6 @@ int64 = np.dtype(np.int64)
 int32 = np.dtype(np.int32)
 bool_ = np.dtype(np.bool_)
 DEFAULT_FLOAT = float32
-
-
-class Node:
-    """One recorded op application: what backward needs to run the op's gradient rule."""
-
-    __slots__ = ("op", "inputs", "attrs", "out_data")
-
-    def __init__(self, op: OpDef, inputs: tuple[Tensor, ...], attrs: dict, out_data: tuple):
-        self.op, self.inputs, self.attrs, self.out_data = op, inputs, attrs, out_data
 
 
 class Tensor:
@@ -85,34 +76,31 @@ class Tensor:
 
     @property
     def device(self) -> str:
-        if type(self._data) is GlobalValue:
-            return self._data.placement.type
-        if type(self._data) is Symbol:
-            return self._data.placement.type if self._data.placement is not None else "cpu"
-        return _device.device_of(self._data)
+        d = self._data
+        return _kind(d).device(d)
 
     @property
     def xp(self):
-        if type(self._data) is GlobalValue:
-            return self._data.xp
-        if type(self._data) is Symbol:
-            return _device.array_module(self.device)
-        return _device.module_of(self._data)
+        d = self._data
+        return _kind(d).xp(d)
 
     # ------------------------------------------------------------------------- global tensors
     @property
     def is_global(self) -> bool:
-        return type(self._data) is GlobalValue or (type(self._data) is Symbol and self._data.placement is not None)
+        d = self._data
+        return _kind(d).placement(d) is not None
 
     @property
     def placement(self) -> Placement | None:
         """The devices a global tensor lives on (None for a local tensor)."""
-        return self._data.placement if type(self._data) in (GlobalValue, Symbol) else None
+        d = self._data
+        return _kind(d).placement(d)
 
     @property
     def sbp(self) -> tuple | None:
         """One SBP value per mesh axis of a global tensor (None for a local tensor)."""
-        return SbpTuple(self._data.sbp) if type(self._data) is GlobalValue else None
+        d = self._data
+        return _kind(d).sbp(d)
 
     def to_global(self, placement: Placement | None = None, sbp=None) -> Tensor:
         """This tensor laid out over ``placement`` as ``sbp`` says.
@@ -122,35 +110,21 @@ class Tensor:
         another placement: point-to-point moves); unset arguments keep their current value.
         The conversion is differentiable: its gradient is the incoming one, converted back.
         """
-        if type(self._data) is Symbol:
-            return _trace.active().layout_change(self, placement, sbp)
-        if type(self._data) is not GlobalValue:
-            if placement is None:
-                raise PlacementError(f"to_global: a local tensor of shape {self.shape} needs a placement, "
-                                     f"e.g. x.to_global(fs.placement('cpu', [0, 1]), fs.sbp.split(0))")
-            out = make_global(self._data, placement, _B if sbp is None else sbp)
-        else:
-            placement = self._data.placement if placement is None else placement
-            nd = self._data.sbp if sbp is None else normalize_sbp(sbp, placement, self.shape)
-            if sbp is None and placement.ndim != len(nd):
-                raise PlacementError(f"to_global: the new {placement!r} has {placement.ndim} mesh axes but the tensor's "
-                                     f"SBP {_fmt_sbp(nd)} has {len(nd)}; pass sbp= for the new mesh")
-            out = self._data.with_layout(placement, nd)
-            if out is self._data:
-                return self
+        d = self._data
+        kind = _kind(d)
+        out = kind.to_global(d, placement, sbp)
+        if out is d:
+            return self
         t = Tensor(out)
-        if is_grad_enabled() and self.requires_grad:
-            t._node, t.requires_grad = Node(_TO_GLOBAL, (self,), {}, (out,)), True
+        kind.record(_TO_GLOBAL, (self,), {}, (t,))
         return t
 
     def to_local(self, rank: int) -> Tensor:
         """Rank ``rank``'s shard of a global tensor, as a local tensor (not differentiable). A
         parameter whose newest values live in the workers (a compiled step ran) is pulled
         from them first."""
-        if type(self._data) is not GlobalValue:
-            raise PlacementError("to_local: this tensor is not global; .to_global(placement, sbp) makes one")
-        check_rank(self._data, rank)
-        return Tensor(self._data.local(rank))
+        d = self._data
+        return Tensor(_kind(d).to_local(d, rank))
 
     @property
     def data(self) -> Tensor:
@@ -169,11 +143,8 @@ class Tensor:
         logical value of a global tensor (gathered on the driver). A parameter whose newest
         values live in the workers is pulled from them first; a batch the workers read is read
         here."""
-        if type(self._data) is GlobalValue:
-            return _device.to_numpy(self._data.logical())
-        if type(self._data) is Symbol:
-            raise _trace.untraceable("reading a tensor's value (.numpy(), .item(), bool(), a Python `if` on it)")
-        return _device.to_numpy(self._data)
+        d = self._data
+        return _device.to_numpy(_kind(d).logical(d))
 
     def item(self):
         if self.size != 1:
@@ -212,19 +183,8 @@ class Tensor:
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
-        if type(self._data) is Symbol:
-            v = self._data.value
-            return f"tensor(<traced value {v.id}: {v.dtype.name}{list(v.shape)}>)"
-        shown = self.numpy()
-        shown = shown.astype(float32) if shown.dtype == bfloat16 else shown  # NumPy formats ml_dtypes' own way
-        body = np.array2string(shown, separator=", ", precision=4, threshold=20, prefix="tensor(")
-        extra = "" if self.dtype == DEFAULT_FLOAT else f", dtype={self.dtype.name}"
-        grad = ", requires_grad=True" if self.requires_grad else ""
-        if type(self._data) is GlobalValue:
-            dev = f", placement={self._data.placement!r}, sbp={_fmt_sbp(self._data.sbp)}"
-        else:
-            dev = "" if self.device == "cpu" else f", device='{self.device}'"
-        return f"tensor({body}{extra}{dev}{grad})"
+        d = self._data
+        return f"tensor({_kind(d).describe(d, self.requires_grad)})"
 
     # ------------------------------------------------------------------------------- autograd
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
@@ -241,8 +201,9 @@ class Tensor:
 
     def backward(self, gradient: Tensor | None = None) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (``gradient`` for non-scalars)."""
-        if type(self._data) is Symbol:  # inside Graph.build(): the autodiff pass does the work
-            _trace.active().mark_loss(self)
+        d = self._data
+        kind = _kind(d)
+        if kind.mark_loss(self):  # inside Graph.build(): the autodiff pass does the work
             return
         if not self.requires_grad:
             raise GradError(
@@ -258,9 +219,7 @@ class Tensor:
             seed = gradient.numpy() if isinstance(gradient, Tensor) else self.xp.asarray(gradient, dtype=self.dtype)
             if seed.shape != self.shape:
                 raise GradError(f"backward: gradient has shape {seed.shape} but the output has shape {self.shape}")
-        if type(self._data) is GlobalValue:
-            seed = make_global(seed, self._data.placement, _B)
-        run_backward(self, seed)
+        run_backward(self, kind.broadcast(d, seed))
 
     # ---------------------------------------------------------------------------- arithmetic
     def __add__(self, o):
@@ -470,30 +429,25 @@ class Tensor:
         """The same value on ``device`` ('cpu' or 'cuda'); a leaf stays a leaf."""
         if device == self.device:
             return self
-        if type(self._data) is GlobalValue:
-            raise PlacementError(f"to: a global tensor moves with .to_global(placement=...), not .to({device!r})")
-        return Tensor(_device.to_device(self.numpy(), device), self.requires_grad)
+        d = self._data
+        return Tensor(_kind(d).to_device(d, device), self.requires_grad)
 
     # in-place helpers used by optimizers and init (no autograd)
     def copy_(self, src) -> Tensor:
         """Overwrite the value in place (a global tensor takes the logical value of ``src``)."""
-        if type(self._data) is GlobalValue:
-            v = self._data
-            src = src.numpy() if isinstance(src, Tensor) else np.asarray(src)
-            if tuple(src.shape) != v.shape:
-                raise ShapeError(f"copy_: source shape {tuple(src.shape)} does not match {v.shape}")
-            for shard, new in zip(v.shards, make_global(src.astype(v.dtype), v.placement, v.sbp).shards):
-                shard[...] = new
-            return self
-        src = _as_array(src, self)
-        if src.shape != self.shape:
-            raise ShapeError(f"copy_: source shape {src.shape} does not match {self.shape}")
-        self._data[...] = src
+        d = self._data
+        kind = _kind(d)
+        if isinstance(src, Tensor):
+            s = src._data
+            src = _kind(s).logical(s)
+        else:
+            src = kind.xp(d).asarray(src, dtype=d.dtype)
+        kind.copy_(d, src)
         return self
 
     def zero_(self) -> Tensor:
-        for a in self._data.shards if type(self._data) is GlobalValue else (self._data,):
-            a[...] = 0
+        d = self._data
+        _kind(d).zero_(d)
         return self
 
 
@@ -566,35 +520,90 @@ _SLOT = Tensor.__dict__["_data"]
 
 
 def apply(name: str, *inputs: Tensor, **attrs) -> Any:
-    """Run registered op ``name`` on tensors: validate, run the kernel, record for autograd."""
+    """Run registered op ``name`` on tensors: validate, have the inputs' kind of highest priority
+    run it (traced over global over eager), record for autograd as that kind says."""
     op = OPS[name]
     if getattr(_precision._local, "stack", None):  # under fs.autocast (or a traced precision policy)
         inputs = _precision.cast_inputs(name, inputs)
-    specs = tuple(Spec(t._data.shape, t._data.dtype) for t in inputs)
-    out_spec = op.infer(*specs, **attrs)
-    if _trace._active and any(type(t._data) is Symbol for t in inputs):
-        return _trace.active().record(op, inputs, attrs, out_spec)
-    record = op.grad is not None and is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if any(type(t._data) is GlobalValue for t in inputs):
-        outs = tuple(Tensor(v) for v in apply_global(op, [t._data for t in inputs], attrs, out_spec))
-        return _record(op, inputs, attrs, outs, record)
-    xp = _device.module_of(inputs[0]._data) if inputs else np
-    out = op.kernel(xp, *[t._data for t in inputs], **attrs)
-    if op.multi_output:
-        outs = tuple(Tensor(xp.asarray(o)) for o in out)
-    else:
-        outs = (Tensor(xp.asarray(out)),)
-        if out_spec.dtype != outs[0]._data.dtype:  # keep the inferred dtype (e.g. numpy scalars)
-            outs[0]._data = outs[0]._data.astype(out_spec.dtype)
-    return _record(op, inputs, attrs, outs, record)
+    datas = [t._data for t in inputs]
+    out_spec = op.infer(*[Spec(d.shape, d.dtype) for d in datas], **attrs)
+    kind = _ruling(datas)
+    outs = [Tensor(v) for v in kind.run(op, datas, attrs, out_spec)]
+    kind.record(op, inputs, attrs, outs)
+    return tuple(outs) if op.multi_output else outs[0]
 
 
-def _record(op: OpDef, inputs, attrs, outs, record: bool):
-    if record:
-        node = Node(op, inputs, attrs, tuple(o._data for o in outs))
-        for i, o in enumerate(outs):
-            o._node, o._index, o.requires_grad = node, i, is_floating(o._data.dtype)
-    return outs if op.multi_output else outs[0]
+class _ArrayKind(ValueKind):
+    """An eager array (NumPy, or CuPy on a GPU), kept raw in ``_data``: the default kind."""
+
+    def device(self, v) -> str:
+        return _device.device_of(v)
+
+    def xp(self, v):
+        return _device.module_of(v)
+
+    def logical(self, v):
+        return v
+
+    def run(self, op: OpDef, datas, attrs: dict, out_spec) -> tuple:
+        xp = _device.module_of(datas[0]) if datas else np
+        out = op.kernel(xp, *datas, **attrs)
+        if op.multi_output:
+            return tuple(xp.asarray(o) for o in out)
+        out = xp.asarray(out)
+        return (out if out.dtype == out_spec.dtype else out.astype(out_spec.dtype),)  # the inferred dtype (numpy scalars)
+
+    def to_global(self, v, placement: Placement | None, sbp):
+        """A local value is the logical value: distributed (``sbp`` defaults to broadcast)."""
+        if placement is None:
+            raise PlacementError(f"to_global: a local tensor of shape {v.shape} needs a placement, "
+                                 f"e.g. x.to_global(fs.placement('cpu', [0, 1]), fs.sbp.split(0))")
+        return make_global(v, placement, _B if sbp is None else sbp)
+
+    def layout_grad(self, v, g):
+        """A local input's gradient is the logical value."""
+        k = _kind(g)
+        return g if k is self else _device.to_numpy(k.logical(g))
+
+    def accumulate(self, v, acc, g, owned: bool):
+        k = _kind(g)
+        if k is not self:  # a local tensor used beside global ones gets the logical gradient
+            g = k.logical(g)
+        if g.dtype != v.dtype:
+            g = g.astype(v.dtype)
+        if acc is None:
+            # A copy unless this backward pass owns the array: gradient rules pass arrays through
+            # (add hands the same one to both inputs, the caller's seed may be it), and later
+            # accumulation adds in place. Gradients are kept C-contiguous, as optimizers expect.
+            return g if owned and g.flags.c_contiguous else g.copy()
+        acc += g
+        return acc
+
+    def add(self, a, a_owned: bool, b, b_owned: bool) -> tuple[Any, bool]:
+        """In place into whichever of the two this pass owns."""
+        for acc, other, own in ((a, b, a_owned), (b, a, b_owned)):
+            if own and acc.shape == other.shape and acc.dtype == promote_types(acc.dtype, other.dtype):
+                acc += other
+                return acc, True
+        return a + b, type(a) is np.ndarray
+
+
+_EAGER = _ArrayKind()
+
+
+def _kind(value) -> ValueKind:
+    """The kind of a tensor value (a type not registered with ``flowsys.value`` is an array)."""
+    return KINDS.get(type(value), _EAGER)
+
+
+def _ruling(values) -> ValueKind:
+    """The kind of highest priority among ``values``: the one that runs an op on them."""
+    kind = _EAGER
+    for v in values:
+        k = KINDS.get(type(v), _EAGER)
+        if k.priority > kind.priority:
+            kind = k
+    return kind
 
 
 class _Builder:
@@ -635,116 +644,75 @@ def _topo_nodes(root: Tensor) -> list[Node]:
 
 
 def run_backward(root: Tensor, seed) -> None:
-    """Reverse mode over the tape from ``root``. Each pending gradient is kept with whether this
-    pass owns its array outright (a fresh kernel output handed to one consumer): an owned array
-    becomes a leaf's ``.grad`` without a copy and takes further contributions in place, as
-    PyTorch's engine steals a gradient buffer nothing else references."""
+    """Reverse mode over the tape from ``root``, seeded with the value ``seed``."""
     if root._node is None:  # a leaf: its gradient is the seed itself
         _accumulate_leaf(root, seed)
         return
-    grads: dict[tuple[int, int], tuple[Any, bool]] = {(id(root._node), root._index): (seed, False)}
+    pending = {(id(root._node), root._index): (Tensor(seed), False)}
     with no_grad(), _precision.suspended():  # backward runs in the dtypes forward chose
-        for node in reversed(_topo_nodes(root)):
-            n_out = len(node.out_data)
-            pending = [grads.pop((id(node), i), None) for i in range(n_out)]
-            if all(p is None for p in pending):
-                continue
-            g_t = [Tensor(p[0]) if p is not None else None for p in pending]
-            outs = [Tensor(o) for o in node.out_data]
-            b = _Builder(tuple(t.requires_grad for t in node.inputs))
-            if node.op.multi_output:
-                in_grads = node.op.grad(b, tuple(g_t), tuple(outs), *node.inputs, **node.attrs)
-            else:
-                in_grads = node.op.grad(b, g_t[0], outs[0], *node.inputs, **node.attrs)
-            owned = _owned_grads(node, pending, in_grads)
-            for t, g, own in zip(node.inputs, in_grads, owned):
-                if g is None or not t.requires_grad:
-                    continue
-                if g.shape != t.shape:
-                    raise GradError(f"internal: gradient rule of {node.op.name} gave shape {g.shape} for an input of shape {t.shape}")
-                if g.dtype != t.dtype:  # an op that promoted (float16 @ float32): the input's dtype, as PyTorch
-                    g, own = g.astype(t.dtype), True
-                if t._node is None:
-                    _accumulate_leaf(t, g._data, own)
-                else:
-                    key = (id(t._node), t._index)
-                    prev = grads.get(key)
-                    grads[key] = (g._data, own) if prev is None else _add(prev, g._data, own)
+        walk(_topo_nodes(root), pending, _TAPE, _Builder)
 
 
-def _owned_grads(node: Node, pending, in_grads) -> list[bool]:
-    """Which arrays of ``in_grads`` this backward pass owns: NumPy arrays that own their
-    memory, are not forward data of the node, appear once among the node's input gradients,
-    and are either new or an owned incoming gradient passed through (as ``add`` does)."""
-    forward = {id(t._data) for t in node.inputs} | {id(o) for o in node.out_data}
-    incoming = {id(p[0]): p[1] for p in pending if p is not None}
-    arrays = [g._data if g is not None else None for g in in_grads]
-    return [type(a) is np.ndarray and a.flags.owndata and a.flags.writeable and id(a) not in forward
-            and incoming.get(id(a), True) and sum(x is a for x in arrays) == 1 for a in arrays]
+class _Tape(Engine):
+    """The eager tape's side of :func:`~flowsys.autodiff.walk`. A pending gradient is kept with
+    whether this pass owns its array outright (a fresh kernel output handed to one consumer): an
+    owned array becomes a leaf's ``.grad`` without a copy and takes further contributions in
+    place, as PyTorch's engine steals a gradient buffer nothing else references."""
+
+    def outputs(self, node: Node) -> list:
+        return [(id(node), i) for i in range(len(node.out_data))]
+
+    def applied(self, node: Node):
+        return node.op, node.inputs, [Tensor(o) for o in node.out_data], node.attrs
+
+    def owned(self, node: Node, pending, in_grads) -> list[bool]:
+        """NumPy arrays that own their memory, are not forward data of the node, appear once
+        among the node's input gradients, and are either new or an owned incoming gradient
+        passed through (as ``add`` does)."""
+        forward = {id(t._data) for t in node.inputs} | {id(o) for o in node.out_data}
+        incoming = {id(p[0]._data): p[1] for p in pending if p is not None}
+        arrays = [g._data if g is not None else None for g in in_grads]
+        return [type(a) is np.ndarray and a.flags.owndata and a.flags.writeable and id(a) not in forward
+                and incoming.get(id(a), True) and sum(x is a for x in arrays) == 1 for a in arrays]
+
+    def accumulate(self, pending: dict, t: Tensor, g: Tensor, owned: bool) -> None:
+        if t._node is None:
+            _accumulate_leaf(t, g._data, owned)
+            return
+        key = (id(t._node), t._index)
+        prev = pending.get(key)
+        pending[key] = (g, owned) if prev is None else _add(prev, g._data, owned)
 
 
-def _add(prev: tuple[Any, bool], b, b_owned: bool) -> tuple[Any, bool]:
-    """Sum two gradient contributions, in place into whichever of them this pass owns."""
-    a, a_owned = prev
-    if type(a) is GlobalValue or type(b) is GlobalValue:
-        return apply("add", Tensor(a), Tensor(b))._data, False
-    for acc, other, own in ((a, b, a_owned), (b, a, b_owned)):
-        if own and acc.shape == other.shape and acc.dtype == promote_types(acc.dtype, other.dtype):
-            acc += other
-            return acc, True
-    return a + b, type(a) is np.ndarray
+_TAPE = _Tape()
+
+
+def _add(prev: tuple[Tensor, bool], b, b_owned: bool) -> tuple[Tensor, bool]:
+    """Sum two gradient contributions as the kind of higher priority does."""
+    a, a_owned = prev[0]._data, prev[1]
+    total, owned = _ruling((a, b)).add(a, a_owned, b, b_owned)
+    return Tensor(total), owned
 
 
 def _accumulate_leaf(t: Tensor, g, owned: bool = False) -> None:
-    if type(t._data) is GlobalValue:
-        if type(g) is not GlobalValue:
-            g = make_global(g, t._data.placement, _B)
-        # The gradient takes the parameter's layout: for a replicated parameter used under a
-        # split batch this is the data-parallel all-reduce (P -> B).
-        g = g.with_layout(t._data.placement, t._data.sbp)
-        if g.dtype != t.dtype:
-            g = GlobalValue(g.placement, g.sbp, g.shape, t.dtype, [s.astype(t.dtype) for s in g.shards])
-        if t.grad is None:
-            t.grad = Tensor(g.copy())
-        else:
-            for acc, s in zip(t.grad._data.shards, g.shards):
-                acc += s
-        return
-    if type(g) is GlobalValue:  # a local tensor used beside global ones gets the logical gradient
-        g = g.logical()
-    if g.dtype != t.dtype:
-        g = g.astype(t.dtype)
+    d = t._data
     if t.grad is None:
-        # A copy unless this backward pass owns the array: gradient rules pass arrays through
-        # (add hands the same one to both inputs, the caller's seed may be it), and later
-        # accumulation adds in place. Gradients are kept C-contiguous, as optimizers expect.
-        t.grad = Tensor(g if owned and g.flags.c_contiguous else g.copy())
+        t.grad = Tensor(_kind(d).accumulate(d, None, g, owned))
     else:
-        t.grad._data += g
+        _kind(d).accumulate(d, t.grad._data, g, owned)
 
 
 def _to_global_grad(b, g, out, x):
     """The gradient of a layout change is the incoming gradient converted back to the input's
-    layout (as PyTorch's DTensor redistribute): the logical value for a local input; for a
-    partial-sum input, its replicated form (the gradient of a sum reaches every addend whole)."""
-    if type(x._data) is not GlobalValue:
-        return [Tensor(g.numpy()) if type(g._data) is GlobalValue else g]
-    want = tuple(_B if isinstance(v, PartialSum) else v for v in x._data.sbp)
-    gv = g._data if type(g._data) is GlobalValue else make_global(g._data, x._data.placement, _B)
-    return [Tensor(gv.with_layout(x._data.placement, want))]
+    layout (as PyTorch's DTensor redistribute; the input's kind says how)."""
+    d = x._data
+    return [Tensor(_kind(d).layout_grad(d, g._data))]
 
 
 _TO_GLOBAL = OpDef("to_global", kernel=None, infer=None, sbp=None, grad=_to_global_grad)
 
 
 # ------------------------------------------------------------------------ operand conversion
-
-
-def _as_array(value, like: Tensor):
-    xp = like.xp
-    if isinstance(value, Tensor):
-        return value._data
-    return xp.asarray(value, dtype=like.dtype)
 
 
 def _operand(value, like: Tensor) -> Tensor:

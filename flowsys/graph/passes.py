@@ -2,7 +2,8 @@
 IR graph, and ``verify`` runs after every one.
 
 1. ``autodiff``: the backward pass on the IR, from the op registry's gradient rules (the same
-   rules eager autograd calls), for the loss ``build()`` called ``backward()`` on.
+   rules and walk as eager autograd, ``flowsys.autodiff``), for the loss ``build()`` called
+   ``backward()`` on.
 2. ``checkpointing``: activation checkpointing (``module.activation_checkpointing = True``):
    what a checkpointed module call computed and backward reads is recomputed in backward.
 3. ``optimizer``: one update node per trained variable (``Graph.add_optimizer``), applying the
@@ -32,13 +33,16 @@ from typing import Callable
 import numpy as np
 
 from flowsys import boxing
-from flowsys.global_tensor import choose_signature
+from flowsys.autodiff import Engine, walk
+from flowsys.autograd import no_grad
+from flowsys.global_tensor import choose_signature, make_global
 from flowsys.graph.ir import Graph, GraphError, Node, Value, verify
 from flowsys.graph.trace import Symbol, Tracer
-from flowsys.ops import OPS
+from flowsys.ops import OPS, OpDef
 from flowsys.ops.optim import state_fields
 from flowsys.ops.registry import is_floating
 from flowsys.sbp import Broadcast, PartialSum
+from flowsys.tensor import Tensor, _Builder
 
 
 def _next_id(g: Graph) -> int:
@@ -49,11 +53,11 @@ def _next_id(g: Graph) -> int:
 
 
 def autodiff(g: Graph, **_) -> Graph:
+    """The backward pass: :func:`flowsys.autodiff.walk`, the eager tape's walk, over the IR's
+    nodes with gradients as traced symbols, so that the gradient rules' ops trace the backward
+    nodes (:class:`_GraphTape`)."""
     if g.loss is None:
         return g
-    from flowsys.autograd import no_grad  # noqa: PLC0415
-    from flowsys.tensor import Tensor, _Builder  # noqa: PLC0415
-
     needs = set(g.variables.values())  # values that depend on a trained variable
     for n in g.nodes:
         if any(i in needs for i in n.inputs):
@@ -62,45 +66,18 @@ def autodiff(g: Graph, **_) -> Graph:
         raise GraphError("backward() inside build(): the loss does not depend on any parameter")
     tracer = Tracer(_next_id(g), phase="backward")
     tracer.values.update(g.values)
-
-    def sym(vid):
-        return Tensor(Symbol(tracer.values[vid]))
-
+    tape = _GraphTape(tracer, needs)
     loss = g.values[g.loss]
-    grads: dict[int, Tensor] = {}
     with tracer, no_grad():
         if g.loss_scale is None:
-            grads[g.loss] = Tensor(tracer.constant(_ones_like(loss)))
+            seed = Tensor(tracer.constant(_ones_like(loss)))
         else:  # fp16: backward starts from the loss scale (the gradients come out scaled by it)
-            seed = sym(g.loss_scale)
+            seed = tape.sym(g.loss_scale)
             seed = seed if seed.dtype == loss.dtype else seed.astype(loss.dtype)
-            grads[g.loss] = seed if loss.shape == () else seed.reshape(loss.shape)
-        for n in reversed(g.nodes):
-            gouts = [grads.pop(o, None) for o in n.outputs]
-            if all(x is None for x in gouts) or not any(i in needs for i in n.inputs):
-                continue
-            ins = [sym(i) for i in n.inputs]
-            for t, i in zip(ins, n.inputs):
-                t.requires_grad = i in needs
-            if n.kind == "boxing":  # a layout change: its gradient goes back to the input's layout
-                in_grads = [tracer.layout_change_back(gouts[0], n.inputs[0])]
-            else:
-                op = OPS[n.op]
-                outs = [sym(o) for o in n.outputs]
-                b = _Builder(tuple(i in needs for i in n.inputs))
-                if op.multi_output:
-                    in_grads = op.grad(b, tuple(gouts), tuple(outs), *ins, **n.attr)
-                else:
-                    in_grads = op.grad(b, gouts[0], outs[0], *ins, **n.attr)
-            for i, gi in zip(n.inputs, in_grads):
-                if gi is None or i not in needs:
-                    continue
-                if type(gi._data) is not Symbol:
-                    gi = Tensor(tracer.symbol_of(gi))
-                if gi.dtype != g.values[i].dtype:  # an op that promoted: the input's own dtype
-                    gi = gi.astype(g.values[i].dtype)
-                grads[i] = gi if i not in grads else grads[i] + gi
-    var_grads = {vid: grads[vid]._data.value.id for vid in g.variables.values() if vid in grads}
+            seed = seed if loss.shape == () else seed.reshape(loss.shape)
+        grads = {g.loss: (seed, False)}
+        walk(g.nodes, grads, tape, _Builder)
+    var_grads = {vid: grads[vid][0]._data.value.id for vid in g.variables.values() if vid in grads}
     new_nodes = list(tracer.nodes)
     # A variable used on another placement (a pipeline stage borrowing it): its gradient's move
     # back is linear, so the gradient is accumulated where it is made and moved once per step,
@@ -120,13 +97,40 @@ def autodiff(g: Graph, **_) -> Graph:
 
 
 def _ones_like(v: Value):
-    import numpy as np  # noqa: PLC0415
-
-    from flowsys.global_tensor import make_global  # noqa: PLC0415
-    from flowsys.sbp import broadcast  # noqa: PLC0415
-
     ones = np.ones(v.shape, dtype=v.dtype)
-    return make_global(ones, v.placement, broadcast) if v.placement is not None else ones
+    return make_global(ones, v.placement, Broadcast()) if v.placement is not None else ones
+
+
+class _GraphTape(Engine):
+    """The autodiff pass's side of the walk: IR nodes, read as tensors holding symbols; a
+    boxing node's gradient is its output's gradient moved back to the input's layout."""
+
+    def __init__(self, tracer: Tracer, needs: set[int]):
+        self.tracer, self.needs = tracer, needs
+        self.boxing = OpDef("to_global", kernel=None, infer=None, sbp=None,
+                            grad=lambda b, g, out, x, **_: [tracer.layout_change_back(g, x._data.value.id)])
+
+    def sym(self, vid: int) -> Tensor:
+        return Tensor(Symbol(self.tracer.values[vid]))
+
+    def outputs(self, n: Node):
+        return n.outputs
+
+    def applied(self, n: Node):
+        ins = [self.sym(i) for i in n.inputs]
+        for t, i in zip(ins, n.inputs):
+            t.requires_grad = i in self.needs
+        op = self.boxing if n.kind == "boxing" else OPS[n.op]
+        return op, ins, [self.sym(o) for o in n.outputs], n.attr
+
+    def gradient(self, g: Tensor) -> Tensor:
+        """Symbols only: a gradient a rule made from constants becomes a constant of the graph."""
+        return g if type(g._data) is Symbol else Tensor(self.tracer.symbol_of(g._data))
+
+    def accumulate(self, pending: dict, t: Tensor, g: Tensor, owned: bool) -> None:
+        i = t._data.value.id
+        prev = pending.get(i)
+        pending[i] = (g, False) if prev is None else (prev[0] + g, False)
 
 
 def _recompute(chain: list[Node], users: list[Node], start: dict[int, int], values: dict, ids) -> tuple[list, dict]:

@@ -1,9 +1,11 @@
 """Tracing ``Graph.build()`` into the IR.
 
 While a :class:`Tracer` is active, tensors may hold a :class:`Symbol` (a graph value) instead
-of an array; :func:`flowsys.tensor.apply` sends any op with a symbolic input to
-:meth:`Tracer.record`, which appends a node after running the op's inference (so shape errors
-surface at compile time, naming the op). Arrays met along the way (a ``fs.arange`` inside
+of an array. Its value kind, :class:`SymbolKind`, registers with ``flowsys.value`` when this
+module is imported (no Symbol exists before), so ``flowsys.tensor`` needs no import of the
+tracer; it outranks the other kinds, so :func:`flowsys.tensor.apply` sends any op with a symbolic
+input to :meth:`Tracer.record`, which appends a node after the op's inference has run (so shape
+errors surface at compile time, naming the op). Arrays met along the way (a ``fs.arange`` inside
 ``build``, Python scalars) become constants. Reading a value inside ``build`` — ``.numpy()``,
 ``.item()``, ``if tensor:`` — is a :class:`GraphError`: the graph must not depend on data.
 """
@@ -15,13 +17,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flowsys import device as _device
 from flowsys.global_tensor import GlobalValue, make_global, single_placement
 from flowsys.graph.ir import Graph, GraphError, Node, Value
 from flowsys.layout import normalize_sbp
 from flowsys.ops import OpDef
 from flowsys.ops.registry import is_floating
 from flowsys.planformat import SeedRef
+from flowsys.precision import autocast, low_dtype
 from flowsys.sbp import broadcast
+from flowsys.tensor import Tensor, store, stored
+from flowsys.value import ValueKind, register
 
 
 class Symbol:
@@ -83,8 +89,9 @@ class Tracer:
         self.constants[v.id] = data
         return Symbol(v)
 
-    def symbol_of(self, t) -> Symbol:
-        return t._data if type(t._data) is Symbol else self.constant(t._data)
+    def symbol_of(self, data) -> Symbol:
+        """A tensor value as a graph value: itself if traced, else a constant."""
+        return data if type(data) is Symbol else self.constant(data)
 
     def add_node(self, kind: str, op: str, inputs: Sequence[int], outputs: Sequence[int], attrs: dict, sig=None) -> Node:
         node = Node(next(self._ids), kind, op, tuple(inputs), tuple(outputs), tuple(sorted(attrs.items())), self.phase, sig,
@@ -92,10 +99,9 @@ class Tracer:
         self.nodes.append(node)
         return node
 
-    def record(self, op: OpDef, tensors, attrs: dict, out_spec):
-        from flowsys.tensor import Tensor  # noqa: PLC0415 - tensor imports this module
-
-        syms = [self.symbol_of(t) for t in tensors]
+    def record(self, op: OpDef, datas, attrs: dict, out_spec) -> tuple[Symbol, ...]:
+        """Op ``op`` on values ``datas`` as a node; its output symbols."""
+        syms = [self.symbol_of(d) for d in datas]
         placements = [s.value.placement for s in syms if s.value.placement is not None]
         placement = None
         if placements:
@@ -108,44 +114,32 @@ class Tracer:
         specs = tuple(out_spec) if op.multi_output else (out_spec,)
         outs = [self.new_value(s.shape, s.dtype, placement) for s in specs]
         self.add_node("op", op.name, [s.value.id for s in syms], [v.id for v in outs], attrs)
-        needs_grad = any(t.requires_grad for t in tensors)
-        results = []
-        for v in outs:
-            t = Tensor(Symbol(v))
-            t.requires_grad = needs_grad and is_floating(v.dtype)
-            results.append(t)
-        return tuple(results) if op.multi_output else results[0]
+        return tuple(Symbol(v) for v in outs)
 
     def _broadcast_constant(self, sym: Symbol, placement) -> Symbol:
         data = self.constants.pop(sym.value.id)
         del self.values[sym.value.id]
         return self.constant(make_global(np.asarray(data), placement, broadcast))
 
-    def layout_change(self, t, placement, sbp):
+    def layout_change(self, data, placement, sbp) -> Symbol:
         """``x.to_global(...)`` inside build(): a boxing node whose output layout is pinned."""
-        from flowsys.tensor import Tensor  # noqa: PLC0415 - tensor imports this module
-
-        sym = self.symbol_of(t)
+        sym = self.symbol_of(data)
         placement = placement if placement is not None else sym.value.placement
         if placement is None:
             raise GraphError("to_global inside build(): a local tensor needs a placement")
         nd = normalize_sbp(sbp, placement, sym.value.shape) if sbp is not None else None
         out = self.new_value(sym.value.shape, sym.value.dtype, placement, nd)
         self.add_node("boxing", "to_global", [sym.value.id], [out.id], {"placement": placement, "sbp": nd})
-        r = Tensor(Symbol(out))
-        r.requires_grad = t.requires_grad
-        return r
+        return Symbol(out)
 
     def layout_change_back(self, g, like: int):
         """The gradient of a layout change: ``g`` converted to the layout of value ``like`` (a
         partial sum's gradient replicated), resolved by SBP inference."""
-        from flowsys.tensor import Tensor  # noqa: PLC0415
-
         src = self.values[like]
         if src.placement is None:
             raise GraphError("to_global inside build() on a local tensor that needs a gradient: make it global "
                              "before calling the graph (x.to_global(...)) instead")
-        sym = self.symbol_of(g)
+        sym = self.symbol_of(g._data)
         out = self.new_value(src.shape, src.dtype, src.placement)
         self.add_node("boxing", "to_global", [sym.value.id], [out.id], {"like": like})
         return Tensor(Symbol(out))
@@ -178,14 +172,54 @@ def untraceable(what: str) -> GraphError:
         f"such as fs.where")
 
 
+class SymbolKind(ValueKind):
+    """A traced value. Ops on it become nodes of the traced graph, which is also its autograd
+    record: the autodiff pass differentiates it from the loss ``backward()`` marks. It has no
+    value to read: that is an :func:`untraceable` build."""
+
+    priority = 2
+
+    def device(self, v: Symbol) -> str:
+        return v.placement.type if v.placement is not None else "cpu"
+
+    def xp(self, v: Symbol):
+        return _device.array_module(self.device(v))
+
+    def placement(self, v: Symbol):
+        return v.placement
+
+    def logical(self, v: Symbol):
+        raise untraceable("reading a tensor's value (.numpy(), .item(), bool(), a Python `if` on it)")
+
+    def run(self, op: OpDef, datas, attrs: dict, out_spec) -> tuple[Symbol, ...]:
+        return active().record(op, datas, attrs, out_spec)
+
+    def record(self, op: OpDef, inputs, attrs: dict, outs) -> None:
+        """No tape: an output needs a gradient where an input does (grad mode aside; the
+        autodiff pass decides from the graph)."""
+        needs_grad = any(t.requires_grad for t in inputs)
+        for o in outs:
+            o.requires_grad = needs_grad and is_floating(o.dtype)
+
+    def to_global(self, v: Symbol, placement, sbp) -> Symbol:
+        return active().layout_change(v, placement, sbp)
+
+    def mark_loss(self, t) -> bool:
+        active().mark_loss(t)
+        return True
+
+    def describe(self, v: Symbol, requires_grad: bool) -> str:
+        return f"<traced value {v.value.id}: {v.value.dtype.name}{list(v.value.shape)}>"
+
+
+register(Symbol, SymbolKind())
+
+
 def trace(fn, args, variables: dict[str, Any], start_id: int = 0, precision: str = "fp32",
           loss_scaling: bool = False) -> Graph:
     """Trace ``fn(*args)`` with ``variables`` (name -> Parameter) made symbolic, under the
     ``precision`` policy (``flowsys.precision``); ``loss_scaling`` adds a last input, the scalar
     loss scale the backward pass starts from (fp16)."""
-    from flowsys.precision import autocast, low_dtype  # noqa: PLC0415
-    from flowsys.tensor import Tensor, store, stored  # noqa: PLC0415
-
     tracer = Tracer(start_id)
     inputs, saved, var_ids = [], {}, {}
     sym_args = []
