@@ -21,8 +21,8 @@ import types as _types
 from flowsys import sbp
 from flowsys.autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from flowsys.errors import (
-    ArgumentError, AxisError, CommunicationError, ConfigError, DTypeError, FlowsysError, GradError, IndexOutOfRange, PlacementError,
-    RankFailed, SbpError, ShapeError, StateDictError,
+    ArgumentError, AxisError, CommunicationError, ConfigError, DTypeError, FlowsysError, GradError, GraphError,
+    IndexOutOfRange, PlacementError, RankFailed, SbpError, ShapeError, StateDictError,
 )
 from flowsys.placement import Placement, placement
 
@@ -77,7 +77,7 @@ _LAZY = {
         "zeros_like", "concatenate", "split", "swapaxes", "transpose", "allclose"], "flowsys.functions"),
     **dict.fromkeys(_ARRAY_API, "flowsys.array_api"),
     **{name: f"flowsys.{name}" for name in ("nn", "optim", "models", "data", "checkpoint", "linalg", "fft")},
-    "Graph": "flowsys.graph.api", "GraphConfig": "flowsys.graph.api", "GraphError": "flowsys.graph.ir",
+    "Graph": "flowsys.graph.api", "GraphConfig": "flowsys.graph.api",
     "init": "flowsys.runtime", "shutdown": "flowsys.runtime",
     "profile": "flowsys.profiler", "Profile": "flowsys.profiler",
     "autocast": "flowsys.precision", "LossScaler": "flowsys.precision",

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import flowsys as _flowsys
-from flowsys.errors import ArgumentError, AxisError, DTypeError, ShapeError
-from flowsys.graph.ir import GraphError
+from flowsys.errors import ArgumentError, AxisError, DTypeError, GraphError, ShapeError
 from flowsys.functions import _place, asarray
 from flowsys.ops.math import BINARY, UNARY, check_category, real_dtype
 from flowsys.ops.registry import bfloat16, is_floating, normalize_axes, normalize_axis, promote_types

@@ -36,6 +36,10 @@ class GradError(FlowsysError, RuntimeError):
     """Autograd misuse: backward() on a non-scalar without a gradient, on a tensor without grad."""
 
 
+class GraphError(FlowsysError, RuntimeError):
+    """A graph that cannot be built or compiled: untraceable code, a bad build() result, a pass bug."""
+
+
 class StateDictError(FlowsysError, RuntimeError):
     """A state dict that does not match the module: missing, unexpected or wrongly shaped keys."""
 

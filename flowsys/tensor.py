@@ -27,7 +27,7 @@ from flowsys import device as _device
 from flowsys import precision as _precision
 from flowsys.autodiff import Engine, Node, walk
 from flowsys.autograd import no_grad
-from flowsys.errors import DTypeError, GradError, PlacementError, ShapeError
+from flowsys.errors import DTypeError, GradError, GraphError, PlacementError, ShapeError
 from flowsys.global_tensor import make_global
 from flowsys.ops import OPS, OpDef, Spec
 from flowsys.ops.registry import bfloat16, float16, is_floating, normalize_axes, normalize_axis, promote_types
@@ -758,12 +758,20 @@ def _axis_attr(axis):
 
 
 def _normalize_index(index):
-    """Tensors and lists inside an index become NumPy arrays (constants of the op)."""
+    """Tensors and lists inside an index become NumPy arrays (constants of the op). A traced
+    tensor cannot be one: a boolean mask's result has as many elements as the mask has true
+    values, which a graph does not know when it is traced."""
     items = index if isinstance(index, tuple) else (index,)
     out = []
     for i in items:
         if isinstance(i, Tensor):
-            i = i.numpy()
+            try:
+                i = i.numpy()
+            except GraphError:
+                raise GraphError(
+                    "indexing with a tensor computed inside Graph.build(): with a boolean mask the output's shape "
+                    "depends on the mask's values (as under jax.jit); use fs.where(mask, x, 0) for a fixed shape, "
+                    "or fs.take / fs.take_along_axis for integer indices") from None
         elif isinstance(i, list):
             i = np.asarray(i)
         elif isinstance(i, np.integer):

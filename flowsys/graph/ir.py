@@ -16,12 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from flowsys.errors import FlowsysError
+from flowsys.errors import GraphError  # noqa: F401  (re-exported: graph code raises it from here)
 from flowsys.ops import OPS, Spec
-
-
-class GraphError(FlowsysError, RuntimeError):
-    """A graph that cannot be built or compiled: untraceable code, a bad build() result, a pass bug."""
 
 
 @dataclass(frozen=True, slots=True)
