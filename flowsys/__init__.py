@@ -74,8 +74,8 @@ _LAZY = {
     **dict.fromkeys(["Tensor", "float16", "bfloat16", "bool_"], "flowsys.tensor"),
     **dict.fromkeys([
         "arange", "asarray", "full", "manual_seed", "ones", "ones_like", "rand", "randint", "randn", "tensor", "zeros",
-        "zeros_like", "concatenate", "split", "swapaxes", "transpose", "allclose"], "flowsys.functions"),
-    **dict.fromkeys(_ARRAY_API, "flowsys.array_api"),
+        "zeros_like", "split", "swapaxes", "transpose", "allclose"], "flowsys.functions"),
+    **dict.fromkeys((*_ARRAY_API, "concatenate"), "flowsys.array_api"),
     **{name: f"flowsys.{name}" for name in ("nn", "optim", "models", "data", "checkpoint", "linalg", "fft")},
     "Graph": "flowsys.graph.api", "GraphConfig": "flowsys.graph.api",
     "init": "flowsys.runtime", "shutdown": "flowsys.runtime",

@@ -23,11 +23,12 @@ import math
 from collections import namedtuple
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 import flowsys as _flowsys
 from flowsys.errors import ArgumentError, AxisError, DTypeError, GraphError, ShapeError
-from flowsys.functions import _place, asarray
+from flowsys.functions import _place, asarray, zeros, zeros_like
 from flowsys.ops.math import BINARY, UNARY, check_category, real_dtype
 from flowsys.ops.registry import bfloat16, is_floating, normalize_axes, normalize_axis, promote_types
 from flowsys.tensor import DEFAULT_FLOAT, Tensor, _float_pair, _operand, _pair, apply
@@ -325,6 +326,11 @@ def broadcast_arrays(*arrays) -> list[Tensor]:
     arrays = [_t(a) for a in arrays]
     shape = broadcast_shapes(*(a.shape for a in arrays))
     return [a if a.shape == shape else broadcast_to(a, shape) for a in arrays]
+
+
+def concatenate(arrays, axis: int = 0):
+    """NumPy's name for :func:`concat`."""
+    return concat(arrays, axis=axis)
 
 
 def concat(arrays, /, axis=0):
@@ -631,8 +637,6 @@ def finfo(type, /) -> finfo_object:  # noqa: A002 - the standard's name
     dtype = _dtype_of(type)
     if not (is_floating(dtype) or dtype.kind == "c"):
         raise DTypeError(f"finfo: takes a floating-point dtype, got {dtype}; iinfo describes integers")
-    import ml_dtypes  # noqa: PLC0415 - only for bfloat16
-
     f = ml_dtypes.finfo(dtype) if dtype == bfloat16 else np.finfo(dtype)
     return finfo_object(int(f.bits), float(f.eps), float(f.max), float(f.min), float(f.smallest_normal),
                         real_dtype(dtype))
@@ -651,14 +655,10 @@ def iinfo(type, /) -> iinfo_object:  # noqa: A002
 
 def empty(shape, *more, dtype=None, device=None, **kw):
     """Like :func:`zeros` (flowsys does not hand out uninitialised memory)."""
-    from flowsys.functions import zeros  # noqa: PLC0415 - the creation functions live there
-
     return zeros(shape, *more, dtype=dtype, device=device, **kw)
 
 
 def empty_like(x, /, *, dtype=None, device=None):
-    from flowsys.functions import zeros_like  # noqa: PLC0415
-
     return zeros_like(x, dtype=dtype, device=device)
 
 

@@ -234,13 +234,6 @@ def swapaxes(x, a: int, b: int) -> Tensor:
     return (x if isinstance(x, Tensor) else tensor(x)).swapaxes(a, b)
 
 
-def concatenate(xs, axis: int = 0) -> Tensor:
-    """NumPy's name for the standard's ``concat``."""
-    from flowsys.array_api import concat  # noqa: PLC0415 - array_api builds on this module
-
-    return concat(xs, axis=axis)
-
-
 def split(x, indices_or_sections, axis: int = 0) -> list[Tensor]:
     """Like ``np.split``: ``sections`` equal parts, or cut before each index in a list."""
     ios = indices_or_sections if isinstance(indices_or_sections, int) else tuple(int(i) for i in indices_or_sections)
