@@ -1,7 +1,8 @@
 """The NCCL transport: one rank per CUDA device, through CuPy's ``cupy.cuda.nccl``.
 
-CuPy is optional (``pip install flowsys[cuda]`` installs ``cupy-cuda12x``): this module imports it
-only when a communicator is built, so ``import comm.nccl`` works everywhere, and
+CuPy is optional (``pip install flowsys[cuda]`` installs ``cupy-cuda12x``, ``flowsys[cuda13]``
+``cupy-cuda13x``): this module imports it only when a communicator is built, so
+``import comm.nccl`` works everywhere, and
 :func:`available` / :func:`why_unavailable` say whether it can run here.
 
 The driver draws one id with :func:`nccl_unique_id` (128 bytes, nothing to pickle) and hands it
@@ -64,7 +65,7 @@ import numpy as np
 from comm import algorithms as alg
 from comm.base import CommError, Communicator
 
-INSTALL_HINT = "pip install flowsys[cuda]"
+INSTALL_HINT = "pip install flowsys[cuda] (CUDA 12) or flowsys[cuda13] (CUDA 13)"
 
 # The message header: tag, dtype (index into _DTYPES), ndim, shape (256 bytes in all).
 _DTYPES = tuple(np.dtype(name) for name in (

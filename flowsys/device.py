@@ -19,7 +19,7 @@ def array_module(device: str):
         try:
             import cupy  # noqa: PLC0415 - optional dependency
         except ImportError:
-            raise FlowsysError("device 'cuda' needs CuPy: pip install 'flowsys[cuda]' on a machine with a GPU") from None
+            raise FlowsysError("device 'cuda' needs CuPy: pip install 'flowsys[cuda]' (CUDA 12) or 'flowsys[cuda13]' (CUDA 13) on a machine with a GPU") from None
         return cupy
     raise FlowsysError(f"unknown device {device!r}; expected one of {DEVICES}")
 
