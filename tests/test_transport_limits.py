@@ -194,7 +194,8 @@ def test_nothing_is_left_in_dev_shm_when_a_stopped_receiver_is_killed(secret):
         os.kill(child.pid, signal.SIGSTOP)  # it maps nothing now
         for _ in range(5):
             a.send(np.ones(1 << 17), 1)
-        assert len(job_files(secret)) == 5
+        # send returns once the message is queued: the sender thread writes the segments after
+        until(lambda: len(job_files(secret)) == 5, "the sender wrote a segment per message")
         os.kill(child.pid, signal.SIGKILL)
         with pytest.raises(CommError, match=r"rank 1\b"):
             a.recv(1)
