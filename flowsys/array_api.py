@@ -31,7 +31,7 @@ from flowsys.errors import ArgumentError, AxisError, DTypeError, GraphError, Sha
 from flowsys.functions import _place, asarray, zeros, zeros_like
 from flowsys.ops.math import BINARY, UNARY, check_category, real_dtype
 from flowsys.ops.registry import bfloat16, is_floating, normalize_axes, normalize_axis, promote_types
-from flowsys.tensor import DEFAULT_FLOAT, Tensor, _float_pair, _operand, _pair, apply
+from flowsys.tensor import DEFAULT_FLOAT, Tensor, _axis_attr, _float_pair, _operand, _pair, apply
 
 __array_api_version__ = "2024.12"
 
@@ -127,16 +127,18 @@ def clip(x, /, min=None, max=None):  # noqa: A002 - the standard's names
 # --------------------------------------------------------------------------------- statistics
 
 
+def _dtype_attr(dtype):
+    return None if dtype is None else np.dtype(dtype)
+
+
 def sum(x, /, axis=None, *, dtype=None, keepdims: builtins.bool = False):  # noqa: A001
     """Integers and bools sum in int64 (uint64 for unsigned), floats in their own type."""
-    x = _t(x)
-    return apply("sum", x, axis=_axis_attr(axis), keepdims=keepdims, dtype=None if dtype is None else np.dtype(dtype))
+    return apply("sum", _t(x), axis=_axis_attr(axis), keepdims=keepdims, dtype=_dtype_attr(dtype))
 
 
 def prod(x, /, axis=None, *, dtype=None, keepdims: builtins.bool = False):
-    """The product (integers in int64 / uint64). No gradient rule: see ``flowsys.ops.arrays``."""
-    x = _t(x)
-    return apply("prod", x, axis=_axis_attr(axis), keepdims=keepdims, dtype=None if dtype is None else np.dtype(dtype))
+    """The product (integers in int64 / uint64). No gradient rule: see ``flowsys.ops.reduce``."""
+    return apply("prod", _t(x), axis=_axis_attr(axis), keepdims=keepdims, dtype=_dtype_attr(dtype))
 
 
 def mean(x, /, axis=None, *, keepdims: builtins.bool = False):
@@ -167,8 +169,7 @@ def _scan(op, x, axis, dtype, include_initial):
             raise AxisError(f"{op}: axis=None takes a 1-D tensor, got shape {x.shape}; pass axis=")
         axis = 0
     axis = normalize_axis(op, axis, x.shape)
-    return apply(op, x, axis=axis, include_initial=builtins.bool(include_initial),
-                 dtype=None if dtype is None else np.dtype(dtype))
+    return apply(op, x, axis=axis, include_initial=builtins.bool(include_initial), dtype=_dtype_attr(dtype))
 
 
 def cumulative_sum(x, /, axis=None, *, dtype=None, include_initial: builtins.bool = False):
@@ -185,12 +186,7 @@ def cumulative_prod(x, /, axis=None, *, dtype=None, include_initial: builtins.bo
 
 
 def argmax(x, /, axis=None, *, keepdims: builtins.bool = False):
-    x = _t(x)
-    if axis is not None:
-        axis = normalize_axis("argmax", axis, x.shape)
-    elif x.size == 0:
-        raise ShapeError(f"argmax: an empty tensor (shape {x.shape}) has no largest element")
-    return apply("argmax", x, axis=axis, keepdims=keepdims)
+    return _t(x).argmax(axis, keepdims)
 
 
 def argmin(x, /, axis=None, *, keepdims: builtins.bool = False):
@@ -305,10 +301,6 @@ def sort(x, /, axis=-1, *, descending: builtins.bool = False, stable: builtins.b
 
 
 # -------------------------------------------------------------------------------- manipulation
-
-
-def _axis_attr(axis):
-    return tuple(axis) if isinstance(axis, list) else axis
 
 
 def broadcast_to(x, /, shape):
@@ -471,10 +463,7 @@ def matmul(x1, x2, /):
 
 
 def matrix_transpose(x, /):
-    x = _t(x)
-    if x.ndim < 2:
-        raise ShapeError(f"matrix_transpose: takes a stack of matrices (2 or more dimensions), got shape {x.shape}")
-    return x.swapaxes(-1, -2)
+    return _t(x).mT
 
 
 def tensordot(x1, x2, /, *, axes=2):

@@ -9,6 +9,7 @@ inputs and outputs are found, where gradients are summed) is the engine's, a :cl
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Sequence
 
 from flowsys.errors import GradError
@@ -23,18 +24,18 @@ class Node:
         self.op, self.inputs, self.attrs, self.out_data = op, inputs, attrs, out_data
 
 
-class Engine:
+class Engine(abc.ABC):
     """What :func:`walk` asks of an engine. Pending gradients are ``(tensor, owned)`` pairs,
     ``owned`` saying whether the engine may add into the tensor's array in place."""
 
+    @abc.abstractmethod
     def outputs(self, node) -> Sequence:
         """The keys of ``node``'s outputs among the pending gradients."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def applied(self, node) -> tuple[Any, Sequence, Sequence, dict]:
         """``(op, inputs, outputs, attrs)`` of ``node`` as tensors; an input's ``requires_grad``
         says whether it needs a gradient."""
-        raise NotImplementedError
 
     def owned(self, node, pending: list, in_grads) -> Sequence[bool]:
         """Which of the rule's input gradients the engine owns (none unless it says so)."""
@@ -44,9 +45,9 @@ class Engine:
         """An input gradient as the engine keeps it (the rule's tensor itself unless it says so)."""
         return g
 
+    @abc.abstractmethod
     def accumulate(self, pending: dict, t, g, owned: bool) -> None:
         """Add gradient ``g`` (checked against input ``t``) to what ``t`` has received."""
-        raise NotImplementedError
 
 
 def walk(nodes: Sequence, pending: dict, engine: Engine, builder) -> None:

@@ -11,6 +11,7 @@ instead of testing types, and a tensor method or op is written once for all thre
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,23 +19,25 @@ import numpy as np
 from flowsys import device as _device
 from flowsys.autodiff import Node
 from flowsys.autograd import is_grad_enabled
-from flowsys.errors import PlacementError, ShapeError
+from flowsys.errors import GradError, PlacementError, ShapeError
 from flowsys.ops.registry import bfloat16, is_floating
 
 
-class ValueKind:
+class ValueKind(abc.ABC):
     """One kind of tensor value. Methods take the value (``v``), or the tensor where they need
     its autograd state (``t``); they never make tensors, which is ``tensor.py``'s job. What is
-    defined here is shared by more than one kind; the rest each kind defines."""
+    defined here is shared by more than one kind; the abstract methods each kind defines, and
+    the eager tape's (``layout_grad``, ``accumulate``, ``add``) the kinds whose values reach it."""
 
     priority = 0  # an op on several kinds of value runs as the highest says: traced > global > eager
 
+    @abc.abstractmethod
     def device(self, v) -> str:
-        raise NotImplementedError
+        """The device type the value lives on ("cpu", "cuda")."""
 
+    @abc.abstractmethod
     def xp(self, v):
         """The array module the value's kernels run against."""
-        raise NotImplementedError
 
     def placement(self, v):
         """The devices a global value lives on (None for a local one)."""
@@ -44,13 +47,13 @@ class ValueKind:
         """One SBP value per mesh axis of a global value (None otherwise)."""
         return None
 
+    @abc.abstractmethod
     def logical(self, v):
         """The whole value as one array of its module (a global value gathered on the driver)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def run(self, op, datas: Sequence, attrs: dict, out_spec) -> tuple:
         """Op ``op`` applied to values ``datas`` (at least one of this kind): its output values."""
-        raise NotImplementedError
 
     def record(self, op, inputs: Sequence, attrs: dict, outs: Sequence) -> None:
         """How the op's output tensors ``outs`` join autograd: on the eager tape, a :class:`Node`
@@ -60,9 +63,9 @@ class ValueKind:
             for i, o in enumerate(outs):
                 o._node, o._index, o.requires_grad = node, i, is_floating(o._data.dtype)
 
+    @abc.abstractmethod
     def to_global(self, v, placement, sbp):
         """The value laid out over ``placement`` as ``sbp`` says (``v`` itself if it is already)."""
-        raise NotImplementedError
 
     def to_local(self, v, rank: int):
         """Rank ``rank``'s shard of a global value."""
@@ -83,17 +86,17 @@ class ValueKind:
     def layout_grad(self, v, g):
         """The gradient of a layout change whose input was ``v``: the output's gradient ``g``
         (of any kind) in the input's layout."""
-        raise NotImplementedError
+        raise _off_tape(self, "layout_grad")
 
     def accumulate(self, v, acc, g, owned: bool):
         """Gradient ``g`` (of any kind) of a leaf holding ``v``, added into its gradient ``acc``
         in place, or (``acc`` None) as its new gradient, which must not share ``g``'s memory
         unless ``owned`` says the backward pass owns it."""
-        raise NotImplementedError
+        raise _off_tape(self, "accumulate")
 
     def add(self, a, a_owned: bool, b, b_owned: bool) -> tuple[Any, bool]:
         """The sum of two gradient contributions and whether the backward pass owns it."""
-        raise NotImplementedError
+        raise _off_tape(self, "add")
 
     def copy_(self, v, src) -> None:
         """Overwrite ``v`` in place with value ``src``."""
@@ -117,6 +120,12 @@ class ValueKind:
         """Where the value lives, as ``repr`` says it."""
         device = self.device(v)
         return "" if device == "cpu" else f", device='{device}'"
+
+
+def _off_tape(kind: ValueKind, what: str) -> GradError:
+    """A tape-only method asked of a kind whose values never reach the eager tape (a traced
+    value: the graph's autodiff pass differentiates it)."""
+    return GradError(f"internal: {type(kind).__name__}.{what}: its values are not on the eager tape")
 
 
 KINDS: dict[type, ValueKind] = {}  # value type -> kind; any other type is an eager array

@@ -91,21 +91,26 @@ def _dependencies(rp, k: int) -> dict[tuple, set[tuple]]:
     for op in rp.ops:
         for v in op.outputs:
             writers.setdefault(v, []).append(op)
-    memo: dict[int, set] = {}
+    memo: dict[int, frozenset] = {}  # op id -> the communication ops whose outputs it reads, through other ops
 
-    def upstream(op) -> set:
-        """The communication ops whose outputs ``op`` reads, directly or through other ops."""
-        if op.id in memo:
-            return memo[op.id]
-        memo[op.id] = set()
-        found = set()
-        for v in op.inputs:
-            for w in writers.get(v, ()):
-                if w.id == op.id:
-                    continue
-                found |= {w.id} if w.kind in COMMUNICATION else upstream(w)
-        memo[op.id] = found
-        return found
+    def upstream(root) -> frozenset:
+        """Iterative (a deep model's plan chains thousands of ops: no recursion limit)."""
+        stack, entered = [(root, False)], set()
+        while stack:
+            op, ready = stack.pop()
+            if op.id in memo:
+                continue
+            sources = [w for v in op.inputs for w in writers.get(v, ()) if w.id != op.id]
+            if not ready:
+                entered.add(op.id)
+                stack.append((op, True))
+                stack.extend((w, False) for w in sources if w.kind not in COMMUNICATION and w.id not in entered)
+                continue
+            found: set = set()
+            for w in sources:
+                found |= {w.id} if w.kind in COMMUNICATION else memo.get(w.id, frozenset())
+            memo[op.id] = frozenset(found)
+        return memo[root.id]
 
     by_id = {op.id: op for op in rp.ops}
     deps: dict[tuple, set[tuple]] = {}

@@ -1,10 +1,10 @@
-"""The Array API standard's ops along an axis: scans, products, orderings, triangles, repeats.
+"""The Array API standard's ops along an axis: scans, orderings, triangles, repeats.
 
 Each keeps its axis whole on a rank: any other axis may be split (``along`` rows), as for
 softmax. Sorting is ``argsort`` then ``take_along_axis``, so its gradient is the gather's adjoint
-(a scatter-add). ``prod`` and ``cumulative_prod`` register no gradient rule: the product rule
-divides by the input, wrong where it is zero, and flowsys gives no gradient rather than a wrong
-one (``flowsys.array_api`` says so where they are documented).
+(a scatter-add). ``cumulative_prod`` registers no gradient rule (nor does ``prod``, a reduction
+in ``flowsys.ops.reduce``): the product rule divides by the input, wrong where it is zero, and
+flowsys gives no gradient rather than a wrong one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 
 from flowsys.errors import ArgumentError, DTypeError, ShapeError
 from flowsys.ops import sbp_rules as R
+from flowsys.ops.reduce import accumulation_dtype
 from flowsys.ops.registry import (Spec, copy_cost, flops_per_input, flops_per_output, gather_cost, normalize_axes,
                                   normalize_axis, register, scatter_add_cost)
 
@@ -32,60 +33,6 @@ def _along(*partial, n_in=1):
     return rows
 
 
-def accumulation_dtype(op: str, dtype: np.dtype, requested=None) -> np.dtype:
-    """The standard's result type of a sum or product: integers widen to the default integer
-    type of their signedness (int64 / uint64), bools count as integers, floats keep theirs."""
-    if requested is not None:
-        return np.dtype(requested)
-    if dtype.kind in "bi":
-        return np.dtype(np.int64)
-    if dtype.kind == "u":
-        return np.dtype(np.uint64)
-    return dtype
-
-
-# ---------------------------------------------------------------------------------- reductions
-
-
-def _prod_infer(x: Spec, *, axis=None, keepdims=False, dtype=None) -> Spec:
-    axes = normalize_axes("prod", axis, x.shape)
-    shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape)) if keepdims else \
-        tuple(d for i, d in enumerate(x.shape) if i not in axes)
-    return Spec(shape, accumulation_dtype("prod", x.dtype, dtype))
-
-
-def _prod_rows(specs, attrs):
-    x = specs[0]
-    return R.reduction(x, normalize_axes("prod", attrs.get("axis"), x.shape), attrs.get("keepdims", False), linear=False)
-
-
-@register("prod", infer=_prod_infer, sbp=_prod_rows, cost=flops_per_input(1))
-def prod(xp, x, *, axis=None, keepdims=False, dtype=None):
-    return xp.prod(x, axis=axis, keepdims=keepdims, dtype=accumulation_dtype("prod", x.dtype, dtype))
-
-
-def _argmin_infer(x: Spec, *, axis=None, keepdims=False) -> Spec:
-    axes = normalize_axes("argmin", axis, x.shape)
-    if any(x.shape[a] == 0 for a in axes) or (axis is None and 0 in x.shape):
-        raise ShapeError(f"argmin: cannot reduce over an empty axis of a tensor of shape {x.shape}")
-    if axis is None:
-        return Spec((1,) * x.ndim if keepdims else (), np.dtype(np.int64))
-    shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape)) if keepdims else \
-        tuple(d for i, d in enumerate(x.shape) if i not in axes)
-    return Spec(shape, np.dtype(np.int64))
-
-
-def _argmin_rows(specs, attrs):
-    x = specs[0]  # indices along a split axis would be shard-local: only kept axes split
-    return R.reduction(x, normalize_axes("argmin", attrs.get("axis"), x.shape), attrs.get("keepdims", False),
-                       linear=False)
-
-
-@register("argmin", infer=_argmin_infer, sbp=_argmin_rows, cost=flops_per_input(1))
-def argmin(xp, x, *, axis=None, keepdims=False):
-    return xp.argmin(x, axis=axis, keepdims=keepdims).astype(np.int64, copy=False)
-
-
 # --------------------------------------------------------------------------------------- scans
 
 
@@ -94,7 +41,7 @@ def _scan_infer(op):
         ax = normalize_axis(op, axis, x.shape)
         shape = list(x.shape)
         shape[ax] += bool(include_initial)
-        return Spec(tuple(shape), accumulation_dtype(op, x.dtype, dtype))
+        return Spec(tuple(shape), accumulation_dtype(x.dtype, dtype))
 
     return infer
 
@@ -111,13 +58,13 @@ def _cumsum_grad(b, g, out, x, *, axis, include_initial=False, dtype=None):
 @register("cumulative_sum", infer=_scan_infer("cumulative_sum"), sbp=_along(), grad=_cumsum_grad,
           cost=flops_per_output(1))
 def cumulative_sum(xp, x, *, axis, include_initial=False, dtype=None):
-    out = xp.cumsum(x, axis=axis, dtype=accumulation_dtype("cumulative_sum", x.dtype, dtype))
+    out = xp.cumsum(x, axis=axis, dtype=accumulation_dtype(x.dtype, dtype))
     return _with_initial(xp, out, axis, include_initial, 0)
 
 
 @register("cumulative_prod", infer=_scan_infer("cumulative_prod"), sbp=_along(), cost=flops_per_output(1))
 def cumulative_prod(xp, x, *, axis, include_initial=False, dtype=None):
-    out = xp.cumprod(x, axis=axis, dtype=accumulation_dtype("cumulative_prod", x.dtype, dtype))
+    out = xp.cumprod(x, axis=axis, dtype=accumulation_dtype(x.dtype, dtype))
     return _with_initial(xp, out, axis, include_initial, 1)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from flowsys.errors import ArgumentError, ShapeError
 from flowsys.ops import sbp_rules as R
+from flowsys.ops.linalg import _swap_last
 from flowsys.ops.math import check_category, real_dtype
 from flowsys.ops.registry import Cost, Spec, moved, numel, register, sum_to_shape
 
@@ -47,12 +48,6 @@ def _cubic(ins, outs, attrs):
     return Cost(2 * numel(ins[0]) * n, moved(ins, outs))
 
 
-def _t(b, x):
-    """The matrix transpose of ``x`` (the last two axes)."""
-    n = len(x.shape)
-    return b.transpose(x, axes=tuple(range(n - 2)) + (n - 1, n - 2))
-
-
 def _unsqueeze2(b, x):
     return b.reshape(x, shape=tuple(x.shape) + (1, 1))
 
@@ -66,7 +61,7 @@ def _inv_infer(x: Spec) -> Spec:
 
 
 @register("inv", infer=_inv_infer, sbp=_batch_rows(), cost=_cubic,
-          grad=lambda b, g, out, x: [b.neg(b.matmul(_t(b, out), b.matmul(g, _t(b, out))))])
+          grad=lambda b, g, out, x: [b.neg(b.matmul(_swap_last(b, out), b.matmul(g, _swap_last(b, out))))])
 def inv(xp, x):
     return xp.linalg.inv(x)
 
@@ -77,7 +72,7 @@ def _det_infer(x: Spec) -> Spec:
 
 
 @register("det", infer=_det_infer, sbp=_batch_rows(), cost=_cubic,
-          grad=lambda b, g, out, x: [b.mul(_unsqueeze2(b, b.mul(g, out)), _t(b, b.inv(x)))])
+          grad=lambda b, g, out, x: [b.mul(_unsqueeze2(b, b.mul(g, out)), _swap_last(b, b.inv(x)))])
 def det(xp, x):
     return xp.linalg.det(x)
 
@@ -89,7 +84,7 @@ def _slogdet_infer(x: Spec):
 
 def _slogdet_grad(b, gs, outs, x):
     g = gs[1]  # the sign is piecewise constant
-    return [None if g is None else b.mul(_unsqueeze2(b, g), _t(b, b.inv(x)))]
+    return [None if g is None else b.mul(_unsqueeze2(b, g), _swap_last(b, b.inv(x)))]
 
 
 @register("slogdet", infer=_slogdet_infer, sbp=_batch_rows(n_out=2), cost=_cubic, multi_output=True, grad=_slogdet_grad)
@@ -119,8 +114,8 @@ def _solve_grad(b, g, out, a, y):
     vec = len(y.shape) == 1
     g2 = b.reshape(g, shape=tuple(g.shape) + (1,)) if vec else g
     o2 = b.reshape(out, shape=tuple(out.shape) + (1,)) if vec else out
-    gy = b.solve(_t(b, a), g2)  # A^-T g
-    ga = b.neg(b.matmul(gy, _t(b, o2)))
+    gy = b.solve(_swap_last(b, a), g2)  # A^-T g
+    ga = b.neg(b.matmul(gy, _swap_last(b, o2)))
     gy = b.reshape(gy, shape=tuple(g.shape)) if vec else gy
     return [sum_to_shape(b, ga, tuple(a.shape)) if b.needs[0] else None,
             sum_to_shape(b, gy, tuple(y.shape)) if b.needs[1] else None]
@@ -141,13 +136,13 @@ def _cholesky_infer(x: Spec, *, upper=False) -> Spec:
 
 def _cholesky_grad(b, g, out, x, *, upper=False):
     """A = L L^T: dA = L^-T Phi(L^T dL) L^-1, symmetrised (Phi: the lower triangle, half diagonal)."""
-    low = _t(b, out) if upper else out
-    gl = _t(b, g) if upper else g
-    phi = b.tril(b.matmul(_t(b, low), gl), k=0)
+    low = _swap_last(b, out) if upper else out
+    gl = _swap_last(b, g) if upper else g
+    phi = b.tril(b.matmul(_swap_last(b, low), gl), k=0)
     phi = b.sub(phi, b.mul(b.sub(phi, b.tril(phi, k=-1)), 0.5))
     inv_l = b.inv(low)
-    ga = b.matmul(_t(b, inv_l), b.matmul(phi, inv_l))
-    return [b.mul(b.add(ga, _t(b, ga)), 0.5)]
+    ga = b.matmul(_swap_last(b, inv_l), b.matmul(phi, inv_l))
+    return [b.mul(b.add(ga, _swap_last(b, ga)), 0.5)]
 
 
 @register("cholesky", infer=_cholesky_infer, sbp=_batch_rows(), cost=_cubic, grad=_cholesky_grad)
@@ -169,7 +164,7 @@ def eigh(xp, x):
 
 def _eigvalsh_grad(b, g, out, x):
     _, v = b.eigh(x)  # dA = V diag(g) V^T
-    return [b.matmul(b.mul(v, b.reshape(g, shape=tuple(g.shape[:-1]) + (1, g.shape[-1]))), _t(b, v))]
+    return [b.matmul(b.mul(v, b.reshape(g, shape=tuple(g.shape[:-1]) + (1, g.shape[-1]))), _swap_last(b, v))]
 
 
 @register("eigvalsh", infer=lambda x: _eigh_infer(x)[0], sbp=_batch_rows(), cost=_cubic, grad=_eigvalsh_grad)

@@ -95,61 +95,21 @@ def _zero(b, g, out, x):
     return [b.mul(g, 0.0)]
 
 
-# --------------------------------------------------------------------------------- unary table
-# name: (kernel function, category, output dtype, gradient rule or None, partial rows, FLOPs)
-
-UNARY = {
-    "abs": ("absolute", "numeric", _REAL, lambda b, g, out, x: [b.mul(g, b.sign(x))], (), 1),
-    "acos": ("arccos", "floating-point", _SAME,
-             lambda b, g, out, x: [b.neg(b.div(g, b.sqrt(b.sub(1.0, b.mul(x, x)))))], (), 8),
-    "acosh": ("arccosh", "floating-point", _SAME,
-              lambda b, g, out, x: [b.div(g, b.sqrt(b.sub(b.mul(x, x), 1.0)))], (), 8),
-    "asin": ("arcsin", "floating-point", _SAME,
-             lambda b, g, out, x: [b.div(g, b.sqrt(b.sub(1.0, b.mul(x, x))))], (), 8),
-    "asinh": ("arcsinh", "floating-point", _SAME,
-              lambda b, g, out, x: [b.div(g, b.sqrt(b.add(b.mul(x, x), 1.0)))], (), 8),
-    "atan": ("arctan", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.add(b.mul(x, x), 1.0))], (), 8),
-    "atanh": ("arctanh", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.sub(1.0, b.mul(x, x)))], (), 8),
-    "bitwise_invert": ("invert", "integer or boolean", _SAME, None, (), 1),
-    "ceil": ("ceil", "real-valued", _SAME, _zero, (), 1),
-    "conj": ("conjugate", "numeric", _SAME, lambda b, g, out, x: [g], (_LINEAR,), 1),
-    "cos": ("cos", "floating-point", _SAME, lambda b, g, out, x: [b.neg(b.mul(g, b.sin(x)))], (), 4),
-    "cosh": ("cosh", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.sinh(x))], (), 4),
-    "expm1": ("expm1", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.add(out, 1.0))], (), 4),
-    "floor": ("floor", "real-valued", _SAME, _zero, (), 1),
-    "imag": ("imag", "complex floating-point", _REAL, None, (_LINEAR,), 1),
-    "isfinite": ("isfinite", "numeric", _BOOL, None, (), 1),
-    "isinf": ("isinf", "numeric", _BOOL, None, (), 1),
-    "isnan": ("isnan", "numeric", _BOOL, None, (), 1),
-    "logical_not": ("logical_not", "boolean", _BOOL, None, (), 1),
-    "log1p": ("log1p", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.add(x, 1.0))], (), 4),
-    "log2": ("log2", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.mul(x, math.log(2.0)))], (), 4),
-    "log10": ("log10", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.mul(x, math.log(10.0)))], (), 4),
-    "positive": ("positive", "numeric", _SAME, lambda b, g, out, x: [g], (_LINEAR,), 0),
-    "real": ("real", "numeric", _REAL, lambda b, g, out, x: [g], (_LINEAR,), 0),
-    "reciprocal": ("reciprocal", "floating-point", _SAME, lambda b, g, out, x: [b.neg(b.mul(g, b.mul(out, out)))], (), 1),
-    "round": ("round", "numeric", _SAME, _zero, (), 1),
-    "sign": ("sign", "numeric", _SAME, _zero, (), 1),
-    "signbit": ("signbit", "real floating-point", _BOOL, None, (), 1),
-    "sin": ("sin", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.cos(x))], (), 4),
-    "sinh": ("sinh", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.cosh(x))], (), 4),
-    "square": ("square", "numeric", _SAME, lambda b, g, out, x: [b.mul(g, b.mul(x, 2.0))], (), 1),
-    "tan": ("tan", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.add(b.mul(out, out), 1.0))], (), 4),
-    "trunc": ("trunc", "real-valued", _SAME, _zero, (), 1),
-}
+# ------------------------------------------------------------- where NumPy misses the standard
 
 
-def _unary_kernel(fn):
-    def kernel(xp, x):
-        if fn == "real" and x.dtype.kind != "c":  # NumPy's real of a real array is a view of it
-            return xp.array(x)
-        if fn == "reciprocal" and x.dtype.kind == "c":  # NumPy's reciprocal of complex 0 is nan, not inf
-            return xp.divide(x.dtype.type(1), x)
-        if fn == "expm1" and x.dtype.kind == "c":
-            return _complex_expm1(xp, x)
-        return getattr(xp, fn)(x)
+def _real(xp, x):
+    """NumPy's real of a real array is a view of it: a copy here, as every op's output is its own."""
+    return xp.real(x) if x.dtype.kind == "c" else xp.array(x)
 
-    return kernel
+
+def _reciprocal(xp, x):
+    """NumPy's reciprocal of a complex 0 is nan; the standard's is inf, as 1 / x gives."""
+    return xp.divide(x.dtype.type(1), x) if x.dtype.kind == "c" else xp.reciprocal(x)
+
+
+def _expm1(xp, x):
+    return _complex_expm1(xp, x) if x.dtype.kind == "c" else xp.expm1(x)
 
 
 def _complex_expm1(xp, z):
@@ -174,9 +134,68 @@ def complex_from(xp, re, im, dtype):
     return out
 
 
+def _floor_divide(xp, x, y):
+    """NumPy's floor division, with the standard's floor(x / y) where an operand is infinite
+    (NumPy gives nan or -1 there)."""
+    out = xp.floor_divide(x, y)
+    if out.dtype.kind == "f":
+        out = xp.where(xp.isinf(x) | xp.isinf(y), xp.floor(xp.true_divide(x, y)), out)
+    return out
+
+
+# --------------------------------------------------------------------------------- unary table
+# name: (kernel: xp's function of that name, or a function of (xp, x); category, output dtype,
+#        gradient rule or None, partial rows, FLOPs)
+
+UNARY = {
+    "abs": ("absolute", "numeric", _REAL, lambda b, g, out, x: [b.mul(g, b.sign(x))], (), 1),
+    "acos": ("arccos", "floating-point", _SAME,
+             lambda b, g, out, x: [b.neg(b.div(g, b.sqrt(b.sub(1.0, b.mul(x, x)))))], (), 8),
+    "acosh": ("arccosh", "floating-point", _SAME,
+              lambda b, g, out, x: [b.div(g, b.sqrt(b.sub(b.mul(x, x), 1.0)))], (), 8),
+    "asin": ("arcsin", "floating-point", _SAME,
+             lambda b, g, out, x: [b.div(g, b.sqrt(b.sub(1.0, b.mul(x, x))))], (), 8),
+    "asinh": ("arcsinh", "floating-point", _SAME,
+              lambda b, g, out, x: [b.div(g, b.sqrt(b.add(b.mul(x, x), 1.0)))], (), 8),
+    "atan": ("arctan", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.add(b.mul(x, x), 1.0))], (), 8),
+    "atanh": ("arctanh", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.sub(1.0, b.mul(x, x)))], (), 8),
+    "bitwise_invert": ("invert", "integer or boolean", _SAME, None, (), 1),
+    "ceil": ("ceil", "real-valued", _SAME, _zero, (), 1),
+    "conj": ("conjugate", "numeric", _SAME, lambda b, g, out, x: [g], (_LINEAR,), 1),
+    "cos": ("cos", "floating-point", _SAME, lambda b, g, out, x: [b.neg(b.mul(g, b.sin(x)))], (), 4),
+    "cosh": ("cosh", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.sinh(x))], (), 4),
+    "expm1": (_expm1, "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.add(out, 1.0))], (), 4),
+    "floor": ("floor", "real-valued", _SAME, _zero, (), 1),
+    "imag": ("imag", "complex floating-point", _REAL, None, (_LINEAR,), 1),
+    "isfinite": ("isfinite", "numeric", _BOOL, None, (), 1),
+    "isinf": ("isinf", "numeric", _BOOL, None, (), 1),
+    "isnan": ("isnan", "numeric", _BOOL, None, (), 1),
+    "logical_not": ("logical_not", "boolean", _BOOL, None, (), 1),
+    "log1p": ("log1p", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.add(x, 1.0))], (), 4),
+    "log2": ("log2", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.mul(x, math.log(2.0)))], (), 4),
+    "log10": ("log10", "floating-point", _SAME, lambda b, g, out, x: [b.div(g, b.mul(x, math.log(10.0)))], (), 4),
+    "positive": ("positive", "numeric", _SAME, lambda b, g, out, x: [g], (_LINEAR,), 0),
+    "real": (_real, "numeric", _REAL, lambda b, g, out, x: [g], (_LINEAR,), 0),
+    "reciprocal": (_reciprocal, "floating-point", _SAME, lambda b, g, out, x: [b.neg(b.mul(g, b.mul(out, out)))], (), 1),
+    "round": ("round", "numeric", _SAME, _zero, (), 1),
+    "sign": ("sign", "numeric", _SAME, _zero, (), 1),
+    "signbit": ("signbit", "real floating-point", _BOOL, None, (), 1),
+    "sin": ("sin", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.cos(x))], (), 4),
+    "sinh": ("sinh", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.cosh(x))], (), 4),
+    "square": ("square", "numeric", _SAME, lambda b, g, out, x: [b.mul(g, b.mul(x, 2.0))], (), 1),
+    "tan": ("tan", "floating-point", _SAME, lambda b, g, out, x: [b.mul(g, b.add(b.mul(out, out), 1.0))], (), 4),
+    "trunc": ("trunc", "real-valued", _SAME, _zero, (), 1),
+}
+
+
+def _kernel(fn):
+    """A table entry's kernel: ``fn`` itself, or xp's function of that name."""
+    return fn if callable(fn) else (lambda xp, *arrays: getattr(xp, fn)(*arrays))
+
+
 for _name, (_fn, _cat, _out, _grad, _partial, _flops) in UNARY.items():
     register(_name, infer=_unary_infer(_name, _cat, _out), sbp=_rows(*_partial), grad=_grad,
-             cost=flops_per_output(_flops))(_unary_kernel(_fn))
+             cost=flops_per_output(_flops))(_kernel(_fn))
 
 
 # -------------------------------------------------------------------------------- binary table
@@ -226,7 +245,7 @@ def _zero2(b, g, out, x, y):
             sum_to_shape(b, b.mul(g, 0.0), y.shape) if b.needs[1] else None]
 
 
-# name: (kernel function, category, output dtype, gradient rule or None, FLOPs)
+# name: (kernel as in UNARY, category, output dtype, gradient rule or None, FLOPs)
 BINARY = {
     "atan2": ("arctan2", "real floating-point", _SAME, _atan2_grad, 8),
     "bitwise_and": ("bitwise_and", "integer or boolean", _SAME, None, 1),
@@ -235,7 +254,7 @@ BINARY = {
     "bitwise_left_shift": ("left_shift", "integer", _SAME, None, 1),
     "bitwise_right_shift": ("right_shift", "integer", _SAME, None, 1),
     "copysign": ("copysign", "real floating-point", _SAME, _copysign_grad, 1),
-    "floor_divide": ("floor_divide", "real-valued", _SAME, _zero2, 1),
+    "floor_divide": (_floor_divide, "real-valued", _SAME, _zero2, 1),
     "hypot": ("hypot", "real floating-point", _SAME, _hypot_grad, 4),
     "logaddexp": ("logaddexp", "real floating-point", _SAME, _logaddexp_grad, 8),
     "logical_and": ("logical_and", "boolean", _BOOL, None, 1),
@@ -248,15 +267,13 @@ BINARY = {
 
 
 def _binary_kernel(fn):
-    def kernel(xp, x, y):
-        with np.errstate(all="ignore"):  # integer division by zero gives 0, as the standard leaves it open
-            out = getattr(xp, fn)(x, y)
-            if fn == "floor_divide" and out.dtype.kind == "f":
-                # The standard's floor(x / y) where an operand is infinite (NumPy gives nan or -1 there).
-                out = xp.where(xp.isinf(x) | xp.isinf(y), xp.floor(xp.true_divide(x, y)), out)
-            return out
+    kernel = _kernel(fn)
 
-    return kernel
+    def run(xp, x, y):
+        with np.errstate(all="ignore"):  # integer division by zero gives 0, as the standard leaves it open
+            return kernel(xp, x, y)
+
+    return run
 
 
 for _name, (_fn, _cat, _out, _grad, _flops) in BINARY.items():

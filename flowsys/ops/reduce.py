@@ -10,9 +10,24 @@ import numpy as np
 
 from flowsys.errors import ShapeError
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.arrays import accumulation_dtype
 from flowsys.ops.registry import (Spec, flops_per_input, local_shape_attr, normalize_axes, register, sum_to_shape,
                                   view_cost)
+
+
+def accumulation_dtype(dtype: np.dtype, requested=None) -> np.dtype:
+    """The standard's result type of a sum or product (and their running forms): integers widen
+    to the default integer type of their signedness (int64 / uint64), bools count as integers,
+    floats keep theirs; ``requested`` (the ``dtype=`` argument) wins."""
+    if requested is not None:
+        return np.dtype(requested)
+    if dtype.kind in "bi":
+        return np.dtype(np.int64)
+    if dtype.kind == "u":
+        return np.dtype(np.uint64)
+    return dtype
+
+
+_INDEX = np.dtype(np.int64)
 
 
 def _reduced_shape(shape, axes, keepdims):
@@ -21,15 +36,29 @@ def _reduced_shape(shape, axes, keepdims):
     return tuple(d for i, d in enumerate(shape) if i not in axes)
 
 
-def _reduce_infer(op, *, empty_ok):
+def _reduce_infer(op, *, empty_ok, out=lambda dtype, requested: dtype):
+    """Inference of a reduction over ``axis`` (None: all); ``out(input dtype, dtype=)`` is the
+    result's dtype (by default the input's)."""
+
     def infer(x: Spec, *, axis=None, keepdims=False, dtype=None) -> Spec:
         axes = normalize_axes(op, axis, x.shape)
         if not empty_ok and any(x.shape[a] == 0 for a in axes):
             raise ShapeError(f"{op}: cannot reduce over an empty axis of a tensor of shape {x.shape}")
-        out = accumulation_dtype(op, x.dtype, dtype) if op == "sum" else x.dtype
-        return Spec(_reduced_shape(x.shape, axes, keepdims), out)
+        return Spec(_reduced_shape(x.shape, axes, keepdims), out(x.dtype, dtype))
 
     return infer
+
+
+def _reduce_rows(op, *, linear):
+    """Rows of a reduction: kept axes split; a split reduced axis gives P only for a sum (an
+    extreme, a product or an index along a split axis would be shard-local)."""
+
+    def rows(specs, attrs):
+        x = specs[0]
+        return R.reduction(x, normalize_axes(op, attrs.get("axis"), x.shape), attrs.get("keepdims", False),
+                           linear=linear)
+
+    return rows
 
 
 def _expand_back(b, g, x, axis, keepdims):
@@ -45,18 +74,21 @@ def _sum_grad(b, g, out, x, *, axis=None, keepdims=False, dtype=None):
     return [g if g.dtype == x.dtype else b.astype(g, dtype=x.dtype)]
 
 
-def _sum_rows(specs, attrs):
-    x = specs[0]
-    return R.reduction(x, normalize_axes("sum", attrs.get("axis"), x.shape), attrs.get("keepdims", False), linear=True)
-
-
 # The family's cost: one operation (an add or a compare) per element reduced.
 _REDUCTION = flops_per_input(1)
 
 
-@register("sum", infer=_reduce_infer("sum", empty_ok=True), sbp=_sum_rows, grad=_sum_grad, cost=_REDUCTION)
+@register("sum", infer=_reduce_infer("sum", empty_ok=True, out=accumulation_dtype), sbp=_reduce_rows("sum", linear=True),
+          grad=_sum_grad, cost=_REDUCTION)
 def sum_(xp, x, *, axis=None, keepdims=False, dtype=None):
-    return xp.sum(x, axis=axis, keepdims=keepdims, dtype=accumulation_dtype("sum", x.dtype, dtype))
+    return xp.sum(x, axis=axis, keepdims=keepdims, dtype=accumulation_dtype(x.dtype, dtype))
+
+
+# No gradient rule: the product rule divides by the input, wrong where it is zero.
+@register("prod", infer=_reduce_infer("prod", empty_ok=True, out=accumulation_dtype),
+          sbp=_reduce_rows("prod", linear=False), cost=_REDUCTION)
+def prod(xp, x, *, axis=None, keepdims=False, dtype=None):
+    return xp.prod(x, axis=axis, keepdims=keepdims, dtype=accumulation_dtype(x.dtype, dtype))
 
 
 def _extreme_grad(b, g, out, x, *, axis=None, keepdims=False):
@@ -68,36 +100,28 @@ def _extreme_grad(b, g, out, x, *, axis=None, keepdims=False):
     return [b.mul(hit, b.div(g_k, count))]
 
 
-def _extreme_rows(specs, attrs):
-    x = specs[0]
-    return R.reduction(x, normalize_axes("max", attrs.get("axis"), x.shape), attrs.get("keepdims", False), linear=False)
-
-
-@register("max", infer=_reduce_infer("max", empty_ok=False), sbp=_extreme_rows, grad=_extreme_grad, cost=_REDUCTION)
+@register("max", infer=_reduce_infer("max", empty_ok=False), sbp=_reduce_rows("max", linear=False),
+          grad=_extreme_grad, cost=_REDUCTION)
 def max_(xp, x, *, axis=None, keepdims=False):
     return xp.max(x, axis=axis, keepdims=keepdims)
 
 
-@register("min", infer=_reduce_infer("min", empty_ok=False), sbp=_extreme_rows, grad=_extreme_grad, cost=_REDUCTION)
+@register("min", infer=_reduce_infer("min", empty_ok=False), sbp=_reduce_rows("min", linear=False),
+          grad=_extreme_grad, cost=_REDUCTION)
 def min_(xp, x, *, axis=None, keepdims=False):
     return xp.min(x, axis=axis, keepdims=keepdims)
 
 
-def _argmax_infer(x: Spec, *, axis=None, keepdims=False) -> Spec:
-    if axis is None:
-        return Spec((1,) * x.ndim if keepdims else (), np.dtype(np.int64))
-    return Spec(_reduce_infer("argmax", empty_ok=False)(x, axis=axis, keepdims=keepdims).shape, np.dtype(np.int64))
-
-
-def _argmax_rows(specs, attrs):
-    # Indices along a split axis would be shard-local, so only the kept axes may be split.
-    x = specs[0]
-    return R.reduction(x, normalize_axes("argmax", attrs.get("axis"), x.shape), attrs.get("keepdims", False), linear=False)
-
-
-@register("argmax", infer=_argmax_infer, sbp=_argmax_rows, cost=_REDUCTION)
+@register("argmax", infer=_reduce_infer("argmax", empty_ok=False, out=lambda dtype, requested: _INDEX),
+          sbp=_reduce_rows("argmax", linear=False), cost=_REDUCTION)
 def argmax(xp, x, *, axis=None, keepdims=False):
     return xp.argmax(x, axis=axis, keepdims=keepdims).astype(np.int64, copy=False)
+
+
+@register("argmin", infer=_reduce_infer("argmin", empty_ok=False, out=lambda dtype, requested: _INDEX),
+          sbp=_reduce_rows("argmin", linear=False), cost=_REDUCTION)
+def argmin(xp, x, *, axis=None, keepdims=False):
+    return xp.argmin(x, axis=axis, keepdims=keepdims).astype(np.int64, copy=False)
 
 
 def _broadcast_to_infer(x: Spec, *, shape) -> Spec:
