@@ -27,9 +27,11 @@ from typing import Any
 
 from actors.worker import STATUS_TAG, Worker
 from comm import CommError, InProcessHub
+from comm.strict import StrictHub
 from flowsys.device import share_cores
 from flowsys.errors import RankFailed
 from flowsys.planformat import plan_pb2
+from scheduler.nccl_order import attach as attach_order, check_plan
 
 
 class Backend(abc.ABC):
@@ -64,6 +66,10 @@ class Backend(abc.ABC):
     def run(self, key: str, plan, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
         ranks = [rp.rank for rp in plan.ranks]
         self._ensure(max(ranks) + 1)
+        if any((rp.rank, key) not in self._loaded for rp in plan.ranks) and self._wants_order(plan):
+            if not any(rp.comm_order for rp in plan.ranks):
+                attach_order(plan)  # a plan lowered without one: fix it now
+            check_plan(plan)  # a plan whose order was changed by hand fails here, naming the ranks
         for rp in plan.ranks:
             if (rp.rank, key) not in self._loaded:
                 self._load(rp.rank, key, rp.SerializeToString())
@@ -113,6 +119,10 @@ class Backend(abc.ABC):
         """Every worker reads its shards from the checkpoint in ``directory`` (``entries[rank]``:
         see ``Worker.load_shards``); what each read, by rank."""
         return {r: json.loads(b) for r, b in self._call_all("load_shards", directory, per_rank=entries).items()}
+
+    def _wants_order(self, plan) -> bool:
+        """Whether ``plan`` runs on a transport that matches calls by order (NCCL): it must fix one."""
+        return any(v.device == "cuda" for rp in plan.ranks for v in rp.values)
 
     # what a backend provides
     @abc.abstractmethod
@@ -179,12 +189,21 @@ def failure(responses: dict[int, plan_pb2.StepResponse], dead: dict[int, str] | 
 
 # ------------------------------------------------------------------------------------ local
 class LocalBackend(Backend):
-    """Every rank's worker is a thread of this process; the in-process transport joins them."""
+    """Every rank's worker is a thread of this process; the in-process transport joins them.
+
+    ``ordered`` picks the transport of the plans that fix an NCCL order (those with ``cuda``
+    values): ``"nccl"`` (the default) builds one NCCL communicator per rank on its own GPU when
+    the first such plan runs; ``"strict"`` runs *every* plan through :class:`comm.strict.StrictHub`
+    on CPU arrays, NCCL's contract checked call by call: how the NCCL code path is tested here.
+    """
 
     name = "local"
 
-    def __init__(self, timeout: float = 30.0):
+    def __init__(self, timeout: float = 30.0, ordered: str = "nccl"):
         super().__init__(timeout)
+        if ordered not in ("nccl", "strict"):
+            raise ValueError(f"LocalBackend: ordered must be 'nccl' or 'strict', got {ordered!r}")
+        self.ordered = ordered
         self.workers: dict[int, Worker] = {}
         self.hub: InProcessHub | None = None
 
@@ -194,8 +213,40 @@ class LocalBackend(Backend):
         self.shutdown()
         self.world = world
         self.hub = InProcessHub(world + 1, timeout=self.timeout)  # rank `world` is the driver
-        self.workers = {r: Worker(r, self.hub.communicator(r), self.timeout, report=False) for r in range(world)}
+        strict = StrictHub(world, timeout=self.timeout) if self.ordered == "strict" else None
+        self.workers = {r: Worker(r, self.hub.communicator(r), self.timeout, report=False,
+                                  ordered=strict.communicator(r) if strict else None) for r in range(world)}
         share_cores(world)  # the ranks are threads of this process: split the cores between them
+
+    def _wants_order(self, plan) -> bool:
+        wants = self.ordered == "strict" or super()._wants_order(plan)
+        if wants and self.ordered == "nccl" and any(w.ordered is None for w in self.workers.values()):
+            self._connect_nccl()
+        return wants
+
+    def _connect_nccl(self) -> None:
+        """One NCCL communicator per rank (rank r on GPU r modulo the visible ones), built together:
+        ``ncclCommInitRank`` returns once every rank has joined."""
+        from comm.nccl import NcclCommunicator, nccl_unique_id  # noqa: PLC0415
+
+        uid, comms, errors = nccl_unique_id(), {}, []
+
+        def join(r: int) -> None:
+            try:
+                comms[r] = NcclCommunicator(r, self.world, uid, timeout=self.timeout)
+            except Exception as e:  # noqa: BLE001 - reported below, by rank
+                errors.append((r, e))
+
+        threads = [threading.Thread(target=join, args=(r,), daemon=True) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.timeout)
+        if errors or len(comms) < self.world:
+            r, e = errors[0] if errors else (min(set(range(self.world)) - set(comms)), "timed out")
+            raise RankFailed(r, f"could not build the NCCL communicators for the cuda plan: {e}", "nccl init")
+        for r, w in self.workers.items():
+            w.ordered = comms[r]
 
     def _load(self, rank: int, key: str, plan: bytes) -> None:
         self.workers[rank].load(key, plan)

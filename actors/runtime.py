@@ -44,15 +44,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+from actors.ordered import Issue, Issuer, Job, OrderStuck
 from comm import CommError, Communicator
 from comm import algorithms as alg
 from flowsys.boxing import STEPS, plan_collective, run_step
-from flowsys.device import contiguous
+from flowsys.device import array_module, contiguous, module_of, to_device, to_numpy
 from flowsys.errors import ArgumentError
 from flowsys.layout import bounds
 from flowsys.ops import OPS
 from flowsys.planformat import SeedMarker, decode_attrs
 from flowsys.sbp import parse
+from scheduler.nccl_order import COMMUNICATION, event_key, order_of
 
 OPTIMIZER_PIECE = (1 << 20) - 1  # the piece number optimizer-phase messages are tagged with
 PER_STEP_PIECE = (1 << 20) - 2   # ... and the messages of ops run once per step before the pieces
@@ -155,6 +157,9 @@ class RankRuntime:
         self.clock = clock  # the firings' timestamps: wall time, or the cost model's simulated clock
         self.index = index if index is not None else {r: r for r in range(comm.world_size)}
         self.decls = {v.id: (tuple(v.shape), np.dtype(v.dtype)) for v in rank_plan.values}
+        # where each value lives, and the array module its kernels run on (NumPy; CuPy on cuda)
+        self.devices = {v.id: v.device for v in rank_plan.values if v.device and v.device != "cpu"}
+        self.xps = {vid: array_module(d) for vid, d in self.devices.items()}
         self.registers = {v.id: max(1, getattr(v, "registers", 1) or 1) for v in rank_plan.values}
         # at most this many micro-batches in flight on the rank (the plan's register count)
         self.window = max(self.registers.values(), default=1)
@@ -179,6 +184,19 @@ class RankRuntime:
             "copy_region": self._copy_region,
             **{name: self._boxing_step for name, (kind, _) in STEPS.items() if kind == "local"},
         }
+        # A transport that matches calls by order (NCCL): the communication ops are handed to an
+        # Issuer, which runs them in the order the plan fixes, on a thread of its own.
+        self.ordered = bool(getattr(comm, "ordered", False))
+        self.order = order_of(rank_plan)
+        self.issuer: Issuer | None = None
+        if self.ordered:
+            if not self.order and any(op.kind in COMMUNICATION for op in ops):
+                raise ArgumentError(f"rank {rank_plan.rank}: the {type(comm).__name__} transport matches calls by "
+                                    f"order, and this plan fixes none (RankPlan.comm_order is empty); lower it for "
+                                    f"cuda placements, or run scheduler.nccl_order.attach(plan)")
+            self.issuer = Issuer(comm, self.index[rank_plan.rank], name=f"flowsys-comm-{rank_plan.rank}")
+            self.dispatch.update(collective=self._collective_ordered, send=self._send_ordered,
+                                 recv=self._recv_ordered)
 
     # ------------------------------------------------------------------------------ wiring
     def _build(self) -> None:
@@ -255,9 +273,12 @@ class RankRuntime:
         k = micro_batches
         inputs = set(self.rp.inputs)
         self.phases_entered: set[str] = set()
+        fed = self.place(fed)
         self.persistent = {vid: a for vid, a in fed.items() if vid not in inputs}
         if self.hoisted is None:
             self._build()
+        if self.issuer is not None:
+            self.issuer.begin(self.order)
         self.in_per_step = True
         self._run_per_step()  # once per step, before the pieces
         self.in_per_step = False
@@ -290,11 +311,13 @@ class RankRuntime:
         self._begin_optimizer(update)
         self._loop()
         self._finish_optimizer()
+        if self.issuer is not None:
+            self.issuer.finish()
         self.current = "idle"
         outs = []
         for vid in outputs:
             if vid in self.sums:
-                outs.append(np.asarray(self.sums[vid] / k).astype(self.decls[vid][1]) if k > 1 else self.sums[vid])
+                outs.append((self.sums[vid] / k).astype(self.decls[vid][1]) if k > 1 else self.sums[vid])
             elif vid in self.persistent:
                 outs.append(self.persistent[vid])
             elif vid in self.env:  # made in the optimizer phase (the clipped gradients' global norm)
@@ -302,6 +325,18 @@ class RankRuntime:
             else:
                 outs.append(None)
         return outs
+
+    def place(self, fed: dict[int, Any]) -> dict[int, Any]:
+        """``fed`` with every array on its value's device (a copy to the GPU for a ``cuda`` value;
+        what is there already stays): the worker keeps the placed parameters between steps."""
+        if not self.devices:
+            return fed
+        return {vid: to_device(a, self.devices[vid]) if vid in self.devices else a for vid, a in fed.items()}
+
+    def close(self) -> None:
+        """Stop the communication thread (ordered transports)."""
+        if self.issuer is not None:
+            self.issuer.close()
 
     def _enter(self, phase: str) -> None:
         """The step's first op of ``phase`` starts (``on_phase``: the fault-injection hook)."""
@@ -349,7 +384,7 @@ class RankRuntime:
             op = self.units[j][0]
             if self.computing and self.writes_parameter[j]:
                 self.opt_deferred.append(j)
-            elif op.kind == "recv" and not mailbox.ready(*(key := (self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE)))):
+            elif op.kind == "recv" and not self.ordered and not mailbox.ready(*(key := (self.index[op.peer], tag(op.channel, OPTIMIZER_PIECE)))):
                 self.opt_recvs.append(j)
                 self._waiting[key] = _Receiving(j)
             else:
@@ -464,11 +499,12 @@ class RankRuntime:
             now = time.monotonic()
             idle_since = idle_since or now
             if now - idle_since > self.timeout:
-                raise Stalled(self.rp.rank, self._optimizer_waits(), self.timeout)
+                raise Stalled(self.rp.rank, self._optimizer_waits(), self.timeout, self._where(""))
+            self._check_stuck(now - idle_since)
             try:
                 seen = mailbox.wait(seen, min(0.05, self.timeout))
             except CommError as e:  # told to stop (another rank failed) or a peer unreachable
-                raise Stalled(self.rp.rank, self._optimizer_waits(), self.timeout, str(e)) from e
+                raise Stalled(self.rp.rank, self._optimizer_waits(), self.timeout, self._where(str(e))) from e
 
     def _optimizer_waits(self) -> list[dict]:
         waits = []
@@ -544,6 +580,7 @@ class RankRuntime:
             idle_since = idle_since or now
             if now - idle_since > self.timeout:
                 raise self._stalled()
+            self._check_stuck(now - idle_since)
             try:
                 seen = mailbox.wait(seen, min(0.05, self.timeout))
             except CommError as e:  # told to stop (another rank failed) or a peer unreachable
@@ -603,7 +640,7 @@ class RankRuntime:
         for v in a.outputs:
             if (v, p) not in self.regs and self.held.get(v, 0) >= self.registers.get(v, 1):
                 return False
-        if a.op.kind == "recv":
+        if a.op.kind == "recv" and not self.ordered:
             return self.comm.mailbox.ready(self.index[a.op.peer], tag(a.op.channel, p))
         return True
 
@@ -631,7 +668,7 @@ class RankRuntime:
             if a.seeded else a.attrs
         outputs = a.outputs
         if a.members:  # a bucket: every member's input
-            out = a.run(a.members, [self._value(m.inputs[0], p) for m in a.members])
+            out = a.run(a.members, [self._value(m.inputs[0], p) for m in a.members], p)
         else:
             out = a.run(op, attrs, [self._value(v, p) for v in op.inputs],
                         self.regs[(outputs[0], p)] if outputs else None, p)
@@ -730,6 +767,10 @@ class RankRuntime:
                 step = gen.send(None)
         except StopIteration as stop:
             return True, stop.value
+        if type(step) is Issue:  # ordered: the issuer runs it in its turn and files a marker here
+            step.job.tag = t
+            self.issuer.submit(step.event, step.job, t)
+            return False, self.rp.rank
         return False, group[step.peer]
 
     def _run_per_step(self) -> None:
@@ -790,7 +831,7 @@ class RankRuntime:
             while queue:
                 j = queue.popleft()
                 op = hoisted[j]
-                if op.kind == "recv":
+                if op.kind == "recv" and not self.ordered:
                     key = (self.index[op.peer], tag(op.channel, piece))
                     if not mailbox.ready(*key):
                         waiting[key] = j
@@ -825,11 +866,12 @@ class RankRuntime:
             now = time.monotonic()
             idle_since = idle_since or now
             if now - idle_since > self.timeout:
-                raise Stalled(self.rp.rank, per_step_waits(), self.timeout)
+                raise Stalled(self.rp.rank, per_step_waits(), self.timeout, self._where(""))
+            self._check_stuck(now - idle_since)
             try:
                 seen = mailbox.wait(seen, min(0.05, self.timeout))
             except CommError as err:  # told to stop (another rank failed) or a peer unreachable
-                raise Stalled(self.rp.rank, per_step_waits(), self.timeout, str(err)) from err
+                raise Stalled(self.rp.rank, per_step_waits(), self.timeout, self._where(str(err))) from err
 
     # ------------------------------------------------------------------------ the handlers
     def _handler(self, op) -> Callable:
@@ -847,39 +889,90 @@ class RankRuntime:
                             f"collectives, which fuses only all_gather and reduce_scatter; re-lower the plan with "
                             f"this flowsys")
 
-    def _gather_bucket(self, members: list, ins: list) -> _Comm:
-        """One ring all-gather of the concatenation of this rank's flattened shards; the result
+    def _gather_bucket(self, members: list, ins: list, piece: int) -> _Comm:
+        """One all-gather of the concatenation of this rank's flattened shards; the result
         (every rank's chunk, in group order) is split back into each member's gathered value
         along its own axis, from every rank's shard shape (the ``shards`` attribute)."""
         group = list(members[0].group)
-        flat = np.concatenate([x.reshape(-1) for x in ins])
+        xp = module_of(ins[0])
+        flat = xp.concatenate([x.reshape(-1) for x in ins])
         layout = []
         for m in members:
             attrs = decode_attrs(m.attrs)
             layout.append((parse(attrs["src"]).axis, [tuple(s) for s in attrs["shards"]]))
+        if self.ordered:  # NCCL's all-gather (uneven chunks: the communicator pads them)
+            ranks = [self.index[r] for r in group]
+            schedule = self._issued(event_key(members[0], piece),
+                                    Job("call", call=lambda: self.comm.all_gather(flat, 0, ranks)))
+            return _Comm(_split_gathered(schedule, layout), [self.rp.rank])
         return _Comm(_split_gathered(alg.ring_all_gather(group.index(self.rp.rank), len(group), flat), layout),
                      group)
 
-    def _reduce_scatter_bucket(self, members: list, ins: list) -> _Comm:
-        """One ring reduce-scatter whose chunk ``i`` is the concatenation of every member's chunk
+    def _reduce_scatter_bucket(self, members: list, ins: list, piece: int) -> _Comm:
+        """One reduce-scatter whose chunk ``i`` is the concatenation of every member's chunk
         ``i`` (its ``array_split`` piece along its own axis), as each member's own would cut it."""
         group = list(members[0].group)
-        n = len(group)
+        n, me = len(group), group.index(self.rp.rank)
+        xp = module_of(ins[0])
         cuts = []
         for m, x in zip(members, ins):
             axis = parse(decode_attrs(m.attrs)["dst"]).axis
             cuts.append([x[(slice(None),) * (axis % x.ndim) + (slice(*bounds(x.shape[axis], n, i)),)]
                          for i in range(n)])
-        chunks = [np.concatenate([c[i].reshape(-1) for c in cuts]) for i in range(n)]
-        shapes = [c[group.index(self.rp.rank)].shape for c in cuts]
-        return _Comm(_split_reduced(alg.ring_reduce_scatter_chunks(group.index(self.rp.rank), n, chunks), shapes), group)
+        chunks = [xp.concatenate([c[i].reshape(-1) for c in cuts]) for i in range(n)]
+        shapes = [c[me].shape for c in cuts]
+        if self.ordered:  # NCCL moves equal counts: every chunk padded to the longest, cut back after
+            width = max(c.size for c in chunks)
+            padded = xp.zeros((n, width), dtype=chunks[0].dtype)
+            for i, c in enumerate(chunks):
+                padded[i, :c.size] = c
+            ranks, mine = [self.index[r] for r in group], chunks[me].size
+            schedule = self._issued(event_key(members[0], piece), Job(
+                "call", call=lambda: self.comm.reduce_scatter(padded.reshape(-1), 0, ranks)[:mine]))
+            return _Comm(_split_reduced(schedule, shapes), [self.rp.rank])
+        return _Comm(_split_reduced(alg.ring_reduce_scatter_chunks(me, n, chunks), shapes), group)
+
+    # ----------------------------------------------------- the ordered (NCCL) communication
+    def _issued(self, event: tuple, job: Job):
+        """A schedule that hands ``job`` to the issuer as ``event`` and returns its result."""
+        yield Issue(event, job)
+        return self.issuer.result(event)
+
+    def _collective_ordered(self, op, attrs, ins, held, piece):
+        """The plan's collective as the transport's own (NCCL's ``allReduce``, ...), in its turn."""
+        native = _NATIVE.get(op.op)
+        if native is None:
+            raise CommError(f"unknown collective {op.op!r} in the plan (collectives: {', '.join(_NATIVE)})")
+        ranks, x = [self.index[r] for r in op.group], ins[0]
+        job = Job("call", call=lambda: native(self.comm, x, ranks, attrs))
+        return _Comm(self._issued(event_key(op, piece), job), [self.rp.rank])
+
+    def _send_ordered(self, op, attrs, ins, held, piece):
+        x = ins[0]
+        data = x if attrs["relay"] else x[_region(attrs["box"], attrs["src_origin"])]
+        data = module_of(data).asarray(data)
+        if not data.flags.c_contiguous:  # (ascontiguousarray alone would make a 0-d array 1-d)
+            data = module_of(data).ascontiguousarray(data)
+        job = Job("send", array=data, peer=self.index[op.peer])
+        return _Comm(self._issued(event_key(op, piece), job), [self.rp.rank])
+
+    def _recv_ordered(self, op, attrs, ins, held, piece):
+        return _Comm(self._received(op, attrs, piece), [self.rp.rank])
+
+    def _received(self, op, attrs, piece):
+        data = yield from self._issued(event_key(op, piece), Job("recv", peer=self.index[op.peer]))
+        v = op.outputs[0]  # what the value's other writers (copies, receives) filled in meanwhile
+        held = self.env.get(v) if piece == OPTIMIZER_PIECE else \
+            self.persistent.get(v) if piece == PER_STEP_PIECE else self.regs.get((v, piece))
+        return self._add_region(op, attrs, held, data)
 
     def _compute(self, op, attrs, ins, held, piece):
         spec = OPS[op.op]
-        out = spec.kernel(np, *ins, **attrs)
+        xp = self.xps.get(op.outputs[0], np) if self.xps and op.outputs else np
+        out = spec.kernel(xp, *ins, **attrs)
         results = []
         for v, o in zip(op.outputs, out if spec.multi_output else (out,)):
-            o = np.asarray(o)
+            o = xp.asarray(o)
             dtype = self.decls[v][1]
             results.append(o if o.dtype == dtype else o.astype(dtype))
         return results
@@ -891,7 +984,7 @@ class RankRuntime:
     def _send(self, op, attrs, ins, held, piece):
         x = ins[0]
         data = x if attrs["relay"] else x[_region(attrs["box"], attrs["src_origin"])]
-        return _Comm(_one_send(0, contiguous(data)), [op.peer])
+        return _Comm(_one_send(0, contiguous(to_numpy(data))), [op.peer])
 
     def _recv(self, op, attrs, ins, held, piece):
         # the callers start a receive once its message is here (the blocking per-step ones wait)
@@ -902,9 +995,12 @@ class RankRuntime:
         return [self._add_region(op, attrs, held, ins[0][_region(attrs["box"], attrs["src_origin"])])]
 
     def _add_region(self, op, attrs, held, data: np.ndarray) -> np.ndarray:
+        v = op.outputs[0]
+        if self.devices:  # a host <-> device copy where the two ends live apart
+            data = to_device(data, self.devices[v]) if v in self.devices else to_numpy(data)
         if held is None:
-            shape, dtype = self.decls[op.outputs[0]]
-            held = np.zeros(shape, dtype=dtype)
+            shape, dtype = self.decls[v]
+            held = self.xps.get(v, np).zeros(shape, dtype=dtype)
         if attrs["relay"]:
             held[...] = data
         else:
@@ -913,10 +1009,11 @@ class RankRuntime:
 
     def _fill_zeros(self, op, attrs, ins, held, piece):  # a partial sum this rank holds none of
         shape, dtype = self.decls[op.outputs[0]]
-        return [np.zeros(shape, dtype=dtype)]
+        return [self.xps.get(op.outputs[0], np).zeros(shape, dtype=dtype)]
 
     def _boxing_step(self, op, attrs, ins, held, piece):  # slice, zeros, take_shard, identity
-        return [run_step(op.op, attrs, attrs.get("index", 0), attrs.get("parts", 1), ins[0])]
+        return [run_step(op.op, attrs, attrs.get("index", 0), attrs.get("parts", 1), ins[0],
+                         self.xps.get(op.outputs[0], np))]
 
     def _update(self, op, attrs, ins, held, piece):  # in place; its output is the updated input
         if len(ins) > 2 and not np.isfinite(ins[2]).all():  # fp16: a gradient overflowed; skip the step
@@ -928,6 +1025,21 @@ class RankRuntime:
         ins[0][...] = ins[1]
         return [ins[0]]
 
+    def _check_stuck(self, idle: float) -> None:
+        """Ordered transports: the rank's progress hangs on its own issuer alone (no message
+        comes from a peer), so a rank with nothing to fire whose issuer waits for an op that
+        can never become ready is stuck for good: say so now, not after the timeout."""
+        if self.issuer is not None and idle > 0.1:
+            why = self.issuer.stuck()
+            if why:
+                raise OrderStuck(why)
+
+    def _where(self, reason: str) -> str:
+        """``reason``, and where the rank is in its NCCL order (ordered transports)."""
+        if self.issuer is None:
+            return reason
+        return f"{reason or f'no progress for {self.timeout:g} s'}; NCCL order: {self.issuer.describe()}"
+
     def _stalled(self, reason: str = "") -> Stalled:
         waits = [dict(op=e.actor.op.id, name=e.actor.op.op, piece=e.actor.piece, peer=e.step.peer_rank,
                       group=list(e.actor.op.group), channel=e.actor.op.channel) for e in self.inflight]
@@ -936,7 +1048,7 @@ class RankRuntime:
                     self.written.get((v, a.piece), 0) >= self.writers[v] for v in a.inputs):
                 waits.append(dict(op=a.op.id, name="recv", piece=a.piece, peer=a.op.peer, group=[],
                                   channel=a.op.channel))
-        return Stalled(self.rp.rank, waits + self._optimizer_waits(), self.timeout, reason)
+        return Stalled(self.rp.rank, waits + self._optimizer_waits(), self.timeout, self._where(reason))
 
 
 @dataclass(slots=True)
@@ -993,7 +1105,8 @@ def _split_gathered(schedule, layout: list):
             n = int(np.prod(shards[q]))
             got.append(flat[at:at + n].reshape(shards[q]))
             at += n
-    return [np.concatenate(got, axis=axis) for (axis, _), got in zip(layout, pieces)]
+    xp = module_of(flat)
+    return [xp.concatenate(got, axis=axis) for (axis, _), got in zip(layout, pieces)]
 
 
 def _split_reduced(schedule, shapes: list):
@@ -1005,6 +1118,17 @@ def _split_reduced(schedule, shapes: list):
         out.append(flat[at:at + n].reshape(shape))
         at += n
     return out
+
+
+# The plan's collectives as a communicator's own: fn(comm, x, ranks, attrs) (the ordered mode).
+_NATIVE: dict[str, Callable] = {
+    "all_reduce": lambda c, x, g, a: c.all_reduce(x, g, "sum"),
+    "all_reduce_max": lambda c, x, g, a: c.all_reduce(x, g, "max"),
+    "all_gather": lambda c, x, g, a: c.all_gather(x, parse(a["src"]).axis, g),
+    "reduce_scatter": lambda c, x, g, a: c.reduce_scatter(x, parse(a["dst"]).axis, g, "sum"),
+    "reduce_scatter_max": lambda c, x, g, a: c.reduce_scatter(x, parse(a["dst"]).axis, g, "max"),
+    "all_to_all": lambda c, x, g, a: c.all_to_all(x, parse(a["dst"]).axis, parse(a["src"]).axis, g),
+}
 
 
 def _one_send(peer: int, x: np.ndarray):

@@ -28,7 +28,7 @@ import numpy as np
 from actors.runtime import RankRuntime, Stalled, pack_timeline
 from comm import Communicator
 from flowsys.datasource import Windows
-from flowsys.device import contiguous
+from flowsys.device import contiguous, module_of
 from flowsys.errors import StateDictError
 from flowsys.ops import OPS
 from flowsys.ops.registry import dtype_text
@@ -108,10 +108,15 @@ def parse_fault(text: str) -> tuple[str, int, int | None] | None:
 
 class Worker:
     """One rank's worker. ``comm`` is its transport endpoint; the driver is rank ``world_size - 1``
-    of that transport (the device ranks come first)."""
+    of that transport (the device ranks come first). ``ordered`` (optional) is its end of a
+    transport that matches calls by order among the device ranks (NCCL; in tests, the strict
+    communicator): the plans that fix an NCCL order (``RankPlan.comm_order``) run on it, the
+    others and the control messages on ``comm``."""
 
-    def __init__(self, rank: int, comm: Communicator, timeout: float = 30.0, report: bool = True):
+    def __init__(self, rank: int, comm: Communicator, timeout: float = 30.0, report: bool = True,
+                 ordered: Communicator | None = None):
         self.rank, self.comm, self.timeout = rank, comm, timeout
+        self.ordered = ordered
         self.driver = comm.world_size - 1
         self.plans: dict[str, plan_pb2.RankPlan] = {}
         self.runtimes: dict[str, RankRuntime] = {}
@@ -156,7 +161,9 @@ class Worker:
         if rp.rank != self.rank:
             raise ValueError(f"worker of rank {self.rank} was sent the plan of rank {rp.rank}")
         self.plans[key] = rp
-        self.runtimes.pop(key, None)
+        old = self.runtimes.pop(key, None)
+        if old is not None:
+            old.close()
 
     def get_state(self, keys: list[str]) -> bytes:
         """The optimizer state kept for ``keys`` (a ``StateDump``; keys it holds nothing for are
@@ -286,9 +293,16 @@ class Worker:
         from comm import CommError  # noqa: PLC0415
 
         self.comm.mailbox.fail(CommError(reason))
+        if self.ordered is not None:
+            self.ordered.mailbox.fail(CommError(reason))
+            self.ordered.abort(reason)  # a call blocked in it returns with the reason
 
     def close(self) -> None:
         self._stop.set()
+        for rt in self.runtimes.values():
+            rt.close()
+        if self.ordered is not None:
+            self.ordered.close()
         self.comm.close()
 
     # -------------------------------------------------------------------------------- step
@@ -303,7 +317,8 @@ class Worker:
             rp = self.plans[req.plan]
             rt = self.runtimes.get(req.plan)
             if rt is None:
-                rt = self.runtimes[req.plan] = RankRuntime(rp, self.comm, timeout=self.timeout)
+                comm = self.ordered if rp.comm_order and self.ordered is not None else self.comm
+                rt = self.runtimes[req.plan] = RankRuntime(rp, comm, timeout=self.timeout)
             rt.record = req.record
             rt.timeline = []
             rt.on_phase = self.fault_point if self.fault is not None else None
@@ -319,7 +334,8 @@ class Worker:
                 fed[r.id] = self._read(r)
                 resp.digests.append(plan_pb2.Digest(id=r.id, row_start=r.start[0], row_stop=r.stop[0],
                                                     first_sum=int(fed[r.id][:, :1].sum()) if fed[r.id].ndim > 1 else 0))
-            made = {i.id: _initial(i) for i in req.inits}  # parameter shards created here
+            made = rt.place({i.id: _initial(i) for i in req.inits})  # parameter shards created here
+            fed = rt.place(fed)  # on the plan's devices (the parameters kept here stay there)
             for name, vid in rp.variables.items():  # parameters: kept here between steps
                 key = hyper["variable_keys"].get(name, name)
                 if vid in fed:
@@ -336,7 +352,8 @@ class Worker:
             def update(op, var, grad) -> None:  # the plan's update op, in place on what this worker owns
                 a = decode_attrs(op.attrs)
                 state = self.state.setdefault(hyper["state_keys"][a["variable"]], {})
-                update_in_place(OPS[op.op], np, var, grad, state, hyper["groups"][a["optimizer"]][a["group"]])
+                update_in_place(OPS[op.op], module_of(var), var, grad, state,
+                                hyper["groups"][a["optimizer"]][a["group"]])
 
             self._running = rt
             outs = rt.run(fed, micro, dict(req.grads), update, seeds, list(req.outputs))

@@ -180,6 +180,11 @@ class Mailbox:
 class Communicator(abc.ABC):
     """One rank's end of a transport. Subclasses provide ``post`` (and may override ``close``)."""
 
+    # False: messages wait in mailboxes, so calls may start in any order. True (NCCL): calls are
+    # matched by their order and block until every party joined; the actor runtime then issues
+    # its communication in the order its plan fixes (actors.ordered) and needs ``exchange``.
+    ordered = False
+
     def __init__(self, rank: int, world_size: int, timeout: float = 60.0):
         self.rank = rank
         self.world_size = world_size
@@ -194,6 +199,10 @@ class Communicator(abc.ABC):
 
     def close(self) -> None:
         """Release the transport's resources (threads, sockets)."""
+
+    def abort(self, reason: str = "aborted by the caller") -> None:
+        """Make a call blocked in this transport fail with ``reason`` (an ordered transport's
+        calls block until every party joined; a mailbox's waits are failed through it)."""
 
     def set_limits(self, max_messages: int | None = None, max_bytes: int | None = None) -> None:
         """Bound the messages and bytes that may wait unconsumed from each source rank (defaults

@@ -225,6 +225,8 @@ class NcclCommunicator(Communicator):
     over NumPy and threads).
     """
 
+    ordered = True  # calls are matched by their order: the actor runtime issues them in its plan's
+
     def __init__(self, rank: int, world_size: int, unique_id: bytes | Sequence[int],
                  device: int | None = None, timeout: float = 60.0):
         super().__init__(rank, world_size, timeout)
@@ -275,6 +277,28 @@ class NcclCommunicator(Communicator):
     def recv(self, src: int, tag: int = 0):
         self._check_peer(src)
         return self._take(src, tag, [])
+
+    @_nccl_call
+    def exchange(self, sends: Sequence[tuple], recvs: Sequence[tuple]) -> list:
+        """Sends ``(array, dst, tag)`` and receives ``(src, tag)`` as one NCCL group (a pipeline
+        stage's two-way exchange: they complete together, so it cannot deadlock). Returns the
+        received arrays, in order."""
+        for _, dst, _ in sends:
+            self._check_peer(dst)
+        for src, _ in recvs:
+            self._check_peer(src)
+        here = [self.mailbox.try_take(src, tag) for src, tag in recvs]  # filed by an earlier receive
+        wanted = [(src, tag) for (src, tag), x in zip(recvs, here) if x is None]
+        got = iter(self._exchange([(dst, array, tag) for array, dst, tag in sends], [src for src, _ in wanted]))
+        out = []
+        for (src, tag), x in zip(recvs, here):
+            if x is None:
+                their_tag, x = next(got)
+                if their_tag != tag:  # another conversation's message came first: file it, then wait
+                    self.mailbox.put(src, their_tag, x)
+                    x = self._take(src, tag, [])
+            out.append(x)
+        return out
 
     # -------------------------------------------------------------------- collectives
     @_nccl_call

@@ -96,7 +96,8 @@ class StrictHub:
         self.issued: dict[int, int] = {}    # rank -> calls issued (its position in its order)
         self.waiting: dict[int, list[tuple[Call, _Slot]]] = {}  # rank -> the calls it is blocked in
         self.done: set[int] = set()
-        self.failure: ContractViolation | None = None
+        self.failure: CommError | None = None  # a violation, or the abort that stopped every rank
+        self.log: dict[int, list[Call]] = {}  # rank -> every call it issued, in order
 
     def communicator(self, rank: int) -> StrictCommunicator:
         return StrictCommunicator(self, rank)
@@ -109,6 +110,7 @@ class StrictHub:
             self._raise_if_failed()
             slots = []
             for call, value in items:
+                self.log.setdefault(rank, []).append(call)
                 self._check_order(rank, call)
                 slots.append(self._enter(rank, call, value))
             self.waiting[rank] = [(c, s) for (c, _), s in zip(items, slots)]
@@ -166,17 +168,29 @@ class StrictHub:
         return slot
 
     def _deadlock(self) -> str:
-        """A report when every rank is blocked or finished and none of the open calls can
-        complete (all their members are already blocked elsewhere); "" otherwise."""
+        """A report when some blocked ranks can never return: each waits (in a call, or a group
+        of calls, that completes only as a whole) for a member that is itself blocked for good
+        or finished. A rank that is running may yet join; a blocked rank joins nothing new until
+        its own calls complete. "" when no rank is stuck."""
         live = set(range(self.world_size)) - self.done
-        blocked = {r for r, calls in self.waiting.items() if any(not _settled(s) for _, s in calls)}
-        if not live or blocked != live:
-            return ""  # a rank is running (or about to wake from a completed call): it may yet join
-        return "deadlock (NCCL would hang): " + self._describe_waits()
+        blocked = {r: [(c, s) for c, s in calls if not _settled(s)] for r, calls in self.waiting.items()}
+        blocked = {r: calls for r, calls in blocked.items() if calls}
+        may_join = live - set(blocked)  # running ranks
+        moved = True
+        while moved:  # the blocked ranks whose every missing member may still join
+            moved = False
+            for r, calls in blocked.items():
+                if r not in may_join and all(set(c.group) - set(s.calls) <= may_join for c, s in calls):
+                    may_join.add(r)
+                    moved = True
+        stuck = set(blocked) - may_join
+        if not stuck:
+            return ""
+        return "deadlock (NCCL would hang): " + self._describe_waits(stuck)
 
-    def _describe_waits(self) -> str:
+    def _describe_waits(self, ranks=None) -> str:
         parts = []
-        for rank in sorted(self.waiting):
+        for rank in sorted(self.waiting if ranks is None else ranks):
             for call, slot in self.waiting[rank]:
                 if not _settled(slot):
                     missing = sorted(set(call.group) - set(slot.calls))
@@ -248,6 +262,8 @@ class StrictCommunicator(Communicator):
     """One rank's end of a :class:`StrictHub`: the base class's interface with NCCL's semantics
     (each call blocks until its parties have joined) and its contract checked."""
 
+    ordered = True  # calls are matched by their order, as NCCL's are
+
     def __init__(self, hub: StrictHub, rank: int):
         super().__init__(rank, hub.world_size, hub.timeout)
         self.hub = hub
@@ -257,6 +273,12 @@ class StrictCommunicator(Communicator):
 
     def close(self) -> None:
         self.hub.close(self.rank)
+
+    def abort(self, reason: str = "aborted by the caller") -> None:
+        """Fail every call blocked in the hub, on every rank (as ``ncclCommAbort`` does its own)."""
+        with self.hub.cond:
+            self.hub.failure = self.hub.failure or CommError(f"rank {self.rank}: {reason}")
+            self.hub.cond.notify_all()
 
     # ------------------------------------------------------------------- point to point
     def send(self, array, dst: int, tag: int = 0) -> None:

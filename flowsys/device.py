@@ -49,13 +49,16 @@ def device_of(array) -> str:
 
 
 def to_numpy(array) -> np.ndarray:
-    return array if isinstance(array, np.ndarray) else array.get()
+    """``array`` in host memory (a device array is copied; a NumPy one is returned as is)."""
+    if isinstance(array, np.ndarray):
+        return array
+    return array.get() if hasattr(array, "get") and not isinstance(array, np.generic) else np.asarray(array)
 
 
 def contiguous(a) -> np.ndarray:
     """``a`` as a C-contiguous NumPy array, copied only if it is not one already (unlike
-    ``np.ascontiguousarray``, a 0-d array stays 0-d)."""
-    a = np.asarray(a)
+    ``np.ascontiguousarray``, a 0-d array stays 0-d); a device array is copied to the host."""
+    a = np.asarray(a) if isinstance(a, (np.ndarray, np.generic)) or not hasattr(a, "get") else a.get()
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 

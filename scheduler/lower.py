@@ -16,6 +16,7 @@ from flowsys.placement import Placement
 from flowsys.sbp import Split
 from flowsys.sbp import broadcast as B
 from flowsys.planformat import decode_attrs, encode_attrs, plan_pb2
+from scheduler.nccl_order import attach as attach_order
 
 # Gradient all-reduces are fused into buckets of up to this many bytes (DDP's bucket_cap_mb=25).
 BUCKET_BYTES = 25 * 2**20
@@ -288,15 +289,16 @@ class _Lowering:
 
         registers = self.registers_on(r)
 
-        def declare(vid: int, shape=None, dtype=None, sbp="") -> None:
+        def declare(vid: int, shape=None, dtype=None, sbp="", device="") -> None:
             if vid in declared:
                 return
             declared.add(vid)
             if shape is None:
                 v = g.values[vid]
                 shape, dtype, sbp = self.local(v, r), v.dtype, fmt(v.sbp) if v.sbp is not None else ""
+                device = v.placement.type if v.placement is not None else ""
             rp.values.append(plan_pb2.Value(id=vid, shape=list(shape), dtype=np.dtype(dtype).name, sbp=sbp,
-                                            registers=registers))
+                                            registers=registers, device="" if device == "cpu" else device))
 
         for vid in g.inputs:
             if self.lives_on(g.values[vid], r):
@@ -467,7 +469,8 @@ class _Lowering:
             state[k] = step.dst
             out = n.outputs[0] if last else next(self.value_ids)
             if not last:
-                declare(out, local_shape(src.shape, tuple(state), p.mesh, p.coords(r)), src.dtype, fmt(tuple(state)))
+                declare(out, local_shape(src.shape, tuple(state), p.mesh, p.coords(r)), src.dtype, fmt(tuple(state)),
+                        p.type)
             else:
                 declare(out)
             attrs = {"src": repr(step.src), "dst": repr(step.dst), "mesh_axis": k}
@@ -654,10 +657,15 @@ def lower(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES, device
     reduce-scatters fused into one (0: each alone). With ``devices_per_node`` > 1 (ranks
     numbered node by node), a collective whose group spans nodes in equal runs carries
     ``node_size``: it runs the hierarchical schedules of ``comm.algorithms`` (within each node,
-    then along each rank's rail between nodes; the pieces' fused buckets stay flat rings)."""
+    then along each rank's rail between nodes; the pieces' fused buckets stay flat rings). A
+    graph with ``cuda`` placements gets every rank's NCCL order (``RankPlan.comm_order``, from
+    :func:`scheduler.nccl_order.attach`)."""
     if not g.boxed:
         raise ValueError("lower: the graph has not been through the passes (insert_boxing) yet")
-    return _Lowering(g, registers, bucket_bytes, devices_per_node).lower()
+    plan = _Lowering(g, registers, bucket_bytes, devices_per_node).lower()
+    if any(v.placement is not None and v.placement.type == "cuda" for v in g.values.values()):
+        attach_order(plan)  # NCCL matches calls by order: fix one for every device
+    return plan
 
 
 def lower_templates(g: Graph, registers: int = 1, bucket_bytes: int = BUCKET_BYTES,

@@ -175,6 +175,46 @@ def fix_order(plan) -> dict[int, list[Event]]:
     return {r: [per_rank[r][key] for key in order if key in per_rank[r]] for r in per_rank}
 
 
+def attach(plan) -> None:
+    """The compiler pass: write :func:`fix_order`'s order into every rank's plan
+    (``RankPlan.comm_order``), replacing any order there; the runtime issues its NCCL calls in it."""
+    orders = fix_order(plan)
+    for rp in plan.ranks:
+        del rp.comm_order[:]
+        for e in orders[rp.rank]:
+            kind, ident = e.key
+            rp.comm_order.add(channel=ident if kind == "channel" else 0, bucket=ident if kind == "bucket" else 0,
+                              piece=e.piece)
+
+
+def order_of(rank_plan) -> list[tuple]:
+    """A rank plan's order as event keys (``(("channel", c) | ("bucket", b), piece)``, what
+    :func:`event_key` gives an op); [] when the plan has none."""
+    return [(("bucket", e.bucket) if e.bucket else ("channel", e.channel), e.piece) for e in rank_plan.comm_order]
+
+
+def check_plan(plan) -> None:
+    """:func:`check_orders` on the orders the plan's ranks carry (``RankPlan.comm_order``): a plan
+    whose order was changed on one rank, or misses an event, fails naming the ranks and events."""
+    per_rank = events(plan)
+    orders = {}
+    for rp in plan.ranks:
+        mine = per_rank[rp.rank]
+        unknown = [key for key in order_of(rp) if key not in mine]
+        if unknown:
+            (kind, ident), piece = unknown[0]
+            raise OrderError(f"rank {rp.rank}'s order names {kind} {ident} (piece {piece}), which none of its ops "
+                             f"communicate on; re-lower the plan")
+        orders[rp.rank] = [mine[key] for key in order_of(rp)]
+    check_orders(orders, plan)
+
+
+def event_key(op, piece: int) -> tuple:
+    """The event an op's communication in ``piece`` belongs to (-1: a per-step op's, the
+    optimizer's): one per collective, transfer or bucket."""
+    return _event_of(op, -1 if op.per_step or op.phase == "optimizer" else piece)
+
+
 def check_orders(orders: dict[int, list[Event]], plan=None) -> None:
     """Raise :class:`OrderError` if NCCL would hang on ranks issuing ``orders``: a rank whose
     order leaves out or repeats one of its plan's events (with ``plan``), or a cycle of waits

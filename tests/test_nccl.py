@@ -79,6 +79,8 @@ def _cases(comm) -> dict[str, np.ndarray]:
         pair = [r - r % 2, r - r % 2 + 1]
         if pair[1] < n:  # disjoint pairs at once (for n = 2 the pair is the world)
             out["pair_all_reduce"] = comm.all_reduce(a["x"], group=pair)
+        if r in (0, 1):  # both send first: one group (1F1B's two-way exchange) cannot deadlock
+            [out["exchange"]] = comm.exchange([(a["piece"], 1 - r, 9)], [(1 - r, 9)])
     comm.barrier()
     return {k: (v.get() if hasattr(v, "get") else v) for k, v in out.items()}
 
@@ -107,6 +109,7 @@ def _expected(n: int) -> list[dict[str, np.ndarray]]:
     expected = [{name: values[r] for name, values in per_name.items()} for r in range(n)]
     if n >= 2:
         expected[1]["recv_tag2"], expected[1]["recv_tag1"] = ins[0]["piece"], ins[0]["x"]
+        expected[0]["exchange"], expected[1]["exchange"] = ins[1]["piece"], ins[0]["piece"]
         group = [n - 1, 0]
         for i, value in enumerate(run_group(alg.ring_all_gather, [ins[g]["piece"] for g in group], axis=1)[0]):
             expected[group[i]]["all_gather_reversed"] = value
