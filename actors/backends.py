@@ -31,7 +31,6 @@ from comm.strict import StrictHub
 from flowsys.device import share_cores
 from flowsys.errors import RankFailed
 from flowsys.planformat import plan_pb2
-from scheduler.nccl_order import attach as attach_order, check_plan
 
 
 class Backend(abc.ABC):
@@ -66,10 +65,6 @@ class Backend(abc.ABC):
     def run(self, key: str, plan, requests: dict[int, bytes]) -> dict[int, plan_pb2.StepResponse]:
         ranks = [rp.rank for rp in plan.ranks]
         self._ensure(max(ranks) + 1)
-        if any((rp.rank, key) not in self._loaded for rp in plan.ranks) and self._wants_order(plan):
-            if not any(rp.comm_order for rp in plan.ranks):
-                attach_order(plan)  # a plan lowered without one: fix it now
-            check_plan(plan)  # a plan whose order was changed by hand fails here, naming the ranks
         for rp in plan.ranks:
             if (rp.rank, key) not in self._loaded:
                 self._load(rp.rank, key, rp.SerializeToString())
@@ -120,8 +115,10 @@ class Backend(abc.ABC):
         see ``Worker.load_shards``); what each read, by rank."""
         return {r: json.loads(b) for r, b in self._call_all("load_shards", directory, per_rank=entries).items()}
 
-    def _wants_order(self, plan) -> bool:
-        """Whether ``plan`` runs on a transport that matches calls by order (NCCL): it must fix one."""
+    def wants_order(self, plan) -> bool:
+        """Whether ``plan`` runs on a transport that matches calls by order (NCCL): the driver then
+        fixes its order (``scheduler.nccl_order.attach``) and checks it before :meth:`run`. A plan
+        that carries an order runs on the worker's ordered transport, one without on messages."""
         return any(v.device == "cuda" for rp in plan.ranks for v in rp.values)
 
     # what a backend provides
@@ -218,8 +215,8 @@ class LocalBackend(Backend):
                                   ordered=strict.communicator(r) if strict else None) for r in range(world)}
         share_cores(world)  # the ranks are threads of this process: split the cores between them
 
-    def _wants_order(self, plan) -> bool:
-        wants = self.ordered == "strict" or super()._wants_order(plan)
+    def wants_order(self, plan) -> bool:
+        wants = self.ordered == "strict" or super().wants_order(plan)
         if wants and self.ordered == "nccl" and any(w.ordered is None for w in self.workers.values()):
             self._connect_nccl()
         return wants
@@ -348,6 +345,7 @@ class RayBackend(Backend):
         self.workers: list = []
         self.pg = None
         self.driver = None
+        self.nccl = False  # the workers hold NCCL communicators (built for the first cuda plan)
 
     def _ensure(self, world: int) -> None:
         if self.workers and world <= self.world:
@@ -481,8 +479,17 @@ class RayBackend(Backend):
         if self.driver is not None:
             self.driver.close()
         self.workers, self.pg, self.driver = [], None, None
+        self.nccl = False
         self._last_status = {}
         super().shutdown()
+
+    def wants_order(self, plan) -> bool:
+        wants = super().wants_order(plan)
+        if wants and not self.nccl:  # rank 0 draws the id (the driver may have no GPU); all join at once
+            [uid] = self._get([self.workers[0].nccl_id.remote()], "draw an NCCL id")
+            self._get([w.connect_nccl.remote(uid, self.world) for w in self.workers], "build their NCCL communicators")
+            self.nccl = True
+        return wants
 
 
 class RayWorker:
@@ -504,6 +511,18 @@ class RayWorker:
 
     def address(self) -> str:
         return self.worker.comm.address
+
+    def nccl_id(self) -> bytes:
+        from comm.nccl import nccl_unique_id  # noqa: PLC0415
+
+        return nccl_unique_id()
+
+    def connect_nccl(self, unique_id: bytes, world: int) -> None:
+        """This rank's NCCL communicator over the ``world`` device ranks (returns once all joined):
+        the plans that fix an NCCL order run on it, control stays on gRPC."""
+        from comm.nccl import NcclCommunicator  # noqa: PLC0415
+
+        self.worker.ordered = NcclCommunicator(self.worker.rank, world, unique_id, timeout=self.worker.timeout)
 
     def connect(self, addresses: list[str]) -> None:
         self.worker.comm.connect(addresses)

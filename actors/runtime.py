@@ -53,8 +53,8 @@ from flowsys.errors import ArgumentError
 from flowsys.layout import bounds
 from flowsys.ops import OPS
 from flowsys.planformat import SeedMarker, decode_attrs
+from flowsys.planformat.order import COMMUNICATION, event_key, order_of
 from flowsys.sbp import parse
-from scheduler.nccl_order import COMMUNICATION, event_key, order_of
 
 OPTIMIZER_PIECE = (1 << 20) - 1  # the piece number optimizer-phase messages are tagged with
 PER_STEP_PIECE = (1 << 20) - 2   # ... and the messages of ops run once per step before the pieces
@@ -894,7 +894,7 @@ class RankRuntime:
         (every rank's chunk, in group order) is split back into each member's gathered value
         along its own axis, from every rank's shard shape (the ``shards`` attribute)."""
         group = list(members[0].group)
-        xp = module_of(ins[0])
+        xp = self.xps.get(members[0].inputs[0], np)
         flat = xp.concatenate([x.reshape(-1) for x in ins])
         layout = []
         for m in members:
@@ -904,8 +904,8 @@ class RankRuntime:
             ranks = [self.index[r] for r in group]
             schedule = self._issued(event_key(members[0], piece),
                                     Job("call", call=lambda: self.comm.all_gather(flat, 0, ranks)))
-            return _Comm(_split_gathered(schedule, layout), [self.rp.rank])
-        return _Comm(_split_gathered(alg.ring_all_gather(group.index(self.rp.rank), len(group), flat), layout),
+            return _Comm(_split_gathered(schedule, layout, xp), [self.rp.rank])
+        return _Comm(_split_gathered(alg.ring_all_gather(group.index(self.rp.rank), len(group), flat), layout, xp),
                      group)
 
     def _reduce_scatter_bucket(self, members: list, ins: list, piece: int) -> _Comm:
@@ -913,7 +913,7 @@ class RankRuntime:
         ``i`` (its ``array_split`` piece along its own axis), as each member's own would cut it."""
         group = list(members[0].group)
         n, me = len(group), group.index(self.rp.rank)
-        xp = module_of(ins[0])
+        xp = self.xps.get(members[0].inputs[0], np)
         cuts = []
         for m, x in zip(members, ins):
             axis = parse(decode_attrs(m.attrs)["dst"]).axis
@@ -1094,7 +1094,7 @@ class _Phased:
     peer: int = -1
 
 
-def _split_gathered(schedule, layout: list):
+def _split_gathered(schedule, layout: list, xp=np):
     """A bucket's all-gather, then each member's gathered value: rank ``q``'s chunk holds every
     member's shard on ``q`` in turn; a member's value is its shards concatenated along its axis."""
     flat = yield from schedule
@@ -1105,7 +1105,6 @@ def _split_gathered(schedule, layout: list):
             n = int(np.prod(shards[q]))
             got.append(flat[at:at + n].reshape(shards[q]))
             at += n
-    xp = module_of(flat)
     return [xp.concatenate(got, axis=axis) for (axis, _), got in zip(layout, pieces)]
 
 

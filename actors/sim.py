@@ -316,13 +316,13 @@ class SimRankRuntime(RankRuntime):
         self._communicate(work)
         return super()._collective(op, attrs, ins, held, piece)
 
-    def _gather_bucket(self, members, ins):
+    def _gather_bucket(self, members, ins, piece):
         self._communicate()
-        return super()._gather_bucket(members, ins)
+        return super()._gather_bucket(members, ins, piece)
 
-    def _reduce_scatter_bucket(self, members, ins):
+    def _reduce_scatter_bucket(self, members, ins, piece):
         self._communicate()
-        return super()._reduce_scatter_bucket(members, ins)
+        return super()._reduce_scatter_bucket(members, ins, piece)
 
     def _recv(self, op, attrs, ins, held, piece):
         self._communicate()

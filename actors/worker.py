@@ -28,7 +28,7 @@ import numpy as np
 from actors.runtime import RankRuntime, Stalled, pack_timeline
 from comm import Communicator
 from flowsys.datasource import Windows
-from flowsys.device import contiguous, module_of
+from flowsys.device import contiguous, module_of, to_numpy
 from flowsys.errors import StateDictError
 from flowsys.ops import OPS
 from flowsys.ops.registry import dtype_text
@@ -47,6 +47,12 @@ class WireError(ValueError):
 def encode(vid: int, array) -> plan_pb2.Tensor:
     a = contiguous(array)
     return plan_pb2.Tensor(id=vid, dtype=dtype_text(a.dtype), shape=list(a.shape), data=a.tobytes())
+
+
+def _layout(v) -> list:
+    """[shape, dtype] of an optimizer-state field: a host or device array, or a Python number."""
+    a = v if hasattr(v, "shape") and hasattr(v, "dtype") else np.asarray(v)
+    return [list(a.shape), dtype_text(a.dtype)]
 
 
 def _initial(i: plan_pb2.Init) -> np.ndarray:
@@ -172,7 +178,7 @@ class Worker:
         dump = plan_pb2.StateDump()
         for key in keys:
             for field, value in sorted(self.state.get(key, {}).items()):
-                dump.entries.append(plan_pb2.StateEntry(key=key, field=field, value=encode(0, np.asarray(value))))
+                dump.entries.append(plan_pb2.StateEntry(key=key, field=field, value=encode(0, to_numpy(value))))
         return dump.SerializeToString()
 
     def set_state(self, dump: bytes, keys: list[str]) -> None:
@@ -203,7 +209,7 @@ class Worker:
         """The shape and dtype of every field of the optimizer state kept for ``keys`` (JSON:
         key -> field -> [shape, dtype]): a checkpoint's layout without its values."""
         self.fault_point("checkpoint_pull")
-        return json.dumps({key: {f: [list(np.shape(v)), dtype_text(np.asarray(v).dtype)] for f, v in self.state[key].items()}
+        return json.dumps({key: {f: _layout(v) for f, v in self.state[key].items()}
                            for key in keys if key in self.state}).encode()
 
     def sees(self, path: str, token: str) -> bool:
@@ -239,7 +245,7 @@ class Worker:
             elif kind == "param" and where[0] in self.resident:
                 arrays[e.key] = self.resident[where[0]]
             elif kind == "state" and where[1] in self.state.get(where[0], {}):
-                arrays[e.key] = np.asarray(self.state[where[0]][where[1]])
+                arrays[e.key] = to_numpy(self.state[where[0]][where[1]])
             else:
                 raise StateDictError(f"checkpoint: rank {self.rank} holds no {e.field!r} to write as {e.key}")
         if not arrays:
@@ -342,8 +348,8 @@ class Worker:
                     self.resident[key] = fed[vid]
                 elif vid in made:
                     self.resident[key] = fed[vid] = made[vid]
-                elif key in self.resident:
-                    fed[vid] = self.resident[key]
+                elif key in self.resident:  # (a checkpoint's shards are read into host memory)
+                    fed[vid] = self.resident[key] = rt.place({vid: self.resident[key]})[vid]
                 else:
                     raise KeyError(f"rank {self.rank} holds no value of parameter {name!r} and none was sent")
             micro, per = max(1, req.micro_batches), req.seeds_per_piece

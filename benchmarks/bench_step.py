@@ -79,7 +79,7 @@ def torch_gpt(cfg):
             self.transformer.wte.weight = self.lm_head.weight
 
         def forward(self, idx, targets):
-            pos = torch.arange(idx.shape[1])
+            pos = torch.arange(idx.shape[1], device=idx.device)
             x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
             for block in self.transformer.h:
                 x = block(x)

@@ -1,7 +1,11 @@
-"""End-to-end check of the NCCL transport on this machine's GPUs, in well under three minutes.
+"""End-to-end check of flowsys on this machine's GPUs, in under five minutes: the NCCL transport,
+then the tiny GPT trained on one GPU against PyTorch.
 
     python benchmarks/gpu_smoke.py [--size-mib 64] [--warmup 5] [--iters 20] [--timeout 150]
-                                   [--out benchmarks/results/gpu_smoke.json]
+                                   [--gpt-steps 20] [--out benchmarks/results/gpu_smoke.json]
+
+Runs from a source tree (``PYTHONPATH=.`` or ``python benchmarks/gpu_smoke.py`` in the checkout)
+on the local backend: no Ray is needed.
 
 Reports the GPUs (``cupy.cuda.runtime.getDeviceProperties``) and the CuPy / NCCL / CUDA
 versions, then runs ``comm.NcclCommunicator`` in one spawned process per visible GPU (world
@@ -12,6 +16,15 @@ all-reduce of ``--size-mib`` MiB. An iteration's time is the slowest rank's wall
 ``all_reduce`` call (which returns once the GPU is done); the median over ``--iters`` is
 reported as NCCL-tests do: algbw = bytes / time, busbw = 2(n-1)/n * algbw (0 on one GPU, where
 algbw is the figure to read), in GiB/s.
+
+The GPT (``GPT_CONFIG``, batch 8) is compiled for ``fs.placement("cuda", [0])`` with
+``step.config.precision = "fp16"``: its kernels run on CuPy, its parameters stay on the GPU in
+the worker, a one-rank NCCL communicator is built for the plan (the local backend's NCCL mode),
+and the loss is scaled dynamically. PyTorch trains the same weights on the same batches with
+``torch.autocast(float16)`` and ``GradScaler``; the losses must agree within ``--rtol`` (1e-2) at
+every one of ``--gpt-steps`` steps, and the JSON records both median step times and their ratio.
+Where PyTorch has no CUDA here, the reference is the same flowsys step on ``cpu`` (itself checked
+against PyTorch by the test suite), and the JSON says so.
 
 Exits 1 if a check fails or a rank errs. Without CuPy or a GPU it prints why, writes
 ``{"skipped": reason}`` and exits 0.
@@ -81,6 +94,111 @@ def _smoke_rank(comm, size_mib: int, warmup: int, iters: int) -> dict:
     return {"errors": errors, "times": times}
 
 
+GPT_CONFIG = dict(vocab_size=1024, block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.0, bias=True)
+GPT_BATCH = 8
+LR, BETAS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 0.1
+
+
+def _batches(steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    shape = (GPT_BATCH, GPT_CONFIG["block_size"])
+    return [(rng.integers(0, GPT_CONFIG["vocab_size"], shape), rng.integers(0, GPT_CONFIG["vocab_size"], shape))
+            for _ in range(steps)]
+
+
+def _flowsys_gpt(device: str, weights: dict | None, steps: int) -> tuple[list[float], list[float], dict]:
+    """The tiny GPT trained ``steps`` steps in fp16 on ``device`` (rank 0): losses, seconds per
+    step (the loss read back each step, so a step's time includes its GPU work) and the weights
+    it started from."""
+    import flowsys as fs
+    from flowsys.models import GPT, GPTConfig
+
+    fs.manual_seed(0)
+    model = GPT(GPTConfig(**GPT_CONFIG))
+    if weights is None:
+        weights = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    else:
+        model.load_state_dict(weights)
+    place = fs.placement(device, [0])
+    model.to_global(place, fs.sbp.broadcast)
+    opt = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS)
+
+    class TrainStep(fs.Graph):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.add_optimizer(opt)
+            self.config.precision = "fp16"
+
+        def build(self, idx, targets):
+            _, loss = self.model(idx, targets)
+            loss.backward()
+            return loss
+
+    step = TrainStep()
+    losses, times = [], []
+    for idx, tgt in _batches(steps):
+        i = fs.tensor(idx).to_global(place, fs.sbp.broadcast)
+        t = fs.tensor(tgt).to_global(place, fs.sbp.broadcast)
+        start = time.perf_counter()
+        losses.append(float(step(i, t).item()))
+        times.append(time.perf_counter() - start)
+    return losses, times, weights
+
+
+def _torch_gpt(weights: dict, steps: int) -> tuple[list[float], list[float]]:
+    """PyTorch on CUDA from the same weights: autocast float16 and GradScaler, AdamW with the
+    same groups (decay on the matrices, none on biases and norms)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_step import torch_gpt
+
+    ref = torch_gpt(GPT_CONFIG)
+    ref.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+    ref = ref.cuda()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=LR, betas=BETAS)
+    scaler = torch.amp.GradScaler("cuda")
+    losses, times = [], []
+    for idx, tgt in _batches(steps):
+        i, t = torch.from_numpy(idx).cuda(), torch.from_numpy(tgt).cuda()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.float16):
+            _, loss = ref(i, t)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(float(loss.item()))
+        times.append(time.perf_counter() - start)
+    return losses, times
+
+
+def _gpt_check(steps: int, rtol: float) -> dict:
+    """flowsys on one GPU against PyTorch CUDA (or, without it, flowsys on the CPU)."""
+    losses, times, weights = _flowsys_gpt("cuda", None, steps)
+    try:
+        import torch
+        reference = "torch cuda" if torch.cuda.is_available() else ""
+    except ImportError:
+        reference = ""
+    if reference:
+        ref_losses, ref_times = _torch_gpt(weights, steps)
+    else:
+        reference = "flowsys cpu (PyTorch has no CUDA here)"
+        ref_losses, ref_times, _ = _flowsys_gpt("cpu", weights, steps)
+    rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)]
+    steady = slice(min(5, steps - 1), None)  # the first steps compile and warm the allocator
+    fs_ms, ref_ms = (statistics.median(t[steady]) * 1e3 for t in (times, ref_times))
+    return {"config": {**GPT_CONFIG, "batch": GPT_BATCH, "precision": "fp16", "optimizer": "AdamW"},
+            "steps": steps, "reference": reference, "rtol": rtol, "ok": max(rel) <= rtol,
+            "max_rel_diff": max(rel), "losses": losses, "reference_losses": ref_losses,
+            "step_ms": round(fs_ms, 3), "reference_step_ms": round(ref_ms, 3), "ratio": round(fs_ms / ref_ms, 3)}
+
+
 def _gpus() -> tuple[list[dict], dict]:
     import cupy
     from cupy.cuda import nccl as cupy_nccl
@@ -104,6 +222,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds the ranks may take in all")
+    ap.add_argument("--gpt-steps", type=int, default=20, help="GPT training steps on one GPU (0: skip)")
+    ap.add_argument("--rtol", type=float, default=1e-2, help="the losses' tolerance against the reference")
     ap.add_argument("--out", default="benchmarks/results/gpu_smoke.json")
     args = ap.parse_args()
     out = Path(args.out)
@@ -146,8 +266,28 @@ def main() -> int:
     for name, err in checks.items():
         print(f"{name:16s} {'ok' if err == 0.0 else f'WRONG (max abs error {err})'}")
     print(f"all_reduce {args.size_mib} MiB over {n} GPU(s): {median * 1e3:.3f} ms, "
-          f"algbw {result['all_reduce']['algbw_gib_s']} GiB/s, busbw {result['all_reduce']['busbw_gib_s']} GiB/s "
-          f"({result['seconds']} s in all; written to {out})")
+          f"algbw {result['all_reduce']['algbw_gib_s']} GiB/s, busbw {result['all_reduce']['busbw_gib_s']} GiB/s",
+          flush=True)
+    if args.gpt_steps > 0:
+        try:
+            gpt = _gpt_check(args.gpt_steps, args.rtol)
+        except Exception as e:  # noqa: BLE001 - reported, with where it came from
+            import traceback
+            gpt = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            print(gpt["traceback"])
+        result["gpt"] = gpt
+        if not gpt["ok"]:
+            failed.append("gpt")
+        if "error" in gpt:
+            print(f"gpt: FAILED: {gpt['error']}")
+        else:
+            print(f"gpt fp16, {gpt['steps']} steps on one GPU against {gpt['reference']}: losses "
+                  f"{'agree' if gpt['ok'] else 'DIFFER'} (max relative difference {gpt['max_rel_diff']:.2e}, "
+                  f"rtol {gpt['rtol']:g}); step {gpt['step_ms']:.2f} ms vs {gpt['reference_step_ms']:.2f} ms "
+                  f"(ratio {gpt['ratio']:.2f})")
+    result["seconds"] = round(time.perf_counter() - began, 1)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{result['seconds']} s in all; written to {out}")
     return 1 if failed else 0
 
 

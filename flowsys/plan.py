@@ -12,6 +12,8 @@ template only where the cost model needs them all.
 
 from __future__ import annotations
 
+import os
+
 import time
 from collections import defaultdict
 from typing import Any
@@ -24,12 +26,14 @@ from flowsys.placement import placement
 from flowsys.precision import compute_dtype
 
 
-def layout(job: JobConfig, devices: int | None = None):
-    """The stage placements of ``job.parallel``: a list of ``dp x tp`` placements."""
+def layout(job: JobConfig, devices: int | None = None, device: str | None = None):
+    """The stage placements of ``job.parallel``: a list of ``dp x tp`` placements, on ``device``
+    (default: ``FLOWSYS_DEVICE``, which ``flowsys launch --device`` sets, else ``cpu``)."""
     check_layout(job, devices)
     p = job.parallel
     ranks = np.arange(p.devices).reshape(p.pp, p.dp, p.tp)
-    return [placement("cpu", ranks[s].tolist()) for s in range(p.pp)]
+    device = device or os.environ.get("FLOWSYS_DEVICE") or "cpu"
+    return [placement(device, ranks[s].tolist()) for s in range(p.pp)]
 
 
 def build(job, placements, meta: bool = False):

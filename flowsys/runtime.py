@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 import scheduler
+from scheduler.nccl_order import attach, check_plan
 from actors.runtime import Timeline
 from actors.worker import decode, encode
 from flowsys.errors import ConfigError
@@ -104,6 +105,15 @@ _default_local = None
 _exit_hook = False
 
 
+def fix_nccl_order(plan) -> None:
+    """Fix every rank's NCCL order in ``plan`` where it has none (lowering fixes it for ``cuda``
+    placements; a backend may run any plan on an ordered transport) and check it: an order NCCL
+    would hang on fails here, naming the ranks and events."""
+    if not any(rp.comm_order for rp in plan.ranks):
+        attach(plan)
+    check_plan(plan)
+
+
 # ------------------------------------------------------------------------ the controller
 class Home:
     """The workers of one backend as the home of parameter values: after a step, every
@@ -180,6 +190,7 @@ class Session:
         self.declared: dict[int, dict[int, tuple]] = {}
         self.registers = None
         self.key = None
+        self.order_checked = None  # (plan key, backend, its workers' generation) whose NCCL need was settled
         self.in_flight: dict[int, int] = {}
         self.digests: dict[int, int] = {}  # per input read by the workers: the sum of its samples' first tokens
         self.traffic: dict[int, tuple[int, int]] = {}  # per rank: bytes sent to it and back, last step
@@ -206,6 +217,11 @@ class Session:
                                          for group in opt.param_groups] for opt in optimizers]})
         requests = {rp.rank: self._request(rp, tensors, backend, hyper, seeds, record) for rp in plan.ranks}
         self._check_state(backend)
+        stamp = (self.key, id(backend), backend.generation)  # once per plan and set of workers
+        if self.order_checked != stamp:
+            if backend.wants_order(plan):
+                fix_nccl_order(plan)
+            self.order_checked = stamp
         responses = backend.run(self.key, plan, requests)
         for opt in optimizers:  # their state now lives in the workers: checkpoint.save pulls it from there
             opt._state_in_workers = backend

@@ -40,7 +40,7 @@ def write_shards(directory: str | os.PathLike, rank: int, arrays: dict[str, np.n
 
     path = Path(directory) / f"rank_{rank}.safetensors"
     tmp = path.with_suffix(".tmp")
-    arrays = {k: contiguous(np.asarray(v)) for k, v in arrays.items()}
+    arrays = {k: contiguous(v) for k, v in arrays.items()}  # (a device array is copied to the host)
     save_file(arrays, str(tmp))
     sha256, crc32 = checksums(tmp, arrays)
     fsync(tmp)

@@ -25,8 +25,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from comm.base import CommError
-
-COMMUNICATION = ("collective", "send", "recv")
+from flowsys.planformat.order import COMMUNICATION, event_key, event_of as _event_of, order_of
 _CLASS = {"step": 0, "piece": 1, "optimizer": 2}  # per-step ops first, the optimizer's last
 
 
@@ -48,12 +47,6 @@ class Event:
     def __str__(self) -> str:
         when = "once a step" if self.piece < 0 else f"micro-batch {self.piece}"
         return f"{self.op} over ranks {list(self.ranks)} ({self.phase}, {when}, channel {self.key[-1]})"
-
-
-def _event_of(op, piece: int) -> tuple:
-    if op.bucket:
-        return ("bucket", op.bucket), piece
-    return ("channel", op.channel), piece
 
 
 def events(plan) -> dict[int, dict[tuple, Event]]:
@@ -187,12 +180,6 @@ def attach(plan) -> None:
                               piece=e.piece)
 
 
-def order_of(rank_plan) -> list[tuple]:
-    """A rank plan's order as event keys (``(("channel", c) | ("bucket", b), piece)``, what
-    :func:`event_key` gives an op); [] when the plan has none."""
-    return [(("bucket", e.bucket) if e.bucket else ("channel", e.channel), e.piece) for e in rank_plan.comm_order]
-
-
 def check_plan(plan) -> None:
     """:func:`check_orders` on the orders the plan's ranks carry (``RankPlan.comm_order``): a plan
     whose order was changed on one rank, or misses an event, fails naming the ranks and events."""
@@ -207,12 +194,6 @@ def check_plan(plan) -> None:
                              f"communicate on; re-lower the plan")
         orders[rp.rank] = [mine[key] for key in order_of(rp)]
     check_orders(orders, plan)
-
-
-def event_key(op, piece: int) -> tuple:
-    """The event an op's communication in ``piece`` belongs to (-1: a per-step op's, the
-    optimizer's): one per collective, transfer or bucket."""
-    return _event_of(op, -1 if op.per_step or op.phase == "optimizer" else piece)
 
 
 def check_orders(orders: dict[int, list[Event]], plan=None) -> None:
@@ -269,3 +250,7 @@ def _find_cycle(edges: dict[tuple, list[tuple[tuple, int]]]) -> list[tuple[tuple
                 path.append((node, nxt, r))
                 stack.append((nxt, iter(edges.get(nxt, ()))))
     return []
+
+
+__all__ = ["COMMUNICATION", "Event", "OrderError", "attach", "check_orders", "check_plan", "event_key", "events",
+           "fix_order", "order_of"]

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("flowsys", "scheduler", "actors", "comm")
 VOCABULARY = ["flowsys.ops", "flowsys.sbp", "flowsys.placement", "flowsys.layout", "flowsys.errors", "flowsys.graph.ir",
-              "flowsys.planformat", "flowsys.rng", "flowsys.datasource",
+              "flowsys.planformat", "flowsys.planformat.order", "flowsys.rng", "flowsys.datasource",
               "flowsys.shardfiles"]
 WORKER = ["actors", "actors.worker", "actors.runtime", "actors.backends"]
 USER_API = {"flowsys.nn", "flowsys.optim", "flowsys.graph.api"}

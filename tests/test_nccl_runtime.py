@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from actors import backends
+import flowsys.runtime as driver
 from actors.backends import LocalBackend
 from actors.ordered import Issuer, Job
 from comm.strict import StrictHub
@@ -118,7 +118,7 @@ def _changed_order(monkeypatch) -> dict:
         if "rank" not in swapped and sum(len(rp.comm_order) for rp in plan.ranks) > 20:  # the training step
             swapped["rank"] = _swap_on_one_rank(plan)
 
-    monkeypatch.setattr(backends, "attach_order", attach_then_swap)
+    monkeypatch.setattr(driver, "attach", attach_then_swap)
     return swapped
 
 
@@ -133,7 +133,7 @@ def test_a_changed_order_that_runs_anyway_is_caught_by_the_strict_communicator(m
     """Past the plan's check, the ranks issue their calls in their (changed) orders: the strict
     communicator reports the deadlock, or the disagreeing collective, at once, naming the ranks."""
     swapped = _changed_order(monkeypatch)
-    monkeypatch.setattr(backends, "check_plan", lambda plan: None)
+    monkeypatch.setattr(driver, "check_plan", lambda plan: None)
     with pytest.raises(RankFailed, match=r"deadlock \(NCCL would hang\)|disagree|never became ready") as err:
         _train(LAYOUTS["dp2xtp2xpp2-zero1"], LocalBackend(timeout=20, ordered="strict"))
     assert f"rank {swapped['rank']}" in str(err.value)
