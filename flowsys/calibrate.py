@@ -54,6 +54,7 @@ class _Probe(Graph):
             self.module = module
             self.add_optimizer(opt)
         self.config.executor = "plans"
+        self.config.fuse = False  # a probe times the runtime per op: each of its ops stays one
 
 
 class _Chain(_Probe):

@@ -200,6 +200,13 @@ CASES.update({op: [Case((_COMPLEX if cat == "floating-point" else (2, 4),), {"ax
                          "norm": "ortho"})]
               for op, (cat, _out, _rule) in TRANSFORMS.items()})
 
+# the fusion pass's op: a chain (add, gelu, mul by a 0-d scale) and one with a partial-sum row (add, neg)
+_CHAIN = ((("add", (("in", 0), ("in", 1)), ()), ("gelu", (("t", 0),), (("approximate", "none"),)),
+           ("mul", (("t", 1), ("in", 2)), ())))
+CASES["fused_elementwise"] = [Case(((3, 4), (3, 4), ()), {"program": _CHAIN}, grad=False),
+                              Case(((3, 4), (3, 4)), {"program": (("add", (("in", 0), ("in", 1)), ()),
+                                                                  ("neg", (("t", 0),), ()))}, grad=False)]
+
 # Known bugs: (test, case id) -> reason. Each becomes a strict xfail, so a fix must remove its entry.
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
 

@@ -74,6 +74,8 @@ class GraphConfig:
     # test fp16 uses, for any precision): parameters and optimizer state stay as they were
     # (Graph.last_step_skipped); off, such a step updates as asked
     skip_nonfinite: bool = False
+    # chains of elementwise ops run as one generated kernel (the fusion pass, flowsys.graph.fuse)
+    fuse: bool = True
 
 
 class Graph:
@@ -137,7 +139,8 @@ class Graph:
                              f"{precision!r}; got {reduce_in!r}")
         reduce_low = reduce_in is not None and low_dtype(reduce_in) is not None
         skip = bool(self.config.skip_nonfinite)
-        key = self._compiled_key = self._key(args) + (k, stage, clip, precision, reduce_low, skip)
+        fuse = bool(self.config.fuse)
+        key = self._compiled_key = self._key(args) + (k, stage, clip, precision, reduce_low, skip, fuse)
         if precision == "fp16" and self.loss_scaler is None:
             self.loss_scaler = LossScaler()
         if key not in self._compiled:
@@ -161,7 +164,8 @@ class Graph:
             with suspended():  # the compiler's own ops follow the traced dtypes, whatever autocast is around
                 ir = _passes.compile_graph(ir.with_(zero_axis=axis, stages=stages), params_by_name=params,
                                            optimizers=self._optimizers, micro_batches=k, zero_stage=stage,
-                                           grad_clip=clip, grad_reduce_low=reduce_low, skip_nonfinite=skip)
+                                           grad_clip=clip, grad_reduce_low=reduce_low, skip_nonfinite=skip,
+                                           fuse=fuse)
             self._compiled[key] = (ir, Executor(ir, params, self._optimizers, n_seeds),
                                    Session(ir, params, self._optimizers, n_seeds))
         self._last = self._compiled[key][0]

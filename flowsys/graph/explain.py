@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from flowsys.graph.ir import Graph
+from flowsys.ops.fusion import describe
 from flowsys.layout import fmt
 
 
@@ -45,8 +46,15 @@ def explain(g: Graph) -> str:
             lines.append(f"{n.id:>6}  {n.phase:9} {'update ' + n.op:30} {n.attr['variable']}: master "
                          f"{var.dtype.name}{list(var.shape)} {_layout(var)}, grad {g.values[n.inputs[1]].dtype.name}"
                          + (f", state {state} in {var.dtype.name}" if state else ""))
+        elif n.op == "fused_elementwise":
+            parts = describe(n.attr["program"])
+            lines.append(f"{n.id:>6}  {n.phase:9} {'FUSED ' + parts:30} {ins:40} -> {outs}   one generated kernel")
         else:
             lines.append(f"{n.id:>6}  {n.phase:9} {n.op:30} {ins:40} -> {outs}")
+    fused = [n for n in g.nodes if n.op == "fused_elementwise"]
+    if fused:
+        lines.append(f"fused kernels: {len(fused)}, replacing {sum(len(n.attr['program']) for n in fused)} ops: "
+                     + "; ".join(describe(n.attr["program"]) for n in fused))
     lines.append(f"boxing total: {total} bytes per step" + "".join(f"; {k} {v}" for k, v in sorted(per_kind.items())))
     placements = {v.placement for v in g.values.values() if v.placement is not None}
     for p in placements:

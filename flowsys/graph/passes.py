@@ -22,6 +22,8 @@ IR graph, and ``verify`` runs after every one.
 7. ``insert_boxing``: a boxing node, planned by the same planner as eager mode, wherever a
    value's layout differs from what its consumer's signature needs (a gradient and its
    variable included: data parallelism's all-reduce is such a node).
+8. ``fuse``: chains of elementwise ops become one ``fused_elementwise`` node whose kernel is
+   generated from the ops' scalar rules (``flowsys.graph.fuse``; ``config.fuse``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from flowsys import boxing
 from flowsys.autodiff import Engine, walk
 from flowsys.autograd import no_grad
 from flowsys.global_tensor import choose_signature, make_global
+from flowsys.graph.fuse import fuse as fuse_elementwise
 from flowsys.graph.ir import Graph, GraphError, Node, Value, verify
 from flowsys.graph.trace import Symbol, Tracer
 from flowsys.ops import OPS, OpDef
@@ -691,20 +694,22 @@ def insert_boxing(g: Graph, **_) -> Graph:
 
 
 PASS_ORDER = ("autodiff", "checkpointing", "optimizer", "precision", "zero", "clip_grad", "gradient_accumulation",
-              "infer_sbp", "insert_boxing")
+              "infer_sbp", "insert_boxing", "fuse")
 
 
 def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batches: int = 1, zero_stage: int = 0,
                   grad_clip: float = 0.0, grad_reduce_low: bool = False, skip_nonfinite: bool = False,
-                  on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
+                  fuse: bool = True, on_pass: Callable[[str, Graph], None] | None = None) -> Graph:
     """Run the passes in order, verifying after each."""
     passes = {"autodiff": autodiff, "checkpointing": checkpointing, "optimizer": make_optimizer_pass(params_by_name),
               "precision": precision, "zero": zero, "clip_grad": make_clip_pass(params_by_name),
-              "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing}
+              "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing,
+              "fuse": fuse_elementwise}
     verify(g, after="tracing")
     for name in PASS_ORDER:
         g = passes[name](g, optimizers=optimizers, micro_batches=micro_batches, zero_stage=zero_stage,
-                         grad_clip=grad_clip, grad_reduce_low=grad_reduce_low, skip_nonfinite=skip_nonfinite)
+                         grad_clip=grad_clip, grad_reduce_low=grad_reduce_low, skip_nonfinite=skip_nonfinite,
+                         fuse=fuse)
         verify(g, after=name)
         if on_pass is not None:
             on_pass(name, g)

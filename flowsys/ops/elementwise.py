@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from flowsys.errors import ArgumentError, DTypeError
-from flowsys.ops import fused
+from flowsys.ops import fused, fusion, scalar
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_blocks
 from flowsys.ops.math import check_category, complex_from
@@ -61,21 +61,21 @@ _ELEMENTWISE = flops_per_output(1)
 
 
 @register("add", infer=_binary("add"), sbp=_pointwise_rows(((P, P), "the sum of partial sums is a partial sum of the sum")),
-          cost=_ELEMENTWISE,
+          cost=_ELEMENTWISE, scalar=lambda x, y: x + y,
           grad=lambda b, g, out, x, y: [sum_to_shape(b, g, x.shape), sum_to_shape(b, g, y.shape)])
 def add(xp, x, y):
     return xp.add(x, y)
 
 
 @register("sub", infer=_binary("sub"), sbp=_pointwise_rows(((P, P), "the difference of partial sums is a partial sum")),
-          cost=_ELEMENTWISE,
+          cost=_ELEMENTWISE, scalar=lambda x, y: x - y,
           grad=lambda b, g, out, x, y: [sum_to_shape(b, g, x.shape),
                                         sum_to_shape(b, b.neg(g), y.shape) if b.needs[1] else None])
 def sub(xp, x, y):
     return xp.subtract(x, y)
 
 
-@register("mul", infer=_binary("mul"), cost=_ELEMENTWISE,
+@register("mul", infer=_binary("mul"), cost=_ELEMENTWISE, scalar=lambda x, y: x * y,
           sbp=_pointwise_rows(((P, B), "mul is linear in its first operand"), ((B, P), "mul is linear in its second operand")),
           grad=lambda b, g, out, x, y: [sum_to_shape(b, b.mul(g, y), x.shape) if b.needs[0] else None,
                                         sum_to_shape(b, b.mul(g, x), y.shape) if b.needs[1] else None])
@@ -84,7 +84,7 @@ def mul(xp, x, y):
 
 
 @register("div", infer=_binary("div"), sbp=_pointwise_rows(((P, B), "dividing by a replicated value is linear")),
-          cost=_ELEMENTWISE,
+          cost=_ELEMENTWISE, scalar=lambda x, y: x / y,
           grad=lambda b, g, out, x, y: [sum_to_shape(b, b.div(g, y), x.shape) if b.needs[0] else None,
                                         sum_to_shape(b, b.neg(b.mul(g, b.div(out, y))), y.shape) if b.needs[1] else None])
 def div(xp, x, y):
@@ -100,6 +100,7 @@ def _numeric(op):
 
 
 @register("neg", infer=_numeric("negative (-x)"), sbp=_pointwise_rows(((P,), "neg is linear")), cost=_ELEMENTWISE,
+          scalar=lambda x: -x,
           grad=lambda b, g, out, x: [b.neg(g)])
 def neg(xp, x):
     return xp.negative(x)
@@ -120,24 +121,24 @@ def pow_(xp, x, y):
 
 
 @register("exp", infer=_float_unary("exp"), sbp=_no_partial, grad=lambda b, g, out, x: [b.mul(g, out)],
-          cost=_ELEMENTWISE)
+          cost=_ELEMENTWISE, scalar=lambda x: scalar.exp(x))
 def exp(xp, x):
     return xp.exp(x)
 
 
 @register("log", infer=_float_unary("log"), sbp=_no_partial, grad=lambda b, g, out, x: [b.div(g, x)],
-          cost=_ELEMENTWISE)
+          cost=_ELEMENTWISE, scalar=lambda x: scalar.log(x))
 def log(xp, x):
     return xp.log(x)
 
 
-@register("sqrt", infer=_float_unary("sqrt"), sbp=_no_partial, cost=_ELEMENTWISE,
+@register("sqrt", infer=_float_unary("sqrt"), sbp=_no_partial, cost=_ELEMENTWISE, scalar=lambda x: scalar.sqrt(x),
           grad=lambda b, g, out, x: [b.div(b.mul(g, 0.5), out)])
 def sqrt(xp, x):
     return xp.sqrt(x)
 
 
-@register("tanh", infer=_float_unary("tanh"), sbp=_no_partial, cost=flops_per_output(4),
+@register("tanh", infer=_float_unary("tanh"), sbp=_no_partial, cost=flops_per_output(4), scalar=lambda x: scalar.tanh(x),
           grad=lambda b, g, out, x: [b.mul(g, b.sub(1.0, b.mul(out, out)))])
 def tanh(xp, x):
     out = xp.tanh(x)
@@ -156,7 +157,8 @@ def _maximum_grad(b, g, out, x, y):
     return [gx, gy]
 
 
-@register("maximum", infer=_binary("maximum"), sbp=_no_partial, grad=_maximum_grad, cost=_ELEMENTWISE)
+@register("maximum", infer=_binary("maximum"), sbp=_no_partial, grad=_maximum_grad, cost=_ELEMENTWISE,
+          scalar=lambda x, y: scalar.maximum(x, y))
 def maximum(xp, x, y):
     return xp.maximum(x, y)
 
@@ -211,7 +213,7 @@ for _name, _fn in [("eq", "equal"), ("ne", "not_equal"), ("lt", "less"), ("le", 
 # --------------------------------------------------------------------------------- activations
 
 
-@register("relu", infer=_same, sbp=_no_partial, cost=_ELEMENTWISE,
+@register("relu", infer=_same, sbp=_no_partial, cost=_ELEMENTWISE, scalar=lambda x: scalar.maximum(x, 0.0),
           grad=lambda b, g, out, x: [b.where(b.gt(x, 0.0), g, 0.0)])
 def relu(xp, x):
     return xp.maximum(x, 0)
@@ -242,11 +244,12 @@ def _gelu_infer(x: Spec, *, approximate: str = "none") -> Spec:
     return _float_unary("gelu")(x)
 
 
-@register("gelu", infer=_gelu_infer, sbp=_no_partial, cost=flops_per_output(10),
+@register("gelu", infer=_gelu_infer, sbp=_no_partial, cost=flops_per_output(10), scalar=scalar.gelu,
           grad=lambda b, g, out, x, *, approximate="none": [b.gelu_grad(x, out, g, approximate=approximate)])
 def gelu(xp, x, *, approximate="none"):
-    if fused.usable(xp, x):
-        return fused.gelu(x, approximate)
+    out = fusion.run_one("gelu", (x,), approximate=approximate) if fused.usable(xp, x) else None
+    if out is not None:  # its scalar rule, generated (flowsys.ops.fusion)
+        return out
     return map_blocks(xp, lambda v: _gelu(xp, v, approximate), x)
 
 
@@ -257,14 +260,15 @@ def _gelu(xp, x, approximate):
 
 
 @register("gelu_grad", infer=lambda x, y, g, *, approximate="none": Spec(x.shape, result_dtype(x, g)),
-          cost=flops_per_output(14),
+          cost=flops_per_output(14), scalar=lambda x, y, g, *, approximate="none": scalar.gelu_grad(x, g, approximate),
           sbp=_pointwise_rows(((B, B, P), "the gradient is linear in the incoming gradient")))
 def gelu_grad(xp, x, y, g, *, approximate="none"):
     """g * d gelu(x)/dx, reusing the forward output ``y = x * cdf(x)``: cdf = y / x, so the
-    backward pass does not evaluate erf (or tanh) again. The fused float32 kernel does: one
-    pass computing it is cheaper than the division."""
-    if fused.usable(xp, x, g):
-        return fused.gelu_grad(x, g, approximate)
+    backward pass does not evaluate erf (or tanh) again. The generated float32 kernel (its
+    scalar rule) does: one pass computing it is cheaper than the division."""
+    out = fusion.run_one("gelu_grad", (x, y, g), approximate=approximate) if fused.usable(xp, x, y, g) else None
+    if out is not None:
+        return out
     return map_blocks(xp, lambda v, o, w: _gelu_grad(xp, v, o, w, approximate), x, y, g)
 
 

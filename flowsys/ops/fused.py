@@ -1,10 +1,12 @@
 """Fused float32 CPU kernels compiled by Numba: one pass over memory where NumPy makes a dozen.
 
 Every op's semantics is its NumPy expression in the op module, which also runs on CuPy. On the
-CPU those expressions are chains of full passes over memory: exact GELU is fifteen, a softmax
-row five, an AdamW update nine. The hot ones are written here once more as loops that LLVM
-vectorises, computing in one pass what the NumPy twin computes in many. The twin stays the
-reference: ``tests/test_fused.py`` runs both and compares.
+CPU those expressions are chains of full passes over memory: a softmax row is five, an AdamW
+update nine. The hot ones are written here once more as loops that LLVM vectorises, computing in
+one pass what the NumPy twin computes in many. The twin stays the reference:
+``tests/test_fused.py`` runs both and compares. Elementwise ops no longer need a kernel here:
+GELU and its gradient are generated from their scalar rules (``flowsys.ops.fusion``), which use
+this module's ``_exp``, ``_erf`` and thread pool.
 
 Only float32 goes through here; float64 (finite-difference checks) keeps the exact NumPy path.
 A missing or broken Numba only costs speed: ``usable`` is then False everywhere. Setting
@@ -118,9 +120,6 @@ else:  # pragma: no cover - exercised only without Numba
 _LOG2E = math.log2(math.e)
 _LN2_HI = 0.693145751953125  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**10
 _LN2_LO = 1.428606765330187e-06
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 @_scalar
@@ -150,59 +149,8 @@ def _erf(x):
     return math.copysign(f32(1.0) - poly * _exp(-a * a), x)
 
 
-# ------------------------------------------------------------------------------------------ GELU
-
-
-@_kernel
-def _gelu_erf(x, out):
-    for i in range(x.size):
-        v = x[i]
-        out[i] = f32(0.5) * v * (f32(1.0) + _erf(v * f32(_INV_SQRT_2)))
-
-
-@_kernel
-def _gelu_tanh(x, out):
-    # 0.5 * (1 + tanh(u)) = 1 / (1 + exp(-2u)): no cancellation near u = 0.
-    for i in range(x.size):
-        v = x[i]
-        out[i] = v / (f32(1.0) + _exp(f32(-2.0 * _SQRT_2_OVER_PI) * (v + f32(0.044715) * v * v * v)))
-
-
-@_kernel
-def _gelu_erf_grad(x, g, out):
-    for i in range(x.size):
-        v = x[i]
-        cdf = f32(0.5) * (f32(1.0) + _erf(v * f32(_INV_SQRT_2)))
-        out[i] = g[i] * (cdf + v * f32(_INV_SQRT_2PI) * _exp(f32(-0.5) * v * v))
-
-
-@_kernel
-def _gelu_tanh_grad(x, g, out):
-    for i in range(x.size):
-        v = x[i]
-        s = f32(1.0) / (f32(1.0) + _exp(f32(-2.0 * _SQRT_2_OVER_PI) * (v + f32(0.044715) * v * v * v)))
-        du = f32(_SQRT_2_OVER_PI) * (f32(1.0) + f32(3.0 * 0.044715) * v * v)
-        out[i] = g[i] * (s + f32(2.0) * v * s * (f32(1.0) - s) * du)
-
-
 def _flat(a):
     return np.ascontiguousarray(a).reshape(-1)
-
-
-def gelu(x, approximate: str):
-    kernel = _gelu_tanh if approximate == "tanh" else _gelu_erf
-    xf, out = _flat(x), np.empty(x.shape, np.float32)
-    of = out.reshape(-1)
-    _split(lambda lo, hi: kernel(xf[lo:hi], of[lo:hi]), xf.size)
-    return out
-
-
-def gelu_grad(x, g, approximate: str):
-    kernel = _gelu_tanh_grad if approximate == "tanh" else _gelu_erf_grad
-    xf, gf, out = _flat(x), _flat(g), np.empty(x.shape, np.float32)
-    of = out.reshape(-1)
-    _split(lambda lo, hi: kernel(xf[lo:hi], gf[lo:hi], of[lo:hi]), xf.size)
-    return out
 
 
 # ------------------------------------------------------------------------------ softmax family

@@ -187,6 +187,9 @@ class OpDef:
     doc: str = field(default="", compare=False)
     lower: LowerRule | None = None
     cost: CostRule | None = None
+    # elementwise ops: the computation on one element (flowsys.ops.scalar), which the fusion pass
+    # composes into generated kernels; None: the op is not fused
+    scalar: Callable[..., Any] | None = field(default=None, compare=False)
 
 
 OPS: dict[str, OpDef] = {}
@@ -202,11 +205,13 @@ def register(
     lower: LowerRule | None = None,
     low_precision: str = "float32",
     cost: CostRule | None = None,
+    scalar: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``kernel`` as op ``name`` with its rules (one registration per op).
     ``low_precision``: ``"float32"`` (bfloat16/float16 operands computed in float32, see
     ``_low_precision``) or ``"native"`` (the kernel takes them as they are, e.g. a cast).
-    ``cost``: FLOPs and bytes of one application (without one: :func:`copy_cost`)."""
+    ``cost``: FLOPs and bytes of one application (without one: :func:`copy_cost`).
+    ``scalar``: an elementwise op's rule on one element (``flowsys.ops.scalar``), for fusion."""
 
     def deco(kernel: Callable[..., Any]) -> Callable[..., Any]:
         if name in OPS:
@@ -214,7 +219,7 @@ def register(
         if low_precision not in ("float32", "native"):
             raise FlowsysError(f"op {name!r}: low_precision is 'float32' or 'native', got {low_precision!r}")
         run = _low_precision(kernel) if low_precision == "float32" else kernel
-        OPS[name] = OpDef(name, run, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower, cost)
+        OPS[name] = OpDef(name, run, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower, cost, scalar)
         return kernel
 
     return deco

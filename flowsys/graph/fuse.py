@@ -1,0 +1,115 @@
+"""The fusion pass: chains of elementwise ops become one ``fused_elementwise`` node whose kernel
+is generated from the ops' scalar rules (``flowsys.ops.fusion``).
+
+It runs last, on the boxed graph, so every layout is already decided: a group is a connected set
+of op nodes that
+
+- all have a scalar rule (``OpDef.scalar``) and one output, of one dtype and shape, whose inputs
+  have that shape or are 0-d (no broadcasting: the generated kernel walks one index);
+- all run in the same phase, on the same placement, under the same SBP (so the fused node's
+  signature is its parts', and a group never spans a boxing node);
+- pass every intermediate to exactly one consumer, inside the group, and keep none of them as a
+  graph output, loss or gradient (what the group computes inside never exists in memory).
+
+The fused node takes the group's place at its last member, with the group's outside inputs in
+order of first use; eager mode is untouched (it runs op by op).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from flowsys.global_tensor import Signature
+from flowsys.graph.ir import Graph, Node
+from flowsys.ops import OPS
+from flowsys.ops.fusion import describe
+from flowsys.ops.registry import SbpRow
+
+
+def _candidate(n: Node, g: Graph) -> bool:
+    if n.kind != "op" or len(n.outputs) != 1 or OPS[n.op].scalar is None or n.op == "fused_elementwise":
+        return False
+    out = g.values[n.outputs[0]]
+    if out.dtype.kind != "f":
+        return False
+    return all(g.values[i].dtype == out.dtype and (g.values[i].shape == out.shape or not g.values[i].shape)
+               for i in n.inputs)
+
+
+def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
+    """Replace every group of two or more fusable nodes by one fused node (see the module doc);
+    ``fuse=False`` (``Graph.config.fuse``) leaves the graph as it is."""
+    if not fuse:
+        return g
+    consumers: dict[int, list[Node]] = {}
+    for n in g.nodes:
+        for i in set(n.inputs):
+            consumers.setdefault(i, []).append(n)
+    kept = set(g.outputs) | set(g.grads.values()) | ({g.loss} if g.loss is not None else set())
+    producer = {o: n for n in g.nodes for o in n.outputs}
+    order = {n.id: k for k, n in enumerate(g.nodes)}
+    group_of: dict[int, int] = {}  # node id -> group id (a union of the nodes merged so far)
+    members: dict[int, list[Node]] = {}
+
+    def same_layout(a: Node, b: Node) -> bool:
+        va, vb = g.values[a.outputs[0]], g.values[b.outputs[0]]
+        return (a.phase, va.placement, va.sbp, va.shape) == (b.phase, vb.placement, vb.sbp, vb.shape)
+
+    for n in g.nodes:
+        if not _candidate(n, g):
+            continue
+        group_of[n.id] = n.id
+        members[n.id] = [n]
+        for i in dict.fromkeys(n.inputs):
+            p = producer.get(i)
+            if p is None or p.id not in group_of or i in kept or len(consumers.get(i, ())) != 1 \
+                    or not same_layout(p, n):
+                continue
+            a, b = group_of[p.id], group_of[n.id]
+            if a == b:
+                continue
+            for m in members[a]:  # merge p's group into n's
+                group_of[m.id] = b
+            members[b] = sorted(members.pop(a) + members[b], key=lambda m: order[m.id])
+    groups = [ms for ms in members.values() if len(ms) > 1]
+    if not groups:
+        return g
+    ids = itertools.count(max(list(g.values) + [n.id for n in g.nodes]) + 1)
+    replaced: dict[int, Node] = {}  # last member's id -> the fused node
+    dropped: set[int] = set()
+    for ms in groups:
+        fused = _fused_node(ms, g, next(ids))
+        replaced[ms[-1].id] = fused
+        dropped.update(m.id for m in ms[:-1])
+    nodes = tuple(replaced.get(n.id, n) for n in g.nodes if n.id not in dropped)
+    inside = {o for ms in groups for m in ms[:-1] for o in m.outputs}
+    values = {k: v for k, v in g.values.items() if k not in inside}
+    return g.with_(nodes=nodes, values=values)
+
+
+def _fused_node(ms: list[Node], g: Graph, nid: int) -> Node:
+    """One node computing the members (in graph order) as a program over their outside inputs."""
+    produced = {m.outputs[0]: j for j, m in enumerate(ms)}
+    inputs: list[int] = []
+    program = []
+    for m in ms:
+        args = []
+        for i in m.inputs:
+            if i in produced and produced[i] < ms.index(m):
+                args.append(("t", produced[i]))
+            else:
+                if i not in inputs:
+                    inputs.append(i)
+                args.append(("in", inputs.index(i)))
+        program.append((m.op, tuple(args), tuple(sorted(m.attr.items()))))
+    program = tuple(program)
+    last = ms[-1]
+    sig = None
+    if last.sig is not None:
+        ins = tuple(tuple(g.values[i].sbp) for i in inputs)
+        out = tuple(g.values[last.outputs[0]].sbp)
+        why = f"follows from its parts ({describe(program)})"
+        rows = tuple(SbpRow(tuple(nd[k] for nd in ins), (out[k],), why) for k in range(len(out)))
+        sig = Signature(rows, ins, (out,), 0)
+    return Node(nid, "op", "fused_elementwise", tuple(inputs), last.outputs, (("program", program),), last.phase,
+                sig, last.scope)

@@ -1,0 +1,287 @@
+"""The fused elementwise op: a chain of elementwise ops run as one kernel generated from their
+scalar rules (``flowsys.ops.scalar``), made by the fusion pass (``flowsys.graph.fuse``).
+
+Its ``program`` attribute lists the parts in order, each ``(op, args, attrs)``: ``args`` name the
+fused op's inputs (``("in", k)``) or earlier parts' results (``("t", j)``); the last part's result
+is the output. One program, three ways to run it:
+
+- **generated for the CPU**: a Numba kernel whose source is written from the parts' rules, one
+  line per part, into a file under :func:`kernel_dir` (so Numba's disk cache keeps the compiled
+  code between processes), run over the flattened arrays in parallel chunks (the threads of
+  ``fused``'s pool, sharing the cores with BLAS). float32 computes exp and erf with ``fused``'s
+  vectorisable polynomials, float64 with ``math`` and no fast-math (exact to rounding);
+- **generated for CUDA**: a CuPy ``ElementwiseKernel`` from the same rules rendered as C;
+- **the reference**: the parts' own kernels one after another (their xp expressions), which is
+  what runs for other dtypes (float16/bfloat16, integers), broadcasting inputs, without Numba,
+  or with ``FLOWSYS_JIT=0``, and what the generated kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowsys.ops import fused
+from flowsys.ops import sbp_rules as R
+from flowsys.ops import scalar as sc
+from flowsys.ops.registry import OPS, Cost, SbpRow, Spec, moved, register
+from flowsys.sbp import PartialSum, broadcast
+
+P, B = PartialSum(), broadcast
+f32 = np.float32
+_exp32, _erf32 = fused._exp, fused._erf
+
+
+def _maximum(a, b):  # np.maximum's NaN rule: NaN if either is
+    return a if (a != a or a >= b) else b
+
+
+if fused.numba is not None:
+    _maximum = fused._kernel(_maximum)
+
+
+def kernel_dir() -> Path:
+    """Where generated kernel sources (and Numba's cache of them) live: ``FLOWSYS_KERNEL_CACHE``,
+    else ``~/.cache/flowsys/kernels``."""
+    return Path(os.environ.get("FLOWSYS_KERNEL_CACHE") or Path.home() / ".cache" / "flowsys" / "kernels")
+
+
+# ---------------------------------------------------------------------------------- programs
+def program_of(attrs_program) -> tuple:
+    """The program as nested tuples (a plan's JSON gives lists)."""
+    return tuple((op, tuple(tuple(a) for a in args), tuple(sorted(dict(at).items())))
+                 for op, args, at in attrs_program)
+
+
+def part_names(program) -> list[str]:
+    return [op for op, _, _ in program_of(program)]
+
+
+def _args(args, ins, temps):
+    return [ins[k] if kind == "in" else temps[k] for kind, k in args]
+
+
+def run_parts(xp, program, ins) -> Any:
+    """The reference: every part's own kernel in turn."""
+    temps: list = []
+    for op, args, attrs in program_of(program):
+        temps.append(OPS[op].kernel(xp, *_args(args, ins, temps), **dict(attrs)))
+    return temps[-1]
+
+
+def _infer(*specs: Spec, program) -> Spec:
+    temps: list[Spec] = []
+    for op, args, attrs in program_of(program):
+        temps.append(OPS[op].infer(*_args(args, specs, temps), **dict(attrs)))
+    return temps[-1]
+
+
+def _rows(specs, attrs) -> list[SbpRow]:
+    """The signatures that follow from the parts': a candidate (a split axis on every input that
+    has it, all replicated, or any mix of partial sums and replicated) is a row when every part,
+    fed its arguments' SBPs in turn, has a row taking exactly those."""
+    program = program_of(attrs["program"])
+
+    candidates = [row.ins for row in R.pointwise(specs)]
+    candidates += [c for c in itertools.product((P, B), repeat=len(specs)) if P in c]
+    rows = []
+    for ins in candidates:
+        sbps, part_specs = list(ins), list(specs)
+        temps, tspecs = [], []
+        for op, args, at in program:
+            arg_sbps = _args(args, sbps, temps)
+            arg_specs = _args(args, part_specs, tspecs)
+            match = [r for r in OPS[op].sbp(arg_specs, dict(at)) if tuple(r.ins) == tuple(arg_sbps)]
+            if not match:
+                break
+            temps.append(match[0].outs[0])
+            tspecs.append(OPS[op].infer(*arg_specs, **dict(at)))
+        else:
+            rows.append(SbpRow(tuple(ins), (temps[-1],), f"follows from its parts ({describe(program)})"))
+    return rows
+
+
+def _cost(ins, outs, attrs) -> Cost:
+    """The parts' FLOPs; the bytes of one pass: the inputs read once, the output written once
+    (the parts' intermediates never reach memory)."""
+    program = program_of(attrs["program"])
+    specs, flops = list(ins), 0
+    temps: list[Spec] = []
+    for op, args, at in program:
+        arg_specs = _args(args, specs, temps)
+        temps.append(OPS[op].infer(*arg_specs, **dict(at)))
+        rule = OPS[op].cost
+        if rule is not None:
+            flops += rule(arg_specs, [temps[-1]], dict(at)).flops
+    return Cost(flops, moved(ins, outs))
+
+
+# ------------------------------------------------------------------------------ the kernel
+@register("fused_elementwise", infer=_infer, sbp=_rows, cost=_cost, low_precision="native")
+def fused_elementwise(xp, *ins, program):
+    """A chain of elementwise ops in one pass (see the module docstring)."""
+    prog = program_of(program)
+    if xp is np and generated_usable(prog, ins):
+        return _run_numba(prog, ins)
+    if xp is not np and _cuda_usable(xp, prog, ins):
+        return _run_cuda(xp, prog, ins)
+    return run_parts(xp, prog, ins)
+
+
+def _shape_and_dtype(ins) -> tuple[tuple, np.dtype] | None:
+    """The common shape and dtype of the inputs a generated kernel takes: the full ones share both,
+    0-d ones (scalars) share the dtype; None when they do not."""
+    full = [a for a in ins if a.ndim]
+    if not full:
+        return None
+    shape, dtype = full[0].shape, full[0].dtype
+    if any(a.shape != shape for a in full) or any(a.dtype != dtype for a in ins):
+        return None
+    return shape, dtype
+
+
+def generated_usable(program, ins) -> bool:
+    """Whether the generated CPU kernel runs this program on ``ins``: Numba on, NumPy float32 or
+    float64 arrays of one shape (or 0-d), every part with a scalar rule."""
+    if not fused.ENABLED or not all(type(a) is np.ndarray for a in ins):
+        return False
+    common = _shape_and_dtype(ins)
+    return common is not None and common[1] in (np.float32, np.float64) and \
+        all(OPS[op].scalar is not None for op, _, _ in program)
+
+
+def _cuda_usable(xp, program, ins) -> bool:
+    """Whether CuPy runs the generated CUDA kernel (``xp`` is CuPy, the arrays its)."""
+    if not hasattr(xp, "ElementwiseKernel") or any(isinstance(a, np.ndarray) for a in ins):
+        return False
+    common = _shape_and_dtype(ins)
+    return common is not None and common[1] in (np.float32, np.float64) and \
+        all(OPS[op].scalar is not None for op, _, _ in program) and all(hasattr(a, "data") for a in ins)
+
+
+def _lines(program, names: list[str], target: str, dtype, declare: str = "") -> tuple[list[str], str]:
+    """One assignment per part, from its scalar rule; the last part's name."""
+    lines, temps = [], []
+    for j, (op, args, at) in enumerate(program):
+        arg_names = [names[k] if kind == "in" else temps[k] for kind, k in args]
+        expr = sc.evaluate(OPS[op].scalar, len(args), dict(at))
+        lines.append(f"{declare}t{j} = {sc.render(expr, arg_names, target, dtype)}")
+        temps.append(f"t{j}")
+    return lines, temps[-1]
+
+
+def numba_source(program, scalars: tuple[bool, ...], dtype) -> str:
+    """The generated Numba kernel's source: ``kernel(i0, ..., out)`` over flat arrays (a 0-d input
+    comes as a one-element array)."""
+    dtype = np.dtype(dtype)
+    n = len(scalars)
+    names = [f"x{k}" for k in range(n)]
+    body, last = _lines(program, names, "numba", dtype)
+    flags = "fastmath=_FLAGS, " if dtype == np.float32 else ""
+    ops = ", ".join(op for op, _, _ in program)
+    return "\n".join([
+        f'"""Generated by flowsys.ops.fusion ({dtype.name}): {ops}."""',
+        "import math",
+        "import numpy as np",
+        "import numba",
+        "from flowsys.ops.fusion import _exp32, _erf32, _maximum, f32",
+        "from flowsys.ops.fused import _FLAGS",
+        "",
+        "",
+        f"@numba.njit({flags}nogil=True, error_model='numpy', cache=True)",
+        f"def kernel({', '.join(f'i{k}' for k in range(n))}, out):",
+        *[f"    x{k} = i{k}[0]" for k in range(n) if scalars[k]],
+        "    for i in range(out.size):",
+        *[f"        x{k} = i{k}[i]" for k in range(n) if not scalars[k]],
+        *[f"        {line}" for line in body],
+        f"        out[i] = {last}",
+        "",
+    ])
+
+
+_compiled: dict[tuple, Any] = {}
+_compile_lock = threading.Lock()
+
+
+def numba_kernel(program, scalars: tuple[bool, ...], dtype):
+    """The compiled kernel for this program, scalar pattern and dtype (its source written to
+    :func:`kernel_dir` once, keyed by the source's hash, then imported)."""
+    key = (program, scalars, np.dtype(dtype).name)
+    kern = _compiled.get(key)
+    if kern is not None:
+        return kern
+    with _compile_lock:
+        kern = _compiled.get(key)
+        if kern is None:
+            src = numba_source(program, scalars, dtype)
+            digest = hashlib.sha256(src.encode()).hexdigest()[:20]
+            folder = kernel_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"fused_{digest}.py"
+            if not path.exists() or path.read_text() != src:
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(src)
+                os.replace(tmp, path)  # another process writing the same source is harmless
+            name = f"flowsys_fused_{digest}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # Numba's disk cache finds the kernel's module by name
+            spec.loader.exec_module(module)
+            kern = _compiled[key] = module.kernel
+    return kern
+
+
+def _run_numba(program, ins):
+    shape, dtype = _shape_and_dtype(ins)
+    scalars = tuple(a.ndim == 0 for a in ins)
+    kern = numba_kernel(program, scalars, dtype)
+    flat = [a.reshape(1) if a.ndim == 0 else np.ascontiguousarray(a).reshape(-1) for a in ins]
+    out = np.empty(shape, dtype)
+    of = out.reshape(-1)
+    fused._split(lambda lo, hi: kern(*(f if s else f[lo:hi] for f, s in zip(flat, scalars)), of[lo:hi]), of.size)
+    return out
+
+
+def run_one(op: str, ins, **attrs):
+    """Op ``op`` alone through its generated kernel (None where that kernel cannot take ``ins``:
+    the caller runs its xp expression). A hand-written fused kernel is this, generated."""
+    program = ((op, tuple(("in", k) for k in range(len(ins))), tuple(sorted(attrs.items()))),)
+    return _run_numba(program, ins) if generated_usable(program, ins) else None
+
+
+def cuda_source(program, n: int, dtype) -> tuple[str, str, str]:
+    """(in_params, out_params, operation) of the CuPy ``ElementwiseKernel``."""
+    body, last = _lines(program, [f"x{k}" for k in range(n)], "cuda", dtype, declare=f"{sc._ctype(dtype)} ")
+    return ", ".join(f"T x{k}" for k in range(n)), "T out", "; ".join(body + [f"out = {last}"]) + ";"
+
+
+_CUDA_PREAMBLE = """
+template <typename T> __device__ T _maximum(T a, T b) { return (a != a || a >= b) ? a : b; }
+"""
+_cuda_kernels: dict[tuple, Any] = {}
+
+
+def _run_cuda(cupy, program, ins):
+    shape, dtype = _shape_and_dtype(ins)
+    key = (program, len(ins), np.dtype(dtype).name)
+    kern = _cuda_kernels.get(key)
+    if kern is None:
+        in_params, out_params, operation = cuda_source(program, len(ins), dtype)
+        name = "flowsys_fused_" + hashlib.sha256(operation.encode()).hexdigest()[:12]
+        kern = _cuda_kernels[key] = cupy.ElementwiseKernel(in_params, out_params, operation, name,
+                                                           preamble=_CUDA_PREAMBLE)
+    return kern(*ins)
+
+
+def describe(program) -> str:
+    """``add -> gelu``: the parts in order, for ``explain()`` and errors."""
+    return " -> ".join(part_names(program))
+

@@ -1,0 +1,151 @@
+"""Scalar rules: what an elementwise op computes on one element, as an expression.
+
+An op registered with ``scalar=rule`` states its computation once more, on one element: ``rule``
+takes one :class:`Expr` per input (and the op's attributes) and returns the :class:`Expr` of its
+output, written with ordinary operators and this module's functions::
+
+    @register("gelu", ..., scalar=lambda x, *, approximate="none": gelu_expr(x, approximate))
+
+The fusion pass (``flowsys.graph.fuse``) composes the rules of a chain of such ops into one
+expression per output, and the code generators render it: as Python for a Numba kernel on the
+CPU (:func:`render` with ``target="numba"``), as C for a CuPy ``ElementwiseKernel`` on CUDA
+(``target="cuda"``). The op's own kernel (its xp expression) stays the reference the generated
+kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Functions an expression may call, with their names per target: (numba float32, numba float64, cuda).
+FUNCTIONS = {
+    "exp": ("_exp32", "math.exp", "exp"),
+    "log": ("math.log", "math.log", "log"),
+    "sqrt": ("math.sqrt", "math.sqrt", "sqrt"),
+    "tanh": ("math.tanh", "math.tanh", "tanh"),
+    "erf": ("_erf32", "math.erf", "erf"),
+    "maximum": ("_maximum", "_maximum", "_maximum"),
+}
+TARGETS = ("numba", "cuda")
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A node of a scalar expression: ``op`` applied to ``args`` (an input's index or a constant's
+    value for the leaves)."""
+
+    op: str  # "in", "const", "+", "-", "*", "/", "**", "neg", "<", ">", "==", "where", or a FUNCTIONS name
+    args: tuple = ()
+
+    def __add__(self, o): return Expr("+", (self, _e(o)))
+    def __radd__(self, o): return Expr("+", (_e(o), self))
+    def __sub__(self, o): return Expr("-", (self, _e(o)))
+    def __rsub__(self, o): return Expr("-", (_e(o), self))
+    def __mul__(self, o): return Expr("*", (self, _e(o)))
+    def __rmul__(self, o): return Expr("*", (_e(o), self))
+    def __truediv__(self, o): return Expr("/", (self, _e(o)))
+    def __rtruediv__(self, o): return Expr("/", (_e(o), self))
+    def __pow__(self, o): return Expr("**", (self, _e(o)))
+    def __neg__(self): return Expr("neg", (self,))
+    def __lt__(self, o): return Expr("<", (self, _e(o)))
+    def __gt__(self, o): return Expr(">", (self, _e(o)))
+    def eq(self, o): return Expr("==", (self, _e(o)))
+
+
+def _e(x) -> Expr:
+    if isinstance(x, Expr):
+        return x
+    if isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool):
+        return Expr("const", (float(x),))
+    raise TypeError(f"a scalar rule combines expressions and numbers, got {type(x).__name__}")
+
+
+def arg(i: int) -> Expr:
+    return Expr("in", (i,))
+
+
+def _call(name: str):
+    return lambda *xs: Expr(name, tuple(_e(x) for x in xs))
+
+
+exp, log, sqrt, tanh, erf, maximum = (_call(n) for n in ("exp", "log", "sqrt", "tanh", "erf", "maximum"))
+
+
+def where(c: Expr, x, y) -> Expr:
+    return Expr("where", (c, _e(x), _e(y)))
+
+
+# ------------------------------------------------------------------------------ the rules' helpers
+INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x: Expr, approximate: str = "none") -> Expr:
+    if approximate == "tanh":  # 0.5 (1 + tanh u) = 1 / (1 + exp(-2u)): no cancellation near u = 0
+        return x / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + erf(x * INV_SQRT_2))
+
+
+def gelu_grad(x: Expr, g: Expr, approximate: str = "none") -> Expr:
+    if approximate == "tanh":
+        s = 1.0 / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+        du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+        return g * (s + 2.0 * x * s * (1.0 - s) * du)
+    return g * (0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x))
+
+
+# ----------------------------------------------------------------------------------- rendering
+def render(e: Expr, names: list[str], target: str, dtype: np.dtype) -> str:
+    """``e`` as source text of ``target`` computing in ``dtype``; ``names[i]`` is input i's name.
+    Constants carry the dtype (Numba would compute ``float32 * 0.5`` in float64)."""
+    dtype = np.dtype(dtype)
+    f32 = dtype == np.float32
+
+    def go(x: Expr) -> str:
+        op, a = x.op, x.args
+        if op == "in":
+            return names[a[0]]
+        if op == "const":
+            v = repr(float(a[0])) if math.isfinite(a[0]) else ("np.inf" if a[0] > 0 else "-np.inf")
+            if target == "cuda":
+                return f"(({_ctype(dtype)}){v if math.isfinite(a[0]) else ('INFINITY' if a[0] > 0 else '-INFINITY')})"
+            return f"f32({v})" if f32 else v
+        if op in ("+", "-", "*", "/", "<", ">", "=="):
+            return f"({go(a[0])} {op} {go(a[1])})"
+        if op == "**":
+            return f"pow({go(a[0])}, {go(a[1])})" if target == "cuda" else f"({go(a[0])} ** {go(a[1])})"
+        if op == "neg":
+            return f"(-{go(a[0])})"
+        if op == "where":
+            c, y, z = (go(v) for v in a)
+            return f"({c} ? {y} : {z})" if target == "cuda" else f"({y} if {c} else {z})"
+        names_ = FUNCTIONS[op]
+        fn = names_[2] if target == "cuda" else names_[0 if f32 else 1]
+        if target == "cuda" and f32 and op in ("exp", "log", "sqrt", "tanh", "erf"):
+            fn += "f"
+        return f"{fn}({', '.join(go(v) for v in a)})"
+
+    return go(e)
+
+
+def _ctype(dtype: np.dtype) -> str:
+    return {"float32": "float", "float64": "double"}[np.dtype(dtype).name]
+
+
+def evaluate(rule, n_inputs: int, attrs: dict[str, Any]) -> Expr:
+    """Op rule ``rule`` applied to fresh inputs 0 .. n_inputs - 1."""
+    return _e(rule(*(arg(i) for i in range(n_inputs)), **attrs))
+
+
+def substitute(e: Expr, args: list[Expr]) -> Expr:
+    """``e`` with input i replaced by ``args[i]`` (composing one op's rule into a chain)."""
+    if e.op == "in":
+        return args[e.args[0]]
+    if e.op == "const":
+        return e
+    return Expr(e.op, tuple(substitute(a, args) for a in e.args))

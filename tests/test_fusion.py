@@ -1,0 +1,197 @@
+"""The fusion pass and its generated kernels (flowsys/graph/fuse.py, flowsys/ops/fusion.py,
+flowsys/ops/scalar.py): every fused op equals its unfused chain (float64 rtol 1e-10, float32
+1e-5, float16/bfloat16 1e-2), graphs train the same with and without fusion on one device, on
+global tensors in plans and under the global executor, a fused node never spans a boxing node,
+and explain() and the plan's memory show what fusion did."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import flowsys as fs
+from flowsys import nn
+from flowsys.ops import OPS, fused
+from flowsys.ops import fusion
+from flowsys.precision import bfloat16
+
+T = lambda j: ("t", j)  # noqa: E731 - a part's result
+IN = lambda k: ("in", k)  # noqa: E731 - a fused op's input
+
+PROGRAMS = {
+    "add-gelu-mul": ((("add", (IN(0), IN(1)), ()), ("gelu", (T(0),), (("approximate", "none"),)),
+                      ("mul", (T(1), IN(2)), ()))),
+    "gelu-tanh-sub": ((("gelu", (IN(0),), (("approximate", "tanh"),)), ("sub", (T(0), IN(1)), ()))),
+    "gelu-grad-chain": ((("mul", (IN(0), IN(2)), ()),
+                         ("gelu_grad", (IN(0), IN(1), T(0)), (("approximate", "none"),)),
+                         ("add", (T(1), IN(1)), ()))),
+    "gelu-grad-tanh": ((("gelu_grad", (IN(0), IN(1), IN(1)), (("approximate", "tanh"),)), ("neg", (T(0),), ()))),
+    "exp-log-sqrt-tanh": ((("exp", (IN(0),), ()), ("add", (T(0), IN(1)), ()), ("log", (T(1),), ()),
+                           ("sqrt", (T(2),), ()), ("tanh", (T(3),), ()))),
+    "relu-maximum-div": ((("relu", (IN(0),), ()), ("maximum", (T(0), IN(1)), ()), ("div", (T(1), IN(2)), ()))),
+}
+N_INPUTS = {"add-gelu-mul": 3, "gelu-tanh-sub": 2, "gelu-grad-chain": 3, "gelu-grad-tanh": 2,
+            "exp-log-sqrt-tanh": 2, "relu-maximum-div": 3}
+TOLERANCE = {np.float64: 1e-10, np.float32: 1e-5, np.float16: 1e-2, bfloat16: 1e-2}
+
+
+def _inputs(name: str, dtype, n: int = 3000) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    ins = [rng.standard_normal((3, n)) * 3 for _ in range(N_INPUTS[name])]
+    if name == "exp-log-sqrt-tanh":
+        ins[0], ins[1] = ins[0] / 3, np.abs(ins[1]) + 1.5  # exp within float16's range; log and sqrt of positives
+    ins[-1] = np.asarray(1.5) if name in ("add-gelu-mul", "relu-maximum-div") else ins[-1]  # a 0-d scalar
+    ins = [np.asarray(a).astype(dtype) for a in ins]
+    if name.startswith("gelu-grad"):  # gelu_grad's second input is the forward output gelu(x), as in a graph
+        ins[1] = OPS["gelu"].kernel(np, ins[0], approximate="tanh" if name.endswith("tanh") else "none")
+    return ins
+
+
+def _chain(program, ins):
+    """The unfused chain: each part's own op, one after another."""
+    temps = []
+    for op, args, attrs in program:
+        temps.append(OPS[op].kernel(np, *[ins[k] if kind == "in" else temps[k] for kind, k in args], **dict(attrs)))
+    return temps[-1]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_every_fused_op_equals_its_unfused_chain(name, dtype):
+    program, ins = PROGRAMS[name], _inputs(name, dtype)
+    got = OPS["fused_elementwise"].kernel(np, *ins, program=program)
+    want = _chain(program, ins)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    want64 = want.astype(np.float64)  # near a cancellation to zero, the error is the operands' rounding
+    np.testing.assert_allclose(got.astype(np.float64), want64, rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype] * np.abs(want64).max() * 1e-2)
+    if dtype in (np.float32, np.float64) and fused.ENABLED:
+        assert fusion.generated_usable(fusion.program_of(program), ins), "the generated kernel ran"
+
+
+def test_nan_and_inf_propagate_as_in_numpy():
+    program = PROGRAMS["relu-maximum-div"]
+    x = np.array([np.nan, -np.inf, np.inf, -1.0, 2.0] * 20000, np.float32)
+    y = np.array([0.0, np.nan, -1.0, 5.0, 1.0] * 20000, np.float32)
+    got = OPS["fused_elementwise"].kernel(np, x, y, np.asarray(2.0, np.float32), program=program)
+    np.testing.assert_array_equal(got, _chain(program, [x, y, np.asarray(2.0, np.float32)]))
+
+
+def test_the_generated_source_is_a_file_numba_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWSYS_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(fusion, "_compiled", {})  # as in a fresh process
+    program = fusion.program_of(PROGRAMS["add-gelu-mul"])
+    src = fusion.numba_source(program, (False, False, True), np.float32)
+    assert "cache=True" in src and "_erf32(" in src and "f32(0.5)" in src
+    if fused.ENABLED:
+        fusion.numba_kernel(program, (False, False, True), np.float32)
+        files = list(tmp_path.glob("fused_*.py"))
+        assert len(files) == 1 and files[0].read_text() == src
+    # the same rules rendered for CUDA (CuPy's ElementwiseKernel): float32 maths functions
+    in_params, out_params, op = fusion.cuda_source(program, 3, np.float32)
+    assert in_params == "T x0, T x1, T x2" and out_params == "T out" and "erff(" in op and op.endswith("out = t2;")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        z = nn.functional.gelu(h * 0.5 + x) * h - x
+        return (z * z).mean()
+
+
+def _train(fuse: bool, placement=None, executor: str = "auto", steps: int = 3):
+    fs.manual_seed(0)
+    net = Net()
+    opt = fs.optim.SGD(net.parameters(), lr=0.05)
+    x = fs.tensor(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
+    if placement is not None:
+        net.to_global(placement, fs.sbp.broadcast)
+        x = x.to_global(placement, fs.sbp.split(0))
+
+    class Step(fs.Graph):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.add_optimizer(opt)
+            self.config.fuse = fuse
+            self.config.executor = executor
+
+        def build(self, x):
+            loss = self.net(x)
+            loss.backward()
+            return loss
+
+    step = Step()
+    losses = [float(step(x).numpy()) for _ in range(steps)]
+    return losses, {k: v.numpy() for k, v in net.state_dict().items()}, step
+
+
+@pytest.mark.parametrize("where", ["one device", "dp2 plans", "dp2 global executor"])
+def test_a_fused_graph_trains_as_the_unfused_one(where):
+    placement = None if where == "one device" else fs.placement("cpu", [0, 1])
+    executor = "global" if "global" in where else "auto"
+    ref_losses, ref_state, plain = _train(False, placement, executor)
+    losses, state, step = _train(True, placement, executor)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for k in ref_state:
+        np.testing.assert_allclose(state[k], ref_state[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    fused_nodes = [n for n in step.ir.nodes if n.op == "fused_elementwise"]
+    assert fused_nodes and not any(n.op == "fused_elementwise" for n in plain.ir.nodes)
+    assert {n.phase for n in fused_nodes} == {"forward", "backward"}  # the gradient's chains too
+    ops = sum(len(n.attr["program"]) for n in fused_nodes)
+    assert len(plain.ir.nodes) - len(step.ir.nodes) == ops - len(fused_nodes)
+
+
+def test_a_fused_node_never_spans_a_boxing_node_and_keeps_its_parts_layout():
+    _, _, step = _train(True, fs.placement("cpu", [0, 1]))
+    g = step.ir
+    producer = {o: n for n in g.nodes for o in n.outputs}
+    for n in g.nodes:
+        if n.op != "fused_elementwise":
+            continue
+        out = g.values[n.outputs[0]]
+        assert n.sig.outs == (out.sbp,)
+        for i in n.inputs:  # a boxed input comes in as an input, never as a part
+            assert g.values[i].sbp == n.sig.ins[n.inputs.index(i)]
+            assert producer.get(i) is None or producer[i].kind != "boxing" or i in n.inputs
+    plan = step.plan()
+    assert any(op.op == "fused_elementwise" for op in plan.ranks[0].ops)
+
+
+def test_explain_reports_the_fused_kernels_and_the_memory_they_free():
+    _, _, plain = _train(False, steps=1)
+    _, _, step = _train(True, steps=1)
+    text = step.explain()
+    assert "FUSED " in text and "fused kernels: " in text and "one generated kernel" in text
+    assert "fused kernels" not in plain.explain()
+    mem = step.plan().ranks[0].memory.peak_activations
+    assert mem <= plain.plan().ranks[0].memory.peak_activations
+
+
+def test_the_gpt_step_compiles_with_fusion_on():
+    """A GPT's ops are compound already (linear with its bias, layer norm with its affine, the
+    attention probabilities): the pass finds no chain in its plain step, and it still trains."""
+    cfg = fs.models.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    fs.manual_seed(0)
+    model = fs.models.GPT(cfg)
+    opt = fs.optim.AdamW(model.parameters(), lr=1e-3)
+
+    class Step(fs.Graph):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.add_optimizer(opt)
+
+        def build(self, idx, targets):
+            _, loss = self.model(idx, targets)
+            loss.backward()
+            return loss
+
+    idx = fs.tensor(np.random.default_rng(0).integers(0, 64, (2, 8)))
+    step = Step()
+    assert np.isfinite(float(step(idx, idx).numpy()))
+    assert not any(n.op == "fused_elementwise" for n in step.ir.nodes)
