@@ -31,10 +31,12 @@ __version__ = "0.1.0"
 # Import-time settings, before any thread of ours runs BLAS (every ``import flowsys.x`` runs
 # this file first, so a worker gets them too).
 from flowsys.device import settle_blas_threads as _settle_blas_threads  # noqa: E402
+from flowsys.device import tune_malloc as _tune_malloc  # noqa: E402
 from flowsys.profiler import _from_environment  # noqa: E402  (imports nothing else of ours)
 
 _settle_blas_threads()
-del _settle_blas_threads
+_tune_malloc()  # a step's large arrays keep their memory between steps (glibc)
+del _settle_blas_threads, _tune_malloc
 
 _from_environment()  # flowsys launch --profile
 del _from_environment

@@ -170,3 +170,18 @@ def test_ops_give_the_same_results_with_and_without_the_kernels(monkeypatch):
     for k in on_state:
         # atol: the key bias has no gradient but rounding noise, which AdamW turns into ~1e-5 steps
         np.testing.assert_allclose(on_state[k].numpy(), off_state[k].numpy(), rtol=1e-3, atol=1e-4, err_msg=k)
+
+
+def test_tune_malloc_keeps_large_arrays_memory_unless_told_not_to(monkeypatch):
+    from flowsys.device import tune_malloc
+
+    monkeypatch.setenv("FLOWSYS_MALLOC", "0")
+    assert tune_malloc() is False
+    monkeypatch.delenv("FLOWSYS_MALLOC")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own glibc setting wins
+    assert tune_malloc() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert tune_malloc() is True
