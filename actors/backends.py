@@ -116,9 +116,11 @@ class Backend(abc.ABC):
         return {r: json.loads(b) for r, b in self._call_all("load_shards", directory, per_rank=entries).items()}
 
     def wants_order(self, plan) -> bool:
-        """Whether ``plan`` runs on a transport that matches calls by order (NCCL): the driver then
-        fixes its order (``scheduler.nccl_order.attach``) and checks it before :meth:`run`. A plan
-        that carries an order runs on the worker's ordered transport, one without on messages."""
+        """Whether ``plan`` runs on a transport that matches calls by order (NCCL), which a backend
+        readies here (the local and Ray backends build their NCCL communicators on the first such
+        plan): the driver then fixes its order (``scheduler.nccl_order.attach``) and checks it
+        before :meth:`run`. A plan that carries an order runs on the worker's ordered transport,
+        one without on messages."""
         return any(v.device == "cuda" for rp in plan.ranks for v in rp.values)
 
     # what a backend provides

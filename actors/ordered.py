@@ -41,13 +41,13 @@ class OrderStuck(CommError):
 @dataclass(slots=True)
 class Job:
     """One call of a rank: a collective (``call()`` runs it, blocking), or one end of a transfer
-    (``send`` of ``array`` to communicator rank ``peer``, or ``recv`` from it), under ``tag``."""
+    (``send`` of ``array`` to communicator rank ``peer``, or ``recv`` from it); its tag is the one
+    it is handed over with (:meth:`Issuer.submit`)."""
 
     kind: str                      # "call", "send" or "recv"
     call: Callable[[], Any] | None = None
     array: Any = None
     peer: int = -1
-    tag: int = 0
 
 
 @dataclass(slots=True)
@@ -179,7 +179,7 @@ class Issuer:
                 self.running = []
                 for (event, _, _, _), out in zip(items, outs):
                     self.results[event] = out
-            for (_, _, tag, _), _ in zip(items, outs):
+            for _, _, tag, _ in items:
                 self.comm.mailbox.put(self.me, tag, _MARK)
 
     def _run(self, items: list[tuple]) -> list:

@@ -768,7 +768,6 @@ class RankRuntime:
         except StopIteration as stop:
             return True, stop.value
         if type(step) is Issue:  # ordered: the issuer runs it in its turn and files a marker here
-            step.job.tag = t
             self.issuer.submit(step.event, step.job, t)
             return False, self.rp.rank
         return False, group[step.peer]

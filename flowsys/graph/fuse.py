@@ -18,9 +18,10 @@ order of first use; eager mode is untouched (it runs op by op).
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 from flowsys.global_tensor import Signature
-from flowsys.graph.ir import Graph, Node
+from flowsys.graph.ir import Graph, Node, next_id
 from flowsys.ops import OPS
 from flowsys.ops.fusion import describe
 from flowsys.ops.registry import SbpRow
@@ -41,10 +42,7 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
     ``fuse=False`` (``Graph.config.fuse``) leaves the graph as it is."""
     if not fuse:
         return g
-    consumers: dict[int, list[Node]] = {}
-    for n in g.nodes:
-        for i in set(n.inputs):
-            consumers.setdefault(i, []).append(n)
+    consumers = Counter(i for n in g.nodes for i in set(n.inputs))  # value -> the nodes reading it
     kept = set(g.outputs) | set(g.grads.values()) | ({g.loss} if g.loss is not None else set())
     producer = {o: n for n in g.nodes for o in n.outputs}
     order = {n.id: k for k, n in enumerate(g.nodes)}
@@ -62,7 +60,7 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
         members[n.id] = [n]
         for i in dict.fromkeys(n.inputs):
             p = producer.get(i)
-            if p is None or p.id not in group_of or i in kept or len(consumers.get(i, ())) != 1 \
+            if p is None or p.id not in group_of or i in kept or consumers[i] != 1 \
                     or not same_layout(p, n):
                 continue
             a, b = group_of[p.id], group_of[n.id]
@@ -74,7 +72,7 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
     groups = [ms for ms in members.values() if len(ms) > 1]
     if not groups:
         return g
-    ids = itertools.count(max(list(g.values) + [n.id for n in g.nodes]) + 1)
+    ids = itertools.count(next_id(g))
     replaced: dict[int, Node] = {}  # last member's id -> the fused node
     dropped: set[int] = set()
     for ms in groups:
@@ -89,13 +87,13 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
 
 def _fused_node(ms: list[Node], g: Graph, nid: int) -> Node:
     """One node computing the members (in graph order) as a program over their outside inputs."""
-    produced = {m.outputs[0]: j for j, m in enumerate(ms)}
+    produced = {m.outputs[0]: j for j, m in enumerate(ms)}  # (SSA: a part reads only earlier parts')
     inputs: list[int] = []
     program = []
     for m in ms:
         args = []
         for i in m.inputs:
-            if i in produced and produced[i] < ms.index(m):
+            if i in produced:
                 args.append(("t", produced[i]))
             else:
                 if i not in inputs:

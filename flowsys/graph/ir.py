@@ -79,6 +79,11 @@ class Graph:
         return replace(self, **changes)
 
 
+def next_id(g: Graph) -> int:
+    """An id no value or node of ``g`` has (the passes number what they add from it)."""
+    return max(list(g.values) + [n.id for n in g.nodes] + [-1]) + 1
+
+
 def verify(g: Graph, *, after: str = "") -> None:
     """SSA (every value defined once, before use), shapes and dtypes agree with the ops'
     inference, and once boxing is inserted, every op node's layouts are its signature's and

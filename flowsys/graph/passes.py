@@ -40,16 +40,13 @@ from flowsys.autograd import no_grad
 from flowsys.global_tensor import choose_signature, make_global
 from flowsys.graph.fuse import fuse as fuse_elementwise
 from flowsys.graph.ir import Graph, GraphError, Node, Value, verify
+from flowsys.graph.ir import next_id as _next_id
 from flowsys.graph.trace import Symbol, Tracer
 from flowsys.ops import OPS, OpDef
 from flowsys.ops.optim import state_fields
 from flowsys.ops.registry import is_floating
 from flowsys.sbp import Broadcast, PartialSum
 from flowsys.tensor import Tensor, _Builder
-
-
-def _next_id(g: Graph) -> int:
-    return max(list(g.values) + [n.id for n in g.nodes] + [-1]) + 1
 
 
 # ----------------------------------------------------------------------------------- autodiff

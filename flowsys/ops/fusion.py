@@ -77,50 +77,48 @@ def run_parts(xp, program, ins) -> Any:
     return temps[-1]
 
 
+def _walk(program, specs) -> list[tuple]:
+    """Each part as (op, args, attrs, its arguments' specs, its output's spec), in order."""
+    parts, temps = [], []
+    for op, args, at in program_of(program):
+        arg_specs = _args(args, specs, temps)
+        temps.append(OPS[op].infer(*arg_specs, **dict(at)))
+        parts.append((op, args, dict(at), arg_specs, temps[-1]))
+    return parts
+
+
 def _infer(*specs: Spec, program) -> Spec:
-    temps: list[Spec] = []
-    for op, args, attrs in program_of(program):
-        temps.append(OPS[op].infer(*_args(args, specs, temps), **dict(attrs)))
-    return temps[-1]
+    return _walk(program, specs)[-1][4]
 
 
 def _rows(specs, attrs) -> list[SbpRow]:
     """The signatures that follow from the parts': a candidate (a split axis on every input that
     has it, all replicated, or any mix of partial sums and replicated) is a row when every part,
     fed its arguments' SBPs in turn, has a row taking exactly those."""
-    program = program_of(attrs["program"])
-
+    parts = _walk(attrs["program"], specs)
+    part_rows = [{tuple(r.ins): r.outs[0] for r in reversed(OPS[op].sbp(arg_specs, at))}  # the first row wins
+                 for op, _, at, arg_specs, _ in parts]
+    why = f"follows from its parts ({describe(attrs['program'])})"
     candidates = [row.ins for row in R.pointwise(specs)]
     candidates += [c for c in itertools.product((P, B), repeat=len(specs)) if P in c]
     rows = []
     for ins in candidates:
-        sbps, part_specs = list(ins), list(specs)
-        temps, tspecs = [], []
-        for op, args, at in program:
-            arg_sbps = _args(args, sbps, temps)
-            arg_specs = _args(args, part_specs, tspecs)
-            match = [r for r in OPS[op].sbp(arg_specs, dict(at)) if tuple(r.ins) == tuple(arg_sbps)]
-            if not match:
+        temps = []
+        for (_, args, _, _, _), table in zip(parts, part_rows):
+            out = table.get(tuple(_args(args, ins, temps)))
+            if out is None:
                 break
-            temps.append(match[0].outs[0])
-            tspecs.append(OPS[op].infer(*arg_specs, **dict(at)))
+            temps.append(out)
         else:
-            rows.append(SbpRow(tuple(ins), (temps[-1],), f"follows from its parts ({describe(program)})"))
+            rows.append(SbpRow(tuple(ins), (temps[-1],), why))
     return rows
 
 
 def _cost(ins, outs, attrs) -> Cost:
     """The parts' FLOPs; the bytes of one pass: the inputs read once, the output written once
     (the parts' intermediates never reach memory)."""
-    program = program_of(attrs["program"])
-    specs, flops = list(ins), 0
-    temps: list[Spec] = []
-    for op, args, at in program:
-        arg_specs = _args(args, specs, temps)
-        temps.append(OPS[op].infer(*arg_specs, **dict(at)))
-        rule = OPS[op].cost
-        if rule is not None:
-            flops += rule(arg_specs, [temps[-1]], dict(at)).flops
+    flops = sum(OPS[op].cost(arg_specs, [out], at).flops for op, _, at, arg_specs, out in _walk(attrs["program"], ins)
+                if OPS[op].cost is not None)
     return Cost(flops, moved(ins, outs))
 
 
@@ -148,30 +146,31 @@ def _shape_and_dtype(ins) -> tuple[tuple, np.dtype] | None:
     return shape, dtype
 
 
-def generated_usable(program, ins) -> bool:
-    """Whether the generated CPU kernel runs this program on ``ins``: Numba on, NumPy float32 or
-    float64 arrays of one shape (or 0-d), every part with a scalar rule."""
-    if not fused.ENABLED or not all(type(a) is np.ndarray for a in ins):
-        return False
+def _generable(program, ins) -> bool:
+    """Float32 or float64 arrays of one shape (or 0-d), every part with a scalar rule: what a
+    generated kernel, for either target, takes."""
     common = _shape_and_dtype(ins)
     return common is not None and common[1] in (np.float32, np.float64) and \
         all(OPS[op].scalar is not None for op, _, _ in program)
 
 
+def generated_usable(program, ins) -> bool:
+    """Whether the generated CPU kernel runs this program on ``ins``: Numba on, NumPy arrays
+    :func:`_generable` takes."""
+    return fused.ENABLED and all(type(a) is np.ndarray for a in ins) and _generable(program, ins)
+
+
 def _cuda_usable(xp, program, ins) -> bool:
     """Whether CuPy runs the generated CUDA kernel (``xp`` is CuPy, the arrays its)."""
-    if not hasattr(xp, "ElementwiseKernel") or any(isinstance(a, np.ndarray) for a in ins):
-        return False
-    common = _shape_and_dtype(ins)
-    return common is not None and common[1] in (np.float32, np.float64) and \
-        all(OPS[op].scalar is not None for op, _, _ in program) and all(hasattr(a, "data") for a in ins)
+    return hasattr(xp, "ElementwiseKernel") and not any(isinstance(a, np.ndarray) for a in ins) and \
+        _generable(program, ins)
 
 
 def _lines(program, names: list[str], target: str, dtype, declare: str = "") -> tuple[list[str], str]:
     """One assignment per part, from its scalar rule; the last part's name."""
     lines, temps = [], []
     for j, (op, args, at) in enumerate(program):
-        arg_names = [names[k] if kind == "in" else temps[k] for kind, k in args]
+        arg_names = _args(args, names, temps)
         expr = sc.evaluate(OPS[op].scalar, len(args), dict(at))
         lines.append(f"{declare}t{j} = {sc.render(expr, arg_names, target, dtype)}")
         temps.append(f"t{j}")

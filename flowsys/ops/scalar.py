@@ -4,12 +4,13 @@ An op registered with ``scalar=rule`` states its computation once more, on one e
 takes one :class:`Expr` per input (and the op's attributes) and returns the :class:`Expr` of its
 output, written with ordinary operators and this module's functions::
 
-    @register("gelu", ..., scalar=lambda x, *, approximate="none": gelu_expr(x, approximate))
+    @register("add", ..., scalar=lambda x, y: x + y)
+    @register("gelu", ..., scalar=scalar.gelu)  # gelu(x, approximate="none") below
 
-The fusion pass (``flowsys.graph.fuse``) composes the rules of a chain of such ops into one
-expression per output, and the code generators render it: as Python for a Numba kernel on the
-CPU (:func:`render` with ``target="numba"``), as C for a CuPy ``ElementwiseKernel`` on CUDA
-(``target="cuda"``). The op's own kernel (its xp expression) stays the reference the generated
+The fusion pass (``flowsys.graph.fuse``) chains such ops into one node, and the code generators
+(``flowsys.ops.fusion``) render each part's rule as one assignment of the fused kernel: as Python
+for a Numba kernel on the CPU (:func:`render` with ``target="numba"``), as C for a CuPy
+``ElementwiseKernel`` on CUDA (``target="cuda"``). The op's own kernel (its xp expression) stays the reference the generated
 kernels are tested against.
 """
 
@@ -30,7 +31,6 @@ FUNCTIONS = {
     "erf": ("_erf32", "math.erf", "erf"),
     "maximum": ("_maximum", "_maximum", "_maximum"),
 }
-TARGETS = ("numba", "cuda")
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,3 @@ def _ctype(dtype: np.dtype) -> str:
 def evaluate(rule, n_inputs: int, attrs: dict[str, Any]) -> Expr:
     """Op rule ``rule`` applied to fresh inputs 0 .. n_inputs - 1."""
     return _e(rule(*(arg(i) for i in range(n_inputs)), **attrs))
-
-
-def substitute(e: Expr, args: list[Expr]) -> Expr:
-    """``e`` with input i replaced by ``args[i]`` (composing one op's rule into a chain)."""
-    if e.op == "in":
-        return args[e.args[0]]
-    if e.op == "const":
-        return e
-    return Expr(e.op, tuple(substitute(a, args) for a in e.args))
