@@ -145,6 +145,21 @@ def test_adamw_matches_numpy_twin(threads):
     assert not fused.adamw(p.T, g.T, m.T, v.T, **hyper)  # not C-contiguous: the caller's NumPy path
 
 
+def test_scatter_add_rows_matches_add_at_and_torch():
+    """The embedding gradient: repeated indices accumulate, as np.add.at and torch's index_add_."""
+    g, idx = f32(300, 16), RNG.integers(0, 20, 300)  # many repeats
+    z = np.zeros((25, 16), np.float32)
+    assert fused.scatter_add_rows(z, idx, g)
+    want = np.zeros((25, 16)); np.add.at(want, idx, g.astype(np.float64))
+    np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-5)
+    ref = torch.zeros(25, 16).index_add_(0, torch.from_numpy(idx), torch.from_numpy(g))
+    np.testing.assert_allclose(z, ref.numpy(), rtol=1e-5, atol=1e-5)
+    # not taken: an index out of range, float64, a non-contiguous table
+    assert not fused.scatter_add_rows(np.zeros((5, 16), np.float32), idx, g)
+    assert not fused.scatter_add_rows(np.zeros((25, 16)), idx, g.astype(np.float64))
+    assert not fused.scatter_add_rows(np.zeros((16, 25), np.float32).T, idx, g)
+
+
 def test_ops_give_the_same_results_with_and_without_the_kernels(monkeypatch):
     """A GPT step through the registered ops: fused kernels on, then the NumPy twins."""
     cfg = fs.models.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)

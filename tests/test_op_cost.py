@@ -126,8 +126,8 @@ def _old_table(name, ins, outs):
     out = math.prod(outs[0]) if outs else 0
     if name == "matmul":
         return 2 * out * ins[0][-1]
-    if name == "linear":
-        return 2 * out * ins[0][-1] + out
+    if name == "linear":  # the bias, if any, adds one per output element
+        return 2 * out * ins[0][-1] + (out if len(ins) == 3 else 0)
     if name in ("linear_grad_input", "linear_grad_weight"):
         return 2 * math.prod(ins[0]) * outs[0][-1]
     if name in ("scaled_dot_product_attention", "sdpa_probs"):

@@ -85,10 +85,10 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` with PyTorch's (out_features, in_features) weight. With a bias,
-    the weight may also be (out..., in_features) and the bias (out...): outputs (..., out...)."""
+    """``x @ weight.T + bias`` with PyTorch's (out_features, in_features) weight. The weight may
+    also be (out..., in_features) and the bias (out...): outputs (..., out...)."""
     if bias is None:
-        return x @ weight.T
+        return apply("linear", x, weight) if weight.ndim >= 2 else x @ weight.T
     return apply("linear", x, weight, bias)
 
 

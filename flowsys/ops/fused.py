@@ -368,3 +368,28 @@ def adamw(p, g, m, v, *, decay, beta1, beta2, c2, eps, step) -> bool:
     hyper = tuple(f32(h) for h in (decay, beta1, beta2, c2, eps, step))
     _split(lambda lo, hi: _adamw(fp[lo:hi], fg[lo:hi], fm[lo:hi], fv[lo:hi], *hyper), fp.size)
     return True
+
+
+# ------------------------------------------------------------------------------ scatter-add
+
+
+@_kernel
+def _scatter_add_rows(z, idx, g):
+    for i in range(idx.size):
+        r = idx[i]
+        for j in range(g.shape[1]):
+            z[r, j] += g[i, j]
+
+
+def scatter_add_rows(z, idx, g) -> bool:
+    """``z[idx[i]] += g[i]`` for each i in turn (repeats accumulate, as ``np.add.at``) on a
+    C-contiguous float32 table ``z`` (rows, n) and rows ``g`` (len(idx), n), indices in range;
+    False (nothing done) otherwise. The embedding gradient: one pass over ``g``, where NumPy's
+    sort and segmented sum take several."""
+    if not (usable(np, z, g) and z.flags.c_contiguous and g.flags.c_contiguous and z.ndim == 2 and g.ndim == 2
+            and g.shape == (idx.size, z.shape[1]) and idx.dtype.kind in "iu"):
+        return False
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= z.shape[0]):
+        return False
+    _scatter_add_rows(z, np.ascontiguousarray(idx, dtype=np.int64), g)
+    return True

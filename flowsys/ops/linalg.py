@@ -93,13 +93,13 @@ def matmul(xp, a, b):
 # ---------------------------------------------------------------------------------------- linear
 
 
-def _linear_infer(x: Spec, w: Spec, b: Spec) -> Spec:
-    if x.ndim < 1 or w.ndim < 2 or b.shape != w.shape[:-1] or x.shape[-1] != w.shape[-1]:
+def _linear_infer(x: Spec, w: Spec, b: Spec | None = None) -> Spec:
+    if x.ndim < 1 or w.ndim < 2 or (b is not None and b.shape != w.shape[:-1]) or x.shape[-1] != w.shape[-1]:
         raise ShapeError(
-            f"linear: input {x.shape}, weight {w.shape} and bias {b.shape} do not fit: the weight is "
-            f"(out_features..., in_features) with in_features = the input's last axis "
-            f"({x.shape[-1] if x.ndim else '?'}), and the bias is (out_features...)")
-    return Spec(x.shape[:-1] + w.shape[:-1], result_dtype(x, w, b))
+            f"linear: input {x.shape}, weight {w.shape}" + (f" and bias {b.shape}" if b is not None else "")
+            + " do not fit: the weight is (out_features..., in_features) with in_features = the input's last "
+            f"axis ({x.shape[-1] if x.ndim else '?'})" + (", and the bias is (out_features...)" if b is not None else ""))
+    return Spec(x.shape[:-1] + w.shape[:-1], result_dtype(x, w) if b is None else result_dtype(x, w, b))
 
 
 def _linear_subscripts(x: Spec, w: Spec) -> tuple[str, str, str]:
@@ -114,8 +114,10 @@ def _linear_rows(specs, attrs):
     """matmul's rows for ``x @ w.T`` with the bias following the output: split with an
     out-feature axis, whole beside split rows, a partial sum beside a partial-sum output (so
     that it is added once)."""
-    x, w, b = specs
+    x, w = specs[:2]
     x_sub, w_sub, out_sub = _linear_subscripts(x, w)
+    if len(specs) == 2:  # no bias
+        return R.einsum((x_sub, w_sub), out_sub, (x, w))
     rows = []
     for row in R.einsum((x_sub, w_sub), out_sub, (x, w)):
         out = row.outs[0]
@@ -129,9 +131,11 @@ def _linear_rows(specs, attrs):
     return rows
 
 
-def _linear_grad(b, g, out, x, w, bias):
+def _linear_grad(b, g, out, x, w, bias=None):
     gx = b.linear_grad_input(g, w) if b.needs[0] else None
     gw = b.linear_grad_weight(g, x) if b.needs[1] else None
+    if bias is None:
+        return [gx, gw]
     gb = (b.sum(g, axis=tuple(range(len(x.shape) - 1))) if len(x.shape) > 1 else g) if b.needs[2] else None
     return [gx, gw, gb]
 
@@ -178,18 +182,22 @@ def linear_grad_weight(xp, g, x):
 
 
 def _linear_cost(ins, outs, attrs):
-    """Fused: the product ``x @ w.T`` and the bias added to each output element."""
+    """Fused: the product ``x @ w.T`` and the bias (if any) added to each output element."""
     out = numel(outs[0])
-    return Cost(2 * out * ins[0].shape[-1] + out, moved(ins, outs), gemm=True)
+    return Cost(2 * out * ins[0].shape[-1] + (out if len(ins) == 3 else 0), moved(ins, outs), gemm=True)
 
 
 @register("linear", infer=_linear_infer, sbp=_linear_rows, grad=_linear_grad, cost=_linear_cost)
-def linear(xp, x, w, b):
-    """``x @ w.T + b`` with a PyTorch (out_features, in_features) weight: one GEMM, the bias
-    added in place into its output (PyTorch's addmm). A weight (out..., in) gives outputs
-    (..., out...): one GEMM for several projections stored apart (attention's q, k, v)."""
+def linear(xp, x, w, b=None):
+    """``x @ w.T + b`` with a PyTorch (out_features, in_features) weight: one GEMM, the bias (if
+    any) added in place into its output (PyTorch's addmm). A weight (out..., in) gives outputs
+    (..., out...): one GEMM for several projections stored apart (attention's q, k, v). Without
+    a bias it is the product alone, whose weight gradient comes in the weight's own layout (a
+    tied embedding's two gradients then add without a transposed read)."""
     k = w.shape[-1]
     out = x.reshape(math.prod(x.shape[:-1]), k) @ w.reshape(math.prod(w.shape[:-1]), k).T
+    if b is None:
+        return out.reshape(x.shape[:-1] + w.shape[:-1])
     b = b.reshape(-1)
     if out.dtype == np.result_type(out, b):
         out += b

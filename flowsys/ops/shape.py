@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from flowsys.errors import AxisError, DTypeError, IndexOutOfRange, ShapeError
+from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.registry import (Cost, Spec, copy_cost, gather_cost, local_shape_attr, nbytes, normalize_axis,
                                   promote_types, register, scatter_add_cost, view_cost)
@@ -303,7 +304,9 @@ def take_grad(xp, g, idx, *, axis=0, shape):
     flat_idx = idx.reshape(-1)
     flat_idx = xp.where(flat_idx < 0, flat_idx + zm.shape[0], flat_idx)
     gm = xp.moveaxis(g, list(range(ax, ax + idx.ndim)), list(range(idx.ndim))).reshape((flat_idx.size,) + zm.shape[1:])
-    if zm.ndim == 2 and xp is np:
+    if zm.ndim == 2 and ax == 0 and fused.scatter_add_rows(z, flat_idx, gm):
+        pass  # the embedding gradient's one-pass kernel (float32)
+    elif zm.ndim == 2 and xp is np:
         # Sort-and-segment-sum: much faster than np.add.at for embedding-sized scatters.
         order = np.argsort(flat_idx, kind="stable")
         sorted_idx = flat_idx[order]
