@@ -80,6 +80,7 @@ def test_nan_and_inf_propagate_as_in_numpy():
 def test_the_generated_source_is_a_file_numba_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWSYS_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(fusion, "_compiled", {})  # as in a fresh process
+    monkeypatch.setattr(fusion, "_loaded", {})
     program = fusion.program_of(PROGRAMS["add-gelu-mul"])
     src = fusion.numba_source(program, (False, False, True), np.float32)
     assert "cache=True" in src and "_erf32(" in src and "f32(0.5)" in src
@@ -174,7 +175,8 @@ def test_explain_reports_the_fused_kernels_and_the_memory_they_free():
 
 def test_the_gpt_step_compiles_with_fusion_on():
     """A GPT's ops are compound already (linear with its bias, layer norm with its affine, the
-    attention probabilities): the pass finds no chain in its plain step, and it still trains."""
+    attention probabilities): the pass finds no elementwise chain in its plain step (its residual
+    adds fuse into the layer norms instead: below), and it still trains."""
     cfg = fs.models.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
     fs.manual_seed(0)
     model = fs.models.GPT(cfg)
@@ -195,3 +197,114 @@ def test_the_gpt_step_compiles_with_fusion_on():
     step = Step()
     assert np.isfinite(float(step(idx, idx).numpy()))
     assert not any(n.op == "fused_elementwise" for n in step.ir.nodes)
+
+
+# ------------------------------------------------------------------ row reductions (fused_rows)
+LN = (("eps", 1e-5), ("n_axes", 1))
+ROW_PROGRAMS = {  # (program, outputs, input shapes)
+    "layer_norm_affine": (((("layer_norm_affine", (IN(0), IN(1), IN(2)), LN),), (0,)), [(6, 40), (40,), (40,)]),
+    "add-layer_norm_affine, both kept": (((("add", (IN(0), IN(1)), ()), ("layer_norm_affine", (T(0), IN(2), IN(3)), LN)),
+                                          (0, 1)), [(3, 5, 40), (3, 5, 40), (40,), (40,)]),
+    "layer_norm over two axes, then * scale": (((("layer_norm", (IN(0),), (("eps", 1e-5), ("n_axes", 2))),
+                                                 ("mul", (T(0), IN(1)), ())), (1,)), [(4, 6, 7), ()]),
+    "exp-softmax-sub": (((("mul", (IN(0), IN(1)), ()), ("softmax", (T(0),), (("axis", -1),)),
+                          ("sub", (T(1), IN(0)), ())), (2,)), [(5, 33), (5, 33)]),
+}
+
+
+def _row_inputs(shapes, dtype):
+    rng = np.random.default_rng(3)
+    return [np.asarray(rng.standard_normal(s) * 2 + 0.5).astype(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", list(ROW_PROGRAMS))
+def test_every_fused_row_op_equals_its_unfused_chain(name, dtype):
+    (program, outputs), shapes = ROW_PROGRAMS[name]
+    ins = _row_inputs(shapes, dtype)
+    got = OPS["fused_rows"].kernel(np, *ins, program=program, outputs=outputs)
+    temps = []
+    for op, args, attrs in program:
+        temps.append(OPS[op].kernel(np, *[ins[k] if kind == "in" else temps[k] for kind, k in args], **dict(attrs)))
+    assert len(got) == len(outputs)
+    for g, j in zip(got, outputs):
+        want = temps[j]
+        assert g.dtype == want.dtype and g.shape == want.shape
+        np.testing.assert_allclose(g.astype(np.float64), want.astype(np.float64), rtol=TOLERANCE[dtype],
+                                   atol=TOLERANCE[dtype] * np.abs(want.astype(np.float64)).max() * 1e-2)
+    if dtype in (np.float32, np.float64) and fused.ENABLED:
+        assert fusion._row_plan(fusion.program_of(program), tuple(outputs), ins) is not None, "generated kernel ran"
+
+
+def test_row_ops_alone_run_their_generated_kernels_and_match_torch():
+    import torch
+
+    x = np.random.default_rng(1).standard_normal((4, 9, 64)).astype(np.float32)
+    w, b = (np.random.default_rng(2).standard_normal(64).astype(np.float32) for _ in range(2))
+    tx = torch.from_numpy(x)
+    ln = OPS["layer_norm_affine"].kernel(np, x, w, b, n_axes=1, eps=1e-5)
+    ref = torch.nn.functional.layer_norm(tx, (64,), torch.from_numpy(w), torch.from_numpy(b), 1e-5)
+    np.testing.assert_allclose(ln, ref.numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(OPS["softmax"].kernel(np, x, axis=-1), torch.softmax(tx, -1).numpy(), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(OPS["layer_norm"].kernel(np, x, n_axes=2, eps=1e-5),
+                               torch.nn.functional.layer_norm(tx, (9, 64), eps=1e-5).numpy(), rtol=1e-5, atol=2e-6)
+    # float64 exactly as NumPy's expression (no polynomial exp, no fast-math)
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    np.testing.assert_allclose(OPS["softmax"].kernel(np, x64, axis=-1), e / e.sum(-1, keepdims=True), rtol=1e-12)
+    # NaN in a row gives a NaN row, as NumPy
+    x[0, 0, 3] = np.nan
+    assert np.isnan(OPS["softmax"].kernel(np, x, axis=-1)[0, 0]).all()
+    assert np.isnan(OPS["layer_norm_affine"].kernel(np, x, w, b, n_axes=1, eps=1e-5)[0, 0]).all()
+
+
+def _gpt_step(fuse: bool, placement=None, steps: int = 3):
+    cfg = fs.models.GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    fs.manual_seed(0)
+    model = fs.models.GPT(cfg)
+    opt = fs.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = fs.tensor(np.random.default_rng(0).integers(0, 64, (4, 8)))
+    if placement is not None:
+        model.to_global(placement, fs.sbp.broadcast)
+        idx = idx.to_global(placement, fs.sbp.split(0))
+
+    class Step(fs.Graph):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.add_optimizer(opt)
+            self.config.fuse = fuse
+
+        def build(self, idx, targets):
+            _, loss = self.model(idx, targets)
+            loss.backward()
+            return loss
+
+    step = Step()
+    losses = [float(step(idx, idx).numpy()) for _ in range(steps)]
+    return losses, {k: v.numpy() for k, v in model.state_dict().items()}, step
+
+
+@pytest.mark.parametrize("where", ["one device", "dp2 plans"])
+def test_the_gpt_step_fuses_each_residual_add_into_its_layer_norm(where):
+    """x + f(x) then layer_norm: one generated kernel writes the residual sum (read again by the
+    next residual add) and its layer norm; the step trains as the unfused one."""
+    placement = None if where == "one device" else fs.placement("cpu", [0, 1])
+    ref_losses, ref_state, plain = _gpt_step(False, placement)
+    losses, state, step = _gpt_step(True, placement)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for k in ref_state:
+        # atol: the key bias has no gradient but rounding noise, which AdamW turns into ~1e-5 steps
+        np.testing.assert_allclose(state[k], ref_state[k], rtol=1e-4, atol=1e-4, err_msg=k)
+    rows = [n for n in step.ir.nodes if n.op == "fused_rows"]
+    # per block: the attention's residual before ln_2, the MLP's before the next ln_1 (or ln_f)
+    assert len(rows) == 2 * 2 and not any(n.op == "fused_rows" for n in plain.ir.nodes)
+    for n in rows:
+        assert fusion.describe(n.attr["program"]) == "add -> layer_norm_affine" and len(n.outputs) == 2
+        if placement is not None:  # global tensors: the signature holds both outputs' SBPs
+            assert n.sig.outs == tuple(step.ir.values[o].sbp for o in n.outputs)
+    text = step.explain()
+    assert "FUSED add -> layer_norm_affine" in text and "fused kernels: 4" in text
+    if placement is not None:
+        assert any(op.op == "fused_rows" for op in step.plan().ranks[0].ops)

@@ -75,6 +75,11 @@ SAMPLES.update({
 })
 M4 = Spec((4, 4), f32)
 SAMPLES.update({name: ((M4,), {}) for name in ("inv", "det", "slogdet", "cholesky", "eigh", "eigvalsh")})
+_ROW = Spec((X.shape[-1],), X.dtype)
+SAMPLES["fused_rows"] = ((X, X, _ROW, _ROW), {"outputs": (0, 1), "program": (
+    ("add", (("in", 0), ("in", 1)), ()),
+    ("layer_norm_affine", (("t", 0), ("in", 2), ("in", 3)), (("eps", 1e-5), ("n_axes", 1)))),
+})
 SAMPLES["fused_elementwise"] = ((X, X), {"program": (("add", (("in", 0), ("in", 1)), ()), ("gelu", (("t", 0),), ()))})
 SAMPLES.update({"qr": ((X,), {}), "svd": ((X,), {}), "svdvals": ((X,), {}), "pinv": ((X, Spec((), f32)), {}),
                 "solve": ((M4, Spec((4, 2), f32)), {})})
@@ -152,7 +157,7 @@ def _old_table(name, ins, outs):
 def _counted(name, ins, outs, attrs):
     """The old table's count; a fused chain counts as its parts (each part's output has the
     fused op's shape, its inputs that shape or 0-d)."""
-    if name != "fused_elementwise":
+    if name not in ("fused_elementwise", "fused_rows"):
         return _old_table(name, ins, outs)
     total, temps = 0, []
     for op, args, _ in attrs["program"]:

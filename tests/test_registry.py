@@ -207,6 +207,14 @@ CASES["fused_elementwise"] = [Case(((3, 4), (3, 4), ()), {"program": _CHAIN}, gr
                               Case(((3, 4), (3, 4)), {"program": (("add", (("in", 0), ("in", 1)), ()),
                                                                   ("neg", (("t", 0),), ()))}, grad=False)]
 
+# a residual add kept as an output beside the layer norm that reads it; a softmax with an epilogue
+_LN = (("eps", 1e-5), ("n_axes", 1))
+CASES["fused_rows"] = [
+    Case(((2, 3, 4), (2, 3, 4), (4,), (4,)), {"outputs": (0, 1), "program": (
+        ("add", (("in", 0), ("in", 1)), ()), ("layer_norm_affine", (("t", 0), ("in", 2), ("in", 3)), _LN))}, grad=False),
+    Case(((3, 5), ()), {"outputs": (1,), "program": (("softmax", (("in", 0),), (("axis", -1),)),
+                                                      ("mul", (("t", 0), ("in", 1)), ()))}, grad=False)]
+
 # Known bugs: (test, case id) -> reason. Each becomes a strict xfail, so a fix must remove its entry.
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
 

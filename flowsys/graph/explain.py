@@ -46,12 +46,12 @@ def explain(g: Graph) -> str:
             lines.append(f"{n.id:>6}  {n.phase:9} {'update ' + n.op:30} {n.attr['variable']}: master "
                          f"{var.dtype.name}{list(var.shape)} {_layout(var)}, grad {g.values[n.inputs[1]].dtype.name}"
                          + (f", state {state} in {var.dtype.name}" if state else ""))
-        elif n.op == "fused_elementwise":
+        elif n.op in ("fused_elementwise", "fused_rows"):
             parts = describe(n.attr["program"])
             lines.append(f"{n.id:>6}  {n.phase:9} {'FUSED ' + parts:30} {ins:40} -> {outs}   one generated kernel")
         else:
             lines.append(f"{n.id:>6}  {n.phase:9} {n.op:30} {ins:40} -> {outs}")
-    fused = [n for n in g.nodes if n.op == "fused_elementwise"]
+    fused = [n for n in g.nodes if n.op in ("fused_elementwise", "fused_rows")]
     if fused:
         lines.append(f"fused kernels: {len(fused)}, replacing {sum(len(n.attr['program']) for n in fused)} ops: "
                      + "; ".join(describe(n.attr["program"]) for n in fused))

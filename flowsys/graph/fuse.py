@@ -27,14 +27,26 @@ from flowsys.ops.fusion import describe
 from flowsys.ops.registry import SbpRow
 
 
+def _is_row(n: Node) -> bool:
+    return OPS[n.op].row is not None
+
+
 def _candidate(n: Node, g: Graph) -> bool:
-    if n.kind != "op" or len(n.outputs) != 1 or OPS[n.op].scalar is None or n.op == "fused_elementwise":
+    if n.kind != "op" or len(n.outputs) != 1 or n.op in ("fused_elementwise", "fused_rows"):
         return False
+    spec = OPS[n.op]
     out = g.values[n.outputs[0]]
-    if out.dtype.kind != "f":
+    if out.dtype.kind != "f" or any(g.values[i].dtype != out.dtype for i in n.inputs):
         return False
-    return all(g.values[i].dtype == out.dtype and (g.values[i].shape == out.shape or not g.values[i].shape)
-               for i in n.inputs)
+    if spec.row is not None:  # a row reduction: its first input has its shape, the others one row's (or 0-d)
+        axes = spec.row.axes(dict(n.attr))
+        if axes is None or not n.inputs or g.values[n.inputs[0]].shape != out.shape or len(out.shape) < axes:
+            return False
+        row = out.shape[len(out.shape) - axes:]
+        return all(g.values[i].shape in (row, ()) for i in n.inputs[1:])
+    if spec.scalar is None:
+        return False
+    return all(g.values[i].shape == out.shape or not g.values[i].shape for i in n.inputs)
 
 
 def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
@@ -42,7 +54,11 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
     ``fuse=False`` (``Graph.config.fuse``) leaves the graph as it is."""
     if not fuse:
         return g
-    consumers = Counter(i for n in g.nodes for i in set(n.inputs))  # value -> the nodes reading it
+    consumers = Counter(i for n in g.nodes for i in set(n.inputs))  # value -> how many nodes read it
+    readers: dict[int, list[Node]] = {}
+    for n in g.nodes:
+        for i in dict.fromkeys(n.inputs):
+            readers.setdefault(i, []).append(n)
     kept = set(g.outputs) | set(g.grads.values()) | ({g.loss} if g.loss is not None else set())
     producer = {o: n for n in g.nodes for o in n.outputs}
     order = {n.id: k for k, n in enumerate(g.nodes)}
@@ -53,6 +69,9 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
         va, vb = g.values[a.outputs[0]], g.values[b.outputs[0]]
         return (a.phase, va.placement, va.sbp, va.shape) == (b.phase, vb.placement, vb.sbp, vb.shape)
 
+    def rows_in(group: int) -> int:
+        return sum(_is_row(m) for m in members[group])
+
     for n in g.nodes:
         if not _candidate(n, g):
             continue
@@ -60,33 +79,45 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
         members[n.id] = [n]
         for i in dict.fromkeys(n.inputs):
             p = producer.get(i)
-            if p is None or p.id not in group_of or i in kept or consumers[i] != 1 \
-                    or not same_layout(p, n):
+            if p is None or p.id not in group_of or not same_layout(p, n):
                 continue
             a, b = group_of[p.id], group_of[n.id]
-            if a == b:
+            if a == b or rows_in(a) + rows_in(b) > 1:  # one row reduction per kernel
+                continue
+            shared = i in kept or consumers[i] != 1
+            # a value read outside too stays an output of the fused node: only before a row
+            # reduction (the residual sum a layer norm reads, which the next residual add reads too)
+            if shared and not (_is_row(n) and i == n.inputs[0] and not _is_row(p)):
                 continue
             for m in members[a]:  # merge p's group into n's
                 group_of[m.id] = b
             members[b] = sorted(members.pop(a) + members[b], key=lambda m: order[m.id])
-    groups = [ms for ms in members.values() if len(ms) > 1]
-    if not groups:
-        return g
     ids = itertools.count(next_id(g))
     replaced: dict[int, Node] = {}  # last member's id -> the fused node
     dropped: set[int] = set()
-    for ms in groups:
-        fused = _fused_node(ms, g, next(ids))
-        replaced[ms[-1].id] = fused
+    inside: set[int] = set()
+    for ms in members.values():
+        if len(ms) < 2:
+            continue
+        ids_in = {m.id for m in ms}
+        extras = [m.outputs[0] for m in ms[:-1]
+                  if m.outputs[0] in kept or any(c.id not in ids_in for c in readers[m.outputs[0]])]
+        # the fused node sits at the last member: whatever reads an extra output must come later
+        if any(order[c.id] < order[ms[-1].id] for v in extras for c in readers[v] if c.id not in ids_in):
+            continue
+        replaced[ms[-1].id] = _fused_node(ms, extras, g, next(ids))
         dropped.update(m.id for m in ms[:-1])
+        inside.update(m.outputs[0] for m in ms[:-1] if m.outputs[0] not in extras)
+    if not replaced:
+        return g
     nodes = tuple(replaced.get(n.id, n) for n in g.nodes if n.id not in dropped)
-    inside = {o for ms in groups for m in ms[:-1] for o in m.outputs}
     values = {k: v for k, v in g.values.items() if k not in inside}
     return g.with_(nodes=nodes, values=values)
 
 
-def _fused_node(ms: list[Node], g: Graph, nid: int) -> Node:
-    """One node computing the members (in graph order) as a program over their outside inputs."""
+def _fused_node(ms: list[Node], extras: list[int], g: Graph, nid: int) -> Node:
+    """One node computing the members (in graph order) as a program over their outside inputs;
+    its outputs are ``extras`` (intermediates read outside too) and the last member's."""
     produced = {m.outputs[0]: j for j, m in enumerate(ms)}  # (SSA: a part reads only earlier parts')
     inputs: list[int] = []
     program = []
@@ -102,12 +133,18 @@ def _fused_node(ms: list[Node], g: Graph, nid: int) -> Node:
         program.append((m.op, tuple(args), tuple(sorted(m.attr.items()))))
     program = tuple(program)
     last = ms[-1]
+    outs = tuple(extras) + last.outputs
+    rows = any(_is_row(m) for m in ms)
     sig = None
     if last.sig is not None:
         ins = tuple(tuple(g.values[i].sbp) for i in inputs)
-        out = tuple(g.values[last.outputs[0]].sbp)
+        out_sbps = tuple(tuple(g.values[o].sbp) for o in outs)
         why = f"follows from its parts ({describe(program)})"
-        rows = tuple(SbpRow(tuple(nd[k] for nd in ins), (out[k],), why) for k in range(len(out)))
-        sig = Signature(rows, ins, (out,), 0)
+        sig_rows = tuple(SbpRow(tuple(nd[k] for nd in ins), tuple(o[k] for o in out_sbps), why)
+                         for k in range(len(out_sbps[0])))
+        sig = Signature(sig_rows, ins, out_sbps, 0)
+    if rows:
+        attrs = (("outputs", tuple(produced[o] for o in outs)), ("program", program))
+        return Node(nid, "op", "fused_rows", tuple(inputs), outs, attrs, last.phase, sig, last.scope)
     return Node(nid, "op", "fused_elementwise", tuple(inputs), last.outputs, (("program", program),), last.phase,
                 sig, last.scope)

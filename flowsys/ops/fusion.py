@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import itertools
+import math
 import os
 import sys
 import threading
@@ -211,30 +212,40 @@ _compile_lock = threading.Lock()
 
 
 def numba_kernel(program, scalars: tuple[bool, ...], dtype):
-    """The compiled kernel for this program, scalar pattern and dtype (its source written to
-    :func:`kernel_dir` once, keyed by the source's hash, then imported)."""
+    """The compiled kernel for this program, scalar pattern and dtype."""
     key = (program, scalars, np.dtype(dtype).name)
     kern = _compiled.get(key)
+    if kern is None:
+        kern = _compiled[key] = _load(numba_source(program, scalars, dtype))
+    return kern
+
+
+_loaded: dict[str, Any] = {}
+
+
+def _load(src: str, kind: str = "fused"):
+    """The ``kernel`` of generated source ``src``: written to :func:`kernel_dir` once, keyed by the
+    source's hash, then imported (so Numba's disk cache finds it in the next process)."""
+    digest = hashlib.sha256(src.encode()).hexdigest()[:20]
+    kern = _loaded.get(digest)
     if kern is not None:
         return kern
     with _compile_lock:
-        kern = _compiled.get(key)
+        kern = _loaded.get(digest)
         if kern is None:
-            src = numba_source(program, scalars, dtype)
-            digest = hashlib.sha256(src.encode()).hexdigest()[:20]
             folder = kernel_dir()
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"fused_{digest}.py"
+            path = folder / f"{kind}_{digest}.py"
             if not path.exists() or path.read_text() != src:
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(src)
                 os.replace(tmp, path)  # another process writing the same source is harmless
-            name = f"flowsys_fused_{digest}"
+            name = f"flowsys_{kind}_{digest}"
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # Numba's disk cache finds the kernel's module by name
             spec.loader.exec_module(module)
-            kern = _compiled[key] = module.kernel
+            kern = _loaded[digest] = module.kernel
     return kern
 
 
@@ -284,3 +295,205 @@ def describe(program) -> str:
     """``add -> gelu``: the parts in order, for ``explain()`` and errors."""
     return " -> ".join(part_names(program))
 
+
+
+# ---------------------------------------------------------------------------------- row programs
+# A program with one part that reduces over rows (layer norm, softmax: an op with a row rule,
+# ``OpDef.row``) fuses with the elementwise parts before it (computed again in each of the row's
+# passes, from the inputs: the residual add before a layer norm) and after it. Intermediates that
+# are needed outside (the residual sum itself) are outputs too: ``outputs`` lists the parts whose
+# results the node returns, in order. The generated kernel makes one pass over each row per
+# reduction, then one writing every output; the row is small enough to stay in L1 between them.
+
+def _row_part(program) -> tuple[int, int]:
+    """(index, trailing axes per row) of the program's row part."""
+    for j, (op, _, at) in enumerate(program_of(program)):
+        if OPS[op].row is not None:
+            return j, OPS[op].row.axes(dict(at))
+    raise ValueError(f"fused_rows: no part reduces over rows in {describe(program)}")
+
+
+def _rows_infer(*specs: Spec, program, outputs) -> tuple[Spec, ...]:
+    parts = _walk(program, specs)
+    return tuple(parts[j][4] for j in outputs)
+
+
+def _input_kinds(specs, shape, axes) -> tuple[str, ...]:
+    """Per input: "full" (the rows' shape), "row" (one row's shape: broadcast to every row) or "scalar"."""
+    row = tuple(shape[len(shape) - axes:])
+    return tuple("full" if tuple(s.shape) == tuple(shape) else "scalar" if not s.shape else
+                 "row" if tuple(s.shape) == row else "?" for s in specs)
+
+
+def _rows_rows(specs, attrs) -> list[SbpRow]:
+    """The signatures that follow from the parts': split on an axis outside the rows (inputs of
+    one row's shape stay whole), or all replicated; each a row when every part has it in turn."""
+    program, outputs = attrs["program"], attrs["outputs"]
+    parts = _walk(program, specs)
+    j_row, axes = _row_part(program)
+    shape = parts[j_row][4].shape
+    kinds = _input_kinds(specs, shape, axes)
+    part_rows = [{tuple(r.ins): r.outs for r in reversed(OPS[op].sbp(arg_specs, at))}
+                 for op, _, at, arg_specs, _ in parts]
+    why = f"follows from its parts ({describe(program)})"
+    candidates = [tuple(R.S(i) if k == "full" else B for k in kinds) for i in range(len(shape) - axes)]
+    candidates.append(tuple(B for _ in kinds))
+    rows = []
+    for ins in candidates:
+        temps = []
+        for (_, args, _, _, _), table in zip(parts, part_rows):
+            out = table.get(tuple(_args(args, ins, temps)))
+            if out is None:
+                break
+            temps.append(out[0])
+        else:
+            rows.append(SbpRow(tuple(ins), tuple(temps[j] for j in outputs), why))
+    return rows
+
+
+def _rows_cost(ins, outs, attrs) -> Cost:
+    """The parts' FLOPs; the bytes of the inputs read once and the outputs written once."""
+    flops = sum(OPS[op].cost(arg_specs, [out], at).flops for op, _, at, arg_specs, out in _walk(attrs["program"], ins)
+                if OPS[op].cost is not None)
+    return Cost(flops, moved(ins, outs))
+
+
+@register("fused_rows", infer=_rows_infer, sbp=_rows_rows, cost=_rows_cost, multi_output=True, low_precision="native")
+def fused_rows(xp, *ins, program, outputs):
+    """Elementwise parts around one row reduction (layer norm, softmax) in one kernel (see above)."""
+    prog = program_of(program)
+    outputs = tuple(outputs)
+    plan = _row_plan(prog, outputs, ins) if xp is np else None
+    if plan is not None:
+        return _run_rows(plan, len(outputs), ins)
+    temps: list = []
+    for op, args, at in prog:  # the reference: the parts' own kernels in turn
+        temps.append(OPS[op].kernel(xp, *_args(args, ins, temps), **dict(at)))
+    return tuple(temps[j] for j in outputs)
+
+
+def rows_usable(program, ins) -> bool:
+    """Whether the generated row kernel takes ``ins``: Numba on, float32/float64 NumPy arrays of
+    one dtype, each of the rows' shape, one row's shape or 0-d, every part with a rule."""
+    if not fused.ENABLED or any(type(a) is not np.ndarray for a in ins):
+        return False
+    dtypes = {a.dtype for a in ins}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
+        return False
+    if any(OPS[op].scalar is None and OPS[op].row is None for op, _, _ in program):
+        return False
+    j_row, axes = _row_part(program)
+    if axes is None:
+        return False
+    shape = _walk(program, [Spec(a.shape, a.dtype) for a in ins])[j_row][4].shape
+    return "?" not in _input_kinds(ins, shape, axes) and len(shape) >= axes
+
+
+def _exprs(program, n: int) -> list[sc.Expr]:
+    """Each part's result as one expression over the inputs (row parts hold their reductions)."""
+    temps: list[sc.Expr] = []
+    for op, args, at in program:
+        arg_exprs = _args(args, [sc.arg(k) for k in range(n)], temps)
+        spec = OPS[op]
+        if spec.row is not None:
+            rule = spec.row.expr(sc.ROW, *(sc.arg(k) for k in range(len(args))), **dict(at))
+        else:
+            rule = sc.evaluate(spec.scalar, len(args), dict(at))
+        temps.append(sc.substitute(sc._e(rule), arg_exprs))
+    return temps
+
+
+def rows_source(program, outputs, kinds: tuple[str, ...], dtype) -> str:
+    """The generated Numba kernel's source: ``kernel(i0, ..., o0, ..., lo, hi, n)`` computes rows
+    ``lo`` to ``hi`` (each ``n`` elements) of flat arrays."""
+    dtype = np.dtype(dtype)
+    f32_ = dtype == np.float32
+    exprs = _exprs(program, len(kinds))
+    outs = [exprs[j] for j in outputs]
+    reds = sc.reductions(outs)
+    names = [f"v{k}[j]" if kind == "full" else f"i{k}[j]" if kind == "row" else f"s{k}"
+             for k, kind in enumerate(kinds)]
+    c = (lambda v: f"f32({v})") if f32_ else (lambda v: v)
+    bound: dict = {}
+    body = []
+    scratch = []
+    for m, red in enumerate(reds):
+        inner = sc.render(red.args[0], names, "numba", dtype, bound)
+        # a costly summand needed again later (softmax's exponentials) is kept in a row-long
+        # scratch array instead of being computed twice
+        stash = sc.calls(red.args[0]) and any(sc.holds(e, red.args[0]) for e in outs + [r.args[0] for r in reds[m + 1:]])
+        if stash:
+            scratch.append(m)
+            body += [f"acc = {c('0.0') if red.op != 'rmax' else c('-np.inf')}", "for j in range(n):",
+                     f"    t{m}[j] = {inner}", f"    acc {'+=' if red.op != 'rmax' else '= _maximum(acc,'} t{m}[j]"
+                     + ("" if red.op != "rmax" else ")")]
+        elif red.op == "rmax":
+            body += [f"acc = {c('-np.inf')}", "for j in range(n):", f"    acc = _maximum(acc, {inner})"]
+        else:
+            body += [f"acc = {c('0.0')}", "for j in range(n):", f"    acc += {inner}"]
+        body.append(f"r{m} = acc / {c('n')}" if red.op == "rmean" else f"r{m} = acc")
+        bound[red] = f"r{m}"
+        if stash:
+            bound[red.args[0]] = f"t{m}[j]"
+    body.append("for j in range(n):")
+    body += [f"    p{q}[j] = {sc.render(e, names, 'numba', dtype, bound)}" for q, e in enumerate(outs)]
+    flags = "fastmath=_FLAGS, " if f32_ else ""
+    params = [f"i{k}" for k in range(len(kinds))] + [f"o{q}" for q in range(len(outs))]
+    return "\n".join([
+        f'"""Generated by flowsys.ops.fusion ({dtype.name}): {describe(program)}, rows."""',
+        "import math",
+        "import numpy as np",
+        "import numba",
+        "from flowsys.ops.fusion import _exp32, _erf32, _maximum, f32",
+        "from flowsys.ops.fused import _FLAGS",
+        "",
+        "",
+        f"@numba.njit({flags}nogil=True, error_model='numpy', cache=True)",
+        f"def kernel({', '.join(params)}, lo, hi, n):",
+        *[f"    s{k} = i{k}[0]" for k, kind in enumerate(kinds) if kind == "scalar"],
+        *[f"    t{m} = np.empty(n, {'np.float32' if f32_ else 'np.float64'})" for m in scratch],
+        "    for r in range(lo, hi):",
+        "        b = r * n",  # one row's slices: indices Numba knows are in range, so the loops vectorise
+        *[f"        v{k} = i{k}[b:b + n]" for k, kind in enumerate(kinds) if kind == "full"],
+        *[f"        p{q} = o{q}[b:b + n]" for q in range(len(outs))],
+        *[f"        {line}" for line in body],
+        "",
+    ])
+
+
+_row_plans: dict[tuple, tuple] = {}
+
+
+def _row_plan(program, outputs, ins) -> tuple | None:
+    """(kernel, rows' shape, row length, rows) for these inputs' shapes and dtype, or None where
+    the generated kernel does not take them; worked out once per program and shapes."""
+    key = (program, outputs, tuple((a.shape, a.dtype.str) for a in ins))
+    plan = _row_plans.get(key, False)
+    if plan is False:
+        plan = None
+        if rows_usable(program, ins):
+            j_row, axes = _row_part(program)
+            shape = _walk(program, [Spec(a.shape, a.dtype) for a in ins])[j_row][4].shape
+            kinds = _input_kinds(ins, shape, axes)
+            n = math.prod(shape[len(shape) - axes:])
+            kern = _load(rows_source(program, outputs, kinds, ins[0].dtype), "rows")
+            plan = (kern, shape, n, math.prod(shape) // max(n, 1))
+        _row_plans[key] = plan
+    return plan
+
+
+def _run_rows(plan, n_out, ins):
+    kern, shape, n, rows = plan
+    flat = [a.reshape(1) if a.ndim == 0 else np.ascontiguousarray(a).reshape(-1) for a in ins]
+    outs = tuple(np.empty(shape, ins[0].dtype) for _ in range(n_out))
+    flat_outs = [o.reshape(-1) for o in outs]
+    fused._split(lambda lo, hi: kern(*flat, *flat_outs, lo, hi, n), rows, max(n, 1))
+    return outs
+
+
+def row_one(op: str, ins, **attrs):
+    """Op ``op`` (one with a row rule) alone through its generated kernel; None where that kernel
+    cannot take ``ins`` (the caller runs its xp expression)."""
+    program = ((op, tuple(("in", k) for k in range(len(ins))), tuple(sorted(attrs.items()))),)
+    plan = _row_plan(program, (0,), ins)
+    return None if plan is None else _run_rows(plan, 1, ins)[0]

@@ -12,9 +12,10 @@ import math
 import numpy as np
 
 from flowsys.errors import ArgumentError, DTypeError, IndexOutOfRange, ShapeError
-from flowsys.ops import fused
+from flowsys.ops import fused, fusion, scalar
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_rows
+from flowsys.ops.scalar import RowRule
 from flowsys.ops.registry import (Cost, Spec, copy_cost, flops_per_input, gather_cost, is_floating, moved, nbytes,
                                   normalize_axis, numel, register, result_dtype, scatter_add_cost, sum_to_shape)
 
@@ -45,11 +46,20 @@ def _along_axis_rows(*partial):
 _SOFTMAX, _SOFTMAX_GRAD = 5, 4
 
 
+def _last_axis(attrs) -> int | None:
+    """One trailing axis per row when the op works along the last axis; None (not fused) else."""
+    axis = attrs.get("axis", -1)
+    return 1 if axis == -1 else None
+
+
 @register("softmax", infer=_float_same("softmax"), sbp=_along_axis_rows(), cost=flops_per_input(_SOFTMAX),
-          grad=lambda b, g, out, x, *, axis=-1: [b.softmax_grad(out, g, axis=axis)])
+          grad=lambda b, g, out, x, *, axis=-1: [b.softmax_grad(out, g, axis=axis)],
+          row=RowRule(scalar.softmax, _last_axis))
 def softmax(xp, x, *, axis=-1):
-    if normalize_axis("softmax", axis, x.ndim) == x.ndim - 1 and fused.usable(xp, x):
-        return fused.softmax(x)
+    if normalize_axis("softmax", axis, x.ndim) == x.ndim - 1 and xp is np and x.ndim:
+        out = fusion.row_one("softmax", (x,))  # generated from the row rule
+        if out is not None:
+            return out
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
     e /= e.sum(axis=axis, keepdims=True)
     return e
@@ -207,12 +217,19 @@ def _ln_stats(xp, x, n_axes, eps):
 _LAYER_NORM, _LAYER_NORM_GRAD = 8, 12
 
 
+def _ln_axes(attrs) -> int:
+    return attrs.get("n_axes", 1)
+
+
 @register("layer_norm", infer=_ln_infer, sbp=_ln_rows, cost=flops_per_input(_LAYER_NORM),
-          grad=lambda b, g, out, x, *, n_axes=1, eps=1e-5: [b.layer_norm_grad(x, g, n_axes=n_axes, eps=eps)])
+          grad=lambda b, g, out, x, *, n_axes=1, eps=1e-5: [b.layer_norm_grad(x, g, n_axes=n_axes, eps=eps)],
+          row=RowRule(scalar.layer_norm, _ln_axes))
 def layer_norm(xp, x, *, n_axes=1, eps=1e-5):
     """(x - mean) / sqrt(var + eps) over the last ``n_axes`` axes (the affine part is separate)."""
-    if fused.usable(xp, x):
-        return fused.layer_norm(x, math.prod(x.shape[x.ndim - n_axes:]), eps)
+    if xp is np:
+        out = fusion.row_one("layer_norm", (x,), n_axes=n_axes, eps=eps)  # generated from the row rule
+        if out is not None:
+            return out
     xc, rstd, _ = _ln_stats(xp, x, n_axes, eps)
     xc *= rstd
     return xc.reshape(x.shape)
@@ -262,11 +279,14 @@ def _ln_affine_grad_rows(specs, attrs):
 @register("layer_norm_affine", infer=_ln_affine_infer, sbp=_ln_affine_rows,
           cost=flops_per_input(_LAYER_NORM + 2),  # fused: layer_norm, then * w + b
           grad=lambda b, g, out, x, w, bias, *, n_axes=1, eps=1e-5: list(
-              b.layer_norm_affine_grad(x, w, g, n_axes=n_axes, eps=eps)))
+              b.layer_norm_affine_grad(x, w, g, n_axes=n_axes, eps=eps)),
+          row=RowRule(scalar.layer_norm_affine, _ln_axes))
 def layer_norm_affine(xp, x, w, b, *, n_axes=1, eps=1e-5):
     """layer_norm(x) * w + b: PyTorch's LayerNorm in one op (and one pass on the CPU)."""
-    if fused.usable(xp, x, w, b):
-        return fused.layer_norm_affine(x, w, b, math.prod(w.shape), eps)
+    if xp is np:
+        out = fusion.row_one("layer_norm_affine", (x, w, b), n_axes=n_axes, eps=eps)  # generated from the row rule
+        if out is not None:
+            return out
     return layer_norm(xp, x, n_axes=n_axes, eps=eps) * w + b
 
 

@@ -190,6 +190,9 @@ class OpDef:
     # elementwise ops: the computation on one element (flowsys.ops.scalar), which the fusion pass
     # composes into generated kernels; None: the op is not fused
     scalar: Callable[..., Any] | None = field(default=None, compare=False)
+    # ops reducing over rows of their last axes (layer norm, softmax): the computation on one
+    # element of a row (flowsys.ops.scalar.RowRule), fused with the elementwise ops around it
+    row: Any = field(default=None, compare=False)
 
 
 OPS: dict[str, OpDef] = {}
@@ -206,12 +209,14 @@ def register(
     low_precision: str = "float32",
     cost: CostRule | None = None,
     scalar: Callable[..., Any] | None = None,
+    row: Any = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``kernel`` as op ``name`` with its rules (one registration per op).
     ``low_precision``: ``"float32"`` (bfloat16/float16 operands computed in float32, see
     ``_low_precision``) or ``"native"`` (the kernel takes them as they are, e.g. a cast).
     ``cost``: FLOPs and bytes of one application (without one: :func:`copy_cost`).
-    ``scalar``: an elementwise op's rule on one element (``flowsys.ops.scalar``), for fusion."""
+    ``scalar``: an elementwise op's rule on one element (``flowsys.ops.scalar``), for fusion.
+    ``row``: a row-reducing op's rule on one element of a row (``flowsys.ops.scalar.RowRule``)."""
 
     def deco(kernel: Callable[..., Any]) -> Callable[..., Any]:
         if name in OPS:
@@ -219,7 +224,7 @@ def register(
         if low_precision not in ("float32", "native"):
             raise FlowsysError(f"op {name!r}: low_precision is 'float32' or 'native', got {low_precision!r}")
         run = _low_precision(kernel) if low_precision == "float32" else kernel
-        OPS[name] = OpDef(name, run, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower, cost, scalar)
+        OPS[name] = OpDef(name, run, infer, sbp, grad, multi_output, kernel.__doc__ or "", lower, cost, scalar, row)
         return kernel
 
     return deco

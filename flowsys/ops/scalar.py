@@ -79,6 +79,58 @@ def where(c: Expr, x, y) -> Expr:
     return Expr("where", (c, _e(x), _e(y)))
 
 
+# ------------------------------------------------------------------------------------ row rules
+@dataclass(frozen=True)
+class RowRule:
+    """What an op that reduces over the rows of its last axes computes, stated on one element of
+    a row: ``expr(row, *inputs, **attrs)`` returns the output element's :class:`Expr`, in which
+    ``row.sum(e)``, ``row.max(e)`` and ``row.mean(e)`` stand for ``e`` reduced over the element's
+    row (``e`` may hold reductions itself: a variance is ``row.mean(d * d)`` with ``d`` holding
+    ``row.mean(x)``). ``axes(attrs)`` is how many trailing axes a row spans, or None where the
+    attributes leave the op out of fusion (a softmax over another axis). The op's first input
+    has the output's shape; the others that are not 0-d have the row's (layer norm's weight).
+
+        @register("layer_norm", ..., row=RowRule(_ln_row, lambda attrs: attrs.get("n_axes", 1)))
+    """
+
+    expr: Any
+    axes: Any
+
+
+class _Row:
+    """The reductions a row rule may use."""
+
+    @staticmethod
+    def sum(e) -> Expr:
+        return Expr("rsum", (_e(e),))
+
+    @staticmethod
+    def max(e) -> Expr:
+        return Expr("rmax", (_e(e),))
+
+    @staticmethod
+    def mean(e) -> Expr:
+        return Expr("rmean", (_e(e),))
+
+
+ROW = _Row()
+REDUCTIONS = ("rsum", "rmax", "rmean")
+
+
+def layer_norm(row, x: Expr, *, eps=1e-5, **_) -> Expr:
+    d = x - row.mean(x)
+    return d / sqrt(row.mean(d * d) + eps)
+
+
+def layer_norm_affine(row, x: Expr, w: Expr, b: Expr, *, eps=1e-5, **_) -> Expr:
+    return layer_norm(row, x, eps=eps) * w + b
+
+
+def softmax(row, x: Expr, **_) -> Expr:
+    e = exp(x - row.max(x))
+    return e / row.sum(e)
+
+
 # ------------------------------------------------------------------------------ the rules' helpers
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -100,14 +152,20 @@ def gelu_grad(x: Expr, g: Expr, approximate: str = "none") -> Expr:
 
 
 # ----------------------------------------------------------------------------------- rendering
-def render(e: Expr, names: list[str], target: str, dtype: np.dtype) -> str:
-    """``e`` as source text of ``target`` computing in ``dtype``; ``names[i]`` is input i's name.
+def render(e: Expr, names: list[str], target: str, dtype: np.dtype, bound: dict | None = None) -> str:
+    """``e`` as source text of ``target`` computing in ``dtype``; ``names[i]`` is input i's name,
+    ``bound`` names subexpressions computed already (a row's reductions).
     Constants carry the dtype (Numba would compute ``float32 * 0.5`` in float64)."""
     dtype = np.dtype(dtype)
     f32 = dtype == np.float32
+    bound = bound or {}
 
     def go(x: Expr) -> str:
         op, a = x.op, x.args
+        if op not in ("in", "const") and x in bound:
+            return bound[x]
+        if op in REDUCTIONS:
+            raise ValueError(f"a row reduction ({op}) is rendered only once computed (bound)")
         if op == "in":
             return names[a[0]]
         if op == "const":
@@ -140,3 +198,50 @@ def _ctype(dtype: np.dtype) -> str:
 def evaluate(rule, n_inputs: int, attrs: dict[str, Any]) -> Expr:
     """Op rule ``rule`` applied to fresh inputs 0 .. n_inputs - 1."""
     return _e(rule(*(arg(i) for i in range(n_inputs)), **attrs))
+
+
+def substitute(e: Expr, args: list[Expr]) -> Expr:
+    """``e`` with input leaf i replaced by ``args[i]``: a part's rule applied to earlier parts'
+    expressions, so that a fused program becomes one expression per output."""
+    memo: dict = {}
+
+    def go(x: Expr) -> Expr:
+        if x.op == "in":
+            return args[x.args[0]]
+        if x.op == "const":
+            return x
+        got = memo.get(id(x))
+        if got is None:
+            got = memo[id(x)] = Expr(x.op, tuple(go(a) for a in x.args))
+        return got
+
+    return go(e)
+
+
+def calls(e: Expr) -> bool:
+    """Whether ``e`` calls a function (exp, erf, ...): worth computing once."""
+    return e.op in FUNCTIONS or any(isinstance(a, Expr) and calls(a) for a in e.args)
+
+
+def holds(e: Expr, sub: Expr) -> bool:
+    """Whether ``sub`` is ``e`` or one of its subexpressions."""
+    return e == sub or any(isinstance(a, Expr) and holds(a, sub) for a in e.args)
+
+
+def reductions(outs: list[Expr]) -> list[Expr]:
+    """The distinct row reductions in ``outs``, each after those it holds (the order to compute them)."""
+    order: list[Expr] = []
+    seen: set = set()
+
+    def go(x: Expr) -> None:
+        if x.op in ("in", "const") or x in seen:
+            return
+        seen.add(x)
+        for a in x.args:
+            go(a)
+        if x.op in REDUCTIONS:
+            order.append(x)
+
+    for o in outs:
+        go(o)
+    return order
