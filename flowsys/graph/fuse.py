@@ -1,18 +1,23 @@
-"""The fusion pass: chains of elementwise ops become one ``fused_elementwise`` node whose kernel
-is generated from the ops' scalar rules (``flowsys.ops.fusion``).
+"""The fusion pass: chains of elementwise ops, and elementwise ops around one row reduction,
+become one node whose kernel is generated from the ops' rules (``flowsys.ops.fusion``).
 
 It runs last, on the boxed graph, so every layout is already decided: a group is a connected set
 of op nodes that
 
-- all have a scalar rule (``OpDef.scalar``) and one output, of one dtype and shape, whose inputs
-  have that shape or are 0-d (no broadcasting: the generated kernel walks one index);
-- all run in the same phase, on the same placement, under the same SBP (so the fused node's
-  signature is its parts', and a group never spans a boxing node);
+- all have a scalar rule (``OpDef.scalar``) or, at most one per group, a row rule (``OpDef.row``:
+  layer norm, softmax), and one output, of one dtype and shape, whose inputs have that shape or
+  are 0-d (a row op's other inputs may have one row's shape: layer norm's weight and bias);
+- all run in the same phase and checkpoint scope, on the same placement, under the same SBP (so
+  the fused node's signature is its parts', and a group never spans a boxing node);
 - pass every intermediate to exactly one consumer, inside the group, and keep none of them as a
-  graph output, loss or gradient (what the group computes inside never exists in memory).
+  graph output, loss or gradient (what the group computes inside never exists in memory), with
+  one exception: the value a row op reduces may be read outside too (the residual sum that a
+  layer norm reads and the next residual add reads again); it is then one more output of the
+  fused node, computed in the same kernel, provided everything reading it comes later.
 
-The fused node takes the group's place at its last member, with the group's outside inputs in
-order of first use; eager mode is untouched (it runs op by op).
+A group without a row op becomes a ``fused_elementwise`` node, one with a row op a ``fused_rows``
+node. The fused node takes the group's place at its last member, with the group's outside inputs
+in order of first use; eager mode is untouched (it runs op by op).
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
 
     def same_layout(a: Node, b: Node) -> bool:
         va, vb = g.values[a.outputs[0]], g.values[b.outputs[0]]
-        return (a.phase, va.placement, va.sbp, va.shape) == (b.phase, vb.placement, vb.sbp, vb.shape)
+        return (a.phase, a.scope, va.placement, va.sbp, va.shape) == (b.phase, b.scope, vb.placement, vb.sbp, vb.shape)
 
     def rows_in(group: int) -> int:
         return sum(_is_row(m) for m in members[group])

@@ -22,8 +22,10 @@ IR graph, and ``verify`` runs after every one.
 7. ``insert_boxing``: a boxing node, planned by the same planner as eager mode, wherever a
    value's layout differs from what its consumer's signature needs (a gradient and its
    variable included: data parallelism's all-reduce is such a node).
-8. ``fuse``: chains of elementwise ops become one ``fused_elementwise`` node whose kernel is
-   generated from the ops' scalar rules (``flowsys.graph.fuse``; ``config.fuse``).
+8. ``fuse``: chains of elementwise ops become one ``fused_elementwise`` node, and elementwise
+   ops around a row reduction (a residual add before its layer norm) one ``fused_rows`` node,
+   whose kernels are generated from the ops' scalar and row rules (``flowsys.graph.fuse``;
+   ``config.fuse``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from flowsys import boxing
 from flowsys.autodiff import Engine, walk
 from flowsys.autograd import no_grad
 from flowsys.global_tensor import choose_signature, make_global
-from flowsys.graph.fuse import fuse as fuse_elementwise
+from flowsys.graph.fuse import fuse as fuse_ops
 from flowsys.graph.ir import Graph, GraphError, Node, Value, verify
 from flowsys.graph.ir import next_id as _next_id
 from flowsys.graph.trace import Symbol, Tracer
@@ -701,7 +703,7 @@ def compile_graph(g: Graph, *, params_by_name: dict, optimizers=(), micro_batche
     passes = {"autodiff": autodiff, "checkpointing": checkpointing, "optimizer": make_optimizer_pass(params_by_name),
               "precision": precision, "zero": zero, "clip_grad": make_clip_pass(params_by_name),
               "gradient_accumulation": gradient_accumulation, "infer_sbp": infer_sbp, "insert_boxing": insert_boxing,
-              "fuse": fuse_elementwise}
+              "fuse": fuse_ops}
     verify(g, after="tracing")
     for name in PASS_ORDER:
         g = passes[name](g, optimizers=optimizers, micro_batches=micro_batches, zero_stage=zero_stage,

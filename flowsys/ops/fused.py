@@ -4,9 +4,13 @@ Every op's semantics is its NumPy expression in the op module, which also runs o
 CPU those expressions are chains of full passes over memory: a softmax row is five, an AdamW
 update nine. The hot ones are written here once more as loops that LLVM vectorises, computing in
 one pass what the NumPy twin computes in many. The twin stays the reference:
-``tests/test_fused.py`` runs both and compares. Elementwise ops no longer need a kernel here:
-GELU and its gradient are generated from their scalar rules (``flowsys.ops.fusion``), which use
-this module's ``_exp``, ``_erf`` and thread pool.
+``tests/test_fused.py`` runs both and compares. Elementwise ops and row reductions no longer need
+a kernel here: GELU and its gradient, layer norm, softmax and its gradient are generated from
+their scalar and row rules (``flowsys.ops.fusion``), which use this module's ``_exp``, ``_erf``
+and thread pool. What is left is what the rules cannot state yet: attention's scaled causal
+softmax (in place), cross entropy (a target index per row), the layer-norm gradient (its weight
+and bias gradients sum over rows), AdamW (several outputs, in place) and the embedding gradient's
+scatter-add.
 
 Only float32 goes through here; float64 (finite-difference checks) keeps the exact NumPy path.
 A missing or broken Numba only costs speed: ``usable`` is then False everywhere. Setting
@@ -178,17 +182,6 @@ def _softmax_rows(x, out, scale, tq, causal):
             out[r, j] = f32(0.0)
 
 
-@_kernel
-def _softmax_grad_rows(y, g, out, scale):
-    rows, cols = y.shape
-    for r in range(rows):
-        d = f32(0.0)
-        for j in range(cols):
-            d += g[r, j] * y[r, j]
-        for j in range(cols):
-            out[r, j] = scale * y[r, j] * (g[r, j] - d)
-
-
 # Numba's float max does not vectorise (it keeps Python's NaN order), so long rows take their
 # maxima from NumPy: ``m`` below.
 
@@ -235,14 +228,6 @@ def softmax(x, *, scale: float = 1.0, causal: bool = False, out=None):
     return out
 
 
-def softmax_grad(y, g, scale: float = 1.0):
-    cols = y.shape[-1]
-    yr, gr, out, scale = _rows(y, cols), _rows(g, cols), np.empty(y.shape, np.float32), f32(scale)
-    outr = out.reshape(-1, cols)
-    _split(lambda lo, hi: _softmax_grad_rows(yr[lo:hi], gr[lo:hi], outr[lo:hi], scale), yr.shape[0], cols)
-    return out
-
-
 def logsumexp_rows(x):
     """log(sum(exp(row))) of each row of a 2-D array."""
     x = np.ascontiguousarray(x)
@@ -281,15 +266,6 @@ def _row_stats(x, r, eps):
 
 
 @_kernel
-def _layer_norm_affine_rows(x, w, b, out, eps):
-    rows, n = x.shape
-    for r in range(rows):
-        mean, rstd = _row_stats(x, r, eps)
-        for j in range(n):
-            out[r, j] = (x[r, j] - mean) * rstd * w[j] + b[j]
-
-
-@_kernel
 def _layer_norm_affine_grad_rows(x, w, g, dx, dw, db, eps):
     """dx = rstd * (g w - mean(g w) - y * mean(g w y)) with y the normalised row; dw += g y and
     db += g over the rows."""
@@ -311,14 +287,6 @@ def _layer_norm_affine_grad_rows(x, w, g, dx, dw, db, eps):
             dx[r, j] = rstd * (g[r, j] * w[j] - mg - (x[r, j] - mean) * rstd * mgy)
 
 
-def layer_norm_affine(x, w, b, n: int, eps: float):
-    """layer_norm over rows of ``n`` trailing elements, times ``w`` plus ``b`` (both ``n`` long)."""
-    xr, wf, bf, out, eps = _rows(x, n), _flat(w), _flat(b), np.empty(x.shape, np.float32), f32(eps)
-    outr = out.reshape(-1, n)
-    _split(lambda lo, hi: _layer_norm_affine_rows(xr[lo:hi], wf, bf, outr[lo:hi], eps), xr.shape[0], n)
-    return out
-
-
 def layer_norm_affine_grad(x, w, g, n: int, eps: float):
     """(dx, dw, db) of layer_norm_affine; each thread sums its rows' dw and db, then they add."""
     xr, wf, gr, eps = _rows(x, n), _flat(w), _rows(g, n), f32(eps)
@@ -335,11 +303,6 @@ def layer_norm_affine_grad(x, w, g, n: int, eps: float):
     dw = sum(p[0] for p in parts) if len(parts) > 1 else parts[0][0]
     db = sum(p[1] for p in parts) if len(parts) > 1 else parts[0][1]
     return dx, dw.reshape(w.shape).astype(np.float32), db.reshape(w.shape).astype(np.float32)
-
-
-def layer_norm(x, n: int, eps: float):
-    """Each row of ``n`` trailing elements normalised to mean 0 and variance 1."""
-    return layer_norm_affine(x, np.ones(n, np.float32), np.zeros(n, np.float32), n, eps)
 
 
 def layer_norm_grad(x, g, n: int, eps: float):

@@ -383,8 +383,8 @@ def rows_usable(program, ins) -> bool:
     if any(OPS[op].scalar is None and OPS[op].row is None for op, _, _ in program):
         return False
     j_row, axes = _row_part(program)
-    if axes is None:
-        return False
+    if axes is None or any(OPS[op].row is not None and OPS[op].row.axes(dict(at)) != axes for op, _, at in program):
+        return False  # every row part reduces over the same trailing axes
     shape = _walk(program, [Spec(a.shape, a.dtype) for a in ins])[j_row][4].shape
     return "?" not in _input_kinds(ins, shape, axes) and len(shape) >= axes
 
@@ -467,6 +467,8 @@ _row_plans: dict[tuple, tuple] = {}
 def _row_plan(program, outputs, ins) -> tuple | None:
     """(kernel, rows' shape, row length, rows) for these inputs' shapes and dtype, or None where
     the generated kernel does not take them; worked out once per program and shapes."""
+    if not fused.ENABLED:
+        return None
     key = (program, outputs, tuple((a.shape, a.dtype.str) for a in ins))
     plan = _row_plans.get(key, False)
     if plan is False:

@@ -66,11 +66,14 @@ def softmax(xp, x, *, axis=-1):
 
 
 @register("softmax_grad", infer=lambda y, g, *, axis=-1, scale=1.0: Spec(y.shape, result_dtype(y, g)),
-          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")), cost=flops_per_input(_SOFTMAX_GRAD))
+          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")), cost=flops_per_input(_SOFTMAX_GRAD),
+          row=RowRule(scalar.softmax_grad, _last_axis))
 def softmax_grad(xp, y, g, *, axis=-1, scale=1.0):
     """``scale`` times the gradient of softmax at output ``y`` (attention folds its scale in)."""
-    if normalize_axis("softmax_grad", axis, y.ndim) == y.ndim - 1 and y.shape == g.shape and fused.usable(xp, y, g):
-        return fused.softmax_grad(y, g, scale)
+    if normalize_axis("softmax_grad", axis, y.ndim) == y.ndim - 1 and xp is np and y.shape == g.shape:
+        out = fusion.row_one("softmax_grad", (y, g), axis=-1, scale=scale)  # generated from the row rule
+        if out is not None:
+            return out
     gy = g * y
     out = gy - y * gy.sum(axis=axis, keepdims=True)
     if scale != 1.0:

@@ -131,6 +131,10 @@ def softmax(row, x: Expr, **_) -> Expr:
     return e / row.sum(e)
 
 
+def softmax_grad(row, y: Expr, g: Expr, *, scale=1.0, **_) -> Expr:
+    return scale * y * (g - row.sum(g * y))
+
+
 # ------------------------------------------------------------------------------ the rules' helpers
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
