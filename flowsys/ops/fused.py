@@ -111,6 +111,16 @@ if numba is not None:
             return builder.bitcast(v, ir.FloatType())
 
         return types.float32(bits), codegen
+
+    @intrinsic
+    def _float_to_bits(typingctx, x):
+        if x != types.float32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(x), codegen
 else:  # pragma: no cover - exercised only without Numba
     def _kernel(fn):
         return fn
@@ -119,6 +129,26 @@ else:  # pragma: no cover - exercised only without Numba
 
     def _bits_to_float(bits):
         return np.array(bits, dtype=np.int32).view(np.float32)[()]
+
+    def _float_to_bits(x):
+        return np.array(x, dtype=np.float32).view(np.uint32)[()]
+
+
+@_scalar
+def _bf16_load(u):
+    """A bfloat16's bits (uint16) as the float32 it is."""
+    return _bits_to_float(np.uint32(u) << np.uint32(16))
+
+
+@_scalar
+def _bf16_store(x):
+    """float32 -> bfloat16 bits, rounded to nearest even as ml_dtypes (and PyTorch) round; NaN
+    stays a (quiet) NaN."""
+    bits = _float_to_bits(x)
+    if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+    bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(bits >> np.uint32(16))
 
 
 _LOG2E = math.log2(math.e)
