@@ -93,13 +93,21 @@ def test_softmax_grad_logsumexp_and_cross_entropy_grad(threads):
     want = y64 * (g64 - (g64 * y64).sum(-1, keepdims=True))
     np.testing.assert_allclose(N.softmax_grad(np, y, g), want, rtol=1e-5, atol=1e-6)  # generated
     np.testing.assert_allclose(N.softmax_grad(np, y, g, scale=0.25), 0.25 * want, rtol=1e-5, atol=1e-6)
+    # cross entropy and its gradient (generated: a target index per row), ignored rows included
     logits = f32(300, 517, scale=5.0)
-    lse = torch.logsumexp(torch.from_numpy(logits.astype(np.float64)), -1).numpy()
-    np.testing.assert_allclose(fused.logsumexp_rows(logits), lse, rtol=1e-6)
     t = RNG.integers(0, 517, 300)
+    t[[3, 77]] = -100
     scale = RNG.random(300).astype(np.float32)
-    ref = N._ce_grad_block(np, logits.astype(np.float64), t, scale.astype(np.float64))
-    np.testing.assert_allclose(fused.cross_entropy_grad(logits, t, scale), ref, rtol=1e-5, atol=1e-7)
+    tl = torch.from_numpy(logits.astype(np.float64)).requires_grad_()
+    loss = torch.nn.functional.cross_entropy(tl, torch.from_numpy(t), reduction="none", ignore_index=-100)
+    loss.backward(torch.from_numpy(scale.astype(np.float64)))
+    got = N.cross_entropy(np, logits, t, ignore_index=-100)
+    assert got.dtype == np.float32 and got[3] == 0 and got[77] == 0
+    np.testing.assert_allclose(got, loss.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(N.cross_entropy_grad(np, logits, t, scale, ignore_index=-100), tl.grad.numpy(),
+                               rtol=1e-5, atol=1e-7)
+    ref = N._ce_grad_block(np, logits.astype(np.float64), np.where(t < 0, 0, t), np.where(t < 0, 0, scale))
+    np.testing.assert_allclose(N.cross_entropy_grad(np, logits, t, scale, ignore_index=-100), ref, rtol=1e-5, atol=1e-7)
 
 
 def test_nan_propagates_through_row_kernels():
@@ -108,7 +116,8 @@ def test_nan_propagates_through_row_kernels():
     for out in (fused.softmax(x), fused.softmax(x, causal=True), N.layer_norm(np, x, eps=1e-5)):
         assert np.isnan(out[1]).any()
         assert np.isfinite(np.delete(out, 1, axis=0)).all()
-    assert np.isnan(fused.logsumexp_rows(x)[1]) and np.isfinite(np.delete(fused.logsumexp_rows(x), 1)).all()
+    ce = N.cross_entropy(np, x, np.zeros(4, np.int64))
+    assert np.isnan(ce[1]) and np.isfinite(np.delete(ce, 1)).all()
 
 
 @pytest.mark.parametrize("n", [1, 7, 256, 1000])

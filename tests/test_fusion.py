@@ -284,6 +284,21 @@ def test_row_ops_alone_run_their_generated_kernels_and_match_torch():
     x64 = x.astype(np.float64)
     e = np.exp(x64 - x64.max(-1, keepdims=True))
     np.testing.assert_allclose(OPS["softmax"].kernel(np, x64, axis=-1), e / e.sum(-1, keepdims=True), rtol=1e-12)
+    # cross entropy and its gradient: a target class per row (integers), ignored rows give 0
+    logits, t = x.reshape(-1, 64), np.random.default_rng(3).integers(0, 64, 36)
+    t[4] = -100
+    g = np.random.default_rng(4).random(36).astype(np.float32)
+    tl = torch.from_numpy(logits.astype(np.float64)).requires_grad_()
+    ref = torch.nn.functional.cross_entropy(tl, torch.from_numpy(t), reduction="none", ignore_index=-100)
+    ref.backward(torch.from_numpy(g.astype(np.float64)))
+    for dtype, rtol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        ce = OPS["cross_entropy"].kernel(np, logits.astype(dtype), t, ignore_index=-100)
+        grad = OPS["cross_entropy_grad"].kernel(np, logits.astype(dtype), t, g.astype(dtype), ignore_index=-100)
+        assert ce.dtype == dtype and grad.dtype == dtype
+        np.testing.assert_allclose(ce, ref.detach().numpy(), rtol=rtol, atol=rtol)
+        np.testing.assert_allclose(grad, tl.grad.numpy(), rtol=rtol, atol=rtol)
+    assert fusion._row_plan(fusion.program_of((("cross_entropy", (IN(0), IN(1)), (("ignore_index", -100),)),)), (0,),
+                            (logits, t)) is not None  # the generated kernel ran
     # NaN in a row gives a NaN row, as NumPy
     x[0, 0, 3] = np.nan
     assert np.isnan(OPS["softmax"].kernel(np, x, axis=-1)[0, 0]).all()

@@ -5,12 +5,12 @@ CPU those expressions are chains of full passes over memory: a softmax row is fi
 update nine. The hot ones are written here once more as loops that LLVM vectorises, computing in
 one pass what the NumPy twin computes in many. The twin stays the reference:
 ``tests/test_fused.py`` runs both and compares. Elementwise ops and row reductions no longer need
-a kernel here: GELU and its gradient, layer norm, softmax and its gradient are generated from
+a kernel here: GELU and its gradient, layer norm, softmax and its gradient, cross entropy and its gradient
+are generated from
 their scalar and row rules (``flowsys.ops.fusion``), which use this module's ``_exp``, ``_erf``
 and thread pool. What is left is what the rules cannot state yet: attention's scaled causal
-softmax (in place), cross entropy (a target index per row), the layer-norm gradient (its weight
-and bias gradients sum over rows), AdamW (several outputs, in place) and the embedding gradient's
-scatter-add.
+softmax (in place), the layer-norm gradient (its weight and bias gradients sum over rows), AdamW
+(several outputs, in place) and the embedding gradient's scatter-add.
 
 Only float32 goes through here; float64 (finite-difference checks) keeps the exact NumPy path.
 A missing or broken Numba only costs speed: ``usable`` is then False everywhere. Setting
@@ -212,36 +212,6 @@ def _softmax_rows(x, out, scale, tq, causal):
             out[r, j] = f32(0.0)
 
 
-# Numba's float max does not vectorise (it keeps Python's NaN order), so long rows take their
-# maxima from NumPy: ``m`` below.
-
-
-@_kernel
-def _logsumexp_rows(x, m, out):
-    rows, cols = x.shape
-    for r in range(rows):
-        s = f32(0.0)
-        for j in range(cols):
-            s += _exp(x[r, j] - m[r])
-        out[r] = math.log(s) + m[r]
-
-
-@_kernel
-def _ce_grad_rows(x, m, t, scale, out):
-    """(softmax(row) - onehot(t)) * scale per row."""
-    rows, cols = x.shape
-    for r in range(rows):
-        s = f32(0.0)
-        for j in range(cols):
-            e = _exp(x[r, j] - m[r])
-            out[r, j] = e
-            s += e
-        k = scale[r] / s
-        for j in range(cols):
-            out[r, j] *= k
-        out[r, t[r]] -= scale[r]
-
-
 def _rows(a, n):
     return np.ascontiguousarray(a).reshape(-1, n)
 
@@ -255,25 +225,6 @@ def softmax(x, *, scale: float = 1.0, causal: bool = False, out=None):
     xr, outr, scale = _rows(x, cols), out.reshape(-1, cols), f32(scale)
     _split(lambda lo, hi: _softmax_rows(xr[lo:hi], outr[lo:hi], scale, tq, causal), xr.shape[0], cols,
            tq if causal else 1)
-    return out
-
-
-def logsumexp_rows(x):
-    """log(sum(exp(row))) of each row of a 2-D array."""
-    x = np.ascontiguousarray(x)
-    out = np.empty(x.shape[0], np.float32)
-    _split(lambda lo, hi: _logsumexp_rows(x[lo:hi], x[lo:hi].max(axis=1), out[lo:hi]), x.shape[0], x.shape[1])
-    return out
-
-
-def cross_entropy_grad(x, t, scale):
-    """(softmax(x) - onehot(t)) * scale[:, None] for 2-D logits ``x``, in-range targets ``t``."""
-    x = np.ascontiguousarray(x)
-    t = np.ascontiguousarray(t, dtype=np.int64)
-    scale = np.ascontiguousarray(scale, dtype=np.float32)
-    out = np.empty(x.shape, np.float32)
-    _split(lambda lo, hi: _ce_grad_rows(x[lo:hi], x[lo:hi].max(axis=1), t[lo:hi], scale[lo:hi], out[lo:hi]),
-           x.shape[0], x.shape[1])
     return out
 
 

@@ -49,8 +49,53 @@ def _maximum(a, b):  # np.maximum's NaN rule: NaN if either is
     return a if (a != a or a >= b) else b
 
 
+def _row_max(v, n):
+    """The largest of ``v[:n]``, NaN if any is: one vectorised pass for the maximum (its function
+    may assume no NaN), one for the NaN test (integer compares of the bits where float32)."""
+    if n == 0:
+        return v.dtype.type(-np.inf)
+    m = _max_no_nan(v, n)
+    return m if _no_nan(v, n) else v.dtype.type(np.nan)
+
+
+def _max_no_nan(v, n):
+    # eight running maxima: independent chains the compiler keeps in one vector register (a single
+    # chain is bound by the latency of each compare)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = v[0]
+    k = n - n % 8
+    for j in range(0, k, 8):
+        a0 = v[j] if v[j] > a0 else a0
+        a1 = v[j + 1] if v[j + 1] > a1 else a1
+        a2 = v[j + 2] if v[j + 2] > a2 else a2
+        a3 = v[j + 3] if v[j + 3] > a3 else a3
+        a4 = v[j + 4] if v[j + 4] > a4 else a4
+        a5 = v[j + 5] if v[j + 5] > a5 else a5
+        a6 = v[j + 6] if v[j + 6] > a6 else a6
+        a7 = v[j + 7] if v[j + 7] > a7 else a7
+    a0 = a0 if a0 > a4 else a4
+    a1 = a1 if a1 > a5 else a5
+    a2 = a2 if a2 > a6 else a6
+    a3 = a3 if a3 > a7 else a7
+    a0 = a0 if a0 > a2 else a2
+    a1 = a1 if a1 > a3 else a3
+    m = a0 if a0 > a1 else a1
+    for j in range(k, n):
+        m = v[j] if v[j] > m else m
+    return m
+
+
+def _no_nan(v, n):
+    bad = False
+    for j in range(n):
+        bad |= v[j] != v[j]
+    return not bad
+
+
 if fused.numba is not None:
     _maximum = fused._kernel(_maximum)
+    _max_no_nan = fused.numba.njit(fastmath=fused._FLAGS | {"nnan", "ninf"}, nogil=True, cache=True)(_max_no_nan)
+    _no_nan = fused.numba.njit(nogil=True, cache=True)(_no_nan)
+    _row_max = fused.numba.njit(nogil=True, cache=True)(_row_max)
 
 
 def kernel_dir() -> Path:
@@ -226,9 +271,26 @@ def numba_source(program, scalars: tuple[bool, ...], dtype) -> str:
     ])
 
 
+def _helpers_digest() -> str:
+    """A hash of the helpers generated kernels call: Numba's disk cache keeps a kernel compiled
+    with the helpers it had, so a kernel's source (and with it its file and cache) names them."""
+    import inspect  # noqa: PLC0415
+
+    texts = []
+    for f in (fused._exp, fused._erf, fused._bf16_load, fused._bf16_store, _maximum, _row_max, _max_no_nan, _no_nan):
+        f = getattr(f, "py_func", f)
+        try:
+            texts.append(inspect.getsource(f))
+        except (OSError, TypeError):  # no source (a frozen install): the version stands for it
+            texts.append(f.__qualname__)
+    texts.append(repr(sorted(fused._FLAGS)))
+    return hashlib.sha256("".join(texts).encode()).hexdigest()[:16]
+
+
 _HEADER = ["import math", "import numpy as np", "import numba",
-           "from flowsys.ops.fusion import _exp32, _erf32, _maximum, f32",
-           "from flowsys.ops.fused import _FLAGS, _bf16_load, _bf16_store", "", ""]
+           "from flowsys.ops.fusion import _exp32, _erf32, _maximum, _row_max, f32",
+           "from flowsys.ops.fused import _FLAGS, _bf16_load, _bf16_store",
+           f"# helpers {_helpers_digest()}", ""]
 
 
 _compiled: dict[tuple, Any] = {}
@@ -342,25 +404,44 @@ def _rows_infer(*specs: Spec, program, outputs) -> tuple[Spec, ...]:
     return tuple(parts[j][4] for j in outputs)
 
 
-def _input_kinds(specs, shape, axes) -> tuple[str, ...]:
-    """Per input: "full" (the rows' shape), "row" (one row's shape: broadcast to every row) or "scalar"."""
+def _rows_shape(program, specs) -> tuple[tuple, int]:
+    """(the rows' shape: the row part's first argument's, trailing axes per row)."""
+    j_row, axes = _row_part(program)
+    return tuple(_walk(program, specs)[j_row][3][0].shape), axes
+
+
+def _input_kinds(program, specs, shape, axes) -> tuple[str, ...]:
+    """Per input, how the kernel reads it: "full" (the rows' shape), "row" (one row's shape,
+    broadcast to every row: layer norm's weight), "lead" (one value per row, where a row part
+    declares it: cross entropy's targets), "scalar" (0-d), or "?" (none of these)."""
+    lead = set()
+    for op, args, _ in program_of(program):
+        rule = OPS[op].row
+        if rule is not None:
+            lead.update(k for a, (kind, k) in enumerate(args) if kind == "in" and a in rule.lead)
     row = tuple(shape[len(shape) - axes:])
-    return tuple("full" if tuple(s.shape) == tuple(shape) else "scalar" if not s.shape else
-                 "row" if tuple(s.shape) == row else "?" for s in specs)
+    kinds = []
+    for k, s in enumerate(specs):
+        s = tuple(s.shape)
+        if k in lead:
+            kinds.append("lead" if s == tuple(shape[:len(shape) - axes]) else "?")
+        else:
+            kinds.append("full" if s == tuple(shape) else "scalar" if not s else "row" if s == row else "?")
+    return tuple(kinds)
 
 
 def _rows_rows(specs, attrs) -> list[SbpRow]:
     """The signatures that follow from the parts': split on an axis outside the rows (inputs of
-    one row's shape stay whole), or all replicated; each a row when every part has it in turn."""
+    one row's shape stay whole, per-row inputs split alike), or all replicated; each a row when
+    every part has it in turn."""
     program, outputs = attrs["program"], attrs["outputs"]
     parts = _walk(program, specs)
-    j_row, axes = _row_part(program)
-    shape = parts[j_row][4].shape
-    kinds = _input_kinds(specs, shape, axes)
+    shape, axes = _rows_shape(program, specs)
+    kinds = _input_kinds(program, specs, shape, axes)
     part_rows = [{tuple(r.ins): r.outs for r in reversed(OPS[op].sbp(arg_specs, at))}
                  for op, _, at, arg_specs, _ in parts]
     why = f"follows from its parts ({describe(program)})"
-    candidates = [tuple(R.S(i) if k == "full" else B for k in kinds) for i in range(len(shape) - axes)]
+    candidates = [tuple(R.S(i) if k in ("full", "lead") else B for k in kinds) for i in range(len(shape) - axes)]
     candidates.append(tuple(B for _ in kinds))
     rows = []
     for ins in candidates:
@@ -389,7 +470,7 @@ def fused_rows(xp, *ins, program, outputs):
     outputs = tuple(outputs)
     plan = _row_plan(prog, outputs, ins) if xp is np else None
     if plan is not None:
-        return _run_rows(plan, len(outputs), ins)
+        return _run_rows(plan, ins)
     temps: list = []
     for op, args, at in prog:  # the reference: the parts' own kernels in turn
         temps.append(OPS[op].kernel(xp, *_args(args, ins, temps), **dict(at)))
@@ -397,20 +478,24 @@ def fused_rows(xp, *ins, program, outputs):
 
 
 def rows_usable(program, ins) -> bool:
-    """Whether the generated row kernel takes ``ins``: Numba on, float32/float64 NumPy arrays of
-    one dtype, each of the rows' shape, one row's shape or 0-d, every part with a rule."""
+    """Whether the generated row kernel takes ``ins``: Numba on, NumPy arrays of the rows' shape,
+    one row's shape, one value per row or 0-d, the floating ones of one dtype the kernels take
+    (per-row ones may be integers: class indices), every part with a rule, every row part over
+    the same trailing axes."""
     if not fused.ENABLED or any(type(a) is not np.ndarray for a in ins):
-        return False
-    dtypes = {a.dtype for a in ins}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in GENERATED_DTYPES:
         return False
     if any(OPS[op].scalar is None and OPS[op].row is None for op, _, _ in program):
         return False
     j_row, axes = _row_part(program)
     if axes is None or any(OPS[op].row is not None and OPS[op].row.axes(dict(at)) != axes for op, _, at in program):
-        return False  # every row part reduces over the same trailing axes
-    shape = _walk(program, [Spec(a.shape, a.dtype) for a in ins])[j_row][4].shape
-    return "?" not in _input_kinds(ins, shape, axes) and len(shape) >= axes
+        return False
+    specs = [Spec(a.shape, a.dtype) for a in ins]
+    shape, _ = _rows_shape(program, specs)
+    if len(shape) < axes:
+        return False
+    kinds = _input_kinds(program, specs, shape, axes)
+    floats = {a.dtype for a, kind in zip(ins, kinds) if not (kind == "lead" and a.dtype.kind in "iu")}
+    return "?" not in kinds and len(floats) == 1 and next(iter(floats)) in GENERATED_DTYPES
 
 
 def _exprs(program, n: int) -> list[sc.Expr]:
@@ -427,40 +512,56 @@ def _exprs(program, n: int) -> list[sc.Expr]:
     return temps
 
 
-def rows_source(program, outputs, kinds: tuple[str, ...], dtype) -> str:
+def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[bool, ...] = ()) -> str:
     """The generated Numba kernel's source: ``kernel(i0, ..., o0, ..., lo, hi, n)`` computes rows
-    ``lo`` to ``hi`` (each ``n`` elements) of flat arrays."""
+    ``lo`` to ``hi`` (each ``n`` elements) of flat arrays. ``ints[k]``: input k holds integers
+    (read as they are). An output that does not vary along the row (cross entropy's loss) is
+    written once per row."""
     storage, dtype = np.dtype(dtype), _compute(dtype)
     f32_ = dtype == np.float32
+    ints = ints or (False,) * len(kinds)
     exprs = _exprs(program, len(kinds))
     outs = [exprs[j] for j in outputs]
     reds = sc.reductions(outs)
-    names = [_read(storage, f"v{k}[j]") if kind == "full" else _read(storage, f"i{k}[j]") if kind == "row" else f"s{k}"
-             for k, kind in enumerate(kinds)]
+    names = []
+    for k, kind in enumerate(kinds):
+        at = {"full": f"v{k}[j]", "row": f"i{k}[j]", "lead": f"l{k}", "scalar": f"s{k}"}[kind]
+        names.append(at if ints[k] or kind in ("scalar", "lead") else _read(storage, at))
+    elementwise = {k for k, kind in enumerate(kinds) if kind in ("full", "row")}
     c = (lambda v: f"f32({v})") if f32_ else (lambda v: v)
     bound: dict = {}
     body = []
     scratch = []
     for m, red in enumerate(reds):
-        inner = sc.render(red.args[0], names, "numba", dtype, bound)
+        inner_e = red.args[0]
+        inner = sc.render(inner_e, names, "numba", dtype, bound)
+        plain = next((f"v{k}" for k, kind in enumerate(kinds) if kind == "full" and not ints[k]
+                      and storage != bfloat16 and inner == names[k]), None)
         # a costly summand needed again later (softmax's exponentials) is kept in a row-long
-        # scratch array instead of being computed twice
-        stash = sc.calls(red.args[0]) and any(sc.holds(e, red.args[0]) for e in outs + [r.args[0] for r in reds[m + 1:]])
+        # scratch array instead of being computed twice; so is a maximum's argument unless it is
+        # an input row already (the maximum then runs as one vectorised pass: _row_max)
+        later = outs + [r.args[0] for r in reds[m + 1:]]
+        stash = (red.op == "rmax" and plain is None) or \
+            (sc.calls(inner_e) and any(sc.holds(e, inner_e, skip=red) for e in later))
         if stash:
             scratch.append(m)
-            body += [f"acc = {c('0.0') if red.op != 'rmax' else c('-np.inf')}", "for j in range(n):",
-                     f"    t{m}[j] = {inner}", f"    acc {'+=' if red.op != 'rmax' else '= _maximum(acc,'} t{m}[j]"
-                     + ("" if red.op != "rmax" else ")")]
-        elif red.op == "rmax":
-            body += [f"acc = {c('-np.inf')}", "for j in range(n):", f"    acc = _maximum(acc, {inner})"]
+        if red.op == "rmax":
+            if stash:
+                body += ["for j in range(n):", f"    t{m}[j] = {inner}"]
+            body.append(f"r{m} = _row_max({f't{m}' if stash else plain}, n)")
         else:
-            body += [f"acc = {c('0.0')}", "for j in range(n):", f"    acc += {inner}"]
-        body.append(f"r{m} = acc / {c('n')}" if red.op == "rmean" else f"r{m} = acc")
+            body += [f"acc = {c('0.0')}", "for j in range(n):"]
+            body += [f"    t{m}[j] = {inner}", f"    acc += t{m}[j]"] if stash else [f"    acc += {inner}"]
+            body.append(f"r{m} = acc / {c('n')}" if red.op == "rmean" else f"r{m} = acc")
         bound[red] = f"r{m}"
         if stash:
-            bound[red.args[0]] = f"t{m}[j]"
-    body.append("for j in range(n):")
-    body += [f"    p{q}[j] = {_write(storage, sc.render(e, names, 'numba', dtype, bound))}" for q, e in enumerate(outs)]
+            bound[inner_e] = f"t{m}[j]"
+    per_row = [q for q, e in enumerate(outs) if not sc.per_element(e, elementwise)]
+    body += [f"o{q}[r] = {_write(storage, sc.render(outs[q], names, 'numba', dtype, bound))}" for q in per_row]
+    if len(per_row) < len(outs):
+        body.append("for j in range(n):")
+        body += [f"    p{q}[j] = {_write(storage, sc.render(e, names, 'numba', dtype, bound))}"
+                 for q, e in enumerate(outs) if q not in per_row]
     flags = "fastmath=_FLAGS, " if f32_ else ""
     params = [f"i{k}" for k in range(len(kinds))] + [f"o{q}" for q in range(len(outs))]
     return "\n".join([
@@ -468,12 +569,16 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype) -> str:
         *_HEADER,
         f"@numba.njit({flags}nogil=True, error_model='numpy', cache=True)",
         f"def kernel({', '.join(params)}, lo, hi, n):",
-        *[f"    s{k} = {_read(storage, f'i{k}[0]')}" for k, kind in enumerate(kinds) if kind == "scalar"],
+        *[f"    s{k} = {f'i{k}[0]' if ints[k] else _read(storage, f'i{k}[0]')}" for k, kind in enumerate(kinds)
+          if kind == "scalar"],
         *[f"    t{m} = np.empty(n, {'np.float32' if f32_ else 'np.float64'})" for m in scratch],
         "    for r in range(lo, hi):",
         "        b = r * n",  # one row's slices: indices Numba knows are in range, so the loops vectorise
         *[f"        v{k} = i{k}[b:b + n]" for k, kind in enumerate(kinds) if kind == "full"],
-        *[f"        p{q} = o{q}[b:b + n]" for q in range(len(outs))],
+        *[f"        p{q} = o{q}[b:b + n]" for q in range(len(outs)) if q not in per_row],
+        # per-row values read once per row (inside the loops they would be loaded again and again)
+        *[f"        l{k} = {f'i{k}[r]' if ints[k] else _read(storage, f'i{k}[r]')}" for k, kind in enumerate(kinds)
+          if kind == "lead"],
         *[f"        {line}" for line in body],
         "",
     ])
@@ -483,8 +588,9 @@ _row_plans: dict[tuple, tuple] = {}
 
 
 def _row_plan(program, outputs, ins) -> tuple | None:
-    """(kernel, rows' shape, row length, rows) for these inputs' shapes and dtype, or None where
-    the generated kernel does not take them; worked out once per program and shapes."""
+    """(kernel, each output's shape and dtype, row length, rows) for these inputs' shapes and
+    dtypes, or None where the generated kernel does not take them; worked out once per program
+    and shapes."""
     if not fused.ENABLED:
         return None
     key = (program, outputs, tuple((a.shape, a.dtype.str) for a in ins))
@@ -492,20 +598,24 @@ def _row_plan(program, outputs, ins) -> tuple | None:
     if plan is False:
         plan = None
         if rows_usable(program, ins):
-            j_row, axes = _row_part(program)
-            shape = _walk(program, [Spec(a.shape, a.dtype) for a in ins])[j_row][4].shape
-            kinds = _input_kinds(ins, shape, axes)
+            specs = [Spec(a.shape, a.dtype) for a in ins]
+            shape, axes = _rows_shape(program, specs)
+            kinds = _input_kinds(program, specs, shape, axes)
+            ints = tuple(a.dtype.kind in "iu" for a in ins)
+            dtype = next(a.dtype for a, i in zip(ins, ints) if not i)
+            parts = _walk(program, specs)
+            out_specs = tuple((tuple(parts[j][4].shape), dtype) for j in outputs)
             n = math.prod(shape[len(shape) - axes:])
-            kern = _load(rows_source(program, outputs, kinds, ins[0].dtype), "rows")
-            plan = (kern, shape, n, math.prod(shape) // max(n, 1))
+            kern = _load(rows_source(program, outputs, kinds, dtype, ints), "rows")
+            plan = (kern, out_specs, n, math.prod(shape) // max(n, 1))
         _row_plans[key] = plan
     return plan
 
 
-def _run_rows(plan, n_out, ins):
-    kern, shape, n, rows = plan
+def _run_rows(plan, ins):
+    kern, out_specs, n, rows = plan
     flat = [_bits(a.reshape(1) if a.ndim == 0 else np.ascontiguousarray(a).reshape(-1)) for a in ins]
-    outs = tuple(np.empty(shape, ins[0].dtype) for _ in range(n_out))
+    outs = tuple(np.empty(shape, dtype) for shape, dtype in out_specs)
     flat_outs = [_bits(o.reshape(-1)) for o in outs]
     fused._split(lambda lo, hi: kern(*flat, *flat_outs, lo, hi, n), rows, max(n, 1))
     return outs
@@ -516,4 +626,4 @@ def row_one(op: str, ins, **attrs):
     cannot take ``ins`` (the caller runs its xp expression)."""
     program = ((op, tuple(("in", k) for k in range(len(ins))), tuple(sorted(attrs.items()))),)
     plan = _row_plan(program, (0,), ins)
-    return None if plan is None else _run_rows(plan, 1, ins)[0]
+    return None if plan is None else _run_rows(plan, ins)[0]

@@ -131,19 +131,21 @@ _CROSS_ENTROPY = _SOFTMAX + 1
 
 @register("cross_entropy", infer=_ce_infer, sbp=_ce_rows, cost=flops_per_input(_CROSS_ENTROPY),
           grad=lambda b, g, out, logits, t, *, ignore_index=-100: [
-              b.cross_entropy_grad(logits, t, g, ignore_index=ignore_index), None])
+              b.cross_entropy_grad(logits, t, g, ignore_index=ignore_index), None],
+          row=RowRule(scalar.cross_entropy, lambda attrs: 1, lead=(1,)))
 def cross_entropy(xp, logits, targets, *, ignore_index=-100):
     """Per-row negative log-likelihood of the target class; rows with ``ignore_index`` give 0."""
     n_classes = logits.shape[-1]
     x = logits.reshape(-1, n_classes)
     t = targets.reshape(-1)
     _check_targets(xp, t, n_classes, ignore_index)
+    if xp is np:
+        out = fusion.row_one("cross_entropy", (x, t), ignore_index=ignore_index)  # generated from the row rule
+        if out is not None:
+            return out.reshape(targets.shape)
     valid = t != ignore_index
     safe_t = xp.where(valid, t, 0)
-    if fused.usable(xp, x):
-        lse = fused.logsumexp_rows(x)
-    else:
-        lse = map_rows(xp, lambda rows: _logsumexp_rows(xp, rows), x, dtype=x.dtype)
+    lse = map_rows(xp, lambda rows: _logsumexp_rows(xp, rows), x, dtype=x.dtype)
     picked = x[xp.arange(x.shape[0]), safe_t]
     return xp.where(valid, lse - picked, 0).astype(logits.dtype, copy=False).reshape(targets.shape)
 
@@ -162,15 +164,19 @@ def _ce_grad_rows(specs, attrs):
 
 
 @register("cross_entropy_grad", infer=lambda logits, t, g, *, ignore_index=-100: logits, sbp=_ce_grad_rows,
-          cost=flops_per_input(_CROSS_ENTROPY))  # softmax again, minus the one-hot, times the gradient
+          cost=flops_per_input(_CROSS_ENTROPY),  # softmax again, minus the one-hot, times the gradient
+          row=RowRule(scalar.cross_entropy_grad, lambda attrs: 1, lead=(1, 2)))
 def cross_entropy_grad(xp, logits, targets, g, *, ignore_index=-100):
     n_classes = logits.shape[-1]
     x = logits.reshape(-1, n_classes)
     t = targets.reshape(-1)
+    if xp is np:
+        out = fusion.row_one("cross_entropy_grad", (x, t, g.reshape(-1).astype(x.dtype, copy=False)),
+                             ignore_index=ignore_index)  # generated from the row rule
+        if out is not None:
+            return out.reshape(logits.shape)
     valid = t != ignore_index
     scale = xp.where(valid, g.reshape(-1), 0).astype(x.dtype, copy=False)
-    if fused.usable(xp, x):
-        return fused.cross_entropy_grad(x, xp.where(valid, t, 0), scale).reshape(logits.shape)
     return map_rows(xp, lambda xr, tr, sr: _ce_grad_block(xp, xr, tr, sr), x, xp.where(valid, t, 0),
                     scale).reshape(logits.shape)
 

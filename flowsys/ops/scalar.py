@@ -95,10 +95,13 @@ class RowRule:
 
     expr: Any
     axes: Any
+    lead: tuple[int, ...] = ()  # inputs with one value per row (the rows' leading shape): targets
 
 
 class _Row:
-    """The reductions a row rule may use."""
+    """The reductions a row rule may use, and ``col``: the element's index within its row."""
+
+    col = Expr("col")
 
     @staticmethod
     def sum(e) -> Expr:
@@ -135,6 +138,19 @@ def softmax_grad(row, y: Expr, g: Expr, *, scale=1.0, **_) -> Expr:
     return scale * y * (g - row.sum(g * y))
 
 
+def cross_entropy(row, x: Expr, t: Expr, *, ignore_index=-100) -> Expr:
+    """-log softmax(x)[t] per row (``t`` the row's target class), 0 where ``t`` is ignore_index."""
+    m = row.max(x)
+    lse = log(row.sum(exp(x - m))) + m
+    return where(t.eq(ignore_index), 0.0, lse - row.sum(where(row.col.eq(t), x, 0.0)))
+
+
+def cross_entropy_grad(row, x: Expr, t: Expr, g: Expr, *, ignore_index=-100) -> Expr:
+    """(softmax(x) - onehot(t)) * g per element (``g`` the row's incoming gradient)."""
+    e = exp(x - row.max(x))
+    return where(t.eq(ignore_index), 0.0, (e / row.sum(e) - where(row.col.eq(t), 1.0, 0.0)) * g)
+
+
 # ------------------------------------------------------------------------------ the rules' helpers
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -166,10 +182,12 @@ def render(e: Expr, names: list[str], target: str, dtype: np.dtype, bound: dict 
 
     def go(x: Expr) -> str:
         op, a = x.op, x.args
-        if op not in ("in", "const") and x in bound:
+        if op not in ("in", "const", "col") and x in bound:
             return bound[x]
         if op in REDUCTIONS:
             raise ValueError(f"a row reduction ({op}) is rendered only once computed (bound)")
+        if op == "col":
+            return "j"
         if op == "in":
             return names[a[0]]
         if op == "const":
@@ -212,7 +230,7 @@ def substitute(e: Expr, args: list[Expr]) -> Expr:
     def go(x: Expr) -> Expr:
         if x.op == "in":
             return args[x.args[0]]
-        if x.op == "const":
+        if x.op in ("const", "col"):
             return x
         got = memo.get(id(x))
         if got is None:
@@ -222,14 +240,28 @@ def substitute(e: Expr, args: list[Expr]) -> Expr:
     return go(e)
 
 
+def per_element(e: Expr, elementwise: set[int]) -> bool:
+    """Whether ``e`` varies along its row: it reads input k in ``elementwise`` (one value per
+    element) or ``col`` outside a reduction. Otherwise it is one value per row."""
+    if e.op in REDUCTIONS or e.op == "const":
+        return False
+    if e.op == "in":
+        return e.args[0] in elementwise
+    if e.op == "col":
+        return True
+    return any(isinstance(a, Expr) and per_element(a, elementwise) for a in e.args)
+
+
 def calls(e: Expr) -> bool:
     """Whether ``e`` calls a function (exp, erf, ...): worth computing once."""
     return e.op in FUNCTIONS or any(isinstance(a, Expr) and calls(a) for a in e.args)
 
 
-def holds(e: Expr, sub: Expr) -> bool:
-    """Whether ``sub`` is ``e`` or one of its subexpressions."""
-    return e == sub or any(isinstance(a, Expr) and holds(a, sub) for a in e.args)
+def holds(e: Expr, sub: Expr, skip: Expr | None = None) -> bool:
+    """Whether ``sub`` is ``e`` or one of its subexpressions (not counting those inside ``skip``)."""
+    if e == skip:
+        return False
+    return e == sub or any(isinstance(a, Expr) and holds(a, sub, skip) for a in e.args)
 
 
 def reductions(outs: list[Expr]) -> list[Expr]:
@@ -238,7 +270,7 @@ def reductions(outs: list[Expr]) -> list[Expr]:
     seen: set = set()
 
     def go(x: Expr) -> None:
-        if x.op in ("in", "const") or x in seen:
+        if x.op in ("in", "const", "col") or x in seen:
             return
         seen.add(x)
         for a in x.args:
