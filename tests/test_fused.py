@@ -9,7 +9,7 @@ import torch
 
 import flowsys as fs
 from flowsys.ops import elementwise as E
-from flowsys.ops import fused
+from flowsys.ops import fused, fusion
 from flowsys.ops import nn as N
 from flowsys.ops.optim import _adamw_update
 
@@ -73,10 +73,16 @@ def test_softmax_rows_with_scale_and_causal_mask(threads, causal, tq, tk):
     mask = np.triu(np.full((tq, tk), -np.inf), k=1) if causal else 0.0
     z = s.astype(np.float64) * 0.3 + mask
     ref = N.softmax(np, z)
-    np.testing.assert_allclose(fused.softmax(s, scale=0.3, causal=causal), ref, rtol=1e-6, atol=1e-7)
+    got = N.scaled_softmax(np, s, scale=0.3, causal=causal)  # generated from its row rule
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
     inplace = s.copy()
-    assert fused.softmax(inplace, scale=0.3, causal=causal, out=inplace) is inplace
+    assert fusion.row_one("scaled_softmax", (inplace,), out=inplace, scale=0.3, causal=causal) is inplace
     np.testing.assert_allclose(inplace, ref, rtol=1e-6, atol=1e-7)
+    st = torch.from_numpy(s.astype(np.float64))
+    want = torch.nn.functional.scaled_dot_product_attention  # the same mask as PyTorch's
+    eye = torch.eye(tk, dtype=torch.float64).expand(3, 2, tk, tk)
+    q = st * 0.3  # scores = (q k^T) with k = I and scale 1: PyTorch's probabilities times the identity
+    np.testing.assert_allclose(got, want(q, eye, eye, is_causal=causal, scale=1.0).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def _ln64(x, n_axes=1, eps=1e-5):
@@ -113,7 +119,7 @@ def test_softmax_grad_logsumexp_and_cross_entropy_grad(threads):
 def test_nan_propagates_through_row_kernels():
     x = f32(4, 10)
     x[1, 0] = np.nan  # key 0 is one every causal query sees
-    for out in (fused.softmax(x), fused.softmax(x, causal=True), N.layer_norm(np, x, eps=1e-5)):
+    for out in (N.softmax(np, x), N.scaled_softmax(np, x, causal=True), N.layer_norm(np, x, eps=1e-5)):
         assert np.isnan(out[1]).any()
         assert np.isfinite(np.delete(out, 1, axis=0)).all()
     ce = N.cross_entropy(np, x, np.zeros(4, np.int64))

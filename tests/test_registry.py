@@ -95,6 +95,7 @@ CASES: dict[str, list[Case]] = {
     # nn
     "softmax": [Case(((3, 4),)), Case(((3, 4),), {"axis": 0})],
     "softmax_grad": [Case(((3, 4), (3, 4)), {"axis": 0}), Case(((3, 4), (3, 4)), {"scale": 0.5})],
+    "scaled_softmax": [Case(((2, 3, 4),), {"scale": 0.5}), Case(((2, 4, 3),), {"scale": 0.25, "causal": True})],
     "log_softmax": [Case(((3, 4),), {"axis": -1})],
     "log_softmax_grad": [Case(((3, 4), (3, 4)))],
     "cross_entropy": [Case(((4, 5), TARGETS)), Case(((2, 3, 5), np.array([[0, 1, 2], [4, 4, -1]])), {"ignore_index": -1})],

@@ -5,12 +5,12 @@ CPU those expressions are chains of full passes over memory: a softmax row is fi
 update nine. The hot ones are written here once more as loops that LLVM vectorises, computing in
 one pass what the NumPy twin computes in many. The twin stays the reference:
 ``tests/test_fused.py`` runs both and compares. Elementwise ops and row reductions no longer need
-a kernel here: GELU and its gradient, layer norm, softmax and its gradient, cross entropy and its gradient
-are generated from
+a kernel here: GELU and its gradient, layer norm, softmax (attention's scaled and causal one too) and its
+gradient, cross entropy and its gradient are generated from
 their scalar and row rules (``flowsys.ops.fusion``), which use this module's ``_exp``, ``_erf``
-and thread pool. What is left is what the rules cannot state yet: attention's scaled causal
-softmax (in place), the layer-norm gradient (its weight and bias gradients sum over rows), AdamW
-(several outputs, in place) and the embedding gradient's scatter-add.
+and thread pool. What is left is what the rules cannot state yet: the layer-norm gradient (its
+weight and bias gradients sum over rows), AdamW (several outputs, in place) and the embedding
+gradient's scatter-add.
 
 Only float32 goes through here; float64 (finite-difference checks) keeps the exact NumPy path.
 A missing or broken Numba only costs speed: ``usable`` is then False everywhere. Setting
@@ -187,45 +187,8 @@ def _flat(a):
     return np.ascontiguousarray(a).reshape(-1)
 
 
-# ------------------------------------------------------------------------------ softmax family
-
-
-@_kernel
-def _softmax_rows(x, out, scale, tq, causal):
-    """softmax(scale * row); under ``causal`` row r is query r % tq, which sees keys 0..r % tq
-    (callers split the rows at multiples of tq)."""
-    rows, cols = x.shape
-    for r in range(rows):
-        n = min(r % tq + 1, cols) if causal else cols
-        m = f32(-np.inf)
-        for j in range(n):
-            m = max(m, x[r, j] * scale)
-        s = f32(0.0)
-        for j in range(n):
-            e = _exp(x[r, j] * scale - m)
-            out[r, j] = e
-            s += e
-        inv = f32(1.0) / s
-        for j in range(n):
-            out[r, j] *= inv
-        for j in range(n, cols):
-            out[r, j] = f32(0.0)
-
-
 def _rows(a, n):
     return np.ascontiguousarray(a).reshape(-1, n)
-
-
-def softmax(x, *, scale: float = 1.0, causal: bool = False, out=None):
-    """softmax(scale * x) over the last axis; ``causal`` masks key j > query i of each (tq, tk)
-    matrix. ``out`` may be ``x`` itself (when C-contiguous) to compute in place."""
-    out = np.empty(x.shape, np.float32) if out is None else out
-    cols = x.shape[-1]
-    tq = x.shape[-2] if x.ndim >= 2 else 1
-    xr, outr, scale = _rows(x, cols), out.reshape(-1, cols), f32(scale)
-    _split(lambda lo, hi: _softmax_rows(xr[lo:hi], outr[lo:hi], scale, tq, causal), xr.shape[0], cols,
-           tq if causal else 1)
-    return out
 
 
 # ---------------------------------------------------------------------------------- layer norm

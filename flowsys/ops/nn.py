@@ -65,6 +65,38 @@ def softmax(xp, x, *, axis=-1):
     return e
 
 
+def _scaled_softmax_rows(specs, attrs):
+    """Split any axis but the last (the softmax's) and, under the causal mask, the queries' (a
+    query's row index picks its keys)."""
+    x = specs[0]
+    skip = (-1, -2) if attrs.get("causal") and x.ndim >= 2 else (-1,)
+    return R.pointwise(specs, skip_axes=skip)
+
+
+def _scaled_softmax_infer(x: Spec, *, scale=1.0, causal=False) -> Spec:
+    if not is_floating(x.dtype):
+        raise DTypeError(f"scaled_softmax: takes a floating-point tensor, got {x}")
+    if causal and x.ndim < 2:
+        raise ShapeError(f"scaled_softmax: a causal mask needs (..., queries, keys), got {x.shape}")
+    return x
+
+
+@register("scaled_softmax", infer=_scaled_softmax_infer, sbp=_scaled_softmax_rows, cost=flops_per_input(_SOFTMAX + 1),
+          grad=lambda b, g, out, x, *, scale=1.0, causal=False: [b.softmax_grad(out, g, axis=-1, scale=scale)],
+          row=RowRule(scalar.scaled_softmax, lambda attrs: 1))
+def scaled_softmax(xp, x, *, scale=1.0, causal=False):
+    """softmax(x * scale) over the last axis, keys after each query masked out under ``causal``
+    (PyTorch's top-left aligned mask over the last two axes): attention's probabilities."""
+    if xp is np:
+        out = fusion.row_one("scaled_softmax", (x,), scale=scale, causal=causal)  # generated from the row rule
+        if out is not None:
+            return out
+    z = x * scale
+    if causal:
+        z = z + _causal_bias(xp, *x.shape[-2:], z.dtype)
+    return softmax(xp, z)
+
+
 @register("softmax_grad", infer=lambda y, g, *, axis=-1, scale=1.0: Spec(y.shape, result_dtype(y, g)),
           sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")), cost=flops_per_input(_SOFTMAX_GRAD),
           row=RowRule(scalar.softmax_grad, _last_axis))
@@ -419,8 +451,10 @@ def _causal_bias(xp, tq, tk, dtype):
 
 def _probs(xp, q, k, is_causal, scale):
     att = q @ xp.swapaxes(k, -1, -2)
-    if fused.usable(xp, att) and att.flags.c_contiguous:
-        return fused.softmax(att, scale=scale, causal=is_causal, out=att)
+    if xp is np:  # the generated scaled (causal) softmax, in place
+        out = fusion.row_one("scaled_softmax", (att,), out=att, scale=scale, causal=is_causal)
+        if out is not None:
+            return out
     att *= scale
     if is_causal:
         att += _causal_bias(xp, *att.shape[-2:], att.dtype)

@@ -102,6 +102,7 @@ class _Row:
     """The reductions a row rule may use, and ``col``: the element's index within its row."""
 
     col = Expr("col")
+    query = Expr("query")  # the row's index along the second-to-last axis (a query of attention)
 
     @staticmethod
     def sum(e) -> Expr:
@@ -136,6 +137,15 @@ def softmax(row, x: Expr, **_) -> Expr:
 
 def softmax_grad(row, y: Expr, g: Expr, *, scale=1.0, **_) -> Expr:
     return scale * y * (g - row.sum(g * y))
+
+
+def scaled_softmax(row, x: Expr, *, scale=1.0, causal=False) -> Expr:
+    """softmax(x * scale) with keys after the query masked out (``causal``, top-left aligned)."""
+    z = x * scale
+    if causal:
+        z = where(row.col > row.query, -math.inf, z)
+    e = exp(z - row.max(z))
+    return e / row.sum(e)
 
 
 def cross_entropy(row, x: Expr, t: Expr, *, ignore_index=-100) -> Expr:
@@ -182,12 +192,14 @@ def render(e: Expr, names: list[str], target: str, dtype: np.dtype, bound: dict 
 
     def go(x: Expr) -> str:
         op, a = x.op, x.args
-        if op not in ("in", "const", "col") and x in bound:
+        if op not in ("in", "const", "col", "query") and x in bound:
             return bound[x]
         if op in REDUCTIONS:
             raise ValueError(f"a row reduction ({op}) is rendered only once computed (bound)")
         if op == "col":
             return "j"
+        if op == "query":
+            return "qi"
         if op == "in":
             return names[a[0]]
         if op == "const":
@@ -230,7 +242,7 @@ def substitute(e: Expr, args: list[Expr]) -> Expr:
     def go(x: Expr) -> Expr:
         if x.op == "in":
             return args[x.args[0]]
-        if x.op in ("const", "col"):
+        if x.op in ("const", "col", "query"):
             return x
         got = memo.get(id(x))
         if got is None:
@@ -249,6 +261,8 @@ def per_element(e: Expr, elementwise: set[int]) -> bool:
         return e.args[0] in elementwise
     if e.op == "col":
         return True
+    if e.op == "query":
+        return False
     return any(isinstance(a, Expr) and per_element(a, elementwise) for a in e.args)
 
 
@@ -270,7 +284,7 @@ def reductions(outs: list[Expr]) -> list[Expr]:
     seen: set = set()
 
     def go(x: Expr) -> None:
-        if x.op in ("in", "const", "col") or x in seen:
+        if x.op in ("in", "const", "col", "query") or x in seen:
             return
         seen.add(x)
         for a in x.args:
