@@ -9,7 +9,7 @@ import torch
 
 import flowsys as fs
 from flowsys.ops import elementwise as E
-from flowsys.ops import fused, fusion
+from flowsys.ops import OPS, fused, fusion, scalar
 from flowsys.ops import nn as N
 from flowsys.ops.optim import _adamw_update
 
@@ -152,33 +152,34 @@ def test_layer_norm_affine_and_grad(threads, n):
         np.testing.assert_allclose(a, t.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_adamw_matches_numpy_twin(threads):
+def test_adamw_matches_numpy_twin_and_torch(threads):
+    """The generated AdamW kernel (flowsys.ops.scalar.adamw, updating in place) against the NumPy
+    twin in float64 and against torch.optim.AdamW."""
     p, g = f32(1000, 3), f32(1000, 3)
     m, v = f32(1000, 3) * 0.1, np.abs(f32(1000, 3)) * 0.01
     ref = [a.astype(np.float64) for a in (p, g, m, v)]
     hyper = dict(decay=1 - 1e-3 * 0.1, beta1=0.9, beta2=0.95, c2=1 / math.sqrt(1 - 0.95 ** 3), eps=1e-8,
                  step=1e-3 / (1 - 0.9 ** 3))
-    assert fused.adamw(p, g, m, v, **hyper)
+    assert fusion.run_rule(scalar.adamw, (p, g, m, v, *(np.asarray(h, np.float32) for h in hyper.values())),
+                           (p, m, v))
     _adamw_update(np, *ref, np.empty_like(ref[0]), hyper["decay"], hyper["beta1"], hyper["beta2"], hyper["c2"],
                   hyper["eps"], hyper["step"])
     for got, want in zip((p, m, v), (ref[0], ref[2], ref[3])):
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=5e-7)
-    assert not fused.adamw(p.T, g.T, m.T, v.T, **hyper)  # not C-contiguous: the caller's NumPy path
-
-
-def test_scatter_add_rows_matches_add_at_and_torch():
-    """The embedding gradient: repeated indices accumulate, as np.add.at and torch's index_add_."""
-    g, idx = f32(300, 16), RNG.integers(0, 20, 300)  # many repeats
-    z = np.zeros((25, 16), np.float32)
-    assert fused.scatter_add_rows(z, idx, g)
-    want = np.zeros((25, 16)); np.add.at(want, idx, g.astype(np.float64))
-    np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-5)
-    ref = torch.zeros(25, 16).index_add_(0, torch.from_numpy(idx), torch.from_numpy(g))
-    np.testing.assert_allclose(z, ref.numpy(), rtol=1e-5, atol=1e-5)
-    # not taken: an index out of range, float64, a non-contiguous table
-    assert not fused.scatter_add_rows(np.zeros((5, 16), np.float32), idx, g)
-    assert not fused.scatter_add_rows(np.zeros((25, 16)), idx, g.astype(np.float64))
-    assert not fused.scatter_add_rows(np.zeros((16, 25), np.float32).T, idx, g)
+    assert not fusion.run_rule(scalar.adamw, (p, g, m, v), (p.T, m, v))  # not C-contiguous: the caller's NumPy path
+    # the op, three steps, against PyTorch
+    p0, grads = f32(40, 7), [f32(40, 7) for _ in range(3)]
+    tp = torch.from_numpy(p0.copy()).requires_grad_()
+    opt = torch.optim.AdamW([tp], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    state = [p0.copy(), np.zeros_like(p0), np.zeros_like(p0)]
+    for t, gr in enumerate(grads, 1):
+        tp.grad = torch.from_numpy(gr)
+        opt.step()
+        state = list(OPS["adamw_update"].kernel(np, state[0], gr, state[1], state[2], step=t, lr=1e-2, betas=(0.9, 0.95),
+                                                eps=1e-8, weight_decay=0.1, inplace=True))
+    np.testing.assert_allclose(state[0], tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state[1], opt.state[tp]["exp_avg"].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state[2], opt.state[tp]["exp_avg_sq"].numpy(), rtol=1e-5, atol=1e-9)
 
 
 def test_ops_give_the_same_results_with_and_without_the_kernels(monkeypatch):

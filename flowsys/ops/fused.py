@@ -8,9 +8,9 @@ one pass what the NumPy twin computes in many. The twin stays the reference:
 a kernel here: GELU and its gradient, layer norm, softmax (attention's scaled and causal one too) and its
 gradient, cross entropy and its gradient are generated from
 their scalar and row rules (``flowsys.ops.fusion``), which use this module's ``_exp``, ``_erf``
-and thread pool. What is left is what the rules cannot state yet: the layer-norm gradient (its
-weight and bias gradients sum over rows), AdamW (several outputs, in place) and the embedding
-gradient's scatter-add.
+and thread pool, and so is the AdamW update (a rule with three outputs, written in place).
+What is left is what the rules cannot state yet: the layer-norm gradient (its weight and bias
+gradients sum over rows) and the embedding gradient's scatter-add.
 
 Only float32 goes through here; float64 (finite-difference checks) keeps the exact NumPy path.
 A missing or broken Numba only costs speed: ``usable`` is then False everywhere. Setting
@@ -251,30 +251,6 @@ def layer_norm_affine_grad(x, w, g, n: int, eps: float):
 
 def layer_norm_grad(x, g, n: int, eps: float):
     return layer_norm_affine_grad(x, np.ones(n, np.float32), g, n, eps)[0]
-
-
-# ---------------------------------------------------------------------------------------- AdamW
-
-
-@_kernel
-def _adamw(p, g, m, v, decay, beta1, beta2, c2, eps, step):
-    for i in range(p.size):
-        gi = g[i]
-        mi = beta1 * m[i] + (f32(1.0) - beta1) * gi
-        vi = beta2 * v[i] + (f32(1.0) - beta2) * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] * decay - step * mi / (math.sqrt(vi) * c2 + eps)
-
-
-def adamw(p, g, m, v, *, decay, beta1, beta2, c2, eps, step) -> bool:
-    """One AdamW step in place on C-contiguous float32 arrays; False (nothing done) otherwise."""
-    if not all(a.flags.c_contiguous for a in (p, g, m, v)):
-        return False
-    fp, fg, fm, fv = (a.reshape(-1) for a in (p, g, m, v))
-    hyper = tuple(f32(h) for h in (decay, beta1, beta2, c2, eps, step))
-    _split(lambda lo, hi: _adamw(fp[lo:hi], fg[lo:hi], fm[lo:hi], fv[lo:hi], *hyper), fp.size)
-    return True
 
 
 # ------------------------------------------------------------------------------ scatter-add

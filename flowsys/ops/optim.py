@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flowsys.errors import ArgumentError, DTypeError, FlowsysError, ShapeError
-from flowsys.ops import fused
+from flowsys.ops import fusion, scalar
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import BLOCK
 from flowsys.ops.registry import Cost, OpDef, Spec, flops_per_input, is_floating, moved, nbytes, numel, register
@@ -130,9 +130,10 @@ def adamw_update(xp, param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(
     decay = 1.0 - lr * float(weight_decay)
     c2 = 1.0 / math.sqrt(1.0 - beta2 ** step)  # 1 / sqrt(bias correction 2)
     step_size = lr / (1.0 - beta1 ** step)
-    if fused.usable(xp, p, g, m, v) and fused.adamw(p, g, m, v, decay=decay, beta1=beta1, beta2=beta2, c2=c2,
-                                                    eps=eps, step=step_size):
-        return p, m, v
+    if xp is np:  # the generated kernel of the rule (flowsys.ops.scalar.adamw), in place
+        hyper = [np.asarray(h, p.dtype) for h in (decay, beta1, beta2, c2, eps, step_size)]
+        if fusion.run_rule(scalar.adamw, (p, g, m, v, *hyper), (p, m, v)):
+            return p, m, v
     if xp is np and p.size > BLOCK and all(a.flags.c_contiguous for a in (p, g, m, v)):
         # Memory-bound: nine passes over cache-sized slices instead of over the whole array.
         fp, fg, fm, fv = (a.reshape(-1) for a in (p, g, m, v))
@@ -147,7 +148,8 @@ def adamw_update(xp, param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(
 
 
 def _adamw_update(xp, p, g, m, v, tmp, decay, beta1, beta2, c2, eps, step):
-    """One AdamW step in place with one temporary (``tmp``): the NumPy twin of ``fused.adamw``."""
+    """One AdamW step in place with one temporary (``tmp``): the NumPy twin of the generated
+    kernel (``flowsys.ops.scalar.adamw``)."""
     p *= decay
     xp.multiply(g, 1.0 - beta1, out=tmp)
     m *= beta1

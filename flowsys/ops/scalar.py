@@ -181,6 +181,15 @@ def gelu_grad(x: Expr, g: Expr, approximate: str = "none") -> Expr:
     return g * (0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x))
 
 
+def adamw(p: Expr, g: Expr, m: Expr, v: Expr, decay, beta1, beta2, c2, eps, step) -> tuple[Expr, Expr, Expr]:
+    """One AdamW update of one element: (param, exp_avg, exp_avg_sq) after it. The step's numbers
+    (``decay`` = 1 - lr * weight_decay, ``c2`` = 1 / sqrt(1 - beta2**t), ``step`` = lr / (1 -
+    beta1**t)) come in as scalars, so one kernel serves every step."""
+    m2 = beta1 * m + (1.0 - beta1) * g
+    v2 = beta2 * v + (1.0 - beta2) * g * g
+    return p * decay - step * m2 / (sqrt(v2) * c2 + eps), m2, v2
+
+
 # ----------------------------------------------------------------------------------- rendering
 def render(e: Expr, names: list[str], target: str, dtype: np.dtype, bound: dict | None = None) -> str:
     """``e`` as source text of ``target`` computing in ``dtype``; ``names[i]`` is input i's name,
