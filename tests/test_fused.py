@@ -131,8 +131,10 @@ def test_layer_norm_and_grad(threads, n):
     x, g = f32(40, n, scale=2.0) + 3.0, f32(40, n)
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
     np.testing.assert_allclose(N.layer_norm(np, x, eps=1e-5), _ln64(x64), rtol=1e-4, atol=2e-5)  # generated
-    np.testing.assert_allclose(fused.layer_norm_grad(x, g, n, 1e-5), N.layer_norm_grad(np, x64, g64, eps=1e-5),
-                               rtol=1e-4, atol=5e-5)
+    y = _ln64(x64)
+    rstd = 1 / np.sqrt(((x64 - x64.mean(-1, keepdims=True)) ** 2).mean(-1, keepdims=True) + 1e-5)
+    want = rstd * (g64 - g64.mean(-1, keepdims=True) - y * (g64 * y).mean(-1, keepdims=True))
+    np.testing.assert_allclose(N.layer_norm_grad(np, x, g, eps=1e-5), want, rtol=1e-4, atol=5e-5)  # generated
 
 
 @pytest.mark.parametrize("n", [1, 7, 256])
@@ -141,8 +143,13 @@ def test_layer_norm_affine_and_grad(threads, n):
     x64, g64, w64, b64 = (a.astype(np.float64) for a in (x, g, w, b))
     np.testing.assert_allclose(N.layer_norm_affine(np, x, w, b, eps=1e-5), _ln64(x64) * w64 + b64,  # generated
                                rtol=1e-4, atol=5e-5)
-    got = fused.layer_norm_affine_grad(x, w, g, n, 1e-5)
-    want = N.layer_norm_affine_grad(np, x64, w64, g64, eps=1e-5)
+    got = N.layer_norm_affine_grad(np, x, w, g, eps=1e-5)  # generated: dx per row, dw and db over rows
+    fused_on = fused.ENABLED
+    fused.ENABLED = False  # the reference: the NumPy expression, in float64
+    try:
+        want = N.layer_norm_affine_grad(np, x64, w64, g64, eps=1e-5)
+    finally:
+        fused.ENABLED = fused_on
     for a, e in zip(got, want):
         assert a.dtype == np.float32 and a.shape == e.shape
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)

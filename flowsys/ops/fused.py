@@ -5,12 +5,12 @@ CPU those expressions are chains of full passes over memory: a softmax row is fi
 update nine. The hot ones are written here once more as loops that LLVM vectorises, computing in
 one pass what the NumPy twin computes in many. The twin stays the reference:
 ``tests/test_fused.py`` runs both and compares. Elementwise ops and row reductions no longer need
-a kernel here: GELU and its gradient, layer norm, softmax (attention's scaled and causal one too) and its
-gradient, cross entropy and its gradient are generated from
+a kernel here: GELU, layer norm, softmax (attention's scaled and causal one too), cross entropy and their
+gradients are generated from
 their scalar and row rules (``flowsys.ops.fusion``), which use this module's ``_exp``, ``_erf``
-and thread pool, and so is the AdamW update (a rule with three outputs, written in place).
-What is left is what the rules cannot state yet: the layer-norm gradient (its weight and bias
-gradients sum over rows) and the embedding gradient's scatter-add.
+and thread pool, and so are the layer-norm gradients (their weight and bias gradients sum over
+rows) and the AdamW update (a rule with three outputs, written in place). What is left is what
+the rules cannot state: the embedding gradient's scatter-add.
 
 Only float32 goes through here; float64 (finite-difference checks) keeps the exact NumPy path.
 A missing or broken Numba only costs speed: ``usable`` is then False everywhere. Setting
@@ -181,76 +181,6 @@ def _erf(x):
     poly = t * (f32(0.254829592) + t * (f32(-0.284496736) + t * (f32(1.421413741) + t * (
         f32(-1.453152027) + t * f32(1.061405429)))))
     return math.copysign(f32(1.0) - poly * _exp(-a * a), x)
-
-
-def _flat(a):
-    return np.ascontiguousarray(a).reshape(-1)
-
-
-def _rows(a, n):
-    return np.ascontiguousarray(a).reshape(-1, n)
-
-
-# ---------------------------------------------------------------------------------- layer norm
-
-
-@_scalar
-def _row_stats(x, r, eps):
-    """Mean and 1 / sqrt(variance + eps) of row ``r`` (two passes: the row is in L1)."""
-    n = x.shape[1]
-    mean = f32(0.0)
-    for j in range(n):
-        mean += x[r, j]
-    mean /= f32(n)
-    var = f32(0.0)
-    for j in range(n):
-        d = x[r, j] - mean
-        var += d * d
-    return mean, f32(1.0) / math.sqrt(var / f32(n) + eps)
-
-
-@_kernel
-def _layer_norm_affine_grad_rows(x, w, g, dx, dw, db, eps):
-    """dx = rstd * (g w - mean(g w) - y * mean(g w y)) with y the normalised row; dw += g y and
-    db += g over the rows."""
-    rows, n = x.shape
-    for r in range(rows):
-        mean, rstd = _row_stats(x, r, eps)
-        mg = f32(0.0)
-        mgy = f32(0.0)
-        for j in range(n):
-            y = (x[r, j] - mean) * rstd
-            gw = g[r, j] * w[j]
-            mg += gw
-            mgy += gw * y
-            dw[j] += g[r, j] * y
-            db[j] += g[r, j]
-        mg /= f32(n)
-        mgy /= f32(n)
-        for j in range(n):
-            dx[r, j] = rstd * (g[r, j] * w[j] - mg - (x[r, j] - mean) * rstd * mgy)
-
-
-def layer_norm_affine_grad(x, w, g, n: int, eps: float):
-    """(dx, dw, db) of layer_norm_affine; each thread sums its rows' dw and db, then they add."""
-    xr, wf, gr, eps = _rows(x, n), _flat(w), _rows(g, n), f32(eps)
-    dx = np.empty(x.shape, np.float32)
-    dxr = dx.reshape(-1, n)
-    parts = []
-
-    def part(lo, hi):
-        dw, db = np.zeros(n, np.float64), np.zeros(n, np.float64)
-        _layer_norm_affine_grad_rows(xr[lo:hi], wf, gr[lo:hi], dxr[lo:hi], dw, db, eps)
-        parts.append((dw, db))
-
-    _split(part, xr.shape[0], n)
-    dw = sum(p[0] for p in parts) if len(parts) > 1 else parts[0][0]
-    db = sum(p[1] for p in parts) if len(parts) > 1 else parts[0][1]
-    return dx, dw.reshape(w.shape).astype(np.float32), db.reshape(w.shape).astype(np.float32)
-
-
-def layer_norm_grad(x, g, n: int, eps: float):
-    return layer_norm_affine_grad(x, np.ones(n, np.float32), g, n, eps)[0]
 
 
 # ------------------------------------------------------------------------------ scatter-add

@@ -452,7 +452,7 @@ def _row_part(program) -> tuple[int, int]:
 
 def _rows_infer(*specs: Spec, program, outputs) -> tuple[Spec, ...]:
     parts = _walk(program, specs)
-    return tuple(parts[j][4] for j in outputs)
+    return tuple(sp for j in outputs for sp in (parts[j][4] if isinstance(parts[j][4], tuple) else (parts[j][4],)))
 
 
 def _rows_shape(program, specs) -> tuple[tuple, int]:
@@ -559,8 +559,19 @@ def _exprs(program, n: int) -> list[sc.Expr]:
             rule = spec.row.expr(sc.ROW, *(sc.arg(k) for k in range(len(args))), **dict(at))
         else:
             rule = sc.evaluate(spec.scalar, len(args), dict(at))
-        temps.append(sc.substitute(sc._e(rule), arg_exprs))
+        if isinstance(rule, tuple):  # several outputs (layer norm's dx, dw, db): the part is one of them each
+            temps.append(tuple(sc.substitute(sc._e(r), arg_exprs) for r in rule))
+        else:
+            temps.append(sc.substitute(sc._e(rule), arg_exprs))
     return temps
+
+
+def _outputs(exprs, outputs) -> list[sc.Expr]:
+    """The program's output expressions: each listed part's, all of a part with several."""
+    outs = []
+    for j in outputs:
+        outs.extend(exprs[j] if isinstance(exprs[j], tuple) else (exprs[j],))
+    return outs
 
 
 def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[bool, ...] = ()) -> str:
@@ -572,7 +583,9 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
     f32_ = dtype == np.float32
     ints = ints or (False,) * len(kinds)
     exprs = _exprs(program, len(kinds))
-    outs = [exprs[j] for j in outputs]
+    outs = _outputs(exprs, outputs)
+    colsum = [q for q, e in enumerate(outs) if e.op == "csum"]
+    outs = [e.args[0] if e.op == "csum" else e for e in outs]  # a column sum's summand, per element
     reds = sc.reductions(outs)
     names = []
     for k, kind in enumerate(kinds):
@@ -583,35 +596,52 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
     bound: dict = {}
     body = []
     scratch = []
-    for m, red in enumerate(reds):
-        inner_e = red.args[0]
-        inner = sc.render(inner_e, names, "numba", dtype, bound)
-        plain = next((f"v{k}" for k, kind in enumerate(kinds) if kind == "full" and not ints[k]
-                      and storage != bfloat16 and inner == names[k]), None)
-        # a costly summand needed again later (softmax's exponentials) is kept in a row-long
-        # scratch array instead of being computed twice; so is a maximum's argument unless it is
-        # an input row already (the maximum then runs as one vectorised pass: _row_max)
-        later = outs + [r.args[0] for r in reds[m + 1:]]
-        stash = (red.op == "rmax" and plain is None) or \
-            (sc.calls(inner_e) and any(sc.holds(e, inner_e, skip=red) for e in later))
-        if stash:
-            scratch.append(m)
-        if red.op == "rmax":
+    # Reductions that do not need each other's results share one pass (layer norm's gradient
+    # sums g w and g w y together): each one's level is one more than the deepest it holds.
+    level: dict = {}
+    for red in reds:
+        level[red] = 1 + max((level[r] for r in reds if r is not red and sc.holds(red.args[0], r)), default=0)
+    for depth in sorted(set(level.values())):
+        sums = []
+        for m, red in enumerate(reds):
+            if level[red] != depth:
+                continue
+            inner_e = red.args[0]
+            inner = sc.render(inner_e, names, "numba", dtype, bound)
+            plain = next((f"v{k}" for k, kind in enumerate(kinds) if kind == "full" and not ints[k]
+                          and storage != bfloat16 and inner == names[k]), None)
+            # a costly summand needed again later (softmax's exponentials) is kept in a row-long
+            # scratch array instead of being computed twice; so is a maximum's argument unless it
+            # is an input row already (the maximum then runs as one vectorised pass: _row_max)
+            later = outs + [r.args[0] for r in reds if level[r] > depth]
+            stash = (red.op == "rmax" and plain is None) or \
+                (sc.calls(inner_e) and any(sc.holds(e, inner_e, skip=red) for e in later))
             if stash:
-                body += ["for j in range(n):", f"    t{m}[j] = {inner}"]
-            body.append(f"r{m} = _row_max({f't{m}' if stash else plain}, n)")
-        else:
-            body += [f"acc = {c('0.0')}", "for j in range(n):"]
-            body += [f"    t{m}[j] = {inner}", f"    acc += t{m}[j]"] if stash else [f"    acc += {inner}"]
-            body.append(f"r{m} = acc / {c('n')}" if red.op == "rmean" else f"r{m} = acc")
-        bound[red] = f"r{m}"
-        if stash:
-            bound[inner_e] = f"t{m}[j]"
-    per_row = [q for q, e in enumerate(outs) if not sc.per_element(e, elementwise)]
+                scratch.append(m)
+            if red.op == "rmax":
+                if stash:
+                    body += ["for j in range(n):", f"    t{m}[j] = {inner}"]
+                body.append(f"r{m} = _row_max({f't{m}' if stash else plain}, n)")
+            else:
+                sums.append((m, red, inner, stash))
+            if stash:
+                bound[inner_e] = f"t{m}[j]"
+        if sums:
+            body += [f"a{m} = {c('0.0')}" for m, _, _, _ in sums]
+            body.append("for j in range(n):")
+            for m, _, inner, stash in sums:
+                body += [f"    t{m}[j] = {inner}", f"    a{m} += t{m}[j]"] if stash else [f"    a{m} += {inner}"]
+            body += [f"r{m} = a{m} / {c('n')}" if red.op == "rmean" else f"r{m} = a{m}" for m, red, _, _ in sums]
+        for m, red in enumerate(reds):
+            if level[red] == depth:
+                bound[red] = f"r{m}"
+    per_row = [q for q, e in enumerate(outs) if q not in colsum and not sc.per_element(e, elementwise)]
     body += [f"o{q}[r] = {_write(storage, sc.render(outs[q], names, 'numba', dtype, bound))}" for q in per_row]
     if len(per_row) < len(outs):
         body.append("for j in range(n):")
-        body += [f"    p{q}[j] = {_write(storage, sc.render(e, names, 'numba', dtype, bound))}"
+        # column sums accumulate into the caller's float64 partials (one per thread: o{q} is its own)
+        body += [f"    o{q}[j] += {sc.render(e, names, 'numba', dtype, bound)}" if q in colsum else
+                 f"    p{q}[j] = {_write(storage, sc.render(e, names, 'numba', dtype, bound))}"
                  for q, e in enumerate(outs) if q not in per_row]
     flags = "fastmath=_FLAGS, " if f32_ else ""
     params = [f"i{k}" for k in range(len(kinds))] + [f"o{q}" for q in range(len(outs))]
@@ -627,7 +657,7 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
         "        qi = r % nq",  # the row's index along the second-to-last axis
         "        b = r * n",  # one row's slices: indices Numba knows are in range, so the loops vectorise
         *[f"        v{k} = i{k}[b:b + n]" for k, kind in enumerate(kinds) if kind == "full"],
-        *[f"        p{q} = o{q}[b:b + n]" for q in range(len(outs)) if q not in per_row],
+        *[f"        p{q} = o{q}[b:b + n]" for q in range(len(outs)) if q not in per_row and q not in colsum],
         # per-row values read once per row (inside the loops they would be loaded again and again)
         *[f"        l{k} = {f'i{k}[r]' if ints[k] else _read(storage, f'i{k}[r]')}" for k, kind in enumerate(kinds)
           if kind == "lead"],
@@ -656,11 +686,16 @@ def _row_plan(program, outputs, ins) -> tuple | None:
             ints = tuple(a.dtype.kind in "iu" for a in ins)
             dtype = next(a.dtype for a, i in zip(ins, ints) if not i)
             parts = _walk(program, specs)
-            out_specs = tuple((tuple(parts[j][4].shape), dtype) for j in outputs)
+            out_specs = []
+            for j in outputs:
+                spec = parts[j][4]
+                out_specs.extend((tuple(sp.shape), dtype) for sp in (spec if isinstance(spec, tuple) else (spec,)))
+            out_specs = tuple(out_specs)
+            sums = tuple(e.op == "csum" for e in _outputs(_exprs(program, len(ins)), outputs))
             n = math.prod(shape[len(shape) - axes:])
             kern = _load(rows_source(program, outputs, kinds, dtype, ints), "rows")
             nq = shape[-1 - axes] if len(shape) > axes else 1
-            plan = (kern, out_specs, n, math.prod(shape) // max(n, 1), max(nq, 1))
+            plan = (kern, out_specs, n, math.prod(shape) // max(n, 1), max(nq, 1), sums)
         _row_plans[key] = plan
     return plan
 
@@ -668,12 +703,23 @@ def _row_plan(program, outputs, ins) -> tuple | None:
 def _run_rows(plan, ins, out=None):
     """The plan's kernel over ``ins``, into new arrays or ``out`` (a row is read in full before
     any of it is written, so an output may be its own input: attention's scores)."""
-    kern, out_specs, n, rows, nq = plan
+    kern, out_specs, n, rows, nq, sums = plan
     flat = [_bits(a.reshape(1) if a.ndim == 0 else np.ascontiguousarray(a).reshape(-1)) for a in ins]
-    outs = out or tuple(np.empty(shape, dtype) for shape, dtype in out_specs)
-    flat_outs = [_bits(o.reshape(-1)) for o in outs]
-    fused._split(lambda lo, hi: kern(*flat, *flat_outs, lo, hi, n, nq), rows, max(n, 1))
-    return outs
+    outs = out or tuple(None if s else np.empty(shape, dtype) for (shape, dtype), s in zip(out_specs, sums))
+    flat_outs = [None if o is None else _bits(o.reshape(-1)) for o in outs]
+    partials = []
+
+    def part(lo, hi):
+        mine = [np.zeros(n, np.float64) if s else f for f, s in zip(flat_outs, sums)]
+        kern(*flat, *mine, lo, hi, n, nq)
+        if any(sums):
+            partials.append(mine)
+
+    fused._split(part, rows, max(n, 1))
+    if not any(sums):
+        return outs
+    return tuple(sum(p[q] for p in partials).astype(dtype).reshape(shape) if s else o
+                 for q, (o, (shape, dtype), s) in enumerate(zip(outs, out_specs, sums)))
 
 
 def row_one(op: str, ins, out=None, **attrs):
@@ -685,4 +731,5 @@ def row_one(op: str, ins, out=None, **attrs):
     if plan is None or (out is not None and (type(out) is not np.ndarray or not out.flags.c_contiguous
                                              or (out.shape, out.dtype) != plan[1][0])):
         return None
-    return _run_rows(plan, ins, None if out is None else (out,))[0]
+    outs = _run_rows(plan, ins, None if out is None else (out,))
+    return outs if len(outs) > 1 else outs[0]

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from flowsys.errors import ArgumentError, DTypeError, IndexOutOfRange, ShapeError
-from flowsys.ops import fused, fusion, scalar
+from flowsys.ops import fusion, scalar
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_rows
 from flowsys.ops.scalar import RowRule
@@ -278,10 +278,12 @@ def layer_norm(xp, x, *, n_axes=1, eps=1e-5):
 
 @register("layer_norm_grad", infer=lambda x, g, *, n_axes=1, eps=1e-5: Spec(x.shape, result_dtype(x, g)),
           sbp=lambda specs, attrs: _ln_rows(specs, attrs, ((B, P), "linear in the incoming gradient")),
-          cost=flops_per_input(_LAYER_NORM_GRAD))
+          cost=flops_per_input(_LAYER_NORM_GRAD), row=RowRule(scalar.layer_norm_grad, _ln_axes))
 def layer_norm_grad(xp, x, g, *, n_axes=1, eps=1e-5):
-    if x.shape == g.shape and fused.usable(xp, x, g):
-        return fused.layer_norm_grad(x, g, math.prod(x.shape[x.ndim - n_axes:]), eps)
+    if xp is np and x.shape == g.shape:
+        out = fusion.row_one("layer_norm_grad", (x, g), n_axes=n_axes, eps=eps)  # generated from the row rule
+        if out is not None:
+            return out
     y, rstd, mean = _ln_stats(xp, x, n_axes, eps)
     y *= rstd
     g = g.reshape(y.shape)
@@ -337,11 +339,14 @@ def _ln_affine_grad_infer(x: Spec, w: Spec, g: Spec, *, n_axes=1, eps=1e-5):
 
 
 @register("layer_norm_affine_grad", infer=_ln_affine_grad_infer, sbp=_ln_affine_grad_rows, multi_output=True,
-          cost=flops_per_input(_LAYER_NORM_GRAD + 4))  # fused: layer_norm_grad of g * w; dw += g * y; db += g
+          cost=flops_per_input(_LAYER_NORM_GRAD + 4),  # fused: layer_norm_grad of g * w; dw += g * y; db += g
+          row=RowRule(scalar.layer_norm_affine_grad, _ln_axes))
 def layer_norm_affine_grad(xp, x, w, g, *, n_axes=1, eps=1e-5):
     """The gradients of layer_norm_affine for input, weight and bias."""
-    if fused.usable(xp, x, w, g) and g.shape == x.shape:
-        return fused.layer_norm_affine_grad(x, w, g, math.prod(w.shape), eps)
+    if xp is np and g.shape == x.shape:
+        out = fusion.row_one("layer_norm_affine_grad", (x, w, g), n_axes=n_axes, eps=eps)  # generated: row rule
+        if out is not None:
+            return out
     xc, rstd, _ = _ln_stats(xp, x, n_axes, eps)
     rows = g.reshape(xc.shape)
     dw = (rows * (xc * rstd)).sum(axis=0).reshape(w.shape)

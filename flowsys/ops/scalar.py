@@ -116,6 +116,11 @@ class _Row:
     def mean(e) -> Expr:
         return Expr("rmean", (_e(e),))
 
+    @staticmethod
+    def colsum(e) -> Expr:
+        """An output: ``e`` summed over the rows, one value per column (a weight's gradient)."""
+        return Expr("csum", (_e(e),))
+
 
 ROW = _Row()
 REDUCTIONS = ("rsum", "rmax", "rmean")
@@ -128,6 +133,22 @@ def layer_norm(row, x: Expr, *, eps=1e-5, **_) -> Expr:
 
 def layer_norm_affine(row, x: Expr, w: Expr, b: Expr, *, eps=1e-5, **_) -> Expr:
     return layer_norm(row, x, eps=eps) * w + b
+
+
+def layer_norm_grad(row, x: Expr, g: Expr, *, eps=1e-5, **_) -> Expr:
+    """dx of layer_norm at x for incoming g: rstd * (g - mean(g) - y * mean(g * y))."""
+    d = x - row.mean(x)
+    rstd = 1.0 / sqrt(row.mean(d * d) + eps)
+    y = d * rstd
+    return rstd * (g - row.mean(g) - y * row.mean(g * y))
+
+
+def layer_norm_affine_grad(row, x: Expr, w: Expr, g: Expr, *, eps=1e-5, **_) -> tuple[Expr, Expr, Expr]:
+    """(dx, dw, db) of layer_norm_affine: dx is layer_norm_grad's for g * w; dw and db sum g * y
+    and g over the rows."""
+    d = x - row.mean(x)
+    y = d / sqrt(row.mean(d * d) + eps)
+    return layer_norm_grad(row, x, g * w, eps=eps), row.colsum(g * y), row.colsum(g)
 
 
 def softmax(row, x: Expr, **_) -> Expr:
