@@ -145,12 +145,18 @@ def _rows(specs, attrs) -> list[SbpRow]:
     """The signatures that follow from the parts': a candidate (a split axis on every input that
     has it, all replicated, or any mix of partial sums and replicated) is a row when every part,
     fed its arguments' SBPs in turn, has a row taking exactly those."""
-    parts = _walk(attrs["program"], specs)
-    part_rows = [{tuple(r.ins): r.outs[0] for r in reversed(OPS[op].sbp(arg_specs, at))}  # the first row wins
-                 for op, _, at, arg_specs, _ in parts]
-    why = f"follows from its parts ({describe(attrs['program'])})"
+    program = attrs["program"]
+    parts = _walk(program, specs)
     candidates = [row.ins for row in R.pointwise(specs)]
     candidates += [c for c in itertools.product((P, B), repeat=len(specs)) if P in c]
+    return _follow(parts, candidates, (len(parts) - 1,), f"follows from its parts ({describe(program)})")
+
+
+def _follow(parts, candidates, outputs, why) -> list[SbpRow]:
+    """Each candidate signature of the inputs that every part, fed its arguments' SBPs in turn,
+    takes, as a row giving the listed parts' outputs' SBPs."""
+    part_rows = [{tuple(r.ins): r.outs for r in reversed(OPS[op].sbp(arg_specs, at))}  # the first row wins
+                 for op, _, at, arg_specs, _ in parts]
     rows = []
     for ins in candidates:
         temps = []
@@ -158,17 +164,17 @@ def _rows(specs, attrs) -> list[SbpRow]:
             out = table.get(tuple(_args(args, ins, temps)))
             if out is None:
                 break
-            temps.append(out)
+            temps.append(out[0])
         else:
-            rows.append(SbpRow(tuple(ins), (temps[-1],), why))
+            rows.append(SbpRow(tuple(ins), tuple(temps[j] for j in outputs), why))
     return rows
 
 
 def _cost(ins, outs, attrs) -> Cost:
-    """The parts' FLOPs; the bytes of one pass: the inputs read once, the output written once
+    """The parts' FLOPs; the bytes of one pass: the inputs read once, the outputs written once
     (the parts' intermediates never reach memory)."""
-    flops = sum(OPS[op].cost(arg_specs, [out], at).flops for op, _, at, arg_specs, out in _walk(attrs["program"], ins)
-                if OPS[op].cost is not None)
+    flops = sum(OPS[op].cost(arg_specs, list(out) if isinstance(out, tuple) else [out], at).flops
+                for op, _, at, arg_specs, out in _walk(attrs["program"], ins) if OPS[op].cost is not None)
     return Cost(flops, moved(ins, outs))
 
 
@@ -489,32 +495,12 @@ def _rows_rows(specs, attrs) -> list[SbpRow]:
     parts = _walk(program, specs)
     shape, axes = _rows_shape(program, specs)
     kinds = _input_kinds(program, specs, shape, axes)
-    part_rows = [{tuple(r.ins): r.outs for r in reversed(OPS[op].sbp(arg_specs, at))}
-                 for op, _, at, arg_specs, _ in parts]
-    why = f"follows from its parts ({describe(program)})"
     candidates = [tuple(R.S(i) if k in ("full", "lead") else B for k in kinds) for i in range(len(shape) - axes)]
     candidates.append(tuple(B for _ in kinds))
-    rows = []
-    for ins in candidates:
-        temps = []
-        for (_, args, _, _, _), table in zip(parts, part_rows):
-            out = table.get(tuple(_args(args, ins, temps)))
-            if out is None:
-                break
-            temps.append(out[0])
-        else:
-            rows.append(SbpRow(tuple(ins), tuple(temps[j] for j in outputs), why))
-    return rows
+    return _follow(parts, candidates, outputs, f"follows from its parts ({describe(program)})")
 
 
-def _rows_cost(ins, outs, attrs) -> Cost:
-    """The parts' FLOPs; the bytes of the inputs read once and the outputs written once."""
-    flops = sum(OPS[op].cost(arg_specs, [out], at).flops for op, _, at, arg_specs, out in _walk(attrs["program"], ins)
-                if OPS[op].cost is not None)
-    return Cost(flops, moved(ins, outs))
-
-
-@register("fused_rows", infer=_rows_infer, sbp=_rows_rows, cost=_rows_cost, multi_output=True, low_precision="native")
+@register("fused_rows", infer=_rows_infer, sbp=_rows_rows, cost=_cost, multi_output=True, low_precision="native")
 def fused_rows(xp, *ins, program, outputs):
     """Elementwise parts around one row reduction (layer norm, softmax) in one kernel (see above)."""
     prog = program_of(program)
