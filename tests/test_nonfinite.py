@@ -3,6 +3,7 @@ whose gradients hold a NaN or inf (the in-plan "all finite" test of the global n
 rank), and ``train.on_nonfinite`` stops a job naming the step or skips on."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -93,4 +94,9 @@ def test_the_job_stops_naming_the_step_or_skips(tmp_path, policy):
         summary = run(job, log=lines.append)
         assert summary["skipped_steps"] >= 1
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # valid JSON: NaN written as null
-    assert rows and any(r["loss"] is None for r in rows)
+    assert rows and all(r["loss"] is None or math.isfinite(r["loss"]) for r in rows)
+    if policy == "stop":
+        assert any(r["loss"] is None for r in rows)
+    # (skipping, the loss may stay finite: once the gradients overflow, the update is left out and
+    # the parameters stay where the loss was finite; whether the forward or the backward overflows
+    # first depends on the kernels' formulas)

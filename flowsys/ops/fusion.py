@@ -93,7 +93,7 @@ def _no_nan(v, n):
 
 if fused.numba is not None:
     _maximum = fused._kernel(_maximum)
-    _max_no_nan = fused.numba.njit(fastmath=fused._FLAGS | {"nnan", "ninf"}, nogil=True, cache=True)(_max_no_nan)
+    _max_no_nan = fused.numba.njit(fastmath=fused._FLAGS | {"nnan"}, nogil=True, cache=True)(_max_no_nan)
     _no_nan = fused.numba.njit(nogil=True, cache=True)(_no_nan)
     _row_max = fused.numba.njit(nogil=True, cache=True)(_row_max)
 
