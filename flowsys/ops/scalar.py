@@ -212,9 +212,16 @@ def adamw(p: Expr, g: Expr, m: Expr, v: Expr, decay, beta1, beta2, c2, eps, step
 
 
 # ----------------------------------------------------------------------------------- rendering
-def render(e: Expr, names: list[str], target: str, dtype: np.dtype, bound: dict | None = None) -> str:
+LITERALS = (0.0, 1.0, -1.0, 0.5, 2.0)  # constants kept in the source text; others may be hoisted
+
+
+def render(e: Expr, names: list[str], target: str, dtype: np.dtype, bound: dict | None = None,
+           consts: dict | None = None) -> str:
     """``e`` as source text of ``target`` computing in ``dtype``; ``names[i]`` is input i's name,
-    ``bound`` names subexpressions computed already (a row's reductions).
+    ``bound`` names subexpressions computed already (a row's reductions). With ``consts`` (a dict
+    from value to name, filled here), constants other than :data:`LITERALS` are named ``k0``,
+    ``k1``, ... instead of written out, so kernels that differ only in them (a layer norm's eps,
+    attention's scale) share one source and one compilation; the caller passes their values.
     Constants carry the dtype (Numba would compute ``float32 * 0.5`` in float64)."""
     dtype = np.dtype(dtype)
     f32 = dtype == np.float32
@@ -233,6 +240,8 @@ def render(e: Expr, names: list[str], target: str, dtype: np.dtype, bound: dict 
         if op == "in":
             return names[a[0]]
         if op == "const":
+            if consts is not None and math.isfinite(a[0]) and float(a[0]) not in LITERALS:
+                return consts.setdefault(float(a[0]), f"k{len(consts)}")
             v = repr(float(a[0])) if math.isfinite(a[0]) else ("np.inf" if a[0] > 0 else "-np.inf")
             if target == "cuda":
                 return f"(({_ctype(dtype)}){v if math.isfinite(a[0]) else ('INFINITY' if a[0] > 0 else '-INFINITY')})"
