@@ -305,15 +305,21 @@ def test_row_ops_alone_run_their_generated_kernels_and_match_torch():
     assert np.isnan(OPS["layer_norm_affine"].kernel(np, x, w, b, n_axes=1, eps=1e-5)[0, 0]).all()
 
 
-def _gpt_step(fuse: bool, placement=None, steps: int = 3):
+def _gpt_step(fuse: bool, placement=None, steps: int = 3, layout: str = "dp"):
     cfg = fs.models.GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
     fs.manual_seed(0)
     model = fs.models.GPT(cfg)
-    opt = fs.optim.AdamW(model.parameters(), lr=1e-2)
     idx = fs.tensor(np.random.default_rng(0).integers(0, 64, (4, 8)))
-    if placement is not None:
+    if layout == "pp2":
+        model.pipeline([fs.placement("cpu", [0]), fs.placement("cpu", [1])])
+        idx = idx.to_global(fs.placement("cpu", [0]), fs.sbp.broadcast)
+    elif layout == "tp2":
+        model.to_global(placement, fs.models.GPT.parallel_plan(placement, tp_axis=0))
+        idx = idx.to_global(placement, fs.sbp.broadcast)
+    elif placement is not None:
         model.to_global(placement, fs.sbp.broadcast)
         idx = idx.to_global(placement, fs.sbp.split(0))
+    opt = fs.optim.AdamW(model.parameters(), lr=1e-2)
 
     class Step(fs.Graph):
         def __init__(self):
@@ -332,25 +338,31 @@ def _gpt_step(fuse: bool, placement=None, steps: int = 3):
     return losses, {k: v.numpy() for k, v in model.state_dict().items()}, step
 
 
-@pytest.mark.parametrize("where", ["one device", "dp2 plans"])
+@pytest.mark.parametrize("where", ["one device", "dp2 plans", "tp2 plans", "pp2 plans"])
 def test_the_gpt_step_fuses_each_residual_add_into_its_layer_norm(where):
     """x + f(x) then layer_norm: one generated kernel writes the residual sum (read again by the
-    next residual add) and its layer norm; the step trains as the unfused one."""
+    next residual add) and its layer norm; the step trains as the unfused one, data-, tensor- or
+    pipeline-parallel."""
     placement = None if where == "one device" else fs.placement("cpu", [0, 1])
-    ref_losses, ref_state, plain = _gpt_step(False, placement)
-    losses, state, step = _gpt_step(True, placement)
+    layout = where.split()[0]
+    ref_losses, ref_state, plain = _gpt_step(False, placement, layout=layout)
+    losses, state, step = _gpt_step(True, placement, layout=layout)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for k in ref_state:
         # atol: the key bias has no gradient but rounding noise, which AdamW turns into ~1e-5 steps
         np.testing.assert_allclose(state[k], ref_state[k], rtol=1e-4, atol=1e-4, err_msg=k)
     rows = [n for n in step.ir.nodes if n.op == "fused_rows"]
-    # per block: the attention's residual before ln_2, the MLP's before the next ln_1 (or ln_f)
-    assert len(rows) == 2 * 2 and not any(n.op == "fused_rows" for n in plain.ir.nodes)
+    # per block: the attention's residual before ln_2, the MLP's before the next ln_1 (or ln_f);
+    # across the pipeline's stage boundary the add and the norm live on different placements, and
+    # under tensor parallelism the residual sum is a partial sum boxed to broadcast before its
+    # norm: a fused node spans neither
+    assert len(rows) == {"one": 4, "dp2": 4, "pp2": 3, "tp2": 0}[layout]
+    assert not any(n.op == "fused_rows" for n in plain.ir.nodes)
     for n in rows:
         assert fusion.describe(n.attr["program"]) == "add -> layer_norm_affine" and len(n.outputs) == 2
         if placement is not None:  # global tensors: the signature holds both outputs' SBPs
             assert n.sig.outs == tuple(step.ir.values[o].sbp for o in n.outputs)
     text = step.explain()
-    assert "FUSED add -> layer_norm_affine" in text and "fused kernels: 4" in text
-    if placement is not None:
-        assert any(op.op == "fused_rows" for op in step.plan().ranks[0].ops)
+    assert not rows or ("FUSED add -> layer_norm_affine" in text and f"fused kernels: {len(rows)}" in text)
+    if placement is not None and rows:
+        assert any(op.op == "fused_rows" for rp in step.plan().ranks for op in rp.ops)
