@@ -1,20 +1,20 @@
-"""Fused float32 CPU kernels compiled by Numba: one pass over memory where NumPy makes a dozen.
+"""Numba's part of the CPU kernels: the helpers generated kernels call, their thread pool, and
+the one kernel the rules cannot state.
 
 Every op's semantics is its NumPy expression in the op module, which also runs on CuPy. On the
-CPU those expressions are chains of full passes over memory: a softmax row is five, an AdamW
-update nine. The hot ones are written here once more as loops that LLVM vectorises, computing in
-one pass what the NumPy twin computes in many. The twin stays the reference:
-``tests/test_fused.py`` runs both and compares. Elementwise ops and row reductions no longer need
-a kernel here: GELU, layer norm, softmax (attention's scaled and causal one too), cross entropy and their
-gradients are generated from
-their scalar and row rules (``flowsys.ops.fusion``), which use this module's ``_exp``, ``_erf``
-and thread pool, and so are the layer-norm gradients (their weight and bias gradients sum over
-rows) and the AdamW update (a rule with three outputs, written in place). What is left is what
-the rules cannot state: the embedding gradient's scatter-add.
+CPU those expressions are chains of full passes over memory (a softmax row is five, an AdamW
+update nine), so the hot ops run kernels generated from their scalar and row rules instead
+(``flowsys.ops.fusion``): GELU, layer norm, softmax (attention's scaled, causal one too), cross
+entropy, their gradients and the AdamW update. They use this module's ``_exp`` and ``_erf``
+(vectorisable polynomials), the bfloat16 conversions ``_bf16_load`` / ``_bf16_store``, the
+fast-math flags ``_FLAGS`` and the thread pool (``_split``, ``set_threads``). The one kernel left
+written by hand is the embedding gradient's scatter-add (``scatter_add_rows``): an indexed
+accumulate has no rule. ``tests/test_fused.py`` checks the kernels against the NumPy twins in
+float64 and against PyTorch.
 
-Only float32 goes through here; float64 (finite-difference checks) keeps the exact NumPy path.
-A missing or broken Numba only costs speed: ``usable`` is then False everywhere. Setting
-``FLOWSYS_JIT=0`` turns the kernels off. They compile on first use and are cached on disk.
+A missing or broken Numba only costs speed: ``usable`` is then False everywhere and the NumPy
+expressions run. Setting ``FLOWSYS_JIT=0`` turns the kernels off. They compile on first use and
+are cached on disk.
 
 Transcendentals are polynomials (libm's ``expf`` and ``erff`` do not vectorise): ``_exp`` is
 accurate to a few ulp on [-87, 88] (below it gives 0, above it inf), ``_erf`` to 1.5e-7
