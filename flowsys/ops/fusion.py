@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from flowsys.errors import ArgumentError
 from flowsys.ops import fused
 from flowsys.ops import sbp_rules as R
 from flowsys.ops import scalar as sc
@@ -484,7 +485,8 @@ def _row_part(program) -> tuple[int, int]:
     for j, (op, _, at) in enumerate(program_of(program)):
         if OPS[op].row is not None:
             return j, OPS[op].row.axes(dict(at))
-    raise ValueError(f"fused_rows: no part reduces over rows in {describe(program)}")
+    raise ArgumentError(f"fused_rows: no part of {describe(program)} reduces over rows (has a row rule); "
+                        f"a chain of elementwise ops is a fused_elementwise program")
 
 
 def _rows_infer(*specs: Spec, program, outputs) -> tuple[Spec, ...]:
@@ -542,7 +544,7 @@ def fused_rows(xp, *ins, program, outputs):
     temps: list = []
     for op, args, at in prog:  # the reference: the parts' own kernels in turn
         temps.append(OPS[op].kernel(xp, *_args(args, ins, temps), **dict(at)))
-    return tuple(temps[j] for j in outputs)
+    return tuple(t for j in outputs for t in (temps[j] if OPS[prog[j][0]].multi_output else (temps[j],)))
 
 
 def rows_usable(program, ins) -> bool:
