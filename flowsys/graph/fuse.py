@@ -23,7 +23,6 @@ in order of first use; eager mode is untouched (it runs op by op).
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 
 from flowsys.global_tensor import Signature
 from flowsys.graph.ir import Graph, Node, next_id
@@ -59,8 +58,7 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
     ``fuse=False`` (``Graph.config.fuse``) leaves the graph as it is."""
     if not fuse:
         return g
-    consumers = Counter(i for n in g.nodes for i in set(n.inputs))  # value -> how many nodes read it
-    readers: dict[int, list[Node]] = {}
+    readers: dict[int, list[Node]] = {}  # value -> the nodes reading it
     for n in g.nodes:
         for i in dict.fromkeys(n.inputs):
             readers.setdefault(i, []).append(n)
@@ -89,7 +87,7 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
             a, b = group_of[p.id], group_of[n.id]
             if a == b or rows_in(a) + rows_in(b) > 1:  # one row reduction per kernel
                 continue
-            shared = i in kept or consumers[i] != 1
+            shared = i in kept or len(readers[i]) != 1
             # a value read outside too stays an output of the fused node: only before a row
             # reduction (the residual sum a layer norm reads, which the next residual add reads too)
             if shared and not (_is_row(n) and i == n.inputs[0] and not _is_row(p)):
@@ -106,9 +104,9 @@ def fuse(g: Graph, *, fuse: bool = True, **_) -> Graph:
             continue
         ids_in = {m.id for m in ms}
         extras = [m.outputs[0] for m in ms[:-1]
-                  if m.outputs[0] in kept or any(c.id not in ids_in for c in readers[m.outputs[0]])]
+                  if m.outputs[0] in kept or any(c.id not in ids_in for c in readers.get(m.outputs[0], ()))]
         # the fused node sits at the last member: whatever reads an extra output must come later
-        if any(order[c.id] < order[ms[-1].id] for v in extras for c in readers[v] if c.id not in ids_in):
+        if any(order[c.id] < order[ms[-1].id] for v in extras for c in readers.get(v, ()) if c.id not in ids_in):
             continue
         replaced[ms[-1].id] = _fused_node(ms, extras, g, next(ids))
         dropped.update(m.id for m in ms[:-1])

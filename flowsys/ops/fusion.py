@@ -52,7 +52,7 @@ def _maximum(a, b):  # np.maximum's NaN rule: NaN if either is
 
 def _row_max(v, n):
     """The largest of ``v[:n]``, NaN if any is: one vectorised pass for the maximum (its function
-    may assume no NaN), one for the NaN test (integer compares of the bits where float32)."""
+    may assume no NaN), one for the NaN test."""
     if n == 0:
         return v.dtype.type(-np.inf)
     m = _max_no_nan(v, n)
@@ -120,12 +120,28 @@ def _args(args, ins, temps):
     return [ins[k] if kind == "in" else temps[k] for kind, k in args]
 
 
-def run_parts(xp, program, ins) -> Any:
-    """The reference: every part's own kernel in turn."""
+def _each_part(xp, program, ins) -> list:
+    """The reference: every part's own kernel in turn; each part's result."""
     temps: list = []
     for op, args, attrs in program_of(program):
         temps.append(OPS[op].kernel(xp, *_args(args, ins, temps), **dict(attrs)))
-    return temps[-1]
+    return temps
+
+
+def run_parts(xp, program, ins) -> Any:
+    """The reference: every part's own kernel in turn; the last part's result."""
+    return _each_part(xp, program, ins)[-1]
+
+
+def _listed(values, outputs) -> list:
+    """The listed parts' values in order, each of a part with several outputs (a tuple) in turn."""
+    return [v for j in outputs for v in (values[j] if isinstance(values[j], tuple) else (values[j],))]
+
+
+def _flat(ins) -> list:
+    """The inputs as a generated kernel takes them: flat, contiguous (a 0-d one as one element),
+    bfloat16 as its bits."""
+    return [_bits(a.reshape(1) if a.ndim == 0 else np.ascontiguousarray(a).reshape(-1)) for a in ins]
 
 
 def _walk(program, specs) -> list[tuple]:
@@ -319,15 +335,20 @@ _compiled: dict[tuple, Any] = {}
 _compile_lock = threading.Lock()
 
 
-def numba_kernel(program, scalars: tuple[bool, ...], dtype):
-    """(the compiled kernel, its constants) for this program, scalar pattern and dtype."""
-    key = (program, scalars, np.dtype(dtype).name)
+def _compiled_for(key, source, dtype, kind: str = "fused") -> tuple:
+    """(kernel, ``kc``) for ``key``: ``source(consts)`` rendered, loaded and kept, once per key."""
     got = _compiled.get(key)
     if got is None:
         consts: dict = {}
-        src = numba_source(program, scalars, dtype, consts)
-        got = _compiled[key] = (_load(src), _values(consts, dtype))
+        src = source(consts)
+        got = _compiled[key] = (_load(src, kind), _values(consts, dtype))
     return got
+
+
+def numba_kernel(program, scalars: tuple[bool, ...], dtype):
+    """(the compiled kernel, its constants) for this program, scalar pattern and dtype."""
+    return _compiled_for((program, scalars, np.dtype(dtype).name),
+                         lambda consts: numba_source(program, scalars, dtype, consts), dtype)
 
 
 _loaded: dict[str, Any] = {}
@@ -363,7 +384,7 @@ def _run_numba(program, ins):
     shape, dtype = _shape_and_dtype(ins)
     scalars = tuple(a.ndim == 0 for a in ins)
     kern, kc = numba_kernel(program, scalars, dtype)
-    flat = [_bits(a.reshape(1) if a.ndim == 0 else np.ascontiguousarray(a).reshape(-1)) for a in ins]
+    flat = _flat(ins)
     out = np.empty(shape, dtype)
     of = _bits(out.reshape(-1))
     fused._split(lambda lo, hi: kern(*(f if s else f[lo:hi] for f, s in zip(flat, scalars)), of[lo:hi], kc), of.size)
@@ -428,14 +449,10 @@ def run_rule(rule, ins, out) -> bool:
     alias = tuple(next((k for k, a in enumerate(ins) if a is o), None) for o in out)
     if any(k is not None and not ins[k].flags.c_contiguous for k in alias):
         return False
-    key = (rule, scalars, alias, common[1].str)
-    got = _compiled.get(key)
-    if got is None:
-        consts: dict = {}
-        src = rule_source(rule, scalars, len(out), common[1], alias, consts)
-        got = _compiled[key] = (_load(src, "rule"), _values(consts, common[1]))
-    kern, kc = got
-    flat = [_bits(a.reshape(1) if a.ndim == 0 else np.ascontiguousarray(a).reshape(-1)) for a in ins]
+    kern, kc = _compiled_for((rule, scalars, alias, common[1].str),
+                             lambda consts: rule_source(rule, scalars, len(out), common[1], alias, consts),
+                             common[1], "rule")
+    flat = _flat(ins)
     flat_out = [_bits(o.reshape(-1)) for o, k in zip(out, alias) if k is None]
     fused._split(lambda lo, hi: kern(*(f if s else f[lo:hi] for f, s in zip(flat, scalars)),
                                      *(o[lo:hi] for o in flat_out), kc), out[0].size)
@@ -490,8 +507,7 @@ def _row_part(program) -> tuple[int, int]:
 
 
 def _rows_infer(*specs: Spec, program, outputs) -> tuple[Spec, ...]:
-    parts = _walk(program, specs)
-    return tuple(sp for j in outputs for sp in (parts[j][4] if isinstance(parts[j][4], tuple) else (parts[j][4],)))
+    return tuple(_listed([part[4] for part in _walk(program, specs)], outputs))
 
 
 def _rows_shape(program, specs) -> tuple[tuple, int]:
@@ -541,10 +557,7 @@ def fused_rows(xp, *ins, program, outputs):
     plan = _row_plan(prog, outputs, ins) if xp is np else None
     if plan is not None:
         return _run_rows(plan, ins)
-    temps: list = []
-    for op, args, at in prog:  # the reference: the parts' own kernels in turn
-        temps.append(OPS[op].kernel(xp, *_args(args, ins, temps), **dict(at)))
-    return tuple(t for j in outputs for t in (temps[j] if OPS[prog[j][0]].multi_output else (temps[j],)))
+    return tuple(_listed(_each_part(xp, prog, ins), outputs))
 
 
 def rows_usable(program, ins) -> bool:
@@ -585,14 +598,6 @@ def _exprs(program, n: int) -> list[sc.Expr]:
     return temps
 
 
-def _outputs(exprs, outputs) -> list[sc.Expr]:
-    """The program's output expressions: each listed part's, all of a part with several."""
-    outs = []
-    for j in outputs:
-        outs.extend(exprs[j] if isinstance(exprs[j], tuple) else (exprs[j],))
-    return outs
-
-
 def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[bool, ...] = (),
                 inplace: bool = False, consts: dict | None = None) -> str:
     """The generated Numba kernel's source: ``kernel(i0, ..., o0, ..., lo, hi, n, nq)`` computes rows
@@ -604,7 +609,7 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
     ints = ints or (False,) * len(kinds)
     consts = {} if consts is None else consts
     exprs = _exprs(program, len(kinds))
-    outs = _outputs(exprs, outputs)
+    outs = _listed(exprs, outputs)
     colsum = [q for q, e in enumerate(outs) if e.op == "csum"]
     outs = [e.args[0] if e.op == "csum" else e for e in outs]  # a column sum's summand, per element
     reds = sc.reductions(outs)
@@ -711,12 +716,8 @@ def _row_plan(program, outputs, ins, inplace: bool = False) -> tuple | None:
             ints = tuple(a.dtype.kind in "iu" for a in ins)
             dtype = next(a.dtype for a, i in zip(ins, ints) if not i)
             parts = _walk(program, specs)
-            out_specs = []
-            for j in outputs:
-                spec = parts[j][4]
-                out_specs.extend((tuple(sp.shape), dtype) for sp in (spec if isinstance(spec, tuple) else (spec,)))
-            out_specs = tuple(out_specs)
-            sums = tuple(e.op == "csum" for e in _outputs(_exprs(program, len(ins)), outputs))
+            out_specs = tuple((tuple(sp.shape), dtype) for sp in _listed([part[4] for part in parts], outputs))
+            sums = tuple(e.op == "csum" for e in _listed(_exprs(program, len(ins)), outputs))
             n = math.prod(shape[len(shape) - axes:])
             consts: dict = {}
             kern = _load(rows_source(program, outputs, kinds, dtype, ints, inplace, consts), "rows")
@@ -730,7 +731,7 @@ def _run_rows(plan, ins, out=None):
     """The plan's kernel over ``ins``, into new arrays or ``out`` (a row is read in full before
     any of it is written, so an output may be its own input: attention's scores)."""
     kern, out_specs, n, rows, nq, sums, inplace, kc = plan
-    flat = [_bits(a.reshape(1) if a.ndim == 0 else np.ascontiguousarray(a).reshape(-1)) for a in ins]
+    flat = _flat(ins)
     outs = out or tuple(None if s else np.empty(shape, dtype) for (shape, dtype), s in zip(out_specs, sums))
     flat_outs = [None if o is None else _bits(o.reshape(-1)) for o in outs]
     partials = []

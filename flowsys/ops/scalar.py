@@ -146,8 +146,7 @@ def layer_norm_grad(row, x: Expr, g: Expr, *, eps=1e-5, **_) -> Expr:
 def layer_norm_affine_grad(row, x: Expr, w: Expr, g: Expr, *, eps=1e-5, **_) -> tuple[Expr, Expr, Expr]:
     """(dx, dw, db) of layer_norm_affine: dx is layer_norm_grad's for g * w; dw and db sum g * y
     and g over the rows."""
-    d = x - row.mean(x)
-    y = d / sqrt(row.mean(d * d) + eps)
+    y = layer_norm(row, x, eps=eps)
     return layer_norm_grad(row, x, g * w, eps=eps), row.colsum(g * y), row.colsum(g)
 
 
@@ -165,8 +164,7 @@ def scaled_softmax(row, x: Expr, *, scale=1.0, causal=False) -> Expr:
     z = x * scale
     if causal:
         z = where(row.col > row.query, -math.inf, z)
-    e = exp(z - row.max(z))
-    return e / row.sum(e)
+    return softmax(row, z)
 
 
 def cross_entropy(row, x: Expr, t: Expr, *, ignore_index=-100) -> Expr:

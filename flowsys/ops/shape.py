@@ -305,8 +305,8 @@ def take_grad(xp, g, idx, *, axis=0, shape):
     flat_idx = xp.where(flat_idx < 0, flat_idx + zm.shape[0], flat_idx)
     gm = xp.moveaxis(g, list(range(ax, ax + idx.ndim)), list(range(idx.ndim))).reshape((flat_idx.size,) + zm.shape[1:])
     if zm.ndim == 2 and ax == 0 and fused.scatter_add_rows(z, flat_idx, gm):
-        pass  # the embedding gradient's one-pass kernel (float32)
-    elif zm.ndim == 2 and xp is np:
+        return z  # the embedding gradient's one-pass kernel (float32)
+    if zm.ndim == 2 and xp is np:
         # Sort-and-segment-sum: much faster than np.add.at for embedding-sized scatters.
         order = np.argsort(flat_idx, kind="stable")
         sorted_idx = flat_idx[order]
