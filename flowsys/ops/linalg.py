@@ -8,11 +8,22 @@ import string
 import numpy as np
 
 from flowsys.errors import ShapeError
+from flowsys.ops import blas
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.registry import Cost, SbpRow, Spec, moved, numel, register, result_dtype, sum_to_shape
 from flowsys.sbp import PartialSum, Split
 
 B, P, S = R.B, R.P, R.S
+
+
+def mm(xp, a, b, out=None):
+    """``a @ b`` on ``xp``: MKL's GEMM where ``flowsys.ops.blas`` runs the CPU's products, else
+    ``xp.matmul`` (into ``out`` if given)."""
+    if xp is np:
+        result = blas.matmul(a, b, out)
+        if result is not None:
+            return result
+    return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
 
 
 def _matmul_shape(a: Spec, b: Spec) -> tuple[int, ...]:
@@ -86,8 +97,8 @@ def _matmul_cost(ins, outs, attrs):
 def matmul(xp, a, b):
     if b.ndim == 2 and a.ndim > 2:
         # One large GEMM instead of a batch of small ones.
-        return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[-1],))
-    return xp.matmul(a, b)
+        return mm(xp, a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + (b.shape[-1],))
+    return mm(xp, a, b)
 
 
 # ---------------------------------------------------------------------------------------- linear
@@ -163,7 +174,7 @@ def linear_grad_input(xp, g, w):
     """``g @ w`` over all of the weight's out-feature axes: linear's input gradient, one GEMM."""
     batch = g.shape[:g.ndim - (w.ndim - 1)]
     n, k = math.prod(w.shape[:-1]), w.shape[-1]
-    return (g.reshape(math.prod(batch), n) @ w.reshape(n, k)).reshape(batch + (k,))
+    return mm(xp, g.reshape(math.prod(batch), n), w.reshape(n, k)).reshape(batch + (k,))
 
 
 @register("linear_grad_weight",
@@ -177,7 +188,7 @@ def linear_grad_weight(xp, g, x):
     # Into an array of the weight's shape that owns its memory, so that autograd can hand it
     # on as the gradient without a copy.
     out = xp.empty(g.shape[x.ndim - 1:] + (k,), dtype=np.result_type(g, x))
-    xp.matmul(g.reshape(rows, n).T, x.reshape(rows, k), out=out.reshape(n, k))
+    mm(xp, g.reshape(rows, n).T, x.reshape(rows, k), out=out.reshape(n, k))
     return out
 
 
@@ -195,7 +206,7 @@ def linear(xp, x, w, b=None):
     a bias it is the product alone, whose weight gradient comes in the weight's own layout (a
     tied embedding's two gradients then add without a transposed read)."""
     k = w.shape[-1]
-    out = x.reshape(math.prod(x.shape[:-1]), k) @ w.reshape(math.prod(w.shape[:-1]), k).T
+    out = mm(xp, x.reshape(math.prod(x.shape[:-1]), k), w.reshape(math.prod(w.shape[:-1]), k).T)
     if b is None:
         return out.reshape(x.shape[:-1] + w.shape[:-1])
     b = b.reshape(-1)

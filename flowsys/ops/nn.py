@@ -15,6 +15,7 @@ from flowsys.errors import ArgumentError, DTypeError, IndexOutOfRange, ShapeErro
 from flowsys.ops import fusion, scalar
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_rows
+from flowsys.ops.linalg import mm
 from flowsys.ops.scalar import RowRule
 from flowsys.ops.registry import (Cost, Spec, copy_cost, flops_per_input, gather_cost, is_floating, moved, nbytes,
                                   normalize_axis, numel, register, result_dtype, scatter_add_cost, sum_to_shape)
@@ -455,7 +456,7 @@ def _causal_bias(xp, tq, tk, dtype):
 
 
 def _probs(xp, q, k, is_causal, scale):
-    att = q @ xp.swapaxes(k, -1, -2)
+    att = mm(xp, q, xp.swapaxes(k, -1, -2))
     if xp is np:  # the generated scaled (causal) softmax, in place
         out = fusion.row_one("scaled_softmax", (att,), out=att, scale=scale, causal=is_causal)
         if out is not None:
@@ -519,7 +520,7 @@ def _sdpa_cost(ins, outs, attrs):
 @register("scaled_dot_product_attention", infer=_sdpa_infer, sbp=_sdpa_rows, grad=_sdpa_grad, cost=_sdpa_cost)
 def scaled_dot_product_attention(xp, q, k, v, *, is_causal=False, scale=None):
     """softmax(q k^T * scale [+ causal mask]) v, with PyTorch's top-left aligned causal mask."""
-    return _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale)) @ v
+    return mm(xp, _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale)), v)
 
 
 # ------------------------------------------------------------ vocabulary-parallel (Megatron-LM)

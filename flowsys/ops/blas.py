@@ -1,0 +1,246 @@
+"""The CPU's matrix products: NumPy's own BLAS, or Intel's MKL where it is installed.
+
+NumPy's wheels bring OpenBLAS; PyTorch's CPU wheels bring MKL, which runs the benchmark GPT's
+GEMMs about 15 % faster on this project's machines (the gap between flowsys and PyTorch eager was
+almost all there). ``pip install 'flowsys[mkl]'`` installs Intel's ``mkl`` wheel, and the
+matrix products of ``linear``, its gradients, ``matmul`` and attention then call it directly:
+``cblas_?gemm``, and for a stack of matrices one ``cblas_?gemm_batch`` (NumPy calls its BLAS
+once per matrix of a stack, each call threaded on its own).
+
+``FLOWSYS_BLAS`` picks: ``auto`` (the default: MKL where its runtime is found, else NumPy),
+``numpy`` or ``mkl`` (a :class:`~flowsys.errors.ConfigError` where MKL is missing). :func:`use`
+switches at run time.
+
+MKL runs sequential, on the threads of the fused kernels' pool (``fused._split``): a GEMM splits
+into blocks of rows (or columns), a stack into runs of matrices. So the process has no second
+thread pool spinning against the first, and no OpenMP runtime of MKL's: Intel's would be a second
+OpenMP in a process with PyTorch's or Numba's GNU one, and sharing GNU's with them throttles
+their threads (a PyTorch step in the same process ran 15 % slower). ``share_cores`` gives the
+pool, and so the GEMMs, a rank's share of the cores.
+
+:func:`matmul` returns None for what it does not take (other dtypes, a layout BLAS cannot read
+without a copy, empty or int32-overflowing sizes); the caller then runs NumPy's ``matmul``.
+
+>>> a, b = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)
+>>> out = matmul(a, b)
+>>> out is None or out.tolist() == (a @ b).tolist()
+True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+import threading
+
+import numpy as np
+
+from flowsys.errors import ConfigError
+from flowsys.ops import fused
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
+_INT_MAX = 2**31 - 1  # MKL's LP64 interface takes 32-bit ints
+_MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
+
+_lock = threading.Lock()
+_mkl: ctypes.CDLL | None = None
+_tried = False
+_active = "numpy"
+
+
+def _candidates() -> list[str]:
+    """Where ``pip install mkl`` puts its runtime (the environment's ``lib``), then the loader's path."""
+    dirs = []
+    for prefix in (sys.prefix, sys.base_prefix, os.path.expanduser("~/.local")):
+        d = os.path.join(prefix, "lib")
+        if d not in dirs:
+            dirs.append(d)
+    paths = [os.path.join(d, name) for d in dirs for name in _MKL_NAMES if os.path.exists(os.path.join(d, name))]
+    return paths + list(_MKL_NAMES)
+
+
+def _numpy_has_mkl() -> bool:
+    """NumPy built against MKL already (conda's): its own matmul is MKL's, and a second copy is not loaded."""
+    try:
+        from threadpoolctl import threadpool_info  # noqa: PLC0415
+    except ImportError:
+        return False
+    return any(lib.get("internal_api") == "mkl" for lib in threadpool_info())
+
+
+def _load() -> ctypes.CDLL | None:
+    """MKL's runtime, sequential, or None where it is missing (not Linux, no ``mkl`` wheel)."""
+    global _mkl, _tried
+    with _lock:
+        if _tried:
+            return _mkl
+        _tried = True
+        if not sys.platform.startswith("linux") or _numpy_has_mkl():
+            return None
+        for path in _candidates():
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            if not all(hasattr(lib, f) for f in ("MKL_Set_Threading_Layer", "cblas_sgemm", "cblas_sgemm_batch")):
+                continue
+            lib.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
+            if lib.MKL_Set_Threading_Layer(_SEQUENTIAL) != _SEQUENTIAL:
+                continue
+            _declare(lib)
+            _mkl = lib
+            return lib
+        return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i, p = ctypes.c_int, ctypes.c_void_p
+    for name, real in (("sgemm", ctypes.c_float), ("dgemm", ctypes.c_double)):
+        f = getattr(lib, f"cblas_{name}")
+        f.restype = None
+        f.argtypes = [i, i, i, i, i, i, real, p, i, p, i, real, p, i]
+        fb = getattr(lib, f"cblas_{name}_batch")
+        fb.restype = None
+        fb.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, p, p, i, p]
+
+
+def available() -> bool:
+    """Whether MKL's runtime was found (``pip install 'flowsys[mkl]'``)."""
+    return _load() is not None
+
+
+def backend() -> str:
+    """The library running the CPU's matrix products now: ``"mkl"`` or ``"numpy"``."""
+    return _active
+
+
+def use(name: str) -> str:
+    """Run the CPU's matrix products with ``name`` (``"mkl"``, ``"numpy"`` or ``"auto"``); returns
+    the one used before. ``"mkl"`` without MKL installed is a :class:`ConfigError`."""
+    global _active
+    name = str(name).lower()
+    if name not in ("auto", "numpy", "mkl"):
+        raise ConfigError(f"FLOWSYS_BLAS / blas.use: expected 'auto', 'numpy' or 'mkl', got {name!r}")
+    before = _active
+    if name == "numpy":
+        _active = "numpy"
+    elif available():
+        _active = "mkl"
+    elif name == "mkl":
+        raise ConfigError("FLOWSYS_BLAS=mkl, but no MKL runtime (libmkl_rt) was found: "
+                          "pip install 'flowsys[mkl]' (Linux), or set FLOWSYS_BLAS=numpy")
+    else:
+        _active = "numpy"
+    return before
+
+
+def _layout(rows: int, cols: int, s0: int, s1: int, itemsize: int) -> tuple[int, int] | None:
+    """(transpose flag, leading dimension) of a row-major matrix with these byte strides, or None."""
+    if s0 % itemsize or s1 % itemsize:
+        return None
+    s0, s1 = s0 // itemsize, s1 // itemsize
+    if cols == 1:
+        s1 = 1  # a stride never stepped is free
+    if rows == 1:
+        s0 = max(cols, 1)
+    if s1 == 1 and s0 >= max(cols, 1):
+        return _NO_TRANS, s0
+    if s0 == 1 and s1 >= max(rows, 1):
+        return _TRANS, s1
+    return None
+
+
+def _batch_pointers(x: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
+    """The address of each matrix of ``x`` (broadcast to ``batch``), in C order."""
+    x = np.broadcast_to(x, batch + x.shape[-2:])
+    offsets = np.zeros(1, np.int64)
+    for n, s in zip(batch, x.strides[:-2]):
+        offsets = (offsets[:, None] + np.arange(n, dtype=np.int64) * s).reshape(-1)
+    return (offsets + x.ctypes.data).astype(np.uint64)
+
+
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
+    """``a @ b`` (both at least 2-D, batch axes broadcast as NumPy's) with MKL, into ``out`` (a
+    C-contiguous array of the result's shape) or a new array; None where MKL is not in use or
+    does not take these operands."""
+    if _active != "mkl" or not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        return None
+    dtype = a.dtype
+    if dtype != b.dtype or dtype not in (np.float32, np.float64) or a.ndim < 2 or b.ndim < 2:
+        return None
+    m, k = a.shape[-2:]
+    k2, n = b.shape[-2:]
+    if k != k2 or 0 in (m, n, k) or max(m, n, k) > _INT_MAX:
+        return None
+    try:
+        batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    except ValueError:
+        return None
+    if 0 in batch:
+        return None
+    la = _layout(m, k, a.strides[-2], a.strides[-1], dtype.itemsize)
+    lb = _layout(k, n, b.strides[-2], b.strides[-1], dtype.itemsize)
+    if la is None or lb is None or max(la[1], lb[1]) > _INT_MAX:
+        return None
+    shape = batch + (m, n)
+    if out is None:
+        out = np.empty(shape, dtype)
+    elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        return None
+    real = "s" if dtype == np.float32 else "d"
+    count = math.prod(batch)
+    if count == 1:
+        _gemm(getattr(_mkl, f"cblas_{real}gemm"), la, lb, m, n, k, a, b, out)
+    elif count <= _INT_MAX:
+        _gemm_batch(getattr(_mkl, f"cblas_{real}gemm_batch"), la, lb, m, n, k, a, b, out, batch)
+    else:
+        return None
+    return out
+
+
+# A thread takes a part of a product of at least 2**24 multiply-adds (about 0.2 ms on a core):
+# below that, handing it to the pool costs more than it saves.
+_MACS_PER_PART = 1 << 24
+
+
+def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """One GEMM, its rows (or, when it has more columns than rows, its columns) split over the pool:
+    each part packs the operand it shares, and writes its own block of ``out``."""
+    it = out.itemsize
+    pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
+    per_item = max(1, fused._MIN_PER_THREAD * (n if m >= n else m) * k // _MACS_PER_PART)
+    if m >= n:
+        row = (la[1] if la[0] == _NO_TRANS else 1) * it  # bytes from one row of op(a) to the next
+        fused._split(lambda lo, hi: gemm(_ROW_MAJOR, la[0], lb[0], hi - lo, n, k, 1.0, pa + lo * row, la[1],
+                                         pb, lb[1], 0.0, pc + lo * n * it, n), m, per_item=per_item, align=8)
+    else:
+        col = (1 if lb[0] == _NO_TRANS else lb[1]) * it
+        fused._split(lambda lo, hi: gemm(_ROW_MAJOR, la[0], lb[0], m, hi - lo, k, 1.0, pa, la[1],
+                                         pb + lo * col, lb[1], 0.0, pc + lo * it, n), n, per_item=per_item, align=16)
+
+
+def _gemm_batch(gemm_batch, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
+                batch: tuple[int, ...]) -> None:
+    """A stack of GEMMs of one shape (MKL's group API, one group), its matrices split over the pool."""
+    ints = np.array([la[0], lb[0], m, n, k, la[1], lb[1], n], np.int32)
+    scalars = np.array([1.0, 0.0], out.dtype)
+    pa, pb, pc = (_batch_pointers(x, batch) for x in (a, b, out))
+    at, w, ps = ints.ctypes.data, ints.itemsize, pa.itemsize
+
+    def part(lo, hi):
+        size = np.array([hi - lo], np.int32)
+        gemm_batch(_ROW_MAJOR, at, at + w, at + 2 * w, at + 3 * w, at + 4 * w, scalars.ctypes.data,
+                   pa.ctypes.data + lo * ps, at + 5 * w, pb.ctypes.data + lo * ps, at + 6 * w,
+                   scalars.ctypes.data + scalars.itemsize, pc.ctypes.data + lo * ps, at + 7 * w, 1, size.ctypes.data)
+
+    fused._split(part, math.prod(batch), per_item=max(1, fused._MIN_PER_THREAD * m * n * k // _MACS_PER_PART))
+
+
+def _from_environment() -> None:
+    use(os.environ.get("FLOWSYS_BLAS", "auto"))
+
+
+_from_environment()

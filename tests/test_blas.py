@@ -1,0 +1,134 @@
+"""The CPU's matrix products on MKL (flowsys.ops.blas): every layout BLAS reads without a copy,
+single GEMMs and stacks, split over the pool or not, against NumPy; what it does not take falls
+back to NumPy; a GPT step trains the same on either library. The tests that need MKL run where
+``flowsys[mkl]`` is installed (the test extras install it on Linux x86-64)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import flowsys as fs
+from flowsys.ops import OPS, blas, fused
+from tests.helpers import TrainStep
+
+needs_mkl = pytest.mark.skipif(not blas.available(), reason="MKL's runtime is not installed (pip install 'flowsys[mkl]')")
+
+
+@pytest.fixture
+def mkl():
+    before = blas.use("mkl")
+    try:
+        yield
+    finally:
+        blas.use(before)
+
+
+def _operands(rng, batch, m, k, n, ta, tb, dtype):
+    a = rng.standard_normal(batch + ((k, m) if ta else (m, k))).astype(dtype)
+    b = rng.standard_normal(batch + ((n, k) if tb else (k, n))).astype(dtype)
+    return (a.swapaxes(-1, -2) if ta else a), (b.swapaxes(-1, -2) if tb else b)
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_every_transposition_and_stack_equals_numpy(mkl, dtype, batch):
+    rng = np.random.default_rng(0)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for (m, k, n), ta, tb in itertools.product([(1, 1, 1), (1, 5, 1), (3, 1, 4), (7, 5, 3), (1, 8, 9), (9, 8, 1)],
+                                               (0, 1), (0, 1)):
+        a, b = _operands(rng, batch, m, k, n, ta, tb, dtype)
+        got = blas.matmul(a, b)
+        assert got is not None and got.dtype == dtype and got.flags.c_contiguous, (m, k, n, ta, tb)
+        np.testing.assert_allclose(got, a @ b, rtol=rtol, atol=rtol, err_msg=str((m, k, n, ta, tb)))
+
+
+@needs_mkl
+@pytest.mark.parametrize("threads", [1, 2])
+def test_products_split_over_the_pool_equal_numpy(mkl, threads, monkeypatch):
+    """Large enough to be split: a GEMM by rows (more rows than columns) or by columns, a stack
+    by matrices; each part writes its own block of the output."""
+    monkeypatch.setattr(fused, "_threads", threads)
+    rng = np.random.default_rng(1)
+    for batch, (m, k, n) in [((), (600, 300, 200)), ((), (40, 500, 900)), ((48,), (64, 256, 64))]:
+        for ta, tb in itertools.product((0, 1), (0, 1)):
+            a, b = _operands(rng, batch, m, k, n, ta, tb, np.float32)
+            np.testing.assert_allclose(blas.matmul(a, b), a @ b, rtol=1e-4, atol=1e-4)
+
+
+@needs_mkl
+def test_strided_heads_broadcast_stacks_and_out(mkl):
+    """Attention's q, k, v are strided views of one projection: read in place. A batch axis of
+    one broadcasts. ``out`` is written in place."""
+    rng = np.random.default_rng(2)
+    qkv = rng.standard_normal((2, 16, 3, 4, 8)).astype(np.float32)
+    q, k = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in (0, 1))
+    np.testing.assert_allclose(blas.matmul(q, k.swapaxes(-1, -2)), q @ k.swapaxes(-1, -2), rtol=1e-5, atol=1e-6)
+    a, b = rng.standard_normal((4, 1, 5, 6)).astype(np.float32), rng.standard_normal((3, 6, 2)).astype(np.float32)
+    np.testing.assert_allclose(blas.matmul(a, b), a @ b, rtol=1e-5, atol=1e-6)
+    out = np.empty((5, 2), np.float32)
+    assert blas.matmul(a[0, 0], b[0], out=out) is out
+    np.testing.assert_allclose(out, a[0, 0] @ b[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_mkl
+def test_what_blas_cannot_read_falls_back_to_numpy(mkl):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 8)).astype(np.float32)
+    assert blas.matmul(x[::2, ::2], x[::2, ::2]) is None  # no unit stride
+    assert blas.matmul(x, x.astype(np.float64)) is None  # mixed dtypes: NumPy's promotion
+    assert blas.matmul(x.astype(np.int64), x.astype(np.int64)) is None
+    assert blas.matmul(x[0], x) is None  # 1-D: NumPy's rules
+    assert blas.matmul(np.ones((0, 3), np.float32), np.ones((3, 2), np.float32)) is None
+    assert blas.matmul(x, x, out=np.empty((8, 8), np.float64)) is None
+    # the op still gives NumPy's answer through its fallback
+    np.testing.assert_allclose(OPS["matmul"].kernel(np, x[::2, ::2], x[::2, ::2]), x[::2, ::2] @ x[::2, ::2],
+                               rtol=1e-6)
+
+
+def test_numpy_backend_and_bad_names():
+    before = blas.use("numpy")
+    try:
+        assert blas.backend() == "numpy"
+        assert blas.matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32)) is None
+        with pytest.raises(fs.ConfigError, match="'auto', 'numpy' or 'mkl'"):
+            blas.use("openblas")
+    finally:
+        blas.use(before)
+
+
+def test_asking_for_mkl_without_it_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(blas, "_load", lambda: None)
+    before = blas.backend()
+    with pytest.raises(fs.ConfigError, match=r"pip install 'flowsys\[mkl\]'"):
+        blas.use("mkl")
+    assert blas.backend() == before
+    monkeypatch.setattr(blas, "_active", before)
+    blas.use("auto")  # auto without MKL: NumPy, no error
+    assert blas.backend() == "numpy"
+
+
+def _train(backend: str, steps: int = 3):
+    before = blas.use(backend)
+    try:
+        cfg = fs.models.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+        fs.manual_seed(0)
+        model = fs.models.GPT(cfg)
+        idx = fs.tensor(np.random.default_rng(0).integers(0, 64, (4, 16)))
+        step = TrainStep(model, fs.optim.AdamW(model.parameters(), lr=1e-2))
+        losses = [float(step(idx, idx).numpy()) for _ in range(steps)]
+        return losses, {k: v.numpy() for k, v in model.state_dict().items()}
+    finally:
+        blas.use(before)
+
+
+@needs_mkl
+def test_a_gpt_step_trains_the_same_on_mkl_and_numpy():
+    ref_losses, ref_state = _train("numpy")
+    losses, state = _train("mkl")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for k in ref_state:
+        np.testing.assert_allclose(state[k], ref_state[k], rtol=1e-4, atol=1e-4, err_msg=k)
