@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 import numpy as np
 
@@ -34,6 +35,7 @@ try:
     import numba
     from llvmlite import ir
     from numba import types
+    from numba.core import cgutils
     from numba.extending import intrinsic
 except Exception:  # noqa: BLE001 - any failure to import means: run the NumPy twins
     numba = None
@@ -53,14 +55,14 @@ def usable(xp, *arrays) -> bool:
 # process's share of the cores (``flowsys.device.share_cores``) when ranks share a machine.
 _MIN_PER_THREAD = 1 << 16  # elements: below this a thread costs more than it saves
 _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool: _SpinPool | None = None
 _pool_lock = threading.Lock()
+SPIN_SECONDS = 200e-6  # how long an idle pool thread watches for the next part before it sleeps
 
 
 def _forget_pool() -> None:  # a forked child has none of its parent's threads
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -74,22 +76,23 @@ def set_threads(n: int) -> None:
 
 
 def _split(fn, n: int, per_item: int = 1, align: int = 1) -> None:
-    """Run ``fn(lo, hi)`` over ``range(n)`` in up to ``_threads`` parts, bounds multiples of ``align``."""
+    """Run ``fn(lo, hi)`` over ``range(n)`` in up to ``_threads`` parts, bounds multiples of
+    ``align``: the calling thread runs the first part, the pool's threads the others. While
+    another thread has the pool (ranks of one process), the caller runs the whole range itself."""
+    global _pool
     k = min(_threads, (n * per_item) // _MIN_PER_THREAD, max(1, n // align))
-    if k <= 1:
+    if k <= 1 or numba is None or not _pool_lock.acquire(blocking=False):
         fn(0, n)
         return
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool_size < k - 1:  # the calling thread does one part itself
+    try:
+        if _pool is None or _pool.size < k - 1:
             if _pool is not None:
-                _pool.shutdown(wait=False)  # its threads finish their parts, then exit
-            _pool, _pool_size = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="flowsys-fused"), k - 1
+                _pool.close()
+            _pool = _SpinPool(k - 1)
         bounds = [0] + [min(n, round(n * i / k / align) * align) for i in range(1, k)] + [n]
-        futures = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, k)]
-    fn(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
+        _pool.run(fn, bounds)
+    finally:
+        _pool_lock.release()
 
 
 if numba is not None:
@@ -121,6 +124,58 @@ if numba is not None:
             return builder.bitcast(args[0], ir.IntType(32))
 
         return types.uint32(x), codegen
+
+    # The pool's handshake: a part is posted by a store to its thread's ticket, and its end by a
+    # store to the thread's done counter; both sides watch with atomic loads outside the GIL.
+    @intrinsic
+    def _load_acquire(typingctx, arr, i):
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+            return builder.load_atomic(ptr, "acquire", 8)
+
+        return types.int64(arr, i), codegen
+
+    @intrinsic
+    def _store_release(typingctx, arr, i, v):
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+            builder.store_atomic(context.cast(builder, args[2], sig.args[2], types.int64), ptr, "release", 8)
+            return context.get_dummy_value()
+
+        return types.void(arr, i, v), codegen
+
+    @intrinsic
+    def _pause(typingctx):
+        """x86's ``pause`` in a spin loop (it yields the core's pipeline to its sibling); nothing elsewhere."""
+        def codegen(context, builder, sig, args):
+            if _X86:
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                    "llvm.x86.sse2.pause")
+                builder.call(fn, [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    @numba.njit(nogil=True, cache=True)
+    def _watch(ctl, i, old, spins):
+        """``ctl[i]`` once it differs from ``old``, or ``old`` after ``spins`` pauses without a change."""
+        for _ in range(spins):
+            v = _load_acquire(ctl, i)
+            if v != old:
+                return v
+            _pause()
+        return old
+
+    @numba.njit(nogil=True, cache=True)
+    def _await(ctl, i, want):
+        while _load_acquire(ctl, i) != want:
+            _pause()
+
+    @numba.njit(nogil=True, cache=True)
+    def _post(ctl, i, v):
+        _store_release(ctl, i, v)
 else:  # pragma: no cover - exercised only without Numba
     def _kernel(fn):
         return fn
@@ -132,6 +187,87 @@ else:  # pragma: no cover - exercised only without Numba
 
     def _float_to_bits(x):
         return np.array(x, dtype=np.float32).view(np.uint32)[()]
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+class _SpinPool:
+    """``size`` threads that run the parts ``_split`` hands them, as OpenMP's runtimes do: a
+    thread done with its part watches (outside the GIL, pausing) for the next one for
+    ``SPIN_SECONDS``, then sleeps on a condition. A step's kernels come every few tens of
+    microseconds, so a part is picked up at once, where waking a sleeping thread took 50-80 us
+    on the benchmark's virtual machine (that of a ``ThreadPoolExecutor``: 84 us a call)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.ctl = np.zeros((size, 8), np.int64)  # per thread: [0] ticket, [1] done (a cache line each)
+        self.tasks: list = [None] * size
+        self.errors: list = [None] * size
+        self.sleeping = [False] * size
+        self.closed = False
+        self.cond = threading.Condition()
+        self.spins = _spins_for(SPIN_SECONDS)
+        for w in range(size):
+            threading.Thread(target=self._serve, args=(w,), daemon=True, name=f"flowsys-pool-{w}").start()
+
+    def _serve(self, w: int) -> None:
+        row, served = self.ctl[w], 0
+        while True:
+            ticket = _watch(row, 0, served, self.spins)
+            if ticket == served:
+                with self.cond:
+                    self.sleeping[w] = True
+                    while row[0] == served and not self.closed:
+                        self.cond.wait()
+                    self.sleeping[w] = False
+                    if self.closed:
+                        return
+                ticket = int(row[0])
+            fn, lo, hi = self.tasks[w]
+            self.tasks[w] = None
+            try:
+                fn(lo, hi)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+                self.errors[w] = e
+            served = ticket
+            _post(row, 1, ticket)
+
+    def run(self, fn, bounds: list[int]) -> None:
+        """``fn`` over ``bounds``' parts: the first on the calling thread, part i + 1 on thread i."""
+        posted = []
+        for w in range(len(bounds) - 2):
+            self.tasks[w] = (fn, bounds[w + 1], bounds[w + 2])
+            ticket = int(self.ctl[w, 0]) + 1
+            _post(self.ctl[w], 0, ticket)
+            posted.append(ticket)
+        with self.cond:  # the lock orders this read after a thread's last look at its ticket
+            if any(self.sleeping):
+                self.cond.notify_all()
+        try:
+            fn(bounds[0], bounds[1])
+        finally:
+            for w, ticket in enumerate(posted):
+                _await(self.ctl[w], 1, ticket)
+        for w in range(len(posted)):
+            error, self.errors[w] = self.errors[w], None
+            if error is not None:
+                raise error
+
+    def close(self) -> None:
+        """Its threads end (once idle)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+def _spins_for(seconds: float) -> int:
+    """Pauses of ``_watch`` that take about ``seconds`` on this machine."""
+    probe = np.zeros(1, np.int64)
+    _watch(probe, 0, 0, 16)
+    t0 = time.perf_counter()
+    _watch(probe, 0, 0, 4096)
+    return max(64, int(4096 * seconds / max(time.perf_counter() - t0, 1e-9)))
 
 
 @_scalar
