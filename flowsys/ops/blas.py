@@ -162,10 +162,14 @@ def _batch_pointers(x: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
     return (offsets + x.ctypes.data).astype(np.uint64)
 
 
-def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
+           bias: np.ndarray | None = None) -> np.ndarray | None:
     """``a @ b`` (both at least 2-D, batch axes broadcast as NumPy's) with MKL, into ``out`` (a
     C-contiguous array of the result's shape) or a new array; None where MKL is not in use or
-    does not take these operands."""
+    does not take these operands. ``bias`` (one value per column, of the operands' dtype; 2-D
+    products only) is added as PyTorch's ``addmm`` adds it: each block of the output is filled
+    with it, then the GEMM adds its product to the block (beta 1), so no pass of its own reads
+    the output back."""
     if _active != "mkl" or not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return None
     dtype = a.dtype
@@ -186,6 +190,8 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     if la is None or lb is None or max(la[1], lb[1]) > _INT_MAX:
         return None
     shape = batch + (m, n)
+    if bias is not None and (batch or not isinstance(bias, np.ndarray) or bias.shape != (n,) or bias.dtype != dtype):
+        return None
     if out is None:
         out = np.empty(shape, dtype)
     elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
@@ -193,7 +199,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     real = "s" if dtype == np.float32 else "d"
     count = math.prod(batch)
     if count == 1:
-        _gemm(getattr(_mkl, f"cblas_{real}gemm"), la, lb, m, n, k, a, b, out)
+        _gemm(getattr(_mkl, f"cblas_{real}gemm"), la, lb, m, n, k, a, b, out, bias)
     elif count <= _INT_MAX:
         _gemm_batch(getattr(_mkl, f"cblas_{real}gemm_batch"), la, lb, m, n, k, a, b, out, batch)
     else:
@@ -201,25 +207,40 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return out
 
 
-# A thread takes a part of a product of at least 2**24 multiply-adds (about 0.2 ms on a core):
+# A thread takes a part of a product of at least 2**23 multiply-adds (about 0.1 ms on a core):
 # below that, handing it to the pool costs more than it saves.
-_MACS_PER_PART = 1 << 24
+_MACS_PER_PART = 1 << 23
 
 
-def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
+          bias: np.ndarray | None = None) -> None:
     """One GEMM, its rows (or, when it has more columns than rows, its columns) split over the pool:
-    each part packs the operand it shares, and writes its own block of ``out``."""
+    each part packs the operand it shares, fills its block of ``out`` with ``bias`` (if any) and
+    writes its product there."""
     it = out.itemsize
     pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
+    beta = 0.0 if bias is None else 1.0
     per_item = max(1, fused._MIN_PER_THREAD * (n if m >= n else m) * k // _MACS_PER_PART)
     if m >= n:
         row = (la[1] if la[0] == _NO_TRANS else 1) * it  # bytes from one row of op(a) to the next
-        fused._split(lambda lo, hi: gemm(_ROW_MAJOR, la[0], lb[0], hi - lo, n, k, 1.0, pa + lo * row, la[1],
-                                         pb, lb[1], 0.0, pc + lo * n * it, n), m, per_item=per_item, align=8)
+
+        def rows(lo, hi):
+            if bias is not None:
+                out[lo:hi] = bias
+            gemm(_ROW_MAJOR, la[0], lb[0], hi - lo, n, k, 1.0, pa + lo * row, la[1], pb, lb[1], beta,
+                 pc + lo * n * it, n)
+
+        fused._split(rows, m, per_item=per_item, align=8)
     else:
         col = (1 if lb[0] == _NO_TRANS else lb[1]) * it
-        fused._split(lambda lo, hi: gemm(_ROW_MAJOR, la[0], lb[0], m, hi - lo, k, 1.0, pa, la[1],
-                                         pb + lo * col, lb[1], 0.0, pc + lo * it, n), n, per_item=per_item, align=16)
+
+        def cols(lo, hi):
+            if bias is not None:
+                out[:, lo:hi] = bias[lo:hi]
+            gemm(_ROW_MAJOR, la[0], lb[0], m, hi - lo, k, 1.0, pa, la[1], pb + lo * col, lb[1], beta,
+                 pc + lo * it, n)
+
+        fused._split(cols, n, per_item=per_item, align=16)
 
 
 def _gemm_batch(gemm_batch, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,

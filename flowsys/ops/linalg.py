@@ -206,7 +206,12 @@ def linear(xp, x, w, b=None):
     a bias it is the product alone, whose weight gradient comes in the weight's own layout (a
     tied embedding's two gradients then add without a transposed read)."""
     k = w.shape[-1]
-    out = mm(xp, x.reshape(math.prod(x.shape[:-1]), k), w.reshape(math.prod(w.shape[:-1]), k).T)
+    x2, wt = x.reshape(math.prod(x.shape[:-1]), k), w.reshape(math.prod(w.shape[:-1]), k).T
+    if b is not None and xp is np:  # MKL adds the bias into each block of the product (addmm)
+        out = blas.matmul(x2, wt, bias=b.reshape(-1))
+        if out is not None:
+            return out.reshape(x.shape[:-1] + w.shape[:-1])
+    out = mm(xp, x2, wt)
     if b is None:
         return out.reshape(x.shape[:-1] + w.shape[:-1])
     b = b.reshape(-1)
