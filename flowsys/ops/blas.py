@@ -45,6 +45,7 @@ _SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
 _INT_MAX = 2**31 - 1  # MKL's LP64 interface takes 32-bit ints
 _MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
 
+_SPIN_MKL, _SPIN_NUMPY = 1e-3, 200e-6  # fused.SPIN_SECONDS with each library
 _lock = threading.Lock()
 _mkl: ctypes.CDLL | None = None
 _tried = False
@@ -134,6 +135,9 @@ def use(name: str) -> str:
                           "pip install 'flowsys[mkl]' (Linux), or set FLOWSYS_BLAS=numpy")
     else:
         _active = "numpy"
+    # The pool's threads may watch longer for their next part where they run the GEMMs too:
+    # no BLAS thread of another library then wants the cores between parts.
+    fused.set_spin(_SPIN_MKL if _active == "mkl" else _SPIN_NUMPY)
     return before
 
 
@@ -212,14 +216,35 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
 _MACS_PER_PART = 1 << 23
 
 
+def _bits(x: float, dtype) -> int:
+    """A float as the int64 word ``fused._call_native`` passes as a float32 / float64 argument."""
+    return int(np.array(x, dtype).view(np.int32 if dtype == np.float32 else np.int64))
+
+
+_ones: dict = {}
+
+
+def _ones_column(rows: int, dtype) -> np.ndarray:
+    """``rows`` ones (kept, grown as needed): a block filled with a bias is the product of a
+    column of ones with the bias as one row, which a pool thread computes without the GIL."""
+    have = _ones.get(np.dtype(dtype))
+    if have is None or have.size < rows:
+        have = _ones[np.dtype(dtype)] = np.ones(max(rows, 1024), dtype)
+    return have
+
+
 def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
           bias: np.ndarray | None = None) -> None:
     """One GEMM, its rows (or, when it has more columns than rows, its columns) split over the pool:
     each part packs the operand it shares, fills its block of ``out`` with ``bias`` (if any) and
-    writes its product there."""
-    it = out.itemsize
+    writes its product there (beta 1). The pool's threads make the same calls without the GIL."""
+    it, dtype = out.itemsize, out.dtype
     pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
     beta = 0.0 if bias is None else 1.0
+    addr = ctypes.cast(gemm, ctypes.c_void_p).value
+    kind = 1 if dtype == np.float32 else 2
+    one, zero, beta_bits = _bits(1.0, dtype), _bits(0.0, dtype), _bits(beta, dtype)
+    ones = _ones_column(max(m, n), dtype) if bias is not None else None
     per_item = max(1, fused._MIN_PER_THREAD * (n if m >= n else m) * k // _MACS_PER_PART)
     if m >= n:
         row = (la[1] if la[0] == _NO_TRANS else 1) * it  # bytes from one row of op(a) to the next
@@ -230,7 +255,16 @@ def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, ou
             gemm(_ROW_MAJOR, la[0], lb[0], hi - lo, n, k, 1.0, pa + lo * row, la[1], pb, lb[1], beta,
                  pc + lo * n * it, n)
 
-        fused._split(rows, m, per_item=per_item, align=8)
+        def native_rows(lo, hi):
+            product = [_ROW_MAJOR, la[0], lb[0], hi - lo, n, k, one, pa + lo * row, la[1], pb, lb[1], beta_bits,
+                       pc + lo * n * it, n]
+            if bias is None:
+                return kind, addr, [product]
+            fill = [_ROW_MAJOR, _NO_TRANS, _NO_TRANS, hi - lo, n, 1, one, ones.ctypes.data, 1,
+                    bias.ctypes.data, n, zero, pc + lo * n * it, n]
+            return kind, addr, [fill, product]
+
+        fused._split_native(rows, native_rows, m, per_item=per_item, align=8)
     else:
         col = (1 if lb[0] == _NO_TRANS else lb[1]) * it
 
@@ -240,24 +274,38 @@ def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, ou
             gemm(_ROW_MAJOR, la[0], lb[0], m, hi - lo, k, 1.0, pa, la[1], pb + lo * col, lb[1], beta,
                  pc + lo * it, n)
 
-        fused._split(cols, n, per_item=per_item, align=16)
+        def native_cols(lo, hi):
+            product = [_ROW_MAJOR, la[0], lb[0], m, hi - lo, k, one, pa, la[1], pb + lo * col, lb[1], beta_bits,
+                       pc + lo * it, n]
+            if bias is None:
+                return kind, addr, [product]
+            fill = [_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, hi - lo, 1, one, ones.ctypes.data, 1,
+                    bias.ctypes.data + lo * it, hi - lo, zero, pc + lo * it, n]
+            return kind, addr, [fill, product]
+
+        fused._split_native(cols, native_cols, n, per_item=per_item, align=16)
 
 
 def _gemm_batch(gemm_batch, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
                 batch: tuple[int, ...]) -> None:
-    """A stack of GEMMs of one shape (MKL's group API, one group), its matrices split over the pool."""
+    """A stack of GEMMs of one shape (MKL's group API, one group), its matrices split over the
+    pool; the pool's threads make their calls without the GIL."""
     ints = np.array([la[0], lb[0], m, n, k, la[1], lb[1], n], np.int32)
     scalars = np.array([1.0, 0.0], out.dtype)
     pa, pb, pc = (_batch_pointers(x, batch) for x in (a, b, out))
     at, w, ps = ints.ctypes.data, ints.itemsize, pa.itemsize
+    addr = ctypes.cast(gemm_batch, ctypes.c_void_p).value
+    sizes = []  # each part's matrix count, alive until the product is done
 
-    def part(lo, hi):
+    def args(lo, hi):
         size = np.array([hi - lo], np.int32)
-        gemm_batch(_ROW_MAJOR, at, at + w, at + 2 * w, at + 3 * w, at + 4 * w, scalars.ctypes.data,
-                   pa.ctypes.data + lo * ps, at + 5 * w, pb.ctypes.data + lo * ps, at + 6 * w,
-                   scalars.ctypes.data + scalars.itemsize, pc.ctypes.data + lo * ps, at + 7 * w, 1, size.ctypes.data)
+        sizes.append(size)
+        return [_ROW_MAJOR, at, at + w, at + 2 * w, at + 3 * w, at + 4 * w, scalars.ctypes.data,
+                pa.ctypes.data + lo * ps, at + 5 * w, pb.ctypes.data + lo * ps, at + 6 * w,
+                scalars.ctypes.data + scalars.itemsize, pc.ctypes.data + lo * ps, at + 7 * w, 1, size.ctypes.data]
 
-    fused._split(part, math.prod(batch), per_item=max(1, fused._MIN_PER_THREAD * m * n * k // _MACS_PER_PART))
+    fused._split_native(lambda lo, hi: gemm_batch(*args(lo, hi)), lambda lo, hi: (3, addr, [args(lo, hi)]),
+                        math.prod(batch), per_item=max(1, fused._MIN_PER_THREAD * m * n * k // _MACS_PER_PART))
 
 
 def _from_environment() -> None:

@@ -57,7 +57,12 @@ _MIN_PER_THREAD = 1 << 16  # elements: below this a thread costs more than it sa
 _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _pool: _SpinPool | None = None
 _pool_lock = threading.Lock()
-SPIN_SECONDS = 200e-6  # how long an idle pool thread watches for the next part before it sleeps
+# How long an idle pool thread watches for the next part before it sleeps: 0.2 ms where another
+# library's threads want the cores between our parts (NumPy's OpenBLAS runs the GEMMs), 1 ms where
+# the pool runs the GEMMs too (flowsys.ops.blas on MKL sets it; the benchmark GPT's step: -5 ms)
+SPIN_SECONDS = 200e-6
+_spins = 0  # SPIN_SECONDS in pauses of ``_watch`` (measured when the first pool starts)
+_NO_GO = np.zeros((0, 40), np.int64)  # a generated kernel's ``go`` when no part waits on it
 
 
 def _forget_pool() -> None:  # a forked child has none of its parent's threads
@@ -75,22 +80,72 @@ def set_threads(n: int) -> None:
     _threads = max(1, int(n))
 
 
+def _parts(n: int, per_item: int, align: int) -> list[int] | None:
+    """Bounds of the parts ``range(n)`` splits into (multiples of ``align``), or None for one part."""
+    k = min(_threads, (n * per_item) // _MIN_PER_THREAD, max(1, n // align))
+    if k <= 1 or numba is None:
+        return None
+    return [0] + [min(n, round(n * i / k / align) * align) for i in range(1, k)] + [n]
+
+
+def _take_pool(threads: int) -> _SpinPool | None:
+    """The pool with ``threads`` threads at least, held by this thread; None while another holds it
+    (ranks of one process), and the caller then runs everything itself."""
+    global _pool
+    if not _pool_lock.acquire(blocking=False):
+        return None
+    try:
+        if _pool is None or _pool.size < threads:
+            if _pool is not None:
+                _pool.close()
+            _pool = _SpinPool(threads)
+    except BaseException:
+        _pool_lock.release()
+        raise
+    return _pool
+
+
 def _split(fn, n: int, per_item: int = 1, align: int = 1) -> None:
     """Run ``fn(lo, hi)`` over ``range(n)`` in up to ``_threads`` parts, bounds multiples of
-    ``align``: the calling thread runs the first part, the pool's threads the others. While
-    another thread has the pool (ranks of one process), the caller runs the whole range itself."""
-    global _pool
-    k = min(_threads, (n * per_item) // _MIN_PER_THREAD, max(1, n // align))
-    if k <= 1 or numba is None or not _pool_lock.acquire(blocking=False):
+    ``align``: the calling thread runs the first part, the pool's threads the others."""
+    bounds = _parts(n, per_item, align)
+    pool = _take_pool(len(bounds) - 2) if bounds else None
+    if pool is None:
         fn(0, n)
         return
     try:
-        if _pool is None or _pool.size < k - 1:
-            if _pool is not None:
-                _pool.close()
-            _pool = _SpinPool(k - 1)
-        bounds = [0] + [min(n, round(n * i / k / align) * align) for i in range(1, k)] + [n]
-        _pool.run(fn, bounds)
+        pool.run(fn, bounds)
+    finally:
+        _pool_lock.release()
+
+
+def _split_go(fn, n: int, per_item: int = 1, align: int = 1) -> None:
+    """``_split`` for a generated kernel's call ``fn(lo, hi, go)``, which hands ``go`` on to the
+    kernel: the kernel posts the other parts as it starts (``_release``), outside the GIL."""
+    bounds = _parts(n, per_item, align)
+    pool = _take_pool(len(bounds) - 2) if bounds else None
+    if pool is None:
+        fn(0, n, _NO_GO)
+        return
+    try:
+        pool.run(fn, bounds, go=True)
+    finally:
+        _pool_lock.release()
+
+
+def _split_native(fn, native, n: int, per_item: int = 1, align: int = 1) -> None:
+    """``_split`` for parts a C function runs (a BLAS call): the pool's threads run
+    ``native(lo, hi)`` = (kind, address, calls) without the GIL (``_call_native``), so a part is
+    picked up in microseconds; the calling thread runs ``fn(lo, hi)`` for its own part, or for
+    the whole range where there is no pool to take."""
+    bounds = _parts(n, per_item, align)
+    pool = _take_pool(len(bounds) - 2) if bounds else None
+    if pool is None:
+        fn(0, n)
+        return
+    try:
+        pool.run_native(lambda: fn(bounds[0], bounds[1]),
+                        [native(bounds[i], bounds[i + 1]) for i in range(1, len(bounds) - 1)])
     finally:
         _pool_lock.release()
 
@@ -158,6 +213,69 @@ if numba is not None:
 
         return types.void(), codegen
 
+    _I32, _I64, _PTR = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+
+    @intrinsic
+    def _call_native(typingctx, kind, addr, words):
+        """Call the C function at ``addr`` with arguments from int64 ``words``: kind 1 and 2 are
+        ``cblas_sgemm`` / ``cblas_dgemm`` (6 ints, alpha, a, lda, b, ldb, beta, c, ldc; alpha and
+        beta as the bits of a float32 / float64), kind 3 a ``cblas_?gemm_batch`` (an int, 13
+        pointers, an int, a pointer)."""
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[2])(context, builder, args[2])
+
+            def call(params):
+                fnty = ir.FunctionType(ir.VoidType(), params)
+                fn = builder.inttoptr(args[1], fnty.as_pointer())
+                values = []
+                for i, t in enumerate(params):
+                    x = builder.load(cgutils.get_item_pointer(context, builder, sig.args[2], ary,
+                                                              [context.get_constant(types.intp, i)]))
+                    if t == _I32:
+                        x = builder.trunc(x, _I32)
+                    elif t == _PTR:
+                        x = builder.inttoptr(x, _PTR)
+                    elif isinstance(t, ir.FloatType):
+                        x = builder.bitcast(builder.trunc(x, _I32), t)
+                    elif isinstance(t, ir.DoubleType):
+                        x = builder.bitcast(x, t)
+                    values.append(x)
+                builder.call(fn, values)
+
+            gemm = [_I32] * 6 + [None, _PTR, _I32, _PTR, _I32, None, _PTR, _I32]
+            cases = {1: [ir.FloatType() if t is None else t for t in gemm],
+                     2: [ir.DoubleType() if t is None else t for t in gemm],
+                     3: [_I32] + [_PTR] * 13 + [_I32, _PTR]}
+            for k, params in cases.items():
+                with builder.if_then(builder.icmp_signed("==", args[0], context.get_constant(types.int64, k))):
+                    call(params)
+            return context.get_dummy_value()
+
+        return types.void(kind, addr, words), codegen
+
+    @numba.njit(nogil=True, cache=True)
+    def _serve_native(row, served, spins, finished):
+        """A pool thread's watch, outside the GIL: it posts ``finished`` (a Python part it ran; 0:
+        none) as done, runs each native part posted to ``row`` itself, and returns the ticket of a
+        Python part, or ``served`` once ``spins`` pauses pass with nothing new."""
+        if finished > 0:
+            _store_release(row, 1, finished)
+        idle = 0
+        while idle < spins:
+            ticket = _load_acquire(row, 0)
+            if ticket == served:
+                _pause()
+                idle += 1
+                continue
+            if row[2] == 0:
+                return ticket
+            for c in range(row[4]):
+                _call_native(row[2], row[3], row[5 + 16 * c:21 + 16 * c])
+            served = ticket
+            _store_release(row, 1, ticket)
+            idle = 0
+        return served
+
     @numba.njit(nogil=True, cache=True)
     def _watch(ctl, i, old, spins):
         """``ctl[i]`` once it differs from ``old``, or ``old`` after ``spins`` pauses without a change."""
@@ -169,9 +287,23 @@ if numba is not None:
         return old
 
     @numba.njit(nogil=True, cache=True)
-    def _await(ctl, i, want):
-        while _load_acquire(ctl, i) != want:
+    def _await(ctl, i, want, spins):
+        """Whether ``ctl[i]`` came to ``want`` within ``spins`` pauses."""
+        for _ in range(spins):
+            if _load_acquire(ctl, i) == want:
+                return True
             _pause()
+        return False
+
+    @numba.njit(nogil=True, cache=True)
+    def _release(go):
+        """Post the tickets ``go`` holds back (column ``_HELD``): a generated kernel's first statement,
+        so that a pool thread starts its part once this thread has left the GIL, and takes the GIL
+        at once to start it (rather than sleeping on it until this thread's kernel starts)."""
+        for w in range(go.shape[0]):
+            held = go[w, 37]
+            if held > go[w, 0]:
+                _store_release(go[w], 0, held)
 
     @numba.njit(nogil=True, cache=True)
     def _post(ctl, i, v):
@@ -201,21 +333,25 @@ class _SpinPool:
 
     def __init__(self, size: int):
         self.size = size
-        self.ctl = np.zeros((size, 8), np.int64)  # per thread: [0] ticket, [1] done (a cache line each)
+        # per thread: [0] ticket, [1] done, [2] kind of part (0: Python), [3] function, [4] calls,
+        # [5:37] words of up to two native calls; 40 int64, whole cache lines
+        self.ctl = np.zeros((size, 40), np.int64)
         self.tasks: list = [None] * size
         self.errors: list = [None] * size
         self.sleeping = [False] * size
         self.closed = False
         self.cond = threading.Condition()
-        self.spins = _spins_for(SPIN_SECONDS)
+        set_spin(SPIN_SECONDS, measure=True)
         for w in range(size):
             threading.Thread(target=self._serve, args=(w,), daemon=True, name=f"flowsys-pool-{w}").start()
 
     def _serve(self, w: int) -> None:
-        row, served = self.ctl[w], 0
+        row, served, finished = self.ctl[w], 0, 0
         while True:
-            ticket = _watch(row, 0, served, self.spins)
-            if ticket == served:
+            ticket = _serve_native(row, served, _spins, finished)
+            finished = 0
+            if ticket == int(row[1]):  # nothing for Python: the native parts ran, then it went quiet
+                served = ticket
                 with self.cond:
                     self.sleeping[w] = True
                     while row[0] == served and not self.closed:
@@ -223,33 +359,66 @@ class _SpinPool:
                     self.sleeping[w] = False
                     if self.closed:
                         return
-                ticket = int(row[0])
-            fn, lo, hi = self.tasks[w]
+                continue  # a native part is run by _serve_native, a Python one returned
+            fn, lo, hi, go = self.tasks[w]
             self.tasks[w] = None
             try:
-                fn(lo, hi)
+                fn(lo, hi, _NO_GO) if go else fn(lo, hi)
             except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
                 self.errors[w] = e
-            served = ticket
-            _post(row, 1, ticket)
+            served = finished = ticket  # posted done by _serve_native, once this thread is off the GIL
 
-    def run(self, fn, bounds: list[int]) -> None:
-        """``fn`` over ``bounds``' parts: the first on the calling thread, part i + 1 on thread i."""
+    def run_native(self, own, parts: list) -> None:
+        """Part i + 1 of a product on thread i, without the GIL: ``parts[i]`` is (kind, address,
+        calls), calls a list of up to two lists of int64 words (see ``_call_native``); the calling
+        thread runs ``own()`` meanwhile."""
         posted = []
-        for w in range(len(bounds) - 2):
-            self.tasks[w] = (fn, bounds[w + 1], bounds[w + 2])
-            ticket = int(self.ctl[w, 0]) + 1
-            _post(self.ctl[w], 0, ticket)
+        for w, (kind, addr, calls) in enumerate(parts):
+            row = self.ctl[w]
+            row[2], row[3], row[4] = kind, addr, len(calls)
+            for c, words in enumerate(calls):
+                row[5 + 16 * c:5 + 16 * c + len(words)] = words
+            ticket = int(row[0]) + 1
+            _post(row, 0, ticket)
             posted.append(ticket)
+        self._wake()
+        try:
+            own()
+        finally:
+            self._await_all(posted)
+
+    def _await_all(self, posted: list[int]) -> None:
+        """Until each thread is done with its ticket; a thread that went to sleep before its ticket
+        came (its watch ended a moment too soon) is woken."""
+        for w, ticket in enumerate(posted):
+            while not _await(self.ctl[w], 1, ticket, _spins):
+                self._wake()
+
+    def _wake(self) -> None:
         with self.cond:  # the lock orders this read after a thread's last look at its ticket
             if any(self.sleeping):
                 self.cond.notify_all()
+
+    def run(self, fn, bounds: list[int], go: bool = False) -> None:
+        """``fn`` over ``bounds``' parts: the first on the calling thread, part i + 1 on thread i.
+        With ``go``, ``fn(lo, hi, go)`` is a generated kernel's call, which posts the other parts'
+        tickets itself (``_release``) as it starts; a sleeping thread is woken first."""
+        held = []
+        for w in range(len(bounds) - 2):
+            self.tasks[w] = (fn, bounds[w + 1], bounds[w + 2], go)
+            self.ctl[w, 2] = 0
+            held.append(int(self.ctl[w, 0]) + 1)
+            self.ctl[w, 37] = held[-1]
+        rows = self.ctl[:len(held)]
+        if not go or any(self.sleeping):
+            _release(rows)
+            self._wake()
         try:
-            fn(bounds[0], bounds[1])
+            fn(bounds[0], bounds[1], rows) if go else fn(bounds[0], bounds[1])
         finally:
-            for w, ticket in enumerate(posted):
-                _await(self.ctl[w], 1, ticket)
-        for w in range(len(posted)):
+            _release(rows)  # where the kernel did not start
+            self._await_all(held)
+        for w in range(len(held)):
             error, self.errors[w] = self.errors[w], None
             if error is not None:
                 raise error
@@ -261,13 +430,23 @@ class _SpinPool:
             self.cond.notify_all()
 
 
-def _spins_for(seconds: float) -> int:
-    """Pauses of ``_watch`` that take about ``seconds`` on this machine."""
-    probe = np.zeros(1, np.int64)
-    _watch(probe, 0, 0, 16)
-    t0 = time.perf_counter()
-    _watch(probe, 0, 0, 4096)
-    return max(64, int(4096 * seconds / max(time.perf_counter() - t0, 1e-9)))
+_pauses_per_second = 0.0
+
+
+def set_spin(seconds: float, measure: bool = False) -> None:
+    """How long the pool's idle threads watch for their next part before they sleep (the pause's
+    speed is measured when the first pool starts, or with ``measure``)."""
+    global SPIN_SECONDS, _spins, _pauses_per_second
+    SPIN_SECONDS = float(seconds)
+    if numba is None or not (_pauses_per_second or measure):
+        return
+    if not _pauses_per_second:
+        probe = np.zeros(1, np.int64)
+        _watch(probe, 0, 0, 16)
+        t0 = time.perf_counter()
+        _watch(probe, 0, 0, 4096)
+        _pauses_per_second = 4096 / max(time.perf_counter() - t0, 1e-9)
+    _spins = max(64, int(_pauses_per_second * SPIN_SECONDS))
 
 
 @_scalar
