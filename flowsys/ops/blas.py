@@ -221,6 +221,18 @@ def _bits(x: float, dtype) -> int:
     return int(np.array(x, dtype).view(np.int32 if dtype == np.float32 else np.int64))
 
 
+_natives: dict = {}
+
+
+def _native_gemm(gemm, dtype) -> tuple[int, int, int, int]:
+    """(``fused._call_native``'s kind, the function's address, 1.0 and 0.0 as words) of a GEMM."""
+    got = _natives.get(dtype)
+    if got is None:
+        got = _natives[dtype] = (1 if dtype == np.float32 else 2, ctypes.cast(gemm, ctypes.c_void_p).value,
+                                 _bits(1.0, dtype), _bits(0.0, dtype))
+    return got
+
+
 _ones: dict = {}
 
 
@@ -241,9 +253,8 @@ def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, ou
     it, dtype = out.itemsize, out.dtype
     pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
     beta = 0.0 if bias is None else 1.0
-    addr = ctypes.cast(gemm, ctypes.c_void_p).value
-    kind = 1 if dtype == np.float32 else 2
-    one, zero, beta_bits = _bits(1.0, dtype), _bits(0.0, dtype), _bits(beta, dtype)
+    kind, addr, one, zero = _native_gemm(gemm, dtype)
+    beta_bits = zero if bias is None else one
     ones = _ones_column(max(m, n), dtype) if bias is not None else None
     per_item = max(1, fused._MIN_PER_THREAD * (n if m >= n else m) * k // _MACS_PER_PART)
     if m >= n:

@@ -418,10 +418,10 @@ class _SpinPool:
         finally:
             _release(rows)  # where the kernel did not start
             self._await_all(held)
-        for w in range(len(held)):
-            error, self.errors[w] = self.errors[w], None
-            if error is not None:
-                raise error
+            errors = [e for e in self.errors[:len(held)] if e is not None]
+            self.errors[:len(held)] = [None] * len(held)
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
         """Its threads end (once idle)."""
