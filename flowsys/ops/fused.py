@@ -180,6 +180,18 @@ if numba is not None:
 
         return types.uint32(x), codegen
 
+    @intrinsic
+    def _wide(typingctx):
+        """Let the calling kernel's loops use the widest vectors (LLVM prefers 256-bit ones on
+        x86 cores with AVX-512, a guess against clock throttling that a whole-array pass loses):
+        the generated kernels' first statement. A no-op where the core has no 512-bit vectors.
+        (llvmlite lists the attributes it knows; this one is LLVM's own string attribute.)"""
+        def codegen(context, builder, sig, args):
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
     # The pool's handshake: a part is posted by a store to its thread's ticket, and its end by a
     # store to the thread's done counter; both sides watch with atomic loads outside the GIL.
     @intrinsic

@@ -288,6 +288,7 @@ def numba_source(program, scalars: tuple[bool, ...], dtype, consts: dict | None 
         *_HEADER,
         f"@numba.njit({flags}nogil=True, error_model='numpy', cache=True)",
         f"def kernel({', '.join(f'i{k}' for k in range(n))}, out, kc, go):",
+        "    _wide()",
         "    _release(go)",
         *_constants(consts),
         *[f"    x{k} = {_read(storage, f'i{k}[0]')}" for k in range(n) if scalars[k]],
@@ -305,8 +306,8 @@ def _helpers_digest() -> str:
     import inspect  # noqa: PLC0415
 
     texts = []
-    for f in (fused._exp, fused._erf, fused._bf16_load, fused._bf16_store, fused._release, _maximum, _row_max,
-              _max_no_nan, _no_nan):
+    for f in (fused._exp, fused._erf, fused._bf16_load, fused._bf16_store, fused._release, fused._wide, _maximum,
+              _row_max, _max_no_nan, _no_nan):
         f = getattr(f, "py_func", f)
         try:
             texts.append(inspect.getsource(f))
@@ -318,7 +319,7 @@ def _helpers_digest() -> str:
 
 _HEADER = ["import math", "import numpy as np", "import numba",
            "from flowsys.ops.fusion import _exp32, _erf32, _maximum, _row_max, f32",
-           "from flowsys.ops.fused import _FLAGS, _bf16_load, _bf16_store, _release",
+           "from flowsys.ops.fused import _FLAGS, _bf16_load, _bf16_store, _release, _wide",
            f"# helpers {_helpers_digest()}", ""]
 
 
@@ -426,6 +427,7 @@ def rule_source(rule, scalars: tuple[bool, ...], n_out: int, dtype, alias: tuple
         *_HEADER,
         f"@numba.njit({flags}nogil=True, error_model='numpy', cache=True)",
         f"def kernel({', '.join([f'i{k}' for k in range(n)] + [f'o{q}' for q in range(n_out) if alias[q] is None])}, kc, go):",
+        "    _wide()",
         "    _release(go)",
         *_constants(consts),
         *[f"    x{k} = {_read(storage, f'i{k}[0]')}" for k in range(n) if scalars[k]],
@@ -682,6 +684,7 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
         *_HEADER,
         f"@numba.njit({flags}nogil=True, error_model='numpy', cache=True)",
         f"def kernel({', '.join(params)}, lo, hi, n, nq, kc, go):",
+        "    _wide()",
         "    _release(go)",
         *_constants(consts),
         *[f"    s{k} = {f'i{k}[0]' if ints[k] else _read(storage, f'i{k}[0]')}" for k, kind in enumerate(kinds)
