@@ -76,9 +76,15 @@ def rows_for(name: str, data: dict) -> list[tuple[str, str, str, str, str]]:
     if name == "step":
         c = data["config"]
         what = f"GPT {c['n_layer']}x{c['n_embd']}, batch {c['batch']}x{c['block_size']}, AdamW, graph mode"
-        rows = [("step vs PyTorch eager", what, f"{data['flowsys_median_s'] * 1e3:.0f} ms",
+        blas = {"mkl": ", MKL", "numpy": ""}.get(data.get("flowsys_blas"), "")
+        rows = [("step vs PyTorch eager", what + blas, f"{data['flowsys_median_s'] * 1e3:.0f} ms",
                  f"torch {data['torch_median_s'] * 1e3:.0f} ms",
                  f"{data['ratio_flowsys_over_torch']:.2f}x (target <= 1.0x)")]
+        if data.get("flowsys_openblas_median_s"):
+            rows.append(("step vs PyTorch eager", what + ", NumPy's OpenBLAS",
+                         f"{data['flowsys_openblas_median_s'] * 1e3:.0f} ms", f"torch {data['torch_median_s'] * 1e3:.0f} ms",
+                         f"{data['ratio_flowsys_openblas_over_torch']:.2f}x"))
+        what += blas
         if data.get("torch_compile_median_s"):
             rows.append(("step vs torch.compile", what, f"{data['flowsys_median_s'] * 1e3:.0f} ms",
                          f"torch.compile {data['torch_compile_median_s'] * 1e3:.0f} ms",
