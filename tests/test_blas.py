@@ -118,7 +118,9 @@ def _train(backend: str, steps: int = 3):
         fs.manual_seed(0)
         model = fs.models.GPT(cfg)
         idx = fs.tensor(np.random.default_rng(0).integers(0, 64, (4, 16)))
-        step = TrainStep(model, fs.optim.AdamW(model.parameters(), lr=1e-2))
+        # SGD: an update linear in the gradient (AdamW turns the rounding noise of a gradient near
+        # zero into a step of lr either way)
+        step = TrainStep(model, fs.optim.SGD(model.parameters(), lr=0.1))
         losses = [float(step(idx, idx).numpy()) for _ in range(steps)]
         return losses, {k: v.numpy() for k, v in model.state_dict().items()}
     finally:
@@ -131,4 +133,4 @@ def test_a_gpt_step_trains_the_same_on_mkl_and_numpy():
     losses, state = _train("mkl")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for k in ref_state:
-        np.testing.assert_allclose(state[k], ref_state[k], rtol=1e-4, atol=1e-4, err_msg=k)
+        np.testing.assert_allclose(state[k], ref_state[k], rtol=1e-4, atol=1e-6, err_msg=k)
