@@ -23,6 +23,7 @@ absolute (Abramowitz and Stegun 7.1.26, as the NumPy twin).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -105,32 +106,37 @@ def _take_pool(threads: int) -> _SpinPool | None:
     return _pool
 
 
+@contextlib.contextmanager
+def _pool_for(n: int, per_item: int, align: int):
+    """(the pool, held, and the parts' bounds) for ``range(n)``, or (None, None): one part, or the
+    pool held by another thread."""
+    bounds = _parts(n, per_item, align)
+    pool = _take_pool(len(bounds) - 2) if bounds else None
+    try:
+        yield (pool, bounds) if pool is not None else (None, None)
+    finally:
+        if pool is not None:
+            _pool_lock.release()
+
+
 def _split(fn, n: int, per_item: int = 1, align: int = 1) -> None:
     """Run ``fn(lo, hi)`` over ``range(n)`` in up to ``_threads`` parts, bounds multiples of
     ``align``: the calling thread runs the first part, the pool's threads the others."""
-    bounds = _parts(n, per_item, align)
-    pool = _take_pool(len(bounds) - 2) if bounds else None
-    if pool is None:
-        fn(0, n)
-        return
-    try:
-        pool.run(fn, bounds)
-    finally:
-        _pool_lock.release()
+    with _pool_for(n, per_item, align) as (pool, bounds):
+        if pool is None:
+            fn(0, n)
+        else:
+            pool.run(fn, bounds)
 
 
 def _split_go(fn, n: int, per_item: int = 1, align: int = 1) -> None:
     """``_split`` for a generated kernel's call ``fn(lo, hi, go)``, which hands ``go`` on to the
     kernel: the kernel posts the other parts as it starts (``_release``), outside the GIL."""
-    bounds = _parts(n, per_item, align)
-    pool = _take_pool(len(bounds) - 2) if bounds else None
-    if pool is None:
-        fn(0, n, _NO_GO)
-        return
-    try:
-        pool.run(fn, bounds, go=True)
-    finally:
-        _pool_lock.release()
+    with _pool_for(n, per_item, align) as (pool, bounds):
+        if pool is None:
+            fn(0, n, _NO_GO)
+        else:
+            pool.run(fn, bounds, go=True)
 
 
 def _split_native(fn, native, n: int, per_item: int = 1, align: int = 1) -> None:
@@ -138,16 +144,12 @@ def _split_native(fn, native, n: int, per_item: int = 1, align: int = 1) -> None
     ``native(lo, hi)`` = (kind, address, calls) without the GIL (``_call_native``), so a part is
     picked up in microseconds; the calling thread runs ``fn(lo, hi)`` for its own part, or for
     the whole range where there is no pool to take."""
-    bounds = _parts(n, per_item, align)
-    pool = _take_pool(len(bounds) - 2) if bounds else None
-    if pool is None:
-        fn(0, n)
-        return
-    try:
-        pool.run_native(lambda: fn(bounds[0], bounds[1]),
-                        [native(bounds[i], bounds[i + 1]) for i in range(1, len(bounds) - 1)])
-    finally:
-        _pool_lock.release()
+    with _pool_for(n, per_item, align) as (pool, bounds):
+        if pool is None:
+            fn(0, n)
+        else:
+            pool.run_native(lambda: fn(bounds[0], bounds[1]),
+                            [native(bounds[i], bounds[i + 1]) for i in range(1, len(bounds) - 1)])
 
 
 if numba is not None:
