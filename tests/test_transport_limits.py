@@ -75,6 +75,12 @@ def until(condition, what: str, seconds: float = 15.0):
         time.sleep(0.02)
 
 
+def _process_state(pid: int) -> str:
+    """A process's state letter in /proc (``T``: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def job_files(secret: str) -> list[str]:
     return sorted(n for n in os.listdir(gt.SHM_DIR) if job_id(secret) in n)
 
@@ -192,6 +198,9 @@ def child_rank(secret: str, role: str):
 def test_nothing_is_left_in_dev_shm_when_a_stopped_receiver_is_killed(secret):
     with child_rank(secret, "receiver") as (child, a):
         os.kill(child.pid, signal.SIGSTOP)  # it maps nothing now
+        # once it is stopped: a receiver still running would hand back the first segment, which the
+        # next message would then reuse (4 segments for 5 messages)
+        until(lambda: _process_state(child.pid) == "T", "the receiver stopped")
         for _ in range(5):
             a.send(np.ones(1 << 17), 1)
         # send returns once the message is queued: the sender thread writes the segments after
