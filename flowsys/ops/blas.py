@@ -224,12 +224,11 @@ def _bits(x: float, dtype) -> int:
 _natives: dict = {}
 
 
-def _native_gemm(gemm, dtype) -> tuple[int, int, int, int]:
-    """(``fused._call_native``'s kind, the function's address, 1.0 and 0.0 as words) of a GEMM."""
+def _native_gemm(gemm, dtype) -> tuple[int, int]:
+    """(``fused._call_native``'s kind, the function's address) of a GEMM."""
     got = _natives.get(dtype)
     if got is None:
-        got = _natives[dtype] = (1 if dtype == np.float32 else 2, ctypes.cast(gemm, ctypes.c_void_p).value,
-                                 _bits(1.0, dtype), _bits(0.0, dtype))
+        got = _natives[dtype] = (1 if dtype == np.float32 else 2, ctypes.cast(gemm, ctypes.c_void_p).value)
     return got
 
 
@@ -248,53 +247,40 @@ def _ones_column(rows: int, dtype) -> np.ndarray:
 def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
           bias: np.ndarray | None = None) -> None:
     """One GEMM, its rows (or, when it has more columns than rows, its columns) split over the pool:
-    each part packs the operand it shares, fills its block of ``out`` with ``bias`` (if any) and
-    writes its product there (beta 1). The pool's threads make the same calls without the GIL."""
+    each part packs the operand it shares, fills its block of ``out`` with ``bias`` (if any: the
+    product of a column of ones with the bias as one row) and adds its product there (beta 1).
+    A part is a list of ``cblas_?gemm`` calls, made with ctypes on the calling thread and by the
+    pool's threads without the GIL."""
     it, dtype = out.itemsize, out.dtype
     pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
     beta = 0.0 if bias is None else 1.0
-    kind, addr, one, zero = _native_gemm(gemm, dtype)
-    beta_bits = zero if bias is None else one
+    kind, addr = _native_gemm(gemm, dtype)
     ones = _ones_column(max(m, n), dtype) if bias is not None else None
-    per_item = max(1, fused._MIN_PER_THREAD * (n if m >= n else m) * k // _MACS_PER_PART)
-    if m >= n:
-        row = (la[1] if la[0] == _NO_TRANS else 1) * it  # bytes from one row of op(a) to the next
+    by_rows = m >= n
+    row = (la[1] if la[0] == _NO_TRANS else 1) * it  # bytes from one row of op(a) to the next
+    col = (1 if lb[0] == _NO_TRANS else lb[1]) * it  # from one column of op(b) to the next
 
-        def rows(lo, hi):
-            if bias is not None:
-                out[lo:hi] = bias
-            gemm(_ROW_MAJOR, la[0], lb[0], hi - lo, n, k, 1.0, pa + lo * row, la[1], pb, lb[1], beta,
-                 pc + lo * n * it, n)
+    def calls(lo, hi):
+        if by_rows:  # rows lo:hi of the product
+            rows, cols, a_, b_, c_, first = hi - lo, n, pa + lo * row, pb, pc + lo * n * it, 0
+        else:  # columns lo:hi
+            rows, cols, a_, b_, c_, first = m, hi - lo, pa, pb + lo * col, pc + lo * it, lo
+        product = [_ROW_MAJOR, la[0], lb[0], rows, cols, k, 1.0, a_, la[1], b_, lb[1], beta, c_, n]
+        if bias is None:
+            return [product]
+        fill = [_ROW_MAJOR, _NO_TRANS, _NO_TRANS, rows, cols, 1, 1.0, ones.ctypes.data, 1,
+                bias.ctypes.data + first * it, cols, 0.0, c_, n]
+        return [fill, product]
 
-        def native_rows(lo, hi):
-            product = [_ROW_MAJOR, la[0], lb[0], hi - lo, n, k, one, pa + lo * row, la[1], pb, lb[1], beta_bits,
-                       pc + lo * n * it, n]
-            if bias is None:
-                return kind, addr, [product]
-            fill = [_ROW_MAJOR, _NO_TRANS, _NO_TRANS, hi - lo, n, 1, one, ones.ctypes.data, 1,
-                    bias.ctypes.data, n, zero, pc + lo * n * it, n]
-            return kind, addr, [fill, product]
+    def own(lo, hi):
+        for args in calls(lo, hi):
+            gemm(*args)
 
-        fused._split_native(rows, native_rows, m, per_item=per_item, align=8)
-    else:
-        col = (1 if lb[0] == _NO_TRANS else lb[1]) * it
+    def native(lo, hi):
+        return kind, addr, [[*c[:6], _bits(c[6], dtype), *c[7:11], _bits(c[11], dtype), *c[12:]] for c in calls(lo, hi)]
 
-        def cols(lo, hi):
-            if bias is not None:
-                out[:, lo:hi] = bias[lo:hi]
-            gemm(_ROW_MAJOR, la[0], lb[0], m, hi - lo, k, 1.0, pa, la[1], pb + lo * col, lb[1], beta,
-                 pc + lo * it, n)
-
-        def native_cols(lo, hi):
-            product = [_ROW_MAJOR, la[0], lb[0], m, hi - lo, k, one, pa, la[1], pb + lo * col, lb[1], beta_bits,
-                       pc + lo * it, n]
-            if bias is None:
-                return kind, addr, [product]
-            fill = [_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, hi - lo, 1, one, ones.ctypes.data, 1,
-                    bias.ctypes.data + lo * it, hi - lo, zero, pc + lo * it, n]
-            return kind, addr, [fill, product]
-
-        fused._split_native(cols, native_cols, n, per_item=per_item, align=16)
+    per_item = max(1, fused._MIN_PER_THREAD * (n if by_rows else m) * k // _MACS_PER_PART)
+    fused._split_native(own, native, m if by_rows else n, per_item=per_item, align=8 if by_rows else 16)
 
 
 def _gemm_batch(gemm_batch, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,

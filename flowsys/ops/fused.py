@@ -63,6 +63,7 @@ _pool_lock = threading.Lock()
 # the pool runs the GEMMs too (flowsys.ops.blas on MKL sets it; the benchmark GPT's step: -5 ms)
 SPIN_SECONDS = 200e-6
 _spins = 0  # SPIN_SECONDS in pauses of ``_watch`` (measured when the first pool starts)
+_HELD = 37  # the column of a pool thread's control row holding its next ticket back (_release)
 _NO_GO = np.zeros((0, 40), np.int64)  # a generated kernel's ``go`` when no part waits on it
 
 
@@ -315,6 +316,8 @@ if numba is not None:
         so that a pool thread starts its part once this thread has left the GIL, and takes the GIL
         at once to start it (rather than sleeping on it until this thread's kernel starts)."""
         for w in range(go.shape[0]):
+            # 37 is _HELD. Written as the module constant, the compiled read returned garbage in
+            # tests/test_pool.py (a ticket made of text); why is not understood, the literal works
             held = go[w, 37]
             if held > go[w, 0]:
                 _store_release(go[w], 0, held)
@@ -348,7 +351,7 @@ class _SpinPool:
     def __init__(self, size: int):
         self.size = size
         # per thread: [0] ticket, [1] done, [2] kind of part (0: Python), [3] function, [4] calls,
-        # [5:37] words of up to two native calls; 40 int64, whole cache lines
+        # [5:37] words of up to two native calls, [_HELD] a held ticket; 40 int64, whole cache lines
         self.ctl = np.zeros((size, 40), np.int64)
         self.tasks: list = [None] * size
         self.errors: list = [None] * size
@@ -422,7 +425,7 @@ class _SpinPool:
             self.tasks[w] = (fn, bounds[w + 1], bounds[w + 2], go)
             self.ctl[w, 2] = 0
             held.append(int(self.ctl[w, 0]) + 1)
-            self.ctl[w, 37] = held[-1]
+            self.ctl[w, _HELD] = held[-1]
         rows = self.ctl[:len(held)]
         if not go or any(self.sleeping):
             _release(rows)
