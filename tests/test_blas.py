@@ -75,6 +75,53 @@ def test_strided_heads_broadcast_stacks_and_out(mkl):
 
 
 @needs_mkl
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_triangular_products_skip_the_zeros_and_equal_numpy(mkl, threads, dtype, monkeypatch):
+    """``tri``: the left operand is zero above ("lower") or below ("upper") its diagonal, as causal
+    attention's probabilities (and, transposed, in their gradients). Blocks of rows take only
+    their triangle's columns; square, wide and tall matrices, stored as they are or transposed
+    (a transposed view of the probabilities), one matrix or a stack split over the pool. Rows of
+    an upper operand past its columns are zeros."""
+    monkeypatch.setattr(fused, "_threads", threads)
+    rng = np.random.default_rng(4)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for batch, (m, k, n) in [((32,), (128, 128, 64)), ((2, 3), (100, 70, 33)), ((), (70, 40, 8)), ((3,), (20, 90, 5)),
+                             ((2,), (1, 1, 1))]:
+        for tri, keep in (("lower", np.tril), ("upper", np.triu)):
+            a = keep(rng.standard_normal(batch + (m, k))).astype(dtype)
+            b = rng.standard_normal(batch + (k, n)).astype(dtype)
+            transposed = np.ascontiguousarray(a.swapaxes(-1, -2)).swapaxes(-1, -2)
+            for x in (a, transposed):
+                np.testing.assert_allclose(blas.matmul(x, b, tri=tri), a @ b, rtol=rtol, atol=rtol)
+    # through the op and its gradient (the transpose is triangular the other way)
+    p = np.tril(rng.standard_normal((4, 64, 64))).astype(dtype)
+    v = rng.standard_normal((4, 64, 16)).astype(dtype)
+    np.testing.assert_allclose(OPS["matmul"].kernel(np, p, v, tri="lower"), p @ v, rtol=rtol, atol=rtol)
+    pt, vt = fs.tensor(p, requires_grad=True), fs.tensor(v, requires_grad=True)
+    from flowsys.tensor import apply
+    (apply("matmul", pt, vt, tri="lower") * fs.tensor(v[..., :1])).sum().backward()
+    g = np.broadcast_to(v[..., :1], (4, 64, 16))
+    np.testing.assert_allclose(pt.grad.numpy(), g @ v.swapaxes(-1, -2), rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(vt.grad.numpy(), p.swapaxes(-1, -2) @ g, rtol=rtol, atol=rtol)
+
+
+def test_a_triangular_operand_is_never_split_along_its_matrix():
+    """Its triangle is in global rows and columns: a shard of either (or a partial sum) is not
+    triangular in its own coordinates, so only the batch axes and b's columns may split."""
+    from flowsys.ops.registry import Spec
+    from flowsys.sbp import PartialSum, Split
+    specs = (Spec((2, 8, 8), np.float32), Spec((2, 8, 4), np.float32))
+    plain = OPS["matmul"].sbp(specs, {})
+    rows = OPS["matmul"].sbp(specs, {"tri": "lower"})
+    assert {r.ins for r in rows} < {r.ins for r in plain}
+    assert not [r for r in rows if r.ins[0] in (Split(1), Split(2)) or isinstance(r.ins[0], PartialSum)]
+    assert [r for r in rows if r.ins[0] == Split(0)] and [r for r in rows if r.ins[1] == Split(2)]
+    with pytest.raises(fs.errors.ShapeError, match="tri"):
+        OPS["matmul"].infer(*specs, tri="diagonal")
+
+
+@needs_mkl
 def test_what_blas_cannot_read_falls_back_to_numpy(mkl):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 8)).astype(np.float32)

@@ -38,6 +38,8 @@ BOOL = Arg((2, 3), dtype=bool)
 DISTINCT = Arg((2, 3, 4), distinct=True)
 POS = Arg((2, 3), low=0.5, high=2.0)
 INT = Arg((2, 3), dtype=np.int32, low=-3, high=3)
+TRIL = np.tril(np.random.default_rng(7).uniform(-1, 1, (2, 5, 4)))  # matmul's tri: causal probabilities' shape
+TRIU = np.triu(np.random.default_rng(8).uniform(-1, 1, (2, 3, 4)))
 
 CASES: dict[str, list[Case]] = {
     # elementwise
@@ -87,7 +89,7 @@ CASES: dict[str, list[Case]] = {
     "take_grad": [Case(((2, 2, 3), IDS), {"shape": (5, 3)}), Case(((2, 2, 2, 3), IDS), {"axis": 1, "shape": (2, 5, 3)})],
     # linalg
     "matmul": [Case(((2, 3, 4), (4, 5))), Case(((4,), (3, 4, 2))), Case(((2, 1, 2, 3), (3, 3, 2))),
-               Case(((3, 4), (4,)))],
+               Case(((3, 4), (4,))), Case((TRIL, (2, 4, 3)), {"tri": "lower"}), Case((TRIU, (4, 2)), {"tri": "upper"})],
     "linear": [Case(((2, 3, 4), (5, 4), (5,))), Case(((4,), (6, 4), (6,))), Case(((6, 4), (2, 4), (2,))),
                Case(((2, 3, 4), (3, 2, 4), (3, 2))), Case(((2, 3, 4), (5, 4))), Case(((6, 4), (3, 2, 4)))],
     "linear_grad_input": [Case(((2, 3, 5), (5, 4))), Case(((2, 3, 3, 2), (3, 2, 4))), Case(((6,), (6, 4)))],

@@ -96,6 +96,12 @@ def embedding(indices: Tensor, weight: Tensor) -> Tensor:
     return take(weight, indices, axis=0)
 
 
+def _by_probs(att: Tensor, v: Tensor, is_causal: bool) -> Tensor:
+    """Attention probabilities times the values; causal ones are zero above the diagonal (dropout
+    keeps them so), which the product is told (matmul's ``tri``) so that it skips them."""
+    return apply("matmul", att, v, tri="lower") if is_causal else att @ v
+
+
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  training: bool = True) -> Tensor:
@@ -115,11 +121,11 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Ten
         if dropout_p == 0.0 or not training:
             tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
             if tq * tk <= (tq + 2 * tk) * d:
-                return apply("sdpa_probs", q, k, is_causal=is_causal, scale=scale) @ v
+                return _by_probs(apply("sdpa_probs", q, k, is_causal=is_causal, scale=scale), v, is_causal)
             return apply("scaled_dot_product_attention", q, k, v, is_causal=is_causal, scale=scale)
         # Megatron-LM's order: one fused scale-mask-softmax, dropout on its probabilities, then @ v.
         att = apply("sdpa_probs", q, k, is_causal=is_causal, scale=scale)
-        return dropout(att, dropout_p, training) @ v
+        return _by_probs(dropout(att, dropout_p, training), v, is_causal)
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     att = (q @ k.swapaxes(-1, -2)) * s
     if is_causal:

@@ -30,6 +30,7 @@ True
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -157,23 +158,28 @@ def _layout(rows: int, cols: int, s0: int, s1: int, itemsize: int) -> tuple[int,
     return None
 
 
-def _batch_pointers(x: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
-    """The address of each matrix of ``x`` (broadcast to ``batch``), in C order."""
-    x = np.broadcast_to(x, batch + x.shape[-2:])
-    offsets = np.zeros(1, np.int64)
-    for n, s in zip(batch, x.strides[:-2]):
-        offsets = (offsets[:, None] + np.arange(n, dtype=np.int64) * s).reshape(-1)
-    return (offsets + x.ctypes.data).astype(np.uint64)
+@functools.lru_cache(maxsize=512)
+def _offsets(batch: tuple[int, ...], shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+    """The byte offset of each matrix of a stack with these batch ``shape`` and ``strides``
+    (broadcast to ``batch``), in C order; kept per layout, so a call only adds its address."""
+    strides = (0,) * (len(batch) - len(shape)) + tuple(0 if n == 1 else s for n, s in zip(shape, strides))
+    offsets = np.zeros(1, np.uint64)
+    for n, st in zip(batch, strides):
+        offsets = (offsets[:, None] + (np.arange(n, dtype=np.int64) * st).astype(np.uint64)).reshape(-1)
+    offsets.flags.writeable = False
+    return offsets
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
-           bias: np.ndarray | None = None) -> np.ndarray | None:
+           bias: np.ndarray | None = None, tri: str | None = None) -> np.ndarray | None:
     """``a @ b`` (both at least 2-D, batch axes broadcast as NumPy's) with MKL, into ``out`` (a
     C-contiguous array of the result's shape) or a new array; None where MKL is not in use or
     does not take these operands. ``bias`` (one value per column, of the operands' dtype; 2-D
     products only) is added as PyTorch's ``addmm`` adds it: each block of the output is filled
     with it, then the GEMM adds its product to the block (beta 1), so no pass of its own reads
-    the output back."""
+    the output back. ``tri`` ("lower" or "upper") promises that every matrix of ``a`` is zero
+    above (below) its diagonal, as a causal attention's probabilities are: the product skips
+    those blocks (:func:`_tri_groups`)."""
     if _active != "mkl" or not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return None
     dtype = a.dtype
@@ -194,7 +200,8 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
     if la is None or lb is None or max(la[1], lb[1]) > _INT_MAX:
         return None
     shape = batch + (m, n)
-    if bias is not None and (batch or not isinstance(bias, np.ndarray) or bias.shape != (n,) or bias.dtype != dtype):
+    if bias is not None and (batch or tri or not isinstance(bias, np.ndarray) or bias.shape != (n,)
+                             or bias.dtype != dtype):
         return None
     if out is None:
         out = np.empty(shape, dtype)
@@ -202,10 +209,11 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
         return None
     real = "s" if dtype == np.float32 else "d"
     count = math.prod(batch)
-    if count == 1:
+    if count == 1 and not tri:
         _gemm(getattr(_mkl, f"cblas_{real}gemm"), la, lb, m, n, k, a, b, out, bias)
     elif count <= _INT_MAX:
-        _gemm_batch(getattr(_mkl, f"cblas_{real}gemm_batch"), la, lb, m, n, k, a, b, out, batch)
+        groups = _tri_groups(tri, m, k) if tri else _WHOLE
+        _gemm_batch(getattr(_mkl, f"cblas_{real}gemm_batch"), la, lb, m, n, k, a, b, out, batch, groups)
     else:
         return None
     return out
@@ -283,26 +291,77 @@ def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, ou
     fused._split_native(own, native, m if by_rows else n, per_item=per_item, align=8 if by_rows else 16)
 
 
+_WHOLE = ((0, 0, 0, 0),)  # one group: the whole matrices (no row offset, k from the product)
+
+
+@functools.lru_cache(maxsize=256)
+def _tri_groups(tri: str, m: int, k: int) -> tuple:
+    """Groups of blocks of rows of a product whose left operand is triangular: (first row, rows,
+    first column of ``a``, columns of ``a``), with the byte offsets they imply in ``_gemm_batch``.
+    The rows split in blocks of at least 16 (8 blocks at most); a block of a lower ``a`` takes its
+    columns up to its last row's diagonal, one of an upper ``a`` from its first row's. A causal
+    attention's 128 x 128 probabilities times its values: 56 % of the multiply-adds, in MKL's
+    products of 16 rows (measured: 306 against 467 us on one core, 32 heads)."""
+    blocks = max(1, min(8, m // 16))
+    size = -(-m // blocks)
+    groups = []
+    for r0 in range(0, m, size):
+        r1 = min(m, r0 + size)
+        c0, c1 = (0, min(k, r1)) if tri == "lower" else (min(k, r0), k)
+        groups.append((r0, r1 - r0, c0, c1 - c0))  # no columns (an upper a's rows past k): zeros
+    return tuple(groups)
+
+
 def _gemm_batch(gemm_batch, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
-                batch: tuple[int, ...]) -> None:
-    """A stack of GEMMs of one shape (MKL's group API, one group), its matrices split over the
-    pool; the pool's threads make their calls without the GIL."""
-    ints = np.array([la[0], lb[0], m, n, k, la[1], lb[1], n], np.int32)
-    scalars = np.array([1.0, 0.0], out.dtype)
-    pa, pb, pc = (_batch_pointers(x, batch) for x in (a, b, out))
-    at, w, ps = ints.ctypes.data, ints.itemsize, pa.itemsize
+                batch: tuple[int, ...], groups: tuple = _WHOLE) -> None:
+    """A stack of GEMMs (MKL's group API: one group per block of ``groups``, each over the stack's
+    matrices), the matrices split over the pool; the pool's threads make their calls without
+    the GIL. A group (r0, rows, c0, cols) multiplies rows r0:r0+rows and columns c0:c0+cols of
+    ``a`` by rows c0:c0+cols of ``b`` into rows r0:r0+rows of ``out``; ``_WHOLE`` is the plain
+    product."""
+    count, g = math.prod(batch), len(groups)
+    plan = _batch_plan(la, lb, m, n, k, out.dtype.str, groups, a.strides[-2:], b.strides[-2], out.strides[-2])
+    ints, scalars, (ga, gb, gc) = plan
+    offsets = [_offsets(batch, x.shape[:-2], x.strides[:-2]) for x in (a, b, out)]
+    bases = [np.uint64(x.ctypes.data) for x in (a, b, out)]
+    at, w = ints.ctypes.data, ints.itemsize
     addr = ctypes.cast(gemm_batch, ctypes.c_void_p).value
-    sizes = []  # each part's matrix count, alive until the product is done
+    keep = []  # each part's pointer and size arrays, alive until the product is done
 
     def args(lo, hi):
-        size = np.array([hi - lo], np.int32)
-        sizes.append(size)
-        return [_ROW_MAJOR, at, at + w, at + 2 * w, at + 3 * w, at + 4 * w, scalars.ctypes.data,
-                pa.ctypes.data + lo * ps, at + 5 * w, pb.ctypes.data + lo * ps, at + 6 * w,
-                scalars.ctypes.data + scalars.itemsize, pc.ctypes.data + lo * ps, at + 7 * w, 1, size.ctypes.data]
+        pa, pb, pc = ((off[lo:hi][None, :] + grp[:, None]).reshape(-1) + base
+                      for off, grp, base in zip(offsets, (ga, gb, gc), bases))
+        size = np.full(g, hi - lo, np.int32)
+        keep.append((pa, pb, pc, size))
+        return [_ROW_MAJOR, at, at + g * w, at + 2 * g * w, at + 3 * g * w, at + 4 * g * w, scalars.ctypes.data,
+                pa.ctypes.data, at + 5 * g * w, pb.ctypes.data, at + 6 * g * w,
+                scalars.ctypes.data + g * scalars.itemsize, pc.ctypes.data, at + 7 * g * w, g, size.ctypes.data]
 
+    macs = m * n * k if groups == _WHOLE else sum(rows * cols for _, rows, _, cols in groups) * n
     fused._split_native(lambda lo, hi: gemm_batch(*args(lo, hi)), lambda lo, hi: (3, addr, [args(lo, hi)]),
-                        math.prod(batch), per_item=max(1, fused._MIN_PER_THREAD * m * n * k // _MACS_PER_PART))
+                        count, per_item=max(1, fused._MIN_PER_THREAD * macs // _MACS_PER_PART))
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_plan(la, lb, m: int, n: int, k: int, dtype: str, groups: tuple, a_strides: tuple[int, int],
+                b_row: int, c_row: int):
+    """The per-group arrays of ``_gemm_batch`` (kept per shape and layout): the int32 arguments
+    (transpositions, m, n, k, leading dimensions; one row each), alpha and beta, and each group's
+    byte offsets into ``a``, ``b`` and ``out``."""
+    whole = groups == _WHOLE
+    rows = [m] if whole else [r for _, r, _, _ in groups]
+    ks = [k] if whole else [c for _, _, _, c in groups]
+    g = len(rows)
+    ints = np.array([[la[0]] * g, [lb[0]] * g, rows, [n] * g, ks, [la[1]] * g, [lb[1]] * g, [n] * g], np.int32)
+    alpha = [1.0] * g
+    beta = [0.0] * g
+    scalars = np.array(alpha + beta, np.dtype(dtype))
+    ga = np.array([r0 * a_strides[0] + c0 * a_strides[1] for r0, _, c0, _ in groups], np.uint64)
+    gb = np.array([c0 * b_row for _, _, c0, _ in groups], np.uint64)
+    gc = np.array([r0 * c_row for r0, _, _, _ in groups], np.uint64)
+    for x in (ints, scalars, ga, gb, gc):
+        x.flags.writeable = False
+    return ints, scalars, (ga, gb, gc)
 
 
 def _from_environment() -> None:

@@ -16,11 +16,12 @@ from flowsys.sbp import PartialSum, Split
 B, P, S = R.B, R.P, R.S
 
 
-def mm(xp, a, b, out=None):
+def mm(xp, a, b, out=None, tri=None):
     """``a @ b`` on ``xp``: MKL's GEMM where ``flowsys.ops.blas`` runs the CPU's products, else
-    ``xp.matmul`` (into ``out`` if given)."""
+    ``xp.matmul`` (into ``out`` if given). ``tri`` ("lower"/"upper"): ``a`` is zero above/below
+    its diagonal, and MKL skips those blocks (``blas.matmul``); the product is the same."""
     if xp is np:
-        result = blas.matmul(a, b, out)
+        result = blas.matmul(a, b, out, tri=tri)
         if result is not None:
             return result
     return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
@@ -57,7 +58,13 @@ def matmul_subscripts(a: Spec, b: Spec) -> tuple[str, str, str]:
 
 def _matmul_rows(specs, attrs):
     a_sub, b_sub, out = matmul_subscripts(*specs)
-    return R.einsum((a_sub, b_sub), out, specs)
+    rows = R.einsum((a_sub, b_sub), out, specs)
+    if attrs.get("tri"):
+        # a's triangle is in its global rows and columns: a shard of either axis (or a partial
+        # sum of a) is not triangular in its own, so only the other axes may split
+        a = specs[0]
+        rows = [r for r in rows if r.ins[0] not in (S(a.ndim - 2), S(a.ndim - 1), P)]
+    return rows
 
 
 def _swap_last(b, x):
@@ -65,9 +72,20 @@ def _swap_last(b, x):
     return b.transpose(x, axes=tuple(range(n - 2)) + (n - 1, n - 2))
 
 
-def _matmul_grad(b, g, out, x, y):
+_FLIP = {"lower": "upper", "upper": "lower"}
+
+
+def _matmul_grad(b, g, out, x, y, *, tri=None):
+    """matmul's gradients; with ``tri``, ``x``'s transpose is triangular the other way, and its
+    product with ``g`` skips the zeros (``x``'s own gradient is the whole product, as without)."""
     xs, ys = tuple(x.shape), tuple(y.shape)
     gx = gy = None
+    if tri:
+        if b.needs[0]:
+            gx = sum_to_shape(b, b.matmul(g, _swap_last(b, y)), xs)
+        if b.needs[1]:
+            gy = sum_to_shape(b, b.matmul(_swap_last(b, x), g, tri=_FLIP[tri]), ys)
+        return [gx, gy]
     if len(xs) >= 2 and len(ys) == 2:
         # The common Linear case: fold the batch axes into rows so each gradient is one GEMM.
         if b.needs[0]:
@@ -88,17 +106,29 @@ def _matmul_grad(b, g, out, x, y):
 
 
 def _matmul_cost(ins, outs, attrs):
-    """Every output element is a dot product over k (1-D operands included: NumPy's rules)."""
+    """Every output element is a dot product over k (1-D operands included: NumPy's rules). With
+    ``tri`` too: the skipped zeros count, as MFU figures count a causal attention's products
+    (Megatron-LM's Eq. 3), so a step's FLOPs do not depend on the kernels."""
     return Cost(2 * numel(outs[0]) * ins[0].shape[-1], moved(ins, outs), gemm=True)
 
 
-@register("matmul", infer=lambda a, b: Spec(_matmul_shape(a, b), result_dtype(a, b)), sbp=_matmul_rows,
-          grad=_matmul_grad, cost=_matmul_cost)
-def matmul(xp, a, b):
-    if b.ndim == 2 and a.ndim > 2:
+def _matmul_infer(a: Spec, b: Spec, *, tri=None) -> Spec:
+    if tri not in (None, "lower", "upper"):
+        raise ShapeError(f"matmul: tri is 'lower', 'upper' or None, got {tri!r}")
+    if tri and (a.ndim < 2 or b.ndim < 2):
+        raise ShapeError(f"matmul: tri={tri!r} needs matrices, got {a.shape} @ {b.shape}")
+    return Spec(_matmul_shape(a, b), result_dtype(a, b))
+
+
+@register("matmul", infer=_matmul_infer, sbp=_matmul_rows, grad=_matmul_grad, cost=_matmul_cost)
+def matmul(xp, a, b, *, tri=None):
+    """``a @ b`` with NumPy's semantics. ``tri="lower"`` (``"upper"``) promises that each matrix of
+    ``a`` is zero above (below) its diagonal, as a causal attention's probabilities are: the
+    product is the same, and skips those blocks where MKL runs it."""
+    if b.ndim == 2 and a.ndim > 2 and not tri:
         # One large GEMM instead of a batch of small ones.
-        return mm(xp, a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + (b.shape[-1],))
-    return mm(xp, a, b)
+        return mm(xp, a.reshape(math.prod(a.shape[:-1]), a.shape[-1]), b).reshape(a.shape[:-1] + (b.shape[-1],))
+    return mm(xp, a, b, tri=tri)
 
 
 # ---------------------------------------------------------------------------------------- linear

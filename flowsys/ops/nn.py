@@ -478,9 +478,17 @@ def _probs_infer(q: Spec, k: Spec, *, is_causal=False, scale=None) -> Spec:
 def _probs_grad(b, g, out, q, k, *, is_causal=False, scale=None):
     """From the kept probabilities ``out``: nothing is recomputed."""
     ds = b.softmax_grad(out, g, axis=-1, scale=_scale(q.shape[-1], scale))
-    gq = sum_to_shape(b, b.matmul(ds, k), tuple(q.shape)) if b.needs[0] else None
-    gk = sum_to_shape(b, b.matmul(_swap(b, ds), q), tuple(k.shape)) if b.needs[1] else None
+    tri = _causal_tri(is_causal)  # under the mask, ds is zero above its diagonal, as the probabilities
+    gq = sum_to_shape(b, b.matmul(ds, k, **tri), tuple(q.shape)) if b.needs[0] else None
+    gk = sum_to_shape(b, b.matmul(_swap(b, ds), q, **_causal_tri(is_causal, "upper")), tuple(k.shape)) \
+        if b.needs[1] else None
     return [gq, gk]
+
+
+def _causal_tri(is_causal: bool, tri: str = "lower") -> dict:
+    """matmul's ``tri`` attribute for a product by causal probabilities (or their gradient):
+    zero above the diagonal, below it once transposed."""
+    return {"tri": tri} if is_causal else {}
 
 
 def _probs_cost(ins, outs, attrs):
@@ -504,7 +512,8 @@ def _swap(b, x):
 def _sdpa_grad(b, g, out, q, k, v, *, is_causal=False, scale=None):
     s = _scale(q.shape[-1], scale)
     p = b.sdpa_probs(q, k, is_causal=is_causal, scale=s)
-    gv = sum_to_shape(b, b.matmul(_swap(b, p), g), tuple(v.shape)) if b.needs[2] else None
+    gv = sum_to_shape(b, b.matmul(_swap(b, p), g, **_causal_tri(is_causal, "upper")), tuple(v.shape)) \
+        if b.needs[2] else None
     return _probs_grad(b, b.matmul(g, _swap(b, v)), p, q, k, is_causal=is_causal, scale=s) + [gv]
 
 
@@ -520,7 +529,7 @@ def _sdpa_cost(ins, outs, attrs):
 @register("scaled_dot_product_attention", infer=_sdpa_infer, sbp=_sdpa_rows, grad=_sdpa_grad, cost=_sdpa_cost)
 def scaled_dot_product_attention(xp, q, k, v, *, is_causal=False, scale=None):
     """softmax(q k^T * scale [+ causal mask]) v, with PyTorch's top-left aligned causal mask."""
-    return mm(xp, _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale)), v)
+    return mm(xp, _probs(xp, q, k, is_causal, _scale(q.shape[-1], scale)), v, tri="lower" if is_causal else None)
 
 
 # ------------------------------------------------------------ vocabulary-parallel (Megatron-LM)
