@@ -122,6 +122,32 @@ def test_a_triangular_operand_is_never_split_along_its_matrix():
 
 
 @needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_sum_over_leading_axes_is_a_product_with_ones(mkl, dtype):
+    """A bias's gradient (the output's gradient summed over its rows) runs as a row of ones times
+    the rows on MKL; any other sum, and small ones, are NumPy's."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 128, 3, 64)).astype(dtype)
+    exact = x.astype(np.float64)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for axis in [(0, 1), (1, 0), (-4, -3), 0, (0, 1, 2)]:
+        got = OPS["sum"].kernel(np, x, axis=axis)
+        assert got.dtype == dtype and got.shape == exact.sum(axis=axis).shape
+        np.testing.assert_allclose(got, exact.sum(axis=axis), rtol=rtol, atol=rtol * 30)
+    for axis, keep in [((1, 2), False), ((0, 1), True), (None, False)]:  # NumPy's
+        np.testing.assert_allclose(OPS["sum"].kernel(np, x, axis=axis, keepdims=keep),
+                                   exact.sum(axis=axis, keepdims=keep), rtol=rtol, atol=rtol * 30)
+    assert blas.ones_row(5, dtype).shape == (1, 5)
+
+
+def test_a_large_add_on_the_pool_equals_numpy():
+    rng = np.random.default_rng(6)
+    x, y = (rng.standard_normal((1024, 300)).astype(np.float32) for _ in range(2))
+    np.testing.assert_array_equal(OPS["add"].kernel(np, x, y), x + y)
+    np.testing.assert_array_equal(OPS["add"].kernel(np, x.T, y.T), x.T + y.T)  # strided: NumPy's
+
+
+@needs_mkl
 def test_what_blas_cannot_read_falls_back_to_numpy(mkl):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 8)).astype(np.float32)

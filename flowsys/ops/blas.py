@@ -252,6 +252,12 @@ def _ones_column(rows: int, dtype) -> np.ndarray:
     return have
 
 
+def ones_row(n: int, dtype) -> np.ndarray:
+    """A (1, n) row of ones (a read-only view of a kept array): its product with a matrix sums
+    the matrix's rows."""
+    return _ones_column(n, dtype)[:n].reshape(1, n)
+
+
 def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
           bias: np.ndarray | None = None) -> None:
     """One GEMM, its rows (or, when it has more columns than rows, its columns) split over the pool:

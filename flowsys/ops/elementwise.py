@@ -64,7 +64,15 @@ _ELEMENTWISE = flops_per_output(1)
           cost=_ELEMENTWISE, scalar=lambda x, y: x + y,
           grad=lambda b, g, out, x, y: [sum_to_shape(b, g, x.shape), sum_to_shape(b, g, y.shape)])
 def add(xp, x, y):
+    if getattr(x, "size", 0) >= _THREADED_ADD and getattr(y, "shape", None) == x.shape and fused.usable(xp, x, y) \
+            and x.flags.c_contiguous and y.flags.c_contiguous:
+        out = fusion.run_one("add", (x, y))  # split over the pool: a residual, a tied weight's two gradients
+        if out is not None:
+            return out
     return xp.add(x, y)
+
+
+_THREADED_ADD = 1 << 18  # elements: 1M floats took 457 us in NumPy, 272 on two threads; 256K 86 and 58
 
 
 @register("sub", infer=_binary("sub"), sbp=_pointwise_rows(((P, P), "the difference of partial sums is a partial sum")),

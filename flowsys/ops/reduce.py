@@ -6,9 +6,12 @@ shape, so a mean over a split axis is a partial sum scaled by a constant, exact 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from flowsys.errors import ShapeError
+from flowsys.ops import blas
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.registry import (Spec, flops_per_input, local_shape_attr, normalize_axes, register, sum_to_shape,
                                   view_cost)
@@ -81,7 +84,34 @@ _REDUCTION = flops_per_input(1)
 @register("sum", infer=_reduce_infer("sum", empty_ok=True, out=accumulation_dtype), sbp=_reduce_rows("sum", linear=True),
           grad=_sum_grad, cost=_REDUCTION)
 def sum_(xp, x, *, axis=None, keepdims=False, dtype=None):
-    return xp.sum(x, axis=axis, keepdims=keepdims, dtype=accumulation_dtype(x.dtype, dtype))
+    acc = accumulation_dtype(x.dtype, dtype)
+    if xp is np and not keepdims:
+        out = _leading_sum(x, axis, acc)
+        if out is not None:
+            return out
+    return xp.sum(x, axis=axis, keepdims=keepdims, dtype=acc)
+
+
+def _leading_sum(x, axis, acc):
+    """A sum over the leading axes of a large C-contiguous float array (a bias's gradient: the
+    output's gradient summed over its rows) as the product of a row of ones with its rows, on
+    MKL (``blas.matmul``), or None. NumPy adds the rows one after another, at a third of the
+    memory's speed: a GPT layer's four bias gradients took 0.9 ms, MKL's product 0.65."""
+    if x.dtype != acc or x.dtype not in (np.float32, np.float64) or x.ndim < 2 or not x.flags.c_contiguous \
+            or axis is None:
+        return None
+    try:
+        axes = sorted({int(a) % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,))})
+    except TypeError:
+        return None
+    lead = len(axes)
+    if axes != list(range(lead)) or lead == x.ndim:
+        return None
+    rows, cols = math.prod(x.shape[:lead]), math.prod(x.shape[lead:])
+    if rows < 64 or rows * cols < 1 << 16:
+        return None
+    out = blas.matmul(blas.ones_row(rows, x.dtype), x.reshape(rows, cols))
+    return None if out is None else out.reshape(x.shape[lead:])
 
 
 # No gradient rule: the product rule divides by the input, wrong where it is zero.

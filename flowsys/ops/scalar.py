@@ -136,11 +136,13 @@ def layer_norm_affine(row, x: Expr, w: Expr, b: Expr, *, eps=1e-5, **_) -> Expr:
 
 
 def layer_norm_grad(row, x: Expr, g: Expr, *, eps=1e-5, **_) -> Expr:
-    """dx of layer_norm at x for incoming g: rstd * (g - mean(g) - y * mean(g * y))."""
+    """dx of layer_norm at x for incoming g: rstd * (g - mean(g) - y * mean(g * y)), with
+    mean(g * y) written rstd * mean(g * d): it then needs the row's mean alone, so the generated
+    kernel sums it in the variance's pass (3 passes over a row, not 4)."""
     d = x - row.mean(x)
     rstd = 1.0 / sqrt(row.mean(d * d) + eps)
     y = d * rstd
-    return rstd * (g - row.mean(g) - y * row.mean(g * y))
+    return rstd * (g - row.mean(g) - y * (rstd * row.mean(g * d)))
 
 
 def layer_norm_affine_grad(row, x: Expr, w: Expr, g: Expr, *, eps=1e-5, **_) -> tuple[Expr, Expr, Expr]:
