@@ -100,7 +100,7 @@ def torch_gpt(cfg):
     return GPT()
 
 
-FS_GEMMS = frozenset({"linear", "linear_grad_input", "linear_grad_weight", "matmul"})
+FS_GEMMS = frozenset({"linear", "linear_grads", "linear_grad_input", "linear_grad_weight", "matmul"})
 FS_ATTENTION = frozenset({"sdpa_probs"})  # q k^T, scale, causal mask and softmax in one op
 TORCH_GEMMS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
 

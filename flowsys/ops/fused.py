@@ -153,6 +153,22 @@ def _split_native(fn, native, n: int, per_item: int = 1, align: int = 1) -> None
                             [native(bounds[i], bounds[i + 1]) for i in range(1, len(bounds) - 1)])
 
 
+def _beside(fn, native) -> bool:
+    """Run ``fn()`` on the calling thread and the C call ``native`` = (kind, address, calls) on a
+    pool thread at once, as two independent products (a linear's two gradients); False, with
+    nothing run, where there is no second thread to take (one thread, or the pool held)."""
+    if _threads < 2 or numba is None:
+        return False
+    pool = _take_pool(1)
+    if pool is None:
+        return False
+    try:
+        pool.run_native(fn, [native])
+    finally:
+        _pool_lock.release()
+    return True
+
+
 if numba is not None:
     # Neither nnan nor ninf: NaN and inf propagate as they do in NumPy. reassoc lets reductions vectorise.
     _FLAGS = {"contract", "arcp", "reassoc", "nsz", "afn"}

@@ -10,7 +10,7 @@ import numpy as np
 from flowsys.errors import ShapeError
 from flowsys.ops import blas
 from flowsys.ops import sbp_rules as R
-from flowsys.ops.registry import Cost, SbpRow, Spec, moved, numel, register, result_dtype, sum_to_shape
+from flowsys.ops.registry import OPS, Cost, SbpRow, Spec, moved, numel, register, result_dtype, sum_to_shape
 from flowsys.sbp import PartialSum, Split
 
 B, P, S = R.B, R.P, R.S
@@ -173,8 +173,11 @@ def _linear_rows(specs, attrs):
 
 
 def _linear_grad(b, g, out, x, w, bias=None):
-    gx = b.linear_grad_input(g, w) if b.needs[0] else None
-    gw = b.linear_grad_weight(g, x) if b.needs[1] else None
+    if b.needs[0] and b.needs[1]:  # the pair in one op, which runs them side by side
+        gx, gw = b.linear_grads(g, w, x)
+    else:
+        gx = b.linear_grad_input(g, w) if b.needs[0] else None
+        gw = b.linear_grad_weight(g, x) if b.needs[1] else None
     if bias is None:
         return [gx, gw]
     gb = (b.sum(g, axis=tuple(range(len(x.shape) - 1))) if len(x.shape) > 1 else g) if b.needs[2] else None
@@ -220,6 +223,44 @@ def linear_grad_weight(xp, g, x):
     out = xp.empty(g.shape[x.ndim - 1:] + (k,), dtype=np.result_type(g, x))
     mm(xp, g.reshape(rows, n).T, x.reshape(rows, k), out=out.reshape(n, k))
     return out
+
+
+def _grads_infer(g: Spec, w: Spec, x: Spec) -> tuple[Spec, Spec]:
+    return OPS["linear_grad_input"].infer(g, w), OPS["linear_grad_weight"].infer(g, x)
+
+
+def _grads_rows(specs, attrs):
+    """The rows of linear_grad_input and of linear_grad_weight that lay out ``g`` alike."""
+    g, w, x = specs
+    rows = []
+    for gi in R.einsum(*_grad_input_subscripts(g, w), (g, w)):
+        for gw in R.einsum(*_grad_weight_subscripts(g, x), (g, x)):
+            if gi.ins[0] == gw.ins[0]:
+                rows.append(SbpRow((gi.ins[0], gi.ins[1], gw.ins[1]), (gi.outs[0], gw.outs[0]),
+                                   f"input gradient: {gi.reason}; weight gradient: {gw.reason}"))
+    return rows
+
+
+def _grads_cost(ins, outs, attrs):
+    """linear_grad_input's and linear_grad_weight's products; ``g`` is read once."""
+    g = ins[0]
+    return Cost(2 * numel(g) * outs[0].shape[-1] * 2, moved(ins, outs), gemm=True)
+
+
+@register("linear_grads", infer=_grads_infer, sbp=_grads_rows, multi_output=True, cost=_grads_cost)
+def linear_grads(xp, g, w, x):
+    """Both gradients of linear at once: ``linear_grad_input(g, w)`` and ``linear_grad_weight(g, x)``.
+    The two products take as many multiply-adds; on MKL each runs whole on its own thread
+    (``blas.matmul_pair``), where one after the other each would split over the threads."""
+    if xp is np:
+        batch = g.shape[:g.ndim - (w.ndim - 1)]
+        rows, n, k = math.prod(batch), math.prod(w.shape[:-1]), w.shape[-1]
+        gx = np.empty(batch + (k,), np.result_type(g, w))
+        gw = np.empty(g.shape[x.ndim - 1:] + (k,), np.result_type(g, x))
+        g2 = g.reshape(rows, n)
+        if blas.matmul_pair((g2, w.reshape(n, k), gx.reshape(rows, k)), (g2.T, x.reshape(rows, k), gw.reshape(n, k))):
+            return gx, gw
+    return linear_grad_input(xp, g, w), linear_grad_weight(xp, g, x)
 
 
 def _linear_cost(ins, outs, attrs):
