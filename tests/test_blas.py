@@ -207,3 +207,15 @@ def test_a_gpt_step_trains_the_same_on_mkl_and_numpy():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for k in ref_state:
         np.testing.assert_allclose(state[k], ref_state[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_a_large_concatenation_on_the_pool_equals_numpy():
+    """Attention's q, k and v gradients: along an inner axis, the leading axis split over the pool."""
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((8, 128, 1, 256)).astype(np.float32) for _ in range(3)]
+    for axis in (2, -2):
+        np.testing.assert_array_equal(OPS["concatenate"].kernel(np, *xs, axis=axis), np.concatenate(xs, axis=axis))
+    mixed = [xs[0], xs[1].astype(np.float64)]  # NumPy's promotion
+    np.testing.assert_array_equal(OPS["concatenate"].kernel(np, *mixed, axis=2), np.concatenate(mixed, axis=2))
+    with pytest.raises(ValueError):
+        OPS["concatenate"].kernel(np, xs[0], xs[1][:4], axis=2)

@@ -36,6 +36,7 @@ SAMPLES = {
     "linear": ((Spec((2, 4, 8), f32), Spec((3, 8), f32), Spec((3,), f32)), {}),
     "linear_grad_input": ((Spec((2, 4, 3), f32), Spec((3, 8), f32)), {}),
     "linear_grad_weight": ((Spec((2, 4, 3), f32), Spec((2, 4, 8), f32)), {}),
+    "linear_grads": ((Spec((2, 4, 3), f32), Spec((3, 8), f32), Spec((2, 4, 8), f32)), {}),
     "cross_entropy": ((X, Spec((4,), i64)), {}),
     "cross_entropy_grad": ((X, Spec((4,), i64), ROW), {}),
     "layer_norm_affine": ((X, W, W), {}),
@@ -86,7 +87,7 @@ SAMPLES.update({"qr": ((X,), {}), "svd": ((X,), {}), "svdvals": ((X,), {}), "pin
                 "solve": ((M4, Spec((4, 2), f32)), {})})
 SAMPLES.update({op: ((Spec((4, 8), np.dtype(np.complex64)) if cat == "floating-point" else X,), {"axes": (1,)})
                 for op, (cat, _out, _rule) in TRANSFORMS.items()})
-GEMMS = {"matmul", "linear", "linear_grad_input", "linear_grad_weight", "scaled_dot_product_attention", "sdpa_probs"}
+GEMMS = {"matmul", "linear", "linear_grad_input", "linear_grad_weight", "linear_grads", "scaled_dot_product_attention", "sdpa_probs"}
 
 
 def _outs(name, ins, attrs):
@@ -136,6 +137,8 @@ def _old_table(name, ins, outs):
         return 2 * out * ins[0][-1] + (out if len(ins) == 3 else 0)
     if name in ("linear_grad_input", "linear_grad_weight"):
         return 2 * math.prod(ins[0]) * outs[0][-1]
+    if name == "linear_grads":  # the two above in one op
+        return 2 * math.prod(ins[0]) * (outs[0][-1] + outs[1][-1])
     if name in ("scaled_dot_product_attention", "sdpa_probs"):
         q, key = ins[0], ins[1]
         scores = math.prod(np.broadcast_shapes(q[:-2], key[:-2])) * q[-2] * key[-2]

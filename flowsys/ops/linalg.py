@@ -244,7 +244,7 @@ def _grads_rows(specs, attrs):
 def _grads_cost(ins, outs, attrs):
     """linear_grad_input's and linear_grad_weight's products; ``g`` is read once."""
     g = ins[0]
-    return Cost(2 * numel(g) * outs[0].shape[-1] * 2, moved(ins, outs), gemm=True)
+    return Cost(2 * numel(g) * (outs[0].shape[-1] + outs[1].shape[-1]), moved(ins, outs), gemm=True)
 
 
 @register("linear_grads", infer=_grads_infer, sbp=_grads_rows, multi_output=True, cost=_grads_cost)
@@ -254,11 +254,12 @@ def linear_grads(xp, g, w, x):
     (``blas.matmul_pair``), where one after the other each would split over the threads."""
     if xp is np:
         batch = g.shape[:g.ndim - (w.ndim - 1)]
-        rows, n, k = math.prod(batch), math.prod(w.shape[:-1]), w.shape[-1]
+        rows, n, k, kx = math.prod(batch), math.prod(w.shape[:-1]), w.shape[-1], x.shape[-1]  # (shards: k, kx apart)
         gx = np.empty(batch + (k,), np.result_type(g, w))
-        gw = np.empty(g.shape[x.ndim - 1:] + (k,), np.result_type(g, x))
+        gw = np.empty(g.shape[x.ndim - 1:] + (kx,), np.result_type(g, x))
         g2 = g.reshape(rows, n)
-        if blas.matmul_pair((g2, w.reshape(n, k), gx.reshape(rows, k)), (g2.T, x.reshape(rows, k), gw.reshape(n, k))):
+        if x.size == rows * kx and blas.matmul_pair((g2, w.reshape(n, k), gx.reshape(rows, k)),
+                                                    (g2.T, x.reshape(rows, kx), gw.reshape(n, kx))):
             return gx, gw
     return linear_grad_input(xp, g, w), linear_grad_weight(xp, g, x)
 

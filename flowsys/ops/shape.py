@@ -174,7 +174,33 @@ def _concat_grad(b, g, out, *xs, axis=0):
 
 @register("concatenate", infer=_concat_infer, sbp=_concat_rows, grad=_concat_grad, cost=copy_cost)
 def concatenate(xp, *xs, axis=0):
+    if xp is np:
+        out = _concatenate_on_pool(xs, axis)
+        if out is not None:
+            return out
     return xp.concatenate(xs, axis=axis)
+
+
+def _concatenate_on_pool(xs, axis):
+    """A large concatenation along an inner axis (attention's q, k and v gradients), its leading
+    axis split over the pool's threads (NumPy copies without the GIL): 282 -> 194 us for three
+    (8, 128, 1, 256) float32 arrays. None where NumPy's own is as good (small, along axis 0) or
+    the arrays are not alike (NumPy then promotes, or says why not)."""
+    first = xs[0] if xs else None
+    if len(xs) < 2 or type(first) is not np.ndarray or first.ndim < 2 or not isinstance(axis, (int, np.integer)):
+        return None
+    ax = int(axis) % first.ndim if -first.ndim <= axis < first.ndim else None
+    if not ax or any(type(x) is not np.ndarray or x.dtype != first.dtype or x.ndim != first.ndim
+                     or x.shape[:ax] + x.shape[ax + 1:] != first.shape[:ax] + first.shape[ax + 1:] for x in xs):
+        return None
+    total = sum(x.size for x in xs)
+    if total < 1 << 18:
+        return None
+    shape = first.shape[:ax] + (sum(x.shape[ax] for x in xs),) + first.shape[ax + 1:]
+    out = np.empty(shape, first.dtype)
+    fused._split(lambda lo, hi: np.concatenate([x[lo:hi] for x in xs], axis=ax, out=out[lo:hi]),
+                 shape[0], per_item=total // shape[0])
+    return out
 
 
 def _split_bounds(x: Spec, indices_or_sections, axis) -> list[int]:
