@@ -39,6 +39,9 @@ DISTINCT = Arg((2, 3, 4), distinct=True)
 POS = Arg((2, 3), low=0.5, high=2.0)
 INT = Arg((2, 3), dtype=np.int32, low=-3, high=3)
 TRIL = np.tril(np.random.default_rng(7).uniform(-1, 1, (2, 5, 4)))  # matmul's tri: causal probabilities' shape
+_CAUSAL_SCORES = np.random.default_rng(9).uniform(-2, 2, (2, 5, 4)) + np.triu(np.full((5, 4), -np.inf), 1)
+CAUSAL_PROBS = np.exp(_CAUSAL_SCORES - _CAUSAL_SCORES.max(-1, keepdims=True))
+CAUSAL_PROBS /= CAUSAL_PROBS.sum(-1, keepdims=True)  # 0 past each query, as a causal softmax gives
 TRIU = np.triu(np.random.default_rng(8).uniform(-1, 1, (2, 3, 4)))
 
 CASES: dict[str, list[Case]] = {
@@ -98,7 +101,8 @@ CASES: dict[str, list[Case]] = {
                      Case(((6,), (6, 4), (4,)))],
     # nn
     "softmax": [Case(((3, 4),)), Case(((3, 4),), {"axis": 0})],
-    "softmax_grad": [Case(((3, 4), (3, 4)), {"axis": 0}), Case(((3, 4), (3, 4)), {"scale": 0.5})],
+    "softmax_grad": [Case(((3, 4), (3, 4)), {"axis": 0}), Case(((3, 4), (3, 4)), {"scale": 0.5}),
+                     Case((CAUSAL_PROBS, (2, 5, 4)), {"scale": 0.5, "causal": True})],
     "scaled_softmax": [Case(((2, 3, 4),), {"scale": 0.5}), Case(((2, 4, 3),), {"scale": 0.25, "causal": True})],
     "log_softmax": [Case(((3, 4),), {"axis": -1})],
     "log_softmax_grad": [Case(((3, 4), (3, 4)))],

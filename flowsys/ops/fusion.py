@@ -619,6 +619,9 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
     colsum = [q for q, e in enumerate(outs) if e.op == "csum"]
     outs = [e.args[0] if e.op == "csum" else e for e in outs]  # a column sum's summand, per element
     reds = sc.reductions(outs)
+    # a causal row op alone stops each row's passes at its diagonal ("m" elements) and writes 0 past it
+    causal = _causal(program) and not colsum and all(r.op != "rmean" for r in reds)
+    span = "m" if causal else "n"
     names = []
     for k, kind in enumerate(kinds):
         at = {"full": f"v{k}[j]", "row": f"i{k}[j]", "lead": f"l{k}", "scalar": f"s{k}"}[kind]
@@ -652,15 +655,15 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
                 scratch.append(m)
             if red.op == "rmax":
                 if stash:
-                    body += ["for j in range(n):", f"    t{m}[j] = {inner}"]
-                body.append(f"r{m} = _row_max({f't{m}' if stash else plain}, n)")
+                    body += [f"for j in range({span}):", f"    t{m}[j] = {inner}"]
+                body.append(f"r{m} = _row_max({f't{m}' if stash else plain}, {span})")
             else:
                 sums.append((m, red, inner, stash))
             if stash:
                 bound[inner_e] = f"t{m}[j]"
         if sums:
             body += [f"a{m} = {c('0.0')}" for m, _, _, _ in sums]
-            body.append("for j in range(n):")
+            body.append(f"for j in range({span}):")
             for m, _, inner, stash in sums:
                 body += [f"    t{m}[j] = {inner}", f"    a{m} += t{m}[j]"] if stash else [f"    a{m} += {inner}"]
             body += [f"r{m} = a{m} / {c('n')}" if red.op == "rmean" else f"r{m} = a{m}" for m, red, _, _ in sums]
@@ -670,11 +673,14 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
     per_row = [q for q, e in enumerate(outs) if q not in colsum and not sc.per_element(e, elementwise)]
     body += [f"o{q}[r] = {_write(storage, sc.render(outs[q], names, 'numba', dtype, bound, consts))}" for q in per_row]
     if len(per_row) < len(outs):
-        body.append("for j in range(n):")
+        body.append(f"for j in range({span}):")
         # column sums accumulate into the caller's float64 partials (one per thread: o{q} is its own)
         body += [f"    o{q}[j] += {sc.render(e, names, 'numba', dtype, bound, consts)}" if q in colsum else
                  f"    p{q}[j] = {_write(storage, sc.render(e, names, 'numba', dtype, bound, consts))}"
                  for q, e in enumerate(outs) if q not in per_row]
+        if causal:
+            body += ["for j in range(m, n):"] + [f"    p{q}[j] = {_write(storage, c('0.0'))}"
+                                                  for q in range(len(outs)) if q not in per_row]
     flags = "fastmath=_FLAGS, " if f32_ else ""
     # in place, the first output is the first input, passed once (two names for one array would
     # keep the compiler from vectorising the loops)
@@ -692,6 +698,7 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
         *[f"    t{m} = np.empty(n, {'np.float32' if f32_ else 'np.float64'})" for m in scratch],
         "    for r in range(lo, hi):",
         "        qi = r % nq",  # the row's index along the second-to-last axis
+        *(["        m = min(n, qi + 1)"] if causal else []),  # the row's keys up to its query
         "        b = r * n",  # one row's slices: indices Numba knows are in range, so the loops vectorise
         *[f"        v{k} = i{k}[b:b + n]" for k, kind in enumerate(kinds) if kind == "full"],
         *[f"        p{q} = {'i0' if inplace and q == 0 else f'o{q}'}[b:b + n]" for q in range(len(outs))
@@ -702,6 +709,16 @@ def rows_source(program, outputs, kinds: tuple[str, ...], dtype, ints: tuple[boo
         *[f"        {line}" for line in body],
         "",
     ])
+
+
+def _causal(program) -> bool:
+    """Whether the program is one causal row op alone (``RowRule.causal``): its kernel stops each
+    row at the diagonal. Not with parts after it, which need not keep a masked 0 at 0."""
+    if len(program) != 1:
+        return False
+    op, _, at = program[0]
+    rule = OPS[op].row
+    return rule is not None and rule.causal is not None and bool(rule.causal(dict(at)))
 
 
 _row_plans: dict[tuple, tuple] = {}

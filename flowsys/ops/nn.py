@@ -83,8 +83,9 @@ def _scaled_softmax_infer(x: Spec, *, scale=1.0, causal=False) -> Spec:
 
 
 @register("scaled_softmax", infer=_scaled_softmax_infer, sbp=_scaled_softmax_rows, cost=flops_per_input(_SOFTMAX + 1),
-          grad=lambda b, g, out, x, *, scale=1.0, causal=False: [b.softmax_grad(out, g, axis=-1, scale=scale)],
-          row=RowRule(scalar.scaled_softmax, lambda attrs: 1))
+          grad=lambda b, g, out, x, *, scale=1.0, causal=False: [
+              b.softmax_grad(out, g, axis=-1, scale=scale, **({"causal": True} if causal else {}))],
+          row=RowRule(scalar.scaled_softmax, lambda attrs: 1, causal=lambda attrs: attrs.get("causal", False)))
 def scaled_softmax(xp, x, *, scale=1.0, causal=False):
     """softmax(x * scale) over the last axis, keys after each query masked out under ``causal``
     (PyTorch's top-left aligned mask over the last two axes): attention's probabilities."""
@@ -98,13 +99,28 @@ def scaled_softmax(xp, x, *, scale=1.0, causal=False):
     return softmax(xp, z)
 
 
-@register("softmax_grad", infer=lambda y, g, *, axis=-1, scale=1.0: Spec(y.shape, result_dtype(y, g)),
-          sbp=_along_axis_rows(((B, P), "linear in the incoming gradient")), cost=flops_per_input(_SOFTMAX_GRAD),
-          row=RowRule(scalar.softmax_grad, _last_axis))
-def softmax_grad(xp, y, g, *, axis=-1, scale=1.0):
-    """``scale`` times the gradient of softmax at output ``y`` (attention folds its scale in)."""
+def _softmax_grad_infer(y: Spec, g: Spec, *, axis=-1, scale=1.0, causal=False) -> Spec:
+    if causal and (y.ndim < 2 or normalize_axis("softmax_grad", axis, y.ndim) != y.ndim - 1):
+        raise ShapeError(f"softmax_grad: causal probabilities are (..., queries, keys) over the last axis, "
+                         f"got {y.shape} along axis {axis}")
+    return Spec(y.shape, result_dtype(y, g))
+
+
+def _softmax_grad_rows(specs, attrs):
+    """Split any axis but the softmax's and, for causal probabilities, the queries'."""
+    skip = (attrs.get("axis", -1), -2) if attrs.get("causal") else (attrs.get("axis", -1),)
+    return R.pointwise(specs, [((B, P), "linear in the incoming gradient")], skip_axes=skip)
+
+
+@register("softmax_grad", infer=_softmax_grad_infer, sbp=_softmax_grad_rows, cost=flops_per_input(_SOFTMAX_GRAD),
+          row=RowRule(scalar.softmax_grad, _last_axis, causal=lambda attrs: attrs.get("causal", False)))
+def softmax_grad(xp, y, g, *, axis=-1, scale=1.0, causal=False):
+    """``scale`` times the gradient of softmax at output ``y`` (attention folds its scale in).
+    ``causal`` promises that ``y`` is a causal softmax's (0 past each query): the generated
+    kernel then stops each row at its diagonal."""
     if normalize_axis("softmax_grad", axis, y.ndim) == y.ndim - 1 and xp is np and y.shape == g.shape:
-        out = fusion.row_one("softmax_grad", (y, g), axis=-1, scale=scale)  # generated from the row rule
+        out = fusion.row_one("softmax_grad", (y, g), axis=-1, scale=scale,
+                             **({"causal": True} if causal else {}))  # generated from the row rule
         if out is not None:
             return out
     gy = g * y
@@ -477,7 +493,7 @@ def _probs_infer(q: Spec, k: Spec, *, is_causal=False, scale=None) -> Spec:
 
 def _probs_grad(b, g, out, q, k, *, is_causal=False, scale=None):
     """From the kept probabilities ``out``: nothing is recomputed."""
-    ds = b.softmax_grad(out, g, axis=-1, scale=_scale(q.shape[-1], scale))
+    ds = b.softmax_grad(out, g, axis=-1, scale=_scale(q.shape[-1], scale), **({"causal": True} if is_causal else {}))
     tri = _causal_tri(is_causal)  # under the mask, ds is zero above its diagonal, as the probabilities
     gq = sum_to_shape(b, b.matmul(ds, k, **tri), tuple(q.shape)) if b.needs[0] else None
     gk = sum_to_shape(b, b.matmul(_swap(b, ds), q, **_causal_tri(is_causal, "upper")), tuple(k.shape)) \

@@ -96,6 +96,10 @@ class RowRule:
     expr: Any
     axes: Any
     lead: tuple[int, ...] = ()  # inputs with one value per row (the rows' leading shape): targets
+    # causal(attrs): under these attributes a row's elements past its query (col > query) add
+    # nothing to its reductions and are 0 in its output (a causal softmax and its gradient), so
+    # the generated kernel of the op alone stops each row at its diagonal
+    causal: Any = None
 
 
 class _Row:
