@@ -219,3 +219,25 @@ def test_a_large_concatenation_on_the_pool_equals_numpy():
     np.testing.assert_array_equal(OPS["concatenate"].kernel(np, *mixed, axis=2), np.concatenate(mixed, axis=2))
     with pytest.raises(ValueError):
         OPS["concatenate"].kernel(np, xs[0], xs[1][:4], axis=2)
+
+
+@needs_mkl
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_linears_two_gradients_side_by_side_equal_numpy(mkl, threads, monkeypatch):
+    """``linear_grads``: the input gradient on the calling thread, the weight gradient on a pool
+    thread, each whole (``blas.matmul_pair``); with one thread, or where MKL does not take them,
+    one after the other as linear_grad_input and linear_grad_weight compute them."""
+    monkeypatch.setattr(fused, "_threads", threads)
+    rng = np.random.default_rng(8)
+    g, w, x = (rng.standard_normal(s).astype(np.float32) for s in ((4, 64, 96), (96, 48), (4, 64, 48)))
+    gx, gw = OPS["linear_grads"].kernel(np, g, w, x)
+    np.testing.assert_allclose(gx, g @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gw, np.einsum("bto,bti->oi", g, x), rtol=1e-4, atol=1e-4)
+    assert gw.flags.owndata or gw.base.flags.owndata
+    out = [np.empty((256, 48), np.float32), np.empty((96, 48), np.float32)]
+    g2, x2 = g.reshape(256, 96), x.reshape(256, 48)
+    assert blas.matmul_pair((g2, w, out[0]), (g2.T, x2, out[1])) is (threads == 2)
+    if threads == 2:
+        np.testing.assert_allclose(out[1], g2.T @ x2, rtol=1e-4, atol=1e-4)
+    stack = rng.standard_normal((2, 8, 8)).astype(np.float32)
+    assert blas.matmul_pair((stack, stack, np.empty_like(stack)), (g2.T, x2, out[1])) is False  # 2-D only

@@ -180,6 +180,23 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
     the output back. ``tri`` ("lower" or "upper") promises that every matrix of ``a`` is zero
     above (below) its diagonal, as a causal attention's probabilities are: the product skips
     those blocks (:func:`_tri_groups`)."""
+    p = _product(a, b, out, bias, tri)
+    if p is None:
+        return None
+    la, lb, m, n, k, batch, out = p
+    real = "s" if out.dtype == np.float32 else "d"
+    if not batch and not tri:
+        _gemm(getattr(_mkl, f"cblas_{real}gemm"), la, lb, m, n, k, a, b, out, bias)
+    else:
+        args, addr, count, per_item = _batch_call(la, lb, m, n, k, a, b, out, batch, tri)
+        fused._split_native(lambda lo, hi: _batch_fn(out.dtype)(*args(lo, hi)),
+                            lambda lo, hi: (3, addr, [args(lo, hi)]), count, per_item=per_item)
+    return out
+
+
+def _product(a, b, out=None, bias=None, tri=None):
+    """(layout of a, layout of b, m, n, k, batch, out) of a product MKL takes, ``out`` made where
+    None; or None."""
     if _active != "mkl" or not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return None
     dtype = a.dtype
@@ -193,7 +210,7 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
         batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     except ValueError:
         return None
-    if 0 in batch:
+    if 0 in batch or math.prod(batch) > _INT_MAX:
         return None
     la = _layout(m, k, a.strides[-2], a.strides[-1], dtype.itemsize)
     lb = _layout(k, n, b.strides[-2], b.strides[-1], dtype.itemsize)
@@ -207,16 +224,11 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
         out = np.empty(shape, dtype)
     elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
         return None
-    real = "s" if dtype == np.float32 else "d"
-    count = math.prod(batch)
-    if count == 1 and not tri:
-        _gemm(getattr(_mkl, f"cblas_{real}gemm"), la, lb, m, n, k, a, b, out, bias)
-    elif count <= _INT_MAX:
-        groups = _tri_groups(tri, m, k) if tri else _WHOLE
-        _gemm_batch(getattr(_mkl, f"cblas_{real}gemm_batch"), la, lb, m, n, k, a, b, out, batch, groups)
-    else:
-        return None
-    return out
+    return la, lb, m, n, k, batch, out
+
+
+def _batch_fn(dtype):
+    return _mkl.cblas_sgemm_batch if dtype == np.float32 else _mkl.cblas_dgemm_batch
 
 
 # Products larger than this split over the threads instead: each is long enough that the split's
@@ -230,37 +242,26 @@ def matmul_pair(first: tuple, second: tuple) -> bool:
     on the calling thread, the second on a pool thread (a linear's input and weight gradients,
     which read the same output gradient and take as many multiply-adds). Each thread packs its
     own operands once, where splitting each product over both threads packs the shared operand
-    twice: the benchmark GPT's five backward pairs took 3.2 ms less a step. False, with nothing
-    computed, where MKL does not take both or there is no second thread."""
-    if _active != "mkl" or first[0].shape[0] * first[0].shape[1] * first[1].shape[1] > _PAIR_MACS:
-        return False
-    calls = [_whole_product(*first), _whole_product(*second)]
-    if None in calls:
-        return False
-    (gemm, own), (_, other) = calls
-    dtype = first[2].dtype
-    kind, addr = _native_gemm(gemm, dtype)
+    twice: the benchmark GPT's linear pairs took 3.2 ms less a step. False, with nothing computed,
+    where MKL does not take both, either is too large (``_PAIR_MACS``) or there is no second
+    thread. (Attention's pairs of gradients, stacks of 128 x 128 x 64 products, gained nothing:
+    596 us side by side, 593 split.)"""
+    calls = []
+    for a, b, out in (first, second):
+        p = _product(a, b, out)
+        if p is None or p[5] or p[2] * p[3] * p[4] > _PAIR_MACS:
+            return False
+        la, lb, m, n, k, _, out = p
+        dtype = out.dtype
+        gemm = getattr(_mkl, "cblas_sgemm" if dtype == np.float32 else "cblas_dgemm")
+        args = [_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0,
+                out.ctypes.data, n]
+        calls.append((gemm, args))
+    (gemm, own), (other_gemm, other) = calls
+    dtype = second[2].dtype
+    kind, addr = _native_gemm(other_gemm, dtype)
     words = [*other[:6], _bits(other[6], dtype), *other[7:11], _bits(other[11], dtype), *other[12:]]
     return fused._beside(lambda: gemm(*own), (kind, addr, [words]))
-
-
-def _whole_product(a, b, out):
-    """(``cblas_?gemm``, its arguments) for ``out = a @ b`` of 2-D float arrays, or None."""
-    if not all(isinstance(x, np.ndarray) and x.ndim == 2 for x in (a, b, out)):
-        return None
-    dtype = out.dtype
-    if dtype not in (np.float32, np.float64) or a.dtype != dtype or b.dtype != dtype or not out.flags.c_contiguous:
-        return None
-    (m, k), (k2, n) = a.shape, b.shape
-    if k != k2 or out.shape != (m, n) or 0 in (m, n, k) or max(m, n, k) > _INT_MAX:
-        return None
-    la = _layout(m, k, a.strides[0], a.strides[1], dtype.itemsize)
-    lb = _layout(k, n, b.strides[0], b.strides[1], dtype.itemsize)
-    if la is None or lb is None or max(la[1], lb[1]) > _INT_MAX:
-        return None
-    gemm = getattr(_mkl, "cblas_sgemm" if dtype == np.float32 else "cblas_dgemm")
-    return gemm, [_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0,
-                  out.ctypes.data, n]
 
 
 # A thread takes a part of a product of at least 2**23 multiply-adds (about 0.1 ms on a core):
@@ -347,7 +348,7 @@ _WHOLE = ((0, 0, 0, 0),)  # one group: the whole matrices (no row offset, k from
 @functools.lru_cache(maxsize=256)
 def _tri_groups(tri: str, m: int, k: int) -> tuple:
     """Groups of blocks of rows of a product whose left operand is triangular: (first row, rows,
-    first column of ``a``, columns of ``a``), with the byte offsets they imply in ``_gemm_batch``.
+    first column of ``a``, columns of ``a``), with the byte offsets they imply in ``_batch_call``.
     The rows split in blocks of at least 16 (8 blocks at most); a block of a lower ``a`` takes its
     columns up to its last row's diagonal, one of an upper ``a`` from its first row's. A causal
     attention's 128 x 128 probabilities times its values: 56 % of the multiply-adds, in MKL's
@@ -362,40 +363,41 @@ def _tri_groups(tri: str, m: int, k: int) -> tuple:
     return tuple(groups)
 
 
-def _gemm_batch(gemm_batch, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
-                batch: tuple[int, ...], groups: tuple = _WHOLE) -> None:
-    """A stack of GEMMs (MKL's group API: one group per block of ``groups``, each over the stack's
-    matrices), the matrices split over the pool; the pool's threads make their calls without
-    the GIL. A group (r0, rows, c0, cols) multiplies rows r0:r0+rows and columns c0:c0+cols of
-    ``a`` by rows c0:c0+cols of ``b`` into rows r0:r0+rows of ``out``; ``_WHOLE`` is the plain
-    product."""
+def _batch_call(la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
+                batch: tuple[int, ...], tri: str | None = None):
+    """A stack of GEMMs as calls of ``cblas_?gemm_batch`` (MKL's group API: one group per block of
+    rows, each over the stack's matrices): (``args(lo, hi)``, the function's address, the
+    matrices, a matrix's weight for ``fused._split_native``). ``args(lo, hi)`` are the words of
+    the call for matrices lo:hi (its pointer arrays are kept alive with it). A group (r0, rows,
+    c0, cols) multiplies rows r0:r0+rows and columns c0:c0+cols of ``a`` by rows c0:c0+cols of
+    ``b`` into rows r0:r0+rows of ``out``; ``_WHOLE`` is the plain product."""
+    groups = _tri_groups(tri, m, k) if tri else _WHOLE
     count, g = math.prod(batch), len(groups)
     plan = _batch_plan(la, lb, m, n, k, out.dtype.str, groups, a.strides[-2:], b.strides[-2], out.strides[-2])
     ints, scalars, (ga, gb, gc) = plan
     offsets = [_offsets(batch, x.shape[:-2], x.strides[:-2]) for x in (a, b, out)]
     bases = [np.uint64(x.ctypes.data) for x in (a, b, out)]
     at, w = ints.ctypes.data, ints.itemsize
-    addr = ctypes.cast(gemm_batch, ctypes.c_void_p).value
-    keep = []  # each part's pointer and size arrays, alive until the product is done
+    keep = []  # each call's pointer and size arrays, alive as long as the builder
 
     def args(lo, hi):
         pa, pb, pc = ((off[lo:hi][None, :] + grp[:, None]).reshape(-1) + base
                       for off, grp, base in zip(offsets, (ga, gb, gc), bases))
         size = np.full(g, hi - lo, np.int32)
-        keep.append((pa, pb, pc, size))
+        keep.append((pa, pb, pc, size, plan))
         return [_ROW_MAJOR, at, at + g * w, at + 2 * g * w, at + 3 * g * w, at + 4 * g * w, scalars.ctypes.data,
                 pa.ctypes.data, at + 5 * g * w, pb.ctypes.data, at + 6 * g * w,
                 scalars.ctypes.data + g * scalars.itemsize, pc.ctypes.data, at + 7 * g * w, g, size.ctypes.data]
 
     macs = m * n * k if groups == _WHOLE else sum(rows * cols for _, rows, _, cols in groups) * n
-    fused._split_native(lambda lo, hi: gemm_batch(*args(lo, hi)), lambda lo, hi: (3, addr, [args(lo, hi)]),
-                        count, per_item=max(1, fused._MIN_PER_THREAD * macs // _MACS_PER_PART))
+    addr = ctypes.cast(_batch_fn(out.dtype), ctypes.c_void_p).value
+    return args, addr, count, max(1, fused._MIN_PER_THREAD * macs // _MACS_PER_PART)
 
 
 @functools.lru_cache(maxsize=256)
 def _batch_plan(la, lb, m: int, n: int, k: int, dtype: str, groups: tuple, a_strides: tuple[int, int],
                 b_row: int, c_row: int):
-    """The per-group arrays of ``_gemm_batch`` (kept per shape and layout): the int32 arguments
+    """The per-group arrays of ``_batch_call`` (kept per shape and layout): the int32 arguments
     (transpositions, m, n, k, leading dimensions; one row each), alpha and beta, and each group's
     byte offsets into ``a``, ``b`` and ``out``."""
     whole = groups == _WHOLE
