@@ -49,6 +49,34 @@ def test_gelu_and_grad_match_numpy_twin_and_torch(threads, approximate):
     np.testing.assert_allclose(grad, tg.numpy(), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bias_gelu_and_grad_equal_linear_bias_then_gelu(threads, approximate):
+    """bias_gelu(z, b) = gelu(z + b), generated from its row rule; its gradient's dz and db (the
+    column sum, over blocks of 32 rows in float32, then in float64) against float64 and PyTorch."""
+    z, g, b = f32(3, 70, 129, scale=3.0), f32(3, 70, 129), f32(129)
+    z64, g64, b64 = z.astype(np.float64), g.astype(np.float64), b.astype(np.float64)
+    y = E.bias_gelu(np, z, b, approximate=approximate)
+    dz, db = E.bias_gelu_grad(np, z, b, g, approximate=approximate)
+    assert y.dtype == dz.dtype == db.dtype == np.float32 and db.shape == (129,)
+    tz, tb = (torch.from_numpy(a).requires_grad_() for a in (z64, b64))
+    ty = torch.nn.functional.gelu(tz + tb, approximate=approximate)
+    ty.backward(torch.from_numpy(g64))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dz, tz.grad.numpy(), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(db, tb.grad.numpy(), rtol=1e-5, atol=1e-4)
+    # the float64 kernels, and the xp expressions they replace (FLOWSYS_JIT=0)
+    np.testing.assert_allclose(E.bias_gelu(np, z64, b64, approximate=approximate), ty.detach().numpy(), rtol=1e-10,
+                               atol=1e-14)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(fused, "ENABLED", False)
+    try:
+        dz_x, db_x = E.bias_gelu_grad(np, z64, b64, g64, approximate=approximate)
+    finally:
+        monkey.undo()
+    np.testing.assert_allclose(dz_x, tz.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(db_x, tb.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
 def test_exp_is_accurate_and_saturates_like_numpy():
     x = np.concatenate([np.linspace(-87, 88, 100_001), [-1e30, -100.0, 100.0, np.inf, -np.inf, np.nan]]).astype(np.float32)
     out = np.empty_like(x)

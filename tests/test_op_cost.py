@@ -33,6 +33,8 @@ SAMPLES = {
     "astype": ((X,), {"dtype": np.float16}),
     "logical_not": ((MASK,), {}),
     "matmul": ((X, Spec((8, 3), f32)), {}),
+    "bias_gelu": ((X, Spec((8,), f32)), {}),
+    "bias_gelu_grad": ((X, Spec((8,), f32), X), {}),
     "linear": ((Spec((2, 4, 8), f32), Spec((3, 8), f32), Spec((3,), f32)), {}),
     "linear_grad_input": ((Spec((2, 4, 3), f32), Spec((3, 8), f32)), {}),
     "linear_grad_weight": ((Spec((2, 4, 3), f32), Spec((2, 4, 8), f32)), {}),
@@ -144,7 +146,7 @@ def _old_table(name, ins, outs):
         scores = math.prod(np.broadcast_shapes(q[:-2], key[:-2])) * q[-2] * key[-2]
         return 2 * scores * q[-1] * (2 if name == "scaled_dot_product_attention" else 1) + 5 * scores
     per_element = {"layer_norm": 8, "layer_norm_grad": 12, "layer_norm_affine": 10, "layer_norm_affine_grad": 16,
-                   "gelu": 10, "gelu_grad": 14, "softmax": 5, "scaled_softmax": 6, "softmax_grad": 4, "log_softmax": 5,
+                   "gelu": 10, "gelu_grad": 14, "bias_gelu": 11, "bias_gelu_grad": 15, "softmax": 5, "scaled_softmax": 6, "softmax_grad": 4, "log_softmax": 5,
                    "log_softmax_grad": 4, "cross_entropy": 6, "cross_entropy_grad": 6, "vocab_max": 1,
                    "vocab_ce_parts": 5, "vocab_ce_parts_grad": 6, "exp": 1, "log": 1, "tanh": 4, "sqrt": 1, "pow": 2,
                    "dropout": 3, "sgd_update": 4, "adamw_update": 12, "sum": 1, "max": 1, "min": 1, "argmax": 1,

@@ -301,4 +301,6 @@ def test_activations_take_half_the_bytes_in_a_pipeline_plan():
         f = full[rank]
         assert r["parameters"] * 2 == f["parameters"] and r["gradients"] == f["gradients"]
         assert r["optimizer_state"] * 2 == f["optimizer_state"] * 3  # ZeRO 1 on dp 2: 12/2 against 8/2 bytes
-        assert 0.4 < r["peak_activations"] / f["peak_activations"] < 0.6
+        # the last stage's peak holds the loss's float32 logits as well (cross entropy computes in
+        # float32): less than its float32 peak, but not half of it
+        assert 0.4 < r["peak_activations"] / f["peak_activations"] < (0.6 if rank < 4 else 0.7)

@@ -101,6 +101,8 @@ CASES: dict[str, list[Case]] = {
                      Case(((6,), (6, 4), (4,)))],
     # nn
     "softmax": [Case(((3, 4),)), Case(((3, 4),), {"axis": 0})],
+    "bias_gelu": [Case(((2, 3, 4), (4,))), Case(((5, 3), (3,)), {"approximate": "tanh"})],
+    "bias_gelu_grad": [Case(((2, 3, 4), (4,), (2, 3, 4))), Case(((5, 3), (3,), (5, 3)), {"approximate": "tanh"})],
     "softmax_grad": [Case(((3, 4), (3, 4)), {"axis": 0}), Case(((3, 4), (3, 4)), {"scale": 0.5}),
                      Case((CAUSAL_PROBS, (2, 5, 4)), {"scale": 0.5, "causal": True})],
     "scaled_softmax": [Case(((2, 3, 4),), {"scale": 0.5}), Case(((2, 4, 3),), {"scale": 0.25, "causal": True})],

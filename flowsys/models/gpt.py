@@ -133,7 +133,14 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        fc = self.c_fc
+        if fc.bias is not None and type(self.gelu) is nn.GELU:
+            # the bias added in GELU's pass (bias_gelu), and its gradient summed in GELU's
+            # backward pass: the product is not filled with the bias and read back
+            h = apply("bias_gelu", F.linear(x, fc.weight), fc.bias, approximate=self.gelu.approximate)
+        else:
+            h = self.gelu(fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):

@@ -9,15 +9,16 @@ import math
 
 import numpy as np
 
-from flowsys.errors import ArgumentError, DTypeError
+from flowsys.errors import ArgumentError, DTypeError, ShapeError
 from flowsys.ops import fused, fusion, scalar
 from flowsys.ops import sbp_rules as R
 from flowsys.ops.chunked import map_blocks
 from flowsys.ops.math import check_category, complex_from
-from flowsys.ops.registry import (Cost, Spec, broadcast_shapes, flops_per_output, is_floating, moved, register,
-                                  result_dtype, sum_to_shape)
+from flowsys.ops.scalar import RowRule
+from flowsys.ops.registry import (Cost, Spec, broadcast_shapes, flops_per_input, flops_per_output, is_floating, moved,
+                                  register, result_dtype, sum_to_shape)
 
-B, P = R.B, R.P
+B, P, S = R.B, R.P, R.S
 
 
 def _binary(op):
@@ -278,6 +279,69 @@ def gelu_grad(xp, x, y, g, *, approximate="none"):
     if out is not None:
         return out
     return map_blocks(xp, lambda v, o, w: _gelu_grad(xp, v, o, w, approximate), x, y, g)
+
+
+# ------------------------------------------------------------------ a linear's bias, then GELU
+# An MLP's first linear without its bias, then bias_gelu: the bias is added in GELU's own pass, so
+# the product is not filled with the bias first and read back (PyTorch's addmm), and its
+# gradient is summed in GELU's backward pass, not in a pass of its own. The row machinery of
+# flowsys.ops.fusion generates both kernels (no reductions: the bias is an input of one row's shape).
+
+
+def _bias_gelu_infer(z: Spec, b: Spec, *, approximate: str = "none") -> Spec:
+    _gelu_infer(z, approximate=approximate)
+    if z.ndim < 1 or b.shape != z.shape[-1:] or b.dtype != z.dtype:
+        raise ShapeError(f"bias_gelu: the bias must be one value per column of {z}: ({z.shape[-1:]}, {z.dtype}), "
+                         f"got {b}")
+    return z
+
+
+def _bias_gelu_rows(specs, attrs):
+    """Split any axis of z; the bias follows its columns (whole beside split rows)."""
+    z = specs[0]
+    rows = [R.SbpRow((S(i), B) + (S(i),) * (len(specs) - 2), (S(i),), "elementwise, a row's bias whole")
+            for i in range(z.ndim - 1)]
+    rows.append(R.SbpRow((S(z.ndim - 1), S(0)) + (S(z.ndim - 1),) * (len(specs) - 2), (S(z.ndim - 1),),
+                         "elementwise, each column with its bias"))
+    return rows + [R.replicated(len(specs))]
+
+
+@register("bias_gelu", infer=_bias_gelu_infer, sbp=_bias_gelu_rows, cost=flops_per_output(11),
+          grad=lambda b, g, out, z, bias, *, approximate="none": list(
+              b.bias_gelu_grad(z, bias, g, approximate=approximate)),
+          row=RowRule(scalar.bias_gelu, lambda attrs: 1))
+def bias_gelu(xp, z, b, *, approximate="none"):
+    """gelu(z + b) with ``b`` one value per column: a linear's bias added in GELU's pass."""
+    if xp is np:
+        out = fusion.row_one("bias_gelu", (z, b), approximate=approximate)  # generated from the row rule
+        if out is not None:
+            return out
+    return _gelu(xp, z + b, approximate)
+
+
+def _bias_gelu_grad_rows(specs, attrs):
+    """As bias_gelu's, with g as z; the bias's gradient, a sum over the rows, is partial where the
+    rows split; linear in g."""
+    z = specs[0]
+    rows = [R.SbpRow((S(i), B, S(i)), (S(i), P), "rows are independent; the bias's sums are partial")
+            for i in range(z.ndim - 1)]
+    rows.append(R.SbpRow((S(z.ndim - 1), S(0), S(z.ndim - 1)), (S(z.ndim - 1), S(0)), "each column with its bias"))
+    return rows + [R.replicated(3, 2), R.SbpRow((B, B, P), (P, P), "linear in the incoming gradient")]
+
+
+@register("bias_gelu_grad", infer=lambda z, b, g, *, approximate="none": (Spec(z.shape, result_dtype(z, g)),
+                                                                          Spec(b.shape, result_dtype(z, g))),
+          sbp=_bias_gelu_grad_rows, multi_output=True, cost=flops_per_input(15),
+          row=RowRule(scalar.bias_gelu_grad, lambda attrs: 1))
+def bias_gelu_grad(xp, z, b, g, *, approximate="none"):
+    """(dz, db) of bias_gelu: dz = g * gelu'(z + b), db its sum over the rows, in one pass."""
+    if xp is np and g.shape == z.shape:
+        out = fusion.row_one("bias_gelu_grad", (z, b, g), approximate=approximate)
+        if out is not None:
+            return tuple(out)
+    h = z + b
+    dz = _gelu_grad(xp, h, _gelu(xp, h, approximate), g, approximate)
+    return dz, dz.sum(axis=tuple(range(dz.ndim - 1)))
 
 
 def _gelu_grad(xp, x, y, g, approximate):

@@ -156,6 +156,17 @@ def layer_norm_affine_grad(row, x: Expr, w: Expr, g: Expr, *, eps=1e-5, **_) -> 
     return layer_norm_grad(row, x, g * w, eps=eps), row.colsum(g * y), row.colsum(g)
 
 
+def bias_gelu(row, z: Expr, b: Expr, *, approximate="none", **_) -> Expr:
+    """gelu(z + b), b one value per column (a linear's bias, added in GELU's pass)."""
+    return gelu(z + b, approximate)
+
+
+def bias_gelu_grad(row, z: Expr, b: Expr, g: Expr, *, approximate="none", **_) -> tuple[Expr, Expr]:
+    """(dz, db) of bias_gelu: dz = g * gelu'(z + b); db sums dz over the rows."""
+    dz = gelu_grad(z + b, g, approximate)
+    return dz, row.colsum(dz)
+
+
 def softmax(row, x: Expr, **_) -> Expr:
     e = exp(x - row.max(x))
     return e / row.sum(e)
