@@ -188,6 +188,27 @@ class Stages(fs.Graph):
         return loss
 
 
+def test_a_pipelines_linears_send_the_input_gradient_before_the_weight_gradient():
+    """A linear's two gradients are one op (linear_grads, run side by side) except in a pipeline,
+    where the input gradient, which the previous stage waits for, comes first on its own."""
+    piped = Stages(2, 2).compile(fs.randn(128, 256).to_global(fs.placement("cpu", [0]), B))
+    ops = [n.op for n in piped.nodes if n.kind == "op"]
+    assert "linear_grads" not in ops and ops.index("linear_grad_input") < ops.index("linear_grad_weight")
+
+    class Two(fs.Graph):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+
+        def build(self, x):
+            loss = self.b(self.a(x)).sum()
+            loss.backward()
+            return loss
+
+    ops = [n.op for n in Two().compile(fs.randn(4, 8)).nodes if n.kind == "op"]
+    assert "linear_grads" in ops and "linear_grad_weight" in ops  # the first linear's input needs none
+
+
 @pytest.mark.parametrize("stages,micro", [(2, 4), (2, 8), (4, 8)])
 def test_a_pipeline_pays_its_bubble(stages, micro):
     g = Stages(stages, micro)

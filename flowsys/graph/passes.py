@@ -94,8 +94,26 @@ def autodiff(g: Graph, **_) -> Graph:
         if src.placement is not None and src.placement != tracer.values[vid].placement:
             var_grads[vid] = src.id
             new_nodes.remove(n)
+    if len(g.stages) > 1:
+        start = max(list(tracer.values) + [n.id for n in g.nodes + tuple(new_nodes)]) + 1
+        new_nodes = _unpaired(new_nodes, itertools.count(start))
     return g.with_(values=dict(tracer.values), nodes=g.nodes + tuple(new_nodes),
                    constants={**g.constants, **tracer.constants}, grads=var_grads)
+
+
+def _unpaired(nodes: list[Node], ids) -> list[Node]:
+    """``linear_grads`` nodes as their two ops, the input gradient first: in a pipeline the input
+    gradient goes to the previous stage, which should not wait for the weight gradient as well
+    (the weight gradient fills the bubble instead, as in Megatron-LM's schedules)."""
+    out = []
+    for n in nodes:
+        if n.kind == "op" and n.op == "linear_grads":
+            g_, w, x = n.inputs
+            out.append(_replace(n, id=next(ids), op="linear_grad_input", inputs=(g_, w), outputs=n.outputs[:1]))
+            out.append(_replace(n, id=next(ids), op="linear_grad_weight", inputs=(g_, x), outputs=n.outputs[1:]))
+        else:
+            out.append(n)
+    return out
 
 
 def _ones_like(v: Value):
