@@ -687,7 +687,12 @@ class RankRuntime:
             if self.written[key] == self.writers[v]:  # readable: hand it to the consumers
                 if v in self.sinks:
                     x = self.regs[key]
-                    self.sums[v] = x.copy() if v not in self.sums else self.sums[v] + x
+                    if v in self.sums:
+                        self.sums[v] = self.sums[v] + x
+                    elif self.k == 1 and not self.consumers[v] and type(x) is np.ndarray and x.flags.owndata:
+                        self.sums[v] = x  # one piece, its own memory, read by nothing else: kept, not copied
+                    else:
+                        self.sums[v] = x.copy()
                     # a value's pieces complete in order (each writer fires them in order)
                     if p == self.k - 1 and v in self.grad_values:
                         self._final(v, self.sums[v])
