@@ -509,3 +509,39 @@ def test_weight_decay_groups_are_nanogpts():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert decayed == {n for n, t in model.state_dict().items() if t.ndim >= 2 and n in names.values()}
     assert "transformer.h.0.attn.c_attn.bias" not in decayed and "transformer.h.0.attn.c_attn.weight" in decayed
+
+
+def test_the_mlp_adds_its_bias_in_gelus_pass_unless_c_fc_is_called_as_a_module():
+    """MLP runs c_fc without its bias, then bias_gelu (the bias added in GELU's pass); where
+    calling c_fc does more than its forward (a pipeline stage, an input layout, activation
+    checkpointing), it calls the module. Both give the same output and gradients."""
+    from flowsys.models.gpt import MLP
+
+    cfg = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    fs.manual_seed(0)
+    mlp = MLP(cfg)
+    x = np.random.default_rng(0).standard_normal((2, 8, 16)).astype(np.float32)
+
+    def run():
+        xt = fs.tensor(x, requires_grad=True)
+        for p in mlp.parameters():
+            p.grad = None
+        mlp(xt).sum().backward()
+        return [xt.grad.numpy()] + [p.grad.numpy() for p in mlp.parameters()]
+
+    fused = run()
+    mlp.c_fc.activation_checkpointing = True  # now c_fc is called as a module: linear with its bias, then GELU
+    plain = run()
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    class Step(fs.Graph):
+        def __init__(self):
+            super().__init__()
+            self.mlp = mlp
+
+        def build(self, x):
+            return self.mlp(x).sum()
+
+    mlp.c_fc.activation_checkpointing = False
+    assert "bias_gelu" in [n.op for n in Step().compile(fs.tensor(x)).nodes]

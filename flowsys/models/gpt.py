@@ -124,6 +124,12 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def _plain(m: nn.Module) -> bool:
+    """Whether calling ``m`` is calling its ``forward``: no pipeline stage, input layout or
+    activation checkpointing of its own (MLP then may compute c_fc and GELU its own way)."""
+    return m._stage is None and m._input_sbp is None and not m.activation_checkpointing
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -134,7 +140,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fc = self.c_fc
-        if fc.bias is not None and type(self.gelu) is nn.GELU:
+        if fc.bias is not None and type(self.gelu) is nn.GELU and _plain(fc) and _plain(self.gelu):
             # the bias added in GELU's pass (bias_gelu), and its gradient summed in GELU's
             # backward pass: the product is not filled with the bias and read back
             h = apply("bias_gelu", F.linear(x, fc.weight), fc.bias, approximate=self.gelu.approximate)
