@@ -17,8 +17,8 @@ expressions run. Setting ``FLOWSYS_JIT=0`` turns the kernels off. They compile o
 are cached on disk.
 
 Transcendentals are polynomials (libm's ``expf`` and ``erff`` do not vectorise): ``_exp`` is
-accurate to a few ulp on [-87, 88] (below it gives 0, above it inf), ``_erf`` to 1.5e-7
-absolute (Abramowitz and Stegun 7.1.26, as the NumPy twin).
+accurate to a few ulp on [-87, 88] (below it gives 0, above it inf), ``_erf`` to 4.3e-7
+absolute (a rational fit with no exp; the NumPy twin keeps Abramowitz and Stegun 7.1.26, 1.5e-7).
 """
 
 from __future__ import annotations
@@ -524,11 +524,20 @@ def _exp(x):
 
 @_scalar
 def _erf(x):
-    a = abs(x)
-    t = f32(1.0) / (f32(1.0) + f32(0.3275911) * a)
-    poly = t * (f32(0.254829592) + t * (f32(-0.284496736) + t * (f32(1.421413741) + t * (
-        f32(-1.453152027) + t * f32(1.061405429)))))
-    return math.copysign(f32(1.0) - poly * _exp(-a * a), x)
+    """erf as x P(x^2) / Q(x^2) on [-4, 4] (past 4 it is 1 in float32): one division and no exp,
+    half the operations of Abramowitz and Stegun's 7.1.26 (a division and an exp). Our own fit:
+    least squares on [0, 4], weighted by 1 / Q and refit; at worst 4.3e-7 off in float32."""
+    c = min(max(x, f32(-4.0)), f32(4.0))
+    z = c * c
+    p = f32(1.1283791150937243) + z * (f32(0.20004892473920446) + z * (f32(0.050575811173143914) + z * (
+        f32(0.0037000721317432365) + z * (f32(0.00014127097001125977) + z * (
+            f32(-1.942209622839344e-06) + z * f32(1.9671802552346217e-08))))))
+    q = f32(1.0) + z * (f32(0.5106205389255066) + z * (f32(0.11503683080097099) + z * (
+        f32(0.014354533689388086) + z * f32(0.0009539790732973547))))
+    r = min(max(c * p / q, f32(-1.0)), f32(1.0))
+    if x != x:
+        r = x
+    return r
 
 
 # ------------------------------------------------------------------------------ scatter-add
