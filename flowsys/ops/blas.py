@@ -249,9 +249,11 @@ def matmul_pair(first: tuple, second: tuple) -> bool:
     calls = []
     for a, b, out in (first, second):
         p = _product(a, b, out)
-        if p is None or p[5] or p[2] * p[3] * p[4] > _PAIR_MACS:
+        if p is None:
             return False
-        la, lb, m, n, k, _, out = p
+        la, lb, m, n, k, batch, out = p
+        if batch or m * n * k > _PAIR_MACS:
+            return False
         dtype = out.dtype
         gemm = getattr(_mkl, "cblas_sgemm" if dtype == np.float32 else "cblas_dgemm")
         args = [_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0,
@@ -293,7 +295,9 @@ def _ones_column(rows: int, dtype) -> np.ndarray:
     column of ones with the bias as one row, which a pool thread computes without the GIL."""
     have = _ones.get(np.dtype(dtype))
     if have is None or have.size < rows:
-        have = _ones[np.dtype(dtype)] = np.ones(max(rows, 1024), dtype)
+        have = np.ones(max(rows, 1024), dtype)
+        have.flags.writeable = False  # shared by every caller: nothing may write it
+        _ones[np.dtype(dtype)] = have
     return have
 
 
