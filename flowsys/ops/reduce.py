@@ -96,7 +96,7 @@ def _leading_sum(x, axis, acc):
     """A sum over the leading axes of a large C-contiguous float array (a bias's gradient: the
     output's gradient summed over its rows) as the product of a row of ones with its rows, on
     MKL (``blas.matmul``), or None. NumPy adds the rows one after another, at a third of the
-    memory's speed: a GPT layer's four bias gradients took 0.9 ms, MKL's product 0.65."""
+    memory's speed: a GPT layer's four bias gradients, read cold, took 1.02 ms, MKL's products 0.79."""
     if x.dtype != acc or x.dtype not in (np.float32, np.float64) or x.ndim < 2 or not x.flags.c_contiguous \
             or axis is None:
         return None
