@@ -545,3 +545,11 @@ def test_the_mlp_adds_its_bias_in_gelus_pass_unless_c_fc_is_called_as_a_module()
 
     mlp.c_fc.activation_checkpointing = False
     assert "bias_gelu" in [n.op for n in Step().compile(fs.tensor(x)).nodes]
+    # float64 data into the float32 model: the product is float64, the bias float32 (promoted)
+    x = x.astype(np.float64)
+    fused = run()
+    mlp.c_fc.activation_checkpointing = True
+    plain = run()
+    assert fused[0].dtype == np.float64 and fused[1].dtype == np.float32
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -290,10 +290,10 @@ def gelu_grad(xp, x, y, g, *, approximate="none"):
 
 def _bias_gelu_infer(z: Spec, b: Spec, *, approximate: str = "none") -> Spec:
     _gelu_infer(z, approximate=approximate)
-    if z.ndim < 1 or b.shape != z.shape[-1:] or b.dtype != z.dtype:
-        raise ShapeError(f"bias_gelu: the bias must be one value per column of {z}: ({z.shape[-1:]}, {z.dtype}), "
-                         f"got {b}")
-    return z
+    _gelu_infer(b, approximate=approximate)
+    if z.ndim < 1 or b.shape != z.shape[-1:]:
+        raise ShapeError(f"bias_gelu: the bias must be one value per column of {z}: shape {z.shape[-1:]}, got {b}")
+    return Spec(z.shape, result_dtype(z, b))
 
 
 def _bias_gelu_rows(specs, attrs):
@@ -329,8 +329,8 @@ def _bias_gelu_grad_rows(specs, attrs):
     return rows + [R.replicated(3, 2), R.SbpRow((B, B, P), (P, P), "linear in the incoming gradient")]
 
 
-@register("bias_gelu_grad", infer=lambda z, b, g, *, approximate="none": (Spec(z.shape, result_dtype(z, g)),
-                                                                          Spec(b.shape, result_dtype(z, g))),
+@register("bias_gelu_grad", infer=lambda z, b, g, *, approximate="none": (Spec(z.shape, result_dtype(z, b, g)),
+                                                                          Spec(b.shape, result_dtype(z, b, g))),
           sbp=_bias_gelu_grad_rows, multi_output=True, cost=flops_per_input(15),
           row=RowRule(scalar.bias_gelu_grad, lambda attrs: 1))
 def bias_gelu_grad(xp, z, b, g, *, approximate="none"):
