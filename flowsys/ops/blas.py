@@ -184,13 +184,13 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
     if p is None:
         return None
     la, lb, m, n, k, batch, out = p
-    real = "s" if out.dtype == np.float32 else "d"
     if not batch and not tri:
-        _gemm(getattr(_mkl, f"cblas_{real}gemm"), la, lb, m, n, k, a, b, out, bias)
+        _gemm(la, lb, m, n, k, a, b, out, bias)
     else:
-        args, addr, count, per_item = _batch_call(la, lb, m, n, k, a, b, out, batch, tri)
-        fused._split_native(lambda lo, hi: _batch_fn(out.dtype)(*args(lo, hi)),
-                            lambda lo, hi: (3, addr, [args(lo, hi)]), count, per_item=per_item)
+        fn, kind, addr = _fn(out.dtype, batch=True)
+        args, count, per_item = _batch_call(la, lb, m, n, k, a, b, out, batch, tri)
+        fused._split_native(lambda lo, hi: fn(*args(lo, hi)), lambda lo, hi: (kind, addr, [args(lo, hi)]), count,
+                            per_item=per_item)
     return out
 
 
@@ -227,8 +227,25 @@ def _product(a, b, out=None, bias=None, tri=None):
     return la, lb, m, n, k, batch, out
 
 
-def _batch_fn(dtype):
-    return _mkl.cblas_sgemm_batch if dtype == np.float32 else _mkl.cblas_dgemm_batch
+_fns: dict = {}
+
+
+def _fn(dtype, batch: bool = False) -> tuple:
+    """(the ctypes function, ``fused._call_native``'s kind, its address) of ``cblas_?gemm`` for
+    ``dtype``, or with ``batch`` of ``cblas_?gemm_batch``."""
+    key = (np.dtype(dtype), batch)
+    got = _fns.get(key)
+    if got is None:
+        real = "s" if key[0] == np.float32 else "d"
+        f = getattr(_mkl, f"cblas_{real}gemm_batch" if batch else f"cblas_{real}gemm")
+        got = _fns[key] = (f, 3 if batch else 1 if real == "s" else 2, ctypes.cast(f, ctypes.c_void_p).value)
+    return got
+
+
+def _words(args: list, dtype) -> list[int]:
+    """A ``cblas_?gemm`` call's arguments as the int64 words ``fused._call_native`` reads (alpha
+    and beta as the bits of their floats)."""
+    return [*args[:6], _bits(args[6], dtype), *args[7:11], _bits(args[11], dtype), *args[12:]]
 
 
 # Products larger than this split over the threads instead: each is long enough that the split's
@@ -254,16 +271,13 @@ def matmul_pair(first: tuple, second: tuple) -> bool:
         la, lb, m, n, k, batch, out = p
         if batch or m * n * k > _PAIR_MACS:
             return False
-        dtype = out.dtype
-        gemm = getattr(_mkl, "cblas_sgemm" if dtype == np.float32 else "cblas_dgemm")
         args = [_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0,
                 out.ctypes.data, n]
-        calls.append((gemm, args))
-    (gemm, own), (other_gemm, other) = calls
-    dtype = second[2].dtype
-    kind, addr = _native_gemm(other_gemm, dtype)
-    words = [*other[:6], _bits(other[6], dtype), *other[7:11], _bits(other[11], dtype), *other[12:]]
-    return fused._beside(lambda: gemm(*own), (kind, addr, [words]))
+        calls.append((out.dtype, args))
+    (mine, own), (theirs, other) = calls
+    gemm = _fn(mine)[0]
+    _, kind, addr = _fn(theirs)
+    return fused._beside(lambda: gemm(*own), (kind, addr, [_words(other, theirs)]))
 
 
 # A thread takes a part of a product of at least 2**23 multiply-adds (about 0.1 ms on a core):
@@ -274,17 +288,6 @@ _MACS_PER_PART = 1 << 23
 def _bits(x: float, dtype) -> int:
     """A float as the int64 word ``fused._call_native`` passes as a float32 / float64 argument."""
     return int(np.array(x, dtype).view(np.int32 if dtype == np.float32 else np.int64))
-
-
-_natives: dict = {}
-
-
-def _native_gemm(gemm, dtype) -> tuple[int, int]:
-    """(``fused._call_native``'s kind, the function's address) of a GEMM."""
-    got = _natives.get(dtype)
-    if got is None:
-        got = _natives[dtype] = (1 if dtype == np.float32 else 2, ctypes.cast(gemm, ctypes.c_void_p).value)
-    return got
 
 
 _ones: dict = {}
@@ -307,7 +310,7 @@ def ones_row(n: int, dtype) -> np.ndarray:
     return _ones_column(n, dtype)[:n].reshape(1, n)
 
 
-def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
+def _gemm(la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
           bias: np.ndarray | None = None) -> None:
     """One GEMM, its rows (or, when it has more columns than rows, its columns) split over the pool:
     each part packs the operand it shares, fills its block of ``out`` with ``bias`` (if any: the
@@ -317,7 +320,7 @@ def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, ou
     it, dtype = out.itemsize, out.dtype
     pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
     beta = 0.0 if bias is None else 1.0
-    kind, addr = _native_gemm(gemm, dtype)
+    gemm, kind, addr = _fn(dtype)
     ones = _ones_column(max(m, n), dtype) if bias is not None else None
     by_rows = m >= n
     row = (la[1] if la[0] == _NO_TRANS else 1) * it  # bytes from one row of op(a) to the next
@@ -340,7 +343,7 @@ def _gemm(gemm, la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, ou
             gemm(*args)
 
     def native(lo, hi):
-        return kind, addr, [[*c[:6], _bits(c[6], dtype), *c[7:11], _bits(c[11], dtype), *c[12:]] for c in calls(lo, hi)]
+        return kind, addr, [_words(c, dtype) for c in calls(lo, hi)]
 
     per_item = max(1, fused._MIN_PER_THREAD * (n if by_rows else m) * k // _MACS_PER_PART)
     fused._split_native(own, native, m if by_rows else n, per_item=per_item, align=8 if by_rows else 16)
@@ -370,8 +373,8 @@ def _tri_groups(tri: str, m: int, k: int) -> tuple:
 def _batch_call(la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, out: np.ndarray,
                 batch: tuple[int, ...], tri: str | None = None):
     """A stack of GEMMs as calls of ``cblas_?gemm_batch`` (MKL's group API: one group per block of
-    rows, each over the stack's matrices): (``args(lo, hi)``, the function's address, the
-    matrices, a matrix's weight for ``fused._split_native``). ``args(lo, hi)`` are the words of
+    rows, each over the stack's matrices): (``args(lo, hi)``, the matrices, a matrix's weight for
+    ``fused._split_native``). ``args(lo, hi)`` are the words of
     the call for matrices lo:hi (its pointer arrays are kept alive with it). A group (r0, rows,
     c0, cols) multiplies rows r0:r0+rows and columns c0:c0+cols of ``a`` by rows c0:c0+cols of
     ``b`` into rows r0:r0+rows of ``out``; ``_WHOLE`` is the plain product."""
@@ -394,8 +397,7 @@ def _batch_call(la, lb, m: int, n: int, k: int, a: np.ndarray, b: np.ndarray, ou
                 scalars.ctypes.data + g * scalars.itemsize, pc.ctypes.data, at + 7 * g * w, g, size.ctypes.data]
 
     macs = m * n * k if groups == _WHOLE else sum(rows * cols for _, rows, _, cols in groups) * n
-    addr = ctypes.cast(_batch_fn(out.dtype), ctypes.c_void_p).value
-    return args, addr, count, max(1, fused._MIN_PER_THREAD * macs // _MACS_PER_PART)
+    return args, count, max(1, fused._MIN_PER_THREAD * macs // _MACS_PER_PART)
 
 
 @functools.lru_cache(maxsize=256)
